@@ -1,0 +1,90 @@
+"""params.yaml -> typed, validated settings; each bad key gets one message naming it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.heads import CLASSIFIERS
+from pipeline.train import PREPROCESSING, TrainSettings
+
+
+@dataclass
+class ExtractParams:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    layer: str | None = None
+    image_size: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "float16"
+    workers: int | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+
+CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("float16", "float32")}
+
+
+def read_params(path: Path, section: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}")
+    if not isinstance(raw.get(section, {}), dict):
+        raise UserError(f"{path}: '{section}' must be a mapping")
+    return raw.get(section) or {}
+
+
+def _check_type(key: str, value, annotation: str):
+    kinds = {"int": int, "float": (int, float), "str": str}
+    wanted = [t.strip() for t in annotation.split("|")]
+    if value is None and "None" in wanted:
+        return value
+    for t in wanted:
+        if t in kinds and isinstance(value, kinds[t]) and not isinstance(value, bool):
+            return float(value) if t == "float" else value
+    raise UserError(f"params.yaml: {key} must be {' or '.join(wanted)}, got {value!r}")
+
+
+def extract_params(raw: dict) -> ExtractParams:
+    fields = {f.name: f for f in dataclasses.fields(ExtractParams)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise UserError(f"params.yaml: extract.{key} is not a setting; allowed: {', '.join(fields)}")
+        values[key] = _check_type(f"extract.{key}", value, fields[key].type)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"params.yaml: extract.{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return ExtractParams(**values)
+
+
+def train_settings(name: str, raw: dict | None) -> TrainSettings:
+    """One entry of the `train` section: its key is the classifier, its values the settings."""
+    if name not in CLASSIFIERS:
+        raise UserError(f"params.yaml: train.{name} is not a classifier; allowed: {', '.join(CLASSIFIERS)}")
+    raw = dict(raw or {})
+    spec = CLASSIFIERS[name]
+    value = raw.pop(spec.tuned, "auto")
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UserError(f"params.yaml: train.{name}.{spec.tuned} must be a number or 'auto', got {value!r}")
+    s = TrainSettings(name, value)
+    for key in ("preprocess", "class_weight", "cv_folds", "seed"):
+        if key in raw:
+            setattr(s, key, raw.pop(key))
+    if s.preprocess not in PREPROCESSING:
+        raise UserError(f"params.yaml: train.{name}.preprocess must be one of {', '.join(PREPROCESSING)}, "
+                        f"got {s.preprocess!r}")
+    unknown = set(raw) - set(spec.params)
+    if unknown:
+        raise UserError(f"params.yaml: train.{name}.{sorted(unknown)[0]} is not a setting; allowed: "
+                        f"{', '.join((spec.tuned, 'preprocess', 'class_weight', 'cv_folds', 'seed', *spec.params))}")
+    s.params = raw
+    return s

@@ -1,0 +1,162 @@
+"""Stage two classifiers: one small sklearn-style surface over sklearn and torch.
+
+Every head has fit(X, y), predict(X), scores(X) (probabilities where the model has them,
+decision values otherwise) and names the one hyperparameter model selection tunes.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.svm import SVC, LinearSVC
+from torch import nn
+
+from pipeline.errors import UserError
+
+
+class TorchHead(BaseEstimator, ClassifierMixin):
+    """A linear (hidden=0) or MLP head trained with AdamW, mini-batches and early stopping on val loss."""
+
+    def __init__(self, hidden: int = 0, depth: int = 1, dropout: float = 0.0, weight_decay: float = 1e-4,
+                 lr: float = 1e-2, epochs: int = 200, batch_size: int = 256, patience: int = 10,
+                 class_weight: str | None = None, seed: int = 0, device: str = "auto"):
+        self.hidden, self.depth, self.dropout = hidden, depth, dropout
+        self.weight_decay, self.lr, self.epochs, self.batch_size = weight_decay, lr, epochs, batch_size
+        self.patience, self.class_weight, self.seed, self.device = patience, class_weight, seed, device
+
+    def _network(self, dim: int, n_classes: int) -> nn.Module:
+        layers, width = [], dim
+        for _ in range(self.depth if self.hidden else 0):
+            layers += [nn.Linear(width, self.hidden), nn.ReLU(), nn.Dropout(self.dropout)]
+            width = self.hidden
+        return nn.Sequential(*layers, nn.Linear(width, n_classes))
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                            "cpu" if self.device == "auto" else self.device)
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Train; with a val set, stop when its loss stops improving and keep the best epoch.
+        Without one, train for `epochs` epochs (model selection passes the best epoch count)."""
+        torch.manual_seed(self.seed)
+        dev = self._device()
+        self.classes_ = np.unique(y)
+        yi = np.searchsorted(self.classes_, y)
+        self.net_ = self._network(X.shape[1], len(self.classes_)).to(dev)
+        weight = None
+        if self.class_weight == "balanced":
+            counts = np.bincount(yi, minlength=len(self.classes_))
+            weight = torch.tensor(len(yi) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=dev)
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        Xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
+        yt = torch.as_tensor(yi, device=dev)
+        if X_val is not None:
+            Xv = torch.as_tensor(X_val, dtype=torch.float32, device=dev)
+            yv = torch.as_tensor(np.searchsorted(self.classes_, y_val), device=dev)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        best, best_state, waited = float("inf"), None, 0
+        self.best_epoch_ = self.epochs
+        for epoch in range(1, self.epochs + 1):
+            self.net_.train()
+            for batch in torch.randperm(len(Xt), generator=gen).split(self.batch_size):
+                opt.zero_grad()
+                loss_fn(self.net_(Xt[batch.to(dev)]), yt[batch.to(dev)]).backward()
+                opt.step()
+            if X_val is None:
+                continue
+            self.net_.eval()
+            with torch.no_grad():
+                val_loss = loss_fn(self.net_(Xv), yv).item()
+            if val_loss < best - 1e-4:
+                best, best_state, waited, self.best_epoch_ = val_loss, copy.deepcopy(self.net_.state_dict()), 0, epoch
+            else:
+                waited += 1
+                if waited >= self.patience:
+                    break
+        if best_state is not None:
+            self.net_.load_state_dict(best_state)
+        self.net_.eval().cpu()
+        return self
+
+    def scores(self, X) -> np.ndarray:
+        with torch.no_grad():
+            return self.net_(torch.as_tensor(X, dtype=torch.float32)).softmax(1).numpy()
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.scores(X)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.scores(X).argmax(1)]
+
+
+@dataclass(frozen=True)
+class Classifier:
+    build: Callable[..., object]     # (tuned value, **fixed params) -> unfitted estimator
+    tuned: str                       # the hyperparameter model selection searches
+    grid: tuple                      # coarse log-spaced grid for it
+    params: tuple[str, ...]          # the fixed params params.yaml may set
+
+
+def _rbf_svm(v, gamma="scale", seed=0, class_weight=None):
+    svc = SVC(C=v, gamma=gamma, class_weight=class_weight, random_state=seed)
+    return CalibratedClassifierCV(svc, ensemble=False)
+
+
+def _knn(v, class_weight=None):
+    if class_weight is not None:
+        raise UserError("classifier knn does not support class_weight")
+    return KNeighborsClassifier(n_neighbors=int(v), weights="distance")
+
+
+_TORCH_PARAMS = ("lr", "epochs", "batch_size", "patience", "seed", "device")
+_DECADES = tuple(10.0 ** k for k in range(-6, 4))
+CLASSIFIERS = {
+    "logreg": Classifier(lambda v, max_iter=2000, seed=0, class_weight=None: LogisticRegression(
+        C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
+        "C", _DECADES[3:], ("max_iter", "seed")),
+    "linear_svm": Classifier(lambda v, max_iter=5000, seed=0, class_weight=None: LinearSVC(
+        C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
+        "C", _DECADES[2:-1], ("max_iter", "seed")),
+    "rbf_svm": Classifier(_rbf_svm, "C", _DECADES[4:], ("gamma", "seed")),
+    "knn": Classifier(_knn, "n_neighbors", (1, 3, 5, 9, 15, 25), ()),
+    "torch_linear": Classifier(lambda v, **kw: TorchHead(weight_decay=v, **kw), "weight_decay",
+                               _DECADES[:6], _TORCH_PARAMS),
+    "torch_mlp": Classifier(lambda v, hidden=256, **kw: TorchHead(weight_decay=v, hidden=hidden, **kw),
+                            "weight_decay", _DECADES[:6], ("hidden", "depth", "dropout", *_TORCH_PARAMS)),
+}
+
+
+def make_head(name: str, value, class_weight: str | None = None, **params):
+    """A fresh, unfitted classifier `name` with its tuned hyperparameter set to `value`."""
+    if name not in CLASSIFIERS:
+        raise UserError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
+    spec = CLASSIFIERS[name]
+    unknown = set(params) - set(spec.params)
+    if unknown:
+        raise UserError(f"classifier {name} has no parameter {sorted(unknown)[0]!r}; "
+                        f"it takes: {', '.join((spec.tuned, 'class_weight', *spec.params))}")
+    if class_weight not in (None, "balanced"):
+        raise UserError(f"class_weight must be 'balanced' or empty, got {class_weight!r}")
+    return spec.build(value, class_weight=class_weight, **params)
+
+
+def head_scores(model, X) -> np.ndarray:
+    """Per-class scores: probabilities where available, else decision values."""
+    if isinstance(model, TorchHead):
+        return model.scores(X)
+    if hasattr(model, "predict_proba"):
+        return model.predict_proba(X)
+    s = model.decision_function(X)
+    return np.stack([-s, s], 1) if s.ndim == 1 else s
+
+
+def has_probabilities(model) -> bool:
+    return isinstance(model, TorchHead) or hasattr(model, "predict_proba")

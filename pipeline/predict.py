@@ -1,0 +1,65 @@
+"""Predict classes of new images with a trained model directory: backbone + head, top-k."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import modeldir
+from pipeline.backbones import FeatureHook, Preprocessing, load_backbone
+from pipeline.data import IMAGE_EXTENSIONS, ImageError, read_image
+from pipeline.errors import UserError
+from pipeline.extract import resolve_device
+from pipeline.train import scores_of
+
+
+def image_paths(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to the images inside them (sorted)."""
+    out = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UserError(f"{p} does not exist")
+    return out
+
+
+def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
+            batch_size: int = 32) -> list[dict]:
+    """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
+    info, model = modeldir.load(model_dir)
+    spec = info["backbone"]
+    pre = Preprocessing.from_dict(spec["preprocessing"])
+    backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size)
+    if backbone.weights_sha256 != spec["weights_sha256"]:
+        raise UserError(f"weights {spec['weights']} differ from those the model was trained on "
+                        f"(SHA-256 {backbone.weights_sha256[:12]} != {spec['weights_sha256'][:12]})")
+    transform, dev = pre.transform(), resolve_device(device)
+    net = backbone.model.to(dev)
+    hook = FeatureHook(net, backbone.layer)
+    results, batch = [], []
+
+    def flush():
+        with torch.inference_mode():
+            net(torch.stack([t for _, t in batch]).to(dev))
+        scores = scores_of(model, hook.output.float().cpu().numpy(), len(info["classes"]))
+        for (path, _), row in zip(batch, scores):
+            order = np.argsort(-row)[:top_k]
+            results.append({"path": str(path), "top": [{"class": info["classes"][i], "score": float(row[i])}
+                                                       for i in order]})
+        batch.clear()
+
+    for path in image_paths(inputs):
+        try:
+            batch.append((path, transform(read_image(path)[0])))
+        except ImageError as exc:
+            results.append({"path": str(path), "error": str(exc)})
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    hook.remove()
+    return results

@@ -1,0 +1,19 @@
+"""DVC stage `extract`: python stages/extract.py DATA OUT (settings: params.yaml `extract`)"""
+import sys
+from pathlib import Path
+
+from pipeline.cli import run_stage
+from pipeline.config import extract_params, read_params
+from pipeline.extract import extract_folder
+
+
+def main():
+    data, out = map(Path, sys.argv[1:3])
+    p = extract_params(read_params(Path("params.yaml"), "extract"))
+    summary = extract_folder(data, out, p.backbone, p.weights, p.layer, p.image_size, p.val_fraction,
+                             p.test_fraction, p.seed, batch_size=p.batch_size, device=p.device, dtype=p.dtype,
+                             workers=p.workers)
+    print("\n".join(summary.lines()))
+
+
+run_stage(main)
