@@ -1,0 +1,63 @@
+"""Shared test helpers: tiny generated image folders and the real command line in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+def tiny_image(colour: tuple[int, int, int], seed: int, size: int = 48) -> Image.Image:
+    """A noisy patch of one colour with a random bright square: classes differ by colour."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+    x, y = rng.integers(0, size // 2, 2)
+    pixels[y:y + size // 3, x:x + size // 3] = 255
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def make_image_folder(root: Path, per_split: dict[str, int] | None = None, classes=tuple(COLOURS),
+                      split_folders: bool = True, ext: str = ".png") -> Path:
+    """ROOT/{split}/{class}/{i}.png (or ROOT/{class}/{i}.png with split_folders=False)."""
+    per_split = per_split or {"train": 8, "val": 4, "test": 4}
+    seed = 0
+    for split, n in per_split.items():
+        for name in classes:
+            folder = root / split / name if split_folders else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                seed += 1
+                tiny_image(COLOURS[name], seed).save(folder / f"{split}_{i}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ARGS` for real, with this checkout first on the path."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory) -> Path:
+    """A real feature cache of a tiny three-class folder (EfficientNet-Lite0 at 64 px), made once."""
+    root = tmp_path_factory.mktemp("cache")
+    images = make_image_folder(root / "images")
+    out = root / "features.h5"
+    run_cli("extract", images, "--out", out, "--image-size", 64, "--workers", 0, "--quiet", check=True)
+    return out
