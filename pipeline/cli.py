@@ -107,7 +107,7 @@ def train(
     from pipeline.train import train as fit
     raw = {**_parse_params(param), "preprocess": preprocess, "class_weight": class_weight,
            "cv_folds": cv_folds, "seed": seed}
-    m = fit(features, out, train_settings(classifier, raw), fingerprint)
+    m = fit(features, out, train_settings(classifier, raw, where="train"), fingerprint)
     _say([f"{classifier}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), "
           f"chosen {m['hyperparameters']}, fit {m['fit_seconds']:.1f}s -> {out}"], quiet)
 

@@ -66,25 +66,25 @@ def extract_params(raw: dict) -> ExtractParams:
     return ExtractParams(**values)
 
 
-def train_settings(name: str, raw: dict | None) -> TrainSettings:
-    """One entry of the `train` section: its key is the classifier, its values the settings."""
+def train_settings(name: str, raw: dict | None, where: str | None = None) -> TrainSettings:
+    """One classifier's settings; `where` names their origin in messages (default: params.yaml)."""
     if name not in CLASSIFIERS:
-        raise UserError(f"params.yaml: train.{name} is not a classifier; allowed: {', '.join(CLASSIFIERS)}")
+        raise UserError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
+    where = where or f"params.yaml: train.{name}"
     raw = dict(raw or {})
     spec = CLASSIFIERS[name]
     value = raw.pop(spec.tuned, "auto")
     if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise UserError(f"params.yaml: train.{name}.{spec.tuned} must be a number or 'auto', got {value!r}")
+        raise UserError(f"{where}: {spec.tuned} must be a number or 'auto', got {value!r}")
     s = TrainSettings(name, value)
     for key in ("preprocess", "class_weight", "cv_folds", "seed"):
         if key in raw:
             setattr(s, key, raw.pop(key))
     if s.preprocess not in PREPROCESSING:
-        raise UserError(f"params.yaml: train.{name}.preprocess must be one of {', '.join(PREPROCESSING)}, "
-                        f"got {s.preprocess!r}")
+        raise UserError(f"{where}: preprocess must be one of {', '.join(PREPROCESSING)}, got {s.preprocess!r}")
     unknown = set(raw) - set(spec.params)
     if unknown:
-        raise UserError(f"params.yaml: train.{name}.{sorted(unknown)[0]} is not a setting; allowed: "
+        raise UserError(f"{where}: {sorted(unknown)[0]} is not a setting of {name}; allowed: "
                         f"{', '.join((spec.tuned, 'preprocess', 'class_weight', 'cv_folds', 'seed', *spec.params))}")
     s.params = raw
     return s

@@ -92,9 +92,12 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict,
                  for tr, va in StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)]
     else:
         folds = [(X, y, X_val, y_val)]
+    smallest_fit = min(len(f[1]) for f in folds)
     tried: dict = {}
     for _round in ("coarse", "refine"):
         for value in _candidates(s, tried):
+            if s.classifier == "knn" and value > smallest_fit:
+                continue   # more neighbours than training images
             scores, epochs = [], []
             for Xa, ya, Xb, yb in folds:
                 model = _fit(s, value, Xa, ya, Xb, yb)
