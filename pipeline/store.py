@@ -32,7 +32,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: several layers (layers, features@<layer>), tta, compute_stats
 FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions")
 EXPECTABLE = ("backbone", "weights", "weights_sha256", "layer", "layers", "image_size", "tta", "dtype",
               "compute_stats", "fingerprint")
@@ -230,12 +230,12 @@ def open_cache(path: Path) -> Cache:
         raise UserError(f"feature cache {path} is not a readable HDF5 file ({exc})")
     with f:
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        missing = [k for k in (*FINGERPRINT_FIELDS, "fingerprint", "classes", "schema_version") if k not in attrs]
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"feature cache {path} has schema version {attrs.get('schema_version')}, "
+                            f"this tool reads {SCHEMA_VERSION}; re-run `pipeline extract`")
+        missing = [k for k in (*FINGERPRINT_FIELDS, "fingerprint", "classes") if k not in attrs]
         if missing:
             raise UserError(f"feature cache {path} lacks attributes {missing}")
-        if attrs["schema_version"] != SCHEMA_VERSION:
-            raise UserError(f"feature cache {path} has schema version {attrs['schema_version']}, "
-                            f"this tool reads {SCHEMA_VERSION}; re-run `pipeline extract`")
         if fingerprint(attrs) != attrs["fingerprint"]:
             raise UserError(f"feature cache {path}: fingerprint does not match its attributes")
         splits = [s for s in ("train", "val", "test") if s in f]
