@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,14 +205,16 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
 
 def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_fraction: float,
                      seed: int) -> list[Sample]:
-    """Shuffle each class with a fixed seed and cut it into train/val/test by the fractions."""
+    """Order each class by a seeded hash of the paths and cut it into test/val/train by the fractions.
+
+    Unlike a shuffled list, the hash order of the existing images does not change when images are
+    added or removed, so only images at the cuts can change split: a grown dataset keeps its test set."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserError(f"split fractions must be in [0, 1) with val + test < 1, "
                         f"got val={val_fraction}, test={test_fraction}")
     samples = []
     for label, files in per_class.items():
-        files = sorted(files)
-        random.Random(f"{seed}:{label}").shuffle(files)
+        files = sorted(files, key=lambda f: hashlib.sha256(f"{seed}:{f}".encode()).digest())
         n_test, n_val = round(len(files) * test_fraction), round(len(files) * val_fraction)
         cut = {"test": files[:n_test], "val": files[n_test:n_test + n_val], "train": files[n_test + n_val:]}
         samples += [Sample(f, label, split) for split, part in cut.items() for f in part]

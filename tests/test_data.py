@@ -226,3 +226,15 @@ def test_every_format_is_found_whatever_the_case_of_its_extension(tmp_path: Path
     ds = scan(tmp_path / "images", 0, 0)
     assert len(ds.samples) == len(CASES) and not ds.skipped
     assert all(read_image(ds.root / s.path)[0].mode == "RGB" for s in ds.samples)
+
+
+def test_class_folder_split_survives_new_images(tmp_path: Path):
+    """Adding an image to each class moves at most the images at the two cuts of that class."""
+    root = make_image_folder(tmp_path / "images", {"all": 40}, split_folders=False)
+    before = {s.path: s.split for s in scan(root, seed=0).samples}
+    for name, colour in COLOURS.items():
+        tiny_image(colour, 500).save(root / name / "new.png")
+    after = {s.path: s.split for s in scan(root, seed=0).samples}
+    moved = [p for p in before if after[p] != before[p]]
+    assert len(after) == len(before) + 3
+    assert len(moved) <= 2 * len(COLOURS)
