@@ -36,8 +36,8 @@ class ExtractSummary:
 
     def lines(self, show_skipped: int = 20) -> list[str]:
         rate = self.computed / self.seconds if self.seconds else 0.0
-        out = [f"extracted {self.extracted} ({self.computed} computed, {self.reused} reused) + skipped "
-               f"{len(self.skipped)} = found {self.found} images in {self.seconds:.1f}s "
+        out = [f"extracted {self.extracted} + skipped {len(self.skipped)} = found {self.found} images "
+               f"({self.computed} computed, {self.reused} reused) in {self.seconds:.1f}s "
                f"({rate:.0f} images/s on {self.device}) -> {self.out}"]
         out += self.notes
         out += [f"skipped {path}: {reason}" for path, reason in self.skipped[:show_skipped]]
