@@ -75,10 +75,10 @@ def extract(
     dtype: Annotated[Dtype, typer.Option(help="Storage type of the feature vectors.")] = Dtype.float16,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: "
                                                         "the CPU count, at most 8.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of each class for val when the folder "
-                                                     "has no split folders.")] = 0.15,
-    test_fraction: Annotated[float, typer.Option(help="Share of each class for test when the folder "
-                                                      "has no split folders.")] = 0.15,
+    val_fraction: Annotated[float, typer.Option(help="Share of each class for val unless the data "
+                                                     "has split folders.")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class for test unless the data "
+                                                      "has split folders.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
     reuse: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from the cache at --out "
                                              "when it was made the same way.")] = True,
