@@ -6,10 +6,11 @@ layer name or a normalisation; they ask the registry.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,11 +41,12 @@ class Preprocessing:
         resize = round(image_size * self.resize / self.image_size)
         return Preprocessing(image_size, resize, self.interpolation, self.mean, self.std)
 
-    def transform(self):
+    def transform(self, normalise: bool = True):
+        """PIL image -> tensor; without `normalise` the pixels stay in [0, 1] (to measure them)."""
         from torchvision import transforms as T
         mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[self.interpolation]
-        return T.Compose([T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.image_size),
-                          T.ToTensor(), T.Normalize(self.mean, self.std)])
+        steps = [T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.image_size), T.ToTensor()]
+        return T.Compose(steps + [T.Normalize(self.mean, self.std)] if normalise else steps)
 
 
 @dataclass(frozen=True)
@@ -54,22 +56,38 @@ class Entry:
     layer: str                                # module whose output is the feature vector
     feature_dim: int
     preprocessing: Preprocessing
+    classifier: str                           # the ImageNet head, which features never need
+    flattened: tuple[str, ...] = ()           # layers whose spatial output is flattened, not pooled
 
 
 @dataclass
 class Backbone:
-    """A built, frozen backbone and everything that determines its feature vectors."""
+    """A built, frozen backbone and everything that determines its feature vectors.
+
+    `layers[0]` gives the default feature set; further layers are stored beside it."""
     name: str
     model: nn.Module
-    layer: str
-    feature_dim: int
+    layers: tuple[str, ...]
+    feature_dims: dict[str, int]
     preprocessing: Preprocessing
     weights: str
     weights_sha256: str
+    flattened: tuple[str, ...] = ()
+    tta: bool = False                         # average each image with its horizontal flip
+    notes: list[str] = field(default_factory=list)   # what loading the weights left out
+
+    @property
+    def layer(self) -> str:
+        return self.layers[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.feature_dims[self.layer]
 
     def spec(self) -> dict:
         return {"backbone": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "layer": self.layer, "preprocessing": self.preprocessing.to_dict()}
+                "layer": self.layer, "layers": list(self.layers), "tta": self.tta,
+                "preprocessing": self.preprocessing.to_dict()}
 
 
 def _bundled_lite0_weights() -> Path:
@@ -84,37 +102,40 @@ def _torchvision_weights(name: str) -> Callable[[], Path]:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         if not cached.exists():
             try:
-                torch.hub.download_url_to_file(url, str(cached))
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(cached), progress=False)
             except Exception as exc:
-                raise UserError(f"cannot download ImageNet weights for {name} ({exc.__class__.__name__}); "
-                                f"download {url} yourself and pass --weights PATH, or place it at {cached}")
+                reason = str(getattr(exc, "reason", exc)).splitlines()[0]
+                raise UserError(f"cannot download ImageNet weights for {name} ({reason}); download {url} "
+                                f"on a machine with network, then pass --weights PATH or copy it to {cached}")
         return cached
     return fetch
 
 
-def _torchvision(name: str, layer: str, dim: int, resize: int = 256, size: int = 224) -> Entry:
+def _torchvision(name: str, layer: str, dim: int, classifier: str, flattened: tuple[str, ...] = ()) -> Entry:
     from torchvision import models
     return Entry(lambda: models.get_model(name, weights=None), _torchvision_weights(name), layer, dim,
-                 Preprocessing(size, resize, "bilinear", IMAGENET_MEAN, IMAGENET_STD))
+                 Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD), classifier, flattened)
 
 
 def _lite0() -> Entry:
     import timm
     return Entry(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
                  _bundled_lite0_weights, "global_pool", 1280,
-                 Preprocessing(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+                 Preprocessing(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "classifier")
 
 
 REGISTRY: dict[str, Callable[[], Entry]] = {
     "efficientnet_lite0": _lite0,
-    "resnet18": lambda: _torchvision("resnet18", "avgpool", 512),
-    "resnet34": lambda: _torchvision("resnet34", "avgpool", 512),
-    "resnet50": lambda: _torchvision("resnet50", "avgpool", 2048),
-    "resnet101": lambda: _torchvision("resnet101", "avgpool", 2048),
-    "vgg16": lambda: _torchvision("vgg16", "classifier.4", 4096),
-    "efficientnet_b0": lambda: _torchvision("efficientnet_b0", "avgpool", 1280),
-    "mobilenet_v3_large": lambda: _torchvision("mobilenet_v3_large", "avgpool", 960),
-    "convnext_tiny": lambda: _torchvision("convnext_tiny", "avgpool", 768),
+    "resnet18": lambda: _torchvision("resnet18", "avgpool", 512, "fc"),
+    "resnet34": lambda: _torchvision("resnet34", "avgpool", 512, "fc"),
+    "resnet50": lambda: _torchvision("resnet50", "avgpool", 2048, "fc"),
+    "resnet101": lambda: _torchvision("resnet101", "avgpool", 2048, "fc"),
+    # the penultimate 4096-d layer (after its ReLU); "avgpool" gives the 25088-d conv features
+    "vgg16": lambda: _torchvision("vgg16", "classifier.4", 4096, "classifier.6", flattened=("avgpool",)),
+    "efficientnet_b0": lambda: _torchvision("efficientnet_b0", "avgpool", 1280, "classifier.1"),
+    "mobilenet_v3_large": lambda: _torchvision("mobilenet_v3_large", "avgpool", 960, "classifier.3"),
+    "convnext_tiny": lambda: _torchvision("convnext_tiny", "avgpool", 768, "classifier.2"),
 }
 
 
@@ -136,7 +157,8 @@ def _timm_entry(model_name: str) -> Entry:
     return Entry(lambda: timm.create_model(model_name, pretrained=False), weights, "global_pool",
                  probe.num_features,
                  Preprocessing(size, round(size / cfg["crop_pct"]), cfg["interpolation"],
-                               tuple(cfg["mean"]), tuple(cfg["std"])))
+                               tuple(cfg["mean"]), tuple(cfg["std"])),
+                 probe.pretrained_cfg.get("classifier") or "")
 
 
 def _entry(name: str) -> Entry:
@@ -155,32 +177,67 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_state_dict(model: nn.Module, path: Path, name: str) -> None:
-    """Load a state dict; a file whose keys differ but whose shapes line up in order (as the
-    bundled EfficientNet-Lite0 file against timm's model) is matched by position."""
+def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot read weights file {path}: {exc.__class__.__name__}: {exc}".splitlines()[0])
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    own = model.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    if state and all(k.startswith("module.") for k in state):   # saved from DataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _load_state_dict(model: nn.Module, path: Path, name: str, classifier: str) -> list[str]:
+    """Load a state dict into `model` and return notes on what was left out.
+
+    A file whose keys differ but whose shapes line up in order (as the bundled EfficientNet-Lite0
+    file against timm's model) is matched by position. The classifier is loaded when it fits and
+    left out with a note when it does not (a head trained for other classes): features never use
+    it. Missing or mis-shaped backbone keys are an error; keys the model lacks are a note."""
+    state, own = _read_state_dict(path), model.state_dict()
     if set(state) - set(own) and len(state) == len(own) and all(
             a.shape == b.shape for a, b in zip(state.values(), own.values())):
         state = dict(zip(own, state.values()))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"weights {path} do not fit {name}: {len(missing)} missing keys "
-                        f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+    def in_head(key: str) -> bool:
+        return bool(classifier) and (key == classifier or key.startswith(classifier + "."))
+
+    dropped = [k for k, v in state.items() if in_head(k) and (k not in own or own[k].shape != v.shape)]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    missing = [k for k in own if k not in state and not in_head(k)]
+    misfit = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or misfit:
+        raise UserError(f"weights {path} do not fit {name}: {len(missing)} backbone keys missing "
+                        f"(e.g. {missing[:3]}), {len(misfit)} of another shape (e.g. {misfit[:3]})")
+    unexpected = [k for k in state if k not in own]
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    notes = []
+    if any(in_head(k) and k not in state for k in own):
+        why = f"its {len(dropped)} keys in the file do not fit ({', '.join(dropped[:2])})" if dropped else \
+            "the file has none"
+        notes.append(f"weights {path.name}: classifier '{classifier}' left random, {why}; "
+                     f"features do not use it")
+    if unexpected:
+        notes.append(f"weights {path.name}: ignored {len(unexpected)} keys that {name} does not have "
+                     f"(e.g. {unexpected[:3]})")
+    return notes
 
 
 def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
-                  layer: str | None = None, image_size: int | None = None) -> Backbone:
+                  layer: str | Sequence[str] | None = None, image_size: int | None = None,
+                  tta: bool = False) -> Backbone:
     """Build a frozen backbone in eval mode.
 
     weights: 'imagenet' (bundled or library cache), a path to a state dict, or 'none'
     (random init with a fixed seed, the from-scratch baseline).
+    layer: one module name or several (the first gives the default feature set); default: the
+    registry's layer, normally the global pool.
     """
     entry = _entry(name)
+    notes: list[str] = []
     if weights == "none":
         torch.manual_seed(0)
         model, sha = entry.build(), "none"
@@ -189,26 +246,80 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
         if not path.is_file():
             raise UserError(f"weights file {path} does not exist")
         model = entry.build()
-        _load_state_dict(model, path, name)
+        notes = _load_state_dict(model, path, name, entry.classifier)
         sha = sha256_file(path)
     model.eval().requires_grad_(False)
-    chosen = layer or entry.layer
-    if chosen not in dict(model.named_modules()):
-        raise UserError(f"backbone {name} has no layer '{chosen}'")
+    layers = tuple(dict.fromkeys([layer] if isinstance(layer, str) else (layer or [entry.layer])))
+    modules = dict(model.named_modules())
+    for chosen in layers:
+        if chosen not in modules:
+            raise UserError(f"backbone {name} has no layer '{chosen}'; its top-level modules are: "
+                            f"{', '.join(n for n, _ in model.named_children())}")
     pre = entry.preprocessing if image_size is None else entry.preprocessing.with_size(image_size)
-    return Backbone(name, model, chosen, entry.feature_dim, pre, weights, sha)
+    backbone = Backbone(name, model, layers, {entry.layer: entry.feature_dim}, pre, weights, sha,
+                        entry.flattened, tta, notes)
+    if layers != (entry.layer,):
+        backbone.feature_dims = _probe_dims(backbone)
+    return backbone
+
+
+def _probe_dims(backbone: Backbone) -> dict[str, int]:
+    """Feature size of each hooked layer, from one forward pass of a blank image."""
+    size = backbone.preprocessing.image_size
+    with Embedder(backbone) as embed:
+        return {layer: f.shape[1] for layer, f in embed(torch.zeros(1, 3, size, size)).items()}
 
 
 class FeatureHook:
-    """Forward hook that keeps the hooked layer's output, global-average-pooled to [N, D]."""
+    """Forward hook that keeps the hooked layer's output as [N, D]: spatial outputs are
+    global-average-pooled, or flattened with `flatten`."""
 
-    def __init__(self, model: nn.Module, layer: str):
+    def __init__(self, model: nn.Module, layer: str, flatten: bool = False):
         self.output: torch.Tensor | None = None
+        self.flatten = flatten
         self._handle = dict(model.named_modules())[layer].register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
-        self.output = out.mean(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else out
+        if out.dim() > 2:
+            out = out.flatten(1) if self.flatten else out.mean(dim=tuple(range(2, out.dim())))
+        self.output = out.clone()   # a later in-place op (ReLU(inplace=True)) must not change it
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class Embedder:
+    """The frozen model with a hook on each feature layer: a batch of images in, one float32
+    [N, D] array per layer out. With TTA each image also runs flipped left-right and the two
+    vectors are averaged."""
+
+    def __init__(self, backbone: Backbone, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = backbone.model.to(self.device, memory_format=torch.channels_last)   # faster on CPU and CUDA
+        self.hooks = {layer: FeatureHook(self.model, layer, layer in backbone.flattened)
+                      for layer in backbone.layers}
+        self.tta = backbone.tta
+
+    def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.model(images)
+        return {layer: hook.output for layer, hook in self.hooks.items()}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out = self._run(x)
+            if self.tta:
+                flipped = self._run(x.flip(-1))
+                out = {layer: (out[layer] + flipped[layer]) / 2 for layer in out}
+        return {layer: f.float().cpu().numpy() for layer, f in out.items()}
+
+    def close(self) -> None:
+        for hook in self.hooks.values():
+            hook.remove()
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -42,44 +42,70 @@ def _say(lines, quiet: bool = False) -> None:
 
 @app.command()
 def extract(
-    data: Annotated[Path, typer.Argument(help="Image folder: ROOT/{train,val,test}/CLASS/* or ROOT/CLASS/*.")],
-    out: Annotated[Path, typer.Option(help="HDF5 feature cache to write (atomically).")] = Path("features.h5"),
-    backbone: Annotated[str, typer.Option(help="Registry name (efficientnet_lite0, resnet50, ...) "
+    data: Annotated[Path, typer.Argument(help="Image folder: ROOT/{train,val,test}/CLASS/*, ROOT/CLASS/*, "
+                                              "or ROOT/* with --labels.")],
+    out: Annotated[Path, typer.Option(help="HDF5 feature cache to write (atomically). An existing cache "
+                                           "made the same way lends the vectors of unchanged "
+                                           "images.")] = Path("features.h5"),
+    labels: Annotated[Optional[Path], typer.Option(help="CSV with an image column and a label column; "
+                                                        "the images lie under DATA.")] = None,
+    id_column: Annotated[str, typer.Option(help="--labels column naming each image: a path relative to "
+                                                "DATA, with or without extension.")] = "id",
+    label_column: Annotated[Optional[str], typer.Option(help="--labels column holding the class; default: "
+                                                             "'breed', else 'label'.")] = None,
+    backbone: Annotated[str, typer.Option(help="Registry name (efficientnet_lite0, resnet18/34/50/101, vgg16, "
+                                               "efficientnet_b0, mobilenet_v3_large, convnext_tiny) "
                                                "or timm/<model>.")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="'imagenet', a path to a local state dict, "
+    weights: Annotated[str, typer.Option(help="'imagenet' (bundled or the torch cache), a path to a local "
+                                              "state dict (a classifier that does not fit is left out), "
                                               "or 'none' (random init).")] = "imagenet",
-    layer: Annotated[Optional[str], typer.Option(help="Module to hook; default: the backbone's "
-                                                      "global pool.")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option(help="Module to hook; spatial outputs are averaged. "
+                                                            "Repeat for several feature sets in one file "
+                                                            "(the first is the default). Default: the "
+                                                            "backbone's global pool (vgg16: the 4096-d "
+                                                            "penultimate layer; 'avgpool' gives 25088-d).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
+    compute_stats: Annotated[bool, typer.Option("--compute-stats", help="Normalise with the training split's "
+                                                                       "per-channel mean/std instead of "
+                                                                       "the backbone's.")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the features of each image and its "
+                                                   "horizontal flip (twice the compute).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
     dtype: Annotated[Dtype, typer.Option(help="Storage type of the feature vectors.")] = Dtype.float16,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: "
                                                         "the CPU count, at most 8.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of each class for val when the folder "
-                                                     "has no split folders.")] = 0.15,
-    test_fraction: Annotated[float, typer.Option(help="Share of each class for test when the folder "
-                                                      "has no split folders.")] = 0.15,
+    val_fraction: Annotated[float, typer.Option(help="Share of each class for val unless the data "
+                                                     "has split folders.")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class for test unless the data "
+                                                      "has split folders.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
+    reuse: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from the cache at --out "
+                                             "when it was made the same way.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
     from pipeline.extract import extract_folder
     summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
-                             batch_size=batch_size, device=device.value, dtype=dtype.value, workers=workers,
-                             quiet=quiet)
+                             labels=labels, id_column=id_column, label_column=label_column, tta=tta,
+                             compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
+                             device=device.value, dtype=dtype.value, workers=workers, quiet=quiet)
     _say(summary.lines(), quiet)
 
 
-def _parse_params(pairs: list[str]) -> dict:
+def _pairs(pairs: list[str], option: str) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise UserError(f"--param expects KEY=VALUE, got {pair!r}")
-        import yaml
-        out[key] = yaml.safe_load(value)
+            raise UserError(f"{option} expects KEY=VALUE, got {pair!r}")
+        out[key] = value
     return out
+
+
+def _parse_params(pairs: list[str]) -> dict:
+    import yaml
+    return {key: yaml.safe_load(value) for key, value in _pairs(pairs, "--param").items()}
 
 
 @app.command()
@@ -99,7 +125,10 @@ def train(
                                                "test split.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the folds and of the torch heads.")] = 0,
     fingerprint: Annotated[Optional[str], typer.Option(help="Refuse a cache whose fingerprint "
-                                                            "differs from this.")] = None,
+                                                            "differs from this (a prefix will do).")] = None,
+    expect: Annotated[list[str], typer.Option(help="FIELD=VALUE the cache must have been made with, "
+                                                   "repeatable, e.g. backbone=resnet18, image_size=224, "
+                                                   "tta=true; a difference is refused and named.")] = [],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ):
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
@@ -107,7 +136,8 @@ def train(
     from pipeline.train import train as fit
     raw = {**_parse_params(param), "preprocess": preprocess, "class_weight": class_weight,
            "cv_folds": cv_folds, "seed": seed}
-    m = fit(features, out, train_settings(classifier, raw, where="train"), fingerprint)
+    expected = {**_pairs(expect, "--expect"), **({"fingerprint": fingerprint} if fingerprint else {})}
+    m = fit(features, out, train_settings(classifier, raw, where="train"), expected)
     _say([f"{classifier}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), "
           f"chosen {m['hyperparameters']}, fit {m['fit_seconds']:.1f}s -> {out}"], quiet)
 

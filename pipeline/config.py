@@ -14,10 +14,15 @@ from pipeline.train import PREPROCESSING, TrainSettings
 
 @dataclass
 class ExtractParams:
+    labels: str | None = None
+    id_column: str = "id"
+    label_column: str | None = None
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
-    layer: str | None = None
+    layer: str | list[str] | None = None
     image_size: int | None = None
+    compute_stats: bool = False
+    tta: bool = False
     batch_size: int = 64
     device: str = "auto"
     dtype: str = "float16"
@@ -25,6 +30,7 @@ class ExtractParams:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    reuse: bool = True
 
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("float16", "float32")}
@@ -48,9 +54,16 @@ def _check_type(key: str, value, annotation: str):
     wanted = [t.strip() for t in annotation.split("|")]
     if value is None and "None" in wanted:
         return value
-    for t in wanted:
-        if t in kinds and isinstance(value, kinds[t]) and not isinstance(value, bool):
-            return float(value) if t == "float" else value
+    if isinstance(value, bool):
+        if "bool" in wanted:
+            return value
+    elif isinstance(value, list):
+        if "list[str]" in wanted and value and all(isinstance(v, str) for v in value):
+            return value
+    else:
+        for t in wanted:
+            if t in kinds and isinstance(value, kinds[t]):
+                return float(value) if t == "float" else value
     raise UserError(f"params.yaml: {key} must be {' or '.join(wanted)}, got {value!r}")
 
 

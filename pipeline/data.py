@@ -3,17 +3,28 @@
 Layouts:
   ROOT/{train,val[,test]}/CLASS/*   splits given by the folders
   ROOT/CLASS/*                      seeded stratified split into train/val/test
+  ROOT/* + labels.csv               an id-or-path column and a label column (`scan(..., labels=CSV)`);
+                                    seeded stratified split as for class folders
+
+Nothing is dropped silently: files that are not images, images the CSV does not list, CSV rows whose
+image is missing, rows without a label and repeated rows are recorded in `Dataset.skipped` with the
+reason. A repeated id with a *different* label is an error: the CSV contradicts itself.
+
+Decoding (`read_image`) accepts JPEG, PNG, BMP, GIF (first frame), WebP and TIFF, whatever the case
+of the extension, applies the EXIF orientation, and converts every mode to 8-bit RGB: grayscale and
+palette are expanded, transparency is composited onto white, CMYK is converted, 16-bit and float
+grayscale are scaled from their full range (0-65535, 0-1) to 0-255.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import UserError
 
@@ -45,19 +56,19 @@ class Dataset:
         return [s for s in SPLITS if s in present]
 
 
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".") and path.name.lower() not in IGNORED_NAMES
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and name.lower() not in IGNORED_NAMES
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
 
 
 def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[str]:
     """Relative paths of candidate images; other files are recorded as skipped, never dropped."""
     found = []
     for p in sorted(class_dir.rglob("*")):
-        if not p.is_file() or not _visible(p):
+        if not p.is_file() or not all(map(_visible, p.relative_to(class_dir).parts)):
             continue
         rel = p.relative_to(root).as_posix()
         if p.suffix.lower() in IMAGE_EXTENSIONS:
@@ -67,11 +78,23 @@ def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[
     return found
 
 
-def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Dataset:
-    """Find the images under `root` and assign each a class and a split."""
+DEFAULT_LABEL_COLUMNS = ("breed", "label")
+
+
+def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+         labels: Path | None = None, id_column: str = "id", label_column: str | None = None) -> Dataset:
+    """Find the images under `root` and assign each a class and a split.
+
+    With `labels` (a CSV file) the classes come from its `label_column` (default: 'breed', else
+    'label') and each row names its image by `id_column`: a path relative to `root`, with or
+    without the file extension.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
+    if labels is not None:
+        return _checked(_scan_labels(root, Path(labels), id_column, label_column, val_fraction,
+                                     test_fraction, seed))
     top = _class_dirs(root)
     skipped: list[tuple[str, str]] = []
     if top and {p.name for p in top} <= set(SPLITS) and (root / "train").is_dir():
@@ -91,29 +114,107 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
     else:
         if not top:
             raise UserError(f"data folder {root} has no class folders (expected ROOT/CLASS/* "
-                            f"or ROOT/train/CLASS/*)")
+                            f"or ROOT/train/CLASS/*, or pass --labels labels.csv)")
         classes = [p.name for p in top]
         per_class = {i: _files(d, root, skipped) for i, d in enumerate(top)}
         samples = stratified_split(per_class, val_fraction, test_fraction, seed)
         layout = "class-folders"
-    for i, name in enumerate(classes):
-        if not any(s.label == i for s in samples):
-            raise UserError(f"class '{name}' in {root} has no images")
-    if len(classes) < 2:
-        raise UserError(f"data folder {root} has only one class ('{classes[0]}'); need at least two")
-    return Dataset(root, classes, samples, layout, skipped)
+    return _checked(Dataset(root, classes, samples, layout, skipped))
+
+
+def _checked(dataset: Dataset) -> Dataset:
+    for i, name in enumerate(dataset.classes):
+        if not any(s.label == i for s in dataset.samples):
+            raise UserError(f"class '{name}' in {dataset.root} has no images")
+    if len(dataset.classes) < 2:
+        raise UserError(f"data folder {dataset.root} has only one class ('{dataset.classes[0]}'); "
+                        f"need at least two")
+    return dataset
+
+
+def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> list[tuple[int, str, str]]:
+    """(line number, id, label) of each row of a labels CSV."""
+    if not path.is_file():
+        raise UserError(f"labels file {path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if id_column not in columns:
+                raise UserError(f"{path} has no column '{id_column}' (columns: {', '.join(columns) or 'none'}); "
+                                f"name the image column with --id-column")
+            if label_column is None:
+                label_column = next((c for c in DEFAULT_LABEL_COLUMNS if c in columns), None)
+                if label_column is None:
+                    raise UserError(f"{path} has neither a 'breed' nor a 'label' column (columns: "
+                                    f"{', '.join(columns)}); name the label column with --label-column")
+            elif label_column not in columns:
+                raise UserError(f"{path} has no column '{label_column}' (columns: {', '.join(columns)}); "
+                                f"name the label column with --label-column")
+            return [(reader.line_num, (row[id_column] or "").strip(), (row[label_column] or "").strip())
+                    for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path} is not a readable CSV file: {exc}")
+
+
+def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str | None,
+                 val_fraction: float, test_fraction: float, seed: int) -> Dataset:
+    rows = _read_label_rows(csv_path, id_column, label_column)
+    if not rows:
+        raise UserError(f"{csv_path} lists no images")
+    found: list[tuple[str, str]] = []
+    images = _files(root, root, found)
+    labels_file = csv_path.resolve()
+    skipped = [(p, r) for p, r in found if (root / p).resolve() != labels_file]   # the CSV itself is no sample
+    known = set(images)
+    by_stem: dict[str, list[str]] = {}
+    for f in images:
+        by_stem.setdefault(f.rsplit(".", 1)[0], []).append(f)
+    name = csv_path.name
+    chosen: dict[str, tuple[int, str]] = {}   # image path -> (line, label)
+    for line, id_, label in rows:
+        key = id_.replace("\\", "/").removeprefix("./")
+        matches = [key] if key in known else by_stem.get(key, [])
+        if not id_:
+            skipped.append((f"{name} line {line}", "no image id"))
+        elif not matches:
+            skipped.append((id_, f"{name} line {line} lists it, but {root} has no such image"))
+        elif len(matches) > 1:
+            skipped.append((id_, f"{name} line {line} is ambiguous: {', '.join(matches)}"))
+        elif not label:
+            skipped.append((matches[0], f"{name} line {line} has no label"))
+        elif matches[0] in chosen:
+            first, first_label = chosen[matches[0]]
+            if first_label != label:
+                raise UserError(f"{name} gives {matches[0]} two labels: '{first_label}' (line {first}) "
+                                f"and '{label}' (line {line})")
+            skipped.append((matches[0], f"{name} line {line} repeats line {first}"))
+        else:
+            chosen[matches[0]] = (line, label)
+    skipped += [(f, f"not listed in {name}") for f in images if f not in chosen]
+    if not chosen:
+        raise UserError(f"no row of {csv_path} names an image in {root}")
+    classes = sorted({label for _, label in chosen.values()})
+    index = {c: i for i, c in enumerate(classes)}
+    per_class: dict[int, list[str]] = {i: [] for i in index.values()}
+    for path, (_, label) in chosen.items():
+        per_class[index[label]].append(path)
+    samples = stratified_split(per_class, val_fraction, test_fraction, seed)
+    return Dataset(root, classes, samples, "labels-csv", skipped)
 
 
 def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_fraction: float,
                      seed: int) -> list[Sample]:
-    """Shuffle each class with a fixed seed and cut it into train/val/test by the fractions."""
+    """Order each class by a seeded hash of the paths and cut it into test/val/train by the fractions.
+
+    Unlike a shuffled list, the hash order of the existing images does not change when images are
+    added or removed, so only images at the cuts can change split: a grown dataset keeps its test set."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserError(f"split fractions must be in [0, 1) with val + test < 1, "
                         f"got val={val_fraction}, test={test_fraction}")
     samples = []
     for label, files in per_class.items():
-        files = sorted(files)
-        random.Random(f"{seed}:{label}").shuffle(files)
+        files = sorted(files, key=lambda f: hashlib.sha256(f"{seed}:{f}".encode()).digest())
         n_test, n_val = round(len(files) * test_fraction), round(len(files) * val_fraction)
         cut = {"test": files[:n_test], "val": files[n_test:n_test + n_val], "train": files[n_test + n_val:]}
         samples += [Sample(f, label, split) for split, part in cut.items() for f in part]
@@ -133,21 +234,42 @@ class ImageError(Exception):
     """A file that cannot be used as an image; the message is the recorded reason."""
 
 
-def read_image(path: Path) -> tuple[Image.Image, str]:
-    """Decode one image as RGB; also return the SHA-256 of its bytes."""
+def image_bytes(path: Path) -> tuple[bytes, str]:
+    """The bytes of an image file and their SHA-256 (the key for incremental reuse)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"unreadable: {exc.strerror or exc}")
     if not data:
         raise ImageError("empty file")
-    digest = hashlib.sha256(data).hexdigest()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode the first frame as 8-bit RGB, upright per its EXIF orientation."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.seek(0)
-            rgb = img.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise ImageError("not a recognised image")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode: {exc}".splitlines()[0])
-    return rgb, digest
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        top = 1.0 if img.mode == "F" else 65535.0   # 16-bit files open as I;16 or I
+        pixels = np.asarray(img, dtype=np.float64) * (255.0 / top)
+        return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_image(path: Path) -> tuple[Image.Image, str]:
+    """Decode one image as RGB; also return the SHA-256 of its bytes."""
+    data, digest = image_bytes(path)
+    return decode_image(data), digest

@@ -1,59 +1,78 @@
-"""Stage one: run the frozen backbone over every image once and stream the features into the cache."""
+"""Stage one: run the frozen backbone over every image once and stream the features into the cache,
+reusing the vectors of unchanged images from the previous cache."""
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, FeatureHook, load_backbone
-from pipeline.data import Dataset, ImageError, Sample, read_image, scan, write_manifest
-from pipeline.store import FeatureWriter, cache_attrs
+from pipeline.backbones import Backbone, Embedder, load_backbone
+from pipeline.data import Dataset, ImageError, Sample, decode_image, image_bytes, scan, write_manifest
+from pipeline.errors import UserError
+from pipeline.store import FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, differences, open_cache
 
 
 @dataclass
 class ExtractSummary:
     out: Path
     found: int
-    extracted: int
+    extracted: int                     # rows written: computed by the backbone or reused
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    reused: int = 0                    # rows copied from the previous cache at `out`
+    notes: list[str] = field(default_factory=list)
 
-    def lines(self) -> list[str]:
-        rate = self.extracted / self.seconds if self.seconds else 0.0
+    @property
+    def computed(self) -> int:
+        return self.extracted - self.reused
+
+    def lines(self, show_skipped: int = 20) -> list[str]:
+        rate = self.computed / self.seconds if self.seconds else 0.0
         out = [f"extracted {self.extracted} + skipped {len(self.skipped)} = found {self.found} images "
-               f"in {self.seconds:.1f}s ({rate:.0f} images/s on {self.device}) -> {self.out}"]
-        out += [f"skipped {path}: {reason}" for path, reason in self.skipped]
+               f"({self.computed} computed, {self.reused} reused) in {self.seconds:.1f}s "
+               f"({rate:.0f} images/s on {self.device}) -> {self.out}"]
+        out += self.notes
+        out += [f"skipped {path}: {reason}" for path, reason in self.skipped[:show_skipped]]
+        if len(self.skipped) > show_skipped:
+            out.append(f"... and {len(self.skipped) - show_skipped} more skipped, all listed in /skipped of {self.out}")
         return out
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses one sample; a bad file yields its reason instead of a tensor."""
+    """Reads, hashes, decodes and preprocesses one sample. Yields (index, tensor, sha256, error):
+    no tensor for an image whose sha256 is in `known` (its vector is reused), an error message
+    instead of a tensor for a bad file."""
 
-    def __init__(self, root: Path, samples: list[Sample], transform):
-        self.root, self.samples, self.transform = root, samples, transform
+    def __init__(self, root: Path, samples: list[Sample], transform, known: Collection[str] = ()):
+        self.root, self.samples, self.transform, self.known = root, samples, transform, known
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         try:
-            image, digest = read_image(self.root / self.samples[i].path)
-            return i, self.transform(image), digest, None
+            data, digest = image_bytes(self.root / self.samples[i].path)
+            if digest in self.known:
+                return i, None, digest, None
+            return i, self.transform(decode_image(data)), digest, None
         except ImageError as exc:
             return i, None, None, str(exc)
 
 
 def collate(items):
-    good = [it for it in items if it[1] is not None]
-    tensors = torch.stack([it[1] for it in good]) if good else None
-    return [it[0] for it in good], tensors, [it[2] for it in good], [(it[0], it[3]) for it in items if it[1] is None]
+    """A batch as (good items [(index, sha256)], stacked tensors of those not reused or None,
+    [(index, error)])."""
+    computed = [it[1] for it in items if it[1] is not None]
+    return ([(it[0], it[2]) for it in items if it[2] is not None], torch.stack(computed) if computed else None,
+            [(it[0], it[3]) for it in items if it[3] is not None])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,52 +85,118 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
 
 
+def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
+    """Per-channel mean and std of the training split's pixels in [0, 1], after resize and crop."""
+    samples = dataset.split("train")
+    loader = DataLoader(ImageFiles(dataset.root, samples, backbone.preprocessing.transform(normalise=False)),
+                        batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    total, squares, pixels, images = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0, 0
+    for _, tensors, _ in loader:
+        if tensors is not None:
+            x = tensors.to(torch.float64)
+            total += x.sum(dim=(0, 2, 3))
+            squares += (x * x).sum(dim=(0, 2, 3))
+            pixels += x.shape[0] * x.shape[2] * x.shape[3]
+            images += x.shape[0]
+    if not images:
+        raise UserError("--compute-stats: the training split has no readable image")
+    mean = total / pixels
+    std = (squares / pixels - mean * mean).clamp(min=1e-12).sqrt()
+    return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()], "images": images}
+
+
+def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, np.ndarray], str | None]:
+    """The vectors of the cache already at `out` when it was made the same way, else a note why not."""
+    if not Path(out).exists():
+        return {}, {}, None
+    try:
+        old = open_cache(out)
+    except UserError as exc:
+        return {}, {}, f"previous cache not reused: {exc}"
+    diffs = differences(old.attrs, {k: attrs[k] for k in FINGERPRINT_FIELDS})
+    if diffs:
+        return {}, {}, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
+    rows, features = old.vectors_by_sha256()
+    return rows, features, None
+
+
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 64, device: str = "auto",
-            dtype: str = "float16", workers: int | None = None, quiet: bool = False) -> ExtractSummary:
-    """Write one HDF5 cache with the features of every split of `dataset`."""
+            dtype: str = "float16", workers: int | None = None, quiet: bool = False,
+            compute_stats: bool = False, reuse: bool = True) -> ExtractSummary:
+    """Write one HDF5 cache with the features of every split of `dataset`.
+
+    When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
+    bytes are unchanged (same SHA-256) take their vectors from it; only new or changed images run
+    through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
+    deleted images are handled. The new cache replaces the old one atomically."""
     dev = resolve_device(device)
-    model = backbone.model.to(dev, memory_format=torch.channels_last)   # faster on CPU and on CUDA
-    hook = FeatureHook(model, backbone.layer)
-    writer = FeatureWriter(out, cache_attrs(backbone.spec(), dataset.classes, dtype), backbone.feature_dim, dtype)
+    workers = default_workers() if workers is None else workers
+    start = time.perf_counter()
+    stats = None
+    if compute_stats:
+        stats = channel_stats(dataset, backbone, batch_size, workers)
+        backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
+                                                           std=tuple(stats["std"])))
+    attrs = cache_attrs(backbone.spec(), dataset.classes, dtype, stats)
+    rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
+    notes = [*backbone.notes, *([note] if note else [])]
+    writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
     for path, reason in dataset.skipped:
         writer.skip(path, reason)
     transform = backbone.preprocessing.transform()
-    workers = default_workers() if workers is None else workers
-    start = time.perf_counter()
-    extracted = 0
+    extracted = reused = 0
     try:
-        with torch.inference_mode(), tqdm(total=len(dataset.samples), unit="img", disable=quiet,
-                                          desc=f"extract {backbone.name}") as bar:
+        with Embedder(backbone, dev) as embed, tqdm(total=len(dataset.samples), unit="img", disable=quiet,
+                                                    desc=f"extract {backbone.name}") as bar:
             for split in dataset.splits():
                 samples = dataset.split(split)
-                loader = DataLoader(ImageFiles(dataset.root, samples, transform), batch_size=batch_size,
+                loader = DataLoader(ImageFiles(dataset.root, samples, transform, rows), batch_size=batch_size,
                                     num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
-                for idx, images, digests, bad in loader:
+                for good, images, bad in loader:
                     for i, reason in bad:
                         writer.skip(samples[i].path, reason)
-                    if images is not None:
-                        model(images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last))
-                        writer.append(split, hook.output.float().cpu().numpy(),
-                                      [samples[i].label for i in idx], [samples[i].path for i in idx], digests)
-                        extracted += len(idx)
-                    bar.update(len(idx) + len(bad))
+                    if good:
+                        digests = [digest for _, digest in good]
+                        writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows, old),
+                                      [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
+                                      digests)
+                        extracted += len(good)
+                        reused += len(good) - (0 if images is None else len(images))
+                    bar.update(len(good) + len(bad))
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    finally:
-        hook.remove()
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
-                          time.perf_counter() - start, str(dev))
+                          time.perf_counter() - start, str(dev), reused, notes)
+
+
+def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder, dims: dict[str, int],
+                   rows: dict[str, int], old: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's vectors for a batch, in order: known digests from `old`, the rest computed."""
+    computed = embed(images) if images is not None else {}
+    known = np.array([d in rows for d in digests])
+    old_rows = [rows[d] for d in digests if d in rows]
+    out = {}
+    for layer, dim in dims.items():
+        out[layer] = np.empty((len(digests), dim), np.float32)
+        if computed:
+            out[layer][~known] = computed[layer]
+        if old_rows:
+            out[layer][known] = old[layer][old_rows]
+    return out
 
 
 def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
-                   layer: str | None = None, image_size: int | None = None, val_fraction: float = 0.15,
-                   test_fraction: float = 0.15, seed: int = 0, **options) -> ExtractSummary:
-    """Scan `data`, record the split in `<out>.manifest.csv`, and extract its features into `out`."""
-    dataset = scan(Path(data), val_fraction, test_fraction, seed)
+                   layer: str | Sequence[str] | None = None, image_size: int | None = None,
+                   val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, *,
+                   labels: Path | None = None, id_column: str = "id", label_column: str | None = None,
+                   tta: bool = False, **options) -> ExtractSummary:
+    """Scan `data` (or the images `labels` names), record the split in `<out>.manifest.csv`, and
+    extract its features into `out`; `options` go to `extract`."""
+    dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(dataset, out.with_suffix(".manifest.csv"))
-    return extract(dataset, load_backbone(backbone, weights, layer, image_size), out, **options)
+    return extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from pipeline import modeldir
-from pipeline.backbones import FeatureHook, Preprocessing, load_backbone
+from pipeline.backbones import Embedder, Preprocessing, load_backbone
 from pipeline.data import IMAGE_EXTENSIONS, ImageError, read_image
 from pipeline.errors import UserError
 from pipeline.extract import resolve_device
@@ -33,19 +33,17 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
     info, model = modeldir.load(model_dir)
     spec = info["backbone"]
     pre = Preprocessing.from_dict(spec["preprocessing"])
-    backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size)
+    backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size, spec.get("tta", False))
     if backbone.weights_sha256 != spec["weights_sha256"]:
         raise UserError(f"weights {spec['weights']} differ from those the model was trained on "
                         f"(SHA-256 {backbone.weights_sha256[:12]} != {spec['weights_sha256'][:12]})")
-    transform, dev = pre.transform(), resolve_device(device)
-    net = backbone.model.to(dev)
-    hook = FeatureHook(net, backbone.layer)
+    transform = pre.transform()
+    embed = Embedder(backbone, resolve_device(device))
     results, batch = [], []
 
     def flush():
-        with torch.inference_mode():
-            net(torch.stack([t for _, t in batch]).to(dev))
-        scores = scores_of(model, hook.output.float().cpu().numpy(), len(info["classes"]))
+        features = embed(torch.stack([t for _, t in batch]))[backbone.layer]
+        scores = scores_of(model, features, len(info["classes"]))
         for (path, _), row in zip(batch, scores):
             order = np.argsort(-row)[:top_k]
             results.append({"path": str(path), "top": [{"class": info["classes"][i], "score": float(row[i])}
@@ -61,5 +59,5 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
             flush()
     if batch:
         flush()
-    hook.remove()
+    embed.close()
     return results

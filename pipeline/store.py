@@ -2,13 +2,20 @@
 
 Layout (readable with plain h5py):
   /                 attrs: schema_version, classes (JSON), backbone, weights, weights_sha256, layer,
-                           image_size, transform (JSON), dtype, versions (JSON), fingerprint,
+                           layers (JSON), image_size, transform (JSON), tta, dtype, versions (JSON),
+                           compute_stats, stats (JSON, only with compute_stats), fingerprint,
                            created, tool_version
-  /<split>/features [N, D] float16|float32, chunked by rows
+  /<split>/features [N, D] float16|float32, chunked by rows: the vectors of `layer` (= layers[0])
+  /<split>/features@<layer>  [N, D'] the same rows for each further layer in `layers`
   /<split>/labels   [N] int64
   /<split>/paths    [N] utf-8 str, relative to the data root
-  /<split>/sha256   [N] 64-char str of the image bytes
+  /<split>/sha256   [N] 64-char str of the image bytes: the key for incremental reuse
   /skipped          table of (path, reason)
+
+A reader that knows nothing of extra layers reads `/<split>/features` as before. `transform`
+holds the resize, crop and normalisation; with `compute_stats` its mean/std are those of the
+training split (also in `stats`). `tta` is true when each vector is the mean of the image's and
+its horizontal flip's. The fingerprint digests every attribute that changes a vector.
 """
 from __future__ import annotations
 
@@ -25,8 +32,10 @@ import numpy as np
 from pipeline import __version__
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = 1
-FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "transform", "dtype", "versions")
+SCHEMA_VERSION = 2   # 2: several layers (layers, features@<layer>), tta, compute_stats
+FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions")
+EXPECTABLE = ("backbone", "weights", "weights_sha256", "layer", "layers", "image_size", "tta", "dtype",
+              "compute_stats", "fingerprint")
 STR = h5py.string_dtype("utf-8")
 SKIPPED_DTYPE = np.dtype([("path", STR), ("reason", STR)])
 
@@ -46,46 +55,107 @@ def library_versions() -> dict:
             "timm": timm.__version__, "pillow": PIL.__version__}
 
 
-def cache_attrs(spec: dict, classes: list[str], dtype: str) -> dict:
-    """The root attributes for a cache made with backbone `spec` (Backbone.spec())."""
+def cache_attrs(spec: dict, classes: list[str], dtype: str, stats: dict | None = None) -> dict:
+    """The root attributes for a cache made with backbone `spec` (Backbone.spec()); `stats` are
+    the training split's channel statistics when they replaced the backbone's normalisation."""
     attrs = {"backbone": spec["backbone"], "weights": spec["weights"], "weights_sha256": spec["weights_sha256"],
-             "layer": spec["layer"], "image_size": spec["preprocessing"]["image_size"],
-             "transform": json.dumps(spec["preprocessing"], sort_keys=True), "dtype": dtype,
+             "layer": spec["layer"], "layers": json.dumps(spec["layers"]),
+             "image_size": spec["preprocessing"]["image_size"],
+             "transform": json.dumps(spec["preprocessing"], sort_keys=True), "tta": spec["tta"], "dtype": dtype,
              "versions": json.dumps(library_versions(), sort_keys=True)}
     attrs["fingerprint"] = fingerprint(attrs)
-    attrs.update(schema_version=SCHEMA_VERSION, classes=json.dumps(classes),
+    attrs.update(schema_version=SCHEMA_VERSION, classes=json.dumps(classes), compute_stats=stats is not None,
                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tool_version=__version__)
+    if stats is not None:
+        attrs["stats"] = json.dumps(stats)
     return attrs
+
+
+def features_name(layer: str, layers: list[str]) -> str:
+    """Dataset name of a layer's vectors within a split group."""
+    return "features" if layer == layers[0] else f"features@{layer}"
+
+
+def _unpacked(value):
+    """A JSON-valued attribute as the value it encodes; others as they are."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+def _text(value) -> str:
+    """A value as the command line writes it: true/false, comma-separated lists."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_text, value))
+    return str(value)
+
+
+def differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """'field: recorded != wanted' for each field of `wanted` that differs; JSON fields by key.
+    Values compare as text, so wanted values may come straight from the command line."""
+    out = []
+    for key, want in wanted.items():
+        have, want = _unpacked(recorded.get(key)), _unpacked(want)
+        if isinstance(have, dict) and isinstance(want, dict):
+            out += differences(have, want, f"{prefix}{key}.")
+            continue
+        have, want = _text(have), _text(want)
+        if key in ("fingerprint", "weights_sha256") and len(want) >= 8:   # a prefix will do
+            have = have[:len(want)]
+        if have != want:
+            out.append(f"{prefix}{key}: {have} != {want}")
+    return out
+
+
+def check_expected(cache: "Cache", expected: dict) -> None:
+    """Refuse a cache made other than as expected, naming each differing field."""
+    unknown = [k for k in expected if k not in EXPECTABLE]
+    if unknown:
+        raise UserError(f"cannot expect '{unknown[0]}' of a feature cache; choose from {', '.join(EXPECTABLE)}")
+    diffs = differences(cache.attrs, expected)
+    if diffs:
+        raise UserError(f"feature cache {cache.path} was made otherwise than expected "
+                        f"(cache != expected): {'; '.join(diffs)}")
 
 
 class FeatureWriter:
     """Streams rows into `<target>.tmp` and renames it over the target only in `commit()`."""
 
-    def __init__(self, target: Path, attrs: dict, dim: int, dtype: str):
+    def __init__(self, target: Path, attrs: dict, dims: dict[str, int], dtype: str):
+        """`dims`: the feature size of each layer, the default layer first."""
         self.target = Path(target)
         self.tmp = self.target.with_name(self.target.name + ".tmp")
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.tmp, "w")
         self.file.attrs.update(attrs)
-        self.dim, self.dtype = dim, np.dtype(dtype)
+        self.dims, self.dtype = dims, np.dtype(dtype)
         self.skipped: list[tuple[str, str]] = []
 
     def _group(self, split: str) -> h5py.Group:
         if split in self.file:
             return self.file[split]
         g = self.file.create_group(split)
-        rows = max(1, min(1024, (1 << 20) // (self.dim * self.dtype.itemsize)))
-        g.create_dataset("features", (0, self.dim), self.dtype, maxshape=(None, self.dim), chunks=(rows, self.dim))
+        for layer, dim in self.dims.items():
+            rows = max(1, min(1024, (1 << 20) // (dim * self.dtype.itemsize)))
+            g.create_dataset(features_name(layer, list(self.dims)), (0, dim), self.dtype, maxshape=(None, dim),
+                             chunks=(rows, dim))
         g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
         g.create_dataset("paths", (0,), STR, maxshape=(None,), chunks=(4096,))
         g.create_dataset("sha256", (0,), "S64", maxshape=(None,), chunks=(4096,))
         return g
 
-    def append(self, split: str, features: np.ndarray, labels, paths, sha256) -> None:
+    def append(self, split: str, features: dict[str, np.ndarray], labels, paths, sha256) -> None:
+        """Rows of one split: `features` maps each layer to its [k, D] vectors."""
         g = self._group(split)
         n, k = g["labels"].shape[0], len(labels)
-        for name, rows in (("features", features.astype(self.dtype)), ("labels", np.asarray(labels, np.int64)),
-                           ("paths", list(paths)), ("sha256", np.array(sha256, "S64"))):
+        columns = [(features_name(layer, list(self.dims)), features[layer].astype(self.dtype)) for layer in self.dims]
+        for name, rows in (*columns, ("labels", np.asarray(labels, np.int64)), ("paths", list(paths)),
+                           ("sha256", np.array(sha256, "S64"))):
             g[name].resize(n + k, axis=0)
             g[name][n:] = rows
 
@@ -120,11 +190,33 @@ class Cache:
     splits: list[str]
     skipped: list[tuple[str, str]]
 
-    def read(self, split: str) -> Split:
+    @property
+    def layers(self) -> list[str]:
+        return json.loads(self.attrs["layers"])
+
+    def read(self, split: str, layer: str | None = None) -> Split:
+        """One split's rows; `layer` picks a further feature set (default: the first layer's)."""
+        if layer is not None and layer not in self.layers:
+            raise UserError(f"feature cache {self.path} has no features of layer '{layer}'; "
+                            f"it has {', '.join(self.layers)}")
         with h5py.File(self.path, "r") as f:
             g = f[split]
-            return Split(g["features"][:].astype(np.float32), g["labels"][:],
-                         [p.decode() for p in g["paths"][:]], [s.decode() for s in g["sha256"][:]])
+            return Split(g[features_name(layer or self.layers[0], self.layers)][:].astype(np.float32),
+                         g["labels"][:], [p.decode() for p in g["paths"][:]], [s.decode() for s in g["sha256"][:]])
+
+    def vectors_by_sha256(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """Every stored vector, for reuse: ({image sha256: row}, {layer: [N, D] rows of all splits})."""
+        rows: dict[str, int] = {}
+        parts: dict[str, list[np.ndarray]] = {layer: [] for layer in self.layers}
+        n = 0
+        with h5py.File(self.path, "r") as f:
+            for split in self.splits:
+                for i, digest in enumerate(f[split]["sha256"][:]):
+                    rows.setdefault(digest.decode(), n + i)
+                n += f[split]["sha256"].shape[0]
+                for layer in self.layers:
+                    parts[layer].append(f[split][features_name(layer, self.layers)][:])
+        return rows, {layer: np.concatenate(p) for layer, p in parts.items()}
 
 
 def open_cache(path: Path) -> Cache:
@@ -138,17 +230,18 @@ def open_cache(path: Path) -> Cache:
         raise UserError(f"feature cache {path} is not a readable HDF5 file ({exc})")
     with f:
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        missing = [k for k in (*FINGERPRINT_FIELDS, "fingerprint", "classes", "schema_version") if k not in attrs]
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"feature cache {path} has schema version {attrs.get('schema_version')}, "
+                            f"this tool reads {SCHEMA_VERSION}; re-run `pipeline extract`")
+        missing = [k for k in (*FINGERPRINT_FIELDS, "fingerprint", "classes") if k not in attrs]
         if missing:
             raise UserError(f"feature cache {path} lacks attributes {missing}")
-        if attrs["schema_version"] != SCHEMA_VERSION:
-            raise UserError(f"feature cache {path} has schema version {attrs['schema_version']}, "
-                            f"this tool reads {SCHEMA_VERSION}; re-run `pipeline extract`")
         if fingerprint(attrs) != attrs["fingerprint"]:
             raise UserError(f"feature cache {path}: fingerprint does not match its attributes")
         splits = [s for s in ("train", "val", "test") if s in f]
+        layers = json.loads(attrs["layers"])
         for s in splits:
-            names = ("features", "labels", "paths", "sha256")
+            names = (*(features_name(layer, layers) for layer in layers), "labels", "paths", "sha256")
             absent = [n for n in names if n not in f[s]]
             if absent:
                 raise UserError(f"feature cache {path}: split '{s}' lacks datasets {absent}")

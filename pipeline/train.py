@@ -20,7 +20,7 @@ from pipeline import modeldir
 from pipeline.errors import UserError
 from pipeline.heads import CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head
 from pipeline.metrics import confusion_png, confusion_rows, evaluate
-from pipeline.store import open_cache
+from pipeline.store import check_expected, open_cache
 
 PREPROCESSING = ("l2", "standardize", "none")
 
@@ -108,12 +108,11 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict,
     return best, {f"{v:g}": sc for v, (sc, _) in sorted(tried.items())}, tried[best][1]
 
 
-def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected_fingerprint: str | None = None) -> dict:
-    """Fit classifier `s.classifier` on a feature cache and write a model directory."""
+def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None) -> dict:
+    """Fit classifier `s.classifier` on a feature cache and write a model directory. `expected`
+    ({field: value}, e.g. {"backbone": "resnet18"}) makes it refuse a cache made otherwise."""
     cache = open_cache(cache_path)
-    if expected_fingerprint and cache.attrs["fingerprint"] != expected_fingerprint:
-        raise UserError(f"feature cache {cache_path} has fingerprint {cache.attrs['fingerprint'][:12]}, "
-                        f"expected {expected_fingerprint[:12]}")
+    check_expected(cache, expected or {})
     if "val" not in cache.splits:
         raise UserError(f"feature cache {cache_path} has no val split; stage two needs train and val")
     train_, val = cache.read("train"), cache.read("val")
@@ -154,4 +153,4 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected_fingerprin
 def _backbone_spec(attrs: dict) -> dict:
     """The backbone spec recorded in a cache, in the form Backbone.spec() returns it."""
     return {"backbone": attrs["backbone"], "weights": attrs["weights"], "weights_sha256": attrs["weights_sha256"],
-            "layer": attrs["layer"], "preprocessing": json.loads(attrs["transform"])}
+            "layer": attrs["layer"], "tta": bool(attrs["tta"]), "preprocessing": json.loads(attrs["transform"])}

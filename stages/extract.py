@@ -11,7 +11,9 @@ def main():
     data, out = map(Path, sys.argv[1:3])
     p = extract_params(read_params(Path("params.yaml"), "extract"))
     summary = extract_folder(data, out, p.backbone, p.weights, p.layer, p.image_size, p.val_fraction,
-                             p.test_fraction, p.seed, batch_size=p.batch_size, device=p.device, dtype=p.dtype,
+                             p.test_fraction, p.seed, labels=p.labels, id_column=p.id_column,
+                             label_column=p.label_column, tta=p.tta, compute_stats=p.compute_stats,
+                             reuse=p.reuse, batch_size=p.batch_size, device=p.device, dtype=p.dtype,
                              workers=p.workers)
     print("\n".join(summary.lines()))
 

@@ -1,0 +1,107 @@
+"""Backbone registry: hooked layers and their sizes, weights files, TTA, the offline ImageNet error."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from pipeline.backbones import REGISTRY, Embedder, load_backbone
+from pipeline.errors import UserError
+
+
+def test_vgg16_hooks_the_penultimate_layer_and_offers_avgpool_flattened():
+    vgg = load_backbone("vgg16", "none", ["classifier.4", "avgpool", "classifier.3"], image_size=64)
+    assert vgg.layer == "classifier.4" and vgg.feature_dim == 4096
+    assert vgg.feature_dims == {"classifier.4": 4096, "avgpool": 25088, "classifier.3": 4096}
+    with Embedder(vgg) as embed:
+        out = embed(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    assert {k: v.shape for k, v in out.items()} == {k: (2, d) for k, d in vgg.feature_dims.items()}
+    # the penultimate layer is the ReLU of classifier.3; the in-place ReLU must not alter classifier.3's copy
+    assert out["classifier.3"].min() < 0
+    np.testing.assert_allclose(out["classifier.4"], np.maximum(out["classifier.3"], 0), rtol=1e-6)
+
+
+def test_registry_feature_dims_match_the_hooked_layers():
+    for name in ("resnet18", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"):
+        entry = REGISTRY[name]()
+        probe = load_backbone(name, "none", [entry.layer, entry.classifier], image_size=64)
+        assert probe.feature_dims[entry.layer] == entry.feature_dim, name
+        assert probe.feature_dims[entry.classifier] == 1000, name   # the classifier is the ImageNet head
+
+
+def test_unknown_layer_names_the_modules():
+    with pytest.raises(UserError, match="has no layer 'nope'; its top-level modules are: conv1, bn1"):
+        load_backbone("resnet18", "none", "nope")
+
+
+def _features(backbone, x: torch.Tensor) -> np.ndarray:
+    with Embedder(backbone) as embed:
+        return embed(x)[backbone.layer]
+
+
+def test_weights_file_with_another_head_loads_the_backbone_and_notes_the_head(tmp_path: Path):
+    """A resnet18 fine-tuned for 2 classes, saved from DataParallel: its features equal the source's."""
+    source = load_backbone("resnet18", "none", image_size=64)
+    state = {f"module.{k}": v for k, v in source.model.state_dict().items()}
+    state["module.fc.weight"], state["module.fc.bias"] = torch.zeros(2, 512), torch.zeros(2)
+    torch.save(state, tmp_path / "finetuned.pth")
+    torch.manual_seed(1)   # a different random init underneath, so equal features prove the load
+    loaded = load_backbone("resnet18", str(tmp_path / "finetuned.pth"), image_size=64)
+    assert loaded.notes == ["weights finetuned.pth: classifier 'fc' left random, its 2 keys in the file do not "
+                            "fit (fc.weight, fc.bias); features do not use it"]
+    x = torch.randn(2, 3, 64, 64)
+    np.testing.assert_array_equal(_features(loaded, x), _features(source, x))
+
+
+def test_weights_file_missing_backbone_keys_is_an_error(tmp_path: Path):
+    state = load_backbone("resnet18", "none").model.state_dict()
+    del state["layer4.1.conv2.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(UserError, match=r"do not fit resnet18: 1 backbone keys missing \(e.g. \['layer4.1.conv2"):
+        load_backbone("resnet18", str(tmp_path / "partial.pth"))
+
+
+def test_weights_file_extra_keys_are_noted(tmp_path: Path):
+    state = load_backbone("resnet18", "none").model.state_dict()
+    state["projection.weight"] = torch.zeros(4)
+    torch.save(state, tmp_path / "extra.pth")
+    assert load_backbone("resnet18", str(tmp_path / "extra.pth")).notes == [
+        "weights extra.pth: ignored 1 keys that resnet18 does not have (e.g. ['projection.weight'])"]
+
+
+def test_weights_file_of_another_architecture_is_an_error(tmp_path: Path):
+    torch.save(load_backbone("resnet50", "none").model.state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(UserError, match=r"do not fit resnet18: 0 backbone keys missing \(e.g. \[\]\), [1-9]\d* of "
+                                        r"another shape \(e.g. \['layer1.0.conv1.weight'"):
+        load_backbone("resnet18", str(tmp_path / "resnet50.pth"))
+
+
+def test_tta_averages_each_image_with_its_mirror():
+    plain = load_backbone(image_size=64)
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    unflipped, flipped = _features(plain, x), _features(plain, x.flip(-1))
+    tta = replace(plain, tta=True)
+    np.testing.assert_allclose(_features(tta, x), (unflipped + flipped) / 2, atol=1e-5)
+    np.testing.assert_allclose(_features(tta, x.flip(-1)), _features(tta, x), atol=1e-5)   # mirror-invariant
+    assert np.abs(unflipped - flipped).max() > 1e-3
+
+
+def test_imagenet_weights_offline_is_one_clear_line(tmp_path: Path, image_folder: Path, monkeypatch):
+    """No network (an unreachable proxy stands in for it) and no cached file: say how to supply one."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", "--backbone", "resnet18",
+                   "--weights", "imagenet", "--workers", 0, "--quiet")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cannot download ImageNet weights for resnet18")
+    assert "resnet18-f37072fd.pth" in proc.stderr and "--weights PATH" in proc.stderr
+    assert not (tmp_path / "f.h5").exists()

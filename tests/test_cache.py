@@ -1,0 +1,221 @@
+"""The feature cache: incremental reuse, atomic replacement, several layers, training-split
+statistics, and stage two refusing a cache made otherwise than expected."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import COLOURS, make_image_folder, run_cli, tiny_image
+from pipeline.backbones import load_backbone
+from pipeline.data import scan
+from pipeline.errors import UserError
+from pipeline.extract import extract
+from pipeline.store import check_expected, open_cache
+from pipeline.train import TrainSettings, train
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone(image_size=64)
+
+
+@contextlib.contextmanager
+def images_through(model):
+    """Count the images that really go through `model`'s forward pass."""
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def rows_of(path: Path) -> dict[str, tuple[str, str, np.ndarray]]:
+    """{image path: (class, split, vector)} of a cache."""
+    cache = open_cache(path)
+    out = {}
+    for split in cache.splits:
+        part = cache.read(split)
+        for p, y, v in zip(part.paths, part.labels, part.features):
+            out[p] = (cache.classes[y], split, v)
+    return out
+
+
+def test_rerun_computes_only_new_and_changed_images(tmp_path: Path, lite0):
+    root = make_image_folder(tmp_path / "images", {"all": 6}, split_folders=False)
+    out = tmp_path / "features.h5"
+    with images_through(lite0.model) as seen:
+        first = extract(scan(root), lite0, out, workers=0, quiet=True)
+    assert sum(seen) == 18 and (first.computed, first.reused) == (18, 0)
+    before = rows_of(out)
+
+    tiny_image(COLOURS["red"], 1000).save(root / "red" / "new.png")             # added
+    (root / "green" / "all_0.png").unlink()                                     # removed
+    (root / "blue" / "all_1.png").rename(root / "red" / "moved.png")            # relabelled
+    tiny_image(COLOURS["green"], 2000).save(root / "green" / "all_2.png")       # changed in place
+    with images_through(lite0.model) as seen:
+        second = extract(scan(root), lite0, out, workers=0, quiet=True)
+    assert sum(seen) == 2                                                       # new.png and all_2.png
+    assert (second.extracted, second.computed, second.reused) == (18, 2, 16)
+    assert "(2 computed, 16 reused)" in second.lines()[0]
+
+    after = rows_of(out)
+    assert "green/all_0.png" not in after and "blue/all_1.png" not in after
+    assert after["red/moved.png"][0] == "red"
+    np.testing.assert_array_equal(after["red/moved.png"][2], before["blue/all_1.png"][2])
+    for path in set(before) & set(after) - {"green/all_2.png"}:
+        np.testing.assert_array_equal(after[path][2], before[path][2])
+    assert not np.array_equal(after["green/all_2.png"][2], before["green/all_2.png"][2])
+
+    full = extract(scan(root), lite0, tmp_path / "full.h5", workers=0, quiet=True)   # no previous cache
+    assert full.reused == 0
+    fresh = rows_of(tmp_path / "full.h5")
+    assert {p: r[:2] for p, r in fresh.items()} == {p: r[:2] for p, r in after.items()}
+    for path in fresh:
+        np.testing.assert_allclose(after[path][2], fresh[path][2], atol=2e-3)
+
+
+def test_a_cache_made_otherwise_is_not_reused(tmp_path: Path, lite0):
+    root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    out = tmp_path / "features.h5"
+    extract(scan(root), lite0, out, workers=0, quiet=True)
+    tta = load_backbone(image_size=64, tta=True)
+    with images_through(tta.model) as seen:
+        summary = extract(scan(root), tta, out, workers=0, quiet=True)
+    assert sum(seen) == 2 * 9 and summary.reused == 0                          # each image and its mirror
+    assert summary.notes == ["previous cache not reused, made otherwise: tta: false != true"]
+    with images_through(tta.model) as seen:
+        assert extract(scan(root), tta, out, workers=0, quiet=True, reuse=False).reused == 0
+    assert sum(seen) == 2 * 9
+
+
+def test_an_unreadable_previous_cache_is_replaced(tmp_path: Path, lite0):
+    root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    out = tmp_path / "features.h5"
+    out.write_bytes(b"half a file")
+    summary = extract(scan(root), lite0, out, workers=0, quiet=True)
+    assert summary.notes[0].startswith("previous cache not reused: feature cache")
+    assert "is not a readable HDF5 file" in summary.notes[0]
+    assert summary.computed == 9 and open_cache(out).splits == ["train", "val"]
+
+
+def test_a_failed_extraction_leaves_the_previous_cache_whole(tmp_path: Path, lite0):
+    root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    out = tmp_path / "features.h5"
+    extract(scan(root), lite0, out, workers=0, quiet=True)
+    previous = out.read_bytes()
+
+    def fail_on_second_batch(module, args, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+
+    handle = lite0.model.register_forward_pre_hook(fail_on_second_batch)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            extract(scan(root), lite0, out, batch_size=4, workers=0, quiet=True, reuse=False)
+    finally:
+        handle.remove()
+    assert out.read_bytes() == previous
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_several_layers_in_one_file(tmp_path: Path, lite0):
+    root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    extract(scan(root), lite0, tmp_path / "plain.h5", workers=0, quiet=True)
+    two = load_backbone(layer=["blocks.5", "global_pool"], image_size=64)
+    extract(scan(root), two, tmp_path / "two.h5", workers=0, quiet=True)
+
+    cache = open_cache(tmp_path / "two.h5")
+    assert cache.layers == ["blocks.5", "global_pool"] and cache.attrs["layer"] == "blocks.5"
+    with h5py.File(tmp_path / "two.h5") as f:
+        assert f["train/features"].shape == (6, 192) and f["train/features@global_pool"].shape == (6, 1280)
+    plain = open_cache(tmp_path / "plain.h5")
+    for split in ("train", "val"):
+        np.testing.assert_allclose(cache.read(split, "global_pool").features, plain.read(split).features,
+                                   atol=2e-3)
+    with pytest.raises(UserError, match="has no features of layer 'head'; it has blocks.5, global_pool"):
+        cache.read("train", "head")
+
+
+def test_compute_stats_normalises_with_the_training_split(tmp_path: Path, lite0):
+    from PIL import Image
+    train_colours = {"dark": [(10, 20, 30), (50, 60, 70)], "light": [(200, 100, 0), (90, 180, 250)]}
+    for split, colours in (("train", train_colours), ("val", {"dark": [(0, 0, 0)], "light": [(255, 255, 255)]})):
+        for name, values in colours.items():
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            for i, value in enumerate(values):
+                Image.new("RGB", (80, 64), value).save(tmp_path / "images" / split / name / f"{i}.png")
+    pixels = np.array([v for values in train_colours.values() for v in values]) / 255
+    out = tmp_path / "stats.h5"
+    extract(scan(tmp_path / "images"), lite0, out, workers=0, quiet=True, compute_stats=True)
+
+    attrs = open_cache(out).attrs
+    stats, transform = json.loads(attrs["stats"]), json.loads(attrs["transform"])
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0), atol=1e-5)
+    np.testing.assert_allclose(stats["std"], pixels.std(0), atol=1e-5)
+    assert stats["images"] == 4 and attrs["compute_stats"]
+    assert (transform["mean"], transform["std"]) == (stats["mean"], stats["std"])
+
+    extract(scan(tmp_path / "images"), lite0, tmp_path / "plain.h5", workers=0, quiet=True)
+    plain = open_cache(tmp_path / "plain.h5")
+    assert plain.attrs["fingerprint"] != attrs["fingerprint"] and not plain.attrs["compute_stats"]
+    assert not np.allclose(plain.read("train").features, open_cache(out).read("train").features, atol=1e-2)
+
+
+def test_expected_fields_are_checked_and_named(small_cache: Path, tmp_path: Path):
+    cache = open_cache(small_cache)
+    check_expected(cache, {"backbone": "efficientnet_lite0", "image_size": "64", "tta": "false",
+                           "fingerprint": cache.attrs["fingerprint"][:12]})
+    with pytest.raises(UserError, match=r"\(cache != expected\): backbone: efficientnet_lite0 != resnet18; "
+                                        r"tta: false != true$"):
+        check_expected(cache, {"backbone": "resnet18", "image_size": 64, "tta": True})
+    with pytest.raises(UserError, match=f"fingerprint: {cache.attrs['fingerprint'][:8]} != 00000000"):
+        check_expected(cache, {"fingerprint": "00000000"})
+    with pytest.raises(UserError, match="cannot expect 'colour'"):
+        check_expected(cache, {"colour": "red"})
+    metrics = train(small_cache, tmp_path / "model", TrainSettings("logreg"), {"backbone": "efficientnet_lite0"})
+    assert metrics["n_train"] > 0
+
+
+def test_train_command_refuses_a_cache_made_otherwise(small_cache: Path, tmp_path: Path):
+    proc = run_cli("train", small_cache, "--out", tmp_path / "model", "--expect", "backbone=resnet18",
+                   "--expect", "image_size=64")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: feature cache {small_cache} was made otherwise than expected "
+                                   f"(cache != expected): backbone: efficientnet_lite0 != resnet18")
+    assert not (tmp_path / "model").exists()
+
+
+def test_extract_command_reports_reuse(small_cache: Path, tmp_path: Path):
+    out = tmp_path / "features.h5"
+    shutil.copy(small_cache, out)
+    proc = run_cli("extract", small_cache.parent / "images", "--out", out, "--image-size", 64, "--workers", 0,
+                   check=True)
+    assert "extracted 48 + skipped 0 = found 48 images (0 computed, 48 reused)" in proc.stderr
+
+
+def test_extract_help_documents_every_option():
+    text = run_cli("extract", "--help", check=True).stdout
+    for option in ("--labels", "--id-column", "--label-column", "--backbone", "--weights", "--layer",
+                   "--image-size", "--compute-stats", "--tta", "--batch-size", "--device", "--dtype", "--workers",
+                   "--val-fraction", "--test-fraction", "--seed", "--reuse", "--no-reuse", "--quiet"):
+        assert option in text, option
+
+
+def test_extract_params_accept_the_new_settings():
+    from pipeline.config import extract_params
+    p = extract_params({"labels": "labels.csv", "label_column": "breed", "layer": ["blocks.5", "global_pool"],
+                        "compute_stats": True, "tta": True, "reuse": False})
+    assert (p.labels, p.id_column, p.layer, p.compute_stats, p.tta, p.reuse) == \
+        ("labels.csv", "id", ["blocks.5", "global_pool"], True, True, False)
+    with pytest.raises(UserError, match="extract.tta must be bool, got 'yes'"):
+        extract_params({"tta": "yes"})
+    with pytest.raises(UserError, match="extract.image_size must be int or None, got True"):
+        extract_params({"image_size": True})
