@@ -95,7 +95,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
                                       [samples[i].label for i in idx], [samples[i].path for i in idx], digests)
                         extracted += len(idx)
                     bar.update(len(idx) + len(bad))
-        writer.commit()
+        writer.commit(extract_seconds=time.perf_counter() - start)
     except BaseException:
         writer.abort()
         raise

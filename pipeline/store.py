@@ -3,7 +3,7 @@
 Layout (readable with plain h5py):
   /                 attrs: schema_version, classes (JSON), backbone, weights, weights_sha256, layer,
                            image_size, transform (JSON), dtype, versions (JSON), fingerprint,
-                           created, tool_version
+                           created, tool_version, extract_seconds (the one-off extraction time)
   /<split>/features [N, D] float16|float32, chunked by rows
   /<split>/labels   [N] int64
   /<split>/paths    [N] utf-8 str, relative to the data root
@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
+from pipeline.data import dataset_digest
 from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -92,7 +93,9 @@ class FeatureWriter:
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append((path, reason))
 
-    def commit(self) -> None:
+    def commit(self, **attrs) -> None:
+        """Finish the file, adding `attrs` known only at the end (such as the extraction time)."""
+        self.file.attrs.update(attrs)
         self.file.create_dataset("skipped", data=np.array(self.skipped, dtype=SKIPPED_DTYPE))
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
@@ -125,6 +128,16 @@ class Cache:
             g = f[split]
             return Split(g["features"][:].astype(np.float32), g["labels"][:],
                          [p.decode() for p in g["paths"][:]], [s.decode() for s in g["sha256"][:]])
+
+    def dataset_id(self) -> str:
+        """data.dataset_digest of the images the cache holds, without reading their features."""
+        rows = []
+        with h5py.File(self.path, "r") as f:
+            for split in self.splits:
+                g = f[split]
+                rows += [(p.decode(), self.classes[label], split, digest.decode())
+                         for p, label, digest in zip(g["paths"][:], g["labels"][:], g["sha256"][:])]
+        return dataset_digest(rows)
 
 
 def open_cache(path: Path) -> Cache:
