@@ -233,7 +233,8 @@ def finetune(
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     m = run(data, out, s, quiet)
     _say([f"{strategy.value}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
-          f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"], quiet)
+          f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"]
+         + ([f"skipped {m['n_skipped']} files (reasons in {out / 'model.json'})"] if m["n_skipped"] else []), quiet)
 
 
 @app.command()

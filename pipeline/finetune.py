@@ -204,8 +204,7 @@ def _autocast(dev: torch.device):
 
 
 def _to(images: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    images = images.to(dev, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else images
+    return images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scaler, dev: torch.device,
@@ -288,48 +287,30 @@ def write_history(history: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
-def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False) -> dict:
-    """Fine-tune (or train from scratch) on an image folder and write a model directory."""
-    s.check()
-    dataset = scan(Path(data), s.val_fraction, s.test_fraction, s.seed)
-    if "val" not in dataset.splits():
-        raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
-    dev = resolve_device(s.device)
-    backbone = load_backbone(s.backbone, "none" if s.strategy == "scratch" else s.weights, None, s.image_size)
-    frozen = frozen_stages(backbone, s)
-    torch.manual_seed(s.seed)
-    model = Classifier(backbone, len(dataset.classes)).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    seen, skipped = {}, {r[0]: r[1] for r in dataset.skipped}
-    workers = default_workers() if s.workers is None else s.workers
-    eval_tf = backbone.preprocessing.transform()
-
-    def batches(split, transform, shuffle=False):
-        return Batches(dataset, split, transform, s.batch_size, workers, shuffle, s.seed, seen, skipped)
-
-    train_batches, val_batches = batches("train", train_transform(backbone.preprocessing, s), True), batches("val", eval_tf)
+def fit(model: Classifier, train_batches, val_batches, frozen: list, s: FinetuneSettings, dev: torch.device,
+        name: str, quiet: bool) -> tuple[list[dict], dict, int]:
+    """Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
+    epoch by val accuracy (the first of equals) and that epoch's number."""
     loss_fn = nn.CrossEntropyLoss()
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s.epochs) if s.schedule == "cosine" else None
     plateau = PlateauSchedule(optimizer, s.plateau_patience, s.plateau_factor, s.max_decays)
-    history, best, best_state, start = [], -1.0, None, time.perf_counter()
+    history, best, best_state, best_epoch = [], -1.0, None, 0
     for epoch in range(1, s.epochs + 1):
         head_only = epoch <= s.head_epochs
         set_trainable(model, frozen, head_only)
-        lr = optimizer.param_groups[0]["lr"]
-        t = time.perf_counter()
+        lr, t = optimizer.param_groups[0]["lr"], time.perf_counter()
         row = train_one_epoch(model, train_batches, loss_fn, optimizer, scaler, dev,
-                              f"{out_dir.name} epoch {epoch}/{s.epochs}", quiet)
+                              f"{name} epoch {epoch}/{s.epochs}", quiet)
         val_loss, val_acc, _, _ = evaluate(model, val_batches, loss_fn, dev)
         history.append({"epoch": epoch, "phase": "head" if head_only else s.strategy, "lr": lr,
                         "train_loss": row["train_loss"], "train_acc": row["train_acc"],
                         "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": time.perf_counter() - t,
                         "images_per_second": row["images"] / row["train_seconds"]})
         if not quiet:
-            tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}, "
-                       f"val loss {val_loss:.3f} acc {val_acc:.3f}, {history[-1]['images_per_second']:.0f} img/s")
+            tqdm.write(f"{name} epoch {epoch}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}, "
+                       f"val loss {val_loss:.3f} acc {val_acc:.3f}, {history[-1]['images_per_second']:.0f} images/s")
         if val_acc > best:
             best, best_epoch = val_acc, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -339,27 +320,50 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
             break
         if s.patience is not None and epoch - best_epoch >= s.patience:
             break
+    return history, best_state, best_epoch
+
+
+def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False) -> dict:
+    """Fine-tune (or train from scratch) on an image folder and write a model directory."""
+    s.check()
+    out_dir = Path(out_dir)
+    dataset = scan(Path(data), s.val_fraction, s.test_fraction, s.seed)
+    if "val" not in dataset.splits():
+        raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
+    dev = resolve_device(s.device)
+    backbone = load_backbone(s.backbone, "none" if s.strategy == "scratch" else s.weights, None, s.image_size)
+    frozen = frozen_stages(backbone, s)
+    torch.manual_seed(s.seed)
+    model = Classifier(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
+    seen, skipped = {}, dict(dataset.skipped)
+    workers = default_workers() if s.workers is None else s.workers
+    eval_tf = backbone.preprocessing.transform()
+
+    def batches(split, transform, shuffle=False):
+        return Batches(dataset, split, transform, s.batch_size, workers, shuffle, s.seed, seen, skipped)
+
+    val_batches = batches("val", eval_tf)
+    start = time.perf_counter()
+    history, best_state, best_epoch = fit(model, batches("train", train_transform(backbone.preprocessing, s), True),
+                                          val_batches, frozen, s, dev, out_dir.name, quiet)
     fit_seconds = time.perf_counter() - start
     model.load_state_dict(best_state)
     eval_split = "test" if "test" in dataset.splits() else "val"
     t = time.perf_counter()
-    _, _, logits, y = evaluate(model, batches(eval_split, eval_tf) if eval_split == "test" else val_batches,
-                               loss_fn, dev)
+    _, _, logits, y = evaluate(model, batches("test", eval_tf) if eval_split == "test" else val_batches,
+                               nn.CrossEntropyLoss(), dev)
     predict_seconds = time.perf_counter() - t
-    probabilities = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    metrics = score_metrics(y, probabilities, dataset.classes, True)
-    n = {split: sum(1 for p, v in seen.items() if v[1] == split) for split in ("train", "val", "test")}
+    metrics = score_metrics(y, torch.softmax(torch.from_numpy(logits), 1).numpy(), dataset.classes, True)
+    n = {split: sum(1 for v in seen.values() if v[1] == split) for split in ("train", "val", "test")}
     metrics.update(eval_split=eval_split, n_train=n["train"], n_val=n["val"], n_test=n["test"], n_eval=n[eval_split],
-                   fit_seconds=fit_seconds, predict_seconds=predict_seconds, best_epoch=best_epoch,
-                   epochs_run=len(history), selection="val", device=str(dev),
+                   n_skipped=len(skipped), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                   best_epoch=best_epoch, epochs_run=len(history), selection="val", device=str(dev),
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
-    spec = backbone.spec()
-    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes, "backbone": spec,
+    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec(),
             "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
             "dataset": dataset_digest((p, dataset.classes[label], split, digest)
                                       for p, (label, split, digest) in seen.items()),
             "skipped": sorted(skipped.items())}
-    out_dir = Path(out_dir)
     y_pred = logits.argmax(1)
     modeldir.save(out_dir, best_state, info, metrics, confusion_rows(y, y_pred, dataset.classes))
     confusion_png(y, y_pred, dataset.classes, out_dir / "confusion.png",

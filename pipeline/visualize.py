@@ -25,6 +25,12 @@ def _pyplot():
     return plt
 
 
+def _spread(paths: list[Path], limit: int) -> list[Path]:
+    """At most `limit` paths, evenly spaced over the sorted list, so a test folder shows every class."""
+    step = max(1, -(-len(paths) // limit))
+    return paths[::step][:limit]
+
+
 def _true_class(path: Path, classes: list[str]) -> str | None:
     return path.parent.name if path.parent.name in classes else None
 
@@ -43,7 +49,7 @@ def prediction_grid(model_dir: Path, inputs: list[Path], out: Path, limit: int =
                     device: str = "auto") -> dict:
     """Save a grid of up to `limit` images titled with predicted (and true) class; wrong ones in red."""
     classes = modeldir.read_info(model_dir)["classes"]
-    results = [r for r in predict(model_dir, image_paths(inputs)[:limit], top_k=1, device=device) if "top" in r]
+    results = [r for r in predict(model_dir, _spread(image_paths(inputs), limit), top_k=1, device=device) if "top" in r]
     if not results:
         raise UserError("no readable image to show")
     plt, fig, axes = _grid(len(results))
@@ -103,13 +109,11 @@ def gradcam(model_dir: Path, inputs: list[Path], out: Path, limit: int = 8, devi
     transform = pre.transform()
     crop = type(transform)(transform.transforms[:2])        # resize + centre crop: what the model sees
     shown = []
-    for path in image_paths(inputs):
+    for path in _spread(image_paths(inputs), limit):
         try:
             shown.append((path, read_image(path)[0]))
         except ImageError:
             continue
-        if len(shown) == limit:
-            break
     if not shown:
         raise UserError("no readable image to show")
     maps, predicted = gradcam_maps(net, info["backbone"]["layer"],

@@ -3,7 +3,6 @@ and the model directory that predict and visualize accept."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -55,7 +54,7 @@ def test_strategy_trains_what_it_says_and_freezes_the_rest(images, tmp_path, str
     assert len(results) == 6 and all(r["top"][0]["class"] in info["classes"] for r in results)
 
 
-def test_full_strategy_from_the_command_line_then_predict_and_visualize(images, tmp_path):
+def test_full_strategy_from_the_command_line_then_visualize(images, tmp_path):
     out = tmp_path / "full"
     run_cli("finetune", images, "--out", out, "--strategy", "full", "--epochs", 2, "--head-epochs", 1,
             "--image-size", 64, "--batch-size", 12, "--workers", 0, "--rotation", 10, "--color-jitter", 0.2,
@@ -64,8 +63,6 @@ def test_full_strategy_from_the_command_line_then_predict_and_visualize(images, 
     assert [r["phase"] for r in rows] == ["head", "full"]
     assert all(float(r["images_per_second"]) > 0 and float(r["epoch_seconds"]) > 0 for r in rows)
     assert (out / "curves.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
-    shown = run_cli("predict", out, images / "test" / "red", "--format", "json", "--top-k", 2, check=True)
-    assert [len(r["top"]) for r in json.loads(shown.stdout)] == [2, 2]
     run_cli("visualize", out, images / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",
             check=True)
     assert (tmp_path / "visual" / "predictions.png").stat().st_size > 0
