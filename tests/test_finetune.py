@@ -11,6 +11,8 @@ import torch
 from conftest import make_image_folder, run_cli
 from pipeline import modeldir
 from pipeline.backbones import load_backbone
+from pipeline.config import finetune_settings
+from pipeline.errors import UserError
 from pipeline.finetune import FinetuneSettings, PlateauSchedule, finetune, stages
 from pipeline.predict import predict
 
@@ -104,5 +106,14 @@ def test_bad_settings_are_one_line_errors(images, tmp_path):
     proc = run_cli("finetune", images, "--out", tmp_path / "x", "--strategy", "full", "--freeze", 3)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: freeze applies to the partial strategy only, not to full"]
-    with pytest.raises(Exception, match="freeze must be between 1 and"):
+    with pytest.raises(UserError, match="freeze must be between 1 and"):
         finetune(images, tmp_path / "y", FinetuneSettings(strategy="partial", freeze=99, epochs=1, **TINY))
+
+
+def test_params_section_is_checked_key_by_key():
+    assert finetune_settings("ft_full", {"strategy": "full", "epochs": 2, "flip": False}).flip is False
+    for raw, message in (({"strategy": "ful"}, "finetune.ft.strategy must be one of full, partial"),
+                         ({"epoch": 2}, "finetune.ft.epoch is not a setting"),
+                         ({"flip": "yes"}, "finetune.ft.flip must be bool")):
+        with pytest.raises(UserError, match=message):
+            finetune_settings("ft", raw)
