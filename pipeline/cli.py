@@ -1,4 +1,4 @@
-"""Command line: `pipeline extract|train|predict|compare`. Parsing and calling only."""
+"""Command line: `pipeline extract|train|predict|compare|finetune|visualize`. Parsing and calling only."""
 from __future__ import annotations
 
 import csv
@@ -174,12 +174,119 @@ def predict(
 
 @app.command()
 def compare(
-    model_dirs: Annotated[list[Path], typer.Argument(help="Model directories to compare.")],
-    out: Annotated[Path, typer.Option(help="Folder for compare.md and compare.json.")] = Path("reports"),
+    model_dirs: Annotated[list[Path], typer.Argument(help="Model directories to compare, or folders "
+                                                           "holding them (such as models/).")],
+    out: Annotated[Path, typer.Option(help="Folder for compare.md, compare.json and compare.png.")] = Path("reports"),
 ):
-    """Write a table comparing trained models (compare.md, compare.json)."""
+    """Write a table comparing trained models (compare.md, compare.json) and a plot of accuracy
+    against compute time (compare.png)."""
     from pipeline.report import compare as run, markdown
     typer.echo(markdown(run(model_dirs, out)), nl=False)
+
+
+class Strategy(str, Enum):
+    full = "full"
+    partial = "partial"
+    head = "head"
+    scratch = "scratch"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    plateau = "plateau"
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Image folder: ROOT/{train,val,test}/CLASS/* or ROOT/CLASS/*.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("finetuned"),
+    backbone: Annotated[str, typer.Option(help="Registry name or timm/<model>.")] = "efficientnet_lite0",
+    weights: Annotated[str, typer.Option(help="Starting weights: 'imagenet' or a path to a state dict "
+                                              "(scratch always starts from random weights).")] = "imagenet",
+    strategy: Annotated[Strategy, typer.Option(help="full: all layers; partial: freeze the first --freeze "
+                                                    "stages; head: frozen backbone; scratch: random init, "
+                                                    "all layers.")] = Strategy.full,
+    freeze: Annotated[Optional[int], typer.Option(help="partial: stages to freeze; default: half.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs in all, head-only ones included.")] = 10,
+    head_epochs: Annotated[int, typer.Option(help="Two-phase schedule: train only the head for this many "
+                                                  "epochs first, then unfreeze.")] = 0,
+    image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    optimizer: Annotated[Optimizer, typer.Option(help="SGD with momentum or AdamW.")] = Optimizer.sgd,
+    lr: Annotated[float, typer.Option(help="Learning rate of the new head.")] = 0.01,
+    backbone_lr_scale: Annotated[float, typer.Option(help="Backbone learning rate = lr x this "
+                                                          "(scratch: 1).")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    schedule: Annotated[Schedule, typer.Option(help="cosine annealing over the epochs, or step-on-plateau "
+                                                    "of val accuracy.")] = Schedule.cosine,
+    plateau_patience: Annotated[int, typer.Option(help="plateau: epochs without val improvement before "
+                                                       "the learning rate decays.")] = 2,
+    plateau_factor: Annotated[float, typer.Option(help="plateau: decay factor.")] = 0.1,
+    max_decays: Annotated[int, typer.Option(help="plateau: stop at the next plateau after this many "
+                                                 "decays.")] = 2,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping: epochs without val "
+                                                         "improvement; default: off.")] = None,
+    random_crop: Annotated[bool, typer.Option(help="Augment: random resized crop (50-100% of the "
+                                                   "area).")] = True,
+    flip: Annotated[bool, typer.Option(help="Augment: random horizontal flip.")] = True,
+    rotation: Annotated[float, typer.Option(help="Augment: random rotation up to this many "
+                                                 "degrees.")] = 0.0,
+    color_jitter: Annotated[float, typer.Option(help="Augment: brightness/contrast/saturation "
+                                                     "jitter strength.")] = 0.0,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA (mixed precision, channels-last) "
+                                                "when present.")] = Device.auto,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: the CPU "
+                                                        "count, at most 8.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of each class for val when the folder has no "
+                                                     "split folders.")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class for test when the folder has "
+                                                      "no split folders.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the head and the batch order.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+):
+    """Optional stage: fine-tune the backbone with a new head (or train it from scratch), keep the
+    best epoch by val accuracy, and write a model directory that predict and compare accept."""
+    from pipeline.finetune import FinetuneSettings, finetune as run
+    s = FinetuneSettings(backbone=backbone, weights=weights, strategy=strategy.value, freeze=freeze, epochs=epochs,
+                         head_epochs=head_epochs, image_size=image_size, batch_size=batch_size,
+                         optimizer=optimizer.value, lr=lr, backbone_lr_scale=backbone_lr_scale,
+                         weight_decay=weight_decay, momentum=momentum, schedule=schedule.value,
+                         plateau_patience=plateau_patience, plateau_factor=plateau_factor, max_decays=max_decays,
+                         patience=patience, random_crop=random_crop, flip=flip, rotation=rotation,
+                         color_jitter=color_jitter, device=device.value, workers=workers,
+                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    m = run(data, out, s, quiet)
+    _say([f"{strategy.value}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
+          f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"]
+         + ([f"skipped {m['n_skipped']} files (reasons in {out / 'model.json'})"] if m["n_skipped"] else []), quiet)
+
+
+@app.command()
+def visualize(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (either kind).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders; an image in a folder named "
+                                                      "after a class is checked against it.")],
+    out: Annotated[Path, typer.Option(help="Folder for predictions.png (and gradcam.png).")] = Path("visual"),
+    limit: Annotated[int, typer.Option(help="Images to show at most.")] = 24,
+    gradcam: Annotated[bool, typer.Option(help="Also write Grad-CAM heat maps (fine-tuned models "
+                                               "only).")] = False,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
+):
+    """Show predictions on a grid of images (wrong ones in red) and, for fine-tuned models, Grad-CAM."""
+    from pipeline import visualize as vis
+    out.mkdir(parents=True, exist_ok=True)
+    grid = vis.prediction_grid(model_dir, images, out / "predictions.png", limit, device.value)
+    lines = [f"{grid['shown']} images, {grid['wrong']} wrong -> {out / 'predictions.png'}"]
+    if gradcam:
+        cams = vis.gradcam(model_dir, images, out / "gradcam.png", min(limit, 12), device.value)
+        lines.append(f"Grad-CAM of {cams['shown']} images -> {out / 'gradcam.png'}")
+    _say(lines)
 
 
 def run_stage(fn) -> None:

@@ -52,7 +52,7 @@ def read_params(path: Path, section: str) -> dict:
 def _check_type(key: str, value, annotation: str):
     kinds = {"int": int, "float": (int, float), "str": str}
     wanted = [t.strip() for t in annotation.split("|")]
-    if value is None and "None" in wanted:
+    if value is None and "None" in wanted or "bool" in wanted and isinstance(value, bool):
         return value
     if isinstance(value, bool):
         if "bool" in wanted:
@@ -67,16 +67,28 @@ def _check_type(key: str, value, annotation: str):
     raise UserError(f"params.yaml: {key} must be {' or '.join(wanted)}, got {value!r}")
 
 
-def extract_params(raw: dict) -> ExtractParams:
-    fields = {f.name: f for f in dataclasses.fields(ExtractParams)}
+def _settings(cls, section: str, raw: dict, choices: dict):
+    """Dataclass `cls` from a params section, each value checked against its annotation and choices."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            raise UserError(f"params.yaml: extract.{key} is not a setting; allowed: {', '.join(fields)}")
-        values[key] = _check_type(f"extract.{key}", value, fields[key].type)
-        if key in CHOICES and value not in CHOICES[key]:
-            raise UserError(f"params.yaml: extract.{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-    return ExtractParams(**values)
+            raise UserError(f"params.yaml: {section}.{key} is not a setting; allowed: {', '.join(fields)}")
+        values[key] = _check_type(f"{section}.{key}", value, fields[key].type)
+        if key in choices and value not in choices[key]:
+            raise UserError(f"params.yaml: {section}.{key} must be one of {', '.join(choices[key])}, "
+                            f"got {value!r}")
+    return cls(**values)
+
+
+def extract_params(raw: dict) -> ExtractParams:
+    return _settings(ExtractParams, "extract", raw, CHOICES)
+
+
+def finetune_settings(name: str, raw: dict | None):
+    """One run of the `finetune` section: its key names the model directory, its values the settings."""
+    from pipeline.finetune import CHOICES as FINETUNE_CHOICES, FinetuneSettings
+    return _settings(FinetuneSettings, f"finetune.{name}", raw or {}, FINETUNE_CHOICES)
 
 
 def train_settings(name: str, raw: dict | None, where: str | None = None) -> TrainSettings:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,6 +229,13 @@ def write_manifest(dataset: Dataset, path: Path) -> None:
         writer.writerow(["path", "label", "split"])
         for s in dataset.samples:
             writer.writerow([s.path, dataset.classes[s.label], s.split])
+
+
+def dataset_digest(rows) -> str:
+    """Identity of a dataset as used: SHA-256 over its sorted (path, class name, split, image SHA-256)
+    rows, so runs on different images, labels or splits are never compared with each other."""
+    blob = json.dumps(sorted(map(list, rows)), separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class ImageError(Exception):

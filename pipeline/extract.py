@@ -163,7 +163,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
                         extracted += len(good)
                         reused += len(good) - (0 if images is None else len(images))
                     bar.update(len(good) + len(bad))
-        writer.commit()
+        writer.commit(extract_seconds=time.perf_counter() - start)
     except BaseException:
         writer.abort()
         raise

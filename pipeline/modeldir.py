@@ -1,7 +1,9 @@
 """A trained model directory: self-describing, checked before anything is unpickled.
 
   model.json     classes, backbone spec, cache fingerprint, preprocessing, SHA-256 of each file
-  head.joblib    the fitted preprocessing + classifier (a pickle: load only directories you trust)
+  head.joblib    kind "features": the fitted preprocessing + classifier (a pickle: load only
+                 directories you trust)
+  weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
   metrics.json   flat metrics for `dvc metrics show`
   confusion.json {actual, predicted} rows for `dvc plots show`
 """
@@ -16,15 +18,23 @@ from pipeline.backbones import sha256_file
 from pipeline.errors import UserError
 
 HEAD = "head.joblib"
+WEIGHTS = "weights.pt"
 
 
 def save(out_dir: Path, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
+    """`model`: a fitted head (kind "features") or a state dict (kind "finetuned")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, out_dir / HEAD)
+    if info["kind"] == "finetuned":
+        import torch
+        name = WEIGHTS
+        torch.save(model, out_dir / name)
+    else:
+        name = HEAD
+        joblib.dump(model, out_dir / name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "confusion.json").write_text(json.dumps(confusion) + "\n")
-    info = dict(info, files={HEAD: sha256_file(out_dir / HEAD)})
+    info = dict(info, files={name: sha256_file(out_dir / name)})
     (out_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -43,7 +53,7 @@ def read_info(model_dir: Path) -> dict:
 
 
 def load(model_dir: Path) -> tuple[dict, object]:
-    """(model.json, fitted model) after checking every file against its recorded SHA-256."""
+    """(model.json, fitted head or state dict) after checking every file against its recorded SHA-256."""
     info = read_info(model_dir)
     for name, digest in info["files"].items():
         path = Path(model_dir) / name
@@ -51,4 +61,7 @@ def load(model_dir: Path) -> tuple[dict, object]:
             raise UserError(f"model directory {model_dir} lacks {name}")
         if sha256_file(path) != digest:
             raise UserError(f"{path} does not match the SHA-256 recorded in model.json; refusing to load it")
+    if info["kind"] == "finetuned":
+        import torch
+        return info, torch.load(Path(model_dir) / WEIGHTS, map_location="cpu", weights_only=True)
     return info, joblib.load(Path(model_dir) / HEAD)

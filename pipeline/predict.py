@@ -1,4 +1,4 @@
-"""Predict classes of new images with a trained model directory: backbone + head, top-k."""
+"""Predict classes of new images with a model directory (backbone + head, or a fine-tuned network), top-k."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,23 +27,34 @@ def image_paths(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
-            batch_size: int = 32) -> list[dict]:
-    """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
-    info, model = modeldir.load(model_dir)
+def scorer(info: dict, model, dev: torch.device):
+    """fn(batch of preprocessed images) -> scores [N, classes] for either kind of model directory."""
+    if info["kind"] == "finetuned":
+        from pipeline.finetune import network
+        net = network(info, model).to(dev)
+        return lambda x: torch.softmax(net(x).float(), 1).cpu().numpy()
     spec = info["backbone"]
     pre = Preprocessing.from_dict(spec["preprocessing"])
     backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size, spec.get("tta", False))
     if backbone.weights_sha256 != spec["weights_sha256"]:
         raise UserError(f"weights {spec['weights']} differ from those the model was trained on "
                         f"(SHA-256 {backbone.weights_sha256[:12]} != {spec['weights_sha256'][:12]})")
-    transform = pre.transform()
-    embed = Embedder(backbone, resolve_device(device))
+    embed = Embedder(backbone, dev)
+    return lambda x: scores_of(model, embed(x)[backbone.layer], len(info["classes"]))
+
+
+def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
+            batch_size: int = 32) -> list[dict]:
+    """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
+    info, model = modeldir.load(model_dir)
+    pre = Preprocessing.from_dict(info["backbone"]["preprocessing"])
+    transform, dev = pre.transform(), resolve_device(device)
+    score = scorer(info, model, dev)
     results, batch = [], []
 
     def flush():
-        features = embed(torch.stack([t for _, t in batch]))[backbone.layer]
-        scores = scores_of(model, features, len(info["classes"]))
+        with torch.inference_mode():
+            scores = score(torch.stack([t for _, t in batch]).to(dev))
         for (path, _), row in zip(batch, scores):
             order = np.argsort(-row)[:top_k]
             results.append({"path": str(path), "top": [{"class": info["classes"][i], "score": float(row[i])}
@@ -59,5 +70,4 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
             flush()
     if batch:
         flush()
-    embed.close()
     return results

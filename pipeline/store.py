@@ -4,7 +4,7 @@ Layout (readable with plain h5py):
   /                 attrs: schema_version, classes (JSON), backbone, weights, weights_sha256, layer,
                            layers (JSON), image_size, transform (JSON), tta, dtype, versions (JSON),
                            compute_stats, stats (JSON, only with compute_stats), fingerprint,
-                           created, tool_version
+                           created, tool_version, extract_seconds (the one-off extraction time)
   /<split>/features [N, D] float16|float32, chunked by rows: the vectors of `layer` (= layers[0])
   /<split>/features@<layer>  [N, D'] the same rows for each further layer in `layers`
   /<split>/labels   [N] int64
@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
+from pipeline.data import dataset_digest
 from pipeline.errors import UserError
 
 SCHEMA_VERSION = 2   # 2: several layers (layers, features@<layer>), tta, compute_stats
@@ -162,7 +163,9 @@ class FeatureWriter:
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append((path, reason))
 
-    def commit(self) -> None:
+    def commit(self, **attrs) -> None:
+        """Finish the file, adding `attrs` known only at the end (such as the extraction time)."""
+        self.file.attrs.update(attrs)
         self.file.create_dataset("skipped", data=np.array(self.skipped, dtype=SKIPPED_DTYPE))
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
@@ -217,6 +220,16 @@ class Cache:
                 for layer in self.layers:
                     parts[layer].append(f[split][features_name(layer, self.layers)][:])
         return rows, {layer: np.concatenate(p) for layer, p in parts.items()}
+
+    def dataset_id(self) -> str:
+        """data.dataset_digest of the images the cache holds, without reading their features."""
+        rows = []
+        with h5py.File(self.path, "r") as f:
+            for split in self.splits:
+                g = f[split]
+                rows += [(p.decode(), self.classes[label], split, digest.decode())
+                         for p, label, digest in zip(g["paths"][:], g["labels"][:], g["sha256"][:])]
+        return dataset_digest(rows)
 
 
 def open_cache(path: Path) -> Cache:

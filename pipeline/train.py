@@ -137,12 +137,14 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
     metrics.update(eval_split=eval_split, n_train=len(train_.labels), n_val=len(val.labels),
                    n_test=len(evaluation.labels) if has_test else 0, n_eval=len(evaluation.labels),
                    fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                   extract_seconds=cache.attrs.get("extract_seconds"),
                    hyperparameters={tuned: value, **({"epochs": epochs} if epochs else {}),
                                     "preprocess": s.preprocess, "class_weight": s.class_weight},
                    selection="val" if has_test else f"{s.cv_folds}-fold cv on train", search=search)
     info = {"kind": "features", "classifier": s.classifier, "classes": cache.classes,
             "backbone": _backbone_spec(cache.attrs),
-            "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess}
+            "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
+            "dataset": cache.dataset_id()}
     y_pred = scores.argmax(1)
     modeldir.save(out_dir, model, info, metrics, confusion_rows(evaluation.labels, y_pred, cache.classes))
     confusion_png(evaluation.labels, y_pred, cache.classes, Path(out_dir) / "confusion.png",

@@ -1,0 +1,372 @@
+"""Optional stage: train the backbone itself, with a new head for the dataset's classes.
+
+Strategies (the question every transfer-learning tutorial ends with: are frozen features enough?):
+  full     all layers, starting from the pretrained weights
+  partial  the first N stages frozen, the rest and the head trained
+  head     the backbone frozen, only the head trained: the on-the-fly counterpart of stage two
+  scratch  random init (`weights none`), all layers trained: the baseline pretraining must beat
+
+The best epoch by val accuracy is kept and evaluated once on test (on val when there is no test split).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import modeldir
+from pipeline.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
+from pipeline.data import Dataset, dataset_digest, scan
+from pipeline.errors import UserError
+from pipeline.extract import ImageFiles, collate, default_workers, resolve_device
+from pipeline.metrics import confusion_png, confusion_rows, evaluate as score_metrics
+
+STRATEGIES = ("full", "partial", "head", "scratch")
+CHOICES = {"strategy": STRATEGIES, "optimizer": ("sgd", "adamw"), "schedule": ("cosine", "plateau"),
+           "device": ("auto", "cpu", "cuda")}
+CROP_SCALE = (0.5, 1.0)   # area range of the random resized crop: small datasets suffer from harsher crops
+
+
+@dataclass
+class FinetuneSettings:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"            # ignored by 'scratch', which always starts from random weights
+    strategy: str = "full"
+    freeze: int | None = None            # partial: stages frozen; None: half of them
+    epochs: int = 10
+    head_epochs: int = 0                 # two-phase: the first epochs train the head only
+    image_size: int | None = None
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    backbone_lr_scale: float = 0.1       # backbone LR = lr * this (discriminative LRs); scratch uses 1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    plateau_patience: int = 2            # plateau: epochs without val improvement before a decay
+    plateau_factor: float = 0.1
+    max_decays: int = 2                  # plateau: stop at the next plateau after this many decays
+    patience: int | None = None          # early stopping: epochs without val improvement; None: off
+    random_crop: bool = True
+    flip: bool = True
+    rotation: float = 0.0                # degrees
+    color_jitter: float = 0.0            # brightness, contrast and saturation strength
+    device: str = "auto"
+    workers: int | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+    def check(self) -> "FinetuneSettings":
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise UserError(f"finetune {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.epochs < 1 or not 0 <= self.head_epochs < self.epochs:
+            raise UserError(f"finetune needs epochs >= 1 and 0 <= head_epochs < epochs, "
+                            f"got epochs={self.epochs}, head_epochs={self.head_epochs}")
+        if self.head_epochs and self.strategy == "head":
+            raise UserError("head_epochs (two-phase) applies to full, partial and scratch, not to head")
+        if self.freeze is not None and self.strategy != "partial":
+            raise UserError(f"freeze applies to the partial strategy only, not to {self.strategy}")
+        return self
+
+
+class Classifier(nn.Module):
+    """The registry backbone with a new linear head on its hooked global-pool output.
+
+    The hook makes this work for any registry or timm model without knowing where its own
+    classifier sits; that classifier still runs but feeds nothing (a negligible cost)."""
+
+    def __init__(self, backbone: Backbone, n_classes: int):
+        super().__init__()
+        self.backbone = backbone.model
+        self.head = nn.Linear(backbone.feature_dim, n_classes)
+        self._features = FeatureHook(self.backbone, backbone.layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.backbone(x)
+        return self.head(self._features.output)
+
+
+def stages(model: nn.Module, layer: str) -> list[tuple[str, nn.Module]]:
+    """The backbone's stages with parameters, in order, up to the hooked layer: its top-level
+    modules, with sequential trunks (timm's `blocks`, torchvision's `features`, `layerN`) split into blocks."""
+    out = []
+    for name, child in model.named_children():
+        parts = list(child.named_children()) if isinstance(child, nn.Sequential) else [("", child)]
+        for sub, module in parts:
+            full = f"{name}.{sub}" if sub else name
+            if full == layer or layer.startswith(full + "."):
+                return out
+            if any(True for _ in module.parameters()):
+                out.append((full, module))
+    return out
+
+
+def frozen_stages(backbone: Backbone, s: FinetuneSettings) -> list[tuple[str, nn.Module]]:
+    """The stages the strategy keeps frozen (head: all of them)."""
+    all_stages = stages(backbone.model, backbone.layer)
+    if s.strategy == "head":
+        return all_stages
+    if s.strategy != "partial":
+        return []
+    n = len(all_stages) // 2 if s.freeze is None else s.freeze
+    if not 0 < n < len(all_stages):
+        raise UserError(f"freeze must be between 1 and {len(all_stages) - 1} for {backbone.name} "
+                        f"({len(all_stages)} stages: {', '.join(name for name, _ in all_stages)}), got {n}")
+    return all_stages[:n]
+
+
+def set_trainable(model: Classifier, frozen: list[tuple[str, nn.Module]], head_only: bool) -> None:
+    """Train mode and gradients for the trained parts; frozen parts stay in eval mode, so their
+    batch-norm statistics stay those of pretraining."""
+    model.train()
+    model.backbone.requires_grad_(not head_only)
+    if head_only:
+        model.backbone.eval()
+    for _, module in frozen:
+        module.requires_grad_(False).eval()
+
+
+class PlateauSchedule:
+    """Step-on-plateau: multiply every learning rate by `factor` when val accuracy has not improved
+    for `patience` epochs; once `max_decays` decays are spent, the next plateau ends training."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, patience: int, factor: float, max_decays: int):
+        self.optimizer, self.patience, self.factor, self.max_decays = optimizer, patience, factor, max_decays
+        self.best, self.waited, self.decays = -math.inf, 0, 0
+
+    def step(self, val_accuracy: float) -> bool:
+        """Record one epoch's val accuracy; True means stop."""
+        if val_accuracy > self.best:
+            self.best, self.waited = val_accuracy, 0
+            return False
+        self.waited += 1
+        if self.waited < self.patience:
+            return False
+        if self.decays == self.max_decays:
+            return True
+        self.decays, self.waited = self.decays + 1, 0
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.factor
+        return False
+
+
+def train_transform(pre: Preprocessing, s: FinetuneSettings):
+    """Training augmentation as chosen; without a random crop, the eval resize and centre crop."""
+    from torchvision import transforms as T
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[pre.interpolation]
+    ops = ([T.RandomResizedCrop(pre.image_size, scale=CROP_SCALE, interpolation=mode)] if s.random_crop
+           else [T.Resize(pre.resize, interpolation=mode), T.CenterCrop(pre.image_size)])
+    if s.flip:
+        ops.append(T.RandomHorizontalFlip())
+    if s.rotation:
+        ops.append(T.RandomRotation(s.rotation, interpolation=mode))
+    if s.color_jitter:
+        ops.append(T.ColorJitter(s.color_jitter, s.color_jitter, s.color_jitter))
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+class Batches:
+    """A DataLoader over one split that records each image's SHA-256 and any file it cannot use."""
+
+    def __init__(self, dataset: Dataset, split: str, transform, batch_size: int, workers: int, shuffle: bool,
+                 seed: int, seen: dict, skipped: dict):
+        self.samples = dataset.split(split)
+        self.split, self.seen, self.skipped = split, seen, skipped
+        self.loader = DataLoader(ImageFiles(dataset.root, self.samples, transform), batch_size=batch_size,
+                                 shuffle=shuffle, num_workers=workers, collate_fn=collate,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        for good, images, bad in self.loader:
+            for i, reason in bad:
+                self.skipped[self.samples[i].path] = reason
+            for i, digest in good:
+                self.seen[self.samples[i].path] = (self.samples[i].label, self.split, digest)
+            if images is not None:
+                yield images, torch.tensor([self.samples[i].label for i, _ in good]), len(bad)
+
+
+def _autocast(dev: torch.device):
+    return torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda")
+
+
+def _to(images: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    return images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scaler, dev: torch.device,
+                    desc: str, quiet: bool) -> dict:
+    """One pass over the training split; returns its mean loss, accuracy, images and seconds."""
+    total_loss, correct, n, start = 0.0, 0, 0, time.perf_counter()
+    with tqdm(total=len(batches), unit="img", desc=desc, disable=quiet, leave=False) as bar:
+        for images, labels, n_bad in batches:
+            images, labels = _to(images, dev), labels.to(dev)
+            with _autocast(dev):
+                logits = model(images)
+                loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            n += len(labels)
+            bar.update(len(labels) + n_bad)
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(n, 1), "train_acc": correct / max(n, 1),
+            "images": n, "train_seconds": seconds}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches, loss_fn, dev: torch.device) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(mean loss, accuracy, logits, labels) over one split, in eval mode."""
+    model.eval()
+    logits, labels = [], []
+    for images, y, _ in batches:
+        with _autocast(dev):
+            logits.append(model(_to(images, dev)).float().cpu())
+        labels.append(y)
+    if not logits:
+        raise UserError(f"no usable image in the {batches.split} split")
+    out, y = torch.cat(logits), torch.cat(labels)
+    return loss_fn(out, y).item(), (out.argmax(1) == y).float().mean().item(), out.numpy(), y.numpy()
+
+
+def make_optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.Optimizer:
+    """Two parameter groups: the head at `lr`, the backbone at `lr * backbone_lr_scale` (scratch: `lr`)."""
+    scale = 1.0 if s.strategy == "scratch" else s.backbone_lr_scale
+    groups = [{"params": list(model.head.parameters()), "lr": s.lr},
+              {"params": list(model.backbone.parameters()), "lr": s.lr * scale}]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def network(info: dict, state: dict) -> Classifier:
+    """Rebuild a fine-tuned model directory's network (model.json + state dict) in eval mode."""
+    spec = info["backbone"]
+    pre = Preprocessing.from_dict(spec["preprocessing"])
+    model = Classifier(load_backbone(spec["backbone"], "none", spec["layer"], pre.image_size), len(info["classes"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def write_history(history: list[dict], out_dir: Path) -> None:
+    """history.csv (one row per epoch, for `dvc plots`) and curves.png."""
+    with open(out_dir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, what in zip(axes, ("loss", "acc")):
+        ax.plot(epochs, [h[f"train_{what}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{what}"] for h in history], "o-", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if what == "acc" else "loss")
+        ax.legend()
+    fig.suptitle(out_dir.name)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def fit(model: Classifier, train_batches, val_batches, frozen: list, s: FinetuneSettings, dev: torch.device,
+        name: str, quiet: bool) -> tuple[list[dict], dict, int]:
+    """Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
+    epoch by val accuracy (the first of equals) and that epoch's number."""
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = make_optimizer(model, s)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s.epochs) if s.schedule == "cosine" else None
+    plateau = PlateauSchedule(optimizer, s.plateau_patience, s.plateau_factor, s.max_decays)
+    history, best, best_state, best_epoch = [], -1.0, None, 0
+    for epoch in range(1, s.epochs + 1):
+        head_only = epoch <= s.head_epochs
+        set_trainable(model, frozen, head_only)
+        lr, t = optimizer.param_groups[0]["lr"], time.perf_counter()
+        row = train_one_epoch(model, train_batches, loss_fn, optimizer, scaler, dev,
+                              f"{name} epoch {epoch}/{s.epochs}", quiet)
+        val_loss, val_acc, _, _ = evaluate(model, val_batches, loss_fn, dev)
+        history.append({"epoch": epoch, "phase": "head" if head_only else s.strategy, "lr": lr,
+                        "train_loss": row["train_loss"], "train_acc": row["train_acc"],
+                        "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": time.perf_counter() - t,
+                        "images_per_second": row["images"] / row["train_seconds"]})
+        if not quiet:
+            tqdm.write(f"{name} epoch {epoch}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}, "
+                       f"val loss {val_loss:.3f} acc {val_acc:.3f}, {history[-1]['images_per_second']:.0f} images/s")
+        if val_acc > best:
+            best, best_epoch = val_acc, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if cosine:
+            cosine.step()
+        elif plateau.step(val_acc):
+            break
+        if s.patience is not None and epoch - best_epoch >= s.patience:
+            break
+    return history, best_state, best_epoch
+
+
+def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False) -> dict:
+    """Fine-tune (or train from scratch) on an image folder and write a model directory."""
+    s.check()
+    out_dir = Path(out_dir)
+    dataset = scan(Path(data), s.val_fraction, s.test_fraction, s.seed)
+    if "val" not in dataset.splits():
+        raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
+    dev = resolve_device(s.device)
+    backbone = load_backbone(s.backbone, "none" if s.strategy == "scratch" else s.weights, None, s.image_size)
+    frozen = frozen_stages(backbone, s)
+    torch.manual_seed(s.seed)
+    model = Classifier(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
+    seen, skipped = {}, dict(dataset.skipped)
+    workers = default_workers() if s.workers is None else s.workers
+    eval_tf = backbone.preprocessing.transform()
+
+    def batches(split, transform, shuffle=False):
+        return Batches(dataset, split, transform, s.batch_size, workers, shuffle, s.seed, seen, skipped)
+
+    val_batches = batches("val", eval_tf)
+    start = time.perf_counter()
+    history, best_state, best_epoch = fit(model, batches("train", train_transform(backbone.preprocessing, s), True),
+                                          val_batches, frozen, s, dev, out_dir.name, quiet)
+    fit_seconds = time.perf_counter() - start
+    model.load_state_dict(best_state)
+    eval_split = "test" if "test" in dataset.splits() else "val"
+    t = time.perf_counter()
+    _, _, logits, y = evaluate(model, batches("test", eval_tf) if eval_split == "test" else val_batches,
+                               nn.CrossEntropyLoss(), dev)
+    predict_seconds = time.perf_counter() - t
+    metrics = score_metrics(y, torch.softmax(torch.from_numpy(logits), 1).numpy(), dataset.classes, True)
+    n = {split: sum(1 for v in seen.values() if v[1] == split) for split in ("train", "val", "test")}
+    metrics.update(eval_split=eval_split, n_train=n["train"], n_val=n["val"], n_test=n["test"], n_eval=n[eval_split],
+                   n_skipped=len(skipped), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                   best_epoch=best_epoch, epochs_run=len(history), selection="val", device=str(dev),
+                   hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
+    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec(),
+            "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
+            "dataset": dataset_digest((p, dataset.classes[label], split, digest)
+                                      for p, (label, split, digest) in seen.items()),
+            "skipped": sorted(skipped.items())}
+    y_pred = logits.argmax(1)
+    modeldir.save(out_dir, best_state, info, metrics, confusion_rows(y, y_pred, dataset.classes))
+    confusion_png(y, y_pred, dataset.classes, out_dir / "confusion.png",
+                  f"{out_dir.name} ({s.strategy}) on {eval_split}: top-1 {metrics['top1']:.3f}")
+    write_history(history, out_dir)
+    return metrics

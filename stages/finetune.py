@@ -1,0 +1,18 @@
+"""DVC stage `finetune@NAME`: python stages/finetune.py NAME DATA OUT_DIR (settings: params.yaml `finetune.NAME`)"""
+import sys
+from pathlib import Path
+
+from pipeline.cli import run_stage
+from pipeline.config import finetune_settings, read_params
+from pipeline.finetune import finetune
+
+
+def main():
+    name, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    s = finetune_settings(name, read_params(Path("params.yaml"), "finetune").get(name))
+    m = finetune(data, out, s, quiet=True)
+    print(f"{name} ({s.strategy}): top-1 {m['top1']:.3f} on {m['eval_split']}, best epoch {m['best_epoch']} "
+          f"of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']}")
+
+
+run_stage(main)

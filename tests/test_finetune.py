@@ -1,0 +1,119 @@
+"""Fine-tuning: every strategy for one tiny epoch, best-checkpoint selection, the plateau schedule,
+and the model directory that predict and visualize accept."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_image_folder, run_cli
+from pipeline import modeldir
+from pipeline.backbones import load_backbone
+from pipeline.config import finetune_settings
+from pipeline.errors import UserError
+from pipeline.finetune import FinetuneSettings, PlateauSchedule, finetune, stages
+from pipeline.predict import predict
+
+TINY = {"image_size": 64, "batch_size": 12, "workers": 0, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("ft") / "images", {"train": 4, "val": 3, "test": 2})
+
+
+def _changed(state: dict, start: dict, prefix: str) -> bool:
+    keys = [k for k in start if k.startswith(prefix) and start[k].is_floating_point()]
+    assert keys, prefix
+    return any(not torch.equal(state[f"backbone.{k}"], start[k]) for k in keys)
+
+
+@pytest.mark.parametrize("strategy", ["partial", "head", "scratch"])
+def test_strategy_trains_what_it_says_and_freezes_the_rest(images, tmp_path, strategy):
+    out = tmp_path / strategy
+    m = finetune(images, out, FinetuneSettings(strategy=strategy, epochs=1, **TINY), quiet=True)
+    info, state = modeldir.load(out)
+    assert info["kind"] == "finetuned" and info["strategy"] == strategy
+    assert m["eval_split"] == "test" and m["n_eval"] == 6 and m["epochs_run"] == m["best_epoch"] == 1
+    assert {"top1", "balanced_accuracy", "macro_f1", "n_train", "fit_seconds"} <= set(m)
+    weights = "none" if strategy == "scratch" else "imagenet"
+    assert info["backbone"]["weights"] == weights
+    start = load_backbone("efficientnet_lite0", weights, image_size=64).model.state_dict()
+    names = [name for name, _ in stages(load_backbone("efficientnet_lite0", "none").model, "global_pool")]
+    frozen = info["frozen_stages"]
+    if strategy == "head":
+        assert frozen == names
+        assert not any(_changed(state, start, n + ".") for n in names)
+    elif strategy == "partial":
+        assert frozen == names[:len(names) // 2]
+        assert not any(_changed(state, start, n + ".") for n in frozen)
+        assert _changed(state, start, names[-1] + ".")
+    else:
+        assert frozen == [] and _changed(state, start, names[0] + ".")
+    results = predict(out, [images / "test"], top_k=1, device="cpu")
+    assert len(results) == 6 and all(r["top"][0]["class"] in info["classes"] for r in results)
+
+
+def test_full_strategy_from_the_command_line_then_visualize(images, tmp_path):
+    out = tmp_path / "full"
+    run_cli("finetune", images, "--out", out, "--strategy", "full", "--epochs", 2, "--head-epochs", 1,
+            "--image-size", 64, "--batch-size", 12, "--workers", 0, "--rotation", 10, "--color-jitter", 0.2,
+            "--optimizer", "adamw", "--lr", 0.001, "--quiet", check=True)
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [r["phase"] for r in rows] == ["head", "full"]
+    assert all(float(r["images_per_second"]) > 0 and float(r["epoch_seconds"]) > 0 for r in rows)
+    assert (out / "curves.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
+    run_cli("visualize", out, images / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",
+            check=True)
+    assert (tmp_path / "visual" / "predictions.png").stat().st_size > 0
+    assert (tmp_path / "visual" / "gradcam.png").stat().st_size > 0
+
+
+def test_the_best_epoch_by_val_accuracy_is_the_one_kept(images, tmp_path):
+    """A too-high learning rate makes val accuracy move between epochs; whatever it does, the saved
+    weights must be those of the first epoch with the highest val accuracy."""
+    out = tmp_path / "best"
+    m = finetune(images, out, FinetuneSettings(strategy="head", epochs=4, optimizer="adamw", lr=0.5,
+                                               random_crop=False, flip=False, **TINY), quiet=True)
+    history = list(csv.DictReader(open(out / "history.csv")))
+    val = [float(r["val_acc"]) for r in history]
+    assert m["best_epoch"] == val.index(max(val)) + 1
+    classes = modeldir.read_info(out)["classes"]
+    results = predict(out, [images / "val"], top_k=1, device="cpu")
+    kept = sum(r["top"][0]["class"] == Path(r["path"]).parent.name for r in results) / len(results)
+    assert kept == pytest.approx(max(val)) and len(results) == 3 * len(classes)
+
+
+def test_plateau_schedule_decays_then_stops():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = PlateauSchedule(optimizer, patience=2, factor=0.1, max_decays=2)
+    val = [0.5, 0.6, 0.6, 0.6, 0.7, 0.65, 0.7, 0.7, 0.7, 0.7]
+    lrs, stopped_at = [], None
+    for epoch, acc in enumerate(val, 1):
+        if schedule.step(acc):
+            stopped_at = epoch
+            break
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # decays after two epochs without improvement (epochs 4 and 7); the third plateau (epoch 9) stops
+    assert lrs == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01])
+    assert stopped_at == 9 and schedule.decays == 2
+
+
+def test_bad_settings_are_one_line_errors(images, tmp_path):
+    proc = run_cli("finetune", images, "--out", tmp_path / "x", "--strategy", "full", "--freeze", 3)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: freeze applies to the partial strategy only, not to full"]
+    with pytest.raises(UserError, match="freeze must be between 1 and"):
+        finetune(images, tmp_path / "y", FinetuneSettings(strategy="partial", freeze=99, epochs=1, **TINY))
+
+
+def test_params_section_is_checked_key_by_key():
+    assert finetune_settings("ft_full", {"strategy": "full", "epochs": 2, "flip": False}).flip is False
+    for raw, message in (({"strategy": "ful"}, "finetune.ft.strategy must be one of full, partial"),
+                         ({"epoch": 2}, "finetune.ft.epoch is not a setting"),
+                         ({"flip": "yes"}, "finetune.ft.flip must be bool")):
+        with pytest.raises(UserError, match=message):
+            finetune_settings("ft", raw)
