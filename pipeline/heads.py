@@ -129,7 +129,8 @@ CLASSIFIERS = {
     "knn": Classifier(_knn, "n_neighbors", (1, 3, 5, 9, 15, 25), ()),
     "torch_linear": Classifier(lambda v, **kw: TorchHead(weight_decay=v, **kw), "weight_decay",
                                _DECADES[:6], _TORCH_PARAMS),
-    "torch_mlp": Classifier(lambda v, hidden=256, **kw: TorchHead(weight_decay=v, hidden=hidden, **kw),
+    "torch_mlp": Classifier(lambda v, hidden=256, dropout=0.5, **kw: TorchHead(weight_decay=v, hidden=hidden,
+                                                                                dropout=dropout, **kw),
                             "weight_decay", _DECADES[:6], ("hidden", "depth", "dropout", *_TORCH_PARAMS)),
 }
 

@@ -45,6 +45,8 @@ def read_info(model_dir: Path) -> dict:
 def load(model_dir: Path) -> tuple[dict, object]:
     """(model.json, fitted model) after checking every file against its recorded SHA-256."""
     info = read_info(model_dir)
+    if HEAD not in info["files"]:
+        raise UserError(f"{Path(model_dir) / 'model.json'} records no SHA-256 for {HEAD}; refusing to load it")
     for name, digest in info["files"].items():
         path = Path(model_dir) / name
         if not path.is_file():

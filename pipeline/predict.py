@@ -1,13 +1,14 @@
 """Predict classes of new images with a trained model directory: backbone + head, top-k."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import modeldir
-from pipeline.backbones import FeatureHook, Preprocessing, load_backbone
+from pipeline.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
 from pipeline.data import IMAGE_EXTENSIONS, ImageError, read_image
 from pipeline.errors import UserError
 from pipeline.extract import resolve_device
@@ -27,17 +28,28 @@ def image_paths(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
-            batch_size: int = 32) -> list[dict]:
-    """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
-    info, model = modeldir.load(model_dir)
+def model_backbone(info: dict) -> Backbone:
+    """The backbone recorded in a model's model.json, refusing weights other than those it was trained on."""
     spec = info["backbone"]
     pre = Preprocessing.from_dict(spec["preprocessing"])
     backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size)
     if backbone.weights_sha256 != spec["weights_sha256"]:
         raise UserError(f"weights {spec['weights']} differ from those the model was trained on "
                         f"(SHA-256 {backbone.weights_sha256[:12]} != {spec['weights_sha256'][:12]})")
-    transform, dev = pre.transform(), resolve_device(device)
+    return replace(backbone, preprocessing=pre)
+
+
+def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
+            batch_size: int = 32) -> list[dict]:
+    """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    info, model = modeldir.load(model_dir)
+    paths = image_paths(inputs)
+    if not paths:
+        raise UserError(f"no image files in {', '.join(map(str, inputs))}")
+    backbone = model_backbone(info)
+    transform, dev = backbone.preprocessing.transform(), resolve_device(device)
     net = backbone.model.to(dev)
     hook = FeatureHook(net, backbone.layer)
     results, batch = [], []
@@ -52,7 +64,7 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
                                                        for i in order]})
         batch.clear()
 
-    for path in image_paths(inputs):
+    for path in paths:
         try:
             batch.append((path, transform(read_image(path)[0])))
         except ImageError as exc:

@@ -92,15 +92,20 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict,
                  for tr, va in StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)]
     else:
         folds = [(X, y, X_val, y_val)]
+    smallest_fit = min(len(f[1]) for f in folds)
     tried: dict = {}
     for _round in ("coarse", "refine"):
         for value in _candidates(s, tried):
+            if s.classifier == "knn" and value > smallest_fit:
+                continue   # more neighbours than training images
             scores, epochs = [], []
             for Xa, ya, Xb, yb in folds:
                 model = _fit(s, value, Xa, ya, Xb, yb)
                 scores.append(float(np.mean(model.predict(Xb) == yb)))
                 epochs.append(getattr(model[-1], "best_epoch_", None))
             tried[value] = (float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
+    if not tried:
+        raise UserError(f"n_neighbors={s.value} is more than the {smallest_fit} training images a fit sees")
     best = _best(tried)
     return best, {f"{v:g}": sc for v, (sc, _) in sorted(tried.items())}, tried[best][1]
 
@@ -135,7 +140,7 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected_fingerprin
     metrics.update(eval_split=eval_split, n_train=len(train_.labels), n_val=len(val.labels),
                    n_test=len(evaluation.labels) if has_test else 0, n_eval=len(evaluation.labels),
                    fit_seconds=fit_seconds, predict_seconds=predict_seconds,
-                   hyperparameters={tuned: value, **({"epochs": epochs} if epochs else {}),
+                   hyperparameters={**s.params, tuned: value, **({"epochs": epochs} if epochs else {}),
                                     "preprocess": s.preprocess, "class_weight": s.class_weight},
                    selection="val" if has_test else f"{s.cv_folds}-fold cv on train", search=search)
     info = {"kind": "features", "classifier": s.classifier, "classes": cache.classes,
