@@ -16,6 +16,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.class_weight import compute_sample_weight
 from torch import nn
 
 from pipeline.errors import UserError
@@ -105,9 +106,29 @@ class Classifier:
     params: tuple[str, ...]          # the fixed params params.yaml may set
 
 
+class CalibratedRbfSVM(BaseEstimator, ClassifierMixin):
+    """An RBF SVM with calibrated probabilities. class_weight='balanced' weights the samples of both the
+    SVM and its calibration; weighting the SVM alone is undone by calibrating on unweighted data."""
+
+    def __init__(self, C: float = 1.0, gamma="scale", class_weight: str | None = None, seed: int = 0):
+        self.C, self.gamma, self.class_weight, self.seed = C, gamma, class_weight, seed
+
+    def fit(self, X, y):
+        weight = compute_sample_weight(self.class_weight, y) if self.class_weight else None
+        svc = SVC(C=self.C, gamma=self.gamma, random_state=self.seed)
+        self.model_ = CalibratedClassifierCV(svc, ensemble=False).fit(X, y, sample_weight=weight)
+        self.classes_ = self.model_.classes_
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.model_.predict_proba(X)
+
+    def predict(self, X) -> np.ndarray:
+        return self.model_.predict(X)
+
+
 def _rbf_svm(v, gamma="scale", seed=0, class_weight=None):
-    svc = SVC(C=v, gamma=gamma, class_weight=class_weight, random_state=seed)
-    return CalibratedClassifierCV(svc, ensemble=False)
+    return CalibratedRbfSVM(v, gamma, class_weight, seed)
 
 
 def _knn(v, class_weight=None):
