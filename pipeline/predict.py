@@ -52,23 +52,23 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
     transform, dev = backbone.preprocessing.transform(), resolve_device(device)
     net = backbone.model.to(dev)
     hook = FeatureHook(net, backbone.layer)
-    results, batch = [], []
+    results: list[dict] = [{"path": str(p)} for p in paths]     # in input order
+    batch: list[tuple[int, torch.Tensor]] = []
 
     def flush():
         with torch.inference_mode():
             net(torch.stack([t for _, t in batch]).to(dev))
         scores = scores_of(model, hook.output.float().cpu().numpy(), len(info["classes"]))
-        for (path, _), row in zip(batch, scores):
-            order = np.argsort(-row)[:top_k]
-            results.append({"path": str(path), "top": [{"class": info["classes"][i], "score": float(row[i])}
-                                                       for i in order]})
+        for (i, _), row in zip(batch, scores):
+            results[i]["top"] = [{"class": info["classes"][c], "score": float(row[c])}
+                                 for c in np.argsort(-row)[:top_k]]
         batch.clear()
 
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
-            batch.append((path, transform(read_image(path)[0])))
+            batch.append((i, transform(read_image(path)[0])))
         except ImageError as exc:
-            results.append({"path": str(path), "error": str(exc)})
+            results[i]["error"] = str(exc)
         if len(batch) == batch_size:
             flush()
     if batch:
