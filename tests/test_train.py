@@ -14,6 +14,7 @@ from sklearn.metrics import classification_report, confusion_matrix, log_loss, t
 
 from pipeline import modeldir
 from pipeline.config import train_settings
+from pipeline.heads import CLASSIFIERS
 from pipeline.metrics import evaluate
 from pipeline.train import scores_of, train
 from tests.conftest import ROOT, synthetic_cache
@@ -54,9 +55,8 @@ def test_test_split_never_influences_a_choice(tmp_path, classifier):
 
     assert (ma["eval_split"], ma["selection"]) == ("test", "val")
     assert (ma["n_train"], ma["n_val"], ma["n_test"], ma["n_eval"]) == (60, 32, 32, 32)
-    tuned = {"knn": "n_neighbors", "torch_linear": "weight_decay", "torch_mlp": "weight_decay"}.get(classifier, "C")
-    best = max(ma["search"].values())
-    assert ma["search"][f"{ma['hyperparameters'][tuned]:g}"] == best   # the reported value won on val
+    tuned = CLASSIFIERS[classifier].tuned
+    assert ma["search"][f"{ma['hyperparameters'][tuned]:g}"] == max(ma["search"].values())   # won on val
     if classifier == "knn":                                            # the winner is refitted on train+val
         assert model_a[-1].n_samples_fit_ == 60 + 32
 
