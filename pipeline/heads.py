@@ -40,6 +40,10 @@ class TorchHead(BaseEstimator, ClassifierMixin):
         return nn.Sequential(*layers, nn.Linear(width, n_classes))
 
     def _device(self) -> torch.device:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
         return torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
                             "cpu" if self.device == "auto" else self.device)
 

@@ -92,6 +92,8 @@ def test_bad_settings_are_user_errors():
         make_head("knn", 3, "balanced")
     with pytest.raises(UserError, match="class_weight must be 'balanced'"):
         make_head("logreg", 1.0, "auto")
+    with pytest.raises(UserError, match="device must be auto, cpu or cuda"):
+        make_head("torch_linear", 1e-3, device="tpu").fit(*blobs([3, 3]))
     for spec in CLASSIFIERS.values():
         assert list(spec.grid) == sorted(spec.grid)
 
