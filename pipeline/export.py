@@ -23,7 +23,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from pipeline import modeldir
-from pipeline.backbones import FeatureHook
+from pipeline.backbones import Backbone, FeatureHook
 from pipeline.errors import UserError
 from pipeline.heads import TorchHead, has_probabilities
 
@@ -100,15 +100,15 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
 
 
 class ImageClassifier(nn.Module):
-    """Frozen backbone up to its hooked layer (pooled as in extraction), then the head."""
+    """Frozen backbone up to its feature layer (pooled as in extraction), then the head."""
 
-    def __init__(self, backbone: nn.Module, layer: str, head: nn.Module):
+    def __init__(self, backbone: Backbone, head: nn.Module):
         super().__init__()
-        self.backbone, self.head = backbone, head
-        self.hook = FeatureHook(backbone, layer)
+        self.model, self.head = backbone.model, head
+        self.hook = FeatureHook(backbone.model, backbone.layer)
 
     def forward(self, images):
-        self.backbone(images)
+        self.model(images)
         return self.head(self.hook.output)
 
 
@@ -121,7 +121,8 @@ def export(model_dir: Path, out: Path) -> Path:
     info, model = modeldir.load(model_dir)
     head = head_module(model, len(info["classes"]), info.get("classifier", "this"))
     backbone = model_backbone(info)
-    network = ImageClassifier(backbone.model.cpu(), backbone.layer, head).eval()
+    backbone.model.cpu()
+    network = ImageClassifier(backbone, head).eval()
     size = backbone.preprocessing.image_size
     example = torch.zeros(2, 3, size, size)
     meta = json.dumps({"classes": info["classes"], "classifier": info.get("classifier"),

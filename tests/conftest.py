@@ -67,7 +67,7 @@ def synthetic_cache(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
     """A real feature cache holding given vectors, for tests that need controlled features."""
     from pipeline.store import FeatureWriter, cache_attrs
     spec = {"backbone": "synthetic", "weights": "none", "weights_sha256": "none", "layer": "none",
-            "preprocessing": {"image_size": 1}}
+            "layers": ["none"], "tta": False, "preprocessing": {"image_size": 1}}
     dim = next(iter(splits.values()))[0].shape[1]
     writer = FeatureWriter(path, cache_attrs(spec, classes, "float32"), dim, "float32")
     for split, (X, y) in splits.items():
