@@ -173,6 +173,17 @@ def predict(
 
 
 @app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory written by `pipeline train`.")],
+    out: Annotated[Path, typer.Option(help="File to write: .pt2 (torch.export) or .onnx.")] = Path("model.pt2"),
+):
+    """Export backbone + feature preprocessing + head as one file for deployment (linear and torch heads)."""
+    from pipeline.export import export as run
+    _say([f"exported {model_dir} -> {run(model_dir, out)} (input: preprocessed images [N, 3, H, W], "
+          f"output: scores [N, classes]; classes and preprocessing in its model.json metadata)"])
+
+
+@app.command()
 def compare(
     model_dirs: Annotated[list[Path], typer.Argument(help="Model directories to compare, or folders "
                                                            "holding them (such as models/).")],

@@ -16,6 +16,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.class_weight import compute_sample_weight
 from torch import nn
 
 from pipeline.errors import UserError
@@ -39,6 +40,10 @@ class TorchHead(BaseEstimator, ClassifierMixin):
         return nn.Sequential(*layers, nn.Linear(width, n_classes))
 
     def _device(self) -> torch.device:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
         return torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
                             "cpu" if self.device == "auto" else self.device)
 
@@ -105,9 +110,29 @@ class Classifier:
     params: tuple[str, ...]          # the fixed params params.yaml may set
 
 
+class CalibratedRbfSVM(BaseEstimator, ClassifierMixin):
+    """An RBF SVM with calibrated probabilities. class_weight='balanced' weights the samples of both the
+    SVM and its calibration; weighting the SVM alone is undone by calibrating on unweighted data."""
+
+    def __init__(self, C: float = 1.0, gamma="scale", class_weight: str | None = None, seed: int = 0):
+        self.C, self.gamma, self.class_weight, self.seed = C, gamma, class_weight, seed
+
+    def fit(self, X, y):
+        weight = compute_sample_weight(self.class_weight, y) if self.class_weight else None
+        svc = SVC(C=self.C, gamma=self.gamma, random_state=self.seed)
+        self.model_ = CalibratedClassifierCV(svc, ensemble=False).fit(X, y, sample_weight=weight)
+        self.classes_ = self.model_.classes_
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.model_.predict_proba(X)
+
+    def predict(self, X) -> np.ndarray:
+        return self.model_.predict(X)
+
+
 def _rbf_svm(v, gamma="scale", seed=0, class_weight=None):
-    svc = SVC(C=v, gamma=gamma, class_weight=class_weight, random_state=seed)
-    return CalibratedClassifierCV(svc, ensemble=False)
+    return CalibratedRbfSVM(v, gamma, class_weight, seed)
 
 
 def _knn(v, class_weight=None):
@@ -129,7 +154,8 @@ CLASSIFIERS = {
     "knn": Classifier(_knn, "n_neighbors", (1, 3, 5, 9, 15, 25), ()),
     "torch_linear": Classifier(lambda v, **kw: TorchHead(weight_decay=v, **kw), "weight_decay",
                                _DECADES[:6], _TORCH_PARAMS),
-    "torch_mlp": Classifier(lambda v, hidden=256, **kw: TorchHead(weight_decay=v, hidden=hidden, **kw),
+    "torch_mlp": Classifier(lambda v, hidden=256, dropout=0.5, **kw: TorchHead(weight_decay=v, hidden=hidden,
+                                                                                dropout=dropout, **kw),
                             "weight_decay", _DECADES[:6], ("hidden", "depth", "dropout", *_TORCH_PARAMS)),
 }
 

@@ -55,6 +55,9 @@ def read_info(model_dir: Path) -> dict:
 def load(model_dir: Path) -> tuple[dict, object]:
     """(model.json, fitted head or state dict) after checking every file against its recorded SHA-256."""
     info = read_info(model_dir)
+    model_file = WEIGHTS if info["kind"] == "finetuned" else HEAD
+    if model_file not in info["files"]:
+        raise UserError(f"{Path(model_dir) / 'model.json'} records no SHA-256 for {model_file}; refusing to load it")
     for name, digest in info["files"].items():
         path = Path(model_dir) / name
         if not path.is_file():
@@ -63,5 +66,5 @@ def load(model_dir: Path) -> tuple[dict, object]:
             raise UserError(f"{path} does not match the SHA-256 recorded in model.json; refusing to load it")
     if info["kind"] == "finetuned":
         import torch
-        return info, torch.load(Path(model_dir) / WEIGHTS, map_location="cpu", weights_only=True)
-    return info, joblib.load(Path(model_dir) / HEAD)
+        return info, torch.load(Path(model_dir) / model_file, map_location="cpu", weights_only=True)
+    return info, joblib.load(Path(model_dir) / model_file)

@@ -1,13 +1,14 @@
 """Predict classes of new images with a model directory (backbone + head, or a fine-tuned network), top-k."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import modeldir
-from pipeline.backbones import Embedder, Preprocessing, load_backbone
+from pipeline.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.data import IMAGE_EXTENSIONS, ImageError, read_image
 from pipeline.errors import UserError
 from pipeline.extract import resolve_device
@@ -27,18 +28,25 @@ def image_paths(inputs: list[Path]) -> list[Path]:
     return out
 
 
+def model_backbone(info: dict) -> Backbone:
+    """The backbone recorded in a model's model.json, refusing weights other than those it was trained on."""
+    spec = info["backbone"]
+    pre = Preprocessing.from_dict(spec["preprocessing"])
+    backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size,
+                             spec.get("tta", False))
+    if backbone.weights_sha256 != spec["weights_sha256"]:
+        raise UserError(f"weights {spec['weights']} differ from those the model was trained on "
+                        f"(SHA-256 {backbone.weights_sha256[:12]} != {spec['weights_sha256'][:12]})")
+    return replace(backbone, preprocessing=pre)
+
+
 def scorer(info: dict, model, dev: torch.device):
     """fn(batch of preprocessed images) -> scores [N, classes] for either kind of model directory."""
     if info["kind"] == "finetuned":
         from pipeline.finetune import network
         net = network(info, model).to(dev)
-        return lambda x: torch.softmax(net(x).float(), 1).cpu().numpy()
-    spec = info["backbone"]
-    pre = Preprocessing.from_dict(spec["preprocessing"])
-    backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size, spec.get("tta", False))
-    if backbone.weights_sha256 != spec["weights_sha256"]:
-        raise UserError(f"weights {spec['weights']} differ from those the model was trained on "
-                        f"(SHA-256 {backbone.weights_sha256[:12]} != {spec['weights_sha256'][:12]})")
+        return lambda x: torch.softmax(net(x.to(dev)).float(), 1).cpu().numpy()
+    backbone = model_backbone(info)
     embed = Embedder(backbone, dev)
     return lambda x: scores_of(model, embed(x)[backbone.layer], len(info["classes"]))
 
@@ -46,26 +54,30 @@ def scorer(info: dict, model, dev: torch.device):
 def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
             batch_size: int = 32) -> list[dict]:
     """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
     info, model = modeldir.load(model_dir)
-    pre = Preprocessing.from_dict(info["backbone"]["preprocessing"])
-    transform, dev = pre.transform(), resolve_device(device)
-    score = scorer(info, model, dev)
-    results, batch = [], []
+    paths = image_paths(inputs)
+    if not paths:
+        raise UserError(f"no image files in {', '.join(map(str, inputs))}")
+    transform = Preprocessing.from_dict(info["backbone"]["preprocessing"]).transform()
+    score = scorer(info, model, resolve_device(device))
+    results: list[dict] = [{"path": str(p)} for p in paths]     # in input order
+    batch: list[tuple[int, torch.Tensor]] = []
 
     def flush():
         with torch.inference_mode():
-            scores = score(torch.stack([t for _, t in batch]).to(dev))
-        for (path, _), row in zip(batch, scores):
-            order = np.argsort(-row)[:top_k]
-            results.append({"path": str(path), "top": [{"class": info["classes"][i], "score": float(row[i])}
-                                                       for i in order]})
+            scores = score(torch.stack([t for _, t in batch]))
+        for (i, _), row in zip(batch, scores):
+            results[i]["top"] = [{"class": info["classes"][c], "score": float(row[c])}
+                                 for c in np.argsort(-row)[:top_k]]
         batch.clear()
 
-    for path in image_paths(inputs):
+    for i, path in enumerate(paths):
         try:
-            batch.append((path, transform(read_image(path)[0])))
+            batch.append((i, transform(read_image(path)[0])))
         except ImageError as exc:
-            results.append({"path": str(path), "error": str(exc)})
+            results[i]["error"] = str(exc)
         if len(batch) == batch_size:
             flush()
     if batch:

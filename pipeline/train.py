@@ -80,14 +80,20 @@ def _candidates(s: TrainSettings, tried: dict) -> list:
     return [float(v) for v in np.geomspace(lo, hi, 5) if not np.isclose(v, list(tried)).any()]
 
 
+def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
+    """Folds for selection without a test split: `s.cv_folds`, fewer when a class has fewer images."""
+    counts = np.bincount(y)
+    k = int(min(s.cv_folds, counts[counts > 0].min()))
+    if k < 2:
+        raise UserError("cannot cross-validate: some class has fewer than 2 training images")
+    return k
+
+
 def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict, int | None]:
     """Score each candidate on (X_val, y_val), or by stratified k-fold on (X, y) when there is no
     val set. Returns (best value, {value: score}, epochs for torch heads)."""
     if X_val is None:
-        counts = np.bincount(y)
-        k = int(min(s.cv_folds, counts[counts > 0].min()))
-        if k < 2:
-            raise UserError("cannot cross-validate: some class has fewer than 2 training images")
+        k = cv_folds(s, y)
         folds = [(X[tr], y[tr], X[va], y[va])
                  for tr, va in StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)]
     else:
@@ -104,6 +110,8 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict,
                 scores.append(float(np.mean(model.predict(Xb) == yb)))
                 epochs.append(getattr(model[-1], "best_epoch_", None))
             tried[value] = (float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
+    if not tried:
+        raise UserError(f"n_neighbors={s.value} is more than the {smallest_fit} training images a fit sees")
     best = _best(tried)
     return best, {f"{v:g}": sc for v, (sc, _) in sorted(tried.items())}, tried[best][1]
 
@@ -138,9 +146,10 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
                    n_test=len(evaluation.labels) if has_test else 0, n_eval=len(evaluation.labels),
                    fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                    extract_seconds=cache.attrs.get("extract_seconds"),
-                   hyperparameters={tuned: value, **({"epochs": epochs} if epochs else {}),
+                   hyperparameters={**s.params, tuned: value, **({"epochs": epochs} if epochs else {}),
                                     "preprocess": s.preprocess, "class_weight": s.class_weight},
-                   selection="val" if has_test else f"{s.cv_folds}-fold cv on train", search=search)
+                   selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold cv on train",
+                   search=search)
     info = {"kind": "features", "classifier": s.classifier, "classes": cache.classes,
             "backbone": _backbone_spec(cache.attrs),
             "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,

@@ -61,3 +61,16 @@ def small_cache(tmp_path_factory) -> Path:
     out = root / "features.h5"
     run_cli("extract", images, "--out", out, "--image-size", 64, "--workers", 0, "--quiet", check=True)
     return out
+
+
+def synthetic_cache(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> Path:
+    """A real feature cache holding given vectors, for tests that need controlled features."""
+    from pipeline.store import FeatureWriter, cache_attrs
+    spec = {"backbone": "synthetic", "weights": "none", "weights_sha256": "none", "layer": "none",
+            "layers": ["none"], "tta": False, "preprocessing": {"image_size": 1}}
+    dim = next(iter(splits.values()))[0].shape[1]
+    writer = FeatureWriter(path, cache_attrs(spec, classes, "float32"), {"none": dim}, "float32")
+    for split, (X, y) in splits.items():
+        writer.append(split, {"none": X}, y, [f"{split}/{i}.png" for i in range(len(y))], ["0" * 64] * len(y))
+    writer.commit()
+    return path

@@ -1,0 +1,128 @@
+"""`pipeline predict` on real images: top-k output in each format, skipped files, agreement with the
+cached features, and refusal of model directories whose files do not match each other."""
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import modeldir
+from pipeline.config import train_settings
+from pipeline.errors import UserError
+from pipeline.predict import predict
+from pipeline.store import open_cache
+from pipeline.train import scores_of, train
+from tests.conftest import COLOURS, run_cli, tiny_image
+
+
+@pytest.fixture(scope="module")
+def model(small_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("predict") / "logreg"
+    train(small_cache, out, train_settings("logreg", {"C": 10}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def new_images(tmp_path_factory) -> Path:
+    """Two unseen images per colour, plus files that cannot be read."""
+    folder = tmp_path_factory.mktemp("new")
+    for name, colour in COLOURS.items():
+        for i in range(2):
+            tiny_image(colour, 1000 + i, size=56).save(folder / f"{name}_{i}.png")
+    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    (folder / "empty.jpg").write_bytes(b"")
+    return folder
+
+
+def true_class(path: str) -> str:
+    return Path(path).name.split("_")[0]
+
+
+def test_json_lists_top_k_in_order_and_skips_unreadable_files(model, new_images):
+    proc = run_cli("predict", model, new_images, "--top-k", 3, "--format", "json", check=True)
+    results = {Path(r["path"]).name: r for r in json.loads(proc.stdout)}
+    assert set(results) == {f"{c}_{i}.png" for c in COLOURS for i in range(2)} | {"truncated.png", "empty.jpg"}
+    for name, r in results.items():
+        if name in ("truncated.png", "empty.jpg"):
+            assert "top" not in r and f"skipped {new_images / name}: {r['error']}" in proc.stderr
+            continue
+        scores = [t["score"] for t in r["top"]]
+        assert sorted({t["class"] for t in r["top"]}) == sorted(COLOURS)     # all 3 classes
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-6)
+        assert r["top"][0]["class"] == true_class(name)
+    assert results["empty.jpg"]["error"] == "empty file"
+
+
+def test_csv_and_table(model, new_images):
+    proc = run_cli("predict", model, new_images / "red_0.png", new_images / "empty.jpg", "--top-k", 2,
+                   "--format", "csv", check=True)
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [(Path(r["path"]).name, r["rank"]) for r in rows] == [("red_0.png", "1"), ("red_0.png", "2"),
+                                                                  ("empty.jpg", "")]
+    assert rows[0]["class"] == "red" and float(rows[0]["score"]) >= float(rows[1]["score"])
+    assert rows[2]["error"] == "empty file"
+
+    proc = run_cli("predict", model, new_images / "blue_1.png", new_images / "empty.jpg", "--top-k", 1,
+                   check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{new_images / 'blue_1.png'}: blue ") and len(lines[0].split()) == 3
+    assert lines[1] == f"{new_images / 'empty.jpg'}: skipped (empty file)"
+
+
+def test_predict_agrees_with_the_cached_features(model, small_cache):
+    """The backbone recorded in model.json, run on the original images, gives the cached vectors' scores."""
+    cache = open_cache(small_cache)
+    test = cache.read("test")
+    images = [small_cache.parent / "images" / p for p in test.paths]
+    results = predict(model, images, top_k=3, device="cpu")
+    expected = scores_of(modeldir.load(model)[1], test.features, 3)
+    for r, row in zip(results, expected):
+        got = {t["class"]: t["score"] for t in r["top"]}
+        np.testing.assert_allclose([got[c] for c in cache.classes], row, atol=2e-3)   # cache holds float16
+        assert r["top"][0]["class"] == cache.classes[row.argmax()]
+
+
+def tamper_head(d: Path):
+    with open(d / "head.joblib", "ab") as f:
+        f.write(b"\0")
+
+
+def tamper_digest(d: Path):
+    info = json.loads((d / "model.json").read_text())
+    info["files"]["head.joblib"] = "0" * 64
+    (d / "model.json").write_text(json.dumps(info))
+
+
+def forget_digest(d: Path):
+    info = json.loads((d / "model.json").read_text())
+    info["files"] = {}
+    (d / "model.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (tamper_head, "does not match the SHA-256 recorded in model.json"),
+    (tamper_digest, "does not match the SHA-256 recorded in model.json"),
+    (forget_digest, "records no SHA-256 for head.joblib"),
+    (lambda d: (d / "head.joblib").unlink(), "lacks head.joblib"),
+    (lambda d: (d / "model.json").unlink(), "is not a model directory"),
+])
+def test_mismatched_model_directory_is_refused(model, tmp_path, tamper, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    tamper(bad)
+    with pytest.raises(UserError, match=message):
+        modeldir.load(bad)
+
+
+def test_edited_head_is_refused_by_the_command_line(model, new_images, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    tamper_head(bad)
+    proc = run_cli("predict", bad, new_images / "red_0.png")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: {bad / 'head.joblib'} does not match the SHA-256 recorded in "
+                                   f"model.json; refusing to load it")
+    assert proc.stdout == ""

@@ -1,0 +1,156 @@
+"""Stage two's protocol and metrics: the evaluation split never influences a choice, the metrics
+agree with independent computations, and DVC can show the metrics and confusion plots."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import classification_report, confusion_matrix, log_loss, top_k_accuracy_score
+
+from pipeline import modeldir
+from pipeline.config import train_settings
+from pipeline.heads import CLASSIFIERS
+from pipeline.metrics import evaluate
+from pipeline.train import scores_of, train
+from tests.conftest import ROOT, synthetic_cache
+
+CLASSES = ["a", "b", "c", "d"]
+DESIGN_KEYS = ("top1", "balanced_accuracy", "macro_f1", "eval_split", "n_train", "n_eval", "fit_seconds")
+QUICK = {"torch_linear": {"epochs": 8, "patience": 2}, "torch_mlp": {"epochs": 8, "patience": 2, "hidden": 16}}
+
+
+def blobs(n_per_class: int, seed: int, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian classes, so that hyperparameters matter."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(0, 1.0, (len(CLASSES), dim))
+    y = np.repeat(np.arange(len(CLASSES)), n_per_class)
+    return (centres[y] + rng.normal(0, 1.2, (len(y), dim))).astype(np.float32), y
+
+
+def fit(cache: Path, out: Path, classifier: str, **settings) -> tuple[dict, object]:
+    metrics = train(cache, out, train_settings(classifier, {**QUICK.get(classifier, {}), **settings}))
+    return metrics, modeldir.load(out)[1]
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "linear_svm", "rbf_svm", "knn", "torch_mlp"])
+def test_test_split_never_influences_a_choice(tmp_path, classifier):
+    train_, val, test = blobs(15, 1), blobs(8, 2), blobs(8, 3)
+    rng = np.random.default_rng(4)
+    altered_test = (rng.normal(0, 3, test[0].shape).astype(np.float32), rng.permutation(test[1]))
+    a = synthetic_cache(tmp_path / "a.h5", {"train": train_, "val": val, "test": test}, CLASSES)
+    b = synthetic_cache(tmp_path / "b.h5", {"train": train_, "val": val, "test": altered_test}, CLASSES)
+    ma, model_a = fit(a, tmp_path / "a", classifier)
+    mb, model_b = fit(b, tmp_path / "b", classifier)
+
+    scored = ("top1", "balanced_accuracy", "macro_f1")
+    assert [ma[k] for k in scored] != [mb[k] for k in scored]      # the evaluation did see other data
+    assert ma["hyperparameters"] == mb["hyperparameters"] and ma["search"] == mb["search"]
+    probe = np.random.default_rng(5).normal(0, 2, (50, 8)).astype(np.float32)
+    np.testing.assert_array_equal(scores_of(model_a, probe, 4), scores_of(model_b, probe, 4))
+
+    assert (ma["eval_split"], ma["selection"]) == ("test", "val")
+    assert (ma["n_train"], ma["n_val"], ma["n_test"], ma["n_eval"]) == (60, 32, 32, 32)
+    tuned = CLASSIFIERS[classifier].tuned
+    assert ma["search"][f"{ma['hyperparameters'][tuned]:g}"] == max(ma["search"].values())   # won on val
+    if classifier == "knn":                                            # the winner is refitted on train+val
+        assert model_a[-1].n_samples_fit_ == 60 + 32
+
+
+def test_selection_sees_val(tmp_path):
+    """The check above would notice influence: altering val (the selection split) changes the search."""
+    train_, val, test = blobs(15, 1), blobs(8, 2), blobs(8, 3)
+    shuffled_val = (val[0], np.random.default_rng(4).permutation(val[1]))
+    a = synthetic_cache(tmp_path / "a.h5", {"train": train_, "val": val, "test": test}, CLASSES)
+    b = synthetic_cache(tmp_path / "b.h5", {"train": train_, "val": shuffled_val, "test": test}, CLASSES)
+    assert fit(a, tmp_path / "a", "logreg")[0]["search"] != fit(b, tmp_path / "b", "logreg")[0]["search"]
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "torch_linear"])
+def test_without_test_split_selection_is_cv_on_train_and_val_is_evaluated_once(tmp_path, classifier):
+    train_, val = blobs(15, 1), blobs(8, 2)
+    rng = np.random.default_rng(4)
+    altered_val = (rng.normal(0, 3, val[0].shape).astype(np.float32), rng.permutation(val[1]))
+    a = synthetic_cache(tmp_path / "a.h5", {"train": train_, "val": val}, CLASSES)
+    b = synthetic_cache(tmp_path / "b.h5", {"train": train_, "val": altered_val}, CLASSES)
+    ma, model_a = fit(a, tmp_path / "a", classifier, cv_folds=3)
+    mb, model_b = fit(b, tmp_path / "b", classifier, cv_folds=3)
+    assert (ma["eval_split"], ma["selection"]) == ("val", "3-fold cv on train")
+    assert (ma["n_train"], ma["n_val"], ma["n_test"], ma["n_eval"]) == (60, 32, 0, 32)
+    assert ma["top1"] != mb["top1"]
+    assert ma["hyperparameters"] == mb["hyperparameters"] and ma["search"] == mb["search"]
+    probe = np.random.default_rng(5).normal(0, 2, (50, 8)).astype(np.float32)
+    np.testing.assert_array_equal(scores_of(model_a, probe, 4), scores_of(model_b, probe, 4))
+
+
+def test_metrics_agree_with_independent_computations():
+    """7 classes (so top-5 counts), one class never predicted, probabilities from a fixed seed."""
+    rng = np.random.default_rng(7)
+    classes = [f"k{i}" for i in range(7)]
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 4, 4, 5, 5, 5, 6, 6, 6, 6, 1, 3])
+    logits = rng.normal(0, 1, (len(y), 7))
+    logits[np.arange(len(y)), y] += rng.uniform(-1, 3, len(y))
+    logits[:, 3] -= 10                                         # class k3 is never the top score
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = evaluate(y, p, classes, probabilities=True)
+
+    pred = p.argmax(1)
+    assert m["top1"] == pytest.approx(np.mean(pred == y))
+    in_top5 = [label in np.argsort(-row)[:5] for row, label in zip(p, y)]
+    assert m["top5"] == pytest.approx(np.mean(in_top5)) == pytest.approx(top_k_accuracy_score(y, p, k=5))
+    cm = confusion_matrix(y, pred, labels=range(7))
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(cm.diagonal() / cm.sum(1)))
+    report = classification_report(y, pred, labels=range(7), target_names=classes, output_dict=True,
+                                   zero_division=0)
+    assert m["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
+    for c in classes:
+        assert m["per_class"][c]["precision"] == pytest.approx(report[c]["precision"])
+        assert m["per_class"][c]["recall"] == pytest.approx(report[c]["recall"])
+        assert m["per_class"][c]["support"] == report[c]["support"]
+    assert m["per_class"]["k3"]["precision"] == 0.0
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log(p[np.arange(len(y)), y])))
+    assert m["log_loss"] == pytest.approx(log_loss(y, p, labels=range(7)))
+
+    few = evaluate(y % 3, p[:, :3], classes[:3], probabilities=False)
+    assert "top5" not in few and "log_loss" not in few
+
+
+def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
+    """The project's train@ stages in a real DVC repo: `dvc metrics show` and `dvc plots show` work."""
+    repo = tmp_path / "repo"
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stages["train"]}}))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"logreg": {"C": "auto"}}}))
+    (repo / "features").mkdir()
+    shutil.copy(small_cache, repo / "features" / "features.h5")
+    env = dict(os.environ, PYTHONPATH=str(repo), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    def dvc(*args):
+        proc = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q")
+    dvc("repro")
+    shown = json.loads(dvc("metrics", "show", "--json"))
+    metrics = next(iter(shown.values()))["data"]
+    written = json.loads((repo / "models" / "logreg" / "metrics.json").read_text())
+    for key in (*DESIGN_KEYS, "n_val", "n_test", "predict_seconds", "log_loss"):
+        assert metrics["models/logreg/metrics.json"]["data"][key] == written[key], key
+    assert written["hyperparameters"]["C"] > 0 and written["per_class"]["red"]["support"] == 4
+    assert "top5" not in written                                       # 3 classes
+    table = dvc("metrics", "show")
+    assert "models/logreg/metrics.json" in table and "top1" in table
+
+    plots = json.loads(dvc("plots", "show", "--json"))
+    rows = [r for p in plots["data"]["models/logreg/confusion.json"] for r in p["content"]["data"]["values"]]
+    assert len(rows) == 12 and {"actual", "predicted"} <= set(rows[0])
+    dvc("plots", "show", "-o", "plots")
+    assert "confusion" in (repo / "plots" / "index.html").read_text()
