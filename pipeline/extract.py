@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone, FeatureHook, load_backbone
 from pipeline.data import Dataset, ImageError, Sample, read_image, scan, write_manifest
+from pipeline.fastpath import BackgroundWriter, gpu_batches
 from pipeline.store import FeatureWriter, cache_attrs
 
 
@@ -66,44 +67,80 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
 
 
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """'auto': bfloat16 autocast on CUDA; float32 on CPU (measured faster there, see benchmarks/RESULTS.md)."""
+    if precision == "auto":
+        return "bfloat16" if dev.type == "cuda" else "float32"
+    return precision
+
+
+def cpu_batches(root: Path, samples: list[Sample], transform, batch_size: int, workers: int, dev: torch.device):
+    """PIL decoding in DataLoader workers; yields (indices, batch on `dev`, sha256s, [(index, reason)])."""
+    loader = DataLoader(ImageFiles(root, samples, transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate, pin_memory=dev.type == "cuda")
+    for idx, images, digests, bad in loader:
+        if images is not None:
+            images = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        yield idx, images, digests, bad
+
+
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 64, device: str = "auto",
-            dtype: str = "float16", workers: int | None = None, quiet: bool = False) -> ExtractSummary:
-    """Write one HDF5 cache with the features of every split of `dataset`."""
+            dtype: str = "float16", workers: int | None = None, quiet: bool = False,
+            precision: str = "auto", compile: bool = False) -> ExtractSummary:
+    """Write one HDF5 cache with the features of every split of `dataset`.
+
+    On CUDA the JPEGs are decoded and preprocessed on the GPU (pipeline.fastpath); `precision` is the
+    autocast type of the forward pass (the stored type is `dtype`); `compile` runs the model through
+    torch.compile (every batch padded to `batch_size` so it compiles once)."""
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    gpu_decode = dev.type == "cuda"
     model = backbone.model.to(dev, memory_format=torch.channels_last)   # faster on CPU and on CUDA
     hook = FeatureHook(model, backbone.layer)
+    forward = torch.compile(model) if compile else model
     writer = FeatureWriter(out, cache_attrs(backbone.spec(), dataset.classes, dtype), backbone.feature_dim, dtype)
     for path, reason in dataset.skipped:
         writer.skip(path, reason)
     transform = backbone.preprocessing.transform()
     workers = default_workers() if workers is None else workers
+    mode = (f"{dev}, {'GPU' if gpu_decode else 'PIL'} decoding, {precision}"
+            f"{', compiled' if compile else ''}, {workers} workers")
+    if not quiet:
+        tqdm.write(f"extract: {mode}")
     start = time.perf_counter()
     extracted = 0
+    background = BackgroundWriter(writer)
     try:
-        with torch.inference_mode(), tqdm(total=len(dataset.samples), unit="img", disable=quiet,
-                                          desc=f"extract {backbone.name}") as bar:
+        with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bfloat16"), \
+                tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
             for split in dataset.splits():
                 samples = dataset.split(split)
-                loader = DataLoader(ImageFiles(dataset.root, samples, transform), batch_size=batch_size,
-                                    num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
-                for idx, images, digests, bad in loader:
+                batches = (gpu_batches(dataset.root, samples, backbone.preprocessing, batch_size, workers, dev)
+                           if gpu_decode else cpu_batches(dataset.root, samples, transform, batch_size, workers, dev))
+                for idx, images, digests, bad in batches:
                     for i, reason in bad:
                         writer.skip(samples[i].path, reason)
                     if images is not None:
-                        model(images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last))
-                        writer.append(split, hook.output.float().cpu().numpy(),
-                                      [samples[i].label for i in idx], [samples[i].path for i in idx], digests)
-                        extracted += len(idx)
+                        n = len(idx)
+                        if compile and n < batch_size:
+                            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))]).contiguous(
+                                memory_format=torch.channels_last)
+                        forward(images)
+                        background.append(split, hook.output[:n].float(), [samples[i].label for i in idx],
+                                          [samples[i].path for i in idx], digests)
+                        extracted += n
                     bar.update(len(idx) + len(bad))
+            background.close()
         writer.commit()
     except BaseException:
+        background.stop()
         writer.abort()
         raise
     finally:
         hook.remove()
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
-                          time.perf_counter() - start, str(dev))
+                          time.perf_counter() - start, mode)
 
 
 def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet",

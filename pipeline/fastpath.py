@@ -1,0 +1,181 @@
+"""Fast paths of stage one: JPEG decoding and preprocessing on the GPU, and HDF5 writes off the main thread.
+
+On CUDA, DataLoader workers only read file bytes (and hash them); the batch of JPEGs is decoded on the
+GPU in one `torchvision.io.decode_jpeg` call, resized, cropped and normalised there. Files that are not
+plain baseline/progressive RGB or greyscale JPEGs are decoded by PIL in the worker and join the same
+GPU resize, so every image goes through one preprocessing recipe.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.backbones import Preprocessing
+from pipeline.data import ImageError, Sample, read_image
+from pipeline.store import FeatureWriter
+
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+
+
+def gpu_decodable(data: bytes) -> bool:
+    """A whole JPEG (ends with its end-of-image marker) in RGB or greyscale: nvJPEG decodes it as PIL would.
+    Anything else (PNG, CMYK, truncated files) goes to PIL, which also gives bad files their reason."""
+    if not (data.startswith(JPEG_START) and data.rstrip(b"\0").endswith(JPEG_END)):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:   # reads the header only
+            return img.format == "JPEG" and img.mode in ("RGB", "L")
+    except Exception:
+        return False
+
+
+class FileBytes(torch.utils.data.Dataset):
+    """One sample as (index, encoded JPEG bytes or None, decoded uint8 CHW tensor or None, sha256, error)."""
+
+    def __init__(self, root: Path, samples: list[Sample]):
+        self.root, self.samples = root, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path = self.root / self.samples[i].path
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        if gpu_decodable(data):
+            return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, hashlib.sha256(data).hexdigest(), None
+        try:
+            image, digest = read_image(path)
+        except ImageError as exc:
+            return i, None, None, None, str(exc)
+        return i, None, torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), digest, None
+
+
+def collate_bytes(items):
+    """Lists, not stacked tensors: the images still have their own sizes."""
+    good = [it for it in items if it[4] is None]
+    return ([it[0] for it in good], [it[1] for it in good], [it[2] for it in good], [it[3] for it in good],
+            [(it[0], it[4]) for it in items if it[4] is not None])
+
+
+class TensorPreprocess:
+    """The recipe of `Preprocessing.transform()` (shorter side to `resize` with antialiasing, centre crop,
+    normalise) on uint8 CHW tensors of any size, on whatever device they are; returns a channels-last batch."""
+
+    def __init__(self, pre: Preprocessing, device: torch.device):
+        self.pre, self.device = pre, device
+        std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) / std
+
+    def resized_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] uint8 -> [3, S, S] float in 0..255, sized as torchvision's Resize(int) + CenterCrop."""
+        h, w = image.shape[-2:]
+        short, long = min(h, w), max(h, w)
+        new_long = int(self.pre.resize * long / short)
+        size = (self.pre.resize, new_long) if h <= w else (new_long, self.pre.resize)
+        x = F.interpolate(image[None].float(), size, mode=self.pre.interpolation, antialias=True,
+                          align_corners=False)
+        s = self.pre.image_size
+        top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+        return x[0, :, top:top + s, left:left + s]
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        s = self.pre.image_size
+        batch = torch.empty((len(images), 3, s, s), device=self.device).contiguous(memory_format=torch.channels_last)
+        for k, image in enumerate(images):
+            batch[k] = self.resized_crop(image)
+        # PIL rounds and clamps to uint8 after resizing; clamping keeps bicubic overshoot in range likewise
+        return batch.clamp_(0, 255).mul_(self.scale).add_(self.shift)
+
+
+def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
+                device: torch.device):
+    """Yield (indices, normalised channels-last batch on `device`, sha256s, [(index, reason)]) per batch."""
+    from torch.utils.data import DataLoader
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    prepare = TensorPreprocess(pre, device)
+    loader = DataLoader(FileBytes(root, samples), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_bytes, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    for idx, encoded, decoded, digests, bad in loader:
+        jpegs = [k for k, e in enumerate(encoded) if e is not None]
+        images = [None if d is None else d.to(device, non_blocking=True) for d in decoded]
+        if jpegs:
+            for k, image in zip(jpegs, decode_jpeg([encoded[k] for k in jpegs], mode=ImageReadMode.RGB,
+                                                   device=device)):
+                images[k] = image
+        yield idx, (prepare(images) if images else None), digests, bad
+
+
+class BackgroundWriter:
+    """Appends feature blocks to a FeatureWriter from a thread, gathered into slabs of about `slab_bytes`,
+    so HDF5 writes overlap compute and are never one row at a time. The hand-over queue is bounded: memory
+    stays flat whatever the dataset size. Device tensors are copied to the host asynchronously; the thread
+    waits for each copy before writing it."""
+
+    def __init__(self, writer: FeatureWriter, slab_bytes: int = 2 << 20, depth: int = 4):
+        self.writer = writer
+        self.slab_rows = max(256, slab_bytes // (writer.dim * writer.dtype.itemsize))
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
+        self.thread.start()
+
+    def append(self, split: str, features: torch.Tensor, labels, paths, sha256) -> None:
+        if self.error is not None:
+            raise self.error
+        host = features.detach().to("cpu", non_blocking=True)
+        done = None
+        if features.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.queue.put((split, host, done, list(labels), list(paths), list(sha256)))
+
+    def _run(self) -> None:
+        pending: list = []
+        while True:
+            item = self.queue.get()
+            try:
+                if pending and (item is None or item[0] != pending[0][0]):
+                    self._write(pending)
+                    pending = []
+                if item is None:
+                    return
+                if item[2] is not None:
+                    item[2].synchronize()
+                pending.append(item)
+                if sum(len(p[3]) for p in pending) >= self.slab_rows:
+                    self._write(pending)
+                    pending = []
+            except BaseException as exc:   # keep draining so the producer never blocks; raised on its side
+                self.error, pending = self.error or exc, []
+
+    def _write(self, blocks: list) -> None:
+        if self.error is None:
+            self.writer.append(blocks[0][0], np.concatenate([b[1].numpy() for b in blocks]),
+                               [x for b in blocks for x in b[3]], [x for b in blocks for x in b[4]],
+                               [x for b in blocks for x in b[5]])
+
+    def stop(self) -> None:
+        """Write what is pending and wait for the thread (no-op once stopped)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def close(self) -> None:
+        """Stop, and raise what the thread met."""
+        self.stop()
+        if self.error is not None:
+            raise self.error
