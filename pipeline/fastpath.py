@@ -38,7 +38,7 @@ def gpu_decodable(data: bytes) -> bool:
 
 
 class FileBytes(torch.utils.data.Dataset):
-    """One sample as (index, encoded JPEG bytes or None, decoded uint8 CHW tensor or None, sha256, error)."""
+    """One sample as (index, JPEG bytes or None, decoded uint8 CHW tensor or None, sha256, error)."""
 
     def __init__(self, root: Path, samples: list[Sample]):
         self.root, self.samples = root, samples
@@ -53,7 +53,7 @@ class FileBytes(torch.utils.data.Dataset):
         except OSError:
             data = b""
         if gpu_decodable(data):
-            return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, hashlib.sha256(data).hexdigest(), None
+            return i, data, None, hashlib.sha256(data).hexdigest(), None
         try:
             image, digest = read_image(path)
         except ImageError as exc:
@@ -62,9 +62,17 @@ class FileBytes(torch.utils.data.Dataset):
 
 
 def collate_bytes(items):
-    """Lists, not stacked tensors: the images still have their own sizes."""
+    """(indices, all JPEG bytes in one uint8 tensor, their (offset, length) or None, decoded tensors or None,
+    sha256s, [(index, reason)]). One tensor per batch crosses from the worker, not one per image: handing
+    hundreds of small tensors between processes, and pinning each, costs more than decoding them."""
     good = [it for it in items if it[4] is None]
-    return ([it[0] for it in good], [it[1] for it in good], [it[2] for it in good], [it[3] for it in good],
+    spans, offset = [], 0
+    for it in good:
+        spans.append(None if it[1] is None else (offset, len(it[1])))
+        offset += 0 if it[1] is None else len(it[1])
+    blob = torch.frombuffer(bytearray(b"".join(it[1] for it in good if it[1] is not None)) or bytearray(1),
+                            dtype=torch.uint8)
+    return ([it[0] for it in good], blob, spans, [it[2] for it in good], [it[3] for it in good],
             [(it[0], it[4]) for it in items if it[4] is not None])
 
 
@@ -109,12 +117,12 @@ def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_siz
     loader = DataLoader(FileBytes(root, samples), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_bytes, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         persistent_workers=False)
-    for idx, encoded, decoded, digests, bad in loader:
-        jpegs = [k for k, e in enumerate(encoded) if e is not None]
+    for idx, blob, spans, decoded, digests, bad in loader:
+        jpegs = [k for k, span in enumerate(spans) if span is not None]
         images = [None if d is None else d.to(device, non_blocking=True) for d in decoded]
         if jpegs:
-            for k, image in zip(jpegs, decode_jpeg([encoded[k] for k in jpegs], mode=ImageReadMode.RGB,
-                                                   device=device)):
+            encoded = [blob[spans[k][0]:spans[k][0] + spans[k][1]] for k in jpegs]
+            for k, image in zip(jpegs, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)):
                 images[k] = image
         yield idx, (prepare(images) if images else None), digests, bad
 
