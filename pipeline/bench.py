@@ -142,8 +142,8 @@ COLUMNS = ("backbone", "device", "precision", "compile", "batch", "images", "tut
 
 def table(results: list[dict]) -> str:
     """A markdown table of bench results, one row each."""
-    def fmt(x, spec=",.0f"):
-        return "-" if x is None else format(x, spec)
+    def fmt(x, spec=None):
+        return "-" if x is None else format(x, spec or (",.0f" if x >= 100 else ".1f"))
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
         ips, ratios = r["images_per_s"], r["ratios"]
