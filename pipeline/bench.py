@@ -5,7 +5,7 @@
 - extract: `pipeline.extract.extract`, to a real HDF5 file, as `pipeline extract` runs it;
 - model_only: the forward pass alone on synthetic tensors, same batch size and precision.
 
-Each is run `repeats` times, interleaved, after one untimed warm-up on one batch; the best run counts
+Each is run `repeats` times, interleaved, after one untimed warm-up (a batch on CUDA, 8 images on CPU); the best run counts
 (on a shared machine the best is the least disturbed).
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def bench(data: Path, backbone: str = "efficientnet_lite0", weights: str = "imag
         }
         if skip_tutorial:
             del jobs["tutorial"], runs["tutorial"]
-        warmup = _subset(dataset, min(len(dataset.samples), batch_size))
+        warmup = _subset(dataset, min(len(dataset.samples), batch_size if dev.type == "cuda" else 8))
         for name, job in jobs.items():
             job(warmup)
         for r in range(repeats):

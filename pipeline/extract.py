@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone, FeatureHook, load_backbone
 from pipeline.data import Dataset, ImageError, Sample, read_image, scan, write_manifest
-from pipeline.fastpath import BackgroundWriter, gpu_batches
+from pipeline.fastpath import BackgroundWriter, gpu_batches, pad_batch
 from pipeline.store import FeatureWriter, cache_attrs
 
 
@@ -68,7 +68,8 @@ def default_workers() -> int:
 
 
 def resolve_precision(precision: str, dev: torch.device) -> str:
-    """'auto': bfloat16 autocast on CUDA; float32 on CPU (measured faster there, see benchmarks/RESULTS.md)."""
+    """'auto': bfloat16 autocast on CUDA; float32 on CPU, where bf16 speed depends on the chip and
+    the vectors move more than the speed is worth (benchmarks/RESULTS.md)."""
     if precision == "auto":
         return "bfloat16" if dev.type == "cuda" else "float32"
     return precision
@@ -122,10 +123,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
                         writer.skip(samples[i].path, reason)
                     if images is not None:
                         n = len(idx)
-                        if compile and n < batch_size:
-                            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))]).contiguous(
-                                memory_format=torch.channels_last)
-                        forward(images)
+                        forward(pad_batch(images, batch_size) if compile else images)
                         background.append(split, hook.output[:n].float(), [samples[i].label for i in idx],
                                           [samples[i].path for i in idx], digests)
                         extracted += n

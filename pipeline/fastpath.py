@@ -70,8 +70,8 @@ def collate_bytes(items):
     for it in good:
         spans.append(None if it[1] is None else (offset, len(it[1])))
         offset += 0 if it[1] is None else len(it[1])
-    blob = torch.frombuffer(bytearray(b"".join(it[1] for it in good if it[1] is not None)) or bytearray(1),
-                            dtype=torch.uint8)
+    joined = bytearray(b"".join(it[1] for it in good if it[1] is not None)) or bytearray(1)   # frombuffer
+    blob = torch.frombuffer(joined, dtype=torch.uint8)                                        # needs 1 byte
     return ([it[0] for it in good], blob, spans, [it[2] for it in good], [it[3] for it in good],
             [(it[0], it[4]) for it in items if it[4] is not None])
 
@@ -125,6 +125,14 @@ def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_siz
             for k, image in zip(jpegs, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)):
                 images[k] = image
         yield idx, (prepare(images) if images else None), digests, bad
+
+
+def pad_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Fill a short last batch with zeros, so a compiled model sees one shape and compiles once."""
+    if len(images) == batch_size:
+        return images
+    pad = images.new_zeros((batch_size - len(images), *images.shape[1:]))
+    return torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
 
 
 class BackgroundWriter:
