@@ -1,4 +1,4 @@
-"""Command line: `pipeline extract|train|predict|compare|finetune|visualize`. Parsing and calling only."""
+"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench`. Parsing and calling only."""
 from __future__ import annotations
 
 import csv
@@ -26,6 +26,12 @@ class Device(str, Enum):
 class Dtype(str, Enum):
     float16 = "float16"
     float32 = "float32"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
 
 
 class Format(str, Enum):
@@ -82,6 +88,10 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
     reuse: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from the cache at --out "
                                              "when it was made the same way.")] = True,
+    precision: Annotated[Precision, typer.Option(help="Compute type of the forward pass; auto: bfloat16 "
+                                                      "on CUDA, float32 on CPU.")] = Precision.auto,
+    compile: Annotated[bool, typer.Option("--compile", help="Run the model through torch.compile "
+                                                           "(pays off on large datasets).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
@@ -89,7 +99,8 @@ def extract(
     summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
                              labels=labels, id_column=id_column, label_column=label_column, tta=tta,
                              compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
-                             device=device.value, dtype=dtype.value, workers=workers, quiet=quiet)
+                             device=device.value, dtype=dtype.value, workers=workers, quiet=quiet,
+                             precision=precision.value, compile=compile)
     _say(summary.lines(), quiet)
 
 
@@ -298,6 +309,33 @@ def visualize(
         cams = vis.gradcam(model_dir, images, out / "gradcam.png", min(limit, 12), device.value)
         lines.append(f"Grad-CAM of {cams['shown']} images -> {out / 'gradcam.png'}")
     _say(lines)
+
+
+@app.command()
+def bench(
+    data: Annotated[Path, typer.Argument(help="Image folder (e.g. from benchmarks/make_images.py).")],
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the results.")] = None,
+    images: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
+    backbone: Annotated[str, typer.Option(help="Registry name or timm/<model>.")] = "efficientnet_lite0",
+    weights: Annotated[str, typer.Option(help="'imagenet', a local state dict, or 'none' "
+                                              "(random init: same speed).")] = "imagenet",
+    image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="Compute type of extract and model-only.")] = Precision.auto,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile for extract and model-only.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Extract's DataLoader workers; default: "
+                                                        "the CPU count, at most 8.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs of each, interleaved; the best counts.")] = 2,
+    tutorial: Annotated[bool, typer.Option(help="Also time the tutorial-style loop.")] = True,
+):
+    """Images/s of the tutorial-style loop, of `pipeline extract` and of the model alone, side by side."""
+    from pipeline.bench import bench as run, table, write_json
+    result = run(data, backbone, weights, image_size, batch_size, device.value, precision.value, compile,
+                 workers, repeats, images, skip_tutorial=not tutorial, log=lambda line: typer.echo(line, err=True))
+    typer.echo(table([result]), nl=False)
+    if out:
+        write_json(result, out)
 
 
 def run_stage(fn) -> None:

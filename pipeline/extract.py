@@ -1,5 +1,6 @@
 """Stage one: run the frozen backbone over every image once and stream the features into the cache,
-reusing the vectors of unchanged images from the previous cache."""
+reusing the vectors of unchanged images from the previous cache. On CUDA, JPEGs are decoded and
+preprocessed on the GPU (pipeline.fastpath); on CPU, PIL decodes them in DataLoader workers."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from pipeline.backbones import Backbone, Embedder, load_backbone
 from pipeline.data import Dataset, ImageError, Sample, decode_image, image_bytes, scan, write_manifest
 from pipeline.errors import UserError
+from pipeline.fastpath import BackgroundWriter, gpu_batches
 from pipeline.store import FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, differences, open_cache
 
 
@@ -26,7 +28,7 @@ class ExtractSummary:
     extracted: int                     # rows written: computed by the backbone or reused
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    device: str = "cpu"
+    device: str = "cpu"               # the device and how it ran (decoding, precision, workers)
     reused: int = 0                    # rows copied from the previous cache at `out`
     notes: list[str] = field(default_factory=list)
 
@@ -85,6 +87,21 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
 
 
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """'auto': bfloat16 autocast on CUDA; float32 on CPU, where bf16 speed depends on the chip and
+    it moves the vectors more than the speed is worth (benchmarks/RESULTS.md)."""
+    if precision == "auto":
+        return "bfloat16" if dev.type == "cuda" else "float32"
+    return precision
+
+
+def cpu_batches(root: Path, samples: list[Sample], transform, batch_size: int, workers: int,
+                known: Collection[str] = ()):
+    """PIL decoding in DataLoader workers; yields batches in `collate`'s form."""
+    return DataLoader(ImageFiles(root, samples, transform, known), batch_size=batch_size, num_workers=workers,
+                      collate_fn=collate)
+
+
 def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
     """Per-channel mean and std of the training split's pixels in [0, 1], after resize and crop."""
     samples = dataset.split("train")
@@ -122,15 +139,24 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, 
 
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 64, device: str = "auto",
             dtype: str = "float16", workers: int | None = None, quiet: bool = False,
-            compute_stats: bool = False, reuse: bool = True) -> ExtractSummary:
+            compute_stats: bool = False, reuse: bool = True, precision: str = "auto",
+            compile: bool = False) -> ExtractSummary:
     """Write one HDF5 cache with the features of every split of `dataset`.
 
     When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
     bytes are unchanged (same SHA-256) take their vectors from it; only new or changed images run
     through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
-    deleted images are handled. The new cache replaces the old one atomically."""
+    deleted images are handled. The new cache replaces the old one atomically.
+    `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
+    runs the model through torch.compile."""
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    gpu_decode = dev.type == "cuda"
     workers = default_workers() if workers is None else workers
+    mode = (f"{dev}, {'GPU' if gpu_decode else 'PIL'} decoding, {precision}"
+            f"{', compiled' if compile else ''}, {workers} workers")
+    if not quiet:
+        tqdm.write(f"extract: {mode}")
     start = time.perf_counter()
     stats = None
     if compute_stats:
@@ -145,31 +171,35 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
         writer.skip(path, reason)
     transform = backbone.preprocessing.transform()
     extracted = reused = 0
+    background = BackgroundWriter(writer)
     try:
-        with Embedder(backbone, dev) as embed, tqdm(total=len(dataset.samples), unit="img", disable=quiet,
-                                                    desc=f"extract {backbone.name}") as bar:
+        with Embedder(backbone, dev, precision, compile, batch_size) as embed, \
+                tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
             for split in dataset.splits():
                 samples = dataset.split(split)
-                loader = DataLoader(ImageFiles(dataset.root, samples, transform, rows), batch_size=batch_size,
-                                    num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
-                for good, images, bad in loader:
+                batches = (gpu_batches(dataset.root, samples, backbone.preprocessing, batch_size, workers, dev, rows)
+                           if gpu_decode else cpu_batches(dataset.root, samples, transform, batch_size, workers, rows))
+                for good, images, bad in batches:
                     for i, reason in bad:
                         writer.skip(samples[i].path, reason)
                     if good:
                         digests = [digest for _, digest in good]
-                        writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows, old),
-                                      [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
-                                      digests)
+                        background.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims,
+                                                                rows, old),
+                                          [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
+                                          digests)
                         extracted += len(good)
                         reused += len(good) - (0 if images is None else len(images))
                     bar.update(len(good) + len(bad))
+        background.close()
         writer.commit(extract_seconds=time.perf_counter() - start)
     except BaseException:
+        background.stop()
         writer.abort()
         raise
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
-                          time.perf_counter() - start, str(dev), reused, notes)
+                          time.perf_counter() - start, mode, reused, notes)
 
 
 def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder, dims: dict[str, int],

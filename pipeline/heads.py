@@ -102,6 +102,49 @@ class TorchHead(BaseEstimator, ClassifierMixin):
         return self.classes_[self.scores(X).argmax(1)]
 
 
+class TorchLogReg(BaseEstimator, ClassifierMixin):
+    """Multinomial logistic regression with sklearn's objective for `C` (L2 on the weights, not the
+    intercept), solved by full-batch L-BFGS in torch: several times faster than sklearn on large caches."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 100, class_weight: str | None = None, device: str = "auto"):
+        self.C, self.max_iter, self.class_weight, self.device = C, max_iter, class_weight, device
+
+    def fit(self, X, y):
+        dev = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                           "cpu" if self.device == "auto" else self.device)
+        self.classes_ = np.unique(y)
+        yi = np.searchsorted(self.classes_, y)
+        Xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
+        yt = torch.as_tensor(yi, device=dev)
+        weight = None
+        if self.class_weight == "balanced":
+            counts = np.bincount(yi, minlength=len(self.classes_))
+            weight = torch.tensor(len(yi) / (len(counts) * counts), dtype=torch.float32, device=dev)
+        W = torch.zeros(X.shape[1], len(self.classes_), device=dev, requires_grad=True)
+        b = torch.zeros(len(self.classes_), device=dev, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], max_iter=self.max_iter, history_size=10, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-4, tolerance_change=1e-9)   # sklearn's tol
+        n = len(yi)
+
+        def objective():   # sklearn's C * sum(loss) + |W|^2 / 2, divided by C * n
+            opt.zero_grad()
+            loss = (nn.functional.cross_entropy(Xt @ W + b, yt, weight=weight, reduction="sum") / n
+                    + (W * W).sum() / (2 * self.C * n))
+            loss.backward()
+            return loss
+        opt.step(objective)
+        self.coef_, self.intercept_ = W.detach().T.cpu().numpy(), b.detach().cpu().numpy()
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        z = np.asarray(X, np.float32) @ self.coef_.T + self.intercept_
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
 @dataclass(frozen=True)
 class Classifier:
     build: Callable[..., object]     # (tuned value, **fixed params) -> unfitted estimator
@@ -147,6 +190,9 @@ CLASSIFIERS = {
     "logreg": Classifier(lambda v, max_iter=2000, seed=0, class_weight=None: LogisticRegression(
         C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
         "C", _DECADES[3:], ("max_iter", "seed")),
+    "torch_logreg": Classifier(lambda v, max_iter=100, device="auto", class_weight=None: TorchLogReg(
+        C=v, max_iter=max_iter, class_weight=class_weight, device=device),
+        "C", _DECADES[3:], ("max_iter", "device")),
     "linear_svm": Classifier(lambda v, max_iter=5000, seed=0, class_weight=None: LinearSVC(
         C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
         "C", _DECADES[2:-1], ("max_iter", "seed")),

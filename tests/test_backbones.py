@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from tests.conftest import run_cli
 from pipeline.backbones import REGISTRY, Embedder, load_backbone
 from pipeline.errors import UserError
 

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import COLOURS, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
 from pipeline.backbones import load_backbone
 from pipeline.data import scan
 from pipeline.errors import UserError

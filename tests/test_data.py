@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
 from pipeline.data import ImageError, read_image, scan, write_manifest
 from pipeline.errors import UserError
 from pipeline.store import open_cache

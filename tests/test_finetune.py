@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder, run_cli
+from tests.conftest import make_image_folder, run_cli
 from pipeline import modeldir
 from pipeline.backbones import load_backbone
 from pipeline.config import finetune_settings

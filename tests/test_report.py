@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from tests.conftest import run_cli
 from pipeline.errors import UserError
 from pipeline.finetune import FinetuneSettings, finetune
 from pipeline.report import rows

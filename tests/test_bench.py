@@ -1,0 +1,60 @@
+"""Stage one streams to disk (peak memory independent of the dataset size) and `pipeline bench` runs end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+
+from tests.conftest import ROOT, make_image_folder, run_cli
+
+FEATURE_DIM = 1280   # efficientnet_lite0
+
+# In a fresh process: extract the smaller folder twice (the first run warms up allocators and caches),
+# note the peak resident memory, extract the 4x larger folder, note the peak again.
+PEAKS = """
+import json, resource, sys
+from pathlib import Path
+from pipeline.backbones import load_backbone
+from pipeline.data import scan
+from pipeline.extract import extract
+backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=32)
+peaks = []
+for folder in sys.argv[1:4]:
+    extract(scan(Path(folder), 0, 0), backbone, Path(folder + ".h5"), batch_size=64, device="cpu",
+            dtype="float32", workers=0, quiet=True)
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(json.dumps(peaks))
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
+    small, large = 256, 1536   # images per class: 8 and 48 batches of 64
+    folders = [make_image_folder(tmp_path / f"images{n}", {"train": n}, classes=("red", "blue"))
+               for n in (small, large)]
+    proc = subprocess.run([sys.executable, "-c", PEAKS, *map(str, folders[:1] + folders)], capture_output=True,
+                          text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    _, peak_small, peak_large = json.loads(proc.stdout)
+    with h5py.File(f"{folders[1]}.h5") as f:
+        assert f["train/features"].shape == (2 * large, FEATURE_DIM)
+    # holding the extra vectors in memory would cost this much; streaming must cost well under half of it
+    held = 2 * (large - small) * FEATURE_DIM * 4
+    assert peak_large - peak_small < held / 2, (peak_small, peak_large, held)
+
+
+def test_bench_runs_end_to_end_and_writes_json(tmp_path):
+    images = make_image_folder(tmp_path / "images", {"train": 6}, classes=("red", "blue"), ext=".jpg")
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", images, "--out", out, "--image-size", 32, "--batch-size", 4, "--repeats", 1,
+                   "--device", "cpu", "--workers", 0, check=True)
+    result = json.loads(out.read_text())
+    assert result["images"] == 12 and result["device"] == "cpu" and result["precision"] == "float32"
+    for name in ("tutorial", "extract", "model_only"):
+        assert result["images_per_s"][name] > 0
+    assert result["ratios"]["extract_vs_tutorial"] == result["images_per_s"]["extract"] / \
+        result["images_per_s"]["tutorial"]
+    assert "| efficientnet_lite0 |" in proc.stdout
