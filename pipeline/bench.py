@@ -54,7 +54,7 @@ def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch
 def extract_run(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int, out: Path,
                 precision: str, compile: bool, workers: int | None) -> int:
     summary = extract(dataset, backbone, out, batch_size, str(dev), "float16", workers, quiet=True,
-                      precision=precision, compile=compile)
+                      reuse=False, precision=precision, compile=compile)   # every repeat computes every image
     return summary.extracted
 
 
