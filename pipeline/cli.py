@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 
 app = typer.Typer(help="Transfer learning on images: extract features once (stage one), "
                        "train many cheap classifiers on them (stage two).",
@@ -183,12 +183,16 @@ def compare(
 
 
 def run_stage(fn) -> None:
-    """Run `fn` with the command line's error contract: a UserError is one line and exit code 2."""
+    """Run `fn` with the command line's error contract: a UserError is one line and exit code 2;
+    an interrupted run says how to resume and exits with 130."""
     try:
         fn()
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except Interrupted as exc:
+        typer.echo(str(exc), err=True)
+        sys.exit(130)
 
 
 def main() -> None:

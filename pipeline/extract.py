@@ -2,6 +2,8 @@
 reusing the vectors of unchanged images from the previous cache."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -15,8 +17,9 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone, Embedder, load_backbone
 from pipeline.data import Dataset, ImageError, Sample, decode_image, image_bytes, scan, write_manifest
-from pipeline.errors import UserError
-from pipeline.store import FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, differences, open_cache
+from pipeline.errors import Interrupted, UserError, warn
+from pipeline.store import (FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, content_warnings, differences, open_cache,
+                            output_lock)
 
 
 @dataclass
@@ -128,7 +131,11 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
     When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
     bytes are unchanged (same SHA-256) take their vectors from it; only new or changed images run
     through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
-    deleted images are handled. The new cache replaces the old one atomically."""
+    deleted images are handled. The new cache replaces the old one atomically.
+
+    Progress is checkpointed in `<out>.tmp` after every batch: a run that was killed or stopped
+    with Ctrl-C continues where it stopped when started again with the same data and settings.
+    `<out>.lock` keeps a second run from writing the same output at the same time."""
     dev = resolve_device(device)
     workers = default_workers() if workers is None else workers
     start = time.perf_counter()
@@ -137,39 +144,69 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
         stats = channel_stats(dataset, backbone, batch_size, workers)
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
-    attrs = cache_attrs(backbone.spec(), dataset.classes, dtype, stats)
-    rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
-    notes = [*backbone.notes, *([note] if note else [])]
-    writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
-    for path, reason in dataset.skipped:
-        writer.skip(path, reason)
-    transform = backbone.preprocessing.transform()
-    extracted = reused = 0
-    try:
-        with Embedder(backbone, dev) as embed, tqdm(total=len(dataset.samples), unit="img", disable=quiet,
-                                                    desc=f"extract {backbone.name}") as bar:
-            for split in dataset.splits():
-                samples = dataset.split(split)
-                loader = DataLoader(ImageFiles(dataset.root, samples, transform, rows), batch_size=batch_size,
-                                    num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
-                for good, images, bad in loader:
-                    for i, reason in bad:
-                        writer.skip(samples[i].path, reason)
-                    if good:
-                        digests = [digest for _, digest in good]
-                        writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows, old),
-                                      [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
-                                      digests)
-                        extracted += len(good)
-                        reused += len(good) - (0 if images is None else len(images))
-                    bar.update(len(good) + len(bad))
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats), plan=plan_digest(dataset, batch_size))
+    with output_lock(out):
+        rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
+        notes = [*backbone.notes, *([note] if note else [])]
+        writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
+        resumed = _rows_written(writer)
+        if writer.progress:
+            notes.append(f"resumed an interrupted run: {resumed} images already in {writer.tmp}")
+        else:
+            for path, reason in dataset.skipped:
+                writer.skip(path, reason)
+        transform = backbone.preprocessing.transform()
+        extracted = reused = resumed
+        try:
+            with Embedder(backbone, dev) as embed, tqdm(total=len(dataset.samples), unit="img", disable=quiet,
+                                                        desc=f"extract {backbone.name}") as bar:
+                bar.update(sum(writer.progress.values()))
+                for split in dataset.splits():
+                    done = writer.progress.get(split, 0)
+                    samples = dataset.split(split)[done:]
+                    loader = DataLoader(ImageFiles(dataset.root, samples, transform, rows), batch_size=batch_size,
+                                        num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
+                    for good, images, bad in loader:
+                        for i, reason in bad:
+                            writer.skip(samples[i].path, reason)
+                        if good:
+                            digests = [digest for _, digest in good]
+                            writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows,
+                                                                old),
+                                          [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
+                                          digests)
+                            extracted += len(good)
+                            reused += len(good) - (0 if images is None else len(images))
+                        done += len(good) + len(bad)
+                        writer.checkpoint(split, done)
+                        bar.update(len(good) + len(bad))
+            writer.commit()
+        except KeyboardInterrupt:
+            writer.close()
+            raise Interrupted(f"interrupted: {_rows_written(writer)} images are kept in {writer.tmp}; "
+                              f"run the same command again to continue from there")
+        except OSError as exc:
+            writer.abort()
+            raise UserError(f"cannot write {writer.tmp} ({exc}); is the disk full? {out} is left as it was")
+        except BaseException:
+            writer.abort()
+            raise
+    for line in content_warnings(open_cache(out)):
+        warn(line)
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
                           time.perf_counter() - start, str(dev), reused, notes)
+
+
+def plan_digest(dataset: Dataset, batch_size: int) -> str:
+    """Digest of what a run will write, in order: an interrupted run continues only the same plan
+    (the batch size too, so batches, and hence vectors, are cut exactly as in one go)."""
+    plan = [dataset.classes, [(s.split, s.path, s.label) for s in dataset.samples], dataset.skipped, batch_size]
+    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+
+
+def _rows_written(writer: FeatureWriter) -> int:
+    return sum(writer.file[s]["labels"].shape[0] for s in writer.file if s != "skipped")
 
 
 def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder, dims: dict[str, int],
