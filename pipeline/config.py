@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.backbones import REGISTRY, available
 from pipeline.errors import UserError
 from pipeline.heads import CLASSIFIERS
 from pipeline.train import PREPROCESSING, TrainSettings
@@ -76,14 +77,16 @@ def extract_params(raw: dict) -> ExtractParams:
         values[key] = _check_type(f"extract.{key}", value, fields[key].type)
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"params.yaml: extract.{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key == "backbone" and value not in REGISTRY and not value.startswith("timm/"):
+            raise UserError(f"params.yaml: extract.backbone '{value}' is unknown; choose one of: {', '.join(available())}")
     return ExtractParams(**values)
 
 
 def train_settings(name: str, raw: dict | None, where: str | None = None) -> TrainSettings:
     """One classifier's settings; `where` names their origin in messages (default: params.yaml)."""
-    if name not in CLASSIFIERS:
-        raise UserError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
     where = where or f"params.yaml: train.{name}"
+    if name not in CLASSIFIERS:
+        raise UserError(f"{where}: unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
     raw = dict(raw or {})
     spec = CLASSIFIERS[name]
     value = raw.pop(spec.tuned, "auto")
