@@ -86,10 +86,13 @@ def extract(
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
     from pipeline.extract import extract_folder
-    summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
-                             labels=labels, id_column=id_column, label_column=label_column, tta=tta,
-                             compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
-                             device=device.value, dtype=dtype.value, workers=workers, quiet=quiet)
+    try:
+        summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
+                                 labels=labels, id_column=id_column, label_column=label_column, tta=tta,
+                                 compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
+                                 device=device.value, dtype=dtype.value, workers=workers, quiet=quiet)
+    except KeyboardInterrupt:   # before any image was written; later ones say how to resume
+        raise Interrupted("interrupted before extraction began")
     _say(summary.lines(), quiet)
 
 
@@ -192,6 +195,9 @@ def run_stage(fn) -> None:
         sys.exit(2)
     except Interrupted as exc:
         typer.echo(str(exc), err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
         sys.exit(130)
 
 

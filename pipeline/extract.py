@@ -135,7 +135,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
 
     Progress is checkpointed in `<out>.tmp` after every batch: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
-    `<out>.lock` keeps a second run from writing the same output at the same time."""
+    Callers that may run concurrently hold `output_lock(out)` (as `extract_folder` does)."""
     dev = resolve_device(device)
     workers = default_workers() if workers is None else workers
     start = time.perf_counter()
@@ -145,52 +145,51 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
     attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats), plan=plan_digest(dataset, batch_size))
-    with output_lock(out):
-        rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
-        notes = [*backbone.notes, *([note] if note else [])]
-        writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
-        resumed = _rows_written(writer)
+    rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
+    notes = [*backbone.notes, *([note] if note else [])]
+    writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
+    try:
+        extracted = reused = writer.kept
         if writer.progress:
-            notes.append(f"resumed an interrupted run: {resumed} images already in {writer.tmp}")
+            notes.append(f"resumed an interrupted run: {extracted} images already in {writer.tmp}")
         else:
             for path, reason in dataset.skipped:
                 writer.skip(path, reason)
         transform = backbone.preprocessing.transform()
-        extracted = reused = resumed
-        try:
-            with Embedder(backbone, dev) as embed, tqdm(total=len(dataset.samples), unit="img", disable=quiet,
-                                                        desc=f"extract {backbone.name}") as bar:
-                bar.update(sum(writer.progress.values()))
-                for split in dataset.splits():
-                    done = writer.progress.get(split, 0)
-                    samples = dataset.split(split)[done:]
-                    loader = DataLoader(ImageFiles(dataset.root, samples, transform, rows), batch_size=batch_size,
-                                        num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
-                    for good, images, bad in loader:
-                        for i, reason in bad:
-                            writer.skip(samples[i].path, reason)
-                        if good:
-                            digests = [digest for _, digest in good]
-                            writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows,
-                                                                old),
-                                          [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
-                                          digests)
-                            extracted += len(good)
-                            reused += len(good) - (0 if images is None else len(images))
-                        done += len(good) + len(bad)
-                        writer.checkpoint(split, done)
-                        bar.update(len(good) + len(bad))
-            writer.commit()
-        except KeyboardInterrupt:
-            writer.close()
-            raise Interrupted(f"interrupted: {_rows_written(writer)} images are kept in {writer.tmp}; "
-                              f"run the same command again to continue from there")
-        except OSError as exc:
-            writer.abort()
-            raise UserError(f"cannot write {writer.tmp} ({exc}); is the disk full? {out} is left as it was")
-        except BaseException:
-            writer.abort()
-            raise
+        with Embedder(backbone, dev) as embed, tqdm(total=len(dataset.samples), unit="img", disable=quiet,
+                                                    desc=f"extract {backbone.name}") as bar:
+            bar.update(sum(writer.progress.values()))
+            for split in dataset.splits():
+                done = writer.progress.get(split, 0)
+                samples = dataset.split(split)[done:]
+                loader = DataLoader(ImageFiles(dataset.root, samples, transform, rows), batch_size=batch_size,
+                                    num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda")
+                for good, images, bad in loader:
+                    for i, reason in bad:
+                        writer.skip(samples[i].path, reason)
+                    if good:
+                        digests = [digest for _, digest in good]
+                        writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows,
+                                                            old),
+                                      [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
+                                      digests)
+                        extracted += len(good)
+                        reused += len(good) - (0 if images is None else len(images))
+                    done += len(good) + len(bad)
+                    writer.checkpoint(split, done)
+                    bar.update(len(good) + len(bad))
+        writer.commit()
+    except KeyboardInterrupt:
+        writer.close()
+        raise Interrupted(f"interrupted: {writer.kept} images are kept in {writer.tmp}; "
+                          f"run the same command again to continue from there")
+    except OSError as exc:
+        writer.abort()
+        raise UserError(f"cannot write {writer.tmp} (disk full?): {str(exc).splitlines()[0]}; "
+                        f"{out} is left as it was")
+    except BaseException:
+        writer.abort()
+        raise
     for line in content_warnings(open_cache(out)):
         warn(line)
     skipped = writer.skipped
@@ -203,10 +202,6 @@ def plan_digest(dataset: Dataset, batch_size: int) -> str:
     (the batch size too, so batches, and hence vectors, are cut exactly as in one go)."""
     plan = [dataset.classes, [(s.split, s.path, s.label) for s in dataset.samples], dataset.skipped, batch_size]
     return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
-
-
-def _rows_written(writer: FeatureWriter) -> int:
-    return sum(writer.file[s]["labels"].shape[0] for s in writer.file if s != "skipped")
 
 
 def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder, dims: dict[str, int],
@@ -231,9 +226,10 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                    labels: Path | None = None, id_column: str = "id", label_column: str | None = None,
                    tta: bool = False, **options) -> ExtractSummary:
     """Scan `data` (or the images `labels` names), record the split in `<out>.manifest.csv`, and
-    extract its features into `out`; `options` go to `extract`."""
-    dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+    extract its features into `out`; `options` go to `extract`. A second run on the same `out`
+    is refused at once while this one holds `<out>.lock`."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(dataset, out.with_suffix(".manifest.csv"))
-    return extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)
+    with output_lock(out):
+        dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+        write_manifest(dataset, out.with_suffix(".manifest.csv"))
+        return extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)

@@ -130,7 +130,8 @@ class FeatureWriter:
 
     `checkpoint()` flushes the file and records in its `progress` attribute how far each split
     got; a later writer with the same fingerprint and `plan` (attrs) continues from there
-    (`progress` then holds the samples done per split), so a killed run loses at most a batch."""
+    (`progress` then holds the samples done per split), so a killed run loses at most a batch.
+    A kill during the flush itself can leave the file unreadable; the next run then starts over."""
 
     def __init__(self, target: Path, attrs: dict, dims: dict[str, int], dtype: str):
         """`dims`: the feature size of each layer, the default layer first."""
@@ -138,12 +139,14 @@ class FeatureWriter:
         self.tmp = self.target.with_name(self.target.name + ".tmp")
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.dims, self.dtype = dims, np.dtype(dtype)
-        self.progress: dict[str, int] = {}
+        self.progress: dict[str, int] = {}   # samples done per split at the last checkpoint
+        self.kept = 0                          # rows written at the last checkpoint
         self.file = self._resumed(attrs)
         if self.file is None:
             self.file = h5py.File(self.tmp, "w")
             self.file.attrs.update(attrs)
             self.file.create_dataset("skipped", (0,), SKIPPED_DTYPE, maxshape=(None,), chunks=(1024,))
+        self.file.flush()   # a readable file from the start, cut back to the last checkpoint on resume
         self.skipped: list[tuple[str, str]] = [(_str(p), _str(r)) for p, r in self.file["skipped"][:]]
 
     def _resumed(self, attrs: dict) -> h5py.File | None:
@@ -164,7 +167,7 @@ class FeatureWriter:
         except (OSError, KeyError, ValueError):
             f.close()
             return None
-        self.progress = progress["samples"]
+        self.progress, self.kept = progress["samples"], sum(progress["rows"].values())
         return f
 
     def _group(self, split: str) -> h5py.Group:
@@ -203,6 +206,7 @@ class FeatureWriter:
         self.file.attrs["progress"] = json.dumps({"samples": self.progress, "rows": rows,
                                                   "skipped": len(self.skipped)})
         self.file.flush()
+        self.kept = sum(rows.values())
 
     def commit(self) -> None:
         for key in ("progress", "plan"):
@@ -219,8 +223,9 @@ class FeatureWriter:
     def abort(self) -> None:
         try:
             self.file.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        except OSError:   # closing flushes, which fails again when the disk is full; the file goes anyway
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 @contextmanager
