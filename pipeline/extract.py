@@ -185,8 +185,8 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
                           f"run the same command again to continue from there")
     except OSError as exc:
         writer.abort()
-        raise UserError(f"cannot write {writer.tmp} (disk full?): {str(exc).splitlines()[0]}; "
-                        f"{out} is left as it was")
+        reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+        raise UserError(f"cannot write {writer.tmp}: {reason}; {out} is left as it was")
     except BaseException:
         writer.abort()
         raise

@@ -40,6 +40,9 @@ EXPECTABLE = ("backbone", "weights", "weights_sha256", "layer", "layers", "image
               "compute_stats", "fingerprint")
 STR = h5py.string_dtype("utf-8")
 SKIPPED_DTYPE = np.dtype([("path", STR), ("reason", STR)])
+# Rows go to the file within each write call, so a failed write (disk full) raises there; with a
+# chunk cache it would fail later, when h5py closes a dataset, where errors are only printed.
+UNBUFFERED = {"rdcc_nbytes": 0}
 
 
 def fingerprint(attrs: dict) -> str:
@@ -143,7 +146,7 @@ class FeatureWriter:
         self.kept = 0                          # rows written at the last checkpoint
         self.file = self._resumed(attrs)
         if self.file is None:
-            self.file = h5py.File(self.tmp, "w")
+            self.file = h5py.File(self.tmp, "w", **UNBUFFERED)
             self.file.attrs.update(attrs)
             self.file.create_dataset("skipped", (0,), SKIPPED_DTYPE, maxshape=(None,), chunks=(1024,))
         self.file.flush()   # a readable file from the start, cut back to the last checkpoint on resume
@@ -153,7 +156,7 @@ class FeatureWriter:
         """The checkpointed temporary file of an interrupted run with the same plan, cut back to its
         last checkpoint; None when there is none to continue."""
         try:
-            f = h5py.File(self.tmp, "r+")
+            f = h5py.File(self.tmp, "r+", **UNBUFFERED)
         except OSError:   # none, or not readable: start afresh
             return None
         try:
@@ -223,7 +226,7 @@ class FeatureWriter:
     def abort(self) -> None:
         try:
             self.file.close()
-        except OSError:   # closing flushes, which fails again when the disk is full; the file goes anyway
+        except (OSError, RuntimeError):   # closing flushes, which fails again on a full disk; the file goes anyway
             pass
         self.tmp.unlink(missing_ok=True)
 
