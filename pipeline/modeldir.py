@@ -42,8 +42,8 @@ def read_info(model_dir: Path) -> dict:
     return info
 
 
-def load(model_dir: Path) -> tuple[dict, object]:
-    """(model.json, fitted model) after checking every file against its recorded SHA-256."""
+def verify(model_dir: Path) -> dict:
+    """model.json, after checking every file it lists against its recorded SHA-256."""
     info = read_info(model_dir)
     for name, digest in info["files"].items():
         path = Path(model_dir) / name
@@ -51,4 +51,9 @@ def load(model_dir: Path) -> tuple[dict, object]:
             raise UserError(f"model directory {model_dir} lacks {name}")
         if sha256_file(path) != digest:
             raise UserError(f"{path} does not match the SHA-256 recorded in model.json; refusing to load it")
-    return info, joblib.load(Path(model_dir) / HEAD)
+    return info
+
+
+def load(model_dir: Path) -> tuple[dict, object]:
+    """(model.json, fitted model), unpickled only after `verify`."""
+    return verify(model_dir), joblib.load(Path(model_dir) / HEAD)

@@ -14,7 +14,7 @@ def rows(model_dirs: list[Path]) -> list[dict]:
     """Rows of metrics, refusing models whose caches (fingerprints) or eval splits differ."""
     out, seen = [], {}
     for d in map(Path, model_dirs):
-        info = modeldir.read_info(d)
+        info = modeldir.verify(d)
         metrics_path = d / "metrics.json"
         if not metrics_path.is_file():
             raise UserError(f"model directory {d} has no metrics.json")
