@@ -169,8 +169,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
                         writer.skip(samples[i].path, reason)
                     if good:
                         digests = [digest for _, digest in good]
-                        writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows,
-                                                            old),
+                        writer.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims, rows, old),
                                       [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
                                       digests)
                         extracted += len(good)
