@@ -59,11 +59,14 @@ def test_predict_refuses_an_edited_head(model_dir, tmp_path, small_cache):
     assert line == f"error: {bad / 'head.joblib'} does not match the SHA-256 recorded in model.json; refusing to load it"
 
 
-def test_compare_refuses_an_edited_head_and_a_missing_one(model_dir, tmp_path):
-    edited = damaged_copy(model_dir, tmp_path / "a", lambda head: head.write_bytes(b"not a pickle"))
+def test_compare_refuses_an_edited_head(model_dir, tmp_path):
+    edited = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(b"not a pickle"))
     line = one_line_error(run_cli("compare", model_dir, edited, "--out", tmp_path / "reports"))
-    assert f"{edited / 'head.joblib'} does not match the SHA-256 recorded in model.json" in line
-    missing = damaged_copy(model_dir, tmp_path / "b", Path.unlink)
-    line = one_line_error(run_cli("compare", missing, "--out", tmp_path / "reports"))
-    assert line == f"error: model directory {missing} lacks head.joblib"
+    assert line == f"error: {edited / 'head.joblib'} does not match the SHA-256 recorded in model.json; refusing to load it"
     assert not (tmp_path / "reports").exists()
+
+
+def test_predict_refuses_a_missing_head(model_dir, tmp_path, small_cache):
+    missing = damaged_copy(model_dir, tmp_path, Path.unlink)
+    line = one_line_error(run_cli("predict", missing, small_cache.parent / "images"))
+    assert line == f"error: model directory {missing} lacks head.joblib"
