@@ -12,6 +12,9 @@ Layout (readable with plain h5py):
   /<split>/sha256   [N] 64-char str of the image bytes: the key for incremental reuse
   /skipped          table of (path, reason)
 
+While being written, `<out>.tmp` also carries `plan` (digest of the samples to write) and
+`progress` (how far each split got) so an interrupted run can continue; both go on commit.
+
 A reader that knows nothing of extra layers reads `/<split>/features` as before. `transform`
 holds the resize, crop and normalisation; with `compute_stats` its mean/std are those of the
 training split (also in `stats`). `tta` is true when each vector is the mean of the image's and
@@ -163,9 +166,9 @@ class FeatureWriter:
             if not all(f.attrs.get(k) == attrs[k] for k in ("fingerprint", "plan")) or "progress" not in f.attrs:
                 raise ValueError("another plan")
             progress = json.loads(f.attrs["progress"])
-            for split, rows in progress["rows"].items():
-                for dataset in f[split].values():
-                    dataset.resize(rows, axis=0)
+            for split in ("train", "val", "test"):   # rows written after the checkpoint go, even a new split's
+                for dataset in (f[split].values() if split in f else ()):
+                    dataset.resize(progress["rows"].get(split, 0), axis=0)
             f["skipped"].resize(progress["skipped"], axis=0)
         except (OSError, KeyError, ValueError):
             f.close()

@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,26 +18,43 @@ import numpy as np
 import pytest
 
 from pipeline.extract import extract_folder
+from pipeline.store import FeatureWriter
 from tests.conftest import ROOT, make_image_folder, run_cli
 from tests.test_bad_input import one_line_error
 
 OPTIONS = ("--image-size", 64, "--workers", 0, "--dtype", "float32", "--batch-size", 2)
 
 
-def start(images: Path, out: Path, **popen) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out), "--quiet",
-                             *map(str, OPTIONS)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **popen)
+class Run:
+    """A real `pipeline extract` subprocess whose progress bar (stderr) is read as it runs."""
 
+    def __init__(self, images: Path, out: Path, **popen):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", str(images), "--out", str(out),
+                                      *map(str, OPTIONS)], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, **popen)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=lambda: self.chunks.extend(iter(
+            lambda: os.read(self.proc.stderr.fileno(), 4096), b"")))
+        self.reader.start()
 
-def wait_for_writing(tmp: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until `proc` has created or reopened (and so touched) the temporary file."""
-    started, end = time.time(), time.monotonic() + timeout
-    while not (tmp.exists() and tmp.stat().st_mtime >= started):
-        assert proc.poll() is None, f"run ended before writing {tmp}: {proc.communicate()[1]}"
-        assert time.monotonic() < end, f"{tmp} was never written"
-        time.sleep(0.005)
+    @property
+    def stderr(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def wait_for_progress(self, images: int, timeout: float = 120) -> None:
+        """Until the progress bar shows at least `images` images done: a kill point that does not
+        depend on how fast this machine is."""
+        end = time.monotonic() + timeout
+        while not [n for n in map(int, re.findall(r"\| *(\d+)/43 ", self.stderr)) if n >= images]:
+            assert self.proc.poll() is None, f"run ended before {images} images:\n{self.stderr}"
+            assert time.monotonic() < end, f"no progress to {images} images:\n{self.stderr}"
+            time.sleep(0.002)
+
+    def wait(self, timeout: float = 300) -> int:
+        self.proc.wait(timeout)
+        self.reader.join()
+        return self.proc.returncode
 
 
 def checkpointed_rows(tmp: Path) -> int | None:
@@ -65,41 +83,38 @@ def reference(tmp_path_factory):
     images = make_image_folder(tmp / "images", {"train": 8, "val": 3, "test": 3})
     (images / "train" / "red" / "broken.png").write_text("not a png")
     out = tmp / "reference.h5"
-    summary = extract_folder(images, out, image_size=64, batch_size=2, dtype="float32", workers=0, quiet=True)
-    return images, out, summary.seconds
+    extract_folder(images, out, image_size=64, batch_size=2, dtype="float32", workers=0, quiet=True)
+    return images, out
 
 
 def test_killed_and_interrupted_runs_resume_to_the_same_file(reference, tmp_path):
-    images, ref, seconds = reference
+    images, ref = reference
     out, tmp = tmp_path / "features.h5", tmp_path / "features.h5.tmp"
-    rows_before = []
+    rows_before, point = [], 0
     for seed in (1, 2):
-        proc = start(images, out)
-        wait_for_writing(tmp, proc)
-        time.sleep(np.random.default_rng(seed).uniform(0, 0.8 * seconds))
-        os.kill(proc.pid, signal.SIGSTOP)   # paused mid-write, still holding the lock
+        point += int(np.random.default_rng(seed).integers(2, 14))   # images done when killed, 43 in all
+        run = Run(images, out)
+        run.wait_for_progress(point)
+        os.kill(run.proc.pid, signal.SIGSTOP)   # paused mid-write, still holding the lock
         if seed == 1:
-            refused = run_cli("extract", images, "--out", out, *OPTIONS)
-            line = one_line_error(refused)
-            assert f"being written by another run (pid {proc.pid}" in line
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL and not out.exists()
+            line = one_line_error(run_cli("extract", images, "--out", out, *OPTIONS))
+            assert f"being written by another run (pid {run.proc.pid}" in line
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert run.wait() == -signal.SIGKILL and not out.exists()
         rows_before.append(checkpointed_rows(tmp))
     if None not in rows_before:
         assert rows_before[1] >= rows_before[0]   # the second run continued the first, did not start over
 
-    proc = start(images, out, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as in a terminal
-    wait_for_writing(tmp, proc)
-    time.sleep(np.random.default_rng(3).uniform(0, 0.5 * seconds))
+    point += int(np.random.default_rng(3).integers(2, 10))
+    run = Run(images, out, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as in a terminal
+    run.wait_for_progress(point)
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(timeout=30) == 130, run.stderr
     assert time.monotonic() - sent < 5
-    assert proc.returncode == 130, (stderr, proc.stdout)
     kept = checkpointed_rows(tmp)
-    assert stderr.strip().splitlines()[-1] == (f"interrupted: {kept} images are kept in {tmp}; "
-                                               f"run the same command again to continue from there")
+    assert run.stderr.strip().splitlines()[-1] == (f"interrupted: {kept} images are kept in {tmp}; "
+                                                   f"run the same command again to continue from there")
     assert kept >= (rows_before[1] or 0) and not out.exists()
 
     final = run_cli("extract", images, "--out", out, *OPTIONS, check=True).stderr   # the stale lock does not block
@@ -126,11 +141,28 @@ def limit_file_size(size: int):
 
 
 def test_a_full_disk_is_a_clear_error_and_the_previous_cache_stays(reference, tmp_path):
-    images, ref, _ = reference
+    images, ref = reference
     out = tmp_path / "features.h5"
     out.write_bytes(ref.read_bytes())
-    proc = start(images, out, preexec_fn=limit_file_size(ref.stat().st_size // 2))   # all rows reused, then written
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 2, stderr
-    assert stderr.strip() == f"error: cannot write {out}.tmp: File too large; {out} is left as it was"
+    run = Run(images, out, preexec_fn=limit_file_size(ref.stat().st_size // 2))   # all rows reused, then written
+    assert run.wait() == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"error: cannot write {out}.tmp: File too large; {out} is left as it was"
+    assert "Traceback" not in run.stderr
     assert out.read_bytes() == ref.read_bytes() and not Path(f"{out}.tmp").exists()
+
+
+def test_a_resumed_writer_drops_rows_written_after_the_last_checkpoint(tmp_path):
+    attrs = {"fingerprint": "f", "plan": "p"}
+    writer = FeatureWriter(tmp_path / "c.h5", attrs, {"pool": 4}, "float32")
+    writer.append("train", {"pool": np.ones((3, 4))}, [0, 1, 0], ["a", "b", "c"], ["a" * 64] * 3)
+    writer.checkpoint("train", 4)
+    writer.append("val", {"pool": np.ones((2, 4))}, [0, 1], ["d", "e"], ["d" * 64] * 2)   # a split not yet checkpointed
+    writer.skip("f", "bad")
+    writer.close()   # as on Ctrl-C: the file is flushed with the rows after the checkpoint
+    resumed = FeatureWriter(tmp_path / "c.h5", attrs, {"pool": 4}, "float32")
+    assert (resumed.progress, resumed.kept, resumed.skipped) == ({"train": 4}, 3, [])
+    assert {split: resumed.file[split]["paths"].shape[0] for split in ("train", "val")} == {"train": 3, "val": 0}
+    resumed.abort()
+    other = FeatureWriter(tmp_path / "c.h5", dict(attrs, plan="q"), {"pool": 4}, "float32")   # another plan
+    assert (other.progress, other.kept, "train" in other.file) == ({}, 0, False)
+    other.abort()
