@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 
 app = typer.Typer(help="Transfer learning on images: extract features once (stage one), "
                        "train many cheap classifiers on them (stage two).",
@@ -96,11 +96,14 @@ def extract(
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
     from pipeline.extract import extract_folder
-    summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
-                             labels=labels, id_column=id_column, label_column=label_column, tta=tta,
-                             compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
-                             device=device.value, dtype=dtype.value, workers=workers, quiet=quiet,
-                             precision=precision.value, compile=compile)
+    try:
+        summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
+                                 labels=labels, id_column=id_column, label_column=label_column, tta=tta,
+                                 compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
+                                 device=device.value, dtype=dtype.value, workers=workers, quiet=quiet,
+                                 precision=precision.value, compile=compile)
+    except KeyboardInterrupt:   # before any image was written; later ones say how to resume
+        raise Interrupted("interrupted before extraction began")
     _say(summary.lines(), quiet)
 
 
@@ -339,12 +342,19 @@ def bench(
 
 
 def run_stage(fn) -> None:
-    """Run `fn` with the command line's error contract: a UserError is one line and exit code 2."""
+    """Run `fn` with the command line's error contract: a UserError is one line and exit code 2;
+    an interrupted run says how to resume and exits with 130."""
     try:
         fn()
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except Interrupted as exc:
+        typer.echo(str(exc), err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 def main() -> None:

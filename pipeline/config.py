@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.backbones import REGISTRY, available
 from pipeline.errors import UserError
 from pipeline.heads import CLASSIFIERS
 from pipeline.train import PREPROCESSING, TrainSettings
@@ -78,6 +79,9 @@ def _settings(cls, section: str, raw: dict, choices: dict):
         if key in choices and value not in choices[key]:
             raise UserError(f"params.yaml: {section}.{key} must be one of {', '.join(choices[key])}, "
                             f"got {value!r}")
+        if key == "backbone" and value not in REGISTRY and not value.startswith("timm/"):
+            raise UserError(f"params.yaml: {section}.backbone '{value}' is unknown; choose one of: "
+                            f"{', '.join(available())}")
     return cls(**values)
 
 
@@ -93,9 +97,9 @@ def finetune_settings(name: str, raw: dict | None):
 
 def train_settings(name: str, raw: dict | None, where: str | None = None) -> TrainSettings:
     """One classifier's settings; `where` names their origin in messages (default: params.yaml)."""
-    if name not in CLASSIFIERS:
-        raise UserError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
     where = where or f"params.yaml: train.{name}"
+    if name not in CLASSIFIERS:
+        raise UserError(f"{where}: unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
     raw = dict(raw or {})
     spec = CLASSIFIERS[name]
     value = raw.pop(spec.tuned, "auto")

@@ -18,20 +18,23 @@ grayscale are scaled from their full range (0-65535, 0-1) to 0-255.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, warn
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")
+MAX_ASPECT_RATIO = 200   # beyond this, resizing the short side to the crop size makes a huge image
 
 
 @dataclass(frozen=True)
@@ -66,17 +69,41 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[str]:
-    """Relative paths of candidate images; other files are recorded as skipped, never dropped."""
-    found = []
-    for p in sorted(class_dir.rglob("*")):
-        if not p.is_file() or not all(map(_visible, p.relative_to(class_dir).parts)):
+    """Relative paths of candidate images; other files are recorded as skipped, never dropped.
+
+    Symbolic links are followed once: a link to a folder already on the way down from `root`
+    or already scanned (a loop) is recorded as skipped instead of being walked again."""
+    chain = [class_dir, *class_dir.parents]
+    seen = {_identity(d) for d in chain[:chain.index(root) + 1]}
+    found: list[str] = []
+    _walk(class_dir, root, seen, found, skipped)
+    return sorted(found)
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    st = folder.stat()
+    return st.st_dev, st.st_ino
+
+
+def _walk(folder: Path, root: Path, seen: set, found: list[str], skipped: list[tuple[str, str]]) -> None:
+    for p in sorted(folder.iterdir()):
+        if not _visible(p.name):
             continue
         rel = p.relative_to(root).as_posix()
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
+        if p.is_dir():
+            if _identity(p) in seen:
+                skipped.append((rel, "link to a folder already scanned (a symlink loop); not followed"))
+                continue
+            seen.add(_identity(p))
+            _walk(p, root, seen, found, skipped)
+        elif not p.exists():
+            skipped.append((rel, "broken symbolic link"))
+        elif not p.is_file():
+            skipped.append((rel, "not a regular file"))
+        elif p.suffix.lower() in IMAGE_EXTENSIONS:
             found.append(rel)
         else:
             skipped.append((rel, f"not an image file type ({p.suffix or 'no extension'})"))
-    return found
 
 
 DEFAULT_LABEL_COLUMNS = ("breed", "label")
@@ -196,12 +223,21 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
     if not chosen:
         raise UserError(f"no row of {csv_path} names an image in {root}")
     classes = sorted({label for _, label in chosen.values()})
+    _warn_singletons([label for _, label in chosen.values()], name)
     index = {c: i for i, c in enumerate(classes)}
     per_class: dict[int, list[str]] = {i: [] for i in index.values()}
     for path, (_, label) in chosen.items():
         per_class[index[label]].append(path)
     samples = stratified_split(per_class, val_fraction, test_fraction, seed)
     return Dataset(root, classes, samples, "labels-csv", skipped)
+
+
+def _warn_singletons(labels: list[str], name: str) -> None:
+    """A label given to one image only is often a typo of another label."""
+    counts = {label: labels.count(label) for label in set(labels)}
+    for label in sorted(c for c, n in counts.items() if n == 1):
+        close = difflib.get_close_matches(label, [c for c, n in counts.items() if n > 1], n=1)
+        warn(f"{name}: label '{label}' has a single image" + (f"; a typo of '{close[0]}'?" if close else ""))
 
 
 def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_fraction: float,
@@ -254,14 +290,24 @@ def image_bytes(path: Path) -> tuple[bytes, str]:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode the first frame as 8-bit RGB, upright per its EXIF orientation."""
+    """Decode the first frame as 8-bit RGB, upright per its EXIF orientation.
+
+    Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays on and its warning counts as
+    an error: an image whose header declares more pixels is rejected before it is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.seek(0)
-            return to_rgb(ImageOps.exif_transpose(img))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                    raise ImageError(f"{width}x{height} pixels: an aspect ratio beyond {MAX_ASPECT_RATIO}:1")
+                img.seek(0)
+                return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise ImageError("not a recognised image")
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb refused: {exc}".splitlines()[0])
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot decode: {exc}".splitlines()[0])
 
 

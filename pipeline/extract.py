@@ -3,6 +3,8 @@ reusing the vectors of unchanged images from the previous cache. On CUDA, JPEGs 
 preprocessed on the GPU (pipeline.fastpath); on CPU, PIL decodes them in DataLoader workers."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -16,9 +18,10 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone, Embedder, load_backbone
 from pipeline.data import Dataset, ImageError, Sample, decode_image, image_bytes, scan, write_manifest
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError, warn
 from pipeline.fastpath import BackgroundWriter, gpu_batches
-from pipeline.store import FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, differences, open_cache
+from pipeline.store import (FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, content_warnings, differences, open_cache,
+                            output_lock)
 
 
 @dataclass
@@ -148,7 +151,11 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
     through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
     deleted images are handled. The new cache replaces the old one atomically.
     `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
-    runs the model through torch.compile."""
+    runs the model through torch.compile.
+
+    Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
+    with Ctrl-C continues where it stopped when started again with the same data and settings.
+    Callers that may run concurrently hold `output_lock(out)` (as `extract_folder` does)."""
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     gpu_decode = dev.type == "cuda"
@@ -163,43 +170,65 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
         stats = channel_stats(dataset, backbone, batch_size, workers)
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
-    attrs = cache_attrs(backbone.spec(), dataset.classes, dtype, stats)
+    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats), plan=plan_digest(dataset, batch_size))
     rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
     notes = [*backbone.notes, *([note] if note else [])]
     writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
-    for path, reason in dataset.skipped:
-        writer.skip(path, reason)
-    transform = backbone.preprocessing.transform()
-    extracted = reused = 0
     background = BackgroundWriter(writer)
     try:
+        extracted = reused = writer.kept
+        if writer.progress:
+            notes.append(f"resumed an interrupted run: {extracted} images already in {writer.tmp}")
+        else:
+            for path, reason in dataset.skipped:
+                writer.skip(path, reason)
+        transform = backbone.preprocessing.transform()
         with Embedder(backbone, dev, precision, compile, batch_size) as embed, \
                 tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
+            bar.update(sum(writer.progress.values()))
             for split in dataset.splits():
-                samples = dataset.split(split)
+                done = writer.progress.get(split, 0)
+                samples = dataset.split(split)[done:]
                 batches = (gpu_batches(dataset.root, samples, backbone.preprocessing, batch_size, workers, dev, rows)
                            if gpu_decode else cpu_batches(dataset.root, samples, transform, batch_size, workers, rows))
                 for good, images, bad in batches:
-                    for i, reason in bad:
-                        writer.skip(samples[i].path, reason)
-                    if good:
-                        digests = [digest for _, digest in good]
-                        background.append(split, _batch_vectors(digests, images, embed, backbone.feature_dims,
-                                                                rows, old),
-                                          [samples[i].label for i, _ in good], [samples[i].path for i, _ in good],
-                                          digests)
-                        extracted += len(good)
-                        reused += len(good) - (0 if images is None else len(images))
+                    digests = [digest for _, digest in good]
+                    vectors = _batch_vectors(digests, images, embed, backbone.feature_dims, rows, old) if good else None
+                    extracted += len(good)
+                    reused += len(good) - (0 if images is None else len(images))
+                    done += len(good) + len(bad)
+                    background.append(split, vectors, [samples[i].label for i, _ in good],
+                                      [samples[i].path for i, _ in good], digests,
+                                      [(samples[i].path, reason) for i, reason in bad], done)
                     bar.update(len(good) + len(bad))
         background.close()
         writer.commit(extract_seconds=time.perf_counter() - start)
+    except KeyboardInterrupt:
+        background.stop()
+        writer.close()
+        raise Interrupted(f"interrupted: {writer.kept} images are kept in {writer.tmp}; "
+                          f"run the same command again to continue from there")
+    except OSError as exc:
+        background.stop()
+        writer.abort()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+        raise UserError(f"cannot write {writer.tmp}: {reason}; {out} is left as it was")
     except BaseException:
         background.stop()
         writer.abort()
         raise
+    for line in content_warnings(open_cache(out)):
+        warn(line)
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
                           time.perf_counter() - start, mode, reused, notes)
+
+
+def plan_digest(dataset: Dataset, batch_size: int) -> str:
+    """Digest of what a run will write, in order: an interrupted run continues only the same plan
+    (the batch size too, so batches, and hence vectors, are cut exactly as in one go)."""
+    plan = [dataset.classes, [(s.split, s.path, s.label) for s in dataset.samples], dataset.skipped, batch_size]
+    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
 
 
 def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder, dims: dict[str, int],
@@ -224,9 +253,10 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                    labels: Path | None = None, id_column: str = "id", label_column: str | None = None,
                    tta: bool = False, **options) -> ExtractSummary:
     """Scan `data` (or the images `labels` names), record the split in `<out>.manifest.csv`, and
-    extract its features into `out`; `options` go to `extract`."""
-    dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+    extract its features into `out`; `options` go to `extract`. A second run on the same `out`
+    is refused at once while this one holds `<out>.lock`."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(dataset, out.with_suffix(".manifest.csv"))
-    return extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)
+    with output_lock(out):
+        dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+        write_manifest(dataset, out.with_suffix(".manifest.csv"))
+        return extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)

@@ -131,9 +131,10 @@ def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_siz
 
 
 class BackgroundWriter:
-    """Appends feature blocks to a FeatureWriter from a thread, gathered into slabs of about `slab_bytes`,
-    so HDF5 writes overlap compute and are never one row at a time. The hand-over queue is bounded: memory
-    stays flat whatever the dataset size."""
+    """Appends batches to a FeatureWriter from a thread, gathered into slabs of about `slab_bytes`, so HDF5
+    writes overlap compute and are never one row at a time. After each slab it records the batches' skipped
+    files and checkpoints the writer, so the progress saved in the file never runs ahead of its rows. The
+    hand-over queue is bounded: memory stays flat whatever the dataset size."""
 
     def __init__(self, writer: FeatureWriter, slab_bytes: int = 2 << 20, depth: int = 4):
         self.writer = writer
@@ -143,11 +144,14 @@ class BackgroundWriter:
         self.thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
         self.thread.start()
 
-    def append(self, split: str, features: dict[str, np.ndarray], labels, paths, sha256) -> None:
-        """As FeatureWriter.append, from the caller's thread; errors of the writing thread surface here."""
+    def append(self, split: str, features: dict[str, np.ndarray] | None, labels, paths, sha256,
+               skipped: list[tuple[str, str]], done: int) -> None:
+        """One batch of `split`: its rows (`features` maps each layer to its vectors; None when the batch
+        has no rows), the files it skipped with their reasons, and the samples of `split` done after it.
+        Errors of the writing thread surface here."""
         if self.error is not None:
             raise self.error
-        self.queue.put((split, features, list(labels), list(paths), list(sha256)))
+        self.queue.put((split, features, list(labels), list(paths), list(sha256), list(skipped), done))
 
     def _run(self) -> None:
         pending: list = []
@@ -167,11 +171,16 @@ class BackgroundWriter:
                 self.error, pending = self.error or exc, []
 
     def _write(self, blocks: list) -> None:
-        if self.error is None:
-            self.writer.append(blocks[0][0], {layer: np.concatenate([b[1][layer] for b in blocks])
-                                              for layer in blocks[0][1]},
-                               [x for b in blocks for x in b[2]], [x for b in blocks for x in b[3]],
-                               [x for b in blocks for x in b[4]])
+        if self.error is not None:
+            return
+        rows = [b for b in blocks if b[1] is not None]
+        if rows:
+            self.writer.append(blocks[0][0], {layer: np.concatenate([b[1][layer] for b in rows]) for layer in rows[0][1]},
+                               [x for b in rows for x in b[2]], [x for b in rows for x in b[3]],
+                               [x for b in rows for x in b[4]])
+        for path, reason in (s for b in blocks for s in b[5]):
+            self.writer.skip(path, reason)
+        self.writer.checkpoint(blocks[-1][0], blocks[-1][6])
 
     def stop(self) -> None:
         """Write what is pending and wait for the thread (no-op once stopped)."""

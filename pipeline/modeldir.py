@@ -52,8 +52,8 @@ def read_info(model_dir: Path) -> dict:
     return info
 
 
-def load(model_dir: Path) -> tuple[dict, object]:
-    """(model.json, fitted head or state dict) after checking every file against its recorded SHA-256."""
+def verify(model_dir: Path) -> dict:
+    """model.json, after checking every file it lists against its recorded SHA-256."""
     info = read_info(model_dir)
     model_file = WEIGHTS if info["kind"] == "finetuned" else HEAD
     if model_file not in info["files"]:
@@ -64,7 +64,14 @@ def load(model_dir: Path) -> tuple[dict, object]:
             raise UserError(f"model directory {model_dir} lacks {name}")
         if sha256_file(path) != digest:
             raise UserError(f"{path} does not match the SHA-256 recorded in model.json; refusing to load it")
+    return info
+
+
+def load(model_dir: Path) -> tuple[dict, object]:
+    """(model.json, fitted head or state dict), loaded only after `verify`."""
+    info = verify(model_dir)
+    path = Path(model_dir) / (WEIGHTS if info["kind"] == "finetuned" else HEAD)
     if info["kind"] == "finetuned":
         import torch
-        return info, torch.load(Path(model_dir) / model_file, map_location="cpu", weights_only=True)
-    return info, joblib.load(Path(model_dir) / model_file)
+        return info, torch.load(path, map_location="cpu", weights_only=True)
+    return info, joblib.load(path)

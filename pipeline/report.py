@@ -27,7 +27,7 @@ def model_dirs(paths: list[Path]) -> list[Path]:
 
 
 def _row(d: Path) -> dict:
-    info = modeldir.read_info(d)
+    info = modeldir.verify(d)
     metrics_path = d / "metrics.json"
     if not metrics_path.is_file():
         raise UserError(f"model directory {d} has no metrics.json")

@@ -12,6 +12,9 @@ Layout (readable with plain h5py):
   /<split>/sha256   [N] 64-char str of the image bytes: the key for incremental reuse
   /skipped          table of (path, reason)
 
+While being written, `<out>.tmp` also carries `plan` (digest of the samples to write) and
+`progress` (how far each split got) so an interrupted run can continue; both go on commit.
+
 A reader that knows nothing of extra layers reads `/<split>/features` as before. `transform`
 holds the resize, crop and normalisation; with `compute_stats` its mean/std are those of the
 training split (also in `stats`). `tta` is true when each vector is the mean of the image's and
@@ -19,10 +22,12 @@ its horizontal flip's. The fingerprint digests every attribute that changes a ve
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +44,9 @@ EXPECTABLE = ("backbone", "weights", "weights_sha256", "layer", "layers", "image
               "compute_stats", "fingerprint")
 STR = h5py.string_dtype("utf-8")
 SKIPPED_DTYPE = np.dtype([("path", STR), ("reason", STR)])
+# Rows go to the file within each write call, so a failed write (disk full) raises there; with a
+# chunk cache it would fail later, when h5py closes a dataset, where errors are only printed.
+UNBUFFERED = {"rdcc_nbytes": 0}
 
 
 def fingerprint(attrs: dict) -> str:
@@ -125,17 +133,49 @@ def check_expected(cache: "Cache", expected: dict) -> None:
 
 
 class FeatureWriter:
-    """Streams rows into `<target>.tmp` and renames it over the target only in `commit()`."""
+    """Streams rows into `<target>.tmp` and renames it over the target only in `commit()`.
+
+    `checkpoint()` flushes the file and records in its `progress` attribute how far each split
+    got; a later writer with the same fingerprint and `plan` (attrs) continues from there
+    (`progress` then holds the samples done per split), so a killed run loses at most a batch.
+    A kill during the flush itself can leave the file unreadable; the next run then starts over."""
 
     def __init__(self, target: Path, attrs: dict, dims: dict[str, int], dtype: str):
         """`dims`: the feature size of each layer, the default layer first."""
         self.target = Path(target)
         self.tmp = self.target.with_name(self.target.name + ".tmp")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
-        self.file.attrs.update(attrs)
         self.dims, self.dtype = dims, np.dtype(dtype)
-        self.skipped: list[tuple[str, str]] = []
+        self.progress: dict[str, int] = {}   # samples done per split at the last checkpoint
+        self.kept = 0                          # rows written at the last checkpoint
+        self.file = self._resumed(attrs)
+        if self.file is None:
+            self.file = h5py.File(self.tmp, "w", **UNBUFFERED)
+            self.file.attrs.update(attrs)
+            self.file.create_dataset("skipped", (0,), SKIPPED_DTYPE, maxshape=(None,), chunks=(1024,))
+        self.file.flush()   # a readable file from the start, cut back to the last checkpoint on resume
+        self.skipped: list[tuple[str, str]] = [(_str(p), _str(r)) for p, r in self.file["skipped"][:]]
+
+    def _resumed(self, attrs: dict) -> h5py.File | None:
+        """The checkpointed temporary file of an interrupted run with the same plan, cut back to its
+        last checkpoint; None when there is none to continue."""
+        try:
+            f = h5py.File(self.tmp, "r+", **UNBUFFERED)
+        except OSError:   # none, or not readable: start afresh
+            return None
+        try:
+            if not all(f.attrs.get(k) == attrs[k] for k in ("fingerprint", "plan")) or "progress" not in f.attrs:
+                raise ValueError("another plan")
+            progress = json.loads(f.attrs["progress"])
+            for split in ("train", "val", "test"):   # rows written after the checkpoint go, even a new split's
+                for dataset in (f[split].values() if split in f else ()):
+                    dataset.resize(progress["rows"].get(split, 0), axis=0)
+            f["skipped"].resize(progress["skipped"], axis=0)
+        except (OSError, KeyError, ValueError):
+            f.close()
+            return None
+        self.progress, self.kept = progress["samples"], sum(progress["rows"].values())
+        return f
 
     def _group(self, split: str) -> h5py.Group:
         if split in self.file:
@@ -162,19 +202,65 @@ class FeatureWriter:
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append((path, reason))
+        table = self.file["skipped"]
+        table.resize(len(self.skipped), axis=0)
+        table[-1] = (path, reason)
+
+    def checkpoint(self, split: str, samples_done: int) -> None:
+        """Make everything written so far durable and resumable: `samples_done` of `split` are in."""
+        self.progress[split] = samples_done
+        rows = {s: self.file[s]["labels"].shape[0] for s in ("train", "val", "test") if s in self.file}
+        self.file.attrs["progress"] = json.dumps({"samples": self.progress, "rows": rows,
+                                                  "skipped": len(self.skipped)})
+        self.file.flush()
+        self.kept = sum(rows.values())
 
     def commit(self, **attrs) -> None:
         """Finish the file, adding `attrs` known only at the end (such as the extraction time)."""
+        for key in ("progress", "plan"):
+            self.file.attrs.pop(key, None)
         self.file.attrs.update(attrs)
-        self.file.create_dataset("skipped", data=np.array(self.skipped, dtype=SKIPPED_DTYPE))
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
         self.file.close()
         os.replace(self.tmp, self.target)
 
-    def abort(self) -> None:
+    def close(self) -> None:
+        """Stop, keeping the temporary file at its last checkpoint for a later run to continue."""
         self.file.close()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except (OSError, RuntimeError):   # closing flushes, which fails again on a full disk; the file goes anyway
+            pass
         self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def output_lock(target: Path):
+    """Hold `<target>.lock` (flock) for the whole write; a second writer is refused at once with the
+    holder's pid. The kernel drops the lock when its holder dies, so a stale file never blocks."""
+    path = Path(target).with_name(Path(target).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{target} is being written by another run (pid {f.read().strip() or '?'}, "
+                            f"lock {path}); wait for it to finish")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass
@@ -232,6 +318,23 @@ class Cache:
         return dataset_digest(rows)
 
 
+def content_warnings(cache: Cache, show: int = 20) -> list[str]:
+    """What a user should know about a finished cache: classes without rows in a split (the class
+    list comes from train) and byte-identical images in two splits (a leak between them)."""
+    out, where = [], {}
+    with h5py.File(cache.path, "r") as f:
+        for split in cache.splits:
+            counts = np.bincount(f[split]["labels"][:], minlength=len(cache.classes))
+            out += [f"class '{c}' has no usable image in {split}" for c, n in zip(cache.classes, counts) if n == 0]
+            for path, digest in zip(f[split]["paths"][:], f[split]["sha256"][:]):
+                where.setdefault(digest.decode(), {}).setdefault(split, path.decode())
+    leaks = [(d, s) for d, s in where.items() if len(s) > 1]
+    out += [f"identical images in {' and '.join(s)} (sha256 {d}): {', '.join(s.values())}" for d, s in leaks[:show]]
+    if len(leaks) > show:
+        out.append(f"... and {len(leaks) - show} more images identical across splits")
+    return out
+
+
 def open_cache(path: Path) -> Cache:
     """Open a feature cache after checking it is whole: schema, datasets, row counts, fingerprint."""
     path = Path(path)
@@ -263,6 +366,5 @@ def open_cache(path: Path) -> Cache:
                 raise UserError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
         if "train" not in splits:
             raise UserError(f"feature cache {path} has no train split")
-        skipped = [(p.decode() if isinstance(p, bytes) else p, r.decode() if isinstance(r, bytes) else r)
-                   for p, r in f["skipped"][:]] if "skipped" in f else []
+        skipped = [(_str(p), _str(r)) for p, r in f["skipped"][:]] if "skipped" in f else []
     return Cache(path, attrs, json.loads(attrs["classes"]), splits, skipped)

@@ -66,7 +66,8 @@ def test_background_writer_writes_slabs_in_order(tmp_path):
         for start in range(0, 1000, 64):
             block = rows[start:start + 64]
             background.append(split, {"none": block}, [start // 64 % 2] * len(block),
-                              [f"{split}/{i}" for i in range(start, start + len(block))], ["0" * 64] * len(block))
+                              [f"{split}/{i}" for i in range(start, start + len(block))], ["0" * 64] * len(block),
+                              [], start + len(block))
     background.close()
     writer.commit()
     cache = open_cache(tmp_path / "f.h5")
