@@ -175,9 +175,9 @@ class BackgroundWriter:
             return
         rows = [b for b in blocks if b[1] is not None]
         if rows:
-            self.writer.append(blocks[0][0], {layer: np.concatenate([b[1][layer] for b in rows]) for layer in rows[0][1]},
-                               [x for b in rows for x in b[2]], [x for b in rows for x in b[3]],
-                               [x for b in rows for x in b[4]])
+            features = {layer: np.concatenate([b[1][layer] for b in rows]) for layer in rows[0][1]}
+            self.writer.append(blocks[0][0], features, [x for b in rows for x in b[2]],
+                               [x for b in rows for x in b[3]], [x for b in rows for x in b[4]])
         for path, reason in (s for b in blocks for s in b[5]):
             self.writer.skip(path, reason)
         self.writer.checkpoint(blocks[-1][0], blocks[-1][6])
