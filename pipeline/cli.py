@@ -93,15 +93,23 @@ def extract(
     compile: Annotated[bool, typer.Option("--compile", help="Run the model through torch.compile "
                                                            "(pays off on large datasets).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
+                                            "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
+    from pipeline import distributed
+    if nproc > 1:
+        sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     from pipeline.extract import extract_folder
+    if distributed.is_distributed():
+        extract_folder = distributed.extract_folder
     summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
                              labels=labels, id_column=id_column, label_column=label_column, tta=tta,
                              compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
                              device=device.value, dtype=dtype.value, workers=workers, quiet=quiet,
                              precision=precision.value, compile=compile)
-    _say(summary.lines(), quiet)
+    if summary:
+        _say(summary.lines(), quiet)
 
 
 def _pairs(pairs: list[str], option: str) -> dict[str, str]:

@@ -140,7 +140,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, 
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 64, device: str = "auto",
             dtype: str = "float16", workers: int | None = None, quiet: bool = False,
             compute_stats: bool = False, reuse: bool = True, precision: str = "auto",
-            compile: bool = False) -> ExtractSummary:
+            compile: bool = False, reuse_from: Path | None = None) -> ExtractSummary:
     """Write one HDF5 cache with the features of every split of `dataset`.
 
     When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
@@ -148,7 +148,8 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
     through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
     deleted images are handled. The new cache replaces the old one atomically.
     `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
-    runs the model through torch.compile."""
+    runs the model through torch.compile. `reuse_from` names another cache to reuse vectors from
+    (default `out`; pipeline.distributed writes shards that reuse from the complete file)."""
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     gpu_decode = dev.type == "cuda"
@@ -164,7 +165,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
     attrs = cache_attrs(backbone.spec(), dataset.classes, dtype, stats)
-    rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
+    rows, old, note = previous_vectors(reuse_from or out, attrs) if reuse else ({}, {}, None)
     notes = [*backbone.notes, *([note] if note else [])]
     writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
     for path, reason in dataset.skipped:
