@@ -279,6 +279,12 @@ def finetune(
                                                       "no split folders.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the split, the head and the batch order.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+    scale_lr: Annotated[bool, typer.Option(help="Under torchrun: multiply --lr by the number of processes "
+                                                "(linear scaling rule for the larger global batch).")] = True,
+    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Rewrite OUT/checkpoint.pt after every "
+                                                                 "epoch, for --resume.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.pt written with the "
+                                                        "same settings (implies --checkpoint).")] = None,
 ):
     """Optional stage: fine-tune the backbone with a new head (or train it from scratch), keep the
     best epoch by val accuracy, and write a model directory that predict and compare accept."""
@@ -290,8 +296,10 @@ def finetune(
                          plateau_patience=plateau_patience, plateau_factor=plateau_factor, max_decays=max_decays,
                          patience=patience, random_crop=random_crop, flip=flip, rotation=rotation,
                          color_jitter=color_jitter, device=device.value, workers=workers,
-                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    m = run(data, out, s, quiet)
+                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, scale_lr=scale_lr)
+    m = run(data, out, s, quiet, checkpoint, resume)
+    if m is None:   # a torchrun rank other than 0
+        return
     _say([f"{strategy.value}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
           f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"]
          + ([f"skipped {m['n_skipped']} files (reasons in {out / 'model.json'})"] if m["n_skipped"] else []), quiet)
