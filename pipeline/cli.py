@@ -285,9 +285,14 @@ def finetune(
                                                                  "epoch, for --resume.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.pt written with the "
                                                         "same settings (implies --checkpoint).")] = None,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
+                                            "torchrun; trains with DistributedDataParallel.")] = 1,
 ):
     """Optional stage: fine-tune the backbone with a new head (or train it from scratch), keep the
     best epoch by val accuracy, and write a model directory that predict and compare accept."""
+    from pipeline import distributed
+    if nproc > 1:
+        sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     from pipeline.finetune import FinetuneSettings, finetune as run
     s = FinetuneSettings(backbone=backbone, weights=weights, strategy=strategy.value, freeze=freeze, epochs=epochs,
                          head_epochs=head_epochs, image_size=image_size, batch_size=batch_size,

@@ -11,6 +11,7 @@ Under torchrun (WORLD_SIZE > 1) training runs as DistributedDataParallel; see pi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -328,8 +329,11 @@ def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneS
         set_trainable(net, frozen, head_only)
         train_batches.set_epoch(epoch)
         lr, t = optimizer.param_groups[0]["lr"], time.perf_counter()
-        row = distributed.train_totals(train_one_epoch(model, train_batches, loss_fn, optimizer, scaler, dev,
-                                                       f"{name} epoch {epoch}/{s.epochs}", quiet))
+        # join: a rank may take fewer steps (a batch of unreadable images yields none)
+        with model.join() if model is not net else contextlib.nullcontext():
+            row = train_one_epoch(model, train_batches, loss_fn, optimizer, scaler, dev,
+                                  f"{name} epoch {epoch}/{s.epochs}", quiet)
+        row = distributed.train_totals(row)
         val_loss, val_acc = distributed.agree(evaluate(net, val_batches, loss_fn, dev)[:2])
         history.append({"epoch": epoch, "phase": "head" if head_only else s.strategy, "lr": lr,
                         "train_loss": row["train_loss"], "train_acc": row["train_acc"],
