@@ -41,7 +41,8 @@ def rows(path: Path) -> dict:
         out = {"attrs": {k: v for k, v in f.attrs.items() if k not in ("created", "extract_seconds")},
                "skipped": f["skipped"][:].tolist()}
         for split in ("train", "val", "test"):
-            out[split] = {name: f[split][name][:] for name in ("features", "labels", "paths", "sha256")}
+            if split in f:
+                out[split] = {name: f[split][name][:] for name in ("features", "labels", "paths", "sha256")}
     return out
 
 
@@ -112,3 +113,35 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
     table = list(csv.DictReader(predicted.stdout.splitlines()))
     assert [Path(r["path"]).name for r in table] == ["test_0.png", "test_1.png"]
     assert all(r["class"] in COLOURS and not r["error"] for r in table)
+
+
+def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(tmp_path):
+    """In one process: four shards of splits smaller than four; the first holds no rows at all."""
+    from pipeline.backbones import load_backbone
+    from pipeline.data import scan
+    from pipeline.distributed import concatenate, shard, shard_path
+    from pipeline.extract import extract
+
+    images = make_image_folder(tmp_path / "images", {"train": 1, "val": 1}, classes=("red", "green"))
+    (images / "val" / "red" / "broken.png").write_bytes(b"not a png")
+    dataset = scan(images, 0.15, 0.15, 0)
+    backbone = load_backbone("efficientnet_lite0", "none", None, 64)
+    single = tmp_path / "single.h5"
+    extract(dataset, backbone, single, device="cpu", dtype="float32", workers=0, quiet=True)
+    out = tmp_path / "joined.h5"
+    shards = [shard_path(out, r, 4) for r in range(4)]
+    counts = []
+    for r, path in enumerate(shards):
+        part = shard(dataset, r, 4)
+        counts.append(len(part.samples))
+        extract(part, backbone, path, device="cpu", dtype="float32", workers=0, quiet=True)
+    assert counts == [0, 2, 1, 2]   # train 0+1+0+1, val 0+1+1+1
+    concatenate(dataset, shards, out)
+
+    a, b = rows(single), rows(out)
+    assert a["attrs"] == b["attrs"] and a["skipped"] == b["skipped"] and len(a["skipped"]) == 1
+    assert "test" not in a and "test" not in b
+    for split in ("train", "val"):
+        assert a[split]["paths"].tolist() == b[split]["paths"].tolist()
+        np.testing.assert_allclose(a[split]["features"], b[split]["features"], rtol=1e-4, atol=1e-4)
+    assert not any(p.exists() for p in shards)
