@@ -96,6 +96,12 @@ def without_option(args: list[str], name: str) -> list[str]:
 
 # ---- extraction ------------------------------------------------------------------------------
 
+def check_extract_options(compute_stats: bool) -> None:
+    if compute_stats:
+        raise UserError("--compute-stats needs the whole training split in one process; "
+                        "run it without torchrun or --nproc")
+
+
 def shard(dataset: Dataset, r: int, n: int) -> Dataset:
     """Rank r's samples of n: a contiguous block, balanced by count, of every split."""
     samples = []
@@ -116,9 +122,7 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                    **options) -> ExtractSummary | None:
     """pipeline.extract.extract_folder on every rank of the process group, each on its shard, then
     the shards concatenated into `out` by rank 0. Returns the summary on rank 0, None elsewhere."""
-    if options.get("compute_stats"):
-        raise UserError("--compute-stats needs the whole training split in one process; "
-                        "run it without torchrun")
+    check_extract_options(options.get("compute_stats", False))
     start_time = time.perf_counter()
     device = start(options.pop("device", "auto"))
     try:

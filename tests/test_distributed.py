@@ -145,3 +145,9 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
         assert a[split]["paths"].tolist() == b[split]["paths"].tolist()
         np.testing.assert_allclose(a[split]["features"], b[split]["features"], rtol=1e-4, atol=1e-4)
     assert not any(p.exists() for p in shards)
+
+
+def test_compute_stats_is_refused_before_launching(image_folder, tmp_path):
+    proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", "--compute-stats", "--nproc", 2)
+    assert proc.returncode == 2 and "--compute-stats needs the whole training split" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("f*"))
