@@ -32,7 +32,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -229,8 +228,3 @@ def gather_dicts(d: dict) -> dict:
     parts = [None] * world_size()
     dist.all_gather_object(parts, d)
     return {k: v for part in parts for k, v in part.items()}
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

@@ -438,8 +438,9 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     history, best_state, best_epoch = fit(trained, train_batches, val_batches, frozen, s, dev, out_dir.name, quiet,
                                           out_dir / CHECKPOINT if checkpoint or resume else None, state)
     if state and state["done"]:   # no epoch ran: read train and val once to record their images
-        for _ in (*train_batches, *val_batches):
-            pass
+        for split_batches in (train_batches, val_batches):
+            for _ in split_batches:
+                pass
     fit_seconds = time.perf_counter() - start
     seen, skipped = distributed.gather_dicts(seen), distributed.gather_dicts(skipped)
     if distributed.rank() > 0:
