@@ -109,6 +109,9 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["n_train"] == 18 and metrics["n_val"] == 6
 
+    other = run_cli(*settings[:-1], "--epochs", 4, "--resume", checkpoint)   # one process: lr unscaled too
+    assert other.returncode == 2 and "epochs: 3 != 4; lr: 0.02 != 0.01" in other.stderr
+
     predicted = run_cli("predict", out, images / "test" / "red", "--format", "csv", "--top-k", 1, check=True)
     table = list(csv.DictReader(predicted.stdout.splitlines()))
     assert [Path(r["path"]).name for r in table] == ["test_0.png", "test_1.png"]
