@@ -419,7 +419,9 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     torch.manual_seed(s.seed)
     model = Classifier(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
     sharded = distributed.is_distributed()
-    # find_unused_parameters: the backbone's own classifier, frozen stages and head-only epochs get no gradient
+    if sharded:   # DDP synchronises the parameters that require gradients when it wraps: all it may train
+        set_trainable(model, frozen, head_only=False)
+    # find_unused_parameters: the backbone's own classifier (and, in head-only epochs, the backbone) get no gradient
     trained = (DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                        find_unused_parameters=True) if sharded else model)
     seen, skipped = {}, dict(dataset.skipped)
