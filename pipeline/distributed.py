@@ -75,6 +75,8 @@ def stop() -> None:
 
 def launch(nproc: int, args: list[str]) -> int:
     """Run `python -m pipeline ARGS` as `nproc` processes on this machine through torchrun."""
+    if is_distributed():
+        raise UserError("--nproc launches torchrun itself; leave it out when running under torchrun")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "pipeline", *args]
     return subprocess.call(command)
