@@ -101,9 +101,8 @@ def extract(
     if nproc > 1:
         distributed.check_extract_options(compute_stats)
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    from pipeline.extract import extract_folder
-    if distributed.is_distributed():
-        extract_folder = distributed.extract_folder
+    from pipeline.extract import extract_folder as single
+    extract_folder = distributed.extract_folder if distributed.is_distributed() else single
     summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
                              labels=labels, id_column=id_column, label_column=label_column, tta=tta,
                              compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
