@@ -93,9 +93,16 @@ def extract(
     compile: Annotated[bool, typer.Option("--compile", help="Run the model through torch.compile "
                                                            "(pays off on large datasets).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
+                                            "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
-    from pipeline.extract import extract_folder
+    from pipeline import distributed
+    if nproc > 1:
+        distributed.check_extract_options(compute_stats)
+        sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
+    from pipeline.extract import extract_folder as single
+    extract_folder = distributed.extract_folder if distributed.is_distributed() else single
     try:
         summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
                                  labels=labels, id_column=id_column, label_column=label_column, tta=tta,
@@ -104,7 +111,8 @@ def extract(
                                  precision=precision.value, compile=compile)
     except KeyboardInterrupt:   # before any image was written; later ones say how to resume
         raise Interrupted("interrupted before extraction began")
-    _say(summary.lines(), quiet)
+    if summary:
+        _say(summary.lines(), quiet)
 
 
 def _pairs(pairs: list[str], option: str) -> dict[str, str]:
@@ -274,9 +282,20 @@ def finetune(
                                                       "no split folders.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the split, the head and the batch order.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+    scale_lr: Annotated[bool, typer.Option(help="Under torchrun: multiply --lr by the number of processes "
+                                                "(linear scaling rule for the larger global batch).")] = True,
+    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Rewrite OUT/checkpoint.pt after every "
+                                                                 "epoch, for --resume.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.pt written with the "
+                                                        "same settings (implies --checkpoint).")] = None,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
+                                            "torchrun; trains with DistributedDataParallel.")] = 1,
 ):
     """Optional stage: fine-tune the backbone with a new head (or train it from scratch), keep the
     best epoch by val accuracy, and write a model directory that predict and compare accept."""
+    from pipeline import distributed
+    if nproc > 1:
+        sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     from pipeline.finetune import FinetuneSettings, finetune as run
     s = FinetuneSettings(backbone=backbone, weights=weights, strategy=strategy.value, freeze=freeze, epochs=epochs,
                          head_epochs=head_epochs, image_size=image_size, batch_size=batch_size,
@@ -285,8 +304,10 @@ def finetune(
                          plateau_patience=plateau_patience, plateau_factor=plateau_factor, max_decays=max_decays,
                          patience=patience, random_crop=random_crop, flip=flip, rotation=rotation,
                          color_jitter=color_jitter, device=device.value, workers=workers,
-                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    m = run(data, out, s, quiet)
+                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, scale_lr=scale_lr)
+    m = run(data, out, s, quiet, checkpoint, resume)
+    if m is None:   # a torchrun rank other than 0
+        return
     _say([f"{strategy.value}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
           f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"]
          + ([f"skipped {m['n_skipped']} files (reasons in {out / 'model.json'})"] if m["n_skipped"] else []), quiet)

@@ -143,7 +143,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, 
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 64, device: str = "auto",
             dtype: str = "float16", workers: int | None = None, quiet: bool = False,
             compute_stats: bool = False, reuse: bool = True, precision: str = "auto",
-            compile: bool = False) -> ExtractSummary:
+            compile: bool = False, reuse_from: Path | None = None) -> ExtractSummary:
     """Write one HDF5 cache with the features of every split of `dataset`.
 
     When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
@@ -151,7 +151,8 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
     through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
     deleted images are handled. The new cache replaces the old one atomically.
     `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
-    runs the model through torch.compile.
+    runs the model through torch.compile. `reuse_from` names another cache to reuse vectors from
+    (default `out`; pipeline.distributed writes shards that reuse from the complete file).
 
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
@@ -171,7 +172,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
     attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats), plan=plan_digest(dataset, batch_size))
-    rows, old, note = previous_vectors(out, attrs) if reuse else ({}, {}, None)
+    rows, old, note = previous_vectors(reuse_from or out, attrs) if reuse else ({}, {}, None)
     notes = [*backbone.notes, *([note] if note else [])]
     writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
     background = BackgroundWriter(writer)
@@ -217,8 +218,6 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
         background.stop()
         writer.abort()
         raise
-    for line in content_warnings(open_cache(out)):
-        warn(line)
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
                           time.perf_counter() - start, mode, reused, notes)
@@ -259,4 +258,12 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     with output_lock(out):
         dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
         write_manifest(dataset, out.with_suffix(".manifest.csv"))
-        return extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)
+        summary = extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)
+    warn_about(out)
+    return summary
+
+
+def warn_about(cache: Path) -> None:
+    """One `warning:` line per class missing from a split and per image found in two splits."""
+    for line in content_warnings(open_cache(cache)):
+        warn(line)

@@ -7,22 +7,26 @@ Strategies (the question every transfer-learning tutorial ends with: are frozen 
   scratch  random init (`weights none`), all layers trained: the baseline pretraining must beat
 
 The best epoch by val accuracy is kept and evaluated once on test (on val when there is no test split).
+Under torchrun (WORLD_SIZE > 1) training runs as DistributedDataParallel; see pipeline.distributed.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from pipeline import modeldir
+from pipeline import distributed, modeldir
 from pipeline.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
 from pipeline.data import Dataset, dataset_digest, scan
 from pipeline.errors import UserError
@@ -64,6 +68,7 @@ class FinetuneSettings:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    scale_lr: bool = True                # under torchrun: lr x world_size (the linear scaling rule)
 
     def check(self) -> "FinetuneSettings":
         for key, allowed in CHOICES.items():
@@ -179,15 +184,23 @@ class Batches:
     """A DataLoader over one split that records each image's SHA-256 and any file it cannot use."""
 
     def __init__(self, dataset: Dataset, split: str, transform, batch_size: int, workers: int, shuffle: bool,
-                 seed: int, seen: dict, skipped: dict):
+                 seed: int, seen: dict, skipped: dict, sharded: bool = False):
+        """`sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
+        when `shuffle`); `set_epoch` reshuffles it."""
         self.samples = dataset.split(split)
         self.split, self.seen, self.skipped = split, seen, skipped
-        self.loader = DataLoader(ImageFiles(dataset.root, self.samples, transform), batch_size=batch_size,
-                                 shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        files = ImageFiles(dataset.root, self.samples, transform)
+        self.sampler = DistributedSampler(files, shuffle=shuffle, seed=seed) if sharded else None
+        self.loader = DataLoader(files, batch_size=batch_size, shuffle=shuffle and not sharded,
+                                 sampler=self.sampler, num_workers=workers, collate_fn=collate,
                                  generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.sampler) if self.sampler else len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler:
+            self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         for good, images, bad in self.loader:
@@ -287,23 +300,41 @@ def write_history(history: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
-def fit(model: Classifier, train_batches, val_batches, frozen: list, s: FinetuneSettings, dev: torch.device,
-        name: str, quiet: bool) -> tuple[list[dict], dict, int]:
+def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneSettings, dev: torch.device,
+        name: str, quiet: bool, checkpoint: Path | None = None, resume: dict | None = None
+        ) -> tuple[list[dict], dict, int]:
     """Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
-    epoch by val accuracy (the first of equals) and that epoch's number."""
+    epoch by val accuracy (the first of equals) and that epoch's number. `model` is a Classifier or
+    its DistributedDataParallel wrapper. `checkpoint`: a file rewritten after every epoch (on rank 0)
+    with what `resume` needs to carry on after that epoch."""
+    net = model.module if isinstance(model, DistributedDataParallel) else model
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = make_optimizer(model, s)
+    optimizer = make_optimizer(net, s)
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s.epochs) if s.schedule == "cosine" else None
     plateau = PlateauSchedule(optimizer, s.plateau_patience, s.plateau_factor, s.max_decays)
-    history, best, best_state, best_epoch = [], -1.0, None, 0
-    for epoch in range(1, s.epochs + 1):
+    history, best, best_state, best_epoch, done = [], -1.0, None, 0, False
+    if resume:
+        net.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        if cosine:
+            cosine.load_state_dict(resume["cosine"])
+        plateau.best, plateau.waited, plateau.decays = resume["plateau"]
+        history, best, best_state, best_epoch, done = (resume[k] for k in ("history", "best", "best_state",
+                                                                           "best_epoch", "done"))
+    for epoch in range(len(history) + 1, 1 if done else s.epochs + 1):
         head_only = epoch <= s.head_epochs
-        set_trainable(model, frozen, head_only)
+        model.train()   # the DDP wrapper's own mode; set_trainable sets its parts'
+        set_trainable(net, frozen, head_only)
+        train_batches.set_epoch(epoch)
         lr, t = optimizer.param_groups[0]["lr"], time.perf_counter()
-        row = train_one_epoch(model, train_batches, loss_fn, optimizer, scaler, dev,
-                              f"{name} epoch {epoch}/{s.epochs}", quiet)
-        val_loss, val_acc, _, _ = evaluate(model, val_batches, loss_fn, dev)
+        # join: a rank may take fewer steps (a batch of unreadable images yields none)
+        with model.join() if model is not net else contextlib.nullcontext():
+            row = train_one_epoch(model, train_batches, loss_fn, optimizer, scaler, dev,
+                                  f"{name} epoch {epoch}/{s.epochs}", quiet)
+        row = distributed.train_totals(row)
+        val_loss, val_acc = distributed.agree(evaluate(net, val_batches, loss_fn, dev)[:2])
         history.append({"epoch": epoch, "phase": "head" if head_only else s.strategy, "lr": lr,
                         "train_loss": row["train_loss"], "train_acc": row["train_acc"],
                         "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": time.perf_counter() - t,
@@ -313,20 +344,72 @@ def fit(model: Classifier, train_batches, val_batches, frozen: list, s: Finetune
                        f"val loss {val_loss:.3f} acc {val_acc:.3f}, {history[-1]['images_per_second']:.0f} images/s")
         if val_acc > best:
             best, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         if cosine:
             cosine.step()
-        elif plateau.step(val_acc):
-            break
-        if s.patience is not None and epoch - best_epoch >= s.patience:
+        else:
+            done = plateau.step(val_acc)
+        done = done or epoch == s.epochs or (s.patience is not None and epoch - best_epoch >= s.patience)
+        if checkpoint and distributed.rank() == 0:
+            save_checkpoint(checkpoint, {
+                "settings": asdict(s), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "cosine": cosine.state_dict() if cosine else {},
+                "plateau": [plateau.best, plateau.waited, plateau.decays], "history": history, "best": best,
+                "best_state": best_state, "best_epoch": best_epoch, "done": done})
+        if done:
             break
     return history, best_state, best_epoch
 
 
-def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False) -> dict:
-    """Fine-tune (or train from scratch) on an image folder and write a model directory."""
+CHECKPOINT = "checkpoint.pt"
+RESUME_MAY_CHANGE = ("device", "workers")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write `state` (tensors, numbers, strings: loadable with weights_only) atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, s: FinetuneSettings) -> dict:
+    """A checkpoint written by `fit`, refused when it was made with other settings."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # any unreadable or foreign file
+        raise UserError(f"checkpoint {path} is not a readable fine-tuning checkpoint ({exc})")
+    if not isinstance(state, dict) or "settings" not in state:
+        raise UserError(f"checkpoint {path} is not a fine-tuning checkpoint")
+    diffs = [f"{k}: {v} != {getattr(s, k, None)}" for k, v in state["settings"].items()
+             if k not in RESUME_MAY_CHANGE and v != getattr(s, k, None)]
+    if diffs:
+        raise UserError(f"checkpoint {path} was made with other settings (checkpoint != now): {'; '.join(diffs)}")
+    return state
+
+
+def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False, checkpoint: bool = False,
+             resume: Path | None = None) -> dict | None:
+    """Fine-tune (or train from scratch) on an image folder and write a model directory.
+    `checkpoint`: rewrite OUT/checkpoint.pt after every epoch; `resume`: carry on from such a file
+    (and keep rewriting it). Under torchrun every rank trains and rank 0 alone writes and returns
+    the metrics (the others return None)."""
     s.check()
-    out_dir = Path(out_dir)
+    if not distributed.is_distributed():
+        return _finetune(data, Path(out_dir), s, quiet, checkpoint, resume)
+    device = distributed.start(s.device)
+    try:
+        n = distributed.world_size()
+        return _finetune(data, Path(out_dir), replace(s, device=device, lr=s.lr * n if s.scale_lr else s.lr),
+                         quiet or distributed.rank() > 0, checkpoint, resume)
+    finally:
+        distributed.stop()
+
+
+def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, checkpoint: bool,
+              resume: Path | None) -> dict | None:
+    state = load_checkpoint(resume, s) if resume else None
     dataset = scan(Path(data), s.val_fraction, s.test_fraction, s.seed)
     if "val" not in dataset.splits():
         raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
@@ -335,18 +418,35 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
     frozen = frozen_stages(backbone, s)
     torch.manual_seed(s.seed)
     model = Classifier(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
+    sharded = distributed.is_distributed()
+    if sharded:   # DDP synchronises the parameters that require gradients when it wraps: all it may train
+        set_trainable(model, frozen, head_only=False)
+    # find_unused_parameters: the backbone's own classifier (and, in head-only epochs, the backbone) get no gradient
+    trained = (DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                       find_unused_parameters=True) if sharded else model)
     seen, skipped = {}, dict(dataset.skipped)
     workers = default_workers() if s.workers is None else s.workers
     eval_tf = backbone.preprocessing.transform()
 
     def batches(split, transform, shuffle=False):
-        return Batches(dataset, split, transform, s.batch_size, workers, shuffle, s.seed, seen, skipped)
+        return Batches(dataset, split, transform, s.batch_size, workers, shuffle, s.seed, seen, skipped,
+                       sharded=sharded and split == "train")
 
     val_batches = batches("val", eval_tf)
     start = time.perf_counter()
-    history, best_state, best_epoch = fit(model, batches("train", train_transform(backbone.preprocessing, s), True),
-                                          val_batches, frozen, s, dev, out_dir.name, quiet)
+    if checkpoint or resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    train_batches = batches("train", train_transform(backbone.preprocessing, s), True)
+    history, best_state, best_epoch = fit(trained, train_batches, val_batches, frozen, s, dev, out_dir.name, quiet,
+                                          out_dir / CHECKPOINT if checkpoint or resume else None, state)
+    if state and state["done"]:   # no epoch ran: read train and val once to record their images
+        for split_batches in (train_batches, val_batches):
+            for _ in split_batches:
+                pass
     fit_seconds = time.perf_counter() - start
+    seen, skipped = distributed.gather_dicts(seen), distributed.gather_dicts(skipped)
+    if distributed.rank() > 0:
+        return None
     model.load_state_dict(best_state)
     eval_split = "test" if "test" in dataset.splits() else "val"
     t = time.perf_counter()
@@ -359,6 +459,8 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
                    n_skipped=len(skipped), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                    best_epoch=best_epoch, epochs_run=len(history), selection="val", device=str(dev),
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
+    if sharded:
+        metrics["world_size"] = distributed.world_size()   # hyperparameters hold the scaled lr
     info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec(),
             "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
             "dataset": dataset_digest((p, dataset.classes[label], split, digest)

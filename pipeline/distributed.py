@@ -1,0 +1,233 @@
+"""Running the expensive stages on several processes (GPUs, nodes) launched by torchrun.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each process; with WORLD_SIZE > 1 the commands
+join one process group: NCCL on CUDA (one GPU per process, the one LOCAL_RANK names), Gloo on CPU.
+
+Extraction: every split's samples are cut into contiguous blocks balanced by count, one block per
+rank (rank r of n gets rows [r*k//n, (r+1)*k//n) of a split of k images). Each rank runs the
+ordinary `extract` on its blocks into its own shard `F.rank{r}-of-{n}.h5` next to the output F,
+reusing vectors from the previous complete F as a single process would. After a barrier rank 0
+concatenates the shards, split by split in rank order, into F through FeatureWriter (so F is
+written atomically and is, row for row, the file a single process writes), and deletes them.
+
+Concatenation rather than an HDF5 virtual dataset: a virtual dataset would leave F depending on the
+shard files (move or delete one and F breaks), needs the variable-length `paths` strings copied
+anyway, and reads slower; copying the rows costs one sequential pass over vectors that are small
+next to the images they came from.
+
+Fine-tuning: DistributedDataParallel over a DistributedSampler of the training split (per-process
+batch --batch-size, so the global batch is batch_size x world_size). By the linear scaling rule the
+learning rate is multiplied by world_size (turn off with --no-scale-lr). Every rank evaluates the
+whole val split and rank 0's result is broadcast, so all ranks agree on the best epoch and on
+when to stop; rank 0 alone writes checkpoints and the model directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import torch
+import torch.distributed as dist
+
+from pipeline.backbones import load_backbone
+from pipeline.data import Dataset, scan, write_manifest
+from pipeline.errors import UserError
+from pipeline.extract import ExtractSummary, extract, warn_about
+from pipeline.store import FeatureWriter, features_name
+
+MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def start(device: str) -> str:
+    """Join the process group; return the device this rank uses ('cuda:LOCAL_RANK' or 'cpu')."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return f"cuda:{local}"
+    dist.init_process_group("gloo")
+    return "cpu"
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run `python -m pipeline ARGS` as `nproc` processes on this machine through torchrun."""
+    if is_distributed():
+        raise UserError("--nproc launches torchrun itself; leave it out when running under torchrun")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pipeline", *args]
+    return subprocess.call(command)
+
+
+def without_option(args: list[str], name: str) -> list[str]:
+    """`args` without `name VALUE` or `name=VALUE`."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+# ---- extraction ------------------------------------------------------------------------------
+
+def check_extract_options(compute_stats: bool) -> None:
+    if compute_stats:
+        raise UserError("--compute-stats needs the whole training split in one process; "
+                        "run it without torchrun or --nproc")
+
+
+def shard(dataset: Dataset, r: int, n: int) -> Dataset:
+    """Rank r's samples of n: a contiguous block, balanced by count, of every split."""
+    samples = []
+    for split in dataset.splits():
+        rows = dataset.split(split)
+        samples += rows[r * len(rows) // n:(r + 1) * len(rows) // n]
+    return replace(dataset, samples=samples, skipped=[])
+
+
+def shard_path(out: Path, r: int, n: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{r}-of-{n}{out.suffix}")
+
+
+def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
+                   layer=None, image_size: int | None = None, val_fraction: float = 0.15,
+                   test_fraction: float = 0.15, seed: int = 0, *, labels: Path | None = None,
+                   id_column: str = "id", label_column: str | None = None, tta: bool = False,
+                   **options) -> ExtractSummary | None:
+    """pipeline.extract.extract_folder on every rank of the process group, each on its shard, then
+    the shards concatenated into `out` by rank 0. Returns the summary on rank 0, None elsewhere."""
+    check_extract_options(options.get("compute_stats", False))
+    start_time = time.perf_counter()
+    device = start(options.pop("device", "auto"))
+    try:
+        r, n, out = rank(), world_size(), Path(out)
+        dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+        if r == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_manifest(dataset, out.with_suffix(".manifest.csv"))
+        model = load_backbone(backbone, weights, layer, image_size, tta)
+        quiet = options.pop("quiet", False)
+        mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), device=device,
+                       quiet=quiet or r > 0, reuse_from=out, **options)
+        summaries = [None] * n
+        dist.all_gather_object(summaries, mine)   # also the barrier: every shard is complete
+        if r > 0:
+            return None
+        skipped = concatenate(dataset, [shard_path(out, i, n) for i in range(n)], out,
+                              extract_seconds=time.perf_counter() - start_time)
+        warn_about(out)
+        extracted = sum(s.extracted for s in summaries)
+        return ExtractSummary(out, extracted + len(skipped), extracted, skipped, time.perf_counter() - start_time,
+                              f"{n} processes, each {mine.device}", sum(s.reused for s in summaries), mine.notes)
+    finally:
+        stop()
+
+
+def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> list[tuple[str, str]]:
+    """Write the shards' rows into `out` split by split in shard order, the files skipped while
+    scanning and then those the shards skipped in dataset order (as one process lists them);
+    delete the shards. Returns the skipped list."""
+    files = [h5py.File(p, "r") for p in shards]
+    try:
+        first = files[0]
+        layers = json.loads(first.attrs["layers"])
+        dims = {layer: first_dim(files, layer, layers) for layer in layers}
+        dtype = first.attrs["dtype"]
+        writer = FeatureWriter(out, dict(first.attrs), dims, dtype)
+        try:
+            for split in dataset.splits():
+                for f in files:
+                    if split in f:
+                        copy_rows(f[split], split, layers, writer)
+            order = {s.path: i for i, s in enumerate(s for split in dataset.splits() for s in dataset.split(split))}
+            bad = [(p.decode(), reason.decode()) for f in files for p, reason in f["skipped"][:]]
+            for path, reason in [*dataset.skipped, *sorted(bad, key=lambda item: order[item[0]])]:
+                writer.skip(path, reason)
+            writer.commit(**attrs)
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        for f in files:
+            f.close()
+    for p in shards:
+        p.unlink()
+    return writer.skipped
+
+
+def first_dim(files: list[h5py.File], layer: str, layers: list[str]) -> int:
+    """A layer's feature size, from the first shard that holds rows."""
+    for f in files:
+        for split in ("train", "val", "test"):
+            if split in f:
+                return f[split][features_name(layer, layers)].shape[1]
+    raise UserError("no shard holds a single usable image")
+
+
+def copy_rows(group: h5py.Group, split: str, layers: list[str], writer: FeatureWriter) -> None:
+    total = group["labels"].shape[0]
+    for a in range(0, total, MERGE_ROWS):
+        b = min(total, a + MERGE_ROWS)
+        writer.append(split, {layer: group[features_name(layer, layers)][a:b] for layer in layers},
+                      group["labels"][a:b], list(group["paths"].asstr()[a:b]), group["sha256"][a:b])
+
+
+# ---- fine-tuning -------------------------------------------------------------------------------
+
+def agree(value):
+    """Rank 0's value on every rank (decisions such as the best epoch must not differ)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_totals(row: dict) -> dict:
+    """One epoch's training loss, accuracy, images and seconds over all ranks."""
+    if not is_distributed():
+        return row
+    sums = torch.tensor([row["train_loss"] * row["images"], row["train_acc"] * row["images"], row["images"]],
+                        dtype=torch.float64)
+    dist.all_reduce(sums)
+    seconds = torch.tensor([row["train_seconds"]], dtype=torch.float64)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    images = max(int(sums[2].item()), 1)
+    return {"train_loss": sums[0].item() / images, "train_acc": sums[1].item() / images,
+            "images": int(sums[2].item()), "train_seconds": seconds.item()}
+
+
+def gather_dicts(d: dict) -> dict:
+    """The union of every rank's dict (such as the images each rank has seen)."""
+    if not is_distributed():
+        return d
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, d)
+    return {k: v for part in parts for k, v in part.items()}

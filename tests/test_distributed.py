@@ -1,0 +1,156 @@
+"""Both expensive stages on two real processes (torchrun, Gloo on the CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from conftest import COLOURS, ROOT, make_image_folder, run_cli, tiny_image
+
+SMALL = ("--image-size", 64, "--workers", 0)
+
+
+def torchrun_command(*args) -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            "-m", "pipeline", *map(str, args)]
+
+
+def torchrun(*args) -> subprocess.CompletedProcess:
+    proc = subprocess.run(torchrun_command(*args), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def rows(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        out = {"attrs": {k: v for k, v in f.attrs.items() if k not in ("created", "extract_seconds")},
+               "skipped": f["skipped"][:].tolist()}
+        for split in ("train", "val", "test"):
+            if split in f:
+                out[split] = {name: f[split][name][:] for name in ("features", "labels", "paths", "sha256")}
+    return out
+
+
+def test_two_process_extraction_equals_one_process_and_reuses(tmp_path):
+    images = make_image_folder(tmp_path / "images", {"train": 6, "val": 2, "test": 2})
+    (images / "train" / "red" / "broken.png").write_bytes(b"not a png")
+    (images / "train" / "red" / "notes.txt").write_text("not an image")
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    run_cli("extract", images, "--out", one, *SMALL, "--dtype", "float32", "--quiet", check=True)
+    torchrun("extract", images, "--out", two, *SMALL, "--dtype", "float32", "--quiet")
+
+    a, b = rows(one), rows(two)
+    assert a["attrs"] == b["attrs"]          # fingerprint and every attribute but the timings
+    assert a["skipped"] == b["skipped"] and len(a["skipped"]) == 2
+    for split in ("train", "val", "test"):
+        for name in ("labels", "paths", "sha256"):
+            assert a[split][name].tolist() == b[split][name].tolist(), (split, name)
+        # the same vectors up to float32 rounding: the ranks batch the images differently
+        np.testing.assert_allclose(a[split]["features"], b[split]["features"], rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "one.h5", "one.manifest.csv", "two.h5",
+                                                          "two.manifest.csv"]   # shards deleted
+
+    (images / "val" / "green" / "val_0.png").unlink()
+    tiny_image(COLOURS["blue"], 999).save(images / "train" / "blue" / "new.png")
+    proc = run_cli("extract", images, "--out", two, *SMALL, "--dtype", "float32", "--nproc", 2, check=True)
+    assert "(1 computed, 29 reused)" in proc.stderr
+    c = rows(two)
+    for split in ("train", "val", "test"):
+        before = dict(zip(b[split]["sha256"].tolist(), b[split]["features"]))
+        for digest, vector in zip(c[split]["sha256"].tolist(), c[split]["features"]):
+            if digest in before:
+                assert np.array_equal(vector, before[digest])
+    assert "train/blue/new.png" in c["train"]["paths"].astype(str).tolist()
+    assert "val/green/val_0.png" not in c["val"]["paths"].astype(str).tolist()
+
+
+def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
+    images = make_image_folder(tmp_path / "images", {"train": 6, "val": 2, "test": 2})
+    out = tmp_path / "model"
+    settings = ("finetune", images, "--out", out, *SMALL, "--weights", "none", "--epochs", 3, "--batch-size", 4,
+                "--lr", 0.01, "--no-random-crop", "--quiet")
+    checkpoint = out / "checkpoint.pt"
+    # interrupted as soon as the first epoch's checkpoint exists
+    proc = subprocess.Popen(torchrun_command(*settings, "--checkpoint"), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not checkpoint.exists() and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)   # torchrun stops its workers and waits for them
+        proc.wait(timeout=60)
+    saved = torch.load(checkpoint, weights_only=True)
+    done = len(saved["history"])
+    assert done >= 1 and not (out / "model.json").exists()
+
+    torchrun(*settings, "--resume", checkpoint)
+    with open(out / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [int(h["epoch"]) for h in history] == [1, 2, 3]
+    assert float(history[0]["val_acc"]) == saved["history"][0]["val_acc"]
+    # the cosine schedule carried on from the checkpoint; the rate is lr x 2 processes
+    for h in history:
+        assert math.isclose(float(h["lr"]), 0.02 * (1 + math.cos(math.pi * (int(h["epoch"]) - 1) / 3)) / 2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["n_train"] == 18 and metrics["n_val"] == 6
+
+    other = run_cli(*settings[:-1], "--epochs", 4, "--resume", checkpoint)   # one process: lr unscaled too
+    assert other.returncode == 2 and "epochs: 3 != 4; lr: 0.02 != 0.01" in other.stderr
+
+    predicted = run_cli("predict", out, images / "test" / "red", "--format", "csv", "--top-k", 1, check=True)
+    table = list(csv.DictReader(predicted.stdout.splitlines()))
+    assert [Path(r["path"]).name for r in table] == ["test_0.png", "test_1.png"]
+    assert all(r["class"] in COLOURS and not r["error"] for r in table)
+
+
+def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(tmp_path):
+    """In one process: four shards of splits smaller than four; the first holds no rows at all."""
+    from pipeline.backbones import load_backbone
+    from pipeline.data import scan
+    from pipeline.distributed import concatenate, shard, shard_path
+    from pipeline.extract import extract
+
+    images = make_image_folder(tmp_path / "images", {"train": 1, "val": 1}, classes=("red", "green"))
+    (images / "val" / "red" / "broken.png").write_bytes(b"not a png")
+    dataset = scan(images, 0.15, 0.15, 0)
+    backbone = load_backbone("efficientnet_lite0", "none", None, 64)
+    single = tmp_path / "single.h5"
+    extract(dataset, backbone, single, device="cpu", dtype="float32", workers=0, quiet=True)
+    out = tmp_path / "joined.h5"
+    shards = [shard_path(out, r, 4) for r in range(4)]
+    counts = []
+    for r, path in enumerate(shards):
+        part = shard(dataset, r, 4)
+        counts.append(len(part.samples))
+        extract(part, backbone, path, device="cpu", dtype="float32", workers=0, quiet=True)
+    assert counts == [0, 2, 1, 2]   # train 0+1+0+1, val 0+1+1+1
+    concatenate(dataset, shards, out)
+
+    a, b = rows(single), rows(out)
+    assert a["attrs"] == b["attrs"] and a["skipped"] == b["skipped"] and len(a["skipped"]) == 1
+    assert "test" not in a and "test" not in b
+    for split in ("train", "val"):
+        assert a[split]["paths"].tolist() == b[split]["paths"].tolist()
+        np.testing.assert_allclose(a[split]["features"], b[split]["features"], rtol=1e-4, atol=1e-4)
+    assert not any(p.exists() for p in shards)
+
+
+def test_compute_stats_is_refused_before_launching(image_folder, tmp_path):
+    proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", "--compute-stats", "--nproc", 2)
+    assert proc.returncode == 2 and "--compute-stats needs the whole training split" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("f*"))
