@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from pipeline.backbones import load_backbone
 from pipeline.data import Dataset, scan, write_manifest
 from pipeline.errors import UserError
 from pipeline.extract import ExtractSummary, extract, warn_about
-from pipeline.store import FeatureWriter, features_name
+from pipeline.store import FeatureWriter, features_name, output_lock
 
 MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
 
@@ -103,6 +104,23 @@ def check_extract_options(compute_stats: bool) -> None:
                         "run it without torchrun or --nproc")
 
 
+@contextmanager
+def rank0_lock(out: Path):
+    """Rank 0 holds `<out>.lock` for the whole run, as a single process does; when another run holds
+    it, every rank stops with rank 0's message instead of waiting for it."""
+    with ExitStack() as stack:
+        refusal = [None]
+        if rank() == 0:
+            try:
+                stack.enter_context(output_lock(out))
+            except UserError as exc:
+                refusal = [str(exc)]
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise UserError(refusal[0])
+        yield
+
+
 def shard(dataset: Dataset, r: int, n: int) -> Dataset:
     """Rank r's samples of n: a contiguous block, balanced by count, of every split."""
     samples = []
@@ -128,24 +146,25 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     device = start(options.pop("device", "auto"))
     try:
         r, n, out = rank(), world_size(), Path(out)
-        dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
-        if r == 0:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_manifest(dataset, out.with_suffix(".manifest.csv"))
-        model = load_backbone(backbone, weights, layer, image_size, tta)
-        quiet = options.pop("quiet", False)
-        mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), device=device,
-                       quiet=quiet or r > 0, reuse_from=out, **options)
-        summaries = [None] * n
-        dist.all_gather_object(summaries, mine)   # also the barrier: every shard is complete
-        if r > 0:
-            return None
-        skipped = concatenate(dataset, [shard_path(out, i, n) for i in range(n)], out,
-                              extract_seconds=time.perf_counter() - start_time)
-        warn_about(out)
-        extracted = sum(s.extracted for s in summaries)
-        return ExtractSummary(out, extracted + len(skipped), extracted, skipped, time.perf_counter() - start_time,
-                              f"{n} processes, each {mine.device}", sum(s.reused for s in summaries), mine.notes)
+        with rank0_lock(out):
+            dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+            if r == 0:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_manifest(dataset, out.with_suffix(".manifest.csv"))
+            model = load_backbone(backbone, weights, layer, image_size, tta)
+            quiet = options.pop("quiet", False)
+            mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), device=device,
+                           quiet=quiet or r > 0, reuse_from=out, **options)
+            summaries = [None] * n
+            dist.all_gather_object(summaries, mine)   # also the barrier: every shard is complete
+            if r > 0:
+                return None
+            skipped = concatenate(dataset, [shard_path(out, i, n) for i in range(n)], out,
+                                  extract_seconds=time.perf_counter() - start_time)
+            warn_about(out)
+            extracted = sum(s.extracted for s in summaries)
+            return ExtractSummary(out, extracted + len(skipped), extracted, skipped, time.perf_counter() - start_time,
+                                  f"{n} processes, each {mine.device}", sum(s.reused for s in summaries), mine.notes)
     finally:
         stop()
 

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import torch
 
-from conftest import COLOURS, ROOT, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, ROOT, make_image_folder, run_cli, tiny_image
 
 SMALL = ("--image-size", 64, "--workers", 0)
 
@@ -154,3 +154,16 @@ def test_compute_stats_is_refused_before_launching(image_folder, tmp_path):
     proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", "--compute-stats", "--nproc", 2)
     assert proc.returncode == 2 and "--compute-stats needs the whole training split" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.glob("f*"))
+
+
+def test_a_run_on_a_locked_output_is_refused_by_every_rank(tmp_path):
+    from pipeline.store import output_lock
+    images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    out = tmp_path / "f.h5"
+    with output_lock(out):   # another run holds the output
+        proc = subprocess.run(torchrun_command("extract", images, "--out", out, *SMALL, "--quiet"),
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("is being written by another run") == 2, proc.stderr   # both ranks say why
+    assert not out.exists() and not list(tmp_path.glob("f.rank*"))
