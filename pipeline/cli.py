@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import Interrupted, UserError
+from pipeline.errors import Interrupted, UserError, exit_with
 
 app = typer.Typer(help="Transfer learning on images: extract features once (stage one), "
                        "train many cheap classifiers on them (stage two).",
@@ -81,10 +81,10 @@ def extract(
     dtype: Annotated[Dtype, typer.Option(help="Storage type of the feature vectors.")] = Dtype.float16,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: "
                                                         "the CPU count, at most 8.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of each class for val unless the data "
-                                                     "has split folders.")] = 0.15,
-    test_fraction: Annotated[float, typer.Option(help="Share of each class for test unless the data "
-                                                      "has split folders.")] = 0.15,
+    val_fraction: Annotated[float, typer.Option(help="Share of each class cut out for val (from train when "
+                                                     "split folders have no val folder).")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class cut out for test (none when "
+                                                      "there is a val or test folder).")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
     reuse: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from the cache at --out "
                                              "when it was made the same way.")] = True,
@@ -276,10 +276,10 @@ def finetune(
                                                 "when present.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: the CPU "
                                                         "count, at most 8.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of each class for val when the folder has no "
-                                                     "split folders.")] = 0.15,
-    test_fraction: Annotated[float, typer.Option(help="Share of each class for test when the folder has "
-                                                      "no split folders.")] = 0.15,
+    val_fraction: Annotated[float, typer.Option(help="Share of each class cut out for val (from train when "
+                                                     "split folders have no val folder).")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class cut out for test (none when "
+                                                      "there is a val or test folder).")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the split, the head and the batch order.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     scale_lr: Annotated[bool, typer.Option(help="Under torchrun: multiply --lr by the number of processes "
@@ -369,13 +369,13 @@ def run_stage(fn) -> None:
         fn()
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        exit_with(2)
     except Interrupted as exc:
         typer.echo(str(exc), err=True)
-        sys.exit(130)
+        exit_with(130)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        exit_with(130)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Dataset intake: find labelled images, assign splits, decode images.
 
 Layouts:
-  ROOT/{train,val[,test]}/CLASS/*   splits given by the folders
+  ROOT/{train,val[,test]}/CLASS/*   splits given by the folders; a missing val (and, with train
+                                    alone, test) is cut from train as class folders are split
   ROOT/CLASS/*                      seeded stratified split into train/val/test
   ROOT/* + labels.csv               an id-or-path column and a label column (`scan(..., labels=CSV)`);
                                     seeded stratified split as for class folders
@@ -138,6 +139,9 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
                     raise UserError(f"class folder {class_dir} has no counterpart in {root / 'train'}")
                 samples += [Sample(f, classes.index(class_dir.name), split)
                             for f in _files(class_dir, root, skipped)]
+        if not (root / "val").is_dir():
+            samples = _split_train(root, classes, samples, val_fraction,
+                                   0.0 if (root / "test").is_dir() else test_fraction, seed)
         layout = "split-folders"
     else:
         if not top:
@@ -148,6 +152,22 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
         samples = stratified_split(per_class, val_fraction, test_fraction, seed)
         layout = "class-folders"
     return _checked(Dataset(root, classes, samples, layout, skipped))
+
+
+def _split_train(root: Path, classes: list[str], samples: list[Sample], val_fraction: float,
+                 test_fraction: float, seed: int) -> list[Sample]:
+    """Split folders without val: cut val (and test, by a nonzero `test_fraction`) out of train."""
+    cut = "val and test" if test_fraction else "val"
+    warn(f"{root} has no val folder; taking {cut} from train by a seeded stratified split "
+         f"(val fraction {val_fraction:g}" + (f", test fraction {test_fraction:g}" if test_fraction else "") +
+         "; see the manifest)")
+    per_class: dict[int, list[str]] = {i: [] for i in range(len(classes))}
+    for s in samples:
+        if s.split == "train":
+            per_class[s.label].append(s.path)
+    rest = [s for s in samples if s.split != "train"]
+    return sorted(rest + stratified_split(per_class, val_fraction, test_fraction, seed),
+                  key=lambda s: (SPLITS.index(s.split), s.path))
 
 
 def _checked(dataset: Dataset) -> Dataset:

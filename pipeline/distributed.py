@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from pipeline.backbones import load_backbone
 from pipeline.data import Dataset, scan, write_manifest
-from pipeline.errors import UserError
+from pipeline.errors import EXIT_CODE_DIR, UserError
 from pipeline.extract import ExtractSummary, extract, warn_about
 from pipeline.store import FeatureWriter, features_name, output_lock
 
@@ -75,12 +76,16 @@ def stop() -> None:
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """Run `python -m pipeline ARGS` as `nproc` processes on this machine through torchrun."""
+    """Run `python -m pipeline ARGS` as `nproc` processes on this machine through torchrun, and return
+    the ranks' own exit code (2 for an error, 130 when interrupted) where torchrun's is 1."""
     if is_distributed():
         raise UserError("--nproc launches torchrun itself; leave it out when running under torchrun")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "pipeline", *args]
-    return subprocess.call(command)
+    with tempfile.TemporaryDirectory() as codes:
+        code = subprocess.call(command, env={**os.environ, EXIT_CODE_DIR: codes})
+        ranks = {int(p.read_text()) for p in Path(codes).iterdir()}
+    return code if code == 0 else 2 if 2 in ranks else 130 if 130 in ranks else code
 
 
 def without_option(args: list[str], name: str) -> list[str]:

@@ -1,5 +1,10 @@
 """Errors the command line turns into one clear line and exit code 2; warnings as single lines."""
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
+
+EXIT_CODE_DIR = "PIPELINE_EXIT_CODE_DIR"   # set by `--nproc`: each torchrun rank leaves its exit code there
 
 
 class UserError(Exception):
@@ -13,3 +18,11 @@ class Interrupted(Exception):
 def warn(message: str) -> None:
     """A problem worth knowing that does not stop the run: one stderr line prefixed 'warning:'."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def exit_with(code: int) -> NoReturn:
+    """Exit with `code`; a rank launched by `--nproc` also records it, since torchrun itself exits 1."""
+    folder = os.environ.get(EXIT_CODE_DIR)
+    if folder:
+        Path(folder, f"rank{os.environ.get('RANK', 0)}").write_text(str(code))
+    sys.exit(code)

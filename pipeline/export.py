@@ -25,7 +25,7 @@ from torch import nn
 from pipeline import modeldir
 from pipeline.backbones import Backbone, FeatureHook
 from pipeline.errors import UserError
-from pipeline.heads import TorchHead, has_probabilities
+from pipeline.heads import TorchHead, TorchLogReg, has_probabilities
 
 FORMATS = (".pt2", ".onnx")
 
@@ -86,6 +86,8 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
         if len(head.classes_) == 2:   # predict_proba = [1 - sigmoid(d), sigmoid(d)] = softmax([-d/2, d/2])
             w, b = np.concatenate([-w, w]) / 2, np.concatenate([-b, b]) / 2
         layers, fill = [_linear(w, b), nn.Softmax(dim=1)], 0.0
+    elif isinstance(head, TorchLogReg):   # a softmax over one column per class, binary included
+        layers, fill = [_linear(head.coef_, head.intercept_), nn.Softmax(dim=1)], 0.0
     elif isinstance(head, LinearSVC):
         w, b = head.coef_, head.intercept_
         if len(head.classes_) == 2:   # decision values as head_scores gives them: [-d, d]
@@ -93,7 +95,7 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
         layers, fill = [_linear(w, b)], float("-inf")
     else:
         raise UserError(f"a {name} head cannot be exported as tensor operations; "
-                        f"export works for logreg, linear_svm, torch_linear and torch_mlp")
+                        f"export works for logreg, torch_logreg, linear_svm, torch_linear and torch_mlp")
     if len(head.classes_) < n_classes:
         layers.append(ClassColumns(head.classes_, n_classes, fill))
     return nn.Sequential(_preprocessing(pre), *layers).eval()

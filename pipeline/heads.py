@@ -102,38 +102,60 @@ class TorchHead(BaseEstimator, ClassifierMixin):
         return self.classes_[self.scores(X).argmax(1)]
 
 
+def _cpu_has_bfloat16() -> bool:
+    """Native bfloat16 arithmetic (AVX512-BF16 or AMX), where bfloat16 products beat float32 ones."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu's own probes
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
 class TorchLogReg(BaseEstimator, ClassifierMixin):
     """Multinomial logistic regression with sklearn's objective for `C` (L2 on the weights, not the
-    intercept), solved by full-batch L-BFGS in torch: several times faster than sklearn on large caches."""
+    intercept), solved by full-batch L-BFGS in torch: several times faster than sklearn on large caches.
 
-    def __init__(self, C: float = 1.0, max_iter: int = 100, class_weight: str | None = None, device: str = "auto"):
+    The gradient is written out rather than left to autograd, whose backward product with the
+    transposed feature matrix is several times slower on CPUs. `precision` "auto" keeps the features in
+    bfloat16 on CPUs with native bfloat16 arithmetic (products still sum in float32; about 4x faster,
+    since each evaluation reads the whole matrix twice) and in float32 elsewhere."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 100, class_weight: str | None = None, device: str = "auto",
+                 precision: str = "auto"):
         self.C, self.max_iter, self.class_weight, self.device = C, max_iter, class_weight, device
+        self.precision = precision
+
+    def _dtype(self, dev: torch.device) -> torch.dtype:
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
+        if self.precision == "auto":
+            return torch.bfloat16 if dev.type == "cpu" and _cpu_has_bfloat16() else torch.float32
+        return getattr(torch, self.precision)
 
     def fit(self, X, y):
         dev = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
                            "cpu" if self.device == "auto" else self.device)
         self.classes_ = np.unique(y)
         yi = np.searchsorted(self.classes_, y)
-        Xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
-        yt = torch.as_tensor(yi, device=dev)
-        weight = None
+        n, k = len(yi), len(self.classes_)
+        Xt = torch.as_tensor(np.asarray(X, np.float32), device=dev).to(self._dtype(dev))
+        target = nn.functional.one_hot(torch.as_tensor(yi, device=dev), k).float()
+        row_weight = torch.ones(n, device=dev)
         if self.class_weight == "balanced":
-            counts = np.bincount(yi, minlength=len(self.classes_))
-            weight = torch.tensor(len(yi) / (len(counts) * counts), dtype=torch.float32, device=dev)
-        W = torch.zeros(X.shape[1], len(self.classes_), device=dev, requires_grad=True)
-        b = torch.zeros(len(self.classes_), device=dev, requires_grad=True)
+            counts = np.bincount(yi, minlength=k)
+            row_weight = torch.tensor(n / (k * counts), dtype=torch.float32, device=dev)[yi]
+        W = torch.zeros(X.shape[1], k, device=dev)
+        b = torch.zeros(k, device=dev)
         opt = torch.optim.LBFGS([W, b], max_iter=self.max_iter, history_size=10, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-4, tolerance_change=1e-9)   # sklearn's tol
-        n = len(yi)
+        scale = 1 / (self.C * n)
 
-        def objective():   # sklearn's C * sum(loss) + |W|^2 / 2, divided by C * n
-            opt.zero_grad()
-            loss = (nn.functional.cross_entropy(Xt @ W + b, yt, weight=weight, reduction="sum") / n
-                    + (W * W).sum() / (2 * self.C * n))
-            loss.backward()
-            return loss
+        def objective():   # sklearn's C * sum(w_i loss_i) + |W|^2 / 2, divided by C * n, and its gradient
+            z = (Xt @ W.to(Xt.dtype)).float() + b
+            log_p = z.log_softmax(1)
+            residual = (log_p.exp() - target) * row_weight[:, None] / n
+            W.grad = ((residual.T.to(Xt.dtype) @ Xt).float().T + W * scale).contiguous()
+            b.grad = residual.sum(0)
+            return -(log_p * target).sum(1) @ row_weight / n + (W * W).sum() * scale / 2
         opt.step(objective)
-        self.coef_, self.intercept_ = W.detach().T.cpu().numpy(), b.detach().cpu().numpy()
+        self.coef_, self.intercept_ = W.T.cpu().numpy(), b.cpu().numpy()
         return self
 
     def predict_proba(self, X) -> np.ndarray:
@@ -190,9 +212,10 @@ CLASSIFIERS = {
     "logreg": Classifier(lambda v, max_iter=2000, seed=0, class_weight=None: LogisticRegression(
         C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
         "C", _DECADES[3:], ("max_iter", "seed")),
-    "torch_logreg": Classifier(lambda v, max_iter=100, device="auto", class_weight=None: TorchLogReg(
-        C=v, max_iter=max_iter, class_weight=class_weight, device=device),
-        "C", _DECADES[3:], ("max_iter", "device")),
+    "torch_logreg": Classifier(lambda v, max_iter=100, device="auto", precision="auto", class_weight=None:
+                               TorchLogReg(C=v, max_iter=max_iter, class_weight=class_weight, device=device,
+                                           precision=precision),
+                               "C", _DECADES[3:], ("max_iter", "device", "precision")),
     "linear_svm": Classifier(lambda v, max_iter=5000, seed=0, class_weight=None: LinearSVC(
         C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
         "C", _DECADES[2:-1], ("max_iter", "seed")),

@@ -24,6 +24,21 @@ def test_split_folders_give_the_splits(image_folder: Path):
     assert all(s.path.startswith(f"{s.split}/{ds.classes[s.label]}/") for s in ds.samples)
 
 
+@pytest.mark.parametrize("folders, expected", [
+    ({"train": 20, "test": 4}, {"train": 17, "val": 3, "test": 4}),     # val cut from train, test kept
+    ({"train": 20}, {"train": 14, "val": 3, "test": 3})])               # val and test cut from train
+def test_split_folders_without_val_cut_it_from_train(tmp_path: Path, capsys, folders, expected):
+    root = make_image_folder(tmp_path / "images", folders)
+    ds = scan(root, val_fraction=0.15, test_fraction=0.15, seed=0)
+    assert ds.layout == "split-folders"
+    per_class = Counter((ds.classes[s.label], s.split) for s in ds.samples)
+    assert all(per_class[(c, split)] == n for c in ds.classes for split, n in expected.items())
+    assert all(s.path.startswith(f"{s.split}/") for s in ds.samples if s.split == "test" and "test" in folders)
+    assert all(s.path.startswith("train/") for s in ds.samples if s.split == "val")
+    assert scan(root, 0.15, 0.15, seed=0).samples == ds.samples
+    assert "has no val folder" in capsys.readouterr().err
+
+
 def test_class_folders_split_is_stratified_seeded_and_recorded(tmp_path: Path):
     root = make_image_folder(tmp_path / "images", {"all": 20}, split_folders=False)
     ds = scan(root, val_fraction=0.15, test_fraction=0.25, seed=3)

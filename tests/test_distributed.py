@@ -156,6 +156,12 @@ def test_compute_stats_is_refused_before_launching(image_folder, tmp_path):
     assert "Traceback" not in proc.stderr and not list(tmp_path.glob("f*"))
 
 
+def test_an_error_in_the_ranks_is_exit_code_2_through_nproc(tmp_path):
+    """torchrun exits 1 whatever failed; `--nproc` returns the ranks' own code and their one-line error."""
+    proc = run_cli("extract", tmp_path / "missing", "--out", tmp_path / "f.h5", "--nproc", 2)
+    assert proc.returncode == 2 and f"error: data folder {tmp_path / 'missing'} does not exist" in proc.stderr
+
+
 def test_a_run_on_a_locked_output_is_refused_by_every_rank(tmp_path):
     from pipeline.store import output_lock
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})

@@ -1,5 +1,6 @@
-"""`dvc repro` in a real temp git repo: the whole pipeline runs, and changing one classifier's
-params reruns only that classifier, never the extraction."""
+"""`dvc repro` in a real temp git repo: the whole pipeline runs, fine-tuning included when enabled,
+and changing one classifier's params reruns only that classifier, never the extraction or fine-tune."""
+import json
 import hashlib
 import os
 import shutil
@@ -36,7 +37,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_changing_a_classifier_param_skips_extraction(tmp_path):
+def test_changing_a_classifier_param_skips_extraction_and_finetune(tmp_path):
     repo = tmp_path / "repo"
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -46,6 +47,8 @@ def test_changing_a_classifier_param_skips_extraction(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["extract"].update(image_size=64, workers=0)
     params["train"] = {name: params["train"][name] for name in ("logreg", "linear_svm", "knn")}
+    params["finetune"]["enabled"] = ["ft_head"]
+    params["finetune"]["ft_head"].update(epochs=1, image_size=32, batch_size=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(repo), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     sh("git", "init", "-q", cwd=repo, env=env)
@@ -54,8 +57,11 @@ def test_changing_a_classifier_param_skips_extraction(tmp_path):
     assert "Running stage 'extract'" in first and "Running stage 'compare'" in first
     cache = repo / "features" / "features.h5"
     before = (digest(cache), cache.stat().st_mtime_ns)
-    for name in params["train"]:
-        assert (repo / "models" / name / "metrics.json").is_file()
+    assert "Running stage 'finetune@ft_head'" in first
+    rows = json.loads((repo / "reports" / "compare.json").read_text())
+    assert sorted(r["name"] for r in rows) == ["ft_head", "knn", "linear_svm", "logreg"]
+    assert all(r["train_seconds"] > 0 and r["total_seconds"] > 0 for r in rows)
+    assert all(r["swap_speedup"] > 0 for r in rows if r["kind"] == "features")
 
     params["train"]["logreg"]["C"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -64,6 +70,7 @@ def test_changing_a_classifier_param_skips_extraction(tmp_path):
     assert "Running stage 'train@logreg'" in second
     for name in set(params["train"]) - {"logreg"}:
         assert f"Running stage 'train@{name}'" not in second
+    assert "Running stage 'finetune@ft_head'" not in second and "Running stage 'compare'" in second
     assert (digest(cache), cache.stat().st_mtime_ns) == before
     metrics = yaml.safe_load((repo / "models" / "logreg" / "metrics.json").read_text())
     assert metrics["hyperparameters"]["C"] == 0.5

@@ -20,13 +20,14 @@ from pipeline.store import open_cache
 from pipeline.train import scores_of, train
 from tests.conftest import COLOURS, run_cli, synthetic_cache, tiny_image
 
-FIXED = {"logreg": {"C": 1.0}, "linear_svm": {"C": 1.0},
+FIXED = {"logreg": {"C": 1.0}, "torch_logreg": {"C": 1.0}, "linear_svm": {"C": 1.0},
          "torch_linear": {"weight_decay": 1e-3, "epochs": 10},
          "torch_mlp": {"weight_decay": 1e-3, "epochs": 10, "hidden": 16, "depth": 2}}
 
 
 @pytest.mark.parametrize("classifier, preprocess, n_classes", [
-    ("logreg", "l2", 2), ("logreg", "standardize", 4), ("linear_svm", "none", 2), ("linear_svm", "l2", 4),
+    ("logreg", "l2", 2), ("logreg", "standardize", 4), ("torch_logreg", "l2", 2), ("torch_logreg", "none", 4),
+    ("linear_svm", "none", 2), ("linear_svm", "l2", 4),
     ("torch_linear", "standardize", 4), ("torch_mlp", "l2", 2), ("torch_mlp", "none", 4)])
 def test_head_as_torch_layers_gives_the_scores_of_the_fitted_head(tmp_path, classifier, preprocess, n_classes):
     """Binary heads (one decision column in sklearn) and a class seen only in test (a filled column)."""

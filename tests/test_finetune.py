@@ -86,6 +86,16 @@ def test_the_best_epoch_by_val_accuracy_is_the_one_kept(images, tmp_path):
     assert kept == pytest.approx(max(val)) and len(results) == 3 * len(classes)
 
 
+def test_early_stopping_ends_training_after_patience_epochs_without_improvement(images, tmp_path):
+    """With a learning rate too small to change anything, val accuracy never beats epoch 1, so
+    patience 2 must end a 10-epoch run after epoch 3, keeping epoch 1."""
+    m = finetune(images, tmp_path / "patient", FinetuneSettings(strategy="head", epochs=10, patience=2, lr=1e-12,
+                                                                random_crop=False, flip=False, **TINY), quiet=True)
+    history = list(csv.DictReader(open(tmp_path / "patient" / "history.csv")))
+    assert len({r["val_acc"] for r in history}) == 1
+    assert m["epochs_run"] == len(history) == 3 and m["best_epoch"] == 1
+
+
 def test_plateau_schedule_decays_then_stops():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)

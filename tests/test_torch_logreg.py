@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
@@ -11,10 +12,11 @@ from tests.conftest import run_cli
 from pipeline.heads import TorchLogReg
 
 
-def test_matches_sklearn_logistic_regression():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_matches_sklearn_logistic_regression(precision):
     X, y = make_classification(2000, 64, n_informative=20, n_classes=4, random_state=0)
     for C, class_weight in ((0.1, None), (10.0, "balanced")):
-        ours = TorchLogReg(C=C, max_iter=500, class_weight=class_weight, device="cpu").fit(X, y)
+        ours = TorchLogReg(C=C, max_iter=500, class_weight=class_weight, device="cpu", precision=precision).fit(X, y)
         ref = LogisticRegression(C=C, max_iter=5000, tol=1e-8, class_weight=class_weight).fit(X, y)
         assert np.abs(ours.predict_proba(X) - ref.predict_proba(X)).max() < 0.02
         assert np.mean(ours.predict(X) == ref.predict(X)) > 0.99
