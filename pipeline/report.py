@@ -68,13 +68,18 @@ def _cell(value, fmt: str = "{:.1f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def _speedup(value) -> str:
+    """Whole multiples from 10x up; one decimal below, where a swap may also be slower (0.4x)."""
+    return _cell(value, "{:.0f}×" if value is not None and value >= 10 else "{:.1f}×")
+
+
 def markdown(table: list[dict]) -> str:
     lines = ["| model | approach | top-1 | balanced acc. | macro F1 | extraction s | train s | total s "
              "| swap speed-up | evaluated on |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines += [f"| {r['name']} | {r['approach']} | {r['top1']:.3f} | {r['balanced_accuracy']:.3f} "
               f"| {r['macro_f1']:.3f} | {_cell(r['extract_seconds'])} | {_cell(r['train_seconds'])} "
-              f"| {_cell(r['total_seconds'])} | {_cell(r['swap_speedup'], '{:.0f}×')} | {r['eval_split']} |"
+              f"| {_cell(r['total_seconds'])} | {_speedup(r['swap_speedup'])} | {r['eval_split']} |"
               for r in table]
     if any(r["swap_speedup"] for r in table):
         lines.append("\nExtraction runs once per cache and is shared by every classifier row. Swap speed-up: "
