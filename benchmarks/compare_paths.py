@@ -2,8 +2,9 @@
 
     python benchmarks/compare_paths.py DATA [--backbone efficientnet_lite0] [--weights imagenet] [--images 256]
 
-Extracts DATA twice (PIL decoding in float32 on the CPU; GPU decoding on CUDA, in bfloat16 autocast unless --precision float32) and
-prints the cosine similarity of matching feature vectors and the largest difference relative to the norm.
+Extracts DATA twice (PIL decoding in float32 on the CPU; GPU decoding on CUDA, in bfloat16 autocast
+unless --precision float32) and prints the cosine similarity of matching feature vectors and the
+largest difference relative to the norm.
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ def write_cache(folder: Path, out: Path, seed: int = 0) -> Path:
         images = read_idx(folder / f"{name}-images-idx3-ubyte.gz")[rows].reshape(-1, 784) / 255.0
         labels = read_idx(folder / f"{name}-labels-idx1-ubyte.gz")[rows].astype(np.int64)
         features = np.maximum(images.astype(np.float32) @ projection, 0)
-        writer.append(split, {"relu": features}, labels, [f"{name}/{i}" for i in range(len(labels))], ["0" * 64] * len(labels))
+        paths = [f"{name}/{i}" for i in range(len(labels))]
+        writer.append(split, {"relu": features}, labels, paths, ["0" * 64] * len(labels))
     writer.commit()
     return out
 

@@ -5,8 +5,8 @@
 - extract: `pipeline.extract.extract`, to a real HDF5 file, as `pipeline extract` runs it;
 - model_only: the forward pass alone on synthetic tensors, same batch size and precision.
 
-Each is run `repeats` times, interleaved, after one untimed warm-up (a batch on CUDA, 8 images on CPU); the best run counts
-(on a shared machine the best is the least disturbed).
+Each is run `repeats` times, interleaved, after one untimed warm-up (a batch on CUDA, 8 images on CPU);
+the best run counts (on a shared machine the best is the least disturbed).
 """
 from __future__ import annotations
 
