@@ -188,7 +188,7 @@ class Batches:
         """`sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
         when `shuffle`); `set_epoch` reshuffles it."""
         self.samples = dataset.split(split)
-        self.split, self.seen, self.skipped = split, seen, skipped
+        self.split, self.seen, self.skipped, self.seed = split, seen, skipped, seed
         files = ImageFiles(dataset.root, self.samples, transform)
         self.sampler = DistributedSampler(files, shuffle=shuffle, seed=seed) if sharded else None
         self.loader = DataLoader(files, batch_size=batch_size, shuffle=shuffle and not sharded,
@@ -199,8 +199,13 @@ class Batches:
         return len(self.sampler) if self.sampler else len(self.samples)
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the epoch's order and augmentation depend on (seed, epoch) alone, so that a run resumed
+        from a checkpoint repeats the epochs an uninterrupted run would have trained."""
         if self.sampler:
             self.sampler.set_epoch(epoch)
+        else:
+            self.loader.generator.manual_seed(self.seed + epoch)
+        torch.manual_seed(self.seed + epoch)   # augmentation in this process (workers=0), dropout
 
     def __iter__(self):
         for good, images, bad in self.loader:

@@ -3,12 +3,17 @@ and the model directory that predict and visualize accept."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import make_image_folder, run_cli
+from tests.conftest import ROOT, make_image_folder, run_cli
 from pipeline import modeldir
 from pipeline.backbones import load_backbone
 from pipeline.config import finetune_settings
@@ -94,6 +99,30 @@ def test_early_stopping_ends_training_after_patience_epochs_without_improvement(
     history = list(csv.DictReader(open(tmp_path / "patient" / "history.csv")))
     assert len({r["val_acc"] for r in history}) == 1
     assert m["epochs_run"] == len(history) == 3 and m["best_epoch"] == 1
+
+
+def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(images, tmp_path):
+    """Random crops and flips on, shuffled batches: after Ctrl-C at the first checkpoint and --resume,
+    every epoch's losses and the final weights equal those of a run that was never stopped."""
+    common = ("finetune", images, "--strategy", "full", "--epochs", 3, "--image-size", 64, "--batch-size", 4,
+              "--workers", 0, "--device", "cpu", "--quiet", "--checkpoint")
+    run_cli(*common, "--out", tmp_path / "whole", check=True)
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, common), "--out", str(part)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    try:
+        while not (part / "checkpoint.pt").exists() and proc.poll() is None:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and not (part / "model.json").exists(), stderr
+    run_cli(*common, "--out", part, "--resume", part / "checkpoint.pt", check=True)
+    histories = [list(csv.DictReader(open(d / "history.csv"))) for d in (tmp_path / "whole", part)]
+    losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in h] for h in histories]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    whole, resumed = modeldir.load(tmp_path / "whole")[1], modeldir.load(part)[1]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_plateau_schedule_decays_then_stops():
