@@ -114,7 +114,7 @@ class TorchLogReg(BaseEstimator, ClassifierMixin):
 
     The gradient is written out rather than left to autograd, whose backward product with the
     transposed feature matrix is several times slower on CPUs. `precision` "auto" keeps the features in
-    bfloat16 on CPUs with native bfloat16 arithmetic (products still sum in float32; about 4x faster,
+    bfloat16 on CPUs with native bfloat16 arithmetic (products still sum in float32; 3-4x faster,
     since each evaluation reads the whole matrix twice) and in float32 elsewhere."""
 
     def __init__(self, C: float = 1.0, max_iter: int = 100, class_weight: str | None = None, device: str = "auto",
