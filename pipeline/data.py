@@ -166,8 +166,7 @@ def _split_train(root: Path, classes: list[str], samples: list[Sample], val_frac
         if s.split == "train":
             per_class[s.label].append(s.path)
     rest = [s for s in samples if s.split != "train"]
-    return sorted(rest + stratified_split(per_class, val_fraction, test_fraction, seed),
-                  key=lambda s: (SPLITS.index(s.split), s.path))
+    return _in_split_order(rest + stratified_split(per_class, val_fraction, test_fraction, seed))
 
 
 def _checked(dataset: Dataset) -> Dataset:
@@ -275,6 +274,11 @@ def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_
         n_test, n_val = round(len(files) * test_fraction), round(len(files) * val_fraction)
         cut = {"test": files[:n_test], "val": files[n_test:n_test + n_val], "train": files[n_test + n_val:]}
         samples += [Sample(f, label, split) for split, part in cut.items() for f in part]
+    return _in_split_order(samples)
+
+
+def _in_split_order(samples: list[Sample]) -> list[Sample]:
+    """Train, val, test, each by path: the order split folders are scanned in."""
     return sorted(samples, key=lambda s: (SPLITS.index(s.split), s.path))
 
 

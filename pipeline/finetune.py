@@ -199,13 +199,11 @@ class Batches:
         return len(self.sampler) if self.sampler else len(self.samples)
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the epoch's order and augmentation depend on (seed, epoch) alone, so that a run resumed
-        from a checkpoint repeats the epochs an uninterrupted run would have trained."""
+        """Make the epoch's batch order (and the workers' augmentation seeds) depend on (seed, epoch) alone."""
         if self.sampler:
             self.sampler.set_epoch(epoch)
         else:
             self.loader.generator.manual_seed(self.seed + epoch)
-        torch.manual_seed(self.seed + epoch)   # augmentation in this process (workers=0), dropout
 
     def __iter__(self):
         for good, images, bad in self.loader:
@@ -332,7 +330,10 @@ def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneS
         head_only = epoch <= s.head_epochs
         model.train()   # the DDP wrapper's own mode; set_trainable sets its parts'
         set_trainable(net, frozen, head_only)
+        # every random draw of the epoch depends on (seed, epoch) alone, so a run resumed from a
+        # checkpoint repeats the epochs an uninterrupted run would have trained
         train_batches.set_epoch(epoch)
+        torch.manual_seed(s.seed + epoch)   # augmentation in this process (workers=0), dropout
         lr, t = optimizer.param_groups[0]["lr"], time.perf_counter()
         # join: a rank may take fewer steps (a batch of unreadable images yields none)
         with model.join() if model is not net else contextlib.nullcontext():

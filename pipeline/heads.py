@@ -22,6 +22,16 @@ from torch import nn
 from pipeline.errors import UserError
 
 
+def torch_device(device: str) -> torch.device:
+    """The device a torch head trains on: 'auto' is the GPU when there is one."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        "cpu" if device == "auto" else device)
+
+
 class TorchHead(BaseEstimator, ClassifierMixin):
     """A linear (hidden=0) or MLP head trained with AdamW, mini-batches and early stopping on val loss."""
 
@@ -39,19 +49,11 @@ class TorchHead(BaseEstimator, ClassifierMixin):
             width = self.hidden
         return nn.Sequential(*layers, nn.Linear(width, n_classes))
 
-    def _device(self) -> torch.device:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
-        return torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
-                            "cpu" if self.device == "auto" else self.device)
-
     def fit(self, X, y, X_val=None, y_val=None):
         """Train; with a val set, stop when its loss stops improving and keep the best epoch.
         Without one, train for `epochs` epochs (model selection passes the best epoch count)."""
         torch.manual_seed(self.seed)
-        dev = self._device()
+        dev = torch_device(self.device)
         self.classes_ = np.unique(y)
         yi = np.searchsorted(self.classes_, y)
         self.net_ = self._network(X.shape[1], len(self.classes_)).to(dev)
@@ -130,8 +132,7 @@ class TorchLogReg(BaseEstimator, ClassifierMixin):
         return getattr(torch, self.precision)
 
     def fit(self, X, y):
-        dev = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
-                           "cpu" if self.device == "auto" else self.device)
+        dev = torch_device(self.device)
         self.classes_ = np.unique(y)
         yi = np.searchsorted(self.classes_, y)
         n, k = len(yi), len(self.classes_)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,20 @@ def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.C
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def interrupt_when_written(command: list, path: Path, sig: int) -> subprocess.CompletedProcess:
+    """Run `command` for real, with this checkout first on the path, and send it `sig` as soon as
+    `path` exists (or once it has ended); returns its exit code and stderr."""
+    proc = subprocess.Popen(list(map(str, command)), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not path.exists() and proc.poll() is None:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, None, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from tests.conftest import COLOURS, ROOT, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, ROOT, interrupt_when_written, make_image_folder, run_cli, tiny_image
 
 SMALL = ("--image-size", 64, "--workers", 0)
 
@@ -86,14 +85,8 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
                 "--lr", 0.01, "--no-random-crop", "--quiet")
     checkpoint = out / "checkpoint.pt"
     # interrupted as soon as the first epoch's checkpoint exists
-    proc = subprocess.Popen(torchrun_command(*settings, "--checkpoint"), env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while not checkpoint.exists() and proc.poll() is None:
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGTERM)   # torchrun stops its workers and waits for them
-        proc.wait(timeout=60)
+    # (SIGTERM: torchrun stops its workers and waits for them)
+    interrupt_when_written(torchrun_command(*settings, "--checkpoint"), checkpoint, signal.SIGTERM)
     saved = torch.load(checkpoint, weights_only=True)
     done = len(saved["history"])
     assert done >= 1 and not (out / "model.json").exists()

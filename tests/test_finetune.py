@@ -3,17 +3,14 @@ and the model directory that predict and visualize accept."""
 from __future__ import annotations
 
 import csv
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, make_image_folder, run_cli
+from tests.conftest import interrupt_when_written, make_image_folder, run_cli
 from pipeline import modeldir
 from pipeline.backbones import load_backbone
 from pipeline.config import finetune_settings
@@ -108,15 +105,9 @@ def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(images, tmp_pa
               "--workers", 0, "--device", "cpu", "--quiet", "--checkpoint")
     run_cli(*common, "--out", tmp_path / "whole", check=True)
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, common), "--out", str(part)],
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
-    try:
-        while not (part / "checkpoint.pt").exists() and proc.poll() is None:
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and not (part / "model.json").exists(), stderr
+    stopped = interrupt_when_written([sys.executable, "-m", "pipeline", *common, "--out", part],
+                                     part / "checkpoint.pt", signal.SIGINT)
+    assert stopped.returncode == 130 and not (part / "model.json").exists(), stopped.stderr
     run_cli(*common, "--out", part, "--resume", part / "checkpoint.pt", check=True)
     histories = [list(csv.DictReader(open(d / "history.csv"))) for d in (tmp_path / "whole", part)]
     losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in h] for h in histories]
