@@ -1,6 +1,8 @@
 """Where the CUDA fast path spends its time: each part of `gpu_batches` alone, on a benchmark folder.
 
-    python benchmarks/gpu_parts.py DATA [--images 4000] [--workers 8] [--batch-size 256]
+    python benchmarks/gpu_parts.py DATA [--images 4000] [--workers 8] [--batch-size 256] [--device cuda]
+
+With `--device cpu` the same parts run on the CPU (the byte reading in workers is the same work there).
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from pipeline.data import scan  # noqa: E402
 from pipeline.fastpath import FileBytes, TensorPreprocess, collate_bytes, gpu_batches  # noqa: E402
 
 
-def rate(name: str, fn) -> None:
-    torch.cuda.synchronize()
+def rate(name: str, fn, dev: torch.device) -> None:
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     n = fn()
-    torch.cuda.synchronize()
+    sync()
     print(f"{name}: {n / (time.perf_counter() - start):,.0f} images/s", flush=True)
 
 
@@ -34,21 +37,23 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4000, help="first N images")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--device", default="cuda", help="cuda or cpu")
     args = p.parse_args()
-    samples, dev, bs = scan(args.data, 0, 0).samples[:args.images], torch.device("cuda"), args.batch_size
+    samples, dev, bs = scan(args.data, 0, 0).samples[:args.images], torch.device(args.device), args.batch_size
     pre = TensorPreprocess(load_backbone("resnet50", "none").preprocessing, dev)
     loader = DataLoader(FileBytes(args.data, samples), batch_size=bs, num_workers=args.workers,
-                        collate_fn=collate_bytes, pin_memory=True, prefetch_factor=4)
-    rate(f"read bytes in {args.workers} workers", lambda: sum(len(b[0]) for b in loader))
+                        collate_fn=collate_bytes, pin_memory=dev.type == "cuda", prefetch_factor=4)
+    rate(f"read bytes in {args.workers} workers", lambda: sum(len(b[0]) for b in loader), dev)
     raw = [torch.frombuffer(bytearray((args.data / s.path).read_bytes()), dtype=torch.uint8) for s in samples]
     decode_jpeg(raw[:bs], mode=ImageReadMode.RGB, device=dev)
-    rate("decode_jpeg on the GPU", lambda: sum(len(decode_jpeg(raw[i:i + bs], mode=ImageReadMode.RGB, device=dev))
-                                               for i in range(0, len(raw), bs)))
+    rate(f"decode_jpeg on {dev}", lambda: sum(len(decode_jpeg(raw[i:i + bs], mode=ImageReadMode.RGB, device=dev))
+                                              for i in range(0, len(raw), bs)), dev)
     images = decode_jpeg(raw[:4 * bs], mode=ImageReadMode.RGB, device=dev)
     pre(images[:bs])
-    rate("resize, crop, normalise on the GPU", lambda: sum(len(pre(images[i:i + bs])) for i in range(0, 4 * bs, bs)))
-    rate("all three in gpu_batches", lambda: sum(len(b[0]) for b in gpu_batches(args.data, samples, pre.pre, bs,
-                                                                                  args.workers, dev)))
+    rate(f"resize, crop, normalise on {dev}", lambda: sum(len(pre(images[i:i + bs])) for i in range(0, 4 * bs, bs)),
+         dev)
+    rate("all three in gpu_batches (decoding on a thread)",
+         lambda: sum(len(b[0]) for b in gpu_batches(args.data, samples, pre.pre, bs, args.workers, dev)), dev)
 
 
 if __name__ == "__main__":

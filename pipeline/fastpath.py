@@ -7,7 +7,7 @@ GPU resize, so every image goes through one preprocessing recipe.
 """
 from __future__ import annotations
 
-import io
+import contextlib
 import queue
 import threading
 from pathlib import Path
@@ -16,7 +16,6 @@ from typing import Collection
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from pipeline.backbones import Preprocessing
 from pipeline.data import ImageError, Sample, decode_image, image_bytes
@@ -26,16 +25,56 @@ JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
 
 def gpu_decodable(data: bytes) -> bool:
-    """A whole, upright JPEG (ends with its end-of-image marker, no EXIF rotation) in RGB or greyscale:
-    nvJPEG decodes it as PIL would. Anything else (PNG, CMYK, rotated or truncated files) goes to PIL,
-    which also gives bad files their reason."""
+    """A whole, upright JPEG (ends with its end-of-image marker, no EXIF rotation), 8-bit Huffman-coded
+    (baseline, extended or progressive), greyscale or 3-channel, of nonzero size: nvJPEG decodes it as PIL would. Anything
+    else (PNG, CMYK, arithmetic-coded, rotated or truncated files) goes to PIL, which also gives bad files
+    their reason. Walks the marker segments up to the first scan rather than opening the file with PIL,
+    which cost 3 times the file's SHA-256 (benchmarks/RESULTS.md)."""
     if not (data.startswith(JPEG_START) and data.rstrip(b"\0").endswith(JPEG_END)):
         return False
-    try:
-        with Image.open(io.BytesIO(data)) as img:   # reads the header only
-            return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
-    except Exception:
-        return False
+    pos, frame = 2, False
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:                                   # fill byte
+            pos += 1
+            continue
+        start, end = pos + 4, pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if end > len(data):
+            return False
+        if marker in (0xC0, 0xC1, 0xC2):                     # start of frame: precision, height, width, channels
+            frame = (end - start >= 6 and data[start] == 8 and data[start + 5] in (1, 3)
+                     and data[start + 1:start + 3] != b"\0\0" and data[start + 3:start + 5] != b"\0\0")
+            if not frame:
+                return False
+        elif 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):   # lossless, hierarchical, arithmetic
+            return False
+        elif marker == 0xE1 and data.startswith(b"Exif\0\0", start) and exif_orientation(data[start + 6:end]) != 1:
+            return False
+        elif marker == 0xDA:                                 # start of scan: the header is over
+            return frame
+        pos = end
+    return False
+
+
+def exif_orientation(tiff: bytes) -> int:
+    """The orientation tag (0x0112) of IFD0 in an EXIF block: 1 (upright) when absent, 0 when the block
+    is unreadable (PIL then decides, as on the CPU path)."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 0
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 0
+    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
+            return int.from_bytes(tiff[entry + 8:entry + 10], order)
+    return 1
+
+
+def chw_tensor(image) -> torch.Tensor:
+    """A decoded RGB PIL image as a uint8 [3, H, W] tensor."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 
 class FileBytes(torch.utils.data.Dataset):
@@ -58,21 +97,27 @@ class FileBytes(torch.utils.data.Dataset):
             image = decode_image(data)
         except ImageError as exc:
             return i, None, None, None, str(exc)
-        return i, None, torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), digest, None
+        return i, None, chw_tensor(image), digest, None
 
 
 def collate_bytes(items):
     """(good [(index, sha256)], all JPEG bytes in one uint8 tensor, per good item its (offset, length) or
     None, decoded tensors or None, [(index, reason)]). One tensor per batch crosses from the worker, not one
     per image: handing hundreds of small tensors between processes, and pinning each, costs more than
-    decoding them."""
+    decoding them. In a worker the bytes are copied once, straight into shared memory."""
     good = [it for it in items if it[4] is None]
     spans, offset = [], 0
     for it in good:
         spans.append(None if it[1] is None else (offset, len(it[1])))
         offset += 0 if it[1] is None else len(it[1])
-    joined = bytearray(b"".join(it[1] for it in good if it[1] is not None)) or bytearray(1)   # frombuffer
-    blob = torch.frombuffer(joined, dtype=torch.uint8)                                        # needs 1 byte
+    if torch.utils.data.get_worker_info() is None:
+        blob = torch.empty(offset, dtype=torch.uint8)
+    else:
+        blob = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(offset))
+    buffer = blob.numpy()
+    for it, span in zip(good, spans):
+        if span is not None:
+            buffer[span[0]:span[0] + span[1]] = np.frombuffer(it[1], np.uint8)
     return ([(it[0], it[3]) for it in good], blob, spans, [it[2] for it in good],
             [(it[0], it[4]) for it in items if it[4] is not None])
 
@@ -111,23 +156,104 @@ class TensorPreprocess:
 def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
                 device: torch.device, known: Collection[str] = ()):
     """Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
-    in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does."""
+    in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does. A thread decodes and
+    preprocesses the next batches (on CUDA on a stream of its own) while the caller runs the model."""
     from torch.utils.data import DataLoader
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     prepare = TensorPreprocess(pre, device)
     loader = DataLoader(FileBytes(root, samples, known), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_bytes, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    for good, blob, spans, decoded, bad in loader:
-        images = [None if d is None else d.to(device, non_blocking=True) for d in decoded]
-        jpegs = [k for k, span in enumerate(spans) if span is not None]
-        if jpegs:
-            encoded = [blob[spans[k][0]:spans[k][0] + spans[k][1]] for k in jpegs]
-            for k, image in zip(jpegs, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)):
-                images[k] = image
-        computed = [image for image in images if image is not None]   # the rest are reused
-        yield good, (prepare(computed) if computed else None), bad
+    return prefetched((decoded(batch, prepare) for batch in loader), device)
+
+
+def decoded(batch, prepare: TensorPreprocess):
+    """One batch from `collate_bytes` to `gpu_batches`'s form: its JPEGs decoded together on the device.
+    When nvJPEG refuses the batch (a file whose header passed `gpu_decodable` but whose data it cannot
+    read), PIL decodes each of its JPEGs instead and names the bad ones, as on the CPU path."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    good, blob, spans, tensors, bad = batch
+    images = [None if t is None else t.to(prepare.device, non_blocking=True) for t in tensors]
+    jpegs = [k for k, span in enumerate(spans) if span is not None]
+    encoded = [blob[spans[k][0]:spans[k][0] + spans[k][1]] for k in jpegs]
+    try:
+        decoded_jpegs = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=prepare.device) if jpegs else []
+    except RuntimeError:
+        decoded_jpegs = [pil_decoded(data.numpy().tobytes(), prepare.device) for data in encoded]
+    failed = set()
+    for k, image in zip(jpegs, decoded_jpegs):
+        if isinstance(image, str):
+            bad.append((good[k][0], image))
+            failed.add(k)
+        else:
+            images[k] = image
+    if failed:
+        bad.sort()
+        good = [g for k, g in enumerate(good) if k not in failed]
+    computed = [image for image in images if image is not None]   # the rest are reused or failed
+    return good, (prepare(computed) if computed else None), bad
+
+
+def pil_decoded(data: bytes, device: torch.device) -> torch.Tensor | str:
+    """An image decoded by PIL onto `device`, or the reason it cannot be."""
+    try:
+        return chw_tensor(decode_image(data)).to(device)
+    except ImageError as exc:
+        return str(exc)
+
+
+def prefetched(batches, device: torch.device, depth: int = 2):
+    """Iterate `batches` on a thread, up to `depth` items ahead of the caller, and yield them in order.
+    On CUDA the thread queues its work on a stream of its own; each item's tensors are handed to the
+    caller's stream once that work is done. Errors of the thread are raised here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for item in batches:
+                    ready = None
+                    if stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                    if not hand_over((item, ready, None)):
+                        return
+        except BaseException as exc:
+            hand_over((None, None, exc))
+            return
+        hand_over((end, None, None))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, ready, error = items.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            if ready is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(ready)
+                for value in item:
+                    if isinstance(value, torch.Tensor):
+                        value.record_stream(current)    # its memory is not reused before the caller is done
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class BackgroundWriter:

@@ -2,10 +2,13 @@
 tensors too: it must give the PIL path's inputs and features within a small tolerance."""
 from __future__ import annotations
 
+import io
+import threading
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -13,7 +16,7 @@ from benchmarks.make_images import make_images
 from pipeline.backbones import load_backbone
 from pipeline.data import scan
 from pipeline.extract import cpu_batches
-from pipeline.fastpath import BackgroundWriter, gpu_batches, gpu_decodable
+from pipeline.fastpath import BackgroundWriter, gpu_batches, gpu_decodable, prefetched
 from pipeline.store import FeatureWriter, cache_attrs, open_cache
 
 
@@ -36,13 +39,74 @@ def test_gpu_decodable_routes_only_whole_rgb_jpegs(tmp_path):
     assert not gpu_decodable(files["broken.jpg"])
 
 
-def test_tensor_path_matches_pil_path(tmp_path):
+def _pil_says_gpu_decodable(data: bytes) -> bool:
+    """The rule `gpu_decodable` implements, asked of PIL: a whole JPEG in RGB or L, upright."""
+    if not (data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\0").endswith(b"\xff\xd9")):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
+    except Exception:
+        return False
+
+
+def _jpeg(img: Image.Image, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def _corpus() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    files = {"baseline": _jpeg(photo), "progressive": _jpeg(photo, progressive=True),
+             "grey": _jpeg(photo.convert("L")), "cmyk": _jpeg(photo.convert("CMYK")),
+             "subsampled 4:2:0": _jpeg(photo, subsampling=2), "optimised": _jpeg(photo, optimize=True),
+             "with icc profile": _jpeg(photo, icc_profile=b"\0" * 3000)}
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        exif[0x010F] = "camera maker"          # a second tag, so orientation is not the only entry
+        files[f"exif orientation {orientation}"] = _jpeg(photo, exif=exif)
+    big_endian = bytearray(files["exif orientation 6"])
+    exif_at = big_endian.index(b"Exif\0\0") + 6
+    files["exif without orientation"] = _jpeg(photo, exif=Image.Exif())
+    files["exif with a bad byte order"] = bytes(big_endian[:exif_at] + b"XX" + big_endian[exif_at + 2:])
+    baseline = files["baseline"]
+    files["truncated"] = baseline[:len(baseline) // 2]
+    files["cut in the scan, ending in ffd9"] = baseline[:len(baseline) // 2] + b"\xff\xd9"
+    files["header cut"] = baseline[:40] + b"\xff\xd9"
+    files["padded with zeros"] = baseline + b"\0" * 100
+    frame = baseline.index(b"\xff\xc0")
+    files["arithmetic-coded marker"] = baseline[:frame + 1] + b"\xc9" + baseline[frame + 2:]
+    files["12-bit precision"] = baseline[:frame + 4] + b"\x0c" + baseline[frame + 5:]
+    files["zero width"] = baseline[:frame + 7] + b"\0\0" + baseline[frame + 9:]
+    buf = io.BytesIO()
+    photo.save(buf, "PNG")
+    files["png"] = buf.getvalue()
+    files["text"] = b"not an image"
+    return files
+
+
+def test_gpu_decodable_sends_to_nvjpeg_only_what_pil_reads_as_upright_rgb_or_grey():
+    files = _corpus()
+    decodable = {name for name, data in files.items() if gpu_decodable(data)}
+    assert decodable == {"baseline", "progressive", "grey", "subsampled 4:2:0", "optimised", "with icc profile",
+                         "exif orientation 1", "exif without orientation", "padded with zeros",
+                         "cut in the scan, ending in ffd9"}   # libjpeg, so PIL, fills the missing rows
+    # the marker walk is stricter than PIL, never looser: a broken EXIF block, arithmetic coding and
+    # 12-bit samples go to PIL, which decodes them or gives the reason
+    assert all(_pil_says_gpu_decodable(files[name]) for name in decodable)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_tensor_path_matches_pil_path(tmp_path, workers):
     root = _folder(tmp_path)
     dataset = scan(root, 0, 0)
     backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=96)
     pre, dev = backbone.preprocessing, torch.device("cpu")
     ref = list(cpu_batches(root, dataset.samples, pre.transform(), 64, 0))
-    new = list(gpu_batches(root, dataset.samples, pre, 64, 0, dev))
+    new = list(gpu_batches(root, dataset.samples, pre, 64, workers, dev))
     (good_a, x_a, bad_a), (good_b, x_b, bad_b) = ref[0], new[0]
     assert good_a == good_b and bad_a == bad_b
     assert [dataset.samples[i].path for i, _ in bad_b] == ["train/class_01/broken.jpg"]
@@ -55,6 +119,58 @@ def test_tensor_path_matches_pil_path(tmp_path):
         fa = backbone.model(x_a)
         fb = backbone.model(x_b)
     assert torch.nn.functional.cosine_similarity(fa, fb).min() > 0.995
+
+
+def _without_segment(jpeg: bytes, marker: int) -> bytes:
+    """`jpeg` with its header segments of one kind taken out."""
+    out, pos = bytearray(jpeg[:2]), 2
+    while jpeg[pos + 1] != 0xDA:
+        end = pos + 2 + int.from_bytes(jpeg[pos + 2:pos + 4], "big")
+        out += b"" if jpeg[pos + 1] == marker else jpeg[pos:end]
+        pos = end
+    return bytes(out + jpeg[pos:])
+
+
+def test_a_batch_the_jpeg_decoder_refuses_is_decoded_by_pil(tmp_path):
+    root = make_images(tmp_path / "photos", 5, classes=2)
+    first = next((root / "train" / "class_00").glob("*.jpg"))
+    no_tables = _without_segment(first.read_bytes(), 0xDB)     # quantisation tables gone, header still fine
+    assert gpu_decodable(no_tables)
+    (root / "train" / "class_00" / "no tables.jpg").write_bytes(no_tables)
+    dataset = scan(root, 0, 0)
+    pre = load_backbone("efficientnet_lite0", "imagenet", image_size=96).preprocessing
+    (good_a, x_a, bad_a), = cpu_batches(root, dataset.samples, pre.transform(), 64, 0)
+    (good_b, x_b, bad_b), = gpu_batches(root, dataset.samples, pre, 64, 0, torch.device("cpu"))
+    assert good_a == good_b and bad_a == bad_b
+    assert [(dataset.samples[i].path, reason) for i, reason in bad_b] == [
+        ("train/class_00/no tables.jpg", "cannot decode: broken data stream when reading image file")]
+    assert (x_a - x_b).abs().mean() < 0.01     # both decoded by PIL now; only the resampling differs
+
+
+def test_prefetched_keeps_order_raises_errors_and_stops_its_thread():
+    cpu = torch.device("cpu")
+    assert list(prefetched(((i, f"batch {i}") for i in range(50)), cpu)) == [(i, f"batch {i}") for i in range(50)]
+
+    def failing():
+        yield (1,)
+        raise ValueError("unreadable batch")
+    got = []
+    with pytest.raises(ValueError, match="unreadable batch"):
+        for item in prefetched(failing(), cpu):
+            got.append(item)
+    assert got == [(1,)]
+
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield (made[-1],)
+    items = prefetched(endless(), cpu, depth=2)
+    assert [next(items) for _ in range(3)] == [(0,), (1,), (2,)]
+    items.close()
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+    assert len(made) <= 3 + 2 + 1      # taken, queued, and the one waiting to be queued
 
 
 def test_background_writer_writes_slabs_in_order(tmp_path):
