@@ -156,7 +156,10 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
 
 def _split_train(root: Path, classes: list[str], samples: list[Sample], val_fraction: float,
                  test_fraction: float, seed: int) -> list[Sample]:
-    """Split folders without val: cut val (and test, by a nonzero `test_fraction`) out of train."""
+    """Split folders without val: cut val (and test, by a nonzero `test_fraction`) out of train; nothing
+    to cut (and no warning) when both fractions are 0."""
+    if not val_fraction and not test_fraction:
+        return samples
     cut = "val and test" if test_fraction else "val"
     warn(f"{root} has no val folder; taking {cut} from train by a seeded stratified split "
          f"(val fraction {val_fraction:g}" + (f", test fraction {test_fraction:g}" if test_fraction else "") +

@@ -37,6 +37,9 @@ def test_split_folders_without_val_cut_it_from_train(tmp_path: Path, capsys, fol
     assert all(s.path.startswith("train/") for s in ds.samples if s.split == "val")
     assert scan(root, 0.15, 0.15, seed=0).samples == ds.samples
     assert "has no val folder" in capsys.readouterr().err
+    untouched = scan(root, val_fraction=0, test_fraction=0, seed=0)      # asked for no cut: none, no warning
+    assert {s.split for s in untouched.samples} == set(folders)
+    assert capsys.readouterr().err == ""
 
 
 def test_class_folders_split_is_stratified_seeded_and_recorded(tmp_path: Path):
