@@ -368,14 +368,11 @@ def run_stage(fn) -> None:
     try:
         fn()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        exit_with(2)
+        exit_with(2, f"error: {exc}")
     except Interrupted as exc:
-        typer.echo(str(exc), err=True)
-        exit_with(130)
+        exit_with(130, str(exc))
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        exit_with(130)
+        exit_with(130, "interrupted")
 
 
 def main() -> None:

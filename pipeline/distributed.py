@@ -77,15 +77,41 @@ def stop() -> None:
 
 def launch(nproc: int, args: list[str]) -> int:
     """Run `python -m pipeline ARGS` as `nproc` processes on this machine through torchrun, and return
-    the ranks' own exit code (2 for an error, 130 when interrupted) where torchrun's is 1."""
+    the ranks' own exit code (2 for an error, 130 when interrupted) where torchrun's is 1. Each distinct
+    error line of the ranks is printed once, in place of torchrun's multi-page failure report."""
     if is_distributed():
         raise UserError("--nproc launches torchrun itself; leave it out when running under torchrun")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    command = [sys.executable, "-m", "pipeline.distributed", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "pipeline", *args]
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // nproc))
     with tempfile.TemporaryDirectory() as codes:
-        code = subprocess.call(command, env={**os.environ, EXIT_CODE_DIR: codes})
-        ranks = {int(p.read_text()) for p in Path(codes).iterdir()}
+        code = subprocess.call(command, env={**os.environ, EXIT_CODE_DIR: codes, "OMP_NUM_THREADS": threads})
+        reports = [json.loads(p.read_text()) for p in sorted(Path(codes).iterdir())]
+    for message in dict.fromkeys(r["message"] for r in reports if r["message"]):
+        print(message, file=sys.stderr)
+    ranks = {r["code"] for r in reports}
     return code if code == 0 else 2 if 2 in ranks else 130 if 130 in ranks else code
+
+
+def quiet_torchrun(argv: list[str]) -> None:
+    """torchrun, with its failure report (a traceback and a page per rank) cut to one line for each rank
+    that ended without a recorded error of its own (a crash or a signal), and no traceback on Ctrl-C."""
+    import logging
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except SignalException:     # the ranks got the signal too and say what they kept
+        sys.exit(130)
+    except ChildFailedError as exc:
+        for failed_rank, failure in sorted(exc.failures.items()):
+            if failure.exitcode not in (2, 130):
+                how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+                print(f"error: rank {failed_rank} stopped with {how}", file=sys.stderr)
+        sys.exit(1)
 
 
 def without_option(args: list[str], name: str) -> list[str]:
@@ -255,3 +281,7 @@ def gather_dicts(d: dict) -> dict:
     parts = [None] * world_size()
     dist.all_gather_object(parts, d)
     return {k: v for part in parts for k, v in part.items()}
+
+
+if __name__ == "__main__":
+    quiet_torchrun(sys.argv[1:])

@@ -1,4 +1,5 @@
 """Errors the command line turns into one clear line and exit code 2; warnings as single lines."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,13 +17,19 @@ class Interrupted(Exception):
 
 
 def warn(message: str) -> None:
-    """A problem worth knowing that does not stop the run: one stderr line prefixed 'warning:'."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """A problem worth knowing that does not stop the run: one stderr line prefixed 'warning:'. Under
+    torchrun only rank 0 prints it: the warnings are about the data, which every rank reads alike."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def exit_with(code: int) -> NoReturn:
-    """Exit with `code`; a rank launched by `--nproc` also records it, since torchrun itself exits 1."""
+def exit_with(code: int, message: str = "") -> NoReturn:
+    """Print `message` and exit with `code`. A rank launched by `--nproc` records both for the launcher
+    instead (torchrun itself exits 1, and every rank would print the same line)."""
     folder = os.environ.get(EXIT_CODE_DIR)
     if folder:
-        Path(folder, f"rank{os.environ.get('RANK', 0)}").write_text(str(code))
+        report = Path(folder, f"rank{int(os.environ.get('RANK', 0)):05d}")
+        report.write_text(json.dumps({"code": code, "message": message}))
+    elif message:
+        print(message, file=sys.stderr, flush=True)
     sys.exit(code)

@@ -26,10 +26,10 @@ JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
 def gpu_decodable(data: bytes) -> bool:
     """A whole, upright JPEG (ends with its end-of-image marker, no EXIF rotation), 8-bit Huffman-coded
-    (baseline, extended or progressive), greyscale or 3-channel, of nonzero size: nvJPEG decodes it as PIL would. Anything
-    else (PNG, CMYK, arithmetic-coded, rotated or truncated files) goes to PIL, which also gives bad files
-    their reason. Walks the marker segments up to the first scan: 5 us a file, where opening it with PIL
-    cost 25-30 us, as much as its SHA-256 (benchmarks/RESULTS.md)."""
+    (baseline, extended or progressive), greyscale or 3-channel, of nonzero size: nvJPEG decodes it as
+    PIL would. Anything else (PNG, CMYK, arithmetic-coded, rotated or truncated files) goes to PIL, which
+    also gives bad files their reason. Walks the marker segments up to the first scan: 5 us a file, where
+    opening it with PIL cost 25-30 us, as much as its SHA-256 (benchmarks/RESULTS.md)."""
     if not (data.startswith(JPEG_START) and data.rstrip(b"\0").endswith(JPEG_END)):
         return False
     pos, frame = 2, False

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import pytest
 import numpy as np
 import torch
 
@@ -150,9 +151,23 @@ def test_compute_stats_is_refused_before_launching(image_folder, tmp_path):
 
 
 def test_an_error_in_the_ranks_is_exit_code_2_through_nproc(tmp_path):
-    """torchrun exits 1 whatever failed; `--nproc` returns the ranks' own code and their one-line error."""
-    proc = run_cli("extract", tmp_path / "missing", "--out", tmp_path / "f.h5", "--nproc", 2)
-    assert proc.returncode == 2 and f"error: data folder {tmp_path / 'missing'} does not exist" in proc.stderr
+    """torchrun exits 1 whatever failed; `--nproc` returns the ranks' own code, and each line the ranks
+    printed alike (a warning about the data, the error) appears once, without torchrun's report."""
+    images = make_image_folder(tmp_path / "images", {"train": 4, "test": 1})      # no val: a warning
+    proc = run_cli("extract", images, "--out", tmp_path / "f.h5", "--weights", tmp_path / "gone.pth", "--nproc", 2)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"warning: {images} has no val folder")
+    assert lines[1].startswith("error: ") and "gone.pth" in lines[1]
+
+
+@pytest.mark.parametrize("code, line", [
+    ("raise SystemExit(3)", "error: rank 0 stopped with exit code 3"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "error: rank 0 stopped with signal SIGKILL")])
+def test_a_rank_that_fails_without_its_own_error_line_gets_one(code, line):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.distributed", "--standalone", "--nproc_per_node=1",
+                           "--no-python", sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.strip() == line
 
 
 def test_a_run_on_a_locked_output_is_refused_by_every_rank(tmp_path):
