@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/bench.py --images 64 --out benchmarks/cpu.json
+	$(BIN)/python benchmarks/bench.py --out benchmarks/cpu.json
 
 clean-demo:
 	rm -rf data/demo features models reports

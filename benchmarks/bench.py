@@ -1,7 +1,7 @@
 """Benchmark stage one: generate the image folder if needed, run `pipeline.bench` for each backbone,
 write the results as JSON and print one markdown table.
 
-    python benchmarks/bench.py --images 64 --out benchmarks/cpu.json
+    python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 32, about 70 s)
     python benchmarks/bench.py --images 4000 --batch-size 256 --backbone resnet50=none \\
         --backbone resnet18=none --backbone efficientnet_lite0 --out gpu.json [--compile]
     python benchmarks/bench.py --table gpu.json gpu-compiled.json      (one table from earlier JSON files)
@@ -24,11 +24,12 @@ from pipeline.bench import bench, table, write_json  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="image folder; default: a generated one in the temp folder")
-    p.add_argument("--images", type=int, default=64, help="images to generate and time")
+    p.add_argument("--images", type=int, default=256, help="images to generate and time")
     p.add_argument("--backbone", action="append", metavar="NAME[=WEIGHTS]",
                    help="repeatable; WEIGHTS as for `pipeline extract --weights` (default imagenet)")
     p.add_argument("--image-size", type=int, help="crop size; default: each backbone's own")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per forward pass (the default gives the CPU's workers several batches to overlap)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", help="auto, float32 or bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile for extract and model-only")
