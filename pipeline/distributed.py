@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,11 +108,17 @@ def quiet_torchrun(argv: list[str]) -> None:
     except SignalException:     # the ranks got the signal too and say what they kept
         sys.exit(130)
     except ChildFailedError as exc:
-        for failed_rank, failure in sorted(exc.failures.items()):
-            if failure.exitcode not in (2, 130):
-                how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-                print(f"error: rank {failed_rank} stopped with {how}", file=sys.stderr)
+        for failed_rank, failure in sorted(unexplained_failures(exc.failures).items()):
+            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            print(f"error: rank {failed_rank} stopped with {how}", file=sys.stderr)
         sys.exit(1)
+
+
+def unexplained_failures(failures: dict) -> dict:
+    """The failed ranks that said nothing of why: not those that recorded an error (2) or an interrupt
+    (130), nor those torchrun itself stopped with SIGTERM because another rank had failed first."""
+    first = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM}
+    return {r: f for r, f in (first or failures).items() if f.exitcode not in (2, 130)}
 
 
 def without_option(args: list[str], name: str) -> list[str]:

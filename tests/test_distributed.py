@@ -170,6 +170,24 @@ def test_a_rank_that_fails_without_its_own_error_line_gets_one(code, line):
     assert proc.returncode == 1 and proc.stderr.strip() == line
 
 
+def test_ranks_torchrun_stops_because_another_failed_get_no_line():
+    """Rank 1 fails; torchrun stops rank 0 with SIGTERM, which is a consequence and is not reported."""
+    code = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(120)"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.distributed", "--standalone", "--nproc_per_node=2",
+                           "--no-python", sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=100)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: rank 1 stopped with exit code 3"
+
+
+def test_a_rank_stopped_by_sigterm_alone_is_reported_and_recorded_errors_are_not():
+    from types import SimpleNamespace
+    from pipeline.distributed import unexplained_failures
+    term, error, crash = (SimpleNamespace(exitcode=c) for c in (-signal.SIGTERM, 2, 3))
+    assert unexplained_failures({0: error, 1: term}) == {}   # rank 1 stopped before recording its own
+    assert unexplained_failures({0: term, 1: crash}) == {1: crash}
+    assert unexplained_failures({0: term}) == {0: term}              # stopped from outside
+
+
 def test_a_run_on_a_locked_output_is_refused_by_every_rank(tmp_path):
     from pipeline.store import output_lock
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
