@@ -1,9 +1,10 @@
 """Benchmark stage one: generate the image folder if needed, run `pipeline.bench` for each backbone,
 write the results as JSON and print one markdown table.
 
-    python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 32, about 70 s)
+    python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 16, about 70 s)
     python benchmarks/bench.py --images 4000 --batch-size 256 --backbone resnet50=none \\
         --backbone resnet18=none --backbone efficientnet_lite0 --out gpu.json [--compile]
+    python benchmarks/bench.py --batch-size 16 64 --backbone resnet18=none     (batch sizes side by side)
     python benchmarks/bench.py --table gpu.json gpu-compiled.json      (one table from earlier JSON files)
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ def main() -> None:
     p.add_argument("--backbone", action="append", metavar="NAME[=WEIGHTS]",
                    help="repeatable; WEIGHTS as for `pipeline extract --weights` (default imagenet)")
     p.add_argument("--image-size", type=int, help="crop size; default: each backbone's own")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="images per forward pass (the default gives the CPU's workers several batches to overlap)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[None],
+                   help="images per forward pass, one or several to compare; default: extract's (256 on CUDA, 16 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", help="auto, float32 or bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile for extract and model-only")
@@ -50,12 +51,13 @@ def main() -> None:
     results = []
     for spec in args.backbone or ["efficientnet_lite0"]:
         name, _, weights = spec.partition("=")
-        print(f"== {name}", file=sys.stderr)
-        results.append(bench(data, name, weights or "imagenet", args.image_size, args.batch_size, args.device,
-                             args.precision, args.compile, args.workers, args.repeats, args.images,
-                             skip_tutorial=args.no_tutorial, log=lambda line: print(line, file=sys.stderr)))
-        if args.out:
-            write_json(results, args.out)
+        for batch_size in args.batch_size:
+            print(f"== {name}, batch size {batch_size or 'default'}", file=sys.stderr)
+            results.append(bench(data, name, weights or "imagenet", args.image_size, batch_size, args.device,
+                                 args.precision, args.compile, args.workers, args.repeats, args.images,
+                                 skip_tutorial=args.no_tutorial, log=lambda line: print(line, file=sys.stderr)))
+            if args.out:
+                write_json(results, args.out)
     print(table(results), end="")
 
 

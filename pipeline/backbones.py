@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_minimums
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -236,6 +236,7 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
     layer: one module name or several (the first gives the default feature set); default: the
     registry's layer, normally the global pool.
     """
+    check_minimums({"image_size": 1}, {"image_size": image_size})
     entry = _entry(name)
     notes: list[str] = []
     if weights == "none":

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.backbones import Backbone, FeatureHook, load_backbone
 from pipeline.data import Dataset, scan
-from pipeline.extract import ImageFiles, collate, extract, resolve_device, resolve_precision
+from pipeline.errors import check_minimums
+from pipeline.extract import ImageFiles, collate, default_batch_size, extract, resolve_device, resolve_precision
 from pipeline.store import library_versions
 
 
@@ -92,12 +93,14 @@ def environment(dev: torch.device) -> dict:
 
 
 def bench(data: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet", image_size: int | None = None,
-          batch_size: int = 64, device: str = "auto", precision: str = "auto", compile: bool = False,
+          batch_size: int | None = None, device: str = "auto", precision: str = "auto", compile: bool = False,
           workers: int | None = None, repeats: int = 2, images: int | None = None,
           skip_tutorial: bool = False, log=print) -> dict:
     """Time the tutorial loop, `extract` and the model alone; return the figures as a JSON-ready dict."""
+    check_minimums({"repeats": 1, "images": 1}, {"repeats": repeats, "images": images})
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    batch_size = batch_size or default_batch_size(dev)
     dataset = scan(Path(data), 0.0, 0.0)
     if images:
         dataset = _subset(dataset, images)

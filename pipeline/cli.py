@@ -76,7 +76,8 @@ def extract(
                                                                        "the backbone's.")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average the features of each image and its "
                                                    "horizontal flip (twice the compute).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; default: 256 on CUDA, "
+                                                          "16 on a CPU (faster there than larger).")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
     dtype: Annotated[Dtype, typer.Option(help="Storage type of the feature vectors.")] = Dtype.float16,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: "
@@ -344,7 +345,8 @@ def bench(
     weights: Annotated[str, typer.Option(help="'imagenet', a local state dict, or 'none' "
                                               "(random init: same speed).")] = "imagenet",
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; default: 256 on CUDA, "
+                                                          "16 on a CPU (faster there than larger).")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="Compute type of extract and model-only.")] = Precision.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile for extract and model-only.")] = False,

@@ -24,7 +24,7 @@ class ExtractParams:
     image_size: int | None = None
     compute_stats: bool = False
     tta: bool = False
-    batch_size: int = 64
+    batch_size: int | None = None
     device: str = "auto"
     dtype: str = "float16"
     workers: int | None = None
@@ -105,10 +105,15 @@ def train_settings(name: str, raw: dict | None, where: str | None = None) -> Tra
     value = raw.pop(spec.tuned, "auto")
     if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise UserError(f"{where}: {spec.tuned} must be a number or 'auto', got {value!r}")
+    if value != "auto" and (value < 0 or value == 0 and spec.tuned != "weight_decay"):
+        raise UserError(f"{where}: {spec.tuned} must be {'at least 0' if spec.tuned == 'weight_decay' else 'above 0'}, "
+                        f"got {value!r}")
     s = TrainSettings(name, value)
     for key in ("preprocess", "class_weight", "cv_folds", "seed"):
         if key in raw:
             setattr(s, key, raw.pop(key))
+    if not isinstance(s.cv_folds, int) or s.cv_folds < 2:
+        raise UserError(f"{where}: cv_folds must be at least 2, got {s.cv_folds!r}")
     if s.preprocess not in PREPROCESSING:
         raise UserError(f"{where}: preprocess must be one of {', '.join(PREPROCESSING)}, got {s.preprocess!r}")
     unknown = set(raw) - set(spec.params)

@@ -16,6 +16,14 @@ class Interrupted(Exception):
     """The user stopped a run that can be resumed; the message says how (exit code 130)."""
 
 
+def check_minimums(minimums: dict, values: dict) -> None:
+    """A UserError naming the first setting below its minimum; None (a default) passes."""
+    for key, low in minimums.items():
+        value = values.get(key)
+        if value is not None and not isinstance(value, bool) and value < low:
+            raise UserError(f"{key} must be at least {low}, got {value}")
+
+
 def warn(message: str) -> None:
     """A problem worth knowing that does not stop the run: one stderr line prefixed 'warning:'. Under
     torchrun only rank 0 prints it: the warnings are about the data, which every rank reads alike."""

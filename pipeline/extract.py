@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone, Embedder, load_backbone
 from pipeline.data import Dataset, ImageError, Sample, decode_image, image_bytes, scan, write_manifest
-from pipeline.errors import Interrupted, UserError, warn
+from pipeline.errors import Interrupted, UserError, check_minimums, warn
 from pipeline.fastpath import BackgroundWriter, gpu_batches
 from pipeline.store import (FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, content_warnings, differences, open_cache,
                             output_lock)
@@ -86,8 +86,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+MINIMUMS = {"batch_size": 1, "workers": 0}
+
+
 def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
+
+
+def default_batch_size(dev: torch.device) -> int:
+    """256 on CUDA, to keep the GPU busy; 16 on a CPU, where small batches stay in its caches and run
+    faster than large ones (benchmarks/RESULTS.md)."""
+    return 256 if dev.type == "cuda" else 16
 
 
 def resolve_precision(precision: str, dev: torch.device) -> str:
@@ -140,7 +149,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, 
     return rows, features, None
 
 
-def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 64, device: str = "auto",
+def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | None = None, device: str = "auto",
             dtype: str = "float16", workers: int | None = None, quiet: bool = False,
             compute_stats: bool = False, reuse: bool = True, precision: str = "auto",
             compile: bool = False, reuse_from: Path | None = None) -> ExtractSummary:
@@ -150,6 +159,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
     bytes are unchanged (same SHA-256) take their vectors from it; only new or changed images run
     through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
     deleted images are handled. The new cache replaces the old one atomically.
+    `batch_size` None: `default_batch_size` of the device.
     `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
     runs the model through torch.compile. `reuse_from` names another cache to reuse vectors from
     (default `out`; pipeline.distributed writes shards that reuse from the complete file).
@@ -157,12 +167,14 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int = 6
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
     Callers that may run concurrently hold `output_lock(out)` (as `extract_folder` does)."""
+    check_minimums(MINIMUMS, {"batch_size": batch_size, "workers": workers})
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     gpu_decode = dev.type == "cuda"
     workers = default_workers() if workers is None else workers
+    batch_size = batch_size or default_batch_size(dev)
     mode = (f"{dev}, {'GPU' if gpu_decode else 'PIL'} decoding, {precision}"
-            f"{', compiled' if compile else ''}, {workers} workers")
+            f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
     if not quiet:
         tqdm.write(f"extract: {mode}")
     start = time.perf_counter()
@@ -254,11 +266,13 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     """Scan `data` (or the images `labels` names), record the split in `<out>.manifest.csv`, and
     extract its features into `out`; `options` go to `extract`. A second run on the same `out`
     is refused at once while this one holds `<out>.lock`."""
+    check_minimums(MINIMUMS, options)            # bad settings fail before any file is written
+    model = load_backbone(backbone, weights, layer, image_size, tta)
     out = Path(out)
     with output_lock(out):
         dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
         write_manifest(dataset, out.with_suffix(".manifest.csv"))
-        summary = extract(dataset, load_backbone(backbone, weights, layer, image_size, tta), out, **options)
+        summary = extract(dataset, model, out, **options)
     warn_about(out)
     return summary
 

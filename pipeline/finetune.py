@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline import distributed, modeldir
 from pipeline.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
 from pipeline.data import Dataset, dataset_digest, scan
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_minimums
 from pipeline.extract import ImageFiles, collate, default_workers, resolve_device
 from pipeline.metrics import confusion_png, confusion_rows, evaluate as score_metrics
 
@@ -37,6 +37,10 @@ STRATEGIES = ("full", "partial", "head", "scratch")
 CHOICES = {"strategy": STRATEGIES, "optimizer": ("sgd", "adamw"), "schedule": ("cosine", "plateau"),
            "device": ("auto", "cpu", "cuda")}
 CROP_SCALE = (0.5, 1.0)   # area range of the random resized crop: small datasets suffer from harsher crops
+
+
+MINIMUMS = {"batch_size": 1, "workers": 0, "backbone_lr_scale": 0, "weight_decay": 0, "momentum": 0,
+            "plateau_patience": 0, "max_decays": 0, "patience": 1, "rotation": 0, "color_jitter": 0}
 
 
 @dataclass
@@ -77,6 +81,10 @@ class FinetuneSettings:
         if self.epochs < 1 or not 0 <= self.head_epochs < self.epochs:
             raise UserError(f"finetune needs epochs >= 1 and 0 <= head_epochs < epochs, "
                             f"got epochs={self.epochs}, head_epochs={self.head_epochs}")
+        check_minimums(MINIMUMS, vars(self))
+        if not self.lr > 0 or not 0 < self.plateau_factor < 1:
+            raise UserError(f"finetune needs lr > 0 and 0 < plateau_factor < 1, "
+                            f"got lr={self.lr}, plateau_factor={self.plateau_factor}")
         if self.head_epochs and self.strategy == "head":
             raise UserError("head_epochs (two-phase) applies to full, partial and scratch, not to head")
         if self.freeze is not None and self.strategy != "partial":

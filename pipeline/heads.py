@@ -19,7 +19,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_minimums
 
 
 def torch_device(device: str) -> torch.device:
@@ -52,6 +52,10 @@ class TorchHead(BaseEstimator, ClassifierMixin):
     def fit(self, X, y, X_val=None, y_val=None):
         """Train; with a val set, stop when its loss stops improving and keep the best epoch.
         Without one, train for `epochs` epochs (model selection passes the best epoch count)."""
+        check_minimums({"hidden": 0, "depth": 1, "dropout": 0, "weight_decay": 0, "epochs": 1, "batch_size": 1,
+                        "patience": 1}, vars(self))
+        if not self.lr > 0 or not self.dropout < 1:
+            raise UserError(f"torch heads need lr > 0 and dropout < 1, got lr={self.lr}, dropout={self.dropout}")
         torch.manual_seed(self.seed)
         dev = torch_device(self.device)
         self.classes_ = np.unique(y)
@@ -132,6 +136,7 @@ class TorchLogReg(BaseEstimator, ClassifierMixin):
         return getattr(torch, self.precision)
 
     def fit(self, X, y):
+        check_minimums({"max_iter": 1}, vars(self))
         dev = torch_device(self.device)
         self.classes_ = np.unique(y)
         yi = np.searchsorted(self.classes_, y)

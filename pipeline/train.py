@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline import modeldir
 from pipeline.errors import UserError
@@ -51,7 +52,10 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
         pre = model[0].fit(X)
         model[-1].fit(pre.transform(X), y, *((pre.transform(X_val), y_val) if X_val is not None else ()))
     else:
-        model.fit(X, y)
+        try:
+            model.fit(X, y)
+        except InvalidParameterError as exc:   # sklearn's own check of a setting, e.g. max_iter=0
+            raise UserError(str(exc))
     return model
 
 

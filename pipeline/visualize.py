@@ -13,7 +13,7 @@ import torch
 from pipeline import modeldir
 from pipeline.backbones import Preprocessing
 from pipeline.data import ImageError, read_image
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_minimums
 from pipeline.extract import resolve_device
 from pipeline.predict import image_paths, predict
 
@@ -48,6 +48,7 @@ def _grid(n: int, rows_per_item: int = 1):
 def prediction_grid(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24,
                     device: str = "auto") -> dict:
     """Save a grid of up to `limit` images titled with predicted (and true) class; wrong ones in red."""
+    check_minimums({"limit": 1}, {"limit": limit})
     classes = modeldir.read_info(model_dir)["classes"]
     results = [r for r in predict(model_dir, _spread(image_paths(inputs), limit), top_k=1, device=device) if "top" in r]
     if not results:

@@ -55,3 +55,36 @@ def test_corrupt_cache_is_refused(small_cache, tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(small_cache.read_bytes()[:4096])
     assert "bad.h5" in one_line_error(run_cli("train", bad, "--out", tmp_path / "m"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (("extract", "{images}", "--out", "{tmp}/f.h5", "--batch-size", 0), "batch_size must be at least 1, got 0"),
+    (("extract", "{images}", "--out", "{tmp}/f.h5", "--image-size", -5), "image_size must be at least 1, got -5"),
+    (("finetune", "{images}", "--out", "{tmp}/ft", "--lr", -1), "lr > 0"),
+    (("train", "{cache}", "--out", "{tmp}/m", "--classifier", "torch_linear", "--param", "epochs=0"),
+     "epochs must be at least 1, got 0"),
+    (("train", "{cache}", "--out", "{tmp}/m", "--param", "C=-1"), "C must be above 0, got -1"),
+    (("bench", "{images}", "--repeats", 0), "repeats must be at least 1, got 0"),
+])
+def test_numbers_out_of_range_are_refused_before_any_work(small_cache, tmp_path, args, words):
+    images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    fill = {"images": images, "cache": small_cache, "tmp": tmp_path}
+    line = one_line_error(run_cli(*(str(a).format(**fill) for a in args)))
+    assert words in line
+    assert not {p.name for p in tmp_path.iterdir()} - {"images"}     # nothing written
+
+
+def test_out_of_range_settings_of_stage_two_and_visualize(small_cache, tmp_path):
+    from pipeline.config import train_settings
+    from pipeline.errors import UserError
+    from pipeline.train import train
+    from pipeline.visualize import prediction_grid
+    with pytest.raises(UserError, match="cv_folds must be at least 2, got 1"):
+        train_settings("logreg", {"cv_folds": 1})
+    with pytest.raises(UserError, match="dropout < 1"):
+        train(small_cache, tmp_path / "m", train_settings("torch_mlp", {"weight_decay": 0.1, "dropout": 1.0}))
+    with pytest.raises(UserError, match="'gamma' parameter .* must be a str among"):   # sklearn's own check
+        train(small_cache, tmp_path / "m", train_settings("rbf_svm", {"C": 1.0, "gamma": "huge"}))
+    with pytest.raises(UserError, match="limit must be at least 1, got 0"):
+        prediction_grid(tmp_path / "m", [tmp_path], tmp_path / "grid.png", limit=0)
+    assert not (tmp_path / "m").exists()

@@ -58,3 +58,17 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     assert result["ratios"]["extract_vs_tutorial"] == result["images_per_s"]["extract"] / \
         result["images_per_s"]["tutorial"]
     assert "| efficientnet_lite0 |" in proc.stdout
+
+
+def test_benchmark_script_compares_batch_sizes_and_defaults_to_extracts(tmp_path):
+    """benchmarks/bench.py times each batch size given (and extract's own default when none is) on a
+    folder it generates, and writes one JSON row per run."""
+    out = tmp_path / "rows.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--data", tmp_path / "jpegs", "--images", 8,
+              "--image-size", 32, "--repeats", 1, "--workers", 0, "--device", "cpu", "--no-tutorial"]
+    for sizes, expected in ((["--batch-size", 2, 4], [2, 4]), ([], [16])):
+        subprocess.run([str(a) for a in script + sizes + ["--out", out]], cwd=ROOT, check=True,
+                       capture_output=True, timeout=300)
+        rows = json.loads(out.read_text())
+        assert [r["batch_size"] for r in rows] == expected and all(r["images"] == 8 for r in rows)
+        assert all(r["images_per_s"]["extract"] > 0 for r in rows)
