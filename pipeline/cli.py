@@ -100,7 +100,8 @@ def extract(
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
     from pipeline import distributed
     if nproc > 1:
-        distributed.check_extract_options(compute_stats)
+        distributed.check_extract_options({"compute_stats": compute_stats, "batch_size": batch_size,
+                                           "workers": workers})
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     from pipeline.extract import extract_folder as single
     extract_folder = distributed.extract_folder if distributed.is_distributed() else single

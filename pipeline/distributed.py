@@ -40,8 +40,8 @@ import torch.distributed as dist
 
 from pipeline.backbones import load_backbone
 from pipeline.data import Dataset, scan, write_manifest
-from pipeline.errors import EXIT_CODE_DIR, UserError
-from pipeline.extract import ExtractSummary, extract, warn_about
+from pipeline.errors import EXIT_CODE_DIR, UserError, check_minimums
+from pipeline.extract import MINIMUMS as EXTRACT_MINIMUMS, ExtractSummary, extract, warn_about
 from pipeline.store import FeatureWriter, features_name, output_lock
 
 MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
@@ -136,8 +136,10 @@ def without_option(args: list[str], name: str) -> list[str]:
 
 # ---- extraction ------------------------------------------------------------------------------
 
-def check_extract_options(compute_stats: bool) -> None:
-    if compute_stats:
+def check_extract_options(options: dict) -> None:
+    """What every rank would refuse alike, refused once before launching."""
+    check_minimums(EXTRACT_MINIMUMS, options)
+    if options.get("compute_stats"):
         raise UserError("--compute-stats needs the whole training split in one process; "
                         "run it without torchrun or --nproc")
 
@@ -179,7 +181,7 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                    **options) -> ExtractSummary | None:
     """pipeline.extract.extract_folder on every rank of the process group, each on its shard, then
     the shards concatenated into `out` by rank 0. Returns the summary on rank 0, None elsewhere."""
-    check_extract_options(options.get("compute_stats", False))
+    check_extract_options(options)
     start_time = time.perf_counter()
     device = start(options.pop("device", "auto"))
     try:

@@ -37,8 +37,6 @@ STRATEGIES = ("full", "partial", "head", "scratch")
 CHOICES = {"strategy": STRATEGIES, "optimizer": ("sgd", "adamw"), "schedule": ("cosine", "plateau"),
            "device": ("auto", "cpu", "cuda")}
 CROP_SCALE = (0.5, 1.0)   # area range of the random resized crop: small datasets suffer from harsher crops
-
-
 MINIMUMS = {"batch_size": 1, "workers": 0, "backbone_lr_scale": 0, "weight_decay": 0, "momentum": 0,
             "plateau_patience": 0, "max_decays": 0, "patience": 1, "rotation": 0, "color_jitter": 0}
 

@@ -54,7 +54,7 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
     else:
         try:
             model.fit(X, y)
-        except InvalidParameterError as exc:   # sklearn's own check of a setting, e.g. max_iter=0
+        except InvalidParameterError as exc:   # sklearn's own check of a setting, e.g. gamma='huge'
             raise UserError(str(exc))
     return model
 

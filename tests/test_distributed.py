@@ -144,9 +144,12 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
     assert not any(p.exists() for p in shards)
 
 
-def test_compute_stats_is_refused_before_launching(image_folder, tmp_path):
-    proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", "--compute-stats", "--nproc", 2)
-    assert proc.returncode == 2 and "--compute-stats needs the whole training split" in proc.stderr
+@pytest.mark.parametrize("option, words", [(["--compute-stats"], "--compute-stats needs the whole training split"),
+                                           (["--batch-size", 0], "batch_size must be at least 1, got 0")])
+def test_what_every_rank_would_refuse_is_refused_before_launching(image_folder, tmp_path, option, words):
+    proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", *option, "--nproc", 2)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and words in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr and not list(tmp_path.glob("f*"))
 
 
