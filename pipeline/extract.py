@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Collection, Sequence
@@ -109,9 +110,10 @@ def resolve_precision(precision: str, dev: torch.device) -> str:
 
 def cpu_batches(root: Path, samples: list[Sample], transform, batch_size: int, workers: int,
                 known: Collection[str] = ()):
-    """PIL decoding in DataLoader workers; yields batches in `collate`'s form."""
-    return DataLoader(ImageFiles(root, samples, transform, known), batch_size=batch_size, num_workers=workers,
-                      collate_fn=collate)
+    """PIL decoding in DataLoader workers; yields batches in `collate`'s form. Closing the generator
+    stops the workers at once rather than when it is garbage-collected."""
+    yield from DataLoader(ImageFiles(root, samples, transform, known), batch_size=batch_size, num_workers=workers,
+                          collate_fn=collate)
 
 
 def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
@@ -204,16 +206,18 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                 samples = dataset.split(split)[done:]
                 batches = (gpu_batches(dataset.root, samples, backbone.preprocessing, batch_size, workers, dev, rows)
                            if gpu_decode else cpu_batches(dataset.root, samples, transform, batch_size, workers, rows))
-                for good, images, bad in batches:
-                    digests = [digest for _, digest in good]
-                    vectors = _batch_vectors(digests, images, embed, backbone.feature_dims, rows, old) if good else None
-                    extracted += len(good)
-                    reused += len(good) - (0 if images is None else len(images))
-                    done += len(good) + len(bad)
-                    background.append(split, vectors, [samples[i].label for i, _ in good],
-                                      [samples[i].path for i, _ in good], digests,
-                                      [(samples[i].path, reason) for i, reason in bad], done)
-                    bar.update(len(good) + len(bad))
+                with closing(batches):   # on an error too: its workers and thread stop here
+                    for good, images, bad in batches:
+                        digests = [digest for _, digest in good]
+                        vectors = (_batch_vectors(digests, images, embed, backbone.feature_dims, rows, old)
+                                   if good else None)
+                        extracted += len(good)
+                        reused += len(good) - (0 if images is None else len(images))
+                        done += len(good) + len(bad)
+                        background.append(split, vectors, [samples[i].label for i, _ in good],
+                                          [samples[i].path for i, _ in good], digests,
+                                          [(samples[i].path, reason) for i, reason in bad], done)
+                        bar.update(len(good) + len(bad))
         background.close()
         writer.commit(extract_seconds=time.perf_counter() - start)
     except KeyboardInterrupt:

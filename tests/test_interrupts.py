@@ -166,3 +166,26 @@ def test_a_resumed_writer_drops_rows_written_after_the_last_checkpoint(tmp_path)
     other = FeatureWriter(tmp_path / "c.h5", dict(attrs, plan="q"), {"pool": 4}, "float32")   # another plan
     assert (other.progress, other.kept, "train" in other.file) == ({}, 0, False)
     other.abort()
+
+
+def test_an_interrupted_extract_stops_its_decoding_workers_at_once(reference, tmp_path):
+    """The batches are closed when extraction stops, not when the stopped run's frames are collected
+    (which a caller holding the exception, like this test, delays)."""
+    import multiprocessing
+    from pipeline.backbones import load_backbone
+    from pipeline.data import scan
+    from pipeline.errors import Interrupted
+    from pipeline.extract import extract
+    images, _ = reference
+    backbone = load_backbone(image_size=64)
+    forwards = []
+
+    def interrupt_second_batch(module, inputs, output):
+        forwards.append(len(inputs[0]))
+        if len(forwards) == 2:
+            raise KeyboardInterrupt
+    backbone.model.register_forward_hook(interrupt_second_batch)
+    with pytest.raises(Interrupted) as stopped:
+        extract(scan(images), backbone, tmp_path / "f.h5", batch_size=2, workers=2, dtype="float32", quiet=True)
+    assert "run the same command again" in str(stopped.value) and len(forwards) == 2
+    assert not multiprocessing.active_children()
