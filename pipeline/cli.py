@@ -366,12 +366,17 @@ def bench(
 
 
 def run_stage(fn) -> None:
-    """Run `fn` with the command line's error contract: a UserError is one line and exit code 2;
-    an interrupted run says how to resume and exits with 130."""
+    """Run `fn` with the command line's error contract: a UserError, or a file the system refuses (no
+    permission, a file where a folder is needed), is one line and exit code 2; an interrupted run says
+    how to resume and exits with 130."""
     try:
         fn()
     except UserError as exc:
         exit_with(2, f"error: {exc}")
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        exit_with(2, f"error: {exc.filename}: {exc.strerror}")
     except Interrupted as exc:
         exit_with(130, str(exc))
     except KeyboardInterrupt:

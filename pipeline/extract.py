@@ -271,8 +271,10 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     extract its features into `out`; `options` go to `extract`. A second run on the same `out`
     is refused at once while this one holds `<out>.lock`."""
     check_minimums(MINIMUMS, options)            # bad settings fail before any file is written
-    model = load_backbone(backbone, weights, layer, image_size, tta)
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the cache file, e.g. {out / 'features.h5'}")
+    model = load_backbone(backbone, weights, layer, image_size, tta)
     with output_lock(out):
         dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
         write_manifest(dataset, out.with_suffix(".manifest.csv"))

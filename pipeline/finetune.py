@@ -408,6 +408,7 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
     (and keep rewriting it). Under torchrun every rank trains and rank 0 alone writes and returns
     the metrics (the others return None)."""
     s.check()
+    modeldir.check_out(out_dir)
     if not distributed.is_distributed():
         return _finetune(data, Path(out_dir), s, quiet, checkpoint, resume)
     device = distributed.start(s.device)

@@ -21,6 +21,13 @@ HEAD = "head.joblib"
 WEIGHTS = "weights.pt"
 
 
+def check_out(out_dir: Path) -> None:
+    """Refuse, before any training, an output path that cannot become a directory."""
+    blocker = next((p for p in (Path(out_dir), *Path(out_dir).parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {out_dir}: {blocker} is a file, not a folder")
+
+
 def save(out_dir: Path, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
     """`model`: a fitted head (kind "features") or a state dict (kind "finetuned")."""
     out_dir = Path(out_dir)

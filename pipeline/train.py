@@ -123,6 +123,7 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict,
 def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None) -> dict:
     """Fit classifier `s.classifier` on a feature cache and write a model directory. `expected`
     ({field: value}, e.g. {"backbone": "resnet18"}) makes it refuse a cache made otherwise."""
+    modeldir.check_out(out_dir)
     cache = open_cache(cache_path)
     check_expected(cache, expected or {})
     if "val" not in cache.splits:

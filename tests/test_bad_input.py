@@ -88,3 +88,20 @@ def test_out_of_range_settings_of_stage_two_and_visualize(small_cache, tmp_path)
     with pytest.raises(UserError, match="limit must be at least 1, got 0"):
         prediction_grid(tmp_path / "m", [tmp_path], tmp_path / "grid.png", limit=0)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (("extract", "{images}", "--out", "{tmp}/folder"), "--out {tmp}/folder is a folder; name the cache file"),
+    (("extract", "{images}", "--out", "{tmp}/file/f.h5"), "{tmp}/file: File exists"),   # the system's refusal
+    (("train", "{cache}", "--out", "{tmp}/file"), "--out {tmp}/file: {tmp}/file is a file, not a folder"),
+    (("finetune", "{images}", "--out", "{tmp}/file/ft"), "--out {tmp}/file/ft: {tmp}/file is a file, not a folder"),
+])
+def test_an_output_path_that_cannot_be_written_is_one_line(small_cache, tmp_path, args, words):
+    images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("a file where a folder is needed")
+    fill = {"images": images, "cache": small_cache, "tmp": tmp_path}
+    line = one_line_error(run_cli(*(str(a).format(**fill) for a in args)))
+    assert words.format(**fill) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "images"]
+    assert not list((tmp_path / "folder").iterdir())
