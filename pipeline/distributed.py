@@ -41,7 +41,7 @@ import torch.distributed as dist
 from pipeline.backbones import load_backbone
 from pipeline.data import Dataset, scan, write_manifest
 from pipeline.errors import EXIT_CODE_DIR, UserError, check_minimums
-from pipeline.extract import MINIMUMS as EXTRACT_MINIMUMS, ExtractSummary, extract, warn_about
+from pipeline.extract import MINIMUMS as EXTRACT_MINIMUMS, ExtractSummary, extract, no_training_rows, warn_about
 from pipeline.store import FeatureWriter, features_name, output_lock
 
 MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
@@ -186,15 +186,15 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     device = start(options.pop("device", "auto"))
     try:
         r, n, out = rank(), world_size(), Path(out)
+        model = load_backbone(backbone, weights, layer, image_size, tta)   # before any file is written
         with rank0_lock(out):
             dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
             if r == 0:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_manifest(dataset, out.with_suffix(".manifest.csv"))
-            model = load_backbone(backbone, weights, layer, image_size, tta)
             quiet = options.pop("quiet", False)
             mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), device=device,
-                           quiet=quiet or r > 0, reuse_from=out, **options)
+                           quiet=quiet or r > 0, shard_of=out, **options)
             summaries = [None] * n
             dist.all_gather_object(summaries, mine)   # also the barrier: every shard is complete
             if r > 0:
@@ -212,22 +212,25 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
 def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> list[tuple[str, str]]:
     """Write the shards' rows into `out` split by split in shard order, the files skipped while
     scanning and then those the shards skipped in dataset order (as one process lists them);
-    delete the shards. Returns the skipped list."""
+    delete the shards (also when this fails). Returns the skipped list."""
     files = [h5py.File(p, "r") for p in shards]
     try:
+        order = {s.path: i for i, s in enumerate(s for split in dataset.splits() for s in dataset.split(split))}
+        bad = [(p.decode(), reason.decode()) for f in files for p, reason in f["skipped"][:]]
+        skipped = [*dataset.skipped, *sorted(bad, key=lambda item: order[item[0]])]
+        trained = [f for f in files if "train" in f and f["train"]["labels"].shape[0]]
+        if not trained:
+            raise UserError(no_training_rows(skipped, out))
         first = files[0]
         layers = json.loads(first.attrs["layers"])
-        dims = {layer: first_dim(files, layer, layers) for layer in layers}
-        dtype = first.attrs["dtype"]
-        writer = FeatureWriter(out, dict(first.attrs), dims, dtype)
+        dims = {layer: trained[0]["train"][features_name(layer, layers)].shape[1] for layer in layers}
+        writer = FeatureWriter(out, dict(first.attrs), dims, first.attrs["dtype"])
         try:
             for split in dataset.splits():
                 for f in files:
                     if split in f:
                         copy_rows(f[split], split, layers, writer)
-            order = {s.path: i for i, s in enumerate(s for split in dataset.splits() for s in dataset.split(split))}
-            bad = [(p.decode(), reason.decode()) for f in files for p, reason in f["skipped"][:]]
-            for path, reason in [*dataset.skipped, *sorted(bad, key=lambda item: order[item[0]])]:
+            for path, reason in skipped:
                 writer.skip(path, reason)
             writer.commit(**attrs)
         except BaseException:
@@ -236,18 +239,9 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
     finally:
         for f in files:
             f.close()
-    for p in shards:
-        p.unlink()
+        for p in shards:
+            p.unlink()
     return writer.skipped
-
-
-def first_dim(files: list[h5py.File], layer: str, layers: list[str]) -> int:
-    """A layer's feature size, from the first shard that holds rows."""
-    for f in files:
-        for split in ("train", "val", "test"):
-            if split in f:
-                return f[split][features_name(layer, layers)].shape[1]
-    raise UserError("no shard holds a single usable image")
 
 
 def copy_rows(group: h5py.Group, split: str, layers: list[str], writer: FeatureWriter) -> None:

@@ -154,7 +154,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, 
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | None = None, device: str = "auto",
             dtype: str = "float16", workers: int | None = None, quiet: bool = False,
             compute_stats: bool = False, reuse: bool = True, precision: str = "auto",
-            compile: bool = False, reuse_from: Path | None = None) -> ExtractSummary:
+            compile: bool = False, shard_of: Path | None = None) -> ExtractSummary:
     """Write one HDF5 cache with the features of every split of `dataset`.
 
     When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
@@ -163,8 +163,9 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     deleted images are handled. The new cache replaces the old one atomically.
     `batch_size` None: `default_batch_size` of the device.
     `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
-    runs the model through torch.compile. `reuse_from` names another cache to reuse vectors from
-    (default `out`; pipeline.distributed writes shards that reuse from the complete file).
+    runs the model through torch.compile. `shard_of` names the complete cache that `out` is a shard of
+    (pipeline.distributed): vectors are reused from it, and the shard may hold no training rows.
+    A cache whose training images were all unusable is refused and not written.
 
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
@@ -186,7 +187,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
     attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats), plan=plan_digest(dataset, batch_size))
-    rows, old, note = previous_vectors(reuse_from or out, attrs) if reuse else ({}, {}, None)
+    rows, old, note = previous_vectors(shard_of or out, attrs) if reuse else ({}, {}, None)
     notes = [*backbone.notes, *([note] if note else [])]
     writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
     background = BackgroundWriter(writer)
@@ -219,6 +220,8 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                                           [(samples[i].path, reason) for i, reason in bad], done)
                         bar.update(len(good) + len(bad))
         background.close()
+        if not shard_of and not writer.rows("train"):
+            raise UserError(no_training_rows(writer.skipped, out))
         writer.commit(extract_seconds=time.perf_counter() - start)
     except KeyboardInterrupt:
         background.stop()
@@ -237,6 +240,12 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
                           time.perf_counter() - start, mode, reused, notes)
+
+
+def no_training_rows(skipped: list[tuple[str, str]], out: Path) -> str:
+    example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+    return (f"no training image could be used ({len(skipped)} files skipped{example}); "
+            f"{out} is left as it was")
 
 
 def plan_digest(dataset: Dataset, batch_size: int) -> str:

@@ -200,6 +200,9 @@ class FeatureWriter:
             g[name].resize(n + k, axis=0)
             g[name][n:] = rows
 
+    def rows(self, split: str) -> int:
+        return self.file[split]["labels"].shape[0] if split in self.file else 0
+
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append((path, reason))
         table = self.file["skipped"]

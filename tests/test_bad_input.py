@@ -105,3 +105,15 @@ def test_an_output_path_that_cannot_be_written_is_one_line(small_cache, tmp_path
     assert words.format(**fill) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "images"]
     assert not list((tmp_path / "folder").iterdir())
+
+
+def test_a_folder_whose_training_images_are_all_unusable_leaves_the_previous_cache(small_cache, tmp_path):
+    images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    for path in (images / "train").rglob("*.*"):
+        path.write_bytes(b"\x89PNG but truncated")
+    out = tmp_path / "f.h5"
+    out.write_bytes(small_cache.read_bytes())
+    line = one_line_error(run_cli("extract", images, "--out", out, "--image-size", 32, "--quiet"))
+    assert line.startswith("error: no training image could be used (") and "train/" in line
+    assert line.endswith(f"{out} is left as it was")
+    assert out.read_bytes() == small_cache.read_bytes() and not (tmp_path / "f.h5.tmp").exists()

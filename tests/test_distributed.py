@@ -131,7 +131,7 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
     for r, path in enumerate(shards):
         part = shard(dataset, r, 4)
         counts.append(len(part.samples))
-        extract(part, backbone, path, device="cpu", dtype="float32", workers=0, quiet=True)
+        extract(part, backbone, path, device="cpu", dtype="float32", workers=0, quiet=True, shard_of=out)
     assert counts == [0, 2, 1, 2]   # train 0+1+0+1, val 0+1+1+1
     concatenate(dataset, shards, out)
 
@@ -154,14 +154,27 @@ def test_what_every_rank_would_refuse_is_refused_before_launching(image_folder, 
 
 
 def test_an_error_in_the_ranks_is_exit_code_2_through_nproc(tmp_path):
-    """torchrun exits 1 whatever failed; `--nproc` returns the ranks' own code, and each line the ranks
-    printed alike (a warning about the data, the error) appears once, without torchrun's report."""
-    images = make_image_folder(tmp_path / "images", {"train": 4, "test": 1})      # no val: a warning
+    """torchrun exits 1 whatever failed; `--nproc` returns the ranks' own code, and the error every rank
+    met appears once, without torchrun's report. Nothing is written."""
+    images = make_image_folder(tmp_path / "images", {"train": 4, "val": 1})
     proc = run_cli("extract", images, "--out", tmp_path / "f.h5", "--weights", tmp_path / "gone.pth", "--nproc", 2)
     assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: weights file {tmp_path / 'gone.pth'} does not exist"
+    assert not list(tmp_path.glob("f*"))
+
+
+def test_a_warning_and_an_error_after_the_shards_through_nproc(tmp_path):
+    """The warning about the data appears once (rank 0's), and a folder whose every training image is
+    unusable ends with the same error as in one process, leaving neither a cache nor shards."""
+    images = make_image_folder(tmp_path / "images", {"train": 4, "test": 1})      # no val: a warning
+    for path in (images / "train").rglob("*.*"):
+        path.write_text("not an image")
+    proc = run_cli("extract", images, "--out", tmp_path / "f.h5", *SMALL, "--quiet", "--nproc", 2)
+    assert proc.returncode == 2
     lines = proc.stderr.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"warning: {images} has no val folder")
-    assert lines[1].startswith("error: ") and "gone.pth" in lines[1]
+    assert len(lines) == 2 and lines[0].startswith(f"warning: {images} has no val folder"), proc.stderr
+    assert lines[1].startswith("error: no training image could be used (")
+    assert sorted(p.name for p in tmp_path.glob("f*")) == ["f.h5.lock", "f.manifest.csv"]
 
 
 @pytest.mark.parametrize("code, line", [
