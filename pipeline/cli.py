@@ -376,7 +376,7 @@ def run_stage(fn) -> None:
     except OSError as exc:
         if exc.filename is None:
             raise
-        exit_with(2, f"error: {exc.filename}: {exc.strerror}")
+        exit_with(2, f"error: {exc.filename}: {exc.strerror or exc}")
     except Interrupted as exc:
         exit_with(130, str(exc))
     except KeyboardInterrupt:
