@@ -1,8 +1,8 @@
 """Write a benchmark folder of JPEGs shaped like ordinary photos: ROOT/train/CLASS/*.jpg.
 
-    python benchmarks/make_images.py ROOT --images 2000 [--classes 10] [--seed 0]
+    python benchmarks/make_images.py ROOT --images 2000 [--classes 10] [--seed 0] [--scale 8]
 
-Sizes vary around 500x375 (both orientations); the content (smooth gradients, noise, shapes) gives
+Sizes vary around 500x375 (both orientations), times `--scale` (8: phone photos of about 12 MP); the content (smooth gradients, noise, shapes) gives
 JPEG files of realistic size and decoding cost. Seeded: the same arguments give the same files.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def photo_like(rng: np.random.Generator) -> Image.Image:
-    w, h = int(rng.integers(440, 561)), int(rng.integers(330, 421))
+def photo_like(rng: np.random.Generator, scale: float = 1) -> Image.Image:
+    w, h = int(rng.integers(440, 561) * scale), int(rng.integers(330, 421) * scale)
     if rng.random() < 0.25:
         w, h = h, w
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -36,18 +36,18 @@ def photo_like(rng: np.random.Generator) -> Image.Image:
 
 
 def _write(job: tuple) -> None:
-    root, i, classes, seed = job
+    root, i, classes, seed, scale = job
     folder = Path(root) / "train" / f"class_{i % classes:02d}"
     folder.mkdir(parents=True, exist_ok=True)
-    photo_like(np.random.default_rng([seed, i])).save(folder / f"{i:06d}.jpg", quality=90)
+    photo_like(np.random.default_rng([seed, i]), scale).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def make_images(root: Path, images: int, classes: int = 10, seed: int = 0, jobs: int = 1) -> Path:
-    """Image i depends only on (seed, i), so any number of processes writes the same folder."""
-    work = [(root, i, classes, seed) for i in range(images)]
+def make_images(root: Path, images: int, classes: int = 10, seed: int = 0, jobs: int = 1, scale: float = 1) -> Path:
+    """Image i depends only on (seed, i) (and `scale`), so any number of processes writes the same folder."""
+    work = [(root, i, classes, seed, scale) for i in range(images)]
     if jobs > 1:
         with multiprocessing.Pool(jobs) as pool:
-            pool.map(_write, work, chunksize=64)
+            pool.map(_write, work, chunksize=max(1, min(64, images // jobs)))
     else:
         for job in work:
             _write(job)
@@ -61,8 +61,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10, help="number of class folders")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes")
+    parser.add_argument("--scale", type=float, default=1, help="size factor (8: about 4000x3000)")
     args = parser.parse_args()
-    make_images(args.root, args.images, args.classes, args.seed, args.jobs)
+    make_images(args.root, args.images, args.classes, args.seed, args.jobs, args.scale)
 
 
 if __name__ == "__main__":

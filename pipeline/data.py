@@ -23,6 +23,7 @@ import difflib
 import hashlib
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,8 +317,13 @@ def image_bytes(path: Path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, shortest: int | None = None) -> Image.Image:
     """Decode the first frame as 8-bit RGB, upright per its EXIF orientation.
+
+    `shortest`: the short side the caller resizes to. A JPEG at least twice as large is then decoded at
+    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, as far as the short side stays >= `shortest`): several
+    times faster for photos much larger than the model's input, and within a small rounding of the
+    full decode once resized (benchmarks/RESULTS.md).
 
     Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays on and its warning counts as
     an error: an image whose header declares more pixels is rejected before it is decoded."""
@@ -329,6 +335,9 @@ def decode_image(data: bytes) -> Image.Image:
                 if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
                     raise ImageError(f"{width}x{height} pixels: an aspect ratio beyond {MAX_ASPECT_RATIO}:1")
                 img.seek(0)
+                scale = shortest / min(width, height) if shortest else 1
+                if img.format in ("JPEG", "MPO") and scale <= 0.5:
+                    img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
                 return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise ImageError("not a recognised image")
@@ -350,7 +359,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: Path) -> tuple[Image.Image, str]:
-    """Decode one image as RGB; also return the SHA-256 of its bytes."""
+def read_image(path: Path, shortest: int | None = None) -> tuple[Image.Image, str]:
+    """Decode one image as RGB (see `decode_image` for `shortest`); also return the SHA-256 of its bytes."""
     data, digest = image_bytes(path)
-    return decode_image(data), digest
+    return decode_image(data, shortest), digest

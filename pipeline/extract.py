@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, Embedder, load_backbone
+from pipeline.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.data import Dataset, ImageError, Sample, decode_image, image_bytes, scan, write_manifest
 from pipeline.errors import Interrupted, UserError, check_minimums, warn
 from pipeline.fastpath import BackgroundWriter, gpu_batches
@@ -55,10 +55,13 @@ class ExtractSummary:
 class ImageFiles(torch.utils.data.Dataset):
     """Reads, hashes, decodes and preprocesses one sample. Yields (index, tensor, sha256, error):
     no tensor for an image whose sha256 is in `known` (its vector is reused), an error message
-    instead of a tensor for a bad file."""
+    instead of a tensor for a bad file. `shortest`: see `decode_image` (for resize-then-crop
+    transforms, not random crops)."""
 
-    def __init__(self, root: Path, samples: list[Sample], transform, known: Collection[str] = ()):
+    def __init__(self, root: Path, samples: list[Sample], transform, known: Collection[str] = (),
+                 shortest: int | None = None):
         self.root, self.samples, self.transform, self.known = root, samples, transform, known
+        self.shortest = shortest
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,7 +71,7 @@ class ImageFiles(torch.utils.data.Dataset):
             data, digest = image_bytes(self.root / self.samples[i].path)
             if digest in self.known:
                 return i, None, digest, None
-            return i, self.transform(decode_image(data)), digest, None
+            return i, self.transform(decode_image(data, self.shortest)), digest, None
         except ImageError as exc:
             return i, None, None, str(exc)
 
@@ -108,18 +111,19 @@ def resolve_precision(precision: str, dev: torch.device) -> str:
     return precision
 
 
-def cpu_batches(root: Path, samples: list[Sample], transform, batch_size: int, workers: int,
+def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
                 known: Collection[str] = ()):
     """PIL decoding in DataLoader workers; yields batches in `collate`'s form. Closing the generator
     stops the workers at once rather than when it is garbage-collected."""
-    yield from DataLoader(ImageFiles(root, samples, transform, known), batch_size=batch_size, num_workers=workers,
-                          collate_fn=collate)
+    files = ImageFiles(root, samples, pre.transform(), known, shortest=pre.resize)
+    yield from DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate)
 
 
 def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
     """Per-channel mean and std of the training split's pixels in [0, 1], after resize and crop."""
     samples = dataset.split("train")
-    loader = DataLoader(ImageFiles(dataset.root, samples, backbone.preprocessing.transform(normalise=False)),
+    pre = backbone.preprocessing
+    loader = DataLoader(ImageFiles(dataset.root, samples, pre.transform(normalise=False), shortest=pre.resize),
                         batch_size=batch_size, num_workers=workers, collate_fn=collate)
     total, squares, pixels, images = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0, 0
     for _, tensors, _ in loader:
@@ -198,15 +202,15 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
         else:
             for path, reason in dataset.skipped:
                 writer.skip(path, reason)
-        transform = backbone.preprocessing.transform()
         with Embedder(backbone, dev, precision, compile, batch_size) as embed, \
                 tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
             bar.update(sum(writer.progress.values()))
             for split in dataset.splits():
                 done = writer.progress.get(split, 0)
                 samples = dataset.split(split)[done:]
-                batches = (gpu_batches(dataset.root, samples, backbone.preprocessing, batch_size, workers, dev, rows)
-                           if gpu_decode else cpu_batches(dataset.root, samples, transform, batch_size, workers, rows))
+                pre = backbone.preprocessing
+                batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, rows) if gpu_decode
+                           else cpu_batches(dataset.root, samples, pre, batch_size, workers, rows))
                 with closing(batches):   # on an error too: its workers and thread stop here
                     for good, images, bad in batches:
                         digests = [digest for _, digest in good]

@@ -190,12 +190,12 @@ class Batches:
     """A DataLoader over one split that records each image's SHA-256 and any file it cannot use."""
 
     def __init__(self, dataset: Dataset, split: str, transform, batch_size: int, workers: int, shuffle: bool,
-                 seed: int, seen: dict, skipped: dict, sharded: bool = False):
+                 seed: int, seen: dict, skipped: dict, sharded: bool = False, shortest: int | None = None):
         """`sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
-        when `shuffle`); `set_epoch` reshuffles it."""
+        when `shuffle`); `set_epoch` reshuffles it. `shortest`: see `pipeline.data.decode_image`."""
         self.samples = dataset.split(split)
         self.split, self.seen, self.skipped, self.seed = split, seen, skipped, seed
-        files = ImageFiles(dataset.root, self.samples, transform)
+        files = ImageFiles(dataset.root, self.samples, transform, shortest=shortest)
         self.sampler = DistributedSampler(files, shuffle=shuffle, seed=seed) if sharded else None
         self.loader = DataLoader(files, batch_size=batch_size, shuffle=shuffle and not sharded,
                                  sampler=self.sampler, num_workers=workers, collate_fn=collate,
@@ -439,17 +439,19 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
                                        find_unused_parameters=True) if sharded else model)
     seen, skipped = {}, dict(dataset.skipped)
     workers = default_workers() if s.workers is None else s.workers
-    eval_tf = backbone.preprocessing.transform()
+    pre = backbone.preprocessing
 
-    def batches(split, transform, shuffle=False):
-        return Batches(dataset, split, transform, s.batch_size, workers, shuffle, s.seed, seen, skipped,
-                       sharded=sharded and split == "train")
+    def batches(split):
+        """Training: shuffled, augmented, sharded under torchrun. Else resize and centre crop, as `extract`."""
+        train = split == "train"
+        return Batches(dataset, split, train_transform(pre, s) if train else pre.transform(), s.batch_size, workers,
+                       train, s.seed, seen, skipped, sharded=sharded and train, shortest=None if train else pre.resize)
 
-    val_batches = batches("val", eval_tf)
+    val_batches = batches("val")
     start = time.perf_counter()
     if checkpoint or resume:
         out_dir.mkdir(parents=True, exist_ok=True)
-    train_batches = batches("train", train_transform(backbone.preprocessing, s), True)
+    train_batches = batches("train")
     history, best_state, best_epoch = fit(trained, train_batches, val_batches, frozen, s, dev, out_dir.name, quiet,
                                           out_dir / CHECKPOINT if checkpoint or resume else None, state)
     if state and state["done"]:   # no epoch ran: read train and val once to record their images
@@ -463,7 +465,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     model.load_state_dict(best_state)
     eval_split = "test" if "test" in dataset.splits() else "val"
     t = time.perf_counter()
-    _, _, logits, y = evaluate(model, batches("test", eval_tf) if eval_split == "test" else val_batches,
+    _, _, logits, y = evaluate(model, batches("test") if eval_split == "test" else val_batches,
                                nn.CrossEntropyLoss(), dev)
     predict_seconds = time.perf_counter() - t
     metrics = score_metrics(y, torch.softmax(torch.from_numpy(logits), 1).numpy(), dataset.classes, True)

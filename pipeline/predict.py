@@ -60,7 +60,8 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
     paths = image_paths(inputs)
     if not paths:
         raise UserError(f"no image files in {', '.join(map(str, inputs))}")
-    transform = Preprocessing.from_dict(info["backbone"]["preprocessing"]).transform()
+    pre = Preprocessing.from_dict(info["backbone"]["preprocessing"])
+    transform = pre.transform()
     score = scorer(info, model, resolve_device(device))
     results: list[dict] = [{"path": str(p)} for p in paths]     # in input order
     batch: list[tuple[int, torch.Tensor]] = []
@@ -75,7 +76,7 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
 
     for i, path in enumerate(paths):
         try:
-            batch.append((i, transform(read_image(path)[0])))
+            batch.append((i, transform(read_image(path, pre.resize)[0])))
         except ImageError as exc:
             results[i]["error"] = str(exc)
         if len(batch) == batch_size:

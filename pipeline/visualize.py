@@ -112,7 +112,7 @@ def gradcam(model_dir: Path, inputs: list[Path], out: Path, limit: int = 8, devi
     shown = []
     for path in _spread(image_paths(inputs), limit):
         try:
-            shown.append((path, read_image(path)[0]))
+            shown.append((path, read_image(path, pre.resize)[0]))
         except ImageError:
             continue
     if not shown:

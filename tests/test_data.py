@@ -256,3 +256,20 @@ def test_class_folder_split_survives_new_images(tmp_path: Path):
     moved = [p for p in before if after[p] != before[p]]
     assert len(after) == len(before) + 3
     assert len(moved) <= 2 * len(COLOURS)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path: Path):
+    from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # rotate 90 degrees to display
+    photo = tiny_image((200, 60, 30), 1, size=1024).resize((1200, 800))
+    photo.save(tmp_path / "big.jpg", quality=90, exif=exif)
+    photo.save(tmp_path / "big.png")
+    full, digest = read_image(tmp_path / "big.jpg")
+    reduced, same_digest = read_image(tmp_path / "big.jpg", shortest=150)
+    assert full.size == (800, 1200) and reduced.size == (200, 300) and digest == same_digest   # 1/4, upright
+    assert read_image(tmp_path / "big.jpg", shortest=500)[0].size == (800, 1200)   # less than 2x larger
+    assert read_image(tmp_path / "big.png", shortest=150)[0].size == (1200, 800)   # not a JPEG (no EXIF)
+    to_tensor = Preprocessing(128, 150, "bilinear", IMAGENET_MEAN, IMAGENET_STD).transform(normalise=False)
+    difference = (to_tensor(full) - to_tensor(reduced)).abs()
+    assert difference.mean() < 0.02, float(difference.mean())

@@ -105,7 +105,7 @@ def test_tensor_path_matches_pil_path(tmp_path, workers):
     dataset = scan(root, 0, 0)
     backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=96)
     pre, dev = backbone.preprocessing, torch.device("cpu")
-    ref = list(cpu_batches(root, dataset.samples, pre.transform(), 64, 0))
+    ref = list(cpu_batches(root, dataset.samples, pre, 64, 0))
     new = list(gpu_batches(root, dataset.samples, pre, 64, workers, dev))
     (good_a, x_a, bad_a), (good_b, x_b, bad_b) = ref[0], new[0]
     assert good_a == good_b and bad_a == bad_b
@@ -139,7 +139,7 @@ def test_a_batch_the_jpeg_decoder_refuses_is_decoded_by_pil(tmp_path):
     (root / "train" / "class_00" / "no tables.jpg").write_bytes(no_tables)
     dataset = scan(root, 0, 0)
     pre = load_backbone("efficientnet_lite0", "imagenet", image_size=96).preprocessing
-    (good_a, x_a, bad_a), = cpu_batches(root, dataset.samples, pre.transform(), 64, 0)
+    (good_a, x_a, bad_a), = cpu_batches(root, dataset.samples, pre, 64, 0)
     (good_b, x_b, bad_b), = gpu_batches(root, dataset.samples, pre, 64, 0, torch.device("cpu"))
     assert good_a == good_b and bad_a == bad_b
     assert [(dataset.samples[i].path, reason) for i, reason in bad_b] == [

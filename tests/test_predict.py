@@ -126,3 +126,39 @@ def test_edited_head_is_refused_by_the_command_line(model, new_images, tmp_path)
     assert proc.stderr.strip() == (f"error: {bad / 'head.joblib'} does not match the SHA-256 recorded in "
                                    f"model.json; refusing to load it")
     assert proc.stdout == ""
+
+
+def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
+    """Photos much larger than the model's input are decoded at reduced scale by `extract` and `predict`
+    alike: the cache holds the vectors of the reduced decode, and predict reproduces its scores."""
+    import torch
+    from pipeline.backbones import Embedder, load_backbone
+    from pipeline.data import read_image
+    from pipeline.extract import extract_folder
+    images = tmp_path / "images"
+    for split, n in (("train", 3), ("val", 2)):
+        for name in ("red", "blue"):
+            (images / split / name).mkdir(parents=True)
+            for i in range(n):
+                photo = tiny_image(COLOURS[name], 100 * i + len(split), size=320).resize((640, 480))
+                photo.save(images / split / name / f"{i}.jpg", quality=90)
+    out = tmp_path / "f.h5"
+    extract_folder(images, out, image_size=64, workers=0, dtype="float32", quiet=True)
+    val = open_cache(out).read("val")
+    backbone = load_backbone(image_size=64)
+    pre, embed = backbone.preprocessing, Embedder(backbone, torch.device("cpu"))
+    paths = [images / p for p in val.paths]
+
+    def vectors(shortest):
+        batch = torch.stack([pre.transform()(read_image(p, shortest)[0]) for p in paths])
+        return embed(batch)[backbone.layer]
+    np.testing.assert_allclose(val.features, vectors(pre.resize), atol=1e-4)
+    assert np.abs(val.features - vectors(None)).max() > 1e-3     # the full decode differs a little
+
+    model = tmp_path / "logreg"
+    train(out, model, train_settings("logreg", {"C": 10}))
+    results = predict(model, paths, top_k=2, device="cpu")
+    expected = scores_of(modeldir.load(model)[1], val.features, 2)
+    for r, row in zip(results, expected):
+        got = {t["class"]: t["score"] for t in r["top"]}
+        np.testing.assert_allclose([got[c] for c in open_cache(out).classes], row, atol=1e-5)
