@@ -320,10 +320,11 @@ def image_bytes(path: Path) -> tuple[bytes, str]:
 def decode_image(data: bytes, shortest: int | None = None) -> Image.Image:
     """Decode the first frame as 8-bit RGB, upright per its EXIF orientation.
 
-    `shortest`: the short side the caller resizes to. A JPEG at least twice as large is then decoded at
-    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, as far as the short side stays >= `shortest`): several
-    times faster for photos much larger than the model's input, and within a small rounding of the
-    full decode once resized (benchmarks/RESULTS.md).
+    `shortest`: the short side the caller resizes to. A JPEG at least four times as large is then decoded
+    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as far as its short side stays at least twice
+    `shortest`, so that the caller's antialiased resize still halves it or more: several times faster
+    for photos much larger than the model's input, with features within 1% of the full decode's
+    (benchmarks/RESULTS.md); nearer scales changed some features by up to 5%.
 
     Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays on and its warning counts as
     an error: an image whose header declares more pixels is rejected before it is decoded."""
@@ -335,7 +336,7 @@ def decode_image(data: bytes, shortest: int | None = None) -> Image.Image:
                 if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
                     raise ImageError(f"{width}x{height} pixels: an aspect ratio beyond {MAX_ASPECT_RATIO}:1")
                 img.seek(0)
-                scale = shortest / min(width, height) if shortest else 1
+                scale = 2 * shortest / min(width, height) if shortest else 1
                 if img.format in ("JPEG", "MPO") and scale <= 0.5:
                     img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
                 return to_rgb(ImageOps.exif_transpose(img))

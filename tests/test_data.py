@@ -266,10 +266,11 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp
     photo.save(tmp_path / "big.jpg", quality=90, exif=exif)
     photo.save(tmp_path / "big.png")
     full, digest = read_image(tmp_path / "big.jpg")
-    reduced, same_digest = read_image(tmp_path / "big.jpg", shortest=150)
+    reduced, same_digest = read_image(tmp_path / "big.jpg", shortest=100)
     assert full.size == (800, 1200) and reduced.size == (200, 300) and digest == same_digest   # 1/4, upright
-    assert read_image(tmp_path / "big.jpg", shortest=500)[0].size == (800, 1200)   # less than 2x larger
-    assert read_image(tmp_path / "big.png", shortest=150)[0].size == (1200, 800)   # not a JPEG (no EXIF)
-    to_tensor = Preprocessing(128, 150, "bilinear", IMAGENET_MEAN, IMAGENET_STD).transform(normalise=False)
+    assert read_image(tmp_path / "big.jpg", shortest=150)[0].size == (400, 600)    # 1/2: short side >= 300
+    assert read_image(tmp_path / "big.jpg", shortest=250)[0].size == (800, 1200)   # less than 4x larger
+    assert read_image(tmp_path / "big.png", shortest=100)[0].size == (1200, 800)   # not a JPEG (no EXIF)
+    to_tensor = Preprocessing(96, 100, "bilinear", IMAGENET_MEAN, IMAGENET_STD).transform(normalise=False)
     difference = (to_tensor(full) - to_tensor(reduced)).abs()
     assert difference.mean() < 0.02, float(difference.mean())

@@ -103,7 +103,8 @@ def test_gpu_decodable_sends_to_nvjpeg_only_what_pil_reads_as_upright_rgb_or_gre
 def test_tensor_path_matches_pil_path(tmp_path, workers):
     root = _folder(tmp_path)
     dataset = scan(root, 0, 0)
-    backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=96)
+    # at 224 px (resize 256) these ~500x375 photos are decoded in full by PIL too, not at reduced scale
+    backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=224)
     pre, dev = backbone.preprocessing, torch.device("cpu")
     ref = list(cpu_batches(root, dataset.samples, pre, 64, 0))
     new = list(gpu_batches(root, dataset.samples, pre, 64, workers, dev))
@@ -138,7 +139,7 @@ def test_a_batch_the_jpeg_decoder_refuses_is_decoded_by_pil(tmp_path):
     assert gpu_decodable(no_tables)
     (root / "train" / "class_00" / "no tables.jpg").write_bytes(no_tables)
     dataset = scan(root, 0, 0)
-    pre = load_backbone("efficientnet_lite0", "imagenet", image_size=96).preprocessing
+    pre = load_backbone("efficientnet_lite0", "imagenet", image_size=224).preprocessing   # full decodes
     (good_a, x_a, bad_a), = cpu_batches(root, dataset.samples, pre, 64, 0)
     (good_b, x_b, bad_b), = gpu_batches(root, dataset.samples, pre, 64, 0, torch.device("cpu"))
     assert good_a == good_b and bad_a == bad_b
