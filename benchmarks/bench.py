@@ -1,7 +1,7 @@
 """Benchmark stage one: generate the image folder if needed, run `pipeline.bench` for each backbone,
 write the results as JSON and print one markdown table.
 
-    python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 16, about 70 s)
+    python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 16, about 55 s)
     python benchmarks/bench.py --images 4000 --batch-size 256 --backbone resnet50=none \\
         --backbone resnet18=none --backbone efficientnet_lite0 --out gpu.json [--compile]
     python benchmarks/bench.py --batch-size 16 64 --backbone resnet18=none     (batch sizes side by side)

@@ -2,8 +2,8 @@
 
     python benchmarks/make_images.py ROOT --images 2000 [--classes 10] [--seed 0] [--scale 8]
 
-Sizes vary around 500x375 (both orientations), times `--scale` (8: phone photos of about 12 MP); the content (smooth gradients, noise, shapes) gives
-JPEG files of realistic size and decoding cost. Seeded: the same arguments give the same files.
+Sizes vary around 500x375 (both orientations), times `--scale` (8: phone photos of about 12 MP); the
+content (smooth gradients, noise, shapes) gives JPEG files of realistic size and decoding cost. Seeded: the same arguments give the same files.
 """
 from __future__ import annotations
 

@@ -202,13 +202,13 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
         else:
             for path, reason in dataset.skipped:
                 writer.skip(path, reason)
+        pre = backbone.preprocessing
         with Embedder(backbone, dev, precision, compile, batch_size) as embed, \
                 tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
             bar.update(sum(writer.progress.values()))
             for split in dataset.splits():
                 done = writer.progress.get(split, 0)
                 samples = dataset.split(split)[done:]
-                pre = backbone.preprocessing
                 batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, rows) if gpu_decode
                            else cpu_batches(dataset.root, samples, pre, batch_size, workers, rows))
                 with closing(batches):   # on an error too: its workers and thread stop here
