@@ -27,6 +27,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -315,6 +316,31 @@ def image_bytes(path: Path) -> tuple[bytes, str]:
     if not data:
         raise ImageError("empty file")
     return data, hashlib.sha256(data).hexdigest()
+
+
+class SampleFiles:
+    """The image files of `samples` under `root`, as a map-style dataset for a DataLoader. Item i is
+    (i, payload, sha256, error): no payload for an image whose sha256 is in `known` (its vector is
+    reused), the reason instead of a payload for a file that cannot be used. `load` makes the payload
+    of a file's bytes."""
+
+    def __init__(self, root: Path, samples: list[Sample], known: Collection[str] = ()):
+        self.root, self.samples, self.known = root, samples, known
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        try:
+            data, digest = image_bytes(self.root / self.samples[i].path)
+            if digest in self.known:
+                return i, None, digest, None
+            return i, self.load(data), digest, None
+        except ImageError as exc:
+            return i, None, None, str(exc)
+
+    def load(self, data: bytes):
+        raise NotImplementedError
 
 
 def decode_image(data: bytes, shortest: int | None = None) -> Image.Image:

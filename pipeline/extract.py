@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.backbones import Backbone, Embedder, Preprocessing, load_backbone
-from pipeline.data import Dataset, ImageError, Sample, decode_image, image_bytes, scan, write_manifest
+from pipeline.data import Dataset, Sample, SampleFiles, decode_image, scan, write_manifest
 from pipeline.errors import Interrupted, UserError, check_minimums, warn
 from pipeline.fastpath import BackgroundWriter, gpu_batches
 from pipeline.store import (FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, content_warnings, differences, open_cache,
@@ -52,28 +52,17 @@ class ExtractSummary:
         return out
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Reads, hashes, decodes and preprocesses one sample. Yields (index, tensor, sha256, error):
-    no tensor for an image whose sha256 is in `known` (its vector is reused), an error message
-    instead of a tensor for a bad file. `shortest`: see `decode_image` (for resize-then-crop
-    transforms, not random crops)."""
+class ImageFiles(SampleFiles):
+    """Decodes and preprocesses each image with `transform`; items as `SampleFiles`'. `shortest`: see
+    `decode_image` (for resize-then-crop transforms, not random crops)."""
 
     def __init__(self, root: Path, samples: list[Sample], transform, known: Collection[str] = (),
                  shortest: int | None = None):
-        self.root, self.samples, self.transform, self.known = root, samples, transform, known
-        self.shortest = shortest
+        super().__init__(root, samples, known)
+        self.transform, self.shortest = transform, shortest
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        try:
-            data, digest = image_bytes(self.root / self.samples[i].path)
-            if digest in self.known:
-                return i, None, digest, None
-            return i, self.transform(decode_image(data, self.shortest)), digest, None
-        except ImageError as exc:
-            return i, None, None, str(exc)
+    def load(self, data: bytes) -> torch.Tensor:
+        return self.transform(decode_image(data, self.shortest))
 
 
 def collate(items):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.backbones import Preprocessing
-from pipeline.data import ImageError, Sample, decode_image, image_bytes
+from pipeline.data import ImageError, Sample, SampleFiles, decode_image
 from pipeline.store import FeatureWriter
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -77,27 +77,12 @@ def chw_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 
-class FileBytes(torch.utils.data.Dataset):
-    """One sample as (index, JPEG bytes or None, decoded uint8 CHW tensor or None, sha256, error); neither
-    bytes nor tensor for an image whose sha256 is in `known` (its vector is reused)."""
+class FileBytes(SampleFiles):
+    """Items as `SampleFiles`', with the file's bytes as payload where the GPU can decode them, else the
+    image decoded by PIL as a uint8 CHW tensor."""
 
-    def __init__(self, root: Path, samples: list[Sample], known: Collection[str] = ()):
-        self.root, self.samples, self.known = root, samples, known
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        try:
-            data, digest = image_bytes(self.root / self.samples[i].path)
-            if digest in self.known:
-                return i, None, None, digest, None
-            if gpu_decodable(data):
-                return i, data, None, digest, None
-            image = decode_image(data)
-        except ImageError as exc:
-            return i, None, None, None, str(exc)
-        return i, None, chw_tensor(image), digest, None
+    def load(self, data: bytes) -> bytes | torch.Tensor:
+        return data if gpu_decodable(data) else chw_tensor(decode_image(data))
 
 
 def collate_bytes(items):
@@ -105,11 +90,12 @@ def collate_bytes(items):
     None, decoded tensors or None, [(index, reason)]). One tensor per batch crosses from the worker, not one
     per image: handing hundreds of small tensors between processes, and pinning each, costs more than
     decoding them. In a worker the bytes are copied once, straight into shared memory."""
-    good = [it for it in items if it[4] is None]
+    good = [it for it in items if it[3] is None]
     spans, offset = [], 0
     for it in good:
-        spans.append(None if it[1] is None else (offset, len(it[1])))
-        offset += 0 if it[1] is None else len(it[1])
+        jpeg = isinstance(it[1], bytes)
+        spans.append((offset, len(it[1])) if jpeg else None)
+        offset += len(it[1]) if jpeg else 0
     if torch.utils.data.get_worker_info() is None:
         blob = torch.empty(offset, dtype=torch.uint8)
     else:
@@ -118,8 +104,9 @@ def collate_bytes(items):
     for it, span in zip(good, spans):
         if span is not None:
             buffer[span[0]:span[0] + span[1]] = np.frombuffer(it[1], np.uint8)
-    return ([(it[0], it[3]) for it in good], blob, spans, [it[2] for it in good],
-            [(it[0], it[4]) for it in items if it[4] is not None])
+    decoded_images = [it[1] if span is None else None for it, span in zip(good, spans)]
+    return ([(it[0], it[2]) for it in good], blob, spans, decoded_images,
+            [(it[0], it[3]) for it in items if it[3] is not None])
 
 
 class TensorPreprocess:
