@@ -10,7 +10,7 @@ import torch
 from pipeline import modeldir
 from pipeline.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.data import IMAGE_EXTENSIONS, ImageError, read_image
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_minimums
 from pipeline.extract import resolve_device
 from pipeline.train import scores_of
 
@@ -54,8 +54,7 @@ def scorer(info: dict, model, dev: torch.device):
 def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
             batch_size: int = 32) -> list[dict]:
     """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
-    if top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    check_minimums({"top_k": 1}, {"top_k": top_k})
     info, model = modeldir.load(model_dir)
     paths = image_paths(inputs)
     if not paths:

@@ -65,6 +65,7 @@ def test_corrupt_cache_is_refused(small_cache, tmp_path):
      "epochs must be at least 1, got 0"),
     (("train", "{cache}", "--out", "{tmp}/m", "--param", "C=-1"), "C must be above 0, got -1"),
     (("bench", "{images}", "--repeats", 0), "repeats must be at least 1, got 0"),
+    (("predict", "{tmp}/m", "{images}", "--top-k", 0), "top_k must be at least 1, got 0"),
 ])
 def test_numbers_out_of_range_are_refused_before_any_work(small_cache, tmp_path, args, words):
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
