@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError, check_minimums
+from pipeline.folding import folded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -290,6 +291,15 @@ class FeatureHook:
         self._handle.remove()
 
 
+def inference_model(backbone: Backbone) -> nn.Module:
+    """The frozen model with its BatchNorms folded into their convolutions, as a copy (`folding.folded`):
+    the backbone's own model is left as it was."""
+    size = backbone.preprocessing.image_size
+    device = next(backbone.model.parameters()).device
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    return folded(backbone.model, backbone.layers, example)
+
+
 class Embedder:
     """The frozen model with a hook on each feature layer: a batch of images in, one float32
     [N, D] array per layer out. With TTA each image also runs flipped left-right and the two
@@ -299,7 +309,8 @@ class Embedder:
     def __init__(self, backbone: Backbone, device: torch.device | str = "cpu", precision: str = "float32",
                  compile: bool = False, batch_size: int | None = None):
         self.device = torch.device(device)
-        self.model = backbone.model.to(self.device, memory_format=torch.channels_last)   # faster on CPU and CUDA
+        # channels-last: faster on CPU and CUDA
+        self.model = inference_model(backbone).to(self.device, memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if compile else self.model
         self.pad_to = batch_size if compile else None
         self.bfloat16 = precision == "bfloat16"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.backbones import Backbone, FeatureHook, load_backbone
+from pipeline.backbones import Backbone, FeatureHook, inference_model, load_backbone
 from pipeline.data import Dataset, scan
 from pipeline.errors import check_minimums
 from pipeline.extract import ImageFiles, collate, default_batch_size, extract, resolve_device, resolve_precision
@@ -61,7 +61,7 @@ def extract_run(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_s
 
 def model_only(backbone: Backbone, dev: torch.device, batch_size: int, precision: str, compile: bool,
                batches: int) -> int:
-    model = backbone.model.to(dev, memory_format=torch.channels_last)
+    model = inference_model(backbone).to(dev, memory_format=torch.channels_last)   # the network extract runs
     forward = torch.compile(model) if compile else model
     size = backbone.preprocessing.image_size
     x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny generated image folders and the real command line in a subprocess."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -37,6 +38,27 @@ def make_image_folder(root: Path, per_split: dict[str, int] | None = None, class
                 seed += 1
                 tiny_image(COLOURS[name], seed).save(folder / f"{split}_{i}{ext}")
     return root
+
+
+@contextlib.contextmanager
+def embedder_calls(before_call=None):
+    """Record the images each `Embedder` call runs through the network (each twice with TTA).
+    `before_call(n)`, if given, runs before the n-th call, to fail or interrupt it."""
+    from pipeline.backbones import Embedder
+    seen: list[int] = []
+    call = Embedder.__call__
+
+    def counted(self, images):
+        if before_call is not None:
+            before_call(len(seen) + 1)
+        seen.append(len(images) * (2 if self.tta else 1))
+        return call(self, images)
+
+    Embedder.__call__ = counted
+    try:
+        yield seen
+    finally:
+        Embedder.__call__ = call
 
 
 @pytest.fixture

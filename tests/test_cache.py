@@ -2,7 +2,6 @@
 statistics, and stage two refusing a cache made otherwise than expected."""
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, tiny_image
 from pipeline.backbones import load_backbone
 from pipeline.data import scan
 from pipeline.errors import UserError
@@ -23,17 +22,6 @@ from pipeline.train import TrainSettings, train
 @pytest.fixture(scope="module")
 def lite0():
     return load_backbone(image_size=64)
-
-
-@contextlib.contextmanager
-def images_through(model):
-    """Count the images that really go through `model`'s forward pass."""
-    seen: list[int] = []
-    handle = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def rows_of(path: Path) -> dict[str, tuple[str, str, np.ndarray]]:
@@ -50,7 +38,7 @@ def rows_of(path: Path) -> dict[str, tuple[str, str, np.ndarray]]:
 def test_rerun_computes_only_new_and_changed_images(tmp_path: Path, lite0):
     root = make_image_folder(tmp_path / "images", {"all": 6}, split_folders=False)
     out = tmp_path / "features.h5"
-    with images_through(lite0.model) as seen:
+    with embedder_calls() as seen:
         first = extract(scan(root), lite0, out, workers=0, quiet=True)
     assert sum(seen) == 18 and (first.computed, first.reused) == (18, 0)
     before = rows_of(out)
@@ -59,7 +47,7 @@ def test_rerun_computes_only_new_and_changed_images(tmp_path: Path, lite0):
     (root / "green" / "all_0.png").unlink()                                     # removed
     (root / "blue" / "all_1.png").rename(root / "red" / "moved.png")            # relabelled
     tiny_image(COLOURS["green"], 2000).save(root / "green" / "all_2.png")       # changed in place
-    with images_through(lite0.model) as seen:
+    with embedder_calls() as seen:
         second = extract(scan(root), lite0, out, workers=0, quiet=True)
     assert sum(seen) == 2                                                       # new.png and all_2.png
     assert (second.extracted, second.computed, second.reused) == (18, 2, 16)
@@ -86,11 +74,11 @@ def test_a_cache_made_otherwise_is_not_reused(tmp_path: Path, lite0):
     out = tmp_path / "features.h5"
     extract(scan(root), lite0, out, workers=0, quiet=True)
     tta = load_backbone(image_size=64, tta=True)
-    with images_through(tta.model) as seen:
+    with embedder_calls() as seen:
         summary = extract(scan(root), tta, out, workers=0, quiet=True)
     assert sum(seen) == 2 * 9 and summary.reused == 0                          # each image and its mirror
     assert summary.notes == ["previous cache not reused, made otherwise: tta: false != true"]
-    with images_through(tta.model) as seen:
+    with embedder_calls() as seen:
         assert extract(scan(root), tta, out, workers=0, quiet=True, reuse=False).reused == 0
     assert sum(seen) == 2 * 9
 
@@ -111,17 +99,12 @@ def test_a_failed_extraction_leaves_the_previous_cache_whole(tmp_path: Path, lit
     extract(scan(root), lite0, out, workers=0, quiet=True)
     previous = out.read_bytes()
 
-    def fail_on_second_batch(module, args, calls=[]):
-        calls.append(1)
-        if len(calls) == 2:
+    def fail_on_second_batch(n):
+        if n == 2:
             raise RuntimeError("device lost")
 
-    handle = lite0.model.register_forward_pre_hook(fail_on_second_batch)
-    try:
-        with pytest.raises(RuntimeError, match="device lost"):
-            extract(scan(root), lite0, out, batch_size=4, workers=0, quiet=True, reuse=False)
-    finally:
-        handle.remove()
+    with pytest.raises(RuntimeError, match="device lost"), embedder_calls(fail_on_second_batch):
+        extract(scan(root), lite0, out, batch_size=4, workers=0, quiet=True, reuse=False)
     assert out.read_bytes() == previous
     assert list(tmp_path.glob("*.tmp")) == []
 

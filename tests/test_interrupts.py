@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.extract import extract_folder
 from pipeline.store import FeatureWriter
-from tests.conftest import ROOT, make_image_folder, run_cli
+from tests.conftest import ROOT, embedder_calls, make_image_folder, run_cli
 from tests.test_bad_input import one_line_error
 
 OPTIONS = ("--image-size", 64, "--workers", 0, "--dtype", "float32", "--batch-size", 2)
@@ -178,15 +178,12 @@ def test_an_interrupted_extract_stops_its_decoding_workers_at_once(reference, tm
     from pipeline.extract import extract
     images, _ = reference
     backbone = load_backbone(image_size=64)
-    forwards = []
 
-    def interrupt_second_batch(module, inputs, output):
-        forwards.append(len(inputs[0]))
-        if len(forwards) == 2:
+    def interrupt_second_batch(n):
+        if n == 2:
             raise KeyboardInterrupt
-    backbone.model.register_forward_hook(interrupt_second_batch)
     before = set(multiprocessing.active_children())
-    with pytest.raises(Interrupted) as stopped:
+    with pytest.raises(Interrupted) as stopped, embedder_calls(interrupt_second_batch) as forwards:
         extract(scan(images), backbone, tmp_path / "f.h5", batch_size=2, workers=2, dtype="float32", quiet=True)
-    assert "run the same command again" in str(stopped.value) and len(forwards) == 2
+    assert "run the same command again" in str(stopped.value) and len(forwards) == 1
     assert not set(multiprocessing.active_children()) - before
