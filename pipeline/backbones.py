@@ -155,11 +155,39 @@ def _timm_entry(model_name: str) -> Entry:
     def weights() -> Path:
         raise UserError(f"timm/{model_name}: pass --weights PATH to a local state dict "
                         f"(this tool does not download timm weights at run time)")
-    return Entry(lambda: timm.create_model(model_name, pretrained=False), weights, "global_pool",
-                 probe.num_features,
+    layer, dim = _classifier_input(probe, size)
+    return Entry(lambda: timm.create_model(model_name, pretrained=False), weights, layer, dim,
                  Preprocessing(size, round(size / cfg["crop_pct"]), cfg["interpolation"],
                                tuple(cfg["mean"]), tuple(cfg["std"])),
                  probe.pretrained_cfg.get("classifier") or "")
+
+
+def _classifier_input(model: nn.Module, size: int) -> tuple[str, int]:
+    """The module whose output the classifier takes, and that output's size: a timm model's feature
+    layer wherever its head keeps the pooling (`global_pool`, `head.global_pool`, a norm after the pool,
+    a ViT's token pooling followed by `fc_norm`...). Found by one forward pass of a blank image."""
+    classifier = model.get_classifier()
+    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    outputs, taken, handles = [], [], []
+    for name, module in model.named_modules():
+        if name and module is not classifier:
+            handles.append(module.register_forward_hook(
+                lambda module, inputs, output, name=name: outputs.append((name, output))))
+    handles.append(classifier.register_forward_pre_hook(lambda module, inputs: taken.append(inputs[0])))
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not taken:
+        raise UserError(f"cannot tell which layer feeds the classifier of this timm model; pass --layer NAME")
+    features = taken[0]
+    for name, output in reversed(outputs):     # the last module to give the very tensor, or its values
+        if output is features or (isinstance(output, torch.Tensor) and output.numel() == features.numel()
+                                  and torch.equal(output.reshape(features.shape), features)):
+            return name, features.shape[1]
+    raise UserError("cannot tell which layer feeds the classifier of this timm model; pass --layer NAME")
 
 
 def _entry(name: str) -> Entry:

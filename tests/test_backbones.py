@@ -105,3 +105,31 @@ def test_imagenet_weights_offline_is_one_clear_line(tmp_path: Path, image_folder
     assert proc.stderr.startswith("error: cannot download ImageNet weights for resnet18")
     assert "resnet18-f37072fd.pth" in proc.stderr and "--weights PATH" in proc.stderr
     assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("model, layer, dim", [
+    ("efficientnet_b0", "global_pool", 1280),            # the classifier takes the pool's output
+    ("convnext_atto", "head.drop", 320),                 # the pool sits in the head, with a norm after it
+    ("vit_tiny_patch16_224", "head_drop", 192),          # token pooling: no pool module at all
+])
+def test_timm_models_hook_the_input_of_their_classifier(tmp_path: Path, model, layer, dim):
+    """Wherever a timm model keeps its pooling, the features are what timm calls its pre-logits; a local
+    state dict loads into it."""
+    import timm
+    torch.manual_seed(3)
+    source = timm.create_model(model, pretrained=False).eval()
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    backbone = load_backbone(f"timm/{model}", str(tmp_path / "weights.pth"))
+    assert (backbone.layer, backbone.feature_dim) == (layer, dim)
+    size = backbone.preprocessing.image_size
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        pre_logits = source.forward_head(source.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(_features(backbone, x), pre_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_weights_must_be_a_local_file():
+    with pytest.raises(UserError, match="timm/convnext_atto: pass --weights PATH to a local state dict"):
+        load_backbone("timm/convnext_atto", "imagenet")
+    with pytest.raises(UserError, match="unknown timm model 'convnext_nope'"):
+        load_backbone("timm/convnext_nope", "none")
