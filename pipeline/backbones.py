@@ -165,7 +165,8 @@ def _timm_entry(model_name: str) -> Entry:
 def _classifier_input(model: nn.Module, size: int) -> tuple[str, int]:
     """The module whose output the classifier takes, and that output's size: a timm model's feature
     layer wherever its head keeps the pooling (`global_pool`, `head.global_pool`, a norm after the pool,
-    a ViT's token pooling followed by `fc_norm`...). Found by one forward pass of a blank image."""
+    a ViT's token pooling followed by `fc_norm`...). Found by one forward pass of a blank image; timm's
+    usual `global_pool` where that finds none."""
     classifier = model.get_classifier()
     classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
     outputs, taken, handles = [], [], []
@@ -180,14 +181,12 @@ def _classifier_input(model: nn.Module, size: int) -> tuple[str, int]:
     finally:
         for handle in handles:
             handle.remove()
-    if not taken:
-        raise UserError(f"cannot tell which layer feeds the classifier of this timm model; pass --layer NAME")
-    features = taken[0]
-    for name, output in reversed(outputs):     # the last module to give the very tensor, or its values
-        if output is features or (isinstance(output, torch.Tensor) and output.numel() == features.numel()
-                                  and torch.equal(output.reshape(features.shape), features)):
-            return name, features.shape[1]
-    raise UserError("cannot tell which layer feeds the classifier of this timm model; pass --layer NAME")
+    for features in taken[:1]:
+        for name, output in reversed(outputs):     # the last module to give the very tensor, or its values
+            if output is features or (isinstance(output, torch.Tensor) and output.numel() == features.numel()
+                                      and torch.equal(output.reshape(features.shape), features)):
+                return name, features.shape[1]
+    return "global_pool", model.num_features     # not found: --layer chooses, or load_backbone names the modules
 
 
 def _entry(name: str) -> Entry:
