@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,9 +79,11 @@ def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.C
 
 def interrupt_when_written(command: list, path: Path, sig: int) -> subprocess.CompletedProcess:
     """Run `command` for real, with this checkout first on the path, and send it `sig` as soon as
-    `path` exists (or once it has ended); returns its exit code and stderr."""
+    `path` exists (or once it has ended); returns its exit code and stderr. Ctrl-C reaches the command as
+    in a terminal, also when the suite itself was started in the background (which ignores SIGINT)."""
     proc = subprocess.Popen(list(map(str, command)), env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not path.exists() and proc.poll() is None:
             time.sleep(0.02)
