@@ -23,7 +23,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from pipeline import modeldir
-from pipeline.backbones import Backbone, FeatureHook
+from pipeline.backbones import Backbone, FeatureHook, inference_model
 from pipeline.errors import UserError
 from pipeline.heads import TorchHead, TorchLogReg, has_probabilities
 
@@ -102,13 +102,14 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
 
 
 class ImageClassifier(nn.Module):
-    """Frozen backbone up to its feature layer (pooled or flattened as in extraction, averaged with the
-    left-right flipped image when the cache was made with TTA), then the head."""
+    """Frozen backbone (its BatchNorms folded, as in extraction) up to its feature layer (pooled or
+    flattened as in extraction, averaged with the left-right flipped image when the cache was made with
+    TTA), then the head."""
 
     def __init__(self, backbone: Backbone, head: nn.Module):
         super().__init__()
-        self.model, self.head, self.tta = backbone.model, head, backbone.tta
-        self.hook = FeatureHook(backbone.model, backbone.layer, backbone.layer in backbone.flattened)
+        self.model, self.head, self.tta = inference_model(backbone), head, backbone.tta
+        self.hook = FeatureHook(self.model, backbone.layer, backbone.layer in backbone.flattened)
 
     def _features(self, images):
         self.model(images)
