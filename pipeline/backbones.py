@@ -285,11 +285,25 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
             raise UserError(f"backbone {name} has no layer '{chosen}'; its top-level modules are: "
                             f"{', '.join(n for n, _ in model.named_children())}")
     pre = entry.preprocessing if image_size is None else entry.preprocessing.with_size(image_size)
+    if pre.image_size != entry.preprocessing.image_size:
+        _check_input_size(model, name, pre.image_size)
     backbone = Backbone(name, model, layers, {entry.layer: entry.feature_dim}, pre, weights, sha,
                         entry.flattened, tta, notes)
     if layers != (entry.layer,):
         backbone.feature_dims = _probe_dims(backbone)
     return backbone
+
+
+def _check_input_size(model: nn.Module, name: str, size: int) -> None:
+    """A network that cannot take `size` pixels (a ViT built for 224, a size too small for its pooling)
+    is one clear error here rather than a traceback in the middle of a run."""
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = str(exc).splitlines()[0].rstrip(".")
+        raise UserError(f"backbone {name} cannot take {size}x{size} images ({reason}); "
+                        f"choose another --image-size or leave it out")
 
 
 def _probe_dims(backbone: Backbone) -> dict[str, int]:

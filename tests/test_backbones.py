@@ -128,6 +128,12 @@ def test_timm_models_hook_the_input_of_their_classifier(tmp_path: Path, model, l
     np.testing.assert_allclose(_features(backbone, x), pre_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_a_size_the_network_cannot_take_is_refused_when_loading():
+    with pytest.raises(UserError, match=r"backbone timm/vit_tiny_patch16_224 cannot take 64x64 images \(Input height "
+                                        r"\(64\) doesn't match model \(224\)\); choose another --image-size"):
+        load_backbone("timm/vit_tiny_patch16_224", "none", image_size=64)
+
+
 def test_timm_weights_must_be_a_local_file():
     with pytest.raises(UserError, match="timm/convnext_atto: pass --weights PATH to a local state dict"):
         load_backbone("timm/convnext_atto", "imagenet")

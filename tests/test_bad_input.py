@@ -66,6 +66,8 @@ def test_corrupt_cache_is_refused(small_cache, tmp_path):
     (("train", "{cache}", "--out", "{tmp}/m", "--param", "C=-1"), "C must be above 0, got -1"),
     (("bench", "{images}", "--repeats", 0), "repeats must be at least 1, got 0"),
     (("predict", "{tmp}/m", "{images}", "--top-k", 0), "top_k must be at least 1, got 0"),
+    (("extract", "{images}", "--out", "{tmp}/f.h5", "--backbone", "vgg16", "--weights", "none", "--image-size", 8),
+     "backbone vgg16 cannot take 8x8 images (Given input size: (512x1x1)"),
 ])
 def test_numbers_out_of_range_are_refused_before_any_work(small_cache, tmp_path, args, words):
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
