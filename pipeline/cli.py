@@ -322,11 +322,11 @@ def visualize(
                                                       "after a class is checked against it.")],
     out: Annotated[Path, typer.Option(help="Folder for predictions.png (and gradcam.png).")] = Path("visual"),
     limit: Annotated[int, typer.Option(help="Images to show at most.")] = 24,
-    gradcam: Annotated[bool, typer.Option(help="Also write Grad-CAM heat maps (fine-tuned models "
-                                               "only).")] = False,
+    gradcam: Annotated[bool, typer.Option(help="Also write Grad-CAM heat maps (fine-tuned models and "
+                                               "every head but knn and rbf_svm).")] = False,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
 ):
-    """Show predictions on a grid of images (wrong ones in red) and, for fine-tuned models, Grad-CAM."""
+    """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
     from pipeline import visualize as vis
     out.mkdir(parents=True, exist_ok=True)
     grid = vis.prediction_grid(model_dir, images, out / "predictions.png", limit, device.value)

@@ -75,37 +75,59 @@ def prediction_grid(model_dir: Path, inputs: list[Path], out: Path, limit: int =
     return {"shown": len(results), "wrong": int(wrong)}
 
 
-def gradcam_maps(net: torch.nn.Module, layer: str, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM (Selvaraju et al.) for the predicted class: the feature map entering the global-pool
-    `layer`, weighted by the spatially averaged gradient of the class score. Returns (maps in [0, 1]
+    module `pool`, weighted by the spatially averaged gradient of the class score. Returns (maps in [0, 1]
     at the input size, predicted classes)."""
     kept = {}
-    module = dict(net.backbone.named_modules())[layer]
-    handle = module.register_forward_hook(lambda m, inputs, output: kept.update(fmap=inputs[0]))
+
+    def keep_first(module, inputs, output) -> None:   # with TTA the mirrored image runs second
+        kept.setdefault("fmap", inputs[0])
+
+    handle = pool.register_forward_hook(keep_first)
     try:
-        logits = net(images.requires_grad_(True))
+        scores = net(images.requires_grad_(True))
     finally:
         handle.remove()
     fmap = kept["fmap"]
     if fmap.dim() != 4:
-        raise UserError(f"Grad-CAM needs a spatial feature map entering '{layer}', found shape {tuple(fmap.shape)}")
-    predicted = logits.argmax(1)
-    grads, = torch.autograd.grad(logits.gather(1, predicted[:, None]).sum(), fmap)
+        raise UserError(f"Grad-CAM needs a spatial feature map entering the feature layer, found shape "
+                        f"{tuple(fmap.shape)}")
+    predicted = scores.argmax(1)
+    grads, = torch.autograd.grad(scores.gather(1, predicted[:, None]).sum(), fmap)
     cam = torch.relu((grads.mean((2, 3), keepdim=True) * fmap).sum(1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     cam = cam / cam.flatten(1).max(1).values.clamp_min(1e-8)[:, None, None]
     return cam.detach().cpu().numpy(), predicted.cpu().numpy()
 
 
+def differentiable(info: dict, state) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model directory as one network from normalised images to class scores, and its feature layer.
+    A fine-tuned network as it is; a classifier on cached features as backbone + feature preprocessing +
+    head in torch (as `export` builds it: class probabilities, or decision values for linear_svm)."""
+    layer = info["backbone"]["layer"]
+    if info["kind"] == "finetuned":
+        from pipeline.finetune import network
+        net = network(info, state)
+        return net, dict(net.backbone.named_modules())[layer]
+    from pipeline.export import ImageClassifier, head_module
+    from pipeline.predict import model_backbone
+    classifier = info.get("classifier", "this")
+    try:
+        head = head_module(state, len(info["classes"]), classifier)
+    except UserError:
+        raise UserError(f"Grad-CAM needs a head made of tensor operations (logreg, torch_logreg, linear_svm, "
+                        f"torch_linear, torch_mlp or a fine-tuned model); a {classifier} head is not") from None
+    net = ImageClassifier(model_backbone(info), head).eval()
+    return net, dict(net.model.named_modules())[layer]
+
+
 def gradcam(model_dir: Path, inputs: list[Path], out: Path, limit: int = 8, device: str = "auto") -> dict:
-    """Save each image (as the model sees it) above its Grad-CAM overlay; fine-tuned models only."""
+    """Save each image (as the model sees it) above its Grad-CAM overlay."""
     info, state = modeldir.load(model_dir)
-    if info["kind"] != "finetuned":
-        raise UserError(f"Grad-CAM needs a fine-tuned model directory; {model_dir} holds a "
-                        f"{info['kind']} model (its backbone was never trained for these classes)")
-    from pipeline.finetune import network
     dev = resolve_device(device)
-    net = network(info, state).to(dev)
+    net, pool = differentiable(info, state)
+    net.to(dev)
     pre = Preprocessing.from_dict(info["backbone"]["preprocessing"])
     transform = pre.transform()
     crop = type(transform)(transform.transforms[:2])        # resize + centre crop: what the model sees
@@ -117,8 +139,7 @@ def gradcam(model_dir: Path, inputs: list[Path], out: Path, limit: int = 8, devi
             continue
     if not shown:
         raise UserError("no readable image to show")
-    maps, predicted = gradcam_maps(net, info["backbone"]["layer"],
-                                   torch.stack([transform(img) for _, img in shown]).to(dev))
+    maps, predicted = gradcam_maps(net, pool, torch.stack([transform(img) for _, img in shown]).to(dev))
     plt, fig, axes = _grid(len(shown), rows_per_item=2)
     cols = axes.shape[1]
     for i, ((path, img), heat, label) in enumerate(zip(shown, maps, predicted)):
