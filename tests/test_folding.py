@@ -41,17 +41,17 @@ def test_real_weights_fold_to_the_same_features_and_predictions(lite0):
         assert batchnorms(embed.model) == 0
 
 
-class SharedConvOutput(nn.Module):
-    """A convolution whose output is normalised and also added back unnormalised: not foldable."""
+class ConvBatchNorm(nn.Module):
+    """A convolution whose output is normalised and, with `reuse`, also added back unnormalised."""
 
-    def __init__(self):
+    def __init__(self, reuse: bool):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool, self.reuse = nn.AdaptiveAvgPool2d(1), reuse
 
     def forward(self, x):
         y = self.conv(x)
-        return self.pool(self.bn(y) + y)
+        return self.pool(self.bn(y) + y if self.reuse else self.bn(y))
 
 
 def trained_statistics(model: nn.Module) -> nn.Module:
@@ -64,8 +64,11 @@ def trained_statistics(model: nn.Module) -> nn.Module:
 
 
 def test_a_convolution_output_used_twice_is_not_folded():
-    model = trained_statistics(SharedConvOutput())
-    assert folded(model, ("pool",), torch.randn(2, 3, 8, 8)) is model
+    x = torch.randn(2, 3, 8, 8)
+    alone = trained_statistics(ConvBatchNorm(reuse=False))
+    assert isinstance(folded(alone, ("pool",), x).bn, nn.Identity)
+    reused = trained_statistics(ConvBatchNorm(reuse=True))
+    assert folded(reused, ("pool",), x) is reused       # the same pair, refused by the check on `x`
 
 
 def test_a_feature_layer_that_is_a_convolution_keeps_its_own_output():
