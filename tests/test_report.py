@@ -35,7 +35,13 @@ def test_compare_puts_classifiers_and_fine_tunes_in_one_table(models, tmp_path):
     assert head["extract_seconds"] is None and head["total_seconds"] == head["train_seconds"]
     assert logreg["swap_speedup"] == pytest.approx(head["train_seconds"] / logreg["train_seconds"])
     assert "| ft_head | head |" in proc.stdout and "| logreg | logreg |" in proc.stdout
+    assert "swap speed-up" in proc.stdout.splitlines()[0]
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_without_a_fine_tune_run_there_is_no_swap_column(models, tmp_path):
+    header = run_cli("compare", models / "logreg", "--out", tmp_path, check=True).stdout.splitlines()[0]
+    assert header.endswith("| total s | evaluated on |")
 
 
 def test_compare_refuses_runs_on_different_datasets(models, small_cache, tmp_path):
