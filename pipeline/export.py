@@ -28,6 +28,7 @@ from pipeline.errors import UserError
 from pipeline.heads import TorchHead, TorchLogReg, has_probabilities
 
 FORMATS = (".pt2", ".onnx")
+TENSOR_HEADS = "logreg, torch_logreg, linear_svm, torch_linear and torch_mlp"   # what `head_module` builds
 
 
 class L2Normalize(nn.Module):
@@ -94,8 +95,7 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
             w, b = np.concatenate([-w, w]), np.concatenate([-b, b])
         layers, fill = [_linear(w, b)], float("-inf")
     else:
-        raise UserError(f"a {name} head cannot be exported as tensor operations; "
-                        f"export works for logreg, torch_logreg, linear_svm, torch_linear and torch_mlp")
+        raise UserError(f"a {name} head cannot be exported as tensor operations; export works for {TENSOR_HEADS}")
     if len(head.classes_) < n_classes:
         layers.append(ClassColumns(head.classes_, n_classes, fill))
     return nn.Sequential(_preprocessing(pre), *layers).eval()

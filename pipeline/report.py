@@ -76,13 +76,14 @@ def _speedup(value) -> str:
 def markdown(table: list[dict]) -> str:
     """The table as markdown; the swap speed-up column only when there is a fine-tune run to compare with."""
     swaps = any(r["swap_speedup"] for r in table)
-    lines = ["| model | approach | top-1 | balanced acc. | macro F1 | extraction s | train s | total s |"
-             + (" swap speed-up |" if swaps else "") + " evaluated on |",
-             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if swaps else "") + "---|"]
-    lines += [f"| {r['name']} | {r['approach']} | {r['top1']:.3f} | {r['balanced_accuracy']:.3f} "
-              f"| {r['macro_f1']:.3f} | {_cell(r['extract_seconds'])} | {_cell(r['train_seconds'])} "
-              f"| {_cell(r['total_seconds'])} |" + (f" {_speedup(r['swap_speedup'])} |" if swaps else "")
-              + f" {r['eval_split']} |" for r in table]
+    header = ["model", "approach", "top-1", "balanced acc.", "macro F1", "extraction s", "train s", "total s",
+              *(["swap speed-up"] if swaps else []), "evaluated on"]
+    cells = [[r["name"], r["approach"], f"{r['top1']:.3f}", f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}",
+              _cell(r["extract_seconds"]), _cell(r["train_seconds"]), _cell(r["total_seconds"]),
+              *([_speedup(r["swap_speedup"])] if swaps else []), r["eval_split"]] for r in table]
+    align = ["---", "---", *["---:"] * (len(header) - 3), "---"]
+    lines = ["| " + " | ".join(row) + " |" for row in (header, *cells)]
+    lines.insert(1, "|" + "|".join(align) + "|")
     if swaps:
         lines.append("\nExtraction runs once per cache and is shared by every classifier row. Swap speed-up: "
                      "the fastest fine-tune run's train time over the classifier's, i.e. how much cheaper "

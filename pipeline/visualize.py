@@ -110,14 +110,14 @@ def differentiable(info: dict, state) -> tuple[torch.nn.Module, torch.nn.Module]
         from pipeline.finetune import network
         net = network(info, state)
         return net, dict(net.backbone.named_modules())[layer]
-    from pipeline.export import ImageClassifier, head_module
+    from pipeline.export import TENSOR_HEADS, ImageClassifier, head_module
     from pipeline.predict import model_backbone
     classifier = info.get("classifier", "this")
     try:
         head = head_module(state, len(info["classes"]), classifier)
     except UserError:
-        raise UserError(f"Grad-CAM needs a head made of tensor operations (logreg, torch_logreg, linear_svm, "
-                        f"torch_linear, torch_mlp or a fine-tuned model); a {classifier} head is not") from None
+        raise UserError(f"Grad-CAM needs a head made of tensor operations ({TENSOR_HEADS}, or a fine-tuned "
+                        f"model); a {classifier} head is not") from None
     net = ImageClassifier(model_backbone(info), head).eval()
     return net, dict(net.model.named_modules())[layer]
 
