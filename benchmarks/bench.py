@@ -1,4 +1,4 @@
-"""Benchmark stage one: generate the image folder if needed, run `pipeline.bench` for each backbone,
+"""Benchmark stage one: generate the image folder if needed, run `pipeline.features.bench` for each backbone,
 write the results as JSON and print one markdown table.
 
     python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 16, about 55 s)
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.make_images import make_images  # noqa: E402
-from pipeline.bench import bench, table, write_json  # noqa: E402
+from pipeline.features.bench import bench, table, write_json  # noqa: E402
 
 
 def main() -> None:

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.data import scan  # noqa: E402
-from pipeline.fastpath import FileBytes, TensorPreprocess, collate_bytes, gpu_batches  # noqa: E402
+from pipeline.data.images import scan  # noqa: E402
+
+from pipeline.features.backbones import load_backbone  # noqa: E402
+from pipeline.features.gpu_decoding import FileBytes, TensorPreprocess, collate_bytes, gpu_batches  # noqa: E402
 
 
 def rate(name: str, fn, dev: torch.device) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pipeline.data.folders import scan
 
-from pipeline.backbones import load_backbone
-from pipeline.data import scan
-from pipeline.extract import extract
+from pipeline.features.backbones import load_backbone
+from pipeline.features.extract import extract
 
 
 def write_images(root: Path, n: int, size: int, start: int = 0) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import Interrupted, UserError, exit_with
+from pipeline.runtime.errors import Interrupted, UserError, exit_with
 
 app = typer.Typer(help="Transfer learning on images: extract features once (stage one), "
                        "train many cheap classifiers on them (stage two).",
@@ -98,13 +98,14 @@ def extract(
                                             "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
-    from pipeline import distributed
+    from pipeline.features import sharded
+    from pipeline.runtime import distributed
     if nproc > 1:
-        distributed.check_extract_options({"compute_stats": compute_stats, "batch_size": batch_size,
+        sharded.check_extract_options({"compute_stats": compute_stats, "batch_size": batch_size,
                                            "workers": workers})
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    from pipeline.extract import extract_folder as single
-    extract_folder = distributed.extract_folder if distributed.is_distributed() else single
+    from pipeline.features.extract import extract_folder as single
+    extract_folder = sharded.extract_folder if distributed.is_distributed() else single
     try:
         summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
                                  labels=labels, id_column=id_column, label_column=label_column, tta=tta,
@@ -157,7 +158,7 @@ def train(
 ):
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
     from pipeline.config import train_settings
-    from pipeline.train import train as fit
+    from pipeline.heads.train import train as fit
     raw = {**_parse_params(param), "preprocess": preprocess, "class_weight": class_weight,
            "cv_folds": cv_folds, "seed": seed}
     expected = {**_pairs(expect, "--expect"), **({"fingerprint": fingerprint} if fingerprint else {})}
@@ -175,7 +176,7 @@ def predict(
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
 ):
     """Predict the top-k classes of new images with a trained model (backbone + head)."""
-    from pipeline.predict import predict as run
+    from pipeline.models.predict import predict as run
     results = run(model_dir, images, top_k, device.value)
     if format is Format.json:
         typer.echo(json.dumps(results, indent=2))
@@ -202,7 +203,7 @@ def export(
     out: Annotated[Path, typer.Option(help="File to write: .pt2 (torch.export) or .onnx.")] = Path("model.pt2"),
 ):
     """Export backbone + feature preprocessing + head as one file for deployment (linear and torch heads)."""
-    from pipeline.export import export as run
+    from pipeline.models.export import export as run
     _say([f"exported {model_dir} -> {run(model_dir, out)} (input: preprocessed images [N, 3, H, W], "
           f"output: scores [N, classes]; classes and preprocessing in its model.json metadata)"])
 
@@ -215,7 +216,8 @@ def compare(
 ):
     """Write a table comparing trained models (compare.md, compare.json) and a plot of accuracy
     against compute time (compare.png)."""
-    from pipeline.report import compare as run, markdown
+    from pipeline.report.compare import compare as run
+    from pipeline.report.compare import markdown
     typer.echo(markdown(run(model_dirs, out)), nl=False)
 
 
@@ -295,10 +297,11 @@ def finetune(
 ):
     """Optional stage: fine-tune the backbone with a new head (or train it from scratch), keep the
     best epoch by val accuracy, and write a model directory that predict and compare accept."""
-    from pipeline import distributed
+    from pipeline.runtime import distributed
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    from pipeline.finetune import FinetuneSettings, finetune as run
+    from pipeline.finetune.training import FinetuneSettings
+    from pipeline.finetune.training import finetune as run
     s = FinetuneSettings(backbone=backbone, weights=weights, strategy=strategy.value, freeze=freeze, epochs=epochs,
                          head_epochs=head_epochs, image_size=image_size, batch_size=batch_size,
                          optimizer=optimizer.value, lr=lr, backbone_lr_scale=backbone_lr_scale,
@@ -327,7 +330,7 @@ def visualize(
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
-    from pipeline import visualize as vis
+    from pipeline.models import visualize as vis
     out.mkdir(parents=True, exist_ok=True)
     grid = vis.prediction_grid(model_dir, images, out / "predictions.png", limit, device.value)
     lines = [f"{grid['shown']} images, {grid['wrong']} wrong -> {out / 'predictions.png'}"]
@@ -357,7 +360,8 @@ def bench(
     tutorial: Annotated[bool, typer.Option(help="Also time the tutorial-style loop.")] = True,
 ):
     """Images/s of the tutorial-style loop, of `pipeline extract` and of the model alone, side by side."""
-    from pipeline.bench import bench as run, table, write_json
+    from pipeline.features.bench import bench as run
+    from pipeline.features.bench import table, write_json
     result = run(data, backbone, weights, image_size, batch_size, device.value, precision.value, compile,
                  workers, repeats, images, skip_tutorial=not tutorial, log=lambda line: typer.echo(line, err=True))
     typer.echo(table([result]), nl=False)

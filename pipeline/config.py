@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.backbones import REGISTRY, available
-from pipeline.errors import UserError
-from pipeline.heads import CLASSIFIERS
-from pipeline.train import PREPROCESSING, TrainSettings
+from pipeline.features.backbones import REGISTRY, available
+from pipeline.heads.classifiers import CLASSIFIERS
+from pipeline.heads.train import PREPROCESSING, TrainSettings
+from pipeline.runtime.errors import UserError
 
 
 @dataclass
@@ -91,7 +91,8 @@ def extract_params(raw: dict) -> ExtractParams:
 
 def finetune_settings(name: str, raw: dict | None):
     """One run of the `finetune` section: its key names the model directory, its values the settings."""
-    from pipeline.finetune import CHOICES as FINETUNE_CHOICES, FinetuneSettings
+    from pipeline.finetune.training import CHOICES as FINETUNE_CHOICES
+    from pipeline.finetune.training import FinetuneSettings
     return _settings(FinetuneSettings, f"finetune.{name}", raw or {}, FINETUNE_CHOICES)
 
 

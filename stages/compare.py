@@ -2,8 +2,9 @@
 import sys
 from pathlib import Path
 
+from pipeline.report.compare import compare, markdown
+
 from pipeline.cli import run_stage
-from pipeline.report import compare, markdown
 
 
 def main():

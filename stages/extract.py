@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pipeline.cli import run_stage
 from pipeline.config import extract_params, read_params
-from pipeline.extract import extract_folder
+from pipeline.features.extract import extract_folder
 
 
 def main():

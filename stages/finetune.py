@@ -2,9 +2,10 @@
 import sys
 from pathlib import Path
 
+from pipeline.finetune.training import finetune
+
 from pipeline.cli import run_stage
 from pipeline.config import finetune_settings, read_params
-from pipeline.finetune import finetune
 
 
 def main():

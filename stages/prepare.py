@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-from pipeline.demo_data import write_image_folder
+from pipeline.data.demo import write_image_folder
 
 archive, out = map(Path, sys.argv[1:3])
 print(f"prepare: wrote {write_image_folder(archive, out)} images to {out}")

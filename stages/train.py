@@ -2,9 +2,10 @@
 import sys
 from pathlib import Path
 
+from pipeline.heads.train import train
+
 from pipeline.cli import run_stage
 from pipeline.config import read_params, train_settings
-from pipeline.train import train
 
 
 def main():

@@ -45,7 +45,7 @@ def make_image_folder(root: Path, per_split: dict[str, int] | None = None, class
 def embedder_calls(before_call=None):
     """Record the images each `Embedder` call runs through the network (each twice with TTA).
     `before_call(n)`, if given, runs before the n-th call, to fail or interrupt it."""
-    from pipeline.backbones import Embedder
+    from pipeline.features.backbones import Embedder
     seen: list[int] = []
     call = Embedder.__call__
 
@@ -105,7 +105,7 @@ def small_cache(tmp_path_factory) -> Path:
 
 def synthetic_cache(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> Path:
     """A real feature cache holding given vectors, for tests that need controlled features."""
-    from pipeline.store import FeatureWriter, cache_attrs
+    from pipeline.storage.cache import FeatureWriter, cache_attrs
     spec = {"backbone": "synthetic", "weights": "none", "weights_sha256": "none", "layer": "none",
             "layers": ["none"], "tta": False, "preprocessing": {"image_size": 1}}
     dim = next(iter(splits.values()))[0].shape[1]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.features.backbones import REGISTRY, Embedder, load_backbone
+from pipeline.runtime.errors import UserError
 from tests.conftest import run_cli
-from pipeline.backbones import REGISTRY, Embedder, load_backbone
-from pipeline.errors import UserError
 
 
 def test_vgg16_hooks_the_penultimate_layer_and_offers_avgpool_flattened():

@@ -17,9 +17,9 @@ FEATURE_DIM = 1280   # efficientnet_lite0
 PEAKS = """
 import json, resource, sys
 from pathlib import Path
-from pipeline.backbones import load_backbone
-from pipeline.data import scan
-from pipeline.extract import extract
+from pipeline.features.backbones import load_backbone
+from pipeline.data.folders import scan
+from pipeline.features.extract import extract
 backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=32)
 peaks = []
 for folder in sys.argv[1:4]:

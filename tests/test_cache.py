@@ -9,14 +9,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from pipeline.data.folders import scan
+from pipeline.heads.train import TrainSettings, train
 
+from pipeline.features.backbones import load_backbone
+from pipeline.features.extract import extract
+from pipeline.runtime.errors import UserError
+from pipeline.storage.cache import check_expected, open_cache
 from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, tiny_image
-from pipeline.backbones import load_backbone
-from pipeline.data import scan
-from pipeline.errors import UserError
-from pipeline.extract import extract
-from pipeline.store import check_expected, open_cache
-from pipeline.train import TrainSettings, train
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline.data.folders import scan, write_manifest
+from pipeline.data.images import ImageError, read_image
 
+from pipeline.runtime.errors import UserError
+from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
-from pipeline.data import ImageError, read_image, scan, write_manifest
-from pipeline.errors import UserError
-from pipeline.store import open_cache
 
 
 def test_split_folders_give_the_splits(image_folder: Path):
@@ -259,7 +260,7 @@ def test_class_folder_split_survives_new_images(tmp_path: Path):
 
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path: Path):
-    from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
     exif = Image.Exif()
     exif[0x0112] = 6                                   # rotate 90 degrees to display
     photo = tiny_image((200, 60, 30), 1, size=1024).resize((1200, 800))

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import h5py
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import COLOURS, ROOT, interrupt_when_written, make_image_folder, run_cli, tiny_image
@@ -114,10 +114,11 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
 
 def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(tmp_path):
     """In one process: four shards of splits smaller than four; the first holds no rows at all."""
-    from pipeline.backbones import load_backbone
-    from pipeline.data import scan
-    from pipeline.distributed import concatenate, shard, shard_path
-    from pipeline.extract import extract
+    from pipeline.data.folders import scan
+
+    from pipeline.features.backbones import load_backbone
+    from pipeline.features.extract import extract
+    from pipeline.features.sharded import concatenate, shard, shard_path
 
     images = make_image_folder(tmp_path / "images", {"train": 1, "val": 1}, classes=("red", "green"))
     (images / "val" / "red" / "broken.png").write_bytes(b"not a png")
@@ -181,7 +182,7 @@ def test_a_warning_and_an_error_after_the_shards_through_nproc(tmp_path):
     ("raise SystemExit(3)", "error: rank 0 stopped with exit code 3"),
     ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "error: rank 0 stopped with signal SIGKILL")])
 def test_a_rank_that_fails_without_its_own_error_line_gets_one(code, line):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.distributed", "--standalone", "--nproc_per_node=1",
+    proc = subprocess.run([sys.executable, "-m", "pipeline.runtime.distributed", "--standalone", "--nproc_per_node=1",
                            "--no-python", sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and proc.stderr.strip() == line
 
@@ -189,7 +190,7 @@ def test_a_rank_that_fails_without_its_own_error_line_gets_one(code, line):
 def test_ranks_torchrun_stops_because_another_failed_get_no_line():
     """Rank 1 fails; torchrun stops rank 0 with SIGTERM, which is a consequence and is not reported."""
     code = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(120)"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.distributed", "--standalone", "--nproc_per_node=2",
+    proc = subprocess.run([sys.executable, "-m", "pipeline.runtime.distributed", "--standalone", "--nproc_per_node=2",
                            "--no-python", sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=100)
     assert proc.returncode == 1 and proc.stderr.strip() == "error: rank 1 stopped with exit code 3"
@@ -197,7 +198,8 @@ def test_ranks_torchrun_stops_because_another_failed_get_no_line():
 
 def test_a_rank_stopped_by_sigterm_alone_is_reported_and_recorded_errors_are_not():
     from types import SimpleNamespace
-    from pipeline.distributed import unexplained_failures
+
+    from pipeline.runtime.distributed import unexplained_failures
     term, error, crash = (SimpleNamespace(exitcode=c) for c in (-signal.SIGTERM, 2, 3))
     assert unexplained_failures({0: error, 1: term}) == {}   # rank 1 stopped before recording its own
     assert unexplained_failures({0: term, 1: crash}) == {1: crash}
@@ -205,7 +207,7 @@ def test_a_rank_stopped_by_sigterm_alone_is_reported_and_recorded_errors_are_not
 
 
 def test_a_run_on_a_locked_output_is_refused_by_every_rank(tmp_path):
-    from pipeline.store import output_lock
+    from pipeline.storage.cache import output_lock
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
     out = tmp_path / "f.h5"
     with output_lock(out):   # another run holds the output

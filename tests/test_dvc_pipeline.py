@@ -1,7 +1,7 @@
 """`dvc repro` in a real temp git repo: the whole pipeline runs, fine-tuning included when enabled,
 and changing one classifier's params reruns only that classifier, never the extraction or fine-tune."""
-import json
 import hashlib
+import json
 import os
 import shutil
 import subprocess

@@ -8,16 +8,16 @@ import onnx
 import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
+from pipeline.data.images import read_image
+from pipeline.heads.train import scores_of, train
 
-from pipeline import modeldir
-from pipeline.backbones import Preprocessing
 from pipeline.config import train_settings
-from pipeline.data import read_image
-from pipeline.errors import UserError
-from pipeline.export import export, head_module
-from pipeline.predict import predict
-from pipeline.store import open_cache
-from pipeline.train import scores_of, train
+from pipeline.features.backbones import Preprocessing
+from pipeline.models.export import export, head_module
+from pipeline.models.predict import predict
+from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
+from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, run_cli, synthetic_cache, tiny_image
 
 FIXED = {"logreg": {"C": 1.0}, "torch_logreg": {"C": 1.0}, "linear_svm": {"C": 1.0},

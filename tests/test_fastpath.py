@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pipeline.data.folders import scan
 
 from benchmarks.make_images import make_images
-from pipeline.backbones import load_backbone
-from pipeline.data import scan
-from pipeline.extract import cpu_batches
-from pipeline.fastpath import BackgroundWriter, gpu_batches, gpu_decodable, prefetched
-from pipeline.store import FeatureWriter, cache_attrs, open_cache
+from pipeline.features.backbones import load_backbone
+from pipeline.features.extract import cpu_batches
+from pipeline.features.gpu_decoding import gpu_batches, gpu_decodable
+from pipeline.features.overlap import BackgroundWriter, prefetched
+from pipeline.storage.cache import FeatureWriter, cache_attrs, open_cache
 
 
 def _folder(tmp_path: Path) -> Path:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline.finetune.training import FinetuneSettings, PlateauSchedule, finetune, stages
 
-from tests.conftest import interrupt_when_written, make_image_folder, run_cli
-from pipeline import modeldir
-from pipeline.backbones import load_backbone
 from pipeline.config import finetune_settings
-from pipeline.errors import UserError
-from pipeline.finetune import FinetuneSettings, PlateauSchedule, finetune, stages
-from pipeline.predict import predict
+from pipeline.features.backbones import load_backbone
+from pipeline.models.predict import predict
+from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
+from tests.conftest import interrupt_when_written, make_image_folder, run_cli
 
 TINY = {"image_size": 64, "batch_size": 12, "workers": 0, "device": "cpu"}
 

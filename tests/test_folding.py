@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.backbones import Embedder, FeatureHook, inference_model, load_backbone
-from pipeline.folding import ActivationAfterFold, folded
+from pipeline.features.backbones import Embedder, FeatureHook, inference_model, load_backbone
+from pipeline.features.folding import ActivationAfterFold, folded
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 

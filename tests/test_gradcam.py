@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pipeline.data.images import read_image
+from pipeline.heads.train import train
 
-from tests.conftest import COLOURS, run_cli
-from pipeline import modeldir
-from pipeline.backbones import Preprocessing
 from pipeline.config import train_settings
-from pipeline.data import read_image
-from pipeline.extract import extract_folder
-from pipeline.train import train
-from pipeline.visualize import differentiable, gradcam_maps
+from pipeline.features.backbones import Preprocessing
+from pipeline.features.extract import extract_folder
+from pipeline.models.visualize import differentiable, gradcam_maps
+from pipeline.storage import modeldir
+from tests.conftest import COLOURS, run_cli
 
 SIZE, SQUARE = 256, 64
 

@@ -3,10 +3,10 @@ and parameter checks."""
 import numpy as np
 import pytest
 import torch
+from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, head_scores, make_head
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.heads import CLASSIFIERS, TorchHead, head_scores, make_head
+from pipeline.runtime.errors import UserError
 
 
 def blobs(counts, seed=0, dim=16):

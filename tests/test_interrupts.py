@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.extract import extract_folder
-from pipeline.store import FeatureWriter
+from pipeline.features.extract import extract_folder
+from pipeline.storage.cache import FeatureWriter
 from tests.conftest import ROOT, embedder_calls, make_image_folder, run_cli
 from tests.test_bad_input import one_line_error
 
@@ -172,10 +172,12 @@ def test_an_interrupted_extract_stops_its_decoding_workers_at_once(reference, tm
     """The batches are closed when extraction stops, not when the stopped run's frames are collected
     (which a caller holding the exception, like this test, delays)."""
     import multiprocessing
-    from pipeline.backbones import load_backbone
-    from pipeline.data import scan
-    from pipeline.errors import Interrupted
-    from pipeline.extract import extract
+
+    from pipeline.data.folders import scan
+
+    from pipeline.features.backbones import load_backbone
+    from pipeline.features.extract import extract
+    from pipeline.runtime.errors import Interrupted
     images, _ = reference
     backbone = load_backbone(image_size=64)
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline.heads.train import scores_of, train
 
-from pipeline import modeldir
 from pipeline.config import train_settings
-from pipeline.errors import UserError
-from pipeline.predict import predict
-from pipeline.store import open_cache
-from pipeline.train import scores_of, train
+from pipeline.models.predict import predict
+from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
+from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, run_cli, tiny_image
 
 
@@ -132,9 +132,10 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     """Photos much larger than the model's input are decoded at reduced scale by `extract` and `predict`
     alike: the cache holds the vectors of the reduced decode, and predict reproduces its scores."""
     import torch
-    from pipeline.backbones import Embedder, load_backbone
-    from pipeline.data import read_image
-    from pipeline.extract import extract_folder
+    from pipeline.data.images import read_image
+
+    from pipeline.features.backbones import Embedder, load_backbone
+    from pipeline.features.extract import extract_folder
     images = tmp_path / "images"
     for split, n in (("train", 3), ("val", 2)):
         for name in ("red", "blue"):

@@ -6,11 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pipeline.finetune.training import FinetuneSettings, finetune
+from pipeline.report.compare import rows
 
+from pipeline.runtime.errors import UserError
 from tests.conftest import run_cli
-from pipeline.errors import UserError
-from pipeline.finetune import FinetuneSettings, finetune
-from pipeline.report import rows
 
 TINY = FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0, device="cpu")
 

@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from pipeline.heads.classifiers import TorchLogReg
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
 from tests.conftest import run_cli
-from pipeline.heads import TorchLogReg
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from pipeline.heads.classifiers import CLASSIFIERS
+from pipeline.heads.metrics import evaluate
+from pipeline.heads.train import scores_of, train
 from sklearn.metrics import classification_report, confusion_matrix, log_loss, top_k_accuracy_score
 
-from pipeline import modeldir
 from pipeline.config import train_settings
-from pipeline.heads import CLASSIFIERS
-from pipeline.metrics import evaluate
-from pipeline.train import scores_of, train
+from pipeline.storage import modeldir
 from tests.conftest import ROOT, synthetic_cache
 
 CLASSES = ["a", "b", "c", "d"]

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import modeldir
-from pipeline.backbones import Preprocessing
-from pipeline.data import ImageError, read_image
-from pipeline.errors import UserError, check_minimums
-from pipeline.extract import resolve_device
-from pipeline.predict import image_paths, predict
+from pipeline.data.images import ImageError, read_image
+from pipeline.features.backbones import Preprocessing
+from pipeline.models.predict import image_paths, predict
+from pipeline.runtime.devices import resolve_device
+from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.storage import modeldir
 
 
 def _pyplot():
@@ -107,11 +107,11 @@ def differentiable(info: dict, state) -> tuple[torch.nn.Module, torch.nn.Module]
     head in torch (as `export` builds it: class probabilities, or decision values for linear_svm)."""
     layer = info["backbone"]["layer"]
     if info["kind"] == "finetuned":
-        from pipeline.finetune import network
+        from pipeline.finetune.training import network
         net = network(info, state)
         return net, dict(net.backbone.named_modules())[layer]
-    from pipeline.export import TENSOR_HEADS, ImageClassifier, head_module
-    from pipeline.predict import model_backbone
+    from pipeline.models.export import TENSOR_HEADS, ImageClassifier, head_module
+    from pipeline.models.predict import model_backbone
     classifier = info.get("classifier", "this")
     try:
         head = head_module(state, len(info["classes"]), classifier)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import joblib
 
-from pipeline.backbones import sha256_file
-from pipeline.errors import UserError
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import sha256_file
 
 HEAD = "head.joblib"
 WEIGHTS = "weights.pt"

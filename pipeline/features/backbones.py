@@ -5,7 +5,6 @@ layer name or a normalisation; they ask the registry.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import UserError, check_minimums
-from pipeline.folding import folded
+from pipeline.features.folding import folded
+from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.files import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -197,12 +197,6 @@ def _entry(name: str) -> Entry:
     return REGISTRY[name]()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import modeldir
-from pipeline.errors import UserError
+from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
+
 
 def model_dirs(paths: list[Path]) -> list[Path]:
     """Model directories as given; a folder without model.json stands for its sub-folders that have one."""

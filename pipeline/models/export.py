@@ -22,10 +22,10 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 from torch import nn
 
-from pipeline import modeldir
-from pipeline.backbones import Backbone, FeatureHook, inference_model
-from pipeline.errors import UserError
-from pipeline.heads import TorchHead, TorchLogReg, has_probabilities
+from pipeline.features.backbones import Backbone, FeatureHook, inference_model
+from pipeline.heads.classifiers import TorchHead, TorchLogReg, has_probabilities
+from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
 
 FORMATS = (".pt2", ".onnx")
 TENSOR_HEADS = "logreg, torch_logreg, linear_svm, torch_linear and torch_mlp"   # what `head_module` builds
@@ -124,7 +124,7 @@ class ImageClassifier(nn.Module):
 
 def export(model_dir: Path, out: Path) -> Path:
     """Write `out` (.pt2 or .onnx) holding backbone + preprocessing + head of `model_dir`."""
-    from pipeline.predict import model_backbone
+    from pipeline.models.predict import model_backbone
     out = Path(out)
     if out.suffix not in FORMATS:
         raise UserError(f"--out must end in {' or '.join(FORMATS)}, got {out.name}")

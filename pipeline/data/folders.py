@@ -1,4 +1,4 @@
-"""Dataset intake: find labelled images, assign splits, decode images.
+"""Dataset intake: find labelled images and assign splits.
 
 Layouts:
   ROOT/{train,val[,test]}/CLASS/*   splits given by the folders; a missing val (and, with train
@@ -10,34 +10,31 @@ Layouts:
 Nothing is dropped silently: files that are not images, images the CSV does not list, CSV rows whose
 image is missing, rows without a label and repeated rows are recorded in `Dataset.skipped` with the
 reason. A repeated id with a *different* label is an error: the CSV contradicts itself.
-
-Decoding (`read_image`) accepts JPEG, PNG, BMP, GIF (first frame), WebP and TIFF, whatever the case
-of the extension, applies the EXIF orientation, and converts every mode to 8-bit RGB: grayscale and
-palette are expanded, transparency is composited onto white, CMYK is converted, 16-bit and float
-grayscale are scaled from their full range (0-65535, 0-1) to 0-255.
 """
 from __future__ import annotations
 
 import csv
 import difflib
 import hashlib
-import io
 import json
-import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-from pipeline.errors import UserError, warn
+from pipeline.runtime.errors import UserError, warn
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
+
+
+
 SPLITS = ("train", "val", "test")
-MAX_ASPECT_RATIO = 200   # beyond this, resizing the short side to the crop size makes a huge image
+
+
+
+
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,7 @@ class Sample:
     path: str   # relative to the dataset root, with forward slashes
     label: int
     split: str
+
 
 
 @dataclass
@@ -63,12 +61,15 @@ class Dataset:
         return [s for s in SPLITS if s in present]
 
 
+
 def _visible(name: str) -> bool:
     return not name.startswith(".") and name.lower() not in IGNORED_NAMES
 
 
+
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
 
 
 def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[str]:
@@ -83,9 +84,11 @@ def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[
     return sorted(found)
 
 
+
 def _identity(folder: Path) -> tuple[int, int]:
     st = folder.stat()
     return st.st_dev, st.st_ino
+
 
 
 def _walk(folder: Path, root: Path, seen: set, found: list[str], skipped: list[tuple[str, str]]) -> None:
@@ -109,7 +112,9 @@ def _walk(folder: Path, root: Path, seen: set, found: list[str], skipped: list[t
             skipped.append((rel, f"not an image file type ({p.suffix or 'no extension'})"))
 
 
+
 DEFAULT_LABEL_COLUMNS = ("breed", "label")
+
 
 
 def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
@@ -156,6 +161,7 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
     return _checked(Dataset(root, classes, samples, layout, skipped))
 
 
+
 def _split_train(root: Path, classes: list[str], samples: list[Sample], val_fraction: float,
                  test_fraction: float, seed: int) -> list[Sample]:
     """Split folders without val: cut val (and test, by a nonzero `test_fraction`) out of train; nothing
@@ -174,6 +180,7 @@ def _split_train(root: Path, classes: list[str], samples: list[Sample], val_frac
     return _in_split_order(rest + stratified_split(per_class, val_fraction, test_fraction, seed))
 
 
+
 def _checked(dataset: Dataset) -> Dataset:
     for i, name in enumerate(dataset.classes):
         if not any(s.label == i for s in dataset.samples):
@@ -182,6 +189,7 @@ def _checked(dataset: Dataset) -> Dataset:
         raise UserError(f"data folder {dataset.root} has only one class ('{dataset.classes[0]}'); "
                         f"need at least two")
     return dataset
+
 
 
 def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> list[tuple[int, str, str]]:
@@ -207,6 +215,7 @@ def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> li
                     for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path} is not a readable CSV file: {exc}")
+
 
 
 def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str | None,
@@ -256,12 +265,14 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
     return Dataset(root, classes, samples, "labels-csv", skipped)
 
 
+
 def _warn_singletons(labels: list[str], name: str) -> None:
     """A label given to one image only is often a typo of another label."""
     counts = {label: labels.count(label) for label in set(labels)}
     for label in sorted(c for c, n in counts.items() if n == 1):
         close = difflib.get_close_matches(label, [c for c, n in counts.items() if n > 1], n=1)
         warn(f"{name}: label '{label}' has a single image" + (f"; a typo of '{close[0]}'?" if close else ""))
+
 
 
 def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_fraction: float,
@@ -282,9 +293,11 @@ def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_
     return _in_split_order(samples)
 
 
+
 def _in_split_order(samples: list[Sample]) -> list[Sample]:
     """Train, val, test, each by path: the order split folders are scanned in."""
     return sorted(samples, key=lambda s: (SPLITS.index(s.split), s.path))
+
 
 
 def write_manifest(dataset: Dataset, path: Path) -> None:
@@ -296,97 +309,9 @@ def write_manifest(dataset: Dataset, path: Path) -> None:
             writer.writerow([s.path, dataset.classes[s.label], s.split])
 
 
+
 def dataset_digest(rows) -> str:
     """Identity of a dataset as used: SHA-256 over its sorted (path, class name, split, image SHA-256)
     rows, so runs on different images, labels or splits are never compared with each other."""
     blob = json.dumps(sorted(map(list, rows)), separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-class ImageError(Exception):
-    """A file that cannot be used as an image; the message is the recorded reason."""
-
-
-def image_bytes(path: Path) -> tuple[bytes, str]:
-    """The bytes of an image file and their SHA-256 (the key for incremental reuse)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"unreadable: {exc.strerror or exc}")
-    if not data:
-        raise ImageError("empty file")
-    return data, hashlib.sha256(data).hexdigest()
-
-
-class SampleFiles:
-    """The image files of `samples` under `root`, as a map-style dataset for a DataLoader. Item i is
-    (i, payload, sha256, error): no payload for an image whose sha256 is in `known` (its vector is
-    reused), the reason instead of a payload for a file that cannot be used. `load` makes the payload
-    of a file's bytes."""
-
-    def __init__(self, root: Path, samples: list[Sample], known: Collection[str] = ()):
-        self.root, self.samples, self.known = root, samples, known
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        try:
-            data, digest = image_bytes(self.root / self.samples[i].path)
-            if digest in self.known:
-                return i, None, digest, None
-            return i, self.load(data), digest, None
-        except ImageError as exc:
-            return i, None, None, str(exc)
-
-    def load(self, data: bytes):
-        raise NotImplementedError
-
-
-def decode_image(data: bytes, shortest: int | None = None) -> Image.Image:
-    """Decode the first frame as 8-bit RGB, upright per its EXIF orientation.
-
-    `shortest`: the short side the caller resizes to. A JPEG at least four times as large is then decoded
-    at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as far as its short side stays at least twice
-    `shortest`, so that the caller's antialiased resize still halves it or more: several times faster
-    for photos much larger than the model's input, with features within 1% of the full decode's
-    (benchmarks/RESULTS.md); nearer scales changed some features by up to 5%.
-
-    Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays on and its warning counts as
-    an error: an image whose header declares more pixels is rejected before it is decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-                    raise ImageError(f"{width}x{height} pixels: an aspect ratio beyond {MAX_ASPECT_RATIO}:1")
-                img.seek(0)
-                scale = 2 * shortest / min(width, height) if shortest else 1
-                if img.format in ("JPEG", "MPO") and scale <= 0.5:
-                    img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
-                return to_rgb(ImageOps.exif_transpose(img))
-    except UnidentifiedImageError:
-        raise ImageError("not a recognised image")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"decompression bomb refused: {exc}".splitlines()[0])
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"cannot decode: {exc}".splitlines()[0])
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        top = 1.0 if img.mode == "F" else 65535.0   # 16-bit files open as I;16 or I
-        pixels = np.asarray(img, dtype=np.float64) * (255.0 / top)
-        return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def read_image(path: Path, shortest: int | None = None) -> tuple[Image.Image, str]:
-    """Decode one image as RGB (see `decode_image` for `shortest`); also return the SHA-256 of its bytes."""
-    data, digest = image_bytes(path)
-    return decode_image(data, shortest), digest

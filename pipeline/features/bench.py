@@ -2,7 +2,7 @@
 
 - tutorial: the loop most tutorials show (DataLoader with 0 workers, float32, a hook whose vectors are
   appended one at a time to a Python list, np.save at the end);
-- extract: `pipeline.extract.extract`, to a real HDF5 file, as `pipeline extract` runs it;
+- extract: `pipeline.features.extract.extract`, to a real HDF5 file, as `pipeline extract` runs it;
 - model_only: the forward pass alone on synthetic tensors, same batch size and precision.
 
 Each is run `repeats` times, interleaved, after one untimed warm-up (a batch on CUDA, 8 images on CPU);
@@ -22,11 +22,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.backbones import Backbone, FeatureHook, inference_model, load_backbone
-from pipeline.data import Dataset, scan
-from pipeline.errors import check_minimums
-from pipeline.extract import ImageFiles, collate, default_batch_size, extract, resolve_device, resolve_precision
-from pipeline.store import library_versions
+from pipeline.data.folders import Dataset, scan
+from pipeline.data.images import ImageFiles, collate
+from pipeline.features.backbones import Backbone, FeatureHook, inference_model, load_backbone
+from pipeline.features.extract import extract
+from pipeline.runtime.devices import default_batch_size, resolve_device, resolve_precision
+from pipeline.runtime.errors import check_minimums
+from pipeline.storage.cache import library_versions
 
 
 def _sync(dev: torch.device) -> None:

@@ -1,6 +1,6 @@
 """Stage one: run the frozen backbone over every image once and stream the features into the cache,
 reusing the vectors of unchanged images from the previous cache. On CUDA, JPEGs are decoded and
-preprocessed on the GPU (pipeline.fastpath); on CPU, PIL decodes them in DataLoader workers."""
+preprocessed on the GPU (pipeline.features.gpu_decoding); on CPU, PIL decodes them in DataLoader workers."""
 from __future__ import annotations
 
 import hashlib
@@ -17,12 +17,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, Embedder, Preprocessing, load_backbone
-from pipeline.data import Dataset, Sample, SampleFiles, decode_image, scan, write_manifest
-from pipeline.errors import Interrupted, UserError, check_minimums, warn
-from pipeline.fastpath import BackgroundWriter, gpu_batches
-from pipeline.store import (FINGERPRINT_FIELDS, FeatureWriter, cache_attrs, content_warnings, differences, open_cache,
-                            output_lock)
+from pipeline.data.images import ImageFiles, collate
+from pipeline.data.folders import Dataset, Sample, scan, write_manifest
+from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
+from pipeline.features.gpu_decoding import gpu_batches
+from pipeline.features.overlap import BackgroundWriter
+from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
+from pipeline.runtime.errors import Interrupted, UserError, check_minimums, warn
+from pipeline.storage.cache import (
+    FINGERPRINT_FIELDS,
+    FeatureWriter,
+    cache_attrs,
+    content_warnings,
+    differences,
+    open_cache,
+    output_lock,
+)
 
 
 @dataclass
@@ -52,52 +62,19 @@ class ExtractSummary:
         return out
 
 
-class ImageFiles(SampleFiles):
-    """Decodes and preprocesses each image with `transform`; items as `SampleFiles`'. `shortest`: see
-    `decode_image` (for resize-then-crop transforms, not random crops)."""
-
-    def __init__(self, root: Path, samples: list[Sample], transform, known: Collection[str] = (),
-                 shortest: int | None = None):
-        super().__init__(root, samples, known)
-        self.transform, self.shortest = transform, shortest
-
-    def load(self, data: bytes) -> torch.Tensor:
-        return self.transform(decode_image(data, self.shortest))
 
 
-def collate(items):
-    """A batch as (good items [(index, sha256)], stacked tensors of those not reused or None,
-    [(index, error)])."""
-    computed = [it[1] for it in items if it[1] is not None]
-    return ([(it[0], it[2]) for it in items if it[2] is not None], torch.stack(computed) if computed else None,
-            [(it[0], it[3]) for it in items if it[3] is not None])
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 MINIMUMS = {"batch_size": 1, "workers": 0}
 
 
-def default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)))
 
 
-def default_batch_size(dev: torch.device) -> int:
-    """256 on CUDA, to keep the GPU busy; 16 on a CPU, where small batches stay in its caches and run
-    faster than large ones (benchmarks/RESULTS.md)."""
-    return 256 if dev.type == "cuda" else 16
 
 
-def resolve_precision(precision: str, dev: torch.device) -> str:
-    """'auto': bfloat16 autocast on CUDA; float32 on CPU, where bf16 speed depends on the chip and
-    it moves the vectors more than the speed is worth (benchmarks/RESULTS.md)."""
-    if precision == "auto":
-        return "bfloat16" if dev.type == "cuda" else "float32"
-    return precision
 
 
 def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
@@ -157,7 +134,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     `batch_size` None: `default_batch_size` of the device.
     `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
     runs the model through torch.compile. `shard_of` names the complete cache that `out` is a shard of
-    (pipeline.distributed): vectors are reused from it, and the shard may hold no training rows.
+    (pipeline.runtime.distributed): vectors are reused from it, and the shard may hold no training rows.
     A cache whose training images were all unusable is refused and not written.
 
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped

@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
-                             precision_recall_fscore_support, top_k_accuracy_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 
 
 def evaluate(y_true: np.ndarray, scores: np.ndarray, classes: list[str], probabilities: bool) -> dict:

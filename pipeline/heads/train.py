@@ -17,11 +17,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
-from pipeline import modeldir
-from pipeline.errors import UserError
-from pipeline.heads import CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head
-from pipeline.metrics import confusion_png, confusion_rows, evaluate
-from pipeline.store import check_expected, open_cache
+from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head
+from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
+from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
+from pipeline.storage.cache import check_expected, open_cache
 
 PREPROCESSING = ("l2", "standardize", "none")
 

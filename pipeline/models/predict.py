@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import modeldir
-from pipeline.backbones import Backbone, Embedder, Preprocessing, load_backbone
-from pipeline.data import IMAGE_EXTENSIONS, ImageError, read_image
-from pipeline.errors import UserError, check_minimums
-from pipeline.extract import resolve_device
-from pipeline.train import scores_of
+from pipeline.data.folders import IMAGE_EXTENSIONS
+from pipeline.data.images import ImageError, read_image
+from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
+from pipeline.heads.train import scores_of
+from pipeline.runtime.devices import resolve_device
+from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.storage import modeldir
 
 
 def image_paths(inputs: list[Path]) -> list[Path]:
@@ -43,7 +44,7 @@ def model_backbone(info: dict) -> Backbone:
 def scorer(info: dict, model, dev: torch.device):
     """fn(batch of preprocessed images) -> scores [N, classes] for either kind of model directory."""
     if info["kind"] == "finetuned":
-        from pipeline.finetune import network
+        from pipeline.finetune.training import network
         net = network(info, model).to(dev)
         return lambda x: torch.softmax(net(x.to(dev)).float(), 1).cpu().numpy()
     backbone = model_backbone(info)

@@ -7,7 +7,7 @@ Strategies (the question every transfer-learning tutorial ends with: are frozen 
   scratch  random init (`weights none`), all layers trained: the baseline pretraining must beat
 
 The best epoch by val accuracy is kept and evaluated once on test (on val when there is no test split).
-Under torchrun (WORLD_SIZE > 1) training runs as DistributedDataParallel; see pipeline.distributed.
+Under torchrun (WORLD_SIZE > 1) training runs as DistributedDataParallel; see pipeline.runtime.distributed.
 """
 from __future__ import annotations
 
@@ -26,12 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from pipeline import distributed, modeldir
-from pipeline.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
-from pipeline.data import Dataset, dataset_digest, scan
-from pipeline.errors import UserError, check_minimums
-from pipeline.extract import ImageFiles, collate, default_workers, resolve_device
-from pipeline.metrics import confusion_png, confusion_rows, evaluate as score_metrics
+from pipeline.data.folders import Dataset, dataset_digest, scan
+from pipeline.data.images import ImageFiles, collate
+from pipeline.features.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
+from pipeline.heads.metrics import confusion_png, confusion_rows
+from pipeline.heads.metrics import evaluate as score_metrics
+from pipeline.runtime import distributed
+from pipeline.runtime.devices import default_workers, resolve_device
+from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.storage import modeldir
 
 STRATEGIES = ("full", "partial", "head", "scratch")
 CHOICES = {"strategy": STRATEGIES, "optimizer": ("sgd", "adamw"), "schedule": ("cosine", "plateau"),
@@ -192,7 +195,7 @@ class Batches:
     def __init__(self, dataset: Dataset, split: str, transform, batch_size: int, workers: int, shuffle: bool,
                  seed: int, seen: dict, skipped: dict, sharded: bool = False, shortest: int | None = None):
         """`sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
-        when `shuffle`); `set_epoch` reshuffles it. `shortest`: see `pipeline.data.decode_image`."""
+        when `shuffle`); `set_epoch` reshuffles it. `shortest`: see `pipeline.data.images.decode_image`."""
         self.samples = dataset.split(split)
         self.split, self.seen, self.skipped, self.seed = split, seen, skipped, seed
         files = ImageFiles(dataset.root, self.samples, transform, shortest=shortest)

@@ -35,8 +35,8 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
-from pipeline.data import dataset_digest
-from pipeline.errors import UserError
+from pipeline.data.folders import dataset_digest
+from pipeline.runtime.errors import UserError
 
 SCHEMA_VERSION = 2   # 2: several layers (layers, features@<layer>), tta, compute_stats
 FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions")

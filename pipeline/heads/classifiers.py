@@ -19,7 +19,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 from torch import nn
 
-from pipeline.errors import UserError, check_minimums
+from pipeline.runtime.errors import UserError, check_minimums
 
 
 def torch_device(device: str) -> torch.device:

@@ -1,0 +1,130 @@
+"""Work off the main thread: batches prepared ahead of the model, HDF5 writes behind it."""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from pipeline.storage.cache import FeatureWriter
+
+
+def prefetched(batches, device: torch.device, depth: int = 2):
+    """Iterate `batches` on a thread, up to `depth` items ahead of the caller, and yield them in order.
+    On CUDA the thread queues its work on a stream of its own; each item's tensors are handed to the
+    caller's stream once that work is done. Errors of the thread are raised here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for item in batches:
+                    ready = None
+                    if stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                    if not hand_over((item, ready, None)):
+                        return
+        except BaseException as exc:
+            hand_over((None, None, exc))
+            return
+        hand_over((end, None, None))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, ready, error = items.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            if ready is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(ready)
+                for value in item:
+                    if isinstance(value, torch.Tensor):
+                        value.record_stream(current)    # its memory is not reused before the caller is done
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+
+class BackgroundWriter:
+    """Appends batches to a FeatureWriter from a thread, gathered into slabs of about `slab_bytes`, so HDF5
+    writes overlap compute and are never one row at a time. After each slab it records the batches' skipped
+    files and checkpoints the writer, so the progress saved in the file never runs ahead of its rows. The
+    hand-over queue is bounded: memory stays flat whatever the dataset size."""
+
+    def __init__(self, writer: FeatureWriter, slab_bytes: int = 2 << 20, depth: int = 4):
+        self.writer = writer
+        self.slab_rows = max(256, slab_bytes // (sum(writer.dims.values()) * writer.dtype.itemsize))
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
+        self.thread.start()
+
+    def append(self, split: str, features: dict[str, np.ndarray] | None, labels, paths, sha256,
+               skipped: list[tuple[str, str]], done: int) -> None:
+        """One batch of `split`: its rows (`features` maps each layer to its vectors; None when the batch
+        has no rows), the files it skipped with their reasons, and the samples of `split` done after it.
+        Errors of the writing thread surface here."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put((split, features, list(labels), list(paths), list(sha256), list(skipped), done))
+
+    def _run(self) -> None:
+        pending: list = []
+        while True:
+            item = self.queue.get()
+            try:
+                if pending and (item is None or item[0] != pending[0][0]):
+                    self._write(pending)
+                    pending = []
+                if item is None:
+                    return
+                pending.append(item)
+                if sum(len(p[2]) for p in pending) >= self.slab_rows:
+                    self._write(pending)
+                    pending = []
+            except BaseException as exc:   # keep draining so the producer never blocks; raised on its side
+                self.error, pending = self.error or exc, []
+
+    def _write(self, blocks: list) -> None:
+        if self.error is not None:
+            return
+        rows = [b for b in blocks if b[1] is not None]
+        if rows:
+            features = {layer: np.concatenate([b[1][layer] for b in rows]) for layer in rows[0][1]}
+            self.writer.append(blocks[0][0], features, [x for b in rows for x in b[2]],
+                               [x for b in rows for x in b[3]], [x for b in rows for x in b[4]])
+        for path, reason in (s for b in blocks for s in b[5]):
+            self.writer.skip(path, reason)
+        self.writer.checkpoint(blocks[-1][0], blocks[-1][6])
+
+    def stop(self) -> None:
+        """Write what is pending and wait for the thread (no-op once stopped)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def close(self) -> None:
+        """Stop, and raise what the thread met."""
+        self.stop()
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,145 @@
+"""Extraction across torchrun ranks (see pipeline.runtime.distributed): each rank writes a shard,
+rank 0 concatenates them."""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import torch.distributed as dist
+
+from pipeline.data.folders import Dataset, scan, write_manifest
+from pipeline.features.backbones import load_backbone
+from pipeline.features.extract import MINIMUMS as EXTRACT_MINIMUMS
+from pipeline.features.extract import ExtractSummary, extract, no_training_rows, warn_about
+from pipeline.runtime import distributed
+from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.storage.cache import FeatureWriter, features_name, output_lock
+
+MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
+
+
+
+def check_extract_options(options: dict) -> None:
+    """What every rank would refuse alike, refused once before launching."""
+    check_minimums(EXTRACT_MINIMUMS, options)
+    if options.get("compute_stats"):
+        raise UserError("--compute-stats needs the whole training split in one process; "
+                        "run it without torchrun or --nproc")
+
+
+
+@contextmanager
+def rank0_lock(out: Path):
+    """Rank 0 holds `<out>.lock` for the whole run, as a single process does; when another run holds
+    it, every rank stops with rank 0's message instead of waiting for it."""
+    with ExitStack() as stack:
+        refusal = [None]
+        if distributed.rank() == 0:
+            try:
+                stack.enter_context(output_lock(out))
+            except UserError as exc:
+                refusal = [str(exc)]
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise UserError(refusal[0])
+        yield
+
+
+
+def shard(dataset: Dataset, r: int, n: int) -> Dataset:
+    """Rank r's samples of n: a contiguous block, balanced by count, of every split."""
+    samples = []
+    for split in dataset.splits():
+        rows = dataset.split(split)
+        samples += rows[r * len(rows) // n:(r + 1) * len(rows) // n]
+    return replace(dataset, samples=samples, skipped=[])
+
+
+
+def shard_path(out: Path, r: int, n: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{r}-of-{n}{out.suffix}")
+
+
+
+def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
+                   layer=None, image_size: int | None = None, val_fraction: float = 0.15,
+                   test_fraction: float = 0.15, seed: int = 0, *, labels: Path | None = None,
+                   id_column: str = "id", label_column: str | None = None, tta: bool = False,
+                   **options) -> ExtractSummary | None:
+    """pipeline.features.extract.extract_folder on every rank of the process group, each on its shard, then
+    the shards concatenated into `out` by rank 0. Returns the summary on rank 0, None elsewhere."""
+    check_extract_options(options)
+    start_time = time.perf_counter()
+    device = distributed.start(options.pop("device", "auto"))
+    try:
+        r, n, out = distributed.rank(), distributed.world_size(), Path(out)
+        model = load_backbone(backbone, weights, layer, image_size, tta)   # before any file is written
+        with rank0_lock(out):
+            dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+            if r == 0:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_manifest(dataset, out.with_suffix(".manifest.csv"))
+            quiet = options.pop("quiet", False)
+            mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), device=device,
+                           quiet=quiet or r > 0, shard_of=out, **options)
+            summaries = [None] * n
+            dist.all_gather_object(summaries, mine)   # also the barrier: every shard is complete
+            if r > 0:
+                return None
+            skipped = concatenate(dataset, [shard_path(out, i, n) for i in range(n)], out,
+                                  extract_seconds=time.perf_counter() - start_time)
+            warn_about(out)
+            extracted = sum(s.extracted for s in summaries)
+            return ExtractSummary(out, extracted + len(skipped), extracted, skipped, time.perf_counter() - start_time,
+                                  f"{n} processes, each {mine.device}", sum(s.reused for s in summaries), mine.notes)
+    finally:
+        distributed.stop()
+
+
+
+def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> list[tuple[str, str]]:
+    """Write the shards' rows into `out` split by split in shard order, the files skipped while
+    scanning and then those the shards skipped in dataset order (as one process lists them);
+    delete the shards (also when this fails). Returns the skipped list."""
+    files = [h5py.File(p, "r") for p in shards]
+    try:
+        order = {s.path: i for i, s in enumerate(s for split in dataset.splits() for s in dataset.split(split))}
+        bad = [(p.decode(), reason.decode()) for f in files for p, reason in f["skipped"][:]]
+        skipped = [*dataset.skipped, *sorted(bad, key=lambda item: order[item[0]])]
+        trained = [f for f in files if "train" in f and f["train"]["labels"].shape[0]]
+        if not trained:
+            raise UserError(no_training_rows(skipped, out))
+        first = files[0]
+        layers = json.loads(first.attrs["layers"])
+        dims = {layer: trained[0]["train"][features_name(layer, layers)].shape[1] for layer in layers}
+        writer = FeatureWriter(out, dict(first.attrs), dims, first.attrs["dtype"])
+        try:
+            for split in dataset.splits():
+                for f in files:
+                    if split in f:
+                        copy_rows(f[split], split, layers, writer)
+            for path, reason in skipped:
+                writer.skip(path, reason)
+            writer.commit(**attrs)
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        for f in files:
+            f.close()
+        for p in shards:
+            p.unlink()
+    return writer.skipped
+
+
+
+def copy_rows(group: h5py.Group, split: str, layers: list[str], writer: FeatureWriter) -> None:
+    total = group["labels"].shape[0]
+    for a in range(0, total, MERGE_ROWS):
+        b = min(total, a + MERGE_ROWS)
+        writer.append(split, {layer: group[features_name(layer, layers)][a:b] for layer in layers},
+                      group["labels"][a:b], list(group["paths"].asstr()[a:b]), group["sha256"][a:b])

@@ -1,0 +1,33 @@
+"""Which device, precision, batch size and worker count a run uses when the user leaves them to us."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+
+def default_workers() -> int:
+    return min(8, len(os.sched_getaffinity(0)))
+
+
+
+def default_batch_size(dev: torch.device) -> int:
+    """256 on CUDA, to keep the GPU busy; 16 on a CPU, where small batches stay in its caches and run
+    faster than large ones (benchmarks/RESULTS.md)."""
+    return 256 if dev.type == "cuda" else 16
+
+
+
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """'auto': bfloat16 autocast on CUDA; float32 on CPU, where bf16 speed depends on the chip and
+    it moves the vectors more than the speed is worth (benchmarks/RESULTS.md)."""
+    if precision == "auto":
+        return "bfloat16" if dev.type == "cuda" else "float32"
+    return precision
