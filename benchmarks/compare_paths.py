@@ -17,9 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.folders import Dataset
-from pipeline.data.images import scan  # noqa: E402
-
+from pipeline.data.folders import Dataset, scan  # noqa: E402
 from pipeline.features.backbones import load_backbone  # noqa: E402
 from pipeline.features.extract import extract  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402

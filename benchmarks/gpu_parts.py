@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.images import scan  # noqa: E402
-
+from pipeline.data.folders import scan  # noqa: E402
 from pipeline.features.backbones import load_backbone  # noqa: E402
 from pipeline.features.gpu_decoding import FileBytes, TensorPreprocess, collate_bytes, gpu_batches  # noqa: E402
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pipeline.data.folders import scan
 
+from pipeline.data.folders import scan
 from pipeline.features.backbones import load_backbone
 from pipeline.features.extract import extract
 

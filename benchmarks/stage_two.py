@@ -23,7 +23,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.heads.train import TrainSettings, train  # noqa: E402
-
 from pipeline.storage.cache import FeatureWriter, cache_attrs  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
