@@ -1,0 +1,240 @@
+"""The audit as one page, index.html, that a browser opens from disk.
+
+It reads only what `pipeline audit` wrote into its folder (summary.json, the four CSVs, learning_curve.png)
+and the images under the data root that summary.json names, and writes index.html and thumbs/ (small
+JPEGs) beside them. The page loads nothing from the network and runs no script. Each table shows its first
+ROWS_SHOWN rows (for duplicates: groups, leaks first, MEMBERS_SHOWN images each) and links the full CSV.
+Every path, label and setting is user data and is HTML-escaped.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from html import escape
+from pathlib import Path, PurePosixPath
+
+from pipeline.data.images import ImageError, read_image
+from pipeline.runtime.errors import UserError
+
+ROWS_SHOWN = 100      # rows per table (duplicate groups for duplicates.csv); the CSVs hold all of them
+MEMBERS_SHOWN = 12    # images shown per duplicate group
+THUMB_SIZE = 96       # longest side of a thumbnail, in pixels
+
+COLUMNS = {
+    "label_issues.csv": ("path", "split", "given", "suggested", "score"),
+    "duplicates.csv": ("group", "path", "split", "similarity", "leak"),
+    "outliers.csv": ("path", "split", "label", "score", "score_in_class", "score_overall"),
+    "learning_curve.csv": ("head", "per_class", "mean", "std", "runs"),
+}
+SUMMARY_KEYS = ("cache", "data_root", "images", "splits", "classes", "label_issues", "duplicate_groups",
+                "leak_groups", "outliers", "settings")
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; } td, th { padding: 3px 8px; text-align: left; vertical-align: middle; }
+tr:nth-child(even) { background: #f5f5f5; } th { background: #e8e8e8; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } td.path { word-break: break-all; }
+.thumb { width: 96px; height: 96px; display: flex; align-items: center; justify-content: center; }
+.thumb img { max-width: 96px; max-height: 96px; }
+.missing { background: #eee; color: #777; font-size: 11px; text-align: center; overflow: hidden; }
+.note { background: #fff4d6; border: 1px solid #e6c96b; padding: 6px 10px; }
+.leak { color: #b00; font-weight: bold; }
+.members { display: flex; flex-wrap: wrap; gap: 8px; }
+.members figure { margin: 0; width: 120px; font-size: 12px; word-break: break-all; }
+"""
+
+
+def write_page(out_dir: Path) -> Path:
+    """Write out_dir/index.html (and out_dir/thumbs/) from the audit's files in out_dir; return its path."""
+    out_dir = Path(out_dir)
+    summary_path = out_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {summary_path}: {exc}") from None
+    missing = [key for key in SUMMARY_KEYS if key not in summary]
+    if missing:
+        raise UserError(f"{summary_path} lacks {', '.join(missing)}")
+    tables = {name: _read_csv(out_dir / name, columns) for name, columns in COLUMNS.items()}
+    thumbs = Thumbnails(summary["data_root"], out_dir / "thumbs")
+    body = [_header(summary, thumbs),
+            _label_issues(tables["label_issues.csv"], thumbs),
+            _duplicates(tables["duplicates.csv"], thumbs),
+            _outliers(tables["outliers.csv"], thumbs),
+            _learning_curve(tables["learning_curve.csv"], (out_dir / "learning_curve.png").is_file())]
+    thumbs.remove_unused()
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Data audit</title>\n'
+            f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+    index = out_dir / "index.html"
+    partial = out_dir / "index.html.tmp"
+    partial.write_text(page, encoding="utf-8")
+    os.replace(partial, index)
+    return index
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict] | None:
+    """The rows of one of the audit's CSVs; None when the file is not there."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise UserError(f"{path} lacks the column(s) {', '.join(missing)}")
+        return list(reader)
+
+
+class Thumbnails:
+    """Small JPEGs of the images under the data root, made once per path, named by a digest of the path
+    (never by the user's file name)."""
+
+    def __init__(self, data_root: str | None, folder: Path):
+        self.root = Path(data_root).resolve() if data_root else None
+        self.reachable = self.root is not None and self.root.is_dir()
+        self.folder = folder
+        self.made: dict[str, str] = {}   # path -> cell HTML
+        self.files: set[str] = set()     # thumbnail file names this page uses
+
+    def cell(self, rel: str) -> str:
+        """A thumbnail linked to the original image, or a grey box with the reason it cannot be shown."""
+        if rel not in self.made:
+            self.made[rel] = self._make(rel)
+        return self.made[rel]
+
+    def _make(self, rel: str) -> str:
+        if not self.reachable:
+            return _placeholder("images not reachable")
+        parts = PurePosixPath(rel).parts
+        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+            return _placeholder("path outside the data folder")
+        source = self.root.joinpath(*parts)
+        try:
+            image, _ = read_image(source, shortest=THUMB_SIZE)
+        except ImageError as exc:
+            return _placeholder(str(exc))
+        image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        self.folder.mkdir(exist_ok=True)
+        name = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".jpg"
+        image.save(self.folder / name, "JPEG", quality=85)
+        self.files.add(name)
+        return (f'<a class="thumb" href="{escape(source.as_uri())}">'
+                f'<img src="thumbs/{name}" alt="{escape(rel)}"></a>')
+
+    def remove_unused(self) -> None:
+        """Delete thumbnails of an earlier page that this one no longer shows."""
+        for old in self.folder.glob("*.jpg"):
+            if old.name not in self.files:
+                old.unlink()
+
+
+def _placeholder(reason: str) -> str:
+    return f'<div class="thumb missing" title="{escape(reason)}">no image<br>{escape(reason[:60])}</div>'
+
+
+def _header(summary: dict, thumbs: Thumbnails) -> str:
+    splits = ", ".join(f"{escape(str(s))} {n:,}" for s, n in summary["splits"].items())
+    counts = [("images", f"{summary['images']:,} ({splits})"),
+              ("classes", f"{len(summary['classes'])}: " + ", ".join(escape(str(c)) for c in summary["classes"])),
+              ("possible label errors", f"{summary['label_issues']:,}"),
+              ("near-duplicate groups",
+               f"{summary['duplicate_groups']:,}, {summary['leak_groups']:,} of them across splits"),
+              ("outliers", f"{summary['outliers']:,}"),
+              ("feature cache", escape(str(summary["cache"]))),
+              ("data folder", escape(str(summary["data_root"])))]
+    rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in counts)
+    settings = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(json.dumps(v))}</td></tr>"
+                       for k, v in summary["settings"].items())
+    root = summary["data_root"]
+    where = f"{escape(str(root))} is not a folder on this machine" if root else "the cache names no data folder"
+    note = "" if thumbs.reachable else \
+        f'<p class="note">The images are not reachable: {where}. The tables list their paths without thumbnails.</p>'
+    return (f"<h1>Data audit</h1>\n{note}<table>{rows}</table>\n"
+            f"<details><summary>Settings</summary><table>{settings}</table></details>\n"
+            f"<p>Each table shows its first {ROWS_SHOWN:,} rows; the linked CSV files hold all of them. "
+            f"Click a thumbnail for the original image.</p>")
+
+
+def _section(title: str, file: str, rows: list | None, what: str, explain: str) -> str:
+    head = f'<h2 id="{file.split(".")[0]}">{title}</h2>\n<p>{explain}</p>\n'
+    if rows is None:
+        return head + f'<p class="note">{file} is not in this folder.</p>'
+    shown = min(len(rows), ROWS_SHOWN)
+    return head + f'<p>{shown:,} of {len(rows):,} {what} shown; all in <a href="{file}">{file}</a>.</p>\n'
+
+
+def _table(header: tuple[str, ...], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
+            + "\n".join("<tr>" + "".join(cells) + "</tr>" for cells in rows) + "</table>")
+
+
+def _text(value: str, cls: str = "") -> str:
+    return f'<td class="{cls}">{escape(value)}</td>' if cls else f"<td>{escape(value)}</td>"
+
+
+def _number(value: str) -> str:
+    try:
+        return f'<td class="num">{float(value):.3f}</td>'
+    except ValueError:
+        return _text(value, "num")
+
+
+def _label_issues(rows: list[dict] | None, thumbs: Thumbnails) -> str:
+    out = _section("Possible label errors", "label_issues.csv", rows, "images",
+                   "Images whose given label the out-of-fold predictions doubt, most likely error first. "
+                   "Score: how likely the given label is wrong (0 to 1).")
+    if not rows:
+        return out
+    return out + _table(("image", "path", "split", "given", "suggested", "score"), [
+        [f"<td>{thumbs.cell(r['path'])}</td>", _text(r["path"], "path"), _text(r["split"]), _text(r["given"]),
+         _text(r["suggested"]), _number(r["score"])] for r in rows[:ROWS_SHOWN]])
+
+
+def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
+    groups: dict[str, list[dict]] = {}
+    for r in rows or []:
+        groups.setdefault(r["group"], []).append(r)
+    shown = None if rows is None else list(groups)
+    out = _section("Near-duplicates and split leaks", "duplicates.csv", shown, "groups",
+                   "Groups of nearly identical images, groups that span two splits (leaks) first. "
+                   "Similarity: cosine similarity of the feature vectors.")
+    if not groups:
+        return out
+    ordered = sorted(groups.values(), key=lambda g: g[0]["leak"].strip().lower() != "true")
+    table = []
+    for members in ordered[:ROWS_SHOWN]:
+        leak = members[0]["leak"].strip().lower() == "true"
+        figures = "".join(f"<figure>{thumbs.cell(m['path'])}<figcaption>{escape(m['path'])}<br>"
+                          f"{escape(m['split'])} · {escape(m['similarity'])}</figcaption></figure>"
+                          for m in members[:MEMBERS_SHOWN])
+        more = f"<p>and {len(members) - MEMBERS_SHOWN:,} more</p>" if len(members) > MEMBERS_SHOWN else ""
+        table.append([_text(members[0]["group"], "num"),
+                      '<td class="leak">leak</td>' if leak else "<td></td>",
+                      f'<td><div class="members">{figures}</div>{more}</td>'])
+    return out + _table(("group", "", "images: path, split, similarity"), table)
+
+
+def _outliers(rows: list[dict] | None, thumbs: Thumbnails) -> str:
+    out = _section("Outliers", "outliers.csv", rows, "images",
+                   "Images far from their nearest neighbours, most unusual first: within their own class and "
+                   "over all images (distance to the k nearest neighbours).")
+    if not rows:
+        return out
+    return out + _table(("image", "path", "split", "label", "score", "in class", "overall"), [
+        [f"<td>{thumbs.cell(r['path'])}</td>", _text(r["path"], "path"), _text(r["split"]), _text(r["label"]),
+         _number(r["score"]), _number(r["score_in_class"]), _number(r["score_overall"])] for r in rows[:ROWS_SHOWN]])
+
+
+def _learning_curve(rows: list[dict] | None, has_plot: bool) -> str:
+    out = _section("How many labels are enough", "learning_curve.csv", rows, "rows",
+                   "Accuracy on the evaluation split against the number of training images per class, "
+                   "mean and standard deviation over several runs.")
+    if has_plot:
+        out += '<p><img src="learning_curve.png" alt="learning curve" style="max-width: 100%"></p>\n'
+    if not rows:
+        return out
+    return out + _table(("head", "images per class", "mean accuracy", "std", "runs"), [
+        [_text(r["head"]), _text(r["per_class"], "num"), _number(r["mean"]), _number(r["std"]),
+         _text(r["runs"], "num")] for r in rows[:ROWS_SHOWN]])

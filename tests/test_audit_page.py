@@ -1,0 +1,163 @@
+"""The audit page: built from an audit folder as `pipeline audit` writes it, escaped, limited, opened offline
+by a real browser."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.report.audit_page import COLUMNS, ROWS_SHOWN, write_page
+from pipeline.runtime.errors import UserError
+from tests.conftest import make_image_folder
+
+HOSTILE = "<img src=x onerror=alert(1)>.png"        # a legal file name on Linux
+HOSTILE_LABEL = '"><script>alert(2)</script>'
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS[path.name])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def audit_folder(tmp_path: Path, data_root: Path | None, label_rows: int = 3) -> Path:
+    """An audit folder per the file contract, about the images of make_image_folder plus a hostile name and
+    an undecodable file."""
+    out = tmp_path / "audit"
+    out.mkdir()
+    images = [f"train/{c}/train_{i}.png" for c in ("red", "green") for i in range(2)]
+    write_csv(out / "label_issues.csv",
+              [{"path": images[i % len(images)], "split": "train", "given": "red", "suggested": HOSTILE_LABEL,
+                "score": 0.9 - i / (2 * label_rows)} for i in range(label_rows)]
+              + [{"path": "train/red/broken.png", "split": "train", "given": "red", "suggested": "blue",
+                  "score": 0.1}])
+    write_csv(out / "duplicates.csv", [
+        {"group": 0, "path": images[0], "split": "train", "similarity": 1.0, "leak": "true"},
+        {"group": 0, "path": f"val/red/{HOSTILE}", "split": "val", "similarity": 0.97, "leak": "true"},
+        {"group": 1, "path": images[1], "split": "train", "similarity": 0.99, "leak": "false"},
+        {"group": 1, "path": images[2], "split": "train", "similarity": 0.99, "leak": "false"}])
+    write_csv(out / "outliers.csv", [{"path": images[3], "split": "test", "label": "green", "score": 0.8,
+                                      "score_in_class": 0.7, "score_overall": 0.6},
+                                     {"path": "../outside.png", "split": "test", "label": "green", "score": 0.5,
+                                      "score_in_class": 0.4, "score_overall": 0.3}])
+    write_csv(out / "learning_curve.csv", [{"head": "logreg", "per_class": n, "mean": 0.5 + n / 20, "std": 0.01,
+                                            "runs": 3} for n in (1, 2, 5, 8)])
+    Image.new("RGB", (320, 200), (200, 220, 255)).save(out / "learning_curve.png")
+    (out / "summary.json").write_text(json.dumps({
+        "cache": "features.h5", "data_root": str(data_root) if data_root else "/nowhere/images",
+        "images": len(images), "splits": {"train": 24, "val": 12}, "classes": ["red", "green", HOSTILE_LABEL],
+        "label_issues": label_rows + 1, "duplicate_groups": 2, "leak_groups": 1, "outliers": 2,
+        "settings": {"folds": 5, "threshold": 0.95}}))
+    return out
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    root = make_image_folder(tmp_path / "images", per_split={"train": 2, "val": 1})
+    Image.new("RGB", (40, 30), (250, 0, 250)).save(root / "val" / "red" / HOSTILE, "PNG")
+    (root / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+class Elements(HTMLParser):
+    """Tags and their attributes, as a browser's parser sees them."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def all(self, tag: str) -> list[dict]:
+        return [attrs for t, attrs in self.tags if t == tag]
+
+
+def test_page_escapes_user_data_and_loads_nothing_from_the_network(tmp_path, data_root):
+    index = write_page(audit_folder(tmp_path, data_root))
+    page = index.read_text(encoding="utf-8")
+    elements = Elements(page)
+    assert not elements.all("script") and "onerror" not in {k for _, a in elements.tags for k in a}
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page and HOSTILE not in page and HOSTILE_LABEL not in page
+    links = [a.get("src") or a.get("href") for _, a in elements.tags if a.get("src") or a.get("href")]
+    assert links and not [u for u in links if re.match(r"\w+://", u) and not u.startswith("file://")]
+    thumbs = [a["src"] for a in elements.all("img") if a["src"].startswith("thumbs/")]
+    assert len(thumbs) == 8 and len(set(thumbs)) == 5    # four images and the hostile name; broken.png has none
+    assert sorted(p.name for p in (index.parent / "thumbs").iterdir()) == sorted({Path(t).name for t in thumbs})
+    for t in thumbs:
+        with Image.open(index.parent / t) as thumb:
+            assert thumb.format == "JPEG" and max(thumb.size) <= 96
+    assert "cannot decode" in page or "not a recognised image" in page     # broken.png: a placeholder
+    assert "path outside the data folder" in page                          # ../outside.png is not read
+    hrefs = {a["href"] for a in elements.all("a")}
+    assert set(COLUMNS) <= hrefs and (data_root / "val" / "red" / HOSTILE).as_uri() in hrefs
+
+
+def test_unreachable_images_are_named_and_the_page_still_lists_the_rows(tmp_path):
+    index = write_page(audit_folder(tmp_path, None))
+    page = index.read_text(encoding="utf-8")
+    assert "The images are not reachable" in page and "/nowhere/images" in page
+    assert not [a for a in Elements(page).all("img") if a["src"].startswith("thumbs/")]
+    assert "train/red/train_0.png" in page
+
+
+def test_thousands_of_rows_show_the_first_ones_and_link_the_csv(tmp_path):
+    index = write_page(audit_folder(tmp_path, None, label_rows=3000))
+    page = index.read_text(encoding="utf-8")
+    section = page.split('id="label_issues"')[1].split("<h2")[0]
+    assert section.count("<tr>") == ROWS_SHOWN + 1                 # header + the first rows
+    assert f"{ROWS_SHOWN:,} of 3,001 images shown" in section and 'href="label_issues.csv"' in section
+    scores = [float(s) for s in re.findall(r'<td class="num">([\d.]+)</td>', section)]
+    assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(0.9)
+
+
+def test_files_without_the_contract_fields_are_refused(tmp_path):
+    out = audit_folder(tmp_path, None)
+    (out / "outliers.csv").write_text("path,score\na.png,0.5\n")
+    with pytest.raises(UserError, match="outliers.csv lacks the column.*split"):
+        write_page(out)
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["classes"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="summary.json lacks classes"):
+        write_page(out)
+    assert not (out / "index.html").exists()
+
+
+def find_chromium() -> str | None:
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+PROBE = """<script>addEventListener("load", () => {
+  for (const img of document.images) img.dataset.naturalWidth = img.naturalWidth;
+  document.body.dataset.probed = document.images.length;
+});</script>"""
+
+
+@pytest.mark.skipif(find_chromium() is None,
+                    reason="no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+def test_a_real_browser_renders_the_thumbnails_offline(tmp_path, data_root):
+    """Headless chromium opens a copy of the page with a probe script that records each image's decoded
+    width: every thumbnail and the plot must have decoded from disk."""
+    index = write_page(audit_folder(tmp_path, data_root))
+    probe = index.with_name("probe.html")
+    probe.write_text(index.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    command = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+               probe.as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    elements = Elements(dom)
+    body, = elements.all("body")
+    images = elements.all("img")
+    assert body.get("data-probed") == str(len(images)) == "9"      # eight thumbnails and the learning curve
+    assert all(int(img["data-natural-width"]) > 0 for img in images), images
