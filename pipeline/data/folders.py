@@ -25,16 +25,10 @@ from pipeline.runtime.errors import UserError, warn
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 
 
-
 SPLITS = ("train", "val", "test")
-
-
-
-
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,6 @@ class Sample:
     path: str   # relative to the dataset root, with forward slashes
     label: int
     split: str
-
 
 
 @dataclass
@@ -61,15 +54,12 @@ class Dataset:
         return [s for s in SPLITS if s in present]
 
 
-
 def _visible(name: str) -> bool:
     return not name.startswith(".") and name.lower() not in IGNORED_NAMES
 
 
-
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
-
 
 
 def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[str]:
@@ -84,11 +74,9 @@ def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[
     return sorted(found)
 
 
-
 def _identity(folder: Path) -> tuple[int, int]:
     st = folder.stat()
     return st.st_dev, st.st_ino
-
 
 
 def _walk(folder: Path, root: Path, seen: set, found: list[str], skipped: list[tuple[str, str]]) -> None:
@@ -112,9 +100,7 @@ def _walk(folder: Path, root: Path, seen: set, found: list[str], skipped: list[t
             skipped.append((rel, f"not an image file type ({p.suffix or 'no extension'})"))
 
 
-
 DEFAULT_LABEL_COLUMNS = ("breed", "label")
-
 
 
 def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
@@ -161,7 +147,6 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
     return _checked(Dataset(root, classes, samples, layout, skipped))
 
 
-
 def _split_train(root: Path, classes: list[str], samples: list[Sample], val_fraction: float,
                  test_fraction: float, seed: int) -> list[Sample]:
     """Split folders without val: cut val (and test, by a nonzero `test_fraction`) out of train; nothing
@@ -180,7 +165,6 @@ def _split_train(root: Path, classes: list[str], samples: list[Sample], val_frac
     return _in_split_order(rest + stratified_split(per_class, val_fraction, test_fraction, seed))
 
 
-
 def _checked(dataset: Dataset) -> Dataset:
     for i, name in enumerate(dataset.classes):
         if not any(s.label == i for s in dataset.samples):
@@ -189,7 +173,6 @@ def _checked(dataset: Dataset) -> Dataset:
         raise UserError(f"data folder {dataset.root} has only one class ('{dataset.classes[0]}'); "
                         f"need at least two")
     return dataset
-
 
 
 def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> list[tuple[int, str, str]]:
@@ -215,7 +198,6 @@ def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> li
                     for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path} is not a readable CSV file: {exc}")
-
 
 
 def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str | None,
@@ -265,14 +247,12 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
     return Dataset(root, classes, samples, "labels-csv", skipped)
 
 
-
 def _warn_singletons(labels: list[str], name: str) -> None:
     """A label given to one image only is often a typo of another label."""
     counts = {label: labels.count(label) for label in set(labels)}
     for label in sorted(c for c, n in counts.items() if n == 1):
         close = difflib.get_close_matches(label, [c for c, n in counts.items() if n > 1], n=1)
         warn(f"{name}: label '{label}' has a single image" + (f"; a typo of '{close[0]}'?" if close else ""))
-
 
 
 def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_fraction: float,
@@ -293,11 +273,9 @@ def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_
     return _in_split_order(samples)
 
 
-
 def _in_split_order(samples: list[Sample]) -> list[Sample]:
     """Train, val, test, each by path: the order split folders are scanned in."""
     return sorted(samples, key=lambda s: (SPLITS.index(s.split), s.path))
-
 
 
 def write_manifest(dataset: Dataset, path: Path) -> None:
@@ -307,7 +285,6 @@ def write_manifest(dataset: Dataset, path: Path) -> None:
         writer.writerow(["path", "label", "split"])
         for s in dataset.samples:
             writer.writerow([s.path, dataset.classes[s.label], s.split])
-
 
 
 def dataset_digest(rows) -> str:

@@ -126,7 +126,6 @@ class ImageFiles(SampleFiles):
         return self.transform(decode_image(data, self.shortest))
 
 
-
 def collate(items):
     """A batch as (good items [(index, sha256)], stacked tensors of those not reused or None,
     [(index, error)])."""

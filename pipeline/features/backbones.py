@@ -197,8 +197,6 @@ def _entry(name: str) -> Entry:
     return REGISTRY[name]()
 
 
-
-
 def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -62,19 +62,7 @@ class ExtractSummary:
         return out
 
 
-
-
-
-
-
-
 MINIMUMS = {"batch_size": 1, "workers": 0}
-
-
-
-
-
-
 
 
 def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,

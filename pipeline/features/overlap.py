@@ -64,7 +64,6 @@ def prefetched(batches, device: torch.device, depth: int = 2):
         thread.join()
 
 
-
 class BackgroundWriter:
     """Appends batches to a FeatureWriter from a thread, gathered into slabs of about `slab_bytes`, so HDF5
     writes overlap compute and are never one row at a time. After each slab it records the batches' skipped

@@ -22,14 +22,12 @@ from pipeline.storage.cache import FeatureWriter, features_name, output_lock
 MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
 
 
-
 def check_extract_options(options: dict) -> None:
     """What every rank would refuse alike, refused once before launching."""
     check_minimums(EXTRACT_MINIMUMS, options)
     if options.get("compute_stats"):
         raise UserError("--compute-stats needs the whole training split in one process; "
                         "run it without torchrun or --nproc")
-
 
 
 @contextmanager
@@ -49,7 +47,6 @@ def rank0_lock(out: Path):
         yield
 
 
-
 def shard(dataset: Dataset, r: int, n: int) -> Dataset:
     """Rank r's samples of n: a contiguous block, balanced by count, of every split."""
     samples = []
@@ -59,10 +56,8 @@ def shard(dataset: Dataset, r: int, n: int) -> Dataset:
     return replace(dataset, samples=samples, skipped=[])
 
 
-
 def shard_path(out: Path, r: int, n: int) -> Path:
     return out.with_name(f"{out.stem}.rank{r}-of-{n}{out.suffix}")
-
 
 
 def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
@@ -100,7 +95,6 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
         distributed.stop()
 
 
-
 def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> list[tuple[str, str]]:
     """Write the shards' rows into `out` split by split in shard order, the files skipped while
     scanning and then those the shards skipped in dataset order (as one process lists them);
@@ -134,7 +128,6 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
         for p in shards:
             p.unlink()
     return writer.skipped
-
 
 
 def copy_rows(group: h5py.Group, split: str, layers: list[str], writer: FeatureWriter) -> None:

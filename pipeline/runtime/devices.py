@@ -12,17 +12,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-
 def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
-
 
 
 def default_batch_size(dev: torch.device) -> int:
     """256 on CUDA, to keep the GPU busy; 16 on a CPU, where small batches stay in its caches and run
     faster than large ones (benchmarks/RESULTS.md)."""
     return 256 if dev.type == "cuda" else 16
-
 
 
 def resolve_precision(precision: str, dev: torch.device) -> str:
