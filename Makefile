@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test bench plots clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# `dvc plots show` with Vega inline (fetched once from the npm registry), readable offline.
+VEGA_PAGE := build/vega/dvc_plots.html
+
+$(VEGA_PAGE): tools/offline_plots_page.py | $(BIN)/python
+	$(BIN)/python tools/offline_plots_page.py $@
+
+plots: $(VENV)/.installed $(VEGA_PAGE)
+	$(BIN)/dvc plots show --html-template $(VEGA_PAGE)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench.py --out benchmarks/cpu.json

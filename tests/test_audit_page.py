@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from PIL import Image
 
 from pipeline.report.audit_page import COLUMNS, ROWS_SHOWN, write_page
 from pipeline.runtime.errors import UserError
+from tests.browser import Elements, dump_dom, needs_chromium
 from tests.conftest import make_image_folder
 
 HOSTILE = "<img src=x onerror=alert(1)>.png"        # a legal file name on Linux
@@ -65,21 +63,6 @@ def data_root(tmp_path: Path) -> Path:
     Image.new("RGB", (40, 30), (250, 0, 250)).save(root / "val" / "red" / HOSTILE, "PNG")
     (root / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return root
-
-
-class Elements(HTMLParser):
-    """Tags and their attributes, as a browser's parser sees them."""
-
-    def __init__(self, page: str):
-        super().__init__()
-        self.tags: list[tuple[str, dict]] = []
-        self.feed(page)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def all(self, tag: str) -> list[dict]:
-        return [attrs for t, attrs in self.tags if t == tag]
 
 
 def test_page_escapes_user_data_and_loads_nothing_from_the_network(tmp_path, data_root):
@@ -133,29 +116,20 @@ def test_files_without_the_contract_fields_are_refused(tmp_path):
     assert not (out / "index.html").exists()
 
 
-def find_chromium() -> str | None:
-    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-
-
 PROBE = """<script>addEventListener("load", () => {
   for (const img of document.images) img.dataset.naturalWidth = img.naturalWidth;
   document.body.dataset.probed = document.images.length;
 });</script>"""
 
 
-@pytest.mark.skipif(find_chromium() is None,
-                    reason="no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+@needs_chromium
 def test_a_real_browser_renders_the_thumbnails_offline(tmp_path, data_root):
     """Headless chromium opens a copy of the page with a probe script that records each image's decoded
     width: every thumbnail and the plot must have decoded from disk."""
     index = write_page(audit_folder(tmp_path, data_root))
     probe = index.with_name("probe.html")
     probe.write_text(index.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    command = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-               probe.as_uri()]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    dom = dump_dom(probe, tmp_path / "profile")
     elements = Elements(dom)
     body, = elements.all("body")
     images = elements.all("img")
