@@ -138,6 +138,7 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
 
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc("init", "-q")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")     # the project's plot templates
     dvc("repro")
     shown = json.loads(dvc("metrics", "show", "--json"))
     metrics = next(iter(shown.values()))["data"]
