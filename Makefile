@@ -30,6 +30,13 @@ $(VEGA_PAGE): tools/offline_plots_page.py | $(BIN)/python
 plots: $(VENV)/.installed $(VEGA_PAGE)
 	$(BIN)/dvc plots show --html-template $(VEGA_PAGE)
 
+# The README's picture of the demo's audit page (after `make demo`).
+docs/audit_report.png: reports/audit/index.html
+	mkdir -p docs build
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir=$(CURDIR)/build/chromium \
+		--window-size=1000,1500 --screenshot=$(CURDIR)/$@ $(CURDIR)/$<
+	$(BIN)/python -c 'import sys; from PIL import Image; Image.open(sys.argv[1]).quantize(64).save(sys.argv[1], optimize=True)' $@
+
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench.py --out benchmarks/cpu.json
 

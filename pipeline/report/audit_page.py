@@ -38,7 +38,7 @@ table { border-collapse: collapse; } td, th { padding: 3px 8px; text-align: left
 tr:nth-child(even) { background: #f5f5f5; } th { background: #e8e8e8; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } td.path { word-break: break-all; }
 .thumb { width: 96px; height: 96px; display: flex; align-items: center; justify-content: center; }
-.thumb img { max-width: 96px; max-height: 96px; }
+.thumb img { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated; }
 .missing { background: #eee; color: #777; font-size: 11px; text-align: center; overflow: hidden; }
 .note { background: #fff4d6; border: 1px solid #e6c96b; padding: 6px 10px; }
 .leak { color: #b00; font-weight: bold; }
@@ -138,10 +138,11 @@ def _header(summary: dict, thumbs: Thumbnails) -> str:
     splits = ", ".join(f"{escape(str(s))} {n:,}" for s, n in summary["splits"].items())
     counts = [("images", f"{summary['images']:,} ({splits})"),
               ("classes", f"{len(summary['classes'])}: " + ", ".join(escape(str(c)) for c in summary["classes"])),
-              ("possible label errors", f"{summary['label_issues']:,}"),
-              ("near-duplicate groups",
+              ('<a href="#label_issues">possible label errors</a>', f"{summary['label_issues']:,}"),
+              ('<a href="#duplicates">near-duplicate groups</a>',
                f"{summary['duplicate_groups']:,}, {summary['leak_groups']:,} of them across splits"),
-              ("outliers", f"{summary['outliers']:,}"),
+              ('<a href="#outliers">outliers</a>', f"{summary['outliers']:,}"),
+              ('<a href="#learning_curve">learning curve</a>', "accuracy against labelled images per class"),
               ("feature cache", escape(str(summary["cache"]))),
               ("data folder", escape(str(summary["data_root"])))]
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in counts)
@@ -199,7 +200,8 @@ def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
     shown = None if rows is None else list(groups)
     out = _section("Near-duplicates and split leaks", "duplicates.csv", shown, "groups",
                    "Groups of nearly identical images, groups that span two splits (leaks) first. "
-                   "Similarity: cosine similarity of the feature vectors.")
+                   f"Similarity: cosine similarity of the feature vectors. Up to {MEMBERS_SHOWN} images per group "
+                   "are shown.")
     if not groups:
         return out
     ordered = sorted(groups.values(), key=lambda g: g[0]["leak"].strip().lower() != "true")
