@@ -61,10 +61,11 @@ def extract(
                                                              "'breed', else 'label'.")] = None,
     backbone: Annotated[str, typer.Option(help="Registry name (efficientnet_lite0, resnet18/34/50/101, vgg16, "
                                                "efficientnet_b0, mobilenet_v3_large, convnext_tiny) "
-                                               "or timm/<model>.")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="'imagenet' (bundled or the torch cache), a path to a local "
-                                              "state dict (a classifier that does not fit is left out), "
-                                              "or 'none' (random init).")] = "imagenet",
+                                               "or timm/<model>[.<tag>].")] = "efficientnet_lite0",
+    weights: Annotated[str, typer.Option(help="'imagenet' or 'pretrained' (bundled, the torch cache, or for "
+                                              "timm models the Hugging Face hub cache), a path to a local "
+                                              ".pth or .safetensors state dict (a classifier that does not "
+                                              "fit is left out), or 'none' (random init).")] = "imagenet",
     layer: Annotated[Optional[list[str]], typer.Option(help="Module to hook; spatial outputs are averaged. "
                                                             "Repeat for several feature sets in one file "
                                                             "(the first is the default). Default: the "

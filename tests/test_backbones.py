@@ -128,14 +128,23 @@ def test_timm_models_hook_the_input_of_their_classifier(tmp_path: Path, model, l
     np.testing.assert_allclose(_features(backbone, x), pre_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_a_size_the_network_cannot_take_is_refused_when_loading():
-    with pytest.raises(UserError, match=r"backbone timm/vit_tiny_patch16_224 cannot take 64x64 images \(Input height "
-                                        r"\(64\) doesn't match model \(224\)\); choose another --image-size"):
-        load_backbone("timm/vit_tiny_patch16_224", "none", image_size=64)
+def test_a_vit_takes_another_image_size_through_timm_dynamic_size():
+    """A transformer built for 160 px runs at 96 px with its position embedding resampled (timm's
+    dynamic_img_size, the same weights); a size its patches do not divide is one clear error."""
+    import timm
+    backbone = load_backbone("timm/test_vit", "none", image_size=96)
+    assert backbone.preprocessing.image_size == 96
+    resampled = timm.create_model("test_vit.r160_in1k", dynamic_img_size=True).eval()
+    resampled.load_state_dict(backbone.model.state_dict())
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = resampled.forward_head(resampled.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(_features(backbone, x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match=r"backbone timm/test_vit.r160_in1k cannot take 97x97 images \(Input height "
+                                        r"\(97\) should be divisible by patch size \(16\)\); choose another"):
+        load_backbone("timm/test_vit", "none", image_size=97)
 
 
-def test_timm_weights_must_be_a_local_file():
-    with pytest.raises(UserError, match="timm/convnext_atto: pass --weights PATH to a local state dict"):
-        load_backbone("timm/convnext_atto", "imagenet")
+def test_unknown_timm_model_is_one_clear_error():
     with pytest.raises(UserError, match="unknown timm model 'convnext_nope'"):
         load_backbone("timm/convnext_nope", "none")

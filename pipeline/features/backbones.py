@@ -19,6 +19,7 @@ from pipeline.runtime.files import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAINED = ("imagenet", "pretrained")   # the two spellings of a backbone's own pretrained weights
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Entry:
     preprocessing: Preprocessing
     classifier: str                           # the ImageNet head, which features never need
     flattened: tuple[str, ...] = ()           # layers whose spatial output is flattened, not pooled
+    # builds the model with the pretrained file loaded by its own library (timm: checkpoint filters)
+    load_pretrained: Callable[[Path], nn.Module] | None = None
 
 
 @dataclass
@@ -144,22 +147,30 @@ def available() -> list[str]:
     return [*REGISTRY, "timm/<any timm model name>"]
 
 
-def _timm_entry(model_name: str) -> Entry:
+def _timm_entry(model_name: str, image_size: int | None) -> Entry:
+    """A timm model (`architecture.tag`, the tag already resolved) with the preprocessing of its pretrained
+    config. Another `image_size` than its own builds a transformer with timm's dynamic image size (the
+    position embedding resampled to the new grid) where the model offers it."""
     import timm
-    if model_name not in timm.list_models():
-        raise UserError(f"unknown timm model '{model_name}'; see timm.list_models()")
+    from pipeline.features.hub import hub_weights
     probe = timm.create_model(model_name, pretrained=False)
     cfg = timm.data.resolve_data_config({}, model=probe)
     size = cfg["input_size"][-1]
+    resized = {"dynamic_img_size": True} if image_size not in (None, size) and hasattr(probe, "dynamic_img_size") \
+        else {}
 
-    def weights() -> Path:
-        raise UserError(f"timm/{model_name}: pass --weights PATH to a local state dict "
-                        f"(this tool does not download timm weights at run time)")
+    def load_pretrained(path: Path) -> nn.Module:
+        try:
+            return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                     **resized)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"weights {path} do not fit timm/{model_name}: {str(exc).splitlines()[0]}")
     layer, dim = _classifier_input(probe, size)
-    return Entry(lambda: timm.create_model(model_name, pretrained=False), weights, layer, dim,
+    return Entry(lambda: timm.create_model(model_name, pretrained=False, **resized),
+                 lambda: hub_weights(model_name), layer, dim,
                  Preprocessing(size, round(size / cfg["crop_pct"]), cfg["interpolation"],
                                tuple(cfg["mean"]), tuple(cfg["std"])),
-                 probe.pretrained_cfg.get("classifier") or "")
+                 probe.pretrained_cfg.get("classifier") or "", load_pretrained=load_pretrained)
 
 
 def _classifier_input(model: nn.Module, size: int) -> tuple[str, int]:
@@ -189,17 +200,29 @@ def _classifier_input(model: nn.Module, size: int) -> tuple[str, int]:
     return "global_pool", model.num_features     # not found: --layer chooses, or load_backbone names the modules
 
 
-def _entry(name: str) -> Entry:
+def canonical_name(name: str) -> str:
+    """The name a cache records: a timm model with its pretrained tag (`timm/resnet50` ->
+    `timm/resnet50.a1_in1k`, timm's default tag), registry names as they are."""
     if name.startswith("timm/"):
-        return _timm_entry(name.removeprefix("timm/"))
+        from pipeline.features.hub import pretrained_name
+        return "timm/" + pretrained_name(name.removeprefix("timm/"))
     if name not in REGISTRY:
         raise UserError(f"unknown backbone '{name}'; choose one of: {', '.join(available())}")
-    return REGISTRY[name]()
+    return name
+
+
+def _entry(name: str, image_size: int | None) -> Entry:
+    """The registry entry of a canonical name."""
+    return _timm_entry(name.removeprefix("timm/"), image_size) if name.startswith("timm/") else REGISTRY[name]()
 
 
 def _read_state_dict(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot read weights file {path}: {exc.__class__.__name__}: {exc}".splitlines()[0])
     state = state.get("state_dict", state) if isinstance(state, dict) else state
@@ -251,23 +274,31 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
                   tta: bool = False) -> Backbone:
     """Build a frozen backbone in eval mode.
 
-    weights: 'imagenet' (bundled or library cache), a path to a state dict, or 'none'
-    (random init with a fixed seed, the from-scratch baseline).
+    weights: 'imagenet' or 'pretrained' (the same: bundled, the library's cache, or for timm models the
+    Hugging Face hub), a path to a state dict (.pth or .safetensors), or 'none' (random init with a
+    fixed seed, the from-scratch baseline).
     layer: one module name or several (the first gives the default feature set); default: the
     registry's layer, normally the global pool.
     """
     check_minimums({"image_size": 1}, {"image_size": image_size})
-    entry = _entry(name)
+    name = canonical_name(name)
+    entry = _entry(name, image_size)
     notes: list[str] = []
     if weights == "none":
         torch.manual_seed(0)
         model, sha = entry.build(), "none"
     else:
-        path = entry.imagenet_weights() if weights == "imagenet" else Path(weights)
+        pretrained = weights in PRETRAINED
+        if pretrained and name.startswith("timm/"):
+            weights = "pretrained"
+        path = entry.imagenet_weights() if pretrained else Path(weights)
         if not path.is_file():
             raise UserError(f"weights file {path} does not exist")
-        model = entry.build()
-        notes = _load_state_dict(model, path, name, entry.classifier)
+        if pretrained and entry.load_pretrained is not None:
+            model = entry.load_pretrained(path)
+        else:
+            model = entry.build()
+            notes = _load_state_dict(model, path, name, entry.classifier)
         sha = sha256_file(path)
     model.eval().requires_grad_(False)
     layers = tuple(dict.fromkeys([layer] if isinstance(layer, str) else (layer or [entry.layer])))
