@@ -195,3 +195,88 @@ def test_background_writer_writes_slabs_in_order(tmp_path):
         assert got.paths == [f"{split}/{i}" for i in range(1000)]
     with h5py.File(tmp_path / "f.h5") as f:
         assert f["train/features"].shape == (1000, 4)
+
+
+def _photos_of_mixed_sizes() -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    sizes = [(375, 500), (375, 500), (500, 375), (260, 260), (375, 500), (300, 451), (500, 375)]
+    photos = []
+    for h, w in sizes:      # smooth content, as photos are, so resampling filters differ little
+        small = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        photos.append(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+    return photos
+
+
+def test_batched_resize_matches_torchvision_on_images_of_mixed_sizes():
+    """Images of one size are resized together: the same pixels as one at a time, and as torchvision's
+    Resize + CenterCrop on PIL images to about one grey level."""
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor
+    pre = Preprocessing(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+    prepare = TensorPreprocess(pre, torch.device("cpu"))
+    photos = _photos_of_mixed_sizes()
+    tensors = [chw_tensor(p) for p in photos]
+    batch = prepare(tensors)
+    one_by_one = torch.cat([prepare([t]) for t in tensors])
+    torch.testing.assert_close(batch, one_by_one, rtol=0, atol=1e-5)
+    reference = torch.stack([pre.transform()(p) for p in photos])
+    grey_levels = (batch - reference).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255
+    assert grey_levels.mean() < 0.5 and grey_levels.max() < 3
+
+
+def _jpeg_tensors() -> tuple[list[bytes], list[torch.Tensor]]:
+    files = [_jpeg(p) for p in _photos_of_mixed_sizes()[:3]]
+    return files, [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+
+
+def test_nvimagecodec_decodes_as_pil_does_and_gives_none_for_a_truncated_file():
+    nvimgcodec = pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
+    from pipeline.features.gpu_decoding import NvImageCodec
+    files, tensors = _jpeg_tensors()
+    decode = NvImageCodec(nvimgcodec, torch.device("cpu"))      # its CPU-only mode
+    truncated = tensors[0][:len(tensors[0]) // 3].clone()
+    images = decode([*tensors, truncated])
+    assert images[-1] is None
+    for data, image in zip(files, images):
+        expected = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(image, expected)
+
+
+def test_jpeg_decoder_falls_back_in_order_and_names_what_nothing_decodes():
+    from pipeline.features.gpu_decoding import JpegDecoder
+    files, tensors = _jpeg_tensors()
+    cpu = torch.device("cpu")
+    asked = []
+
+    def refuses_the_batch(encoded):
+        asked.append(("refuses", len(encoded)))
+        raise RuntimeError("batch refused")
+
+    def decodes_the_first_only(encoded):
+        asked.append(("first only", len(encoded)))
+        return [JpegDecoder(cpu, [])(encoded[:1])[0], *[None] * (len(encoded) - 1)]
+
+    garbage = torch.frombuffer(bytearray(b"\xff\xd8\xff not a jpeg"), dtype=torch.uint8)
+    results = JpegDecoder(cpu, [refuses_the_batch, decodes_the_first_only])([*tensors, garbage])
+    assert asked == [("refuses", 4), ("first only", 4)]
+    for data, image in zip(files, results[:3]):       # the first by the second decoder, the rest by PIL
+        expected = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        assert (image.int() - expected.int()).abs().max() <= 1
+    assert results[3] == "not a recognised image"
+
+
+def test_gpu_batches_with_nvimagecodec_give_the_torchvision_decoders_batches(tmp_path):
+    pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.gpu_decoding import JpegDecoder
+    root = _folder(tmp_path)
+    dataset = scan(root, 0, 0)
+    pre = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+    cpu = torch.device("cpu")
+    nv = JpegDecoder(cpu)
+    assert nv.name == "nvImageCodec > torchvision > PIL"
+    torchvision = JpegDecoder(cpu, [nv.decoders[1]])
+    (good_a, x_a, bad_a), = gpu_batches(root, dataset.samples, pre, 64, 0, cpu, decoder=torchvision)
+    (good_b, x_b, bad_b), = gpu_batches(root, dataset.samples, pre, 64, 0, cpu, decoder=nv)
+    assert good_a == good_b and bad_a == bad_b
+    assert (x_a - x_b).abs().max() < 0.05

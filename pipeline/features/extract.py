@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.data.images import ImageFiles, collate
 from pipeline.data.folders import Dataset, Sample, scan, write_manifest
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
-from pipeline.features.gpu_decoding import gpu_batches
+from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
 from pipeline.features.overlap import BackgroundWriter
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
 from pipeline.runtime.errors import Interrupted, UserError, check_minimums, warn
@@ -132,9 +132,10 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     gpu_decode = dev.type == "cuda"
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(dev) if workers is None else workers
     batch_size = batch_size or default_batch_size(dev)
-    mode = (f"{dev}, {'GPU' if gpu_decode else 'PIL'} decoding, {precision}"
+    decoder = JpegDecoder(dev) if gpu_decode else None
+    mode = (f"{dev}, {decoder.name if decoder else 'PIL'} decoding, {precision}"
             f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
     if not quiet:
         tqdm.write(f"extract: {mode}")
@@ -163,7 +164,8 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
             for split in dataset.splits():
                 done = writer.progress.get(split, 0)
                 samples = dataset.split(split)[done:]
-                batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, rows) if gpu_decode
+                batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, rows, decoder)
+                           if gpu_decode
                            else cpu_batches(dataset.root, samples, pre, batch_size, workers, rows))
                 with closing(batches):   # on an error too: its workers and thread stop here
                     for good, images, bad in batches:

@@ -1,12 +1,18 @@
 """JPEG decoding and preprocessing on the GPU, the fast path of stage one on CUDA.
 
-On CUDA, DataLoader workers only read file bytes (and hash them); the batch of JPEGs is decoded on the
-GPU in one `torchvision.io.decode_jpeg` call, resized, cropped and normalised there. Files that are not
-plain baseline/progressive RGB or greyscale JPEGs are decoded by PIL in the worker and join the same
-GPU resize, so every image goes through one preprocessing recipe.
+On CUDA, DataLoader workers only read file bytes (and hash them); each batch of JPEGs is decoded on the
+GPU in one call, then resized, cropped and normalised there, images of one size together. Decoders, in
+order, each taking only the images the one before could not decode: NVIDIA nvImageCodec (the optional
+`[gpu]` extra: nvJPEG, with the hardware JPEG engines of A100/H100-class GPUs, and a CPU thread pool of
+its own), torchvision's `decode_jpeg`, PIL. Files that are not plain baseline/progressive RGB or
+greyscale JPEGs are decoded by PIL in the worker and join the same resize, so every image goes through
+one preprocessing recipe.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Collection
 
@@ -117,57 +123,58 @@ class TensorPreprocess:
         self.scale = 1.0 / (255.0 * std)
         self.shift = -torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) / std
 
-    def resized_crop(self, image: torch.Tensor) -> torch.Tensor:
-        """[3, H, W] uint8 -> [3, S, S] float in 0..255, sized as torchvision's Resize(int) + CenterCrop."""
-        h, w = image.shape[-2:]
+    def resized_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] uint8 -> [N, 3, S, S] float in 0..255, sized as torchvision's Resize(int) + CenterCrop."""
+        h, w = images.shape[-2:]
         short, long = min(h, w), max(h, w)
         new_long = int(self.pre.resize * long / short)
         size = (self.pre.resize, new_long) if h <= w else (new_long, self.pre.resize)
-        x = F.interpolate(image[None].float(), size, mode=self.pre.interpolation, antialias=True,
-                          align_corners=False)
+        x = F.interpolate(images.float(), size, mode=self.pre.interpolation, antialias=True, align_corners=False)
         s = self.pre.image_size
         top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
-        return x[0, :, top:top + s, left:left + s]
+        return x[:, :, top:top + s, left:left + s]
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images of equal size are resized together: one resize per size in the batch, not per image."""
         s = self.pre.image_size
         batch = torch.empty((len(images), 3, s, s), device=self.device).contiguous(memory_format=torch.channels_last)
+        sizes = defaultdict(list)
         for k, image in enumerate(images):
-            batch[k] = self.resized_crop(image)
+            sizes[tuple(image.shape[-2:])].append(k)
+        for members in sizes.values():
+            group = torch.stack([images[k] for k in members]) if len(members) > 1 else images[members[0]][None]
+            crops = self.resized_crop(group)
+            if len(members) == len(images):
+                batch.copy_(crops)
+            else:
+                batch[torch.tensor(members, device=self.device)] = crops
         # PIL rounds and clamps to uint8 after resizing; clamping keeps bicubic overshoot in range likewise
         return batch.clamp_(0, 255).mul_(self.scale).add_(self.shift)
 
 
 def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
-                device: torch.device, known: Collection[str] = ()):
+                device: torch.device, known: Collection[str] = (), decoder: JpegDecoder | None = None):
     """Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
     in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does. A thread decodes and
     preprocesses the next batches (on CUDA on a stream of its own) while the caller runs the model."""
     from torch.utils.data import DataLoader
 
     prepare = TensorPreprocess(pre, device)
+    decoder = decoder or JpegDecoder(device)
     loader = DataLoader(FileBytes(root, samples, known), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_bytes, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    return prefetched((decoded(batch, prepare) for batch in loader), device)
+    return prefetched((decoded(batch, decoder, prepare) for batch in loader), device)
 
 
-def decoded(batch, prepare: TensorPreprocess):
-    """One batch from `collate_bytes` to `gpu_batches`'s form: its JPEGs decoded together on the device.
-    When nvJPEG refuses the batch (a file whose header passed `gpu_decodable` but whose data it cannot
-    read), PIL decodes each of its JPEGs instead and names the bad ones, as on the CPU path."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+def decoded(batch, decoder: JpegDecoder, prepare: TensorPreprocess):
+    """One batch from `collate_bytes` to `gpu_batches`'s form: its JPEGs decoded together on the device."""
     good, blob, spans, tensors, bad = batch
     images = [None if t is None else t.to(prepare.device, non_blocking=True) for t in tensors]
     jpegs = [k for k, span in enumerate(spans) if span is not None]
-    encoded = [blob[spans[k][0]:spans[k][0] + spans[k][1]] for k in jpegs]
-    try:
-        decoded_jpegs = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=prepare.device) if jpegs else []
-    except RuntimeError:
-        decoded_jpegs = [pil_decoded(data.numpy().tobytes(), prepare.device) for data in encoded]
+    results = decoder([blob[spans[k][0]:spans[k][0] + spans[k][1]] for k in jpegs])
     failed = set()
-    for k, image in zip(jpegs, decoded_jpegs):
+    for k, image in zip(jpegs, results):
         if isinstance(image, str):
             bad.append((good[k][0], image))
             failed.add(k)
@@ -177,7 +184,102 @@ def decoded(batch, prepare: TensorPreprocess):
         bad.sort()
         good = [g for k, g in enumerate(good) if k not in failed]
     computed = [image for image in images if image is not None]   # the rest are reused or failed
-    return good, (prepare(computed) if computed else None), bad
+    batch = prepare(computed) if computed else None
+    if prepare.device.type == "cuda":
+        # nvImageCodec's images and its reads of the pinned bytes live outside torch's stream-aware allocator:
+        # this thread's stream finishes with them before they are freed (the main thread does not wait)
+        torch.cuda.current_stream(prepare.device).synchronize()
+    return good, batch, bad
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """nvImageCodec's C++ side prints a paragraph to stderr for each codec library it cannot load (nvJPEG2000,
+    nvTIFF: this project decodes JPEGs only), which is noise for users."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class JpegDecoder:
+    """Decodes a batch of JPEGs (uint8 byte tensors) onto `device`: per image a uint8 [3, H, W] tensor, or
+    the reason it cannot be decoded. nvImageCodec first where it is installed (on a CPU device in its CPU-only
+    mode, which decodes as PIL does), then torchvision's `decode_jpeg` for what it could not decode, then PIL
+    image by image, which also names the reason. `decoders` picks and orders them (tests inject failures)."""
+
+    def __init__(self, device: torch.device, decoders: list | None = None):
+        self.device = device
+        if decoders is None:
+            decoders = [self._torchvision]
+            nvimgcodec = _nvimgcodec_decoder(device)
+            if nvimgcodec is not None:
+                decoders.insert(0, nvimgcodec)
+        self.decoders = decoders
+
+    @property
+    def name(self) -> str:
+        return " > ".join([*(getattr(d, "name", "torchvision") for d in self.decoders), "PIL"])
+
+    def __call__(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | str]:
+        results: list = [None] * len(encoded)
+        for decode in self.decoders:
+            todo = [k for k, r in enumerate(results) if r is None]
+            if not todo:
+                break
+            try:
+                images = decode([encoded[k] for k in todo])
+            except RuntimeError:      # a decoder that refuses the whole batch: the next one gets all of it
+                continue
+            for k, image in zip(todo, images):
+                results[k] = image
+        return [r if r is not None else pil_decoded(encoded[k].numpy().tobytes(), self.device)
+                for k, r in enumerate(results)]
+
+    def _torchvision(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+
+
+class NvImageCodec:
+    """nvImageCodec's batched decoder as a `JpegDecoder` step: None for each image it cannot decode."""
+    name = "nvImageCodec"
+
+    def __init__(self, module, device: torch.device):
+        self.nv, self.device = module, device
+        cpu = device.type != "cuda"
+        self.decoder = module.Decoder(
+            device_id=module.NVIMGCODEC_DEVICE_CPU_ONLY if cpu else (device.index or 0),
+            backends=[module.Backend(module.BackendKind.CPU_ONLY)] if cpu else None)
+        self.params = module.DecodeParams(color_spec=module.ColorSpec.SRGB, sample_format=module.SampleFormat.I_RGB,
+                                          apply_exif_orientation=True)
+
+    def __call__(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        images = self.decoder.decode([self.nv.CodeStream(e.numpy()) for e in encoded], params=self.params,
+                                     cuda_stream=stream)
+        return [None if image is None else self._tensor(image) for image in images]
+
+    def _tensor(self, image) -> torch.Tensor:
+        if image.buffer_kind == self.nv.ImageBufferKind.STRIDED_DEVICE:
+            hwc = torch.as_tensor(image, device=self.device)     # zero-copy through __cuda_array_interface__
+        else:
+            hwc = torch.from_numpy(np.asarray(image))
+        return hwc.permute(2, 0, 1)
+
+
+def _nvimgcodec_decoder(device: torch.device) -> NvImageCodec | None:
+    """nvImageCodec's decoder for `device`, or None where the `[gpu]` extra is not installed or cannot start."""
+    try:
+        with _native_stderr_silenced():
+            from nvidia import nvimgcodec
+            return NvImageCodec(nvimgcodec, device)
+    except (ImportError, RuntimeError):
+        return None
 
 
 def pil_decoded(data: bytes, device: torch.device) -> torch.Tensor | str:

@@ -441,7 +441,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     trained = (DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                        find_unused_parameters=True) if sharded else model)
     seen, skipped = {}, dict(dataset.skipped)
-    workers = default_workers() if s.workers is None else s.workers
+    workers = default_workers(dev) if s.workers is None else s.workers
     pre = backbone.preprocessing
 
     def batches(split):

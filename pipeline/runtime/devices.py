@@ -12,8 +12,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)))
+def default_workers(dev: torch.device) -> int:
+    """On CUDA every core this process may use (shared among the processes torchrun started on this machine):
+    workers only read and hash files there, and the GPU waits for them. On a CPU at most 8: decoding workers
+    share the cores with the model."""
+    cores = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return cores if dev.type == "cuda" else min(8, cores)
 
 
 def default_batch_size(dev: torch.device) -> int:
