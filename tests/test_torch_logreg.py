@@ -18,7 +18,8 @@ def test_matches_sklearn_logistic_regression(precision):
     for C, class_weight in ((0.1, None), (10.0, "balanced")):
         ours = TorchLogReg(C=C, max_iter=500, class_weight=class_weight, device="cpu", precision=precision).fit(X, y)
         ref = LogisticRegression(C=C, max_iter=5000, tol=1e-8, class_weight=class_weight).fit(X, y)
-        assert np.abs(ours.predict_proba(X) - ref.predict_proba(X)).max() < 0.02
+        # 0.001 apart in float32; bfloat16 adds about 0.001 (features and gradient products rounded to 8 bits)
+        assert np.abs(ours.predict_proba(X) - ref.predict_proba(X)).max() < 0.005
         assert np.mean(ours.predict(X) == ref.predict(X)) > 0.99
 
 
