@@ -59,7 +59,7 @@ def extract(
                                                 "DATA, with or without extension.")] = "id",
     label_column: Annotated[Optional[str], typer.Option(help="--labels column holding the class; default: "
                                                              "'breed', else 'label'.")] = None,
-    backbone: Annotated[str, typer.Option(help="Registry name (efficientnet_lite0, resnet18/34/50/101, vgg16, "
+    backbone: Annotated[str, typer.Option(help="Registry name (efficientnet_lite0/1/2, resnet18/34/50/101, vgg16, "
                                                "efficientnet_b0, mobilenet_v3_large, convnext_tiny) "
                                                "or timm/<model>[.<tag>].")] = "efficientnet_lite0",
     weights: Annotated[str, typer.Option(help="'imagenet' or 'pretrained' (bundled, the torch cache, or for "

