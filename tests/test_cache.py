@@ -16,7 +16,7 @@ from pipeline.features.backbones import load_backbone
 from pipeline.features.extract import extract
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import check_expected, open_cache
-from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, synthetic_cache, tiny_image
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +176,20 @@ def test_train_command_refuses_a_cache_made_otherwise(small_cache: Path, tmp_pat
     assert not (tmp_path / "model").exists()
 
 
-def test_extract_command_reports_reuse(small_cache: Path, tmp_path: Path):
+def test_extract_command_reports_reuse_and_records_the_data_folder(small_cache: Path, tmp_path: Path):
+    assert open_cache(small_cache).data_root == str((small_cache.parent / "images").resolve())
     out = tmp_path / "features.h5"
     shutil.copy(small_cache, out)
-    proc = run_cli("extract", small_cache.parent / "images", "--out", out, "--image-size", 64, "--workers", 0,
-                   check=True)
+    shutil.copytree(small_cache.parent / "images", tmp_path / "moved")
+    proc = run_cli("extract", "moved", "--out", out, "--image-size", 64, "--workers", 0, cwd=tmp_path, check=True)
     assert "extracted 48 + skipped 0 = found 48 images (0 computed, 48 reused)" in proc.stderr
+    assert open_cache(out).data_root == str(tmp_path / "moved")   # absolute; not in the fingerprint
+
+
+def test_a_cache_without_a_recorded_data_folder_reads_as_none(tmp_path: Path):
+    X = np.eye(4, dtype=np.float32)
+    path = synthetic_cache(tmp_path / "old.h5", {"train": (X, np.array([0, 1, 0, 1]))}, ["a", "b"])
+    assert open_cache(path).data_root is None
 
 
 def test_extract_help_documents_every_option():

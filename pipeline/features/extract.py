@@ -145,7 +145,8 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
         stats = channel_stats(dataset, backbone, batch_size, workers)
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
-    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats), plan=plan_digest(dataset, batch_size))
+    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats, dataset.root),
+                 plan=plan_digest(dataset, batch_size))
     rows, old, note = previous_vectors(shard_of or out, attrs) if reuse else ({}, {}, None)
     notes = [*backbone.notes, *([note] if note else [])]
     writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)

@@ -4,7 +4,8 @@ Layout (readable with plain h5py):
   /                 attrs: schema_version, classes (JSON), backbone, weights, weights_sha256, layer,
                            layers (JSON), image_size, transform (JSON), tta, dtype, versions (JSON),
                            compute_stats, stats (JSON, only with compute_stats), fingerprint,
-                           created, tool_version, extract_seconds (the one-off extraction time)
+                           created, tool_version, extract_seconds (the one-off extraction time),
+                           data_root (absolute path of the image folder; not in the fingerprint)
   /<split>/features [N, D] float16|float32, chunked by rows: the vectors of `layer` (= layers[0])
   /<split>/features@<layer>  [N, D'] the same rows for each further layer in `layers`
   /<split>/labels   [N] int64
@@ -64,9 +65,12 @@ def library_versions() -> dict:
             "timm": timm.__version__, "pillow": PIL.__version__}
 
 
-def cache_attrs(spec: dict, classes: list[str], dtype: str, stats: dict | None = None) -> dict:
+def cache_attrs(spec: dict, classes: list[str], dtype: str, stats: dict | None = None,
+                data_root: Path | None = None) -> dict:
     """The root attributes for a cache made with backbone `spec` (Backbone.spec()); `stats` are
-    the training split's channel statistics when they replaced the backbone's normalisation."""
+    the training split's channel statistics when they replaced the backbone's normalisation.
+    `data_root`, the image folder the paths are relative to, is recorded outside the fingerprint:
+    the same images moved elsewhere give the same vectors."""
     attrs = {"backbone": spec["backbone"], "weights": spec["weights"], "weights_sha256": spec["weights_sha256"],
              "layer": spec["layer"], "layers": json.dumps(spec["layers"]),
              "image_size": spec["preprocessing"]["image_size"],
@@ -77,6 +81,8 @@ def cache_attrs(spec: dict, classes: list[str], dtype: str, stats: dict | None =
                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tool_version=__version__)
     if stats is not None:
         attrs["stats"] = json.dumps(stats)
+    if data_root is not None:
+        attrs["data_root"] = str(Path(data_root).resolve())
     return attrs
 
 
@@ -281,6 +287,11 @@ class Cache:
     classes: list[str]
     splits: list[str]
     skipped: list[tuple[str, str]]
+
+    @property
+    def data_root(self) -> str | None:
+        """The image folder the paths are relative to; None for caches written before it was recorded."""
+        return self.attrs.get("data_root")
 
     @property
     def layers(self) -> list[str]:
