@@ -70,7 +70,9 @@ def extract(
                                                             "Repeat for several feature sets in one file "
                                                             "(the first is the default). Default: the "
                                                             "backbone's global pool (vgg16: the 4096-d "
-                                                            "penultimate layer; 'avgpool' gives 25088-d).")] = None,
+                                                            "penultimate layer; 'avgpool' gives 25088-d). "
+                                                            "Vision transformers also take cls_token, "
+                                                            "patch_mean, cls_patch_mean, cls_last<N>.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
     compute_stats: Annotated[bool, typer.Option("--compute-stats", help="Normalise with the training split's "
                                                                        "per-channel mean/std instead of "

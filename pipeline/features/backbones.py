@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.features import tokens
 from pipeline.features.folding import folded
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.runtime.files import sha256_file
@@ -285,8 +286,8 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
     weights: 'imagenet' or 'pretrained' (the same: bundled, the library's cache, or for timm models the
     Hugging Face hub), a path to a state dict (.pth or .safetensors), or 'none' (random init with a
     fixed seed, the from-scratch baseline).
-    layer: one module name or several (the first gives the default feature set); default: the
-    registry's layer, normally the global pool.
+    layer: one module name or several, or a transformer's token feature (`tokens`); the first gives the
+    default feature set; default: the registry's layer, normally the global pool or the pre-logits.
     """
     check_minimums({"image_size": 1}, {"image_size": image_size})
     name = canonical_name(name)
@@ -312,9 +313,13 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
     layers = tuple(dict.fromkeys([layer] if isinstance(layer, str) else (layer or [entry.layer])))
     modules = dict(model.named_modules())
     for chosen in layers:
-        if chosen not in modules:
+        if tokens.is_token_feature(chosen):
+            tokens.sources(model, chosen, name)
+        elif chosen not in modules:
+            offered = tokens.available(model)
             raise UserError(f"backbone {name} has no layer '{chosen}'; its top-level modules are: "
-                            f"{', '.join(n for n, _ in model.named_children())}")
+                            f"{', '.join(n for n, _ in model.named_children())}"
+                            + (f"; its token features: {', '.join(offered)}" if offered else ""))
     pre = entry.preprocessing if image_size is None else entry.preprocessing.with_size(image_size)
     if pre.image_size != entry.preprocessing.image_size:
         _check_input_size(model, name, pre.image_size)
@@ -345,22 +350,27 @@ def _probe_dims(backbone: Backbone) -> dict[str, int]:
 
 
 class FeatureHook:
-    """Forward hook that keeps the hooked layer's output as [N, D]: spatial outputs are
-    global-average-pooled, or flattened with `flatten`."""
+    """Forward hooks that keep the feature of `layer` as [N, D]: a module's output (spatial outputs
+    global-average-pooled, or flattened with `flatten`) or a transformer's token feature (`tokens`)."""
 
     def __init__(self, model: nn.Module, layer: str, flatten: bool = False):
         self.output: torch.Tensor | None = None
         self.flatten = flatten
-        self._handle = dict(model.named_modules())[layer].register_forward_hook(self._keep)
+        self._handles = tokens.register(model, layer, self._set) if tokens.is_token_feature(layer) else \
+            [dict(model.named_modules())[layer].register_forward_hook(self._keep)]
 
     def _keep(self, module, inputs, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
         if out.dim() > 2:
             out = out.flatten(1) if self.flatten else out.mean(dim=tuple(range(2, out.dim())))
-        self.output = out.clone()   # a later in-place op (ReLU(inplace=True)) must not change it
+        self._set(out)
+
+    def _set(self, features: torch.Tensor) -> None:
+        self.output = features.clone()   # a later in-place op (ReLU(inplace=True)) must not change it
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def inference_model(backbone: Backbone) -> nn.Module:
@@ -369,7 +379,9 @@ def inference_model(backbone: Backbone) -> nn.Module:
     size = backbone.preprocessing.image_size
     device = next(backbone.model.parameters()).device
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    return folded(backbone.model, backbone.layers, example)
+    modules = [tokens.sources(backbone.model, layer, backbone.name) if tokens.is_token_feature(layer) else [layer]
+               for layer in backbone.layers]
+    return folded(backbone.model, tuple(dict.fromkeys(sum(modules, []))), example)
 
 
 class Embedder:
