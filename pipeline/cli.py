@@ -96,6 +96,8 @@ def extract(
                                                       "on CUDA, float32 on CPU.")] = Precision.auto,
     compile: Annotated[bool, typer.Option("--compile", help="Run the model through torch.compile "
                                                            "(pays off on large datasets).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out that is not a feature "
+                                                       "cache (refused otherwise).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
                                             "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
@@ -114,7 +116,7 @@ def extract(
                                  labels=labels, id_column=id_column, label_column=label_column, tta=tta,
                                  compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
                                  device=device.value, dtype=dtype.value, workers=workers, quiet=quiet,
-                                 precision=precision.value, compile=compile)
+                                 precision=precision.value, compile=compile, force=force)
     except KeyboardInterrupt:   # before any image was written; later ones say how to resume
         raise Interrupted("interrupted before extraction began")
     if summary:

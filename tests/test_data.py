@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pipeline.data.folders import scan, write_manifest
-from pipeline.data.images import ImageError, read_image
+from pipeline.data.images import MAX_FILE_BYTES, ImageError, read_image
 
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import open_cache
@@ -227,6 +228,27 @@ def test_unusable_files_give_their_reason(tmp_path: Path, content: bytes, reason
     (tmp_path / "a.jpg").write_bytes(content)
     with pytest.raises(ImageError, match=reason):
         read_image(tmp_path / "a.jpg")
+
+
+def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path):
+    """A FIFO swapped in for an image after the scan, a device and an oversized file are refused at
+    once, unread: a reader would block, never end, or fill the memory."""
+    os.mkfifo(tmp_path / "a.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)   # sparse: no disk used
+    for name, reason in (("a.png", "a FIFO, not a regular file"), ("zero.png", "a character device, not a regular file"),
+                         ("huge.png", f"{MAX_FILE_BYTES + 1} bytes, more than the limit of {MAX_FILE_BYTES}")):
+        with pytest.raises(ImageError) as refused:
+            read_image(tmp_path / name)
+        assert str(refused.value) == f"unreadable: {reason}"
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_named_in_one_error(tmp_path: Path):
+    root = make_image_folder(tmp_path / "images", {"train": 2}, split_folders=False)
+    (root / "red").rename(root / os.fsdecode(b"r\xe9d"))
+    with pytest.raises(UserError, match=r"r\\xe9d: its name is not valid UTF-8; rename it"):
+        scan(root)
 
 
 def test_truncated_image_gives_its_reason(tmp_path: Path):

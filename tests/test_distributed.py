@@ -175,7 +175,7 @@ def test_a_warning_and_an_error_after_the_shards_through_nproc(tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"warning: {images} has no val folder"), proc.stderr
     assert lines[1].startswith("error: no training image could be used (")
-    assert sorted(p.name for p in tmp_path.glob("f*")) == ["f.h5.lock", "f.manifest.csv"]
+    assert sorted(p.name for p in tmp_path.glob("f*")) == ["f.h5.lock"]   # no manifest of a refused run
 
 
 @pytest.mark.parametrize("code, line", [
@@ -207,7 +207,7 @@ def test_a_rank_stopped_by_sigterm_alone_is_reported_and_recorded_errors_are_not
 
 
 def test_a_run_on_a_locked_output_is_refused_by_every_rank(tmp_path):
-    from pipeline.storage.cache import output_lock
+    from pipeline.runtime.files import output_lock
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
     out = tmp_path / "f.h5"
     with output_lock(out):   # another run holds the output

@@ -68,6 +68,10 @@ def hostile_folder(tmp: Path) -> Path:
     exif[0x0112] = 3   # orientation: rotate 180 to view
     (red / "rotated.jpg").write_bytes(jpeg_bytes(upright.rotate(180), exif=exif))
     tiny_image(COLOURS["red"], 97).save(red / "café crème ü.png")
+    tiny_image(COLOURS["red"], 96).save(red / os.fsdecode(b"caf\xe9 latin-1.png"))   # a name that is not UTF-8
+    (red / "report.pdf").write_bytes(b"%PDF-1.4\n")
+    os.mkfifo(red / "pipe.png")             # would block a reader forever
+    (red / "zero.png").symlink_to("/dev/zero")   # would never end
     for name in (".hidden.png", "Thumbs.db", ".DS_Store"):
         (red / name).write_bytes(b"junk")
     outside = tmp / "outside"
@@ -105,6 +109,10 @@ def hostile_run(tmp_path_factory):
     ("sliver.png", "aspect ratio beyond 200:1"),
     ("bomb.png", "decompression bomb"),
     ("quiet bomb.png", "decompression bomb"),
+    ("report.pdf", "not an image file type (.pdf)"),
+    ("pipe.png", "not a regular file"),
+    ("zero.png", "not a regular file"),
+    ("caf\\xe9 latin-1.png", "file name is not valid UTF-8; rename it"),
 ])
 def test_bad_files_are_skipped_with_their_reason(hostile_run, name, reason):
     _, rows, skipped, _ = hostile_run

@@ -2,12 +2,18 @@
 with one line naming the problem."""
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
+from pipeline.runtime.errors import UserError
+from pipeline.storage.cache import attrs_checksum, column_digest, open_cache
 from tests.conftest import run_cli
 from tests.test_bad_input import one_line_error
 
@@ -70,3 +76,193 @@ def test_predict_refuses_a_missing_head(model_dir, tmp_path, small_cache):
     missing = damaged_copy(model_dir, tmp_path, Path.unlink)
     line = one_line_error(run_cli("predict", missing, small_cache.parent / "images"))
     assert line == f"error: model directory {missing} lacks head.joblib"
+
+
+# Data the cache can prove: checksums verified on every read, values checked on load.
+
+def load_all(path: Path):
+    """What `train` takes from a cache: every split, the class list, the dataset digest."""
+    with open_cache(path) as cache:
+        return [cache.read(s) for s in cache.splits], cache.classes, cache.dataset_id()
+
+
+def same(a, b) -> bool:
+    return a[1:] == b[1:] and all(np.array_equal(x.features, y.features) and np.array_equal(x.labels, y.labels)
+                                  and x.paths == y.paths and x.sha256 == y.sha256 for x, y in zip(a[0], b[0]))
+
+
+def flip_bit(path: Path, offset: int, bit: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << bit)]))
+
+
+def chunk_offset(path: Path, name: str) -> tuple[int, int]:
+    """File offset and size of the first chunk of dataset `name`."""
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(0)
+        return info.byte_offset, info.size
+
+
+@pytest.mark.parametrize("name", ["train/features", "val/labels", "test/sha256"])
+def test_a_flipped_bit_in_the_data_is_refused_by_its_checksum(small_cache, tmp_path, name):
+    bad = tmp_path / "features.h5"
+    shutil.copy(small_cache, bad)
+    offset, size = chunk_offset(bad, name)
+    flip_bit(bad, offset + size // 3, 5)
+    line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m")) if name == "train/features" else None
+    with pytest.raises(UserError, match=f"feature cache {bad}: {name} cannot be read, the file is damaged"):
+        load_all(bad)
+    if line:
+        assert line.startswith(f"error: feature cache {bad}: {name} cannot be read, the file is damaged (")
+        assert not (tmp_path / "m").exists()
+
+
+def test_random_bit_flips_are_refused_or_change_nothing(small_cache, tmp_path):
+    """Single-bit flips anywhere in a real cache: each is refused with one error, or fell in unused
+    space and the data read is unchanged. Never a changed vector, label, path or class, never a crash."""
+    reference = load_all(small_cache)
+    data = small_cache.read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = {"refused": 0, "unchanged": 0}
+    for _ in range(200):
+        bad = bytearray(data)
+        offset = int(rng.integers(len(bad)))
+        bad[offset] ^= 1 << int(rng.integers(8))
+        (tmp_path / "f.h5").write_bytes(bytes(bad))
+        try:
+            got = load_all(tmp_path / "f.h5")
+        except UserError:
+            outcomes["refused"] += 1
+            continue
+        assert same(got, reference), f"a flip at byte {offset} changed the data silently"
+        outcomes["unchanged"] += 1
+    assert outcomes["refused"] >= 20, outcomes
+
+
+def restamp(path: Path) -> None:
+    """Record the digests and checksum anew, as a tool that wrote wrong values in good faith would."""
+    with h5py.File(path, "r+") as f:
+        columns = {}
+        f.visititems(lambda name, item: columns.update({name: item}) if isinstance(item, h5py.Dataset) else None)
+        f.attrs["digests"] = json.dumps({name: column_digest(d) for name, d in columns.items()}, sort_keys=True)
+        f.attrs["checksum"] = attrs_checksum(f.attrs)
+
+
+def rotate_sha256(f: h5py.File) -> None:
+    f["train/sha256"][:] = np.roll(f["train/sha256"][:], 1)
+
+
+def test_a_column_rewritten_through_hdf5_is_refused_by_its_digest(small_cache, tmp_path):
+    """Rotating the sha256 column with h5py keeps HDF5's checksums valid; the digest recorded at commit
+    catches it, so vectors are never reassigned to the wrong images (here, or on reuse by extract)."""
+    bad = tmp_path / "features.h5"
+    shutil.copy(small_cache, bad)
+    with h5py.File(bad, "r+") as f:
+        rotate_sha256(f)
+    line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m"))
+    assert line == (f"error: feature cache {bad}: train/sha256 does not match the digest recorded when it was "
+                    f"written (damaged or edited); re-run `pipeline extract`")
+
+
+def edit_classes(f):
+    f.attrs["classes"] = json.dumps(["red"])
+
+
+def write_labels(value):
+    def edit(f):
+        labels = f["train/labels"][:]
+        labels[0] = value
+        f["train/labels"][:] = labels
+    return edit
+
+
+def float_labels(f):
+    labels = f["val/labels"][:]
+    del f["val/labels"]
+    f.create_dataset("val/labels", data=labels.astype(np.float64), chunks=True, fletcher32=True)
+
+
+def replace_features(shape):
+    def edit(f):
+        del f["val/features"]
+        f.create_dataset("val/features", data=np.zeros(shape, np.float32), chunks=True, fletcher32=True)
+    return edit
+
+
+def nan_row(f):
+    features = f["test/features"][:]
+    features[1] = np.nan
+    f["test/features"][:] = features
+
+
+def empty_split(f):
+    for name in list(f["val"]):
+        f["val"][name].resize(0, axis=0)
+
+
+def old_schema(f):
+    f.attrs["schema_version"] = 2
+
+
+@pytest.mark.parametrize("edit, words", [
+    (edit_classes, "attribute classes must be a list of at least two distinct names"),
+    (write_labels(-1), "train has labels outside its 3 classes (e.g. -1)"),
+    (write_labels(99), "train has labels outside its 3 classes (e.g. 99)"),
+    (float_labels, "val/labels must be one column of integers"),
+    (replace_features((4,)), "val/features must be [rows, "),
+    (replace_features((4, 7)), "val/features must be [rows, "),
+    (nan_row, "1 rows of test hold features that are not finite (NaN or inf)"),
+    (empty_split, "split 'val' has no rows"),
+    (old_schema, "has schema version 2 (written before caches carried checksums), this tool reads 3"),
+])
+def test_wrong_values_with_valid_checksums_are_one_error_line(small_cache, tmp_path, edit, words):
+    bad = tmp_path / "features.h5"
+    shutil.copy(small_cache, bad)
+    with h5py.File(bad, "r+") as f:
+        edit(f)
+    restamp(bad)
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_all(bad)
+
+
+def test_bad_labels_through_the_command_line(small_cache, tmp_path):
+    bad = tmp_path / "features.h5"
+    shutil.copy(small_cache, bad)
+    with h5py.File(bad, "r+") as f:
+        write_labels(-1)(f)
+    restamp(bad)
+    line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m"))
+    assert line == f"error: feature cache {bad}: train has labels outside its 3 classes (e.g. -1)"
+
+
+def test_non_finite_vectors_are_not_reused(small_cache, tmp_path):
+    bad = tmp_path / "features.h5"
+    shutil.copy(small_cache, bad)
+    with h5py.File(bad, "r+") as f:
+        nan_row(f)
+        nan_digest = f["test/sha256"][1].decode()
+    restamp(bad)
+    with open_cache(bad) as cache:
+        rows, vectors = cache.vectors_by_sha256()
+    assert nan_digest not in rows and np.isfinite(vectors["global_pool"][list(rows.values())]).all()
+    assert len(rows) == sum(len(s.labels) for s in load_all(small_cache)[0]) - 1
+
+
+def test_a_cache_replaced_while_open_is_not_mixed_in(small_cache, tmp_path):
+    """`train` reads everything through one open file: a new cache renamed over it meanwhile (as
+    extract does) does not leak into the reads that follow."""
+    path, other = tmp_path / "features.h5", tmp_path / "other.h5"
+    shutil.copy(small_cache, path)
+    shutil.copy(small_cache, other)
+    with h5py.File(other, "r+") as f:
+        f["val/features"][:] = f["val/features"][:] + 1
+    restamp(other)
+    reference = load_all(small_cache)
+    with open_cache(path) as cache:
+        first = cache.read("train")
+        os.replace(other, path)
+        later = [cache.read(s) for s in ("val", "test")]
+    assert same(([first, *later], *reference[1:]), reference)

@@ -157,7 +157,7 @@ def test_a_resumed_writer_drops_rows_written_after_the_last_checkpoint(tmp_path)
     writer.append("train", {"pool": np.ones((3, 4))}, [0, 1, 0], ["a", "b", "c"], ["a" * 64] * 3)
     writer.checkpoint("train", 4)
     writer.append("val", {"pool": np.ones((2, 4))}, [0, 1], ["d", "e"], ["d" * 64] * 2)   # a split not yet checkpointed
-    writer.skip("f", "bad")
+    writer.skip([("f", "bad")])
     writer.close()   # as on Ctrl-C: the file is flushed with the rows after the checkpoint
     resumed = FeatureWriter(tmp_path / "c.h5", attrs, {"pool": 4}, "float32")
     assert (resumed.progress, resumed.kept, resumed.skipped) == ({"train": 4}, 3, [])

@@ -3,6 +3,7 @@ cached features, and refusal of model directories whose files do not match each 
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def new_images(tmp_path_factory) -> Path:
             tiny_image(colour, 1000 + i, size=56).save(folder / f"{name}_{i}.png")
     (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00")
     (folder / "empty.jpg").write_bytes(b"")
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4\n")   # reported as extract reports it
+    os.mkfifo(folder / "pipe.png")                      # would block a reader forever
     return folder
 
 
@@ -44,9 +47,10 @@ def true_class(path: str) -> str:
 def test_json_lists_top_k_in_order_and_skips_unreadable_files(model, new_images):
     proc = run_cli("predict", model, new_images, "--top-k", 3, "--format", "json", check=True)
     results = {Path(r["path"]).name: r for r in json.loads(proc.stdout)}
-    assert set(results) == {f"{c}_{i}.png" for c in COLOURS for i in range(2)} | {"truncated.png", "empty.jpg"}
+    unusable = {"truncated.png", "empty.jpg", "report.pdf", "pipe.png"}
+    assert set(results) == {f"{c}_{i}.png" for c in COLOURS for i in range(2)} | unusable
     for name, r in results.items():
-        if name in ("truncated.png", "empty.jpg"):
+        if name in unusable:
             assert "top" not in r and f"skipped {new_images / name}: {r['error']}" in proc.stderr
             continue
         scores = [t["score"] for t in r["top"]]
@@ -54,6 +58,14 @@ def test_json_lists_top_k_in_order_and_skips_unreadable_files(model, new_images)
         assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-6)
         assert r["top"][0]["class"] == true_class(name)
     assert results["empty.jpg"]["error"] == "empty file"
+    assert results["report.pdf"]["error"] == "not an image file type (.pdf)"
+    assert results["pipe.png"]["error"] == "not a regular file"
+
+
+def test_a_fifo_or_device_given_by_name_is_reported_not_read(model, new_images):
+    proc = run_cli("predict", model, new_images / "pipe.png", "/dev/zero", new_images / "red_0.png", check=True)
+    assert proc.stdout.splitlines()[:2] == [f"{new_images / 'pipe.png'}: skipped (unreadable: a FIFO, not a regular file)",
+                                            "/dev/zero: skipped (unreadable: a character device, not a regular file)"]
 
 
 def test_csv_and_table(model, new_images):

@@ -16,11 +16,13 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.runtime.errors import UserError, warn
+from pipeline.runtime.files import write_atomically
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -59,7 +61,39 @@ def _visible(name: str) -> bool:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    for p in dirs:
+        if not _utf8(p.name):
+            raise UserError(f"folder {printable(str(p))}: its name is not valid UTF-8; rename it")
+    return dirs
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name read from the file system is valid UTF-8 (else it holds surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(path: str) -> str:
+    """A path as it can be stored and shown: bytes that are not UTF-8 as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a file found in a folder cannot be an image sample, or None. One rule for every command
+    that walks a folder (extract, predict): such files are reported with this reason, never dropped."""
+    if not path.exists():
+        return "broken symbolic link"
+    if not path.is_file():
+        return "not a regular file"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file type ({path.suffix or 'no extension'})"
+    if not _utf8(str(path)):
+        return "file name is not valid UTF-8; rename it"
+    return None
 
 
 def _files(class_dir: Path, root: Path, skipped: list[tuple[str, str]]) -> list[str]:
@@ -86,18 +120,30 @@ def _walk(folder: Path, root: Path, seen: set, found: list[str], skipped: list[t
         rel = p.relative_to(root).as_posix()
         if p.is_dir():
             if _identity(p) in seen:
-                skipped.append((rel, "link to a folder already scanned (a symlink loop); not followed"))
+                skipped.append((printable(rel), "link to a folder already scanned (a symlink loop); not followed"))
                 continue
             seen.add(_identity(p))
             _walk(p, root, seen, found, skipped)
-        elif not p.exists():
-            skipped.append((rel, "broken symbolic link"))
-        elif not p.is_file():
-            skipped.append((rel, "not a regular file"))
-        elif p.suffix.lower() in IMAGE_EXTENSIONS:
-            found.append(rel)
+        elif problem := file_problem(p):
+            skipped.append((printable(rel), problem))
         else:
-            skipped.append((rel, f"not an image file type ({p.suffix or 'no extension'})"))
+            found.append(rel)
+
+
+def find_images(inputs: list[Path]) -> list[tuple[Path, str | None]]:
+    """Files as given and the files of folders (walked as `scan` walks a class folder), each with the
+    reason it is skipped or None, in input order and sorted within a folder."""
+    out: list[tuple[Path, str | None]] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            skipped: list[tuple[str, str]] = []
+            found = [(p / f, None) for f in _files(p, p, skipped)]
+            out += sorted(found + [(p / f, reason) for f, reason in skipped], key=lambda item: str(item[0]))
+        elif p.exists() or p.is_symlink():
+            out.append((p, None))
+        else:
+            raise UserError(f"{p} does not exist")
+    return out
 
 
 DEFAULT_LABEL_COLUMNS = ("breed", "label")
@@ -279,12 +325,13 @@ def _in_split_order(samples: list[Sample]) -> list[Sample]:
 
 
 def write_manifest(dataset: Dataset, path: Path) -> None:
-    """The split made visible: one row per image (path, label, split)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split"])
-        for s in dataset.samples:
-            writer.writerow([s.path, dataset.classes[s.label], s.split])
+    """The split made visible: one row per image (path, label, split), written whole or not at all."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "split"])
+    for s in dataset.samples:
+        writer.writerow([s.path, dataset.classes[s.label], s.split])
+    write_atomically(path, text.getvalue())
 
 
 def dataset_digest(rows) -> str:

@@ -8,20 +8,26 @@ grayscale are scaled from their full range (0-65535, 0-1) to 0-255.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import io
 import math
+import os
+import signal
 import warnings
 from pathlib import Path
-from typing import Collection
+from typing import Any, Collection, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.data.folders import Sample
+from pipeline.runtime.files import read_regular
 
 MAX_ASPECT_RATIO = 200   # beyond this, resizing the short side to the crop size makes a huge image
+MAX_FILE_BYTES = 256 << 20   # larger files are skipped unread: no image a model needs is this big
 
 
 class ImageError(Exception):
@@ -29,9 +35,10 @@ class ImageError(Exception):
 
 
 def image_bytes(path: Path) -> tuple[bytes, str]:
-    """The bytes of an image file and their SHA-256 (the key for incremental reuse)."""
+    """The bytes of an image file and their SHA-256 (the key for incremental reuse). Only a regular file
+    of at most MAX_FILE_BYTES is read: a FIFO would block and a device like /dev/zero never ends."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_FILE_BYTES)
     except OSError as exc:
         raise ImageError(f"unreadable: {exc.strerror or exc}")
     if not data:
@@ -39,11 +46,18 @@ def image_bytes(path: Path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
+class FileItem(NamedTuple):
+    """One file as a DataLoader worker hands it over."""
+    index: int                 # into the dataset's samples
+    payload: Any               # what `load` made of its bytes; None when reused or unusable
+    sha256: str | None         # None when unusable
+    error: str | None          # why it cannot be used
+
+
 class SampleFiles:
-    """The image files of `samples` under `root`, as a map-style dataset for a DataLoader. Item i is
-    (i, payload, sha256, error): no payload for an image whose sha256 is in `known` (its vector is
-    reused), the reason instead of a payload for a file that cannot be used. `load` makes the payload
-    of a file's bytes."""
+    """The image files of `samples` under `root`, as a map-style dataset for a DataLoader of FileItems:
+    no payload for an image whose sha256 is in `known` (its vector is reused), the reason instead of a
+    payload for a file that cannot be used. `load` makes the payload of a file's bytes."""
 
     def __init__(self, root: Path, samples: list[Sample], known: Collection[str] = ()):
         self.root, self.samples, self.known = root, samples, known
@@ -51,17 +65,33 @@ class SampleFiles:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> FileItem:
         try:
             data, digest = image_bytes(self.root / self.samples[i].path)
             if digest in self.known:
-                return i, None, digest, None
-            return i, self.load(data), digest, None
+                return FileItem(i, None, digest, None)
+            return FileItem(i, self.load(data), digest, None)
         except ImageError as exc:
-            return i, None, None, str(exc)
+            return FileItem(i, None, None, str(exc))
 
     def load(self, data: bytes):
         raise NotImplementedError
+
+
+def _die_with(parent: int, _worker_id: int) -> None:
+    """In a worker: ask Linux to kill it when the process that started it dies (kill -9 too), and go
+    at once if that already happened. PyTorch's own check of its parent takes seconds."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # not Linux: PyTorch's check remains
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def worker_init() -> functools.partial:
+    """A DataLoader `worker_init_fn` whose workers end with the process that creates the loader."""
+    return functools.partial(_die_with, os.getpid())
 
 
 def decode_image(data: bytes, shortest: int | None = None) -> Image.Image:
@@ -126,9 +156,10 @@ class ImageFiles(SampleFiles):
         return self.transform(decode_image(data, self.shortest))
 
 
-def collate(items):
+def collate(items: list[FileItem]):
     """A batch as (good items [(index, sha256)], stacked tensors of those not reused or None,
     [(index, error)])."""
-    computed = [it[1] for it in items if it[1] is not None]
-    return ([(it[0], it[2]) for it in items if it[2] is not None], torch.stack(computed) if computed else None,
-            [(it[0], it[3]) for it in items if it[3] is not None])
+    computed = [it.payload for it in items if it.payload is not None]
+    return ([(it.index, it.sha256) for it in items if it.sha256 is not None],
+            torch.stack(computed) if computed else None,
+            [(it.index, it.error) for it in items if it.error is not None])

@@ -17,21 +17,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.data.images import ImageFiles, collate
+from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.data.folders import Dataset, Sample, scan, write_manifest
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
-from pipeline.features.overlap import BackgroundWriter
+from pipeline.features.overlap import BackgroundWriter, Block
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
 from pipeline.runtime.errors import Interrupted, UserError, check_minimums, warn
+from pipeline.runtime.files import output_lock
 from pipeline.storage.cache import (
     FINGERPRINT_FIELDS,
     FeatureWriter,
     cache_attrs,
+    check_output,
     content_warnings,
     differences,
     open_cache,
-    output_lock,
 )
 
 
@@ -70,7 +71,8 @@ def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_siz
     """PIL decoding in DataLoader workers; yields batches in `collate`'s form. Closing the generator
     stops the workers at once rather than when it is garbage-collected."""
     files = ImageFiles(root, samples, pre.transform(), known, shortest=pre.resize)
-    yield from DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    yield from DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                          worker_init_fn=worker_init())
 
 
 def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
@@ -78,7 +80,7 @@ def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, wo
     samples = dataset.split("train")
     pre = backbone.preprocessing
     loader = DataLoader(ImageFiles(dataset.root, samples, pre.transform(normalise=False), shortest=pre.resize),
-                        batch_size=batch_size, num_workers=workers, collate_fn=collate)
+                        batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init())
     total, squares, pixels, images = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0, 0
     for _, tensors, _ in loader:
         if tensors is not None:
@@ -95,17 +97,17 @@ def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, wo
 
 
 def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, np.ndarray], str | None]:
-    """The vectors of the cache already at `out` when it was made the same way, else a note why not."""
+    """The vectors of the cache already at `out` when it was made the same way and is whole, else a note why not."""
     if not Path(out).exists():
         return {}, {}, None
     try:
-        old = open_cache(out)
+        with open_cache(out) as old:
+            diffs = differences(old.attrs, {k: attrs[k] for k in FINGERPRINT_FIELDS})
+            if diffs:
+                return {}, {}, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
+            rows, features = old.vectors_by_sha256()
     except UserError as exc:
         return {}, {}, f"previous cache not reused: {exc}"
-    diffs = differences(old.attrs, {k: attrs[k] for k in FINGERPRINT_FIELDS})
-    if diffs:
-        return {}, {}, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
-    rows, features = old.vectors_by_sha256()
     return rows, features, None
 
 
@@ -149,15 +151,17 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                  plan=plan_digest(dataset, batch_size))
     rows, old, note = previous_vectors(shard_of or out, attrs) if reuse else ({}, {}, None)
     notes = [*backbone.notes, *([note] if note else [])]
-    writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
+    try:
+        writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
+    except OSError as exc:
+        raise UserError(write_error(exc, out))
     background = BackgroundWriter(writer)
     try:
         extracted = reused = writer.kept
         if writer.progress:
             notes.append(f"resumed an interrupted run: {extracted} images already in {writer.tmp}")
         else:
-            for path, reason in dataset.skipped:
-                writer.skip(path, reason)
+            writer.skip(list(dataset.skipped))
         pre = backbone.preprocessing
         with Embedder(backbone, dev, precision, compile, batch_size) as embed, \
                 tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
@@ -176,9 +180,9 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                         extracted += len(good)
                         reused += len(good) - (0 if images is None else len(images))
                         done += len(good) + len(bad)
-                        background.append(split, vectors, [samples[i].label for i, _ in good],
-                                          [samples[i].path for i, _ in good], digests,
-                                          [(samples[i].path, reason) for i, reason in bad], done)
+                        background.append(Block(split, vectors, [samples[i].label for i, _ in good],
+                                                [samples[i].path for i, _ in good], digests,
+                                                [(samples[i].path, reason) for i, reason in bad], done))
                         bar.update(len(good) + len(bad))
         background.close()
         if not shard_of and not writer.rows("train"):
@@ -192,8 +196,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     except OSError as exc:
         background.stop()
         writer.abort()
-        reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
-        raise UserError(f"cannot write {writer.tmp}: {reason}; {out} is left as it was")
+        raise UserError(write_error(exc, out))
     except BaseException:
         background.stop()
         writer.abort()
@@ -201,6 +204,11 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
                           time.perf_counter() - start, mode, reused, notes)
+
+
+def write_error(exc: OSError, out: Path) -> str:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+    return f"cannot write {out}.tmp: {reason}; {out} is left as it was"
 
 
 def no_training_rows(skipped: list[tuple[str, str]], out: Path) -> str:
@@ -236,24 +244,29 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                    layer: str | Sequence[str] | None = None, image_size: int | None = None,
                    val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, *,
                    labels: Path | None = None, id_column: str = "id", label_column: str | None = None,
-                   tta: bool = False, **options) -> ExtractSummary:
-    """Scan `data` (or the images `labels` names), record the split in `<out>.manifest.csv`, and
-    extract its features into `out`; `options` go to `extract`. A second run on the same `out`
-    is refused at once while this one holds `<out>.lock`."""
-    check_minimums(MINIMUMS, options)            # bad settings fail before any file is written
+                   tta: bool = False, force: bool = False, **options) -> ExtractSummary:
+    """Scan `data` (or the images `labels` names), extract its features into `out` and record the split
+    in `<out>.manifest.csv`; `options` go to `extract`. A second run on the same `out` is refused at once
+    while this one holds `<out>.lock`. Bad settings, data and outputs (`check_output`; `force` replaces a
+    file that is not a feature cache) are refused before any file is written."""
+    check_minimums(MINIMUMS, options)
     out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name the cache file, e.g. {out / 'features.h5'}")
+    check_output(out, force)
     model = load_backbone(backbone, weights, layer, image_size, tta)
+    dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
     with output_lock(out):
-        dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
-        write_manifest(dataset, out.with_suffix(".manifest.csv"))
         summary = extract(dataset, model, out, **options)
+        write_manifest(dataset, manifest_path(out))
     warn_about(out)
     return summary
 
 
+def manifest_path(out: Path) -> Path:
+    return Path(out).with_suffix(".manifest.csv")
+
+
 def warn_about(cache: Path) -> None:
     """One `warning:` line per class missing from a split and per image found in two splits."""
-    for line in content_warnings(open_cache(cache)):
-        warn(line)
+    with open_cache(cache) as written:
+        for line in content_warnings(written):
+            warn(line)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.folders import Sample
-from pipeline.data.images import ImageError, SampleFiles, decode_image
+from pipeline.data.images import FileItem, ImageError, SampleFiles, decode_image, worker_init
 from pipeline.features.backbones import Preprocessing
 from pipeline.features.overlap import prefetched
 
@@ -89,17 +89,17 @@ class FileBytes(SampleFiles):
         return data if gpu_decodable(data) else chw_tensor(decode_image(data))
 
 
-def collate_bytes(items):
+def collate_bytes(items: list[FileItem]):
     """(good [(index, sha256)], all JPEG bytes in one uint8 tensor, per good item its (offset, length) or
     None, decoded tensors or None, [(index, reason)]). One tensor per batch crosses from the worker, not one
     per image: handing hundreds of small tensors between processes, and pinning each, costs more than
     decoding them. In a worker the bytes are copied once, straight into shared memory."""
-    good = [it for it in items if it[3] is None]
+    good = [it for it in items if it.error is None]
     spans, offset = [], 0
     for it in good:
-        jpeg = isinstance(it[1], bytes)
-        spans.append((offset, len(it[1])) if jpeg else None)
-        offset += len(it[1]) if jpeg else 0
+        jpeg = isinstance(it.payload, bytes)
+        spans.append((offset, len(it.payload)) if jpeg else None)
+        offset += len(it.payload) if jpeg else 0
     if torch.utils.data.get_worker_info() is None:
         blob = torch.empty(offset, dtype=torch.uint8)
     else:
@@ -107,10 +107,10 @@ def collate_bytes(items):
     buffer = blob.numpy()
     for it, span in zip(good, spans):
         if span is not None:
-            buffer[span[0]:span[0] + span[1]] = np.frombuffer(it[1], np.uint8)
-    decoded_images = [it[1] if span is None else None for it, span in zip(good, spans)]
-    return ([(it[0], it[2]) for it in good], blob, spans, decoded_images,
-            [(it[0], it[3]) for it in items if it[3] is not None])
+            buffer[span[0]:span[0] + span[1]] = np.frombuffer(it.payload, np.uint8)
+    decoded_images = [it.payload if span is None else None for it, span in zip(good, spans)]
+    return ([(it.index, it.sha256) for it in good], blob, spans, decoded_images,
+            [(it.index, it.error) for it in items if it.error is not None])
 
 
 class TensorPreprocess:
@@ -163,7 +163,7 @@ def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_siz
     decoder = decoder or JpegDecoder(device)
     loader = DataLoader(FileBytes(root, samples, known), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_bytes, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=worker_init())
     return prefetched((decoded(batch, decoder, prepare) for batch in loader), device)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -64,6 +65,18 @@ def prefetched(batches, device: torch.device, depth: int = 2):
         thread.join()
 
 
+@dataclass
+class Block:
+    """One batch of a split on its way to the cache."""
+    split: str
+    features: dict[str, np.ndarray] | None   # each layer's vectors; None when the batch has no rows
+    labels: list[int]
+    paths: list[str]
+    sha256: list[str]
+    skipped: list[tuple[str, str]]           # (path, reason) of the batch's files that cannot be used
+    done: int                                # samples of `split` done after this batch
+
+
 class BackgroundWriter:
     """Appends batches to a FeatureWriter from a thread, gathered into slabs of about `slab_bytes`, so HDF5
     writes overlap compute and are never one row at a time. After each slab it records the batches' skipped
@@ -78,43 +91,39 @@ class BackgroundWriter:
         self.thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
         self.thread.start()
 
-    def append(self, split: str, features: dict[str, np.ndarray] | None, labels, paths, sha256,
-               skipped: list[tuple[str, str]], done: int) -> None:
-        """One batch of `split`: its rows (`features` maps each layer to its vectors; None when the batch
-        has no rows), the files it skipped with their reasons, and the samples of `split` done after it.
-        Errors of the writing thread surface here."""
+    def append(self, block: Block) -> None:
+        """Queue one batch; errors of the writing thread surface here."""
         if self.error is not None:
             raise self.error
-        self.queue.put((split, features, list(labels), list(paths), list(sha256), list(skipped), done))
+        self.queue.put(block)
 
     def _run(self) -> None:
         pending: list = []
         while True:
             item = self.queue.get()
             try:
-                if pending and (item is None or item[0] != pending[0][0]):
+                if pending and (item is None or item.split != pending[0].split):
                     self._write(pending)
                     pending = []
                 if item is None:
                     return
                 pending.append(item)
-                if sum(len(p[2]) for p in pending) >= self.slab_rows:
+                if sum(len(p.labels) for p in pending) >= self.slab_rows:
                     self._write(pending)
                     pending = []
             except BaseException as exc:   # keep draining so the producer never blocks; raised on its side
                 self.error, pending = self.error or exc, []
 
-    def _write(self, blocks: list) -> None:
+    def _write(self, blocks: list[Block]) -> None:
         if self.error is not None:
             return
-        rows = [b for b in blocks if b[1] is not None]
+        rows = [b for b in blocks if b.features is not None]
         if rows:
-            features = {layer: np.concatenate([b[1][layer] for b in rows]) for layer in rows[0][1]}
-            self.writer.append(blocks[0][0], features, [x for b in rows for x in b[2]],
-                               [x for b in rows for x in b[3]], [x for b in rows for x in b[4]])
-        for path, reason in (s for b in blocks for s in b[5]):
-            self.writer.skip(path, reason)
-        self.writer.checkpoint(blocks[-1][0], blocks[-1][6])
+            features = {layer: np.concatenate([b.features[layer] for b in rows]) for layer in rows[0].features}
+            self.writer.append(blocks[0].split, features, [x for b in rows for x in b.labels],
+                               [x for b in rows for x in b.paths], [x for b in rows for x in b.sha256])
+        self.writer.skip([s for b in blocks for s in b.skipped])
+        self.writer.checkpoint(blocks[-1].split, blocks[-1].done)
 
     def stop(self) -> None:
         """Write what is pending and wait for the thread (no-op once stopped)."""

@@ -14,10 +14,11 @@ import torch.distributed as dist
 from pipeline.data.folders import Dataset, scan, write_manifest
 from pipeline.features.backbones import load_backbone
 from pipeline.features.extract import MINIMUMS as EXTRACT_MINIMUMS
-from pipeline.features.extract import ExtractSummary, extract, no_training_rows, warn_about
+from pipeline.features.extract import ExtractSummary, extract, manifest_path, no_training_rows, warn_about
 from pipeline.runtime import distributed
 from pipeline.runtime.errors import UserError, check_minimums
-from pipeline.storage.cache import FeatureWriter, features_name, output_lock
+from pipeline.runtime.files import output_lock
+from pipeline.storage.cache import FeatureWriter, check_output, features_name
 
 MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
 
@@ -64,7 +65,7 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                    layer=None, image_size: int | None = None, val_fraction: float = 0.15,
                    test_fraction: float = 0.15, seed: int = 0, *, labels: Path | None = None,
                    id_column: str = "id", label_column: str | None = None, tta: bool = False,
-                   **options) -> ExtractSummary | None:
+                   force: bool = False, **options) -> ExtractSummary | None:
     """pipeline.features.extract.extract_folder on every rank of the process group, each on its shard, then
     the shards concatenated into `out` by rank 0. Returns the summary on rank 0, None elsewhere."""
     check_extract_options(options)
@@ -72,12 +73,10 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     device = distributed.start(options.pop("device", "auto"))
     try:
         r, n, out = distributed.rank(), distributed.world_size(), Path(out)
-        model = load_backbone(backbone, weights, layer, image_size, tta)   # before any file is written
+        check_output(out, force)   # all of this before any file is written
+        model = load_backbone(backbone, weights, layer, image_size, tta)
+        dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
         with rank0_lock(out):
-            dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
-            if r == 0:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_manifest(dataset, out.with_suffix(".manifest.csv"))
             quiet = options.pop("quiet", False)
             mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), device=device,
                            quiet=quiet or r > 0, shard_of=out, **options)
@@ -87,6 +86,7 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                 return None
             skipped = concatenate(dataset, [shard_path(out, i, n) for i in range(n)], out,
                                   extract_seconds=time.perf_counter() - start_time)
+            write_manifest(dataset, manifest_path(out))
             warn_about(out)
             extracted = sum(s.extracted for s in summaries)
             return ExtractSummary(out, extracted + len(skipped), extracted, skipped, time.perf_counter() - start_time,
@@ -116,8 +116,7 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
                 for f in files:
                     if split in f:
                         copy_rows(f[split], split, layers, writer)
-            for path, reason in skipped:
-                writer.skip(path, reason)
+            writer.skip(skipped)
             writer.commit(**attrs)
         except BaseException:
             writer.abort()

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, dataset_digest, scan
-from pipeline.data.images import ImageFiles, collate
+from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.features.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
 from pipeline.heads.metrics import confusion_png, confusion_rows
 from pipeline.heads.metrics import evaluate as score_metrics
@@ -202,7 +202,7 @@ class Batches:
         self.sampler = DistributedSampler(files, shuffle=shuffle, seed=seed) if sharded else None
         self.loader = DataLoader(files, batch_size=batch_size, shuffle=shuffle and not sharded,
                                  sampler=self.sampler, num_workers=workers, collate_fn=collate,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init())
 
     def __len__(self) -> int:
         return len(self.sampler) if self.sampler else len(self.samples)

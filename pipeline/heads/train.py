@@ -124,12 +124,14 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
     """Fit classifier `s.classifier` on a feature cache and write a model directory. `expected`
     ({field: value}, e.g. {"backbone": "resnet18"}) makes it refuse a cache made otherwise."""
     modeldir.check_out(out_dir)
-    cache = open_cache(cache_path)
-    check_expected(cache, expected or {})
-    if "val" not in cache.splits:
-        raise UserError(f"feature cache {cache_path} has no val split; stage two needs train and val")
-    train_, val = cache.read("train"), cache.read("val")
-    has_test = "test" in cache.splits
+    with open_cache(cache_path) as cache:   # everything from this one file, even if it is replaced meanwhile
+        check_expected(cache, expected or {})
+        if "val" not in cache.splits:
+            raise UserError(f"feature cache {cache_path} has no val split; stage two needs train and val")
+        has_test = "test" in cache.splits
+        train_, val = cache.read("train"), cache.read("val")
+        test = cache.read("test") if has_test else None
+        dataset = cache.dataset_id()
     eval_split = "test" if has_test else "val"
     start = time.perf_counter()
     value, search, epochs = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
@@ -137,7 +139,7 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
     if has_test:
         X = np.concatenate([train_.features, val.features])
         y = np.concatenate([train_.labels, val.labels])
-        evaluation = cache.read("test")
+        evaluation = test
     else:
         X, y, evaluation = train_.features, train_.labels, val
     model = _fit(s, value, X, y, epochs=epochs)
@@ -158,7 +160,7 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
     info = {"kind": "features", "classifier": s.classifier, "classes": cache.classes,
             "backbone": _backbone_spec(cache.attrs),
             "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
-            "dataset": cache.dataset_id()}
+            "dataset": dataset}
     y_pred = scores.argmax(1)
     modeldir.save(out_dir, model, info, metrics, confusion_rows(evaluation.labels, y_pred, cache.classes))
     confusion_png(evaluation.labels, y_pred, cache.classes, Path(out_dir) / "confusion.png",

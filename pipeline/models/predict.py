@@ -7,26 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.folders import IMAGE_EXTENSIONS
+from pipeline.data.folders import find_images, printable
 from pipeline.data.images import ImageError, read_image
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.heads.train import scores_of
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.storage import modeldir
-
-
-def image_paths(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to the images inside them (sorted)."""
-    out = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-        elif p.exists():
-            out.append(p)
-        else:
-            raise UserError(f"{p} does not exist")
-    return out
 
 
 def model_backbone(info: dict) -> Backbone:
@@ -54,16 +41,18 @@ def scorer(info: dict, model, dev: torch.device):
 
 def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
             batch_size: int = 32) -> list[dict]:
-    """One result per image: {path, top: [{class, score}, ...]} or {path, error}."""
+    """One result per file: {path, top: [{class, score}, ...]} or {path, error} (also for the files of a
+    folder that are not images, as `extract` reports them)."""
     check_minimums({"top_k": 1}, {"top_k": top_k})
     info, model = modeldir.load(model_dir)
-    paths = image_paths(inputs)
-    if not paths:
+    files = find_images(inputs)
+    if not any(reason is None for _, reason in files):
         raise UserError(f"no image files in {', '.join(map(str, inputs))}")
     pre = Preprocessing.from_dict(info["backbone"]["preprocessing"])
     transform = pre.transform()
     score = scorer(info, model, resolve_device(device))
-    results: list[dict] = [{"path": str(p)} for p in paths]     # in input order
+    results: list[dict] = [{"path": printable(str(p))} | ({"error": reason} if reason else {})
+                           for p, reason in files]     # in input order
     batch: list[tuple[int, torch.Tensor]] = []
 
     def flush():
@@ -74,7 +63,9 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
                                  for c in np.argsort(-row)[:top_k]]
         batch.clear()
 
-    for i, path in enumerate(paths):
+    for i, (path, reason) in enumerate(files):
+        if reason:
+            continue
         try:
             batch.append((i, transform(read_image(path, pre.resize)[0])))
         except ImageError as exc:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.folders import find_images
 from pipeline.data.images import ImageError, read_image
 from pipeline.features.backbones import Preprocessing
-from pipeline.models.predict import image_paths, predict
+from pipeline.models.predict import predict
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.storage import modeldir
@@ -23,6 +24,11 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def image_files(inputs: list[Path]) -> list[Path]:
+    """The images among `inputs` (files, folders), as `predict` finds them."""
+    return [path for path, reason in find_images(inputs) if reason is None]
 
 
 def _spread(paths: list[Path], limit: int) -> list[Path]:
@@ -50,7 +56,7 @@ def prediction_grid(model_dir: Path, inputs: list[Path], out: Path, limit: int =
     """Save a grid of up to `limit` images titled with predicted (and true) class; wrong ones in red."""
     check_minimums({"limit": 1}, {"limit": limit})
     classes = modeldir.read_info(model_dir)["classes"]
-    results = [r for r in predict(model_dir, _spread(image_paths(inputs), limit), top_k=1, device=device) if "top" in r]
+    results = [r for r in predict(model_dir, _spread(image_files(inputs), limit), top_k=1, device=device) if "top" in r]
     if not results:
         raise UserError("no readable image to show")
     plt, fig, axes = _grid(len(results))
@@ -132,7 +138,7 @@ def gradcam(model_dir: Path, inputs: list[Path], out: Path, limit: int = 8, devi
     transform = pre.transform()
     crop = type(transform)(transform.transforms[:2])        # resize + centre crop: what the model sees
     shown = []
-    for path in _spread(image_paths(inputs), limit):
+    for path in _spread(image_files(inputs), limit):
         try:
             shown.append((path, read_image(path, pre.resize)[0]))
         except ImageError:

@@ -5,7 +5,8 @@ Layout (readable with plain h5py):
                            layers (JSON), image_size, transform (JSON), tta, dtype, versions (JSON),
                            compute_stats, stats (JSON, only with compute_stats), fingerprint,
                            created, tool_version, extract_seconds (the one-off extraction time),
-                           data_root (absolute path of the image folder; not in the fingerprint)
+                           data_root (absolute path of the image folder; not in the fingerprint),
+                           digests (JSON: SHA-256 of each dataset), checksum (SHA-256 of the other attributes)
   /<split>/features [N, D] float16|float32, chunked by rows: the vectors of `layer` (= layers[0])
   /<split>/features@<layer>  [N, D'] the same rows for each further layer in `layers`
   /<split>/labels   [N] int64
@@ -20,15 +21,19 @@ A reader that knows nothing of extra layers reads `/<split>/features` as before.
 holds the resize, crop and normalisation; with `compute_stats` its mean/std are those of the
 training split (also in `stats`). `tta` is true when each vector is the mean of the image's and
 its horizontal flip's. The fingerprint digests every attribute that changes a vector.
+
+Integrity: every dataset carries HDF5's Fletcher-32 filter (the library checks each chunk it reads),
+`digests` and `checksum` are checked on every read, and the values too (finite features, labels
+within the classes, consistent shapes). Caches of schema 2, written before these checks existed, are
+refused with a request to re-run extract (which recomputes them rather than reusing their vectors).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +43,9 @@ import numpy as np
 from pipeline import __version__
 from pipeline.data.folders import dataset_digest
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import check_replaceable, fresh_file
 
-SCHEMA_VERSION = 2   # 2: several layers (layers, features@<layer>), tta, compute_stats
+SCHEMA_VERSION = 3   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums
 FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions")
 EXPECTABLE = ("backbone", "weights", "weights_sha256", "layer", "layers", "image_size", "tta", "dtype",
               "compute_stats", "fingerprint")
@@ -48,6 +54,9 @@ SKIPPED_DTYPE = np.dtype([("path", STR), ("reason", STR)])
 # Rows go to the file within each write call, so a failed write (disk full) raises there; with a
 # chunk cache it would fail later, when h5py closes a dataset, where errors are only printed.
 UNBUFFERED = {"rdcc_nbytes": 0}
+# HDF5 verifies each chunk's Fletcher-32 checksum whenever it is read: a flipped bit fails the read. HDF5
+# allows no filter on variable-length strings (paths, skipped); the digests recorded at commit cover those.
+CHECKED = {"fletcher32": True}
 
 
 def fingerprint(attrs: dict) -> str:
@@ -155,17 +164,24 @@ class FeatureWriter:
         self.progress: dict[str, int] = {}   # samples done per split at the last checkpoint
         self.kept = 0                          # rows written at the last checkpoint
         self.file = self._resumed(attrs)
-        if self.file is None:
-            self.file = h5py.File(self.tmp, "w", **UNBUFFERED)
-            self.file.attrs.update(attrs)
-            self.file.create_dataset("skipped", (0,), SKIPPED_DTYPE, maxshape=(None,), chunks=(1024,))
-        self.file.flush()   # a readable file from the start, cut back to the last checkpoint on resume
+        try:
+            if self.file is None:   # created anew, never through a link planted at its name
+                fresh_file(self.tmp)
+                self.file = h5py.File(self.tmp, "x", **UNBUFFERED)
+                self.file.attrs.update(attrs)
+                self.file.create_dataset("skipped", (0,), SKIPPED_DTYPE, maxshape=(None,), chunks=(1024,))
+            self.file.flush()   # a readable file from the start, cut back to the last checkpoint on resume
+        except BaseException:   # a full disk, say: no file is left behind
+            self.abort()
+            raise
         self.skipped: list[tuple[str, str]] = [(_str(p), _str(r)) for p, r in self.file["skipped"][:]]
 
     def _resumed(self, attrs: dict) -> h5py.File | None:
         """The checkpointed temporary file of an interrupted run with the same plan, cut back to its
         last checkpoint; None when there is none to continue."""
         try:
+            if not stat.S_ISREG(os.lstat(self.tmp).st_mode):   # a link or FIFO is never opened
+                return None
             f = h5py.File(self.tmp, "r+", **UNBUFFERED)
         except OSError:   # none, or not readable: start afresh
             return None
@@ -190,10 +206,10 @@ class FeatureWriter:
         for layer, dim in self.dims.items():
             rows = max(1, min(1024, (1 << 20) // (dim * self.dtype.itemsize)))
             g.create_dataset(features_name(layer, list(self.dims)), (0, dim), self.dtype, maxshape=(None, dim),
-                             chunks=(rows, dim))
-        g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
+                             chunks=(rows, dim), **CHECKED)
+        g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,), **CHECKED)
         g.create_dataset("paths", (0,), STR, maxshape=(None,), chunks=(4096,))
-        g.create_dataset("sha256", (0,), "S64", maxshape=(None,), chunks=(4096,))
+        g.create_dataset("sha256", (0,), "S64", maxshape=(None,), chunks=(4096,), **CHECKED)
         return g
 
     def append(self, split: str, features: dict[str, np.ndarray], labels, paths, sha256) -> None:
@@ -209,11 +225,14 @@ class FeatureWriter:
     def rows(self, split: str) -> int:
         return self.file[split]["labels"].shape[0] if split in self.file else 0
 
-    def skip(self, path: str, reason: str) -> None:
-        self.skipped.append((path, reason))
+    def skip(self, rows: list[tuple[str, str]]) -> None:
+        """Record skipped files as (path, reason) rows, all in one write."""
+        if not rows:
+            return
         table = self.file["skipped"]
-        table.resize(len(self.skipped), axis=0)
-        table[-1] = (path, reason)
+        table.resize(len(self.skipped) + len(rows), axis=0)
+        table[len(self.skipped):] = np.array(rows, SKIPPED_DTYPE)
+        self.skipped += rows
 
     def checkpoint(self, split: str, samples_done: int) -> None:
         """Make everything written so far durable and resumable: `samples_done` of `split` are in."""
@@ -225,10 +244,15 @@ class FeatureWriter:
         self.kept = sum(rows.values())
 
     def commit(self, **attrs) -> None:
-        """Finish the file, adding `attrs` known only at the end (such as the extraction time)."""
+        """Finish the file, adding `attrs` known only at the end (such as the extraction time), the
+        digest of every dataset and the checksum of all attributes (checked on every read)."""
         for key in ("progress", "plan"):
             self.file.attrs.pop(key, None)
         self.file.attrs.update(attrs)
+        columns = {}
+        self.file.visititems(lambda name, item: columns.update({name: item}) if isinstance(item, h5py.Dataset) else None)
+        self.file.attrs["digests"] = json.dumps({name: column_digest(d) for name, d in columns.items()}, sort_keys=True)
+        self.file.attrs["checksum"] = attrs_checksum(self.file.attrs)
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
         self.file.close()
@@ -240,36 +264,57 @@ class FeatureWriter:
 
     def abort(self) -> None:
         try:
-            self.file.close()
+            if getattr(self, "file", None) is not None:
+                self.file.close()
         except (OSError, RuntimeError):   # closing flushes, which fails again on a full disk; the file goes anyway
             pass
         self.tmp.unlink(missing_ok=True)
 
 
-@contextmanager
-def output_lock(target: Path):
-    """Hold `<target>.lock` (flock) for the whole write; a second writer is refused at once with the
-    holder's pid. The kernel drops the lock when its holder dies, so a stale file never blocks."""
-    path = Path(target).with_name(Path(target).name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise UserError(f"{target} is being written by another run (pid {f.read().strip() or '?'}, "
-                            f"lock {path}); wait for it to finish")
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def is_feature_cache(path: Path) -> bool:
+    """Whether the regular file at `path` is an HDF5 file written by this tool (it has a fingerprint)."""
+    try:
+        if not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as f:
+            return "fingerprint" in f.attrs and "schema_version" in f.attrs
+    except OSError:
+        return False
+
+
+def check_output(out: Path, force: bool = False) -> None:
+    """Refuse an --out that is a folder, a device or FIFO, or an existing file that is not a feature cache
+    (a CSV, a photo: replacing it would lose it) unless `force`. Nothing is written here."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the cache file, e.g. {out / 'features.h5'}")
+    check_replaceable(out, "--out")
+    if out.exists() and not force and not is_feature_cache(out):
+        raise UserError(f"--out {out} exists and is not a feature cache; refusing to replace it "
+                        f"(name another file, or pass --force)")
 
 
 def _str(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def column_digest(column: h5py.Dataset | np.ndarray, block: int = 65536) -> str:
+    """SHA-256 of a column's type, shape and values: numbers as raw bytes, read block by block so memory
+    stays flat; strings and tables by the repr of their values. Equal for a dataset and the array read from it."""
+    digest = hashlib.sha256(f"{column.dtype.str}{column.shape}".encode())
+    if column.dtype.kind in "biufS":
+        for a in range(0, max(len(column), 1), block):
+            digest.update(np.ascontiguousarray(column[a:a + block]).tobytes())
+    else:
+        digest.update(repr(column[:].tolist()).encode())
+    return digest.hexdigest()
+
+
+def attrs_checksum(attrs) -> str:
+    """SHA-256 of every root attribute but the checksum itself: the fingerprint leaves out the classes,
+    the digests and the provenance."""
+    plain = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -282,11 +327,24 @@ class Split:
 
 @dataclass
 class Cache:
+    """A checked feature cache, open until `close()` (or the end of a `with` block). Every read goes
+    through this one open file, so a cache that `extract` puts at `path` meanwhile is never mixed in,
+    and every column read is checked against the digest recorded when the cache was committed."""
     path: Path
+    file: h5py.File
     attrs: dict
     classes: list[str]
     splits: list[str]
     skipped: list[tuple[str, str]]
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
 
     @property
     def data_root(self) -> str | None:
@@ -297,38 +355,65 @@ class Cache:
     def layers(self) -> list[str]:
         return json.loads(self.attrs["layers"])
 
+    def column(self, split: str, name: str) -> np.ndarray:
+        """One dataset of a split, verified (HDF5's Fletcher-32 per chunk, then the recorded digest)."""
+        try:
+            values = self.file[split][name][:]
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise UserError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
+                            f"({str(exc).splitlines()[0]}); re-run `pipeline extract`")
+        if column_digest(values) != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):
+            raise UserError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
+                            f"when it was written (damaged or edited); re-run `pipeline extract`")
+        return values
+
     def read(self, split: str, layer: str | None = None) -> Split:
-        """One split's rows; `layer` picks a further feature set (default: the first layer's)."""
+        """One split's rows; `layer` picks a further feature set (default: the first layer's). Refuses
+        features that are not finite and labels outside the class list."""
         if layer is not None and layer not in self.layers:
             raise UserError(f"feature cache {self.path} has no features of layer '{layer}'; "
                             f"it has {', '.join(self.layers)}")
-        with h5py.File(self.path, "r") as f:
-            g = f[split]
-            return Split(g[features_name(layer or self.layers[0], self.layers)][:].astype(np.float32),
-                         g["labels"][:], [p.decode() for p in g["paths"][:]], [s.decode() for s in g["sha256"][:]])
+        features = self.column(split, features_name(layer or self.layers[0], self.layers)).astype(np.float32)
+        labels, paths = self.column(split, "labels"), [p.decode() for p in self.column(split, "paths")]
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if len(bad):
+            raise UserError(f"feature cache {self.path}: {len(bad)} rows of {split} hold features that are not "
+                            f"finite (NaN or inf), e.g. {paths[bad[0]]}; re-run `pipeline extract`")
+        self._check_labels(split, labels)
+        return Split(features, labels, paths, [s.decode() for s in self.column(split, "sha256")])
+
+    def _check_labels(self, split: str, labels: np.ndarray) -> None:
+        outside = labels[(labels < 0) | (labels >= len(self.classes))]
+        if len(outside):
+            raise UserError(f"feature cache {self.path}: {split} has labels outside its {len(self.classes)} "
+                            f"classes (e.g. {outside[0]})")
 
     def vectors_by_sha256(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
-        """Every stored vector, for reuse: ({image sha256: row}, {layer: [N, D] rows of all splits})."""
+        """Every stored vector, for reuse: ({image sha256: row}, {layer: [N, D] rows of all splits}).
+        A row whose vector (in any layer) is not finite is left out, so it is computed again."""
         rows: dict[str, int] = {}
         parts: dict[str, list[np.ndarray]] = {layer: [] for layer in self.layers}
         n = 0
-        with h5py.File(self.path, "r") as f:
-            for split in self.splits:
-                for i, digest in enumerate(f[split]["sha256"][:]):
-                    rows.setdefault(digest.decode(), n + i)
-                n += f[split]["sha256"].shape[0]
-                for layer in self.layers:
-                    parts[layer].append(f[split][features_name(layer, self.layers)][:])
+        for split in self.splits:
+            finite = None
+            for layer in self.layers:
+                parts[layer].append(self.column(split, features_name(layer, self.layers)))
+                ok = np.isfinite(parts[layer][-1].astype(np.float32)).all(axis=1)
+                finite = ok if finite is None else finite & ok
+            digests = self.column(split, "sha256")
+            for i in np.flatnonzero(finite):
+                rows.setdefault(digests[i].decode(), n + int(i))
+            n += len(digests)
         return rows, {layer: np.concatenate(p) for layer, p in parts.items()}
 
     def dataset_id(self) -> str:
         """data.dataset_digest of the images the cache holds, without reading their features."""
         rows = []
-        with h5py.File(self.path, "r") as f:
-            for split in self.splits:
-                g = f[split]
-                rows += [(p.decode(), self.classes[label], split, digest.decode())
-                         for p, label, digest in zip(g["paths"][:], g["labels"][:], g["sha256"][:])]
+        for split in self.splits:
+            labels = self.column(split, "labels")
+            self._check_labels(split, labels)
+            rows += [(p.decode(), self.classes[label], split, digest.decode()) for p, label, digest
+                     in zip(self.column(split, "paths"), labels, self.column(split, "sha256"))]
         return dataset_digest(rows)
 
 
@@ -336,12 +421,13 @@ def content_warnings(cache: Cache, show: int = 20) -> list[str]:
     """What a user should know about a finished cache: classes without rows in a split (the class
     list comes from train) and byte-identical images in two splits (a leak between them)."""
     out, where = [], {}
-    with h5py.File(cache.path, "r") as f:
-        for split in cache.splits:
-            counts = np.bincount(f[split]["labels"][:], minlength=len(cache.classes))
-            out += [f"class '{c}' has no usable image in {split}" for c, n in zip(cache.classes, counts) if n == 0]
-            for path, digest in zip(f[split]["paths"][:], f[split]["sha256"][:]):
-                where.setdefault(digest.decode(), {}).setdefault(split, path.decode())
+    for split in cache.splits:
+        labels = cache.column(split, "labels")
+        cache._check_labels(split, labels)
+        counts = np.bincount(labels, minlength=len(cache.classes))
+        out += [f"class '{c}' has no usable image in {split}" for c, n in zip(cache.classes, counts) if n == 0]
+        for path, digest in zip(cache.column(split, "paths"), cache.column(split, "sha256")):
+            where.setdefault(digest.decode(), {}).setdefault(split, path.decode())
     leaks = [(d, s) for d, s in where.items() if len(s) > 1]
     out += [f"identical images in {' and '.join(s)} (sha256 {d}): {', '.join(s.values())}" for d, s in leaks[:show]]
     if len(leaks) > show:
@@ -350,35 +436,75 @@ def content_warnings(cache: Cache, show: int = 20) -> list[str]:
 
 
 def open_cache(path: Path) -> Cache:
-    """Open a feature cache after checking it is whole: schema, datasets, row counts, fingerprint."""
+    """Open a feature cache after checking it is whole: schema, checksums of its attributes, fingerprint,
+    class list, datasets with their Fletcher-32 filter, types, shapes and row counts. The data itself is
+    checked as it is read (`Cache.column`). Close it after use (or use it in a `with` block)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"feature cache {path} does not exist; run `pipeline extract` first")
+    check_replaceable(path, "feature cache")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise UserError(f"feature cache {path} is not a readable HDF5 file ({exc})")
-    with f:
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"feature cache {path} has schema version {attrs.get('schema_version')}, "
-                            f"this tool reads {SCHEMA_VERSION}; re-run `pipeline extract`")
-        missing = [k for k in (*FINGERPRINT_FIELDS, "fingerprint", "classes") if k not in attrs]
-        if missing:
-            raise UserError(f"feature cache {path} lacks attributes {missing}")
-        if fingerprint(attrs) != attrs["fingerprint"]:
-            raise UserError(f"feature cache {path}: fingerprint does not match its attributes")
-        splits = [s for s in ("train", "val", "test") if s in f]
-        layers = json.loads(attrs["layers"])
-        for s in splits:
-            names = (*(features_name(layer, layers) for layer in layers), "labels", "paths", "sha256")
-            absent = [n for n in names if n not in f[s]]
-            if absent:
-                raise UserError(f"feature cache {path}: split '{s}' lacks datasets {absent}")
-            counts = {n: f[s][n].shape[0] for n in names}
-            if len(set(counts.values())) != 1:
-                raise UserError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
-        if "train" not in splits:
-            raise UserError(f"feature cache {path} has no train split")
-        skipped = [(_str(p), _str(r)) for p, r in f["skipped"][:]] if "skipped" in f else []
-    return Cache(path, attrs, json.loads(attrs["classes"]), splits, skipped)
+    try:
+        return _checked(path, f)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        f.close()
+        raise UserError(f"feature cache {path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        f"re-run `pipeline extract`")
+    except UserError:
+        f.close()
+        raise
+
+
+def _checked(path: Path, f: h5py.File) -> Cache:
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        before = " (written before caches carried checksums)" if isinstance(version, int) and version < 3 else ""
+        raise UserError(f"feature cache {path} has schema version {version}{before}, this tool reads "
+                        f"{SCHEMA_VERSION}; re-run `pipeline extract`")
+    missing = [k for k in (*FINGERPRINT_FIELDS, "fingerprint", "classes", "digests", "checksum") if k not in attrs]
+    if missing:
+        raise UserError(f"feature cache {path} lacks attributes {missing}")
+    if fingerprint(attrs) != attrs["fingerprint"]:
+        raise UserError(f"feature cache {path}: fingerprint does not match its attributes")
+    if attrs_checksum(attrs) != attrs["checksum"]:
+        raise UserError(f"feature cache {path}: its attributes do not match their checksum (damaged or edited); "
+                        f"re-run `pipeline extract`")
+    classes = json.loads(attrs["classes"])
+    if (not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes)
+            or not all(isinstance(c, str) and c for c in classes)):
+        raise UserError(f"feature cache {path}: attribute classes must be a list of at least two distinct "
+                        f"names, got {str(attrs['classes'])[:80]}")
+    splits = [s for s in ("train", "val", "test") if s in f]
+    if "train" not in splits:
+        raise UserError(f"feature cache {path} has no train split")
+    layers = json.loads(attrs["layers"])
+    widths: dict[str, int] = {}
+    for s in splits:
+        features = [features_name(layer, layers) for layer in layers]
+        names = (*features, "labels", "paths", "sha256")
+        absent = [n for n in names if n not in f[s]]
+        if absent:
+            raise UserError(f"feature cache {path}: split '{s}' lacks datasets {absent}")
+        unchecked = [n for n in (*features, "labels", "sha256") if not f[s][n].fletcher32]
+        if unchecked:
+            raise UserError(f"feature cache {path}: split '{s}' datasets {unchecked} carry no checksums")
+        for n in features:
+            ds = f[s][n]
+            if ds.ndim != 2 or ds.dtype.kind != "f" or widths.setdefault(n, ds.shape[1]) != ds.shape[1]:
+                raise UserError(f"feature cache {path}: {s}/{n} must be [rows, {widths.get(n, 'D')}] floats, "
+                                f"is {list(ds.shape)} {ds.dtype}")
+        for n, kind in (("labels", "iu"), ("paths", "O"), ("sha256", "S")):
+            if f[s][n].ndim != 1 or f[s][n].dtype.kind not in kind:
+                raise UserError(f"feature cache {path}: {s}/{n} must be one column of "
+                                f"{'integers' if n == 'labels' else 'text'}, is {f[s][n].dtype} {list(f[s][n].shape)}")
+        counts = {n: f[s][n].shape[0] for n in names}
+        if len(set(counts.values())) != 1:
+            raise UserError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
+        if not counts["labels"]:
+            raise UserError(f"feature cache {path}: split '{s}' has no rows")
+    skipped = [(_str(p), _str(r)) for p, r in f["skipped"][:]] if "skipped" in f else []
+    return Cache(path, f, attrs, classes, splits, skipped)
