@@ -121,3 +121,16 @@ def test_a_folder_whose_training_images_are_all_unusable_leaves_the_previous_cac
     assert line.startswith("error: no training image could be used (") and "train/" in line
     assert line.endswith(f"{out} is left as it was")
     assert out.read_bytes() == small_cache.read_bytes() and not (tmp_path / "f.h5.tmp").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("args", [
+    ("extract", "{images}", "--out", "{tmp}/f.h5", "--device", "cuda"),
+    ("train", "{cache}", "--classifier", "torch_linear", "--param", "device=cuda", "--out", "{tmp}/m"),
+])
+def test_cuda_without_a_gpu_is_the_same_error_everywhere(small_cache, tmp_path, args):
+    images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    fill = {"images": images, "cache": small_cache, "tmp": tmp_path}
+    line = one_line_error(run_cli(*(str(a).format(**fill) for a in args)))
+    assert line == "error: device cuda was asked for, but torch sees no CUDA GPU"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]   # refused before writing anything

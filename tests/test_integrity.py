@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.runtime.errors import UserError
-from pipeline.storage.cache import attrs_checksum, column_digest, open_cache
+from pipeline.storage.cache import open_cache, seal
 from tests.conftest import run_cli
 from tests.test_bad_input import one_line_error
 
@@ -145,10 +145,7 @@ def test_random_bit_flips_are_refused_or_change_nothing(small_cache, tmp_path):
 def restamp(path: Path) -> None:
     """Record the digests and checksum anew, as a tool that wrote wrong values in good faith would."""
     with h5py.File(path, "r+") as f:
-        columns = {}
-        f.visititems(lambda name, item: columns.update({name: item}) if isinstance(item, h5py.Dataset) else None)
-        f.attrs["digests"] = json.dumps({name: column_digest(d) for name, d in columns.items()}, sort_keys=True)
-        f.attrs["checksum"] = attrs_checksum(f.attrs)
+        seal(f)
 
 
 def rotate_sha256(f: h5py.File) -> None:

@@ -250,6 +250,7 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     while this one holds `<out>.lock`. Bad settings, data and outputs (`check_output`; `force` replaces a
     file that is not a feature cache) are refused before any file is written."""
     check_minimums(MINIMUMS, options)
+    resolve_device(options.get("device", "auto"))
     out = Path(out)
     check_output(out, force)
     model = load_backbone(backbone, weights, layer, image_size, tta)

@@ -19,17 +19,8 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 from torch import nn
 
+from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
-
-
-def torch_device(device: str) -> torch.device:
-    """The device a torch head trains on: 'auto' is the GPU when there is one."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        "cpu" if device == "auto" else device)
 
 
 class TorchHead(BaseEstimator, ClassifierMixin):
@@ -57,7 +48,7 @@ class TorchHead(BaseEstimator, ClassifierMixin):
         if not self.lr > 0 or not self.dropout < 1:
             raise UserError(f"torch heads need lr > 0 and dropout < 1, got lr={self.lr}, dropout={self.dropout}")
         torch.manual_seed(self.seed)
-        dev = torch_device(self.device)
+        dev = resolve_device(self.device)
         self.classes_ = np.unique(y)
         yi = np.searchsorted(self.classes_, y)
         self.net_ = self._network(X.shape[1], len(self.classes_)).to(dev)
@@ -146,7 +137,7 @@ class TorchLogReg(BaseEstimator, ClassifierMixin):
 
     def fit(self, X, y):
         check_minimums({"max_iter": 1}, vars(self))
-        dev = torch_device(self.device)
+        dev = resolve_device(self.device)
         self.classes_ = np.unique(y)
         yi = np.searchsorted(self.classes_, y)
         n, k = len(yi), len(self.classes_)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import EXIT_CODE_DIR, UserError
 
 
@@ -51,8 +52,7 @@ def is_distributed() -> bool:
 
 def start(device: str) -> str:
     """Join the process group; return the device this rank uses ('cuda:LOCAL_RANK' or 'cpu')."""
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda:
+    if resolve_device(device).type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))

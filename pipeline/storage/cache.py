@@ -22,9 +22,10 @@ holds the resize, crop and normalisation; with `compute_stats` its mean/std are 
 training split (also in `stats`). `tta` is true when each vector is the mean of the image's and
 its horizontal flip's. The fingerprint digests every attribute that changes a vector.
 
-Integrity: every dataset carries HDF5's Fletcher-32 filter (the library checks each chunk it reads),
-`digests` and `checksum` are checked on every read, and the values too (finite features, labels
-within the classes, consistent shapes). Caches of schema 2, written before these checks existed, are
+Integrity: features, labels and sha256 carry HDF5's Fletcher-32 filter (the library checks each chunk
+it reads; HDF5 filters cannot cover the variable-length paths and skipped, the digests do), `digests`
+and `checksum` are checked on every read, and the values too (finite features, labels within the
+classes, consistent shapes). Caches of schema 2, written before these checks existed, are
 refused with a request to re-run extract (which recomputes them rather than reusing their vectors).
 """
 from __future__ import annotations
@@ -164,9 +165,10 @@ class FeatureWriter:
         self.progress: dict[str, int] = {}   # samples done per split at the last checkpoint
         self.kept = 0                          # rows written at the last checkpoint
         self.file = self._resumed(attrs)
+        if self.file is None:
+            fresh_file(self.tmp)   # created anew below, never through a link planted at its name
         try:
-            if self.file is None:   # created anew, never through a link planted at its name
-                fresh_file(self.tmp)
+            if self.file is None:
                 self.file = h5py.File(self.tmp, "x", **UNBUFFERED)
                 self.file.attrs.update(attrs)
                 self.file.create_dataset("skipped", (0,), SKIPPED_DTYPE, maxshape=(None,), chunks=(1024,))
@@ -249,10 +251,7 @@ class FeatureWriter:
         for key in ("progress", "plan"):
             self.file.attrs.pop(key, None)
         self.file.attrs.update(attrs)
-        columns = {}
-        self.file.visititems(lambda name, item: columns.update({name: item}) if isinstance(item, h5py.Dataset) else None)
-        self.file.attrs["digests"] = json.dumps({name: column_digest(d) for name, d in columns.items()}, sort_keys=True)
-        self.file.attrs["checksum"] = attrs_checksum(self.file.attrs)
+        seal(self.file)
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
         self.file.close()
@@ -308,6 +307,18 @@ def column_digest(column: h5py.Dataset | np.ndarray, block: int = 65536) -> str:
     else:
         digest.update(repr(column[:].tolist()).encode())
     return digest.hexdigest()
+
+
+def seal(f: h5py.File) -> None:
+    """Record the digest of every dataset (`digests`) and then the checksum of all attributes (`checksum`)."""
+    digests: dict[str, str] = {}
+
+    def add(name: str, item) -> None:   # visititems stops at the first callback that returns a value
+        if isinstance(item, h5py.Dataset):
+            digests[name] = column_digest(item)
+    f.visititems(add)
+    f.attrs["digests"] = json.dumps(digests, sort_keys=True)
+    f.attrs["checksum"] = attrs_checksum(f.attrs)
 
 
 def attrs_checksum(attrs) -> str:
