@@ -89,6 +89,19 @@ def extract_params(raw: dict) -> ExtractParams:
     return _settings(ExtractParams, "extract", raw, CHOICES)
 
 
+def extractor_params(path: Path, name: str) -> ExtractParams:
+    """Extractor `name` of an extractor sweep: the `extract` section with `extractors.NAME` on top."""
+    extractors = read_params(path, "extractors")
+    if name not in extractors:
+        raise UserError(f"{path}: extractors has no '{name}'; it has: {', '.join(extractors) or 'none'}")
+    own = extractors[name] or {}
+    if not isinstance(own, dict):
+        raise UserError(f"{path}: extractors.{name} must be a mapping of extract settings, got {own!r}")
+    base = extract_params(read_params(path, "extract"))
+    checked = _settings(ExtractParams, f"extractors.{name}", own, CHOICES)
+    return dataclasses.replace(base, **{key: getattr(checked, key) for key in own})
+
+
 def finetune_settings(name: str, raw: dict | None):
     """One run of the `finetune` section: its key names the model directory, its values the settings."""
     from pipeline.finetune.training import CHOICES as FINETUNE_CHOICES

@@ -1,14 +1,18 @@
-"""DVC stage `compare`: python stages/compare.py OUT_FOLDER MODEL_DIR..."""
+"""DVC stage `compare`: python stages/compare.py OUT_FOLDER MODEL_DIR... (the table goes to OUT_FOLDER/compare.md)"""
 import sys
 from pathlib import Path
 
-from pipeline.report.compare import compare, markdown
+from pipeline.report.compare import compare
 
 from pipeline.cli import run_stage
 
 
 def main():
-    print(markdown(compare([Path(d) for d in sys.argv[2:]], Path(sys.argv[1]))), end="")
+    out = Path(sys.argv[1])
+    table = compare([Path(d) for d in sys.argv[2:]], out)
+    best = table[0]
+    print(f"compare: {len(table)} models ranked by their selection score -> {out / 'compare.md'}; selected "
+          f"{best['name']}: {best['val_score']:.3f} ({best['selection']}), {best['top1']:.3f} on {best['eval_split']}")
 
 
 run_stage(main)

@@ -1,15 +1,16 @@
-"""DVC stage `extract`: python stages/extract.py DATA OUT (settings: params.yaml `extract`)"""
+"""DVC stage `extract@NAME`: python stages/extract.py NAME DATA OUT (settings: params.yaml `extract`, with
+`extractors.NAME` on top)"""
 import sys
 from pathlib import Path
 
 from pipeline.cli import run_stage
-from pipeline.config import extract_params, read_params
+from pipeline.config import extractor_params
 from pipeline.features.extract import extract_folder
 
 
 def main():
-    data, out = map(Path, sys.argv[1:3])
-    p = extract_params(read_params(Path("params.yaml"), "extract"))
+    name, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    p = extractor_params(Path("params.yaml"), name)
     summary = extract_folder(data, out, p.backbone, p.weights, p.layer, p.image_size, p.val_fraction,
                              p.test_fraction, p.seed, labels=p.labels, id_column=p.id_column,
                              label_column=p.label_column, tta=p.tta, compute_stats=p.compute_stats,

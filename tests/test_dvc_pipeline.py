@@ -1,14 +1,18 @@
-"""`dvc repro` in a real temp git repo: the whole pipeline runs, fine-tuning included when enabled,
-and changing one classifier's params reruns only that classifier, never the extraction or fine-tune."""
+"""`dvc repro` in a real temp git repo: the whole extractor sweep runs (two extractors x two classifiers,
+fine-tuning included when enabled); changing one extractor's settings reruns only its cache and the models
+on it, changing one classifier's params reruns only that classifier on each cache, and `compare` selects by
+the val score."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from tests.conftest import COLOURS, ROOT, tiny_image
@@ -37,7 +41,12 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_changing_a_classifier_param_skips_extraction_and_finetune(tmp_path):
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.slow
+def test_an_extractor_sweep_reruns_only_what_changed_and_selects_by_val(tmp_path):
     repo = tmp_path / "repo"
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -45,32 +54,43 @@ def test_changing_a_classifier_param_skips_extraction_and_finetune(tmp_path):
     (repo / "data").mkdir()
     tiny_archive(repo / "data" / "fashion_mnist_demo.npz")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["extract"].update(image_size=64, workers=0)
-    params["train"] = {name: params["train"][name] for name in ("logreg", "linear_svm", "knn")}
+    params["extract"].update(workers=0)
+    params["extractors"] = {"small": {"image_size": 32}, "large": {"image_size": 48}}
+    params["train"] = {"logreg": params["train"]["logreg"], "knn": params["train"]["knn"]}
     params["finetune"]["enabled"] = ["ft_head"]
     params["finetune"]["ft_head"].update(epochs=1, image_size=32, batch_size=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(repo), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     sh("git", "init", "-q", cwd=repo, env=env)
     sh("dvc", "init", "-q", cwd=repo, env=env)
-    first = sh("dvc", "repro", cwd=repo, env=env)
-    assert "Running stage 'extract'" in first and "Running stage 'compare'" in first
-    cache = repo / "features" / "features.h5"
-    before = (digest(cache), cache.stat().st_mtime_ns)
-    assert "Running stage 'finetune@ft_head'" in first
+    first = ran(sh("dvc", "repro", cwd=repo, env=env))
+    models = {f"{e}-{c}" for e in ("small", "large") for c in ("logreg", "knn")}
+    assert first == {"prepare", "extract@small", "extract@large", "finetune@ft_head", "compare",
+                     *(f"train@{m}" for m in models)}
     rows = json.loads((repo / "reports" / "compare.json").read_text())
-    assert sorted(r["name"] for r in rows) == ["ft_head", "knn", "linear_svm", "logreg"]
-    assert all(r["train_seconds"] > 0 and r["total_seconds"] > 0 for r in rows)
-    assert all(r["swap_speedup"] > 0 for r in rows if r["kind"] == "features")
+    assert sorted(r["name"] for r in rows) == ["ft_head", "large/knn", "large/logreg", "small/knn", "small/logreg"]
+    assert [r["selected"] for r in rows].count(True) == 1 and rows[0]["selected"]
+    assert rows[0]["val_score"] == max(r["val_score"] for r in rows)
+    for r in rows:
+        if r["kind"] == "features":
+            size = 32 if r["name"].startswith("small/") else 48
+            assert r["extractor"] == f"efficientnet_lite0 {size}px" and r["extract_seconds"] > 0
+            assert r["total_seconds"] == r["extract_seconds"] + r["train_seconds"] and r["swap_speedup"] > 0
+    small = repo / "features" / "small.h5"
+    before = (digest(small), small.stat().st_mtime_ns)
+
+    params["extractors"]["large"]["image_size"] = 40
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    second = ran(sh("dvc", "repro", cwd=repo, env=env))
+    assert second == {"extract@large", "train@large-logreg", "train@large-knn", "compare"}
+    assert (digest(small), small.stat().st_mtime_ns) == before
+    large = json.loads((repo / "reports" / "compare.json").read_text())
+    assert {r["extractor"] for r in large if r["name"].startswith("large/")} == {"efficientnet_lite0 40px"}
 
     params["train"]["logreg"]["C"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    second = sh("dvc", "repro", cwd=repo, env=env)
-    assert "Stage 'extract' didn't change, skipping" in second
-    assert "Running stage 'train@logreg'" in second
-    for name in set(params["train"]) - {"logreg"}:
-        assert f"Running stage 'train@{name}'" not in second
-    assert "Running stage 'finetune@ft_head'" not in second and "Running stage 'compare'" in second
-    assert (digest(cache), cache.stat().st_mtime_ns) == before
-    metrics = yaml.safe_load((repo / "models" / "logreg" / "metrics.json").read_text())
-    assert metrics["hyperparameters"]["C"] == 0.5
+    third = ran(sh("dvc", "repro", cwd=repo, env=env))
+    assert third == {"train@small-logreg", "train@large-logreg", "compare"}
+    assert (digest(small), small.stat().st_mtime_ns) == before
+    details = json.loads((repo / "models" / "small" / "logreg" / "details.json").read_text())
+    assert details["hyperparameters"]["C"] == 0.5

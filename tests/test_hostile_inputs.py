@@ -203,10 +203,12 @@ def run_stage(stage: str, cwd: Path, *args) -> subprocess.CompletedProcess:
     ("extract:\n  batch_size: eight\n", ["extract.batch_size must be int or None", "'eight'"]),
     ("extract:\n  batch_size: 0\n", ["batch_size must be at least 1, got 0"]),
     ("extract:\n  backbone: resnet9000\n", ["extract.backbone 'resnet9000' is unknown", "resnet18", "timm/"]),
+    ("extractors:\n  x: {image_size: big}\n", ["extractors.x.image_size must be int or None", "'big'"]),
+    ("extractors:\n  y: {}\n", ["extractors has no 'x'; it has: y"]),
 ])
 def test_bad_extract_params(tmp_path, params, words):
-    (tmp_path / "params.yaml").write_text(params)
-    line = one_line_error(run_stage("extract.py", tmp_path, tmp_path / "images", tmp_path / "f.h5"))
+    (tmp_path / "params.yaml").write_text(params if "extractors" in params else params + "extractors:\n  x: {}\n")
+    line = one_line_error(run_stage("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5"))
     assert all(w in line for w in words), line
 
 

@@ -1,16 +1,20 @@
-"""The comparison: classifier rows and fine-tune rows side by side, never across datasets."""
+"""The comparison: classifier rows and fine-tune rows side by side, never across datasets, ranked by the
+score their selection used (never by the evaluation split), with 95% intervals and a readable plot."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pipeline.finetune.training import FinetuneSettings, finetune
-from pipeline.report.compare import rows
+from pipeline.heads.train import train
+from pipeline.report.compare import figure, markdown, rows
 
 from pipeline.runtime.errors import UserError
-from tests.conftest import run_cli
+from pipeline.config import train_settings
+from tests.conftest import run_cli, synthetic_cache
 
 TINY = FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0, device="cpu")
 
@@ -34,14 +38,20 @@ def test_compare_puts_classifiers_and_fine_tunes_in_one_table(models, tmp_path):
     assert logreg["total_seconds"] == pytest.approx(logreg["extract_seconds"] + logreg["train_seconds"])
     assert head["extract_seconds"] is None and head["total_seconds"] == head["train_seconds"]
     assert logreg["swap_speedup"] == pytest.approx(head["train_seconds"] / logreg["train_seconds"])
-    assert "| ft_head | head |" in proc.stdout and "| logreg | logreg |" in proc.stdout
+    assert "| ft_head | efficientnet_lite0 64px | head |" in proc.stdout
+    assert "| logreg | efficientnet_lite0 64px | logreg |" in proc.stdout
     assert "swap speed-up" in proc.stdout.splitlines()[0]
+    assert [r["selected"] for r in table] == [True, False]
+    assert table[0]["val_score"] >= table[1]["val_score"]
+    for r in table:
+        lo, hi = r["top1_interval"]
+        assert lo <= r["top1"] <= hi and r["n_eval"] == 12 and r["n_val_scored"] == 12
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
 def test_without_a_fine_tune_run_there_is_no_swap_column(models, tmp_path):
     header = run_cli("compare", models / "logreg", "--out", tmp_path, check=True).stdout.splitlines()[0]
-    assert header.endswith("| total s | evaluated on |")
+    assert header.endswith("| test top-1 (95% CI) | balanced acc. | macro F1 | extraction s | train s | total s |")
 
 
 def test_compare_refuses_runs_on_different_datasets(models, small_cache, tmp_path):
@@ -52,3 +62,58 @@ def test_compare_refuses_runs_on_different_datasets(models, small_cache, tmp_pat
     for other_run in ([models / "logreg", tmp_path / "ft_other"], [models / "ft_head", tmp_path / "ft_other"]):
         with pytest.raises(UserError, match="different data"):
             rows(other_run)
+
+
+def test_the_selection_score_picks_the_model_even_where_the_test_split_would_pick_another(tmp_path):
+    """Two extractors' caches of the same images: A separates the classes on train and val but not on
+    test, B on train and test but less on val. Selection takes A (its val score is higher) and reports
+    A's poor test score, although B's test score is the best."""
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+
+    def split(n, noise, seed):
+        y = np.repeat(np.arange(3), n)
+        return (np.eye(3)[y] * 4 + np.random.default_rng(seed).normal(0, noise, (len(y), 3))).astype(np.float32), y
+
+    train_, val, test = split(10, 0.3, 1), split(10, 0.3, 2), split(10, 0.3, 3)
+    shuffled_test = (rng.permutation(test[0]), test[1])
+    blurred_val = (val[0] + rng.normal(0, 4, val[0].shape).astype(np.float32), val[1])
+    caches = {"A": {"train": train_, "val": val, "test": shuffled_test},
+              "B": {"train": train_, "val": blurred_val, "test": test}}
+    for name, splits in caches.items():
+        train(synthetic_cache(tmp_path / f"{name}.h5", splits, classes), tmp_path / "models" / name / "logreg",
+              train_settings("logreg", {"preprocess": "none"}))
+    table = rows([tmp_path / "models"])
+    by_name = {r["name"]: r for r in table}
+    a, b = by_name["A/logreg"], by_name["B/logreg"]
+    assert a["val_score"] > b["val_score"] and a["top1"] < b["top1"]       # test would have picked B
+    assert [r["name"] for r in table if r["selected"]] == ["A/logreg"] and table[0] is a
+    text = markdown(table)
+    assert "Selected: **A/logreg**" in text and f"Its test top-1: {a['top1']:.3f}" in text
+    assert text.count("| ✓ |") == 1
+    assert "The runner-up, B/logreg" in text and "is outside the selected model's 95% interval" in text
+
+
+def test_the_report_says_when_the_runner_up_is_within_the_interval(tmp_path):
+    """Two classifiers on one easy cache both score 1.0 on its 15 val images: a tie the report names."""
+    easy = {split: (np.repeat(np.eye(3, dtype=np.float32), n, 0) * 4, np.repeat(np.arange(3), n))
+            for split, n in (("train", 8), ("val", 5), ("test", 5))}
+    cache = synthetic_cache(tmp_path / "easy.h5", easy, ["a", "b", "c"])
+    for classifier in ("logreg", "knn"):
+        train(cache, tmp_path / "models" / classifier, train_settings(classifier, {}))
+    table = rows([tmp_path / "models"])
+    assert [r["val_score"] for r in table] == [1.0, 1.0] and table[0]["val_interval"][0] < 1.0
+    assert f"The runner-up, {table[1]['name']} (1.000), is within the selected model's 95% interval" in markdown(table)
+
+
+def test_the_plot_has_no_empty_legend_entry_and_no_overlapping_labels(models):
+    table = rows([models / "logreg"])
+    legend = [t.get_text() for t in figure(table).axes[0].get_legend().get_texts()]
+    assert sorted(legend) == ["feature cache + classifier (extraction included)", "selected: logreg"]
+
+    crowded = [dict(table[0], name=f"lite0_{i}/logreg", selected=False) for i in range(6)]   # one spot, six models
+    ax = figure(crowded).axes[0]
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 6
+    assert not any(p.overlaps(q) for i, p in enumerate(boxes) for q in boxes[i + 1:])

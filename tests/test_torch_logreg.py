@@ -26,4 +26,5 @@ def test_matches_sklearn_logistic_regression(precision):
 def test_trains_from_the_command_line(small_cache, tmp_path):
     run_cli("train", small_cache, "--classifier", "torch_logreg", "--out", tmp_path / "m", check=True)
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert metrics["top1"] > 0.9 and "C" in metrics["hyperparameters"]
+    details = json.loads((tmp_path / "m" / "details.json").read_text())
+    assert metrics["top1"] > 0.9 and "C" in details["hyperparameters"]

@@ -56,7 +56,8 @@ def test_test_split_never_influences_a_choice(tmp_path, classifier):
     assert (ma["eval_split"], ma["selection"]) == ("test", "val")
     assert (ma["n_train"], ma["n_val"], ma["n_test"], ma["n_eval"]) == (60, 32, 32, 32)
     tuned = CLASSIFIERS[classifier].tuned
-    assert ma["search"][f"{ma['hyperparameters'][tuned]:g}"] == max(ma["search"].values())   # won on val
+    scores = ma["search"]["scores"]
+    assert scores[f"{ma['hyperparameters'][tuned]:g}"] == max(scores.values()) == ma["val_score"]   # won on val
     if classifier == "knn":                                            # the winner is refitted on train+val
         assert model_a[-1].n_samples_fit_ == 60 + 32
 
@@ -85,6 +86,42 @@ def test_without_test_split_selection_is_cv_on_train_and_val_is_evaluated_once(t
     assert ma["hyperparameters"] == mb["hyperparameters"] and ma["search"] == mb["search"]
     probe = np.random.default_rng(5).normal(0, 2, (50, 8)).astype(np.float32)
     np.testing.assert_array_equal(scores_of(model_a, probe, 4), scores_of(model_b, probe, 4))
+
+
+@pytest.mark.slow
+def test_a_flat_search_says_so_and_stops(tmp_path, capsys):
+    """Every weight decay scores the same on val here. The search warns, keeps a middle value of its
+    grid (not an edge) and tries no finer grid."""
+    cache = synthetic_cache(tmp_path / "c.h5", {"train": blobs(10, 1), "val": blobs(5, 2), "test": blobs(5, 3)},
+                            CLASSES)
+    m = train(cache, tmp_path / "m", train_settings("torch_linear", {"epochs": 60, "patience": 5}))
+    grid = CLASSIFIERS["torch_linear"].grid
+    assert list(m["search"]["scores"]) == [f"{v:g}" for v in grid]
+    assert len(set(m["search"]["scores"].values())) == 1
+    assert m["hyperparameters"]["weight_decay"] in grid[2:4]
+    warning = f"every weight_decay tried scored {m['val_score']:.3f}: the search is flat"
+    assert warning in capsys.readouterr().err
+    assert warning in json.loads((tmp_path / "m" / "details.json").read_text())["search"]["warnings"][0]
+
+
+def test_a_best_value_at_the_edge_of_the_grid_is_stepped_past(tmp_path):
+    """Noisy training labels, clean val: more neighbours keep helping past the grid's largest k (25).
+    The search steps past it; a value left at the edge of what was tried is never chosen silently."""
+    rng = np.random.default_rng(0)
+
+    def noisy(n, noise):
+        y = np.repeat(np.arange(3), n)
+        X = (np.eye(3)[y] + rng.normal(0, 0.8, (len(y), 3))).astype(np.float32)
+        return X, np.where(rng.random(len(y)) < noise, rng.integers(0, 3, len(y)), y)
+
+    splits = {"train": noisy(150, 0.5), "val": noisy(60, 0.0), "test": noisy(20, 0.0)}
+    m = train(synthetic_cache(tmp_path / "noisy.h5", splits, CLASSES[:3]), tmp_path / "knn",
+              train_settings("knn", {"preprocess": "none"}))
+    tried = sorted(float(v) for v in m["search"]["scores"])
+    assert max(tried) > max(CLASSIFIERS["knn"].grid)
+    chosen = m["hyperparameters"]["n_neighbors"]
+    assert chosen > 25 and m["val_score"] == max(m["search"]["scores"].values())
+    assert chosen < max(tried) or any(f"n_neighbors={chosen:g} is at the edge" in w for w in m["search"]["warnings"])
 
 
 def test_metrics_agree_with_independent_computations():
@@ -126,9 +163,9 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stages["train"]}}))
-    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"logreg": {"C": "auto"}}}))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"extractors": {"x": {}}, "train": {"logreg": {"C": "auto"}}}))
     (repo / "features").mkdir()
-    shutil.copy(small_cache, repo / "features" / "features.h5")
+    shutil.copy(small_cache, repo / "features" / "x.h5")
     env = dict(os.environ, PYTHONPATH=str(repo), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
     def dvc(*args):
@@ -142,16 +179,18 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
     dvc("repro")
     shown = json.loads(dvc("metrics", "show", "--json"))
     metrics = next(iter(shown.values()))["data"]
-    written = json.loads((repo / "models" / "logreg" / "metrics.json").read_text())
-    for key in (*DESIGN_KEYS, "n_val", "n_test", "predict_seconds", "log_loss"):
-        assert metrics["models/logreg/metrics.json"]["data"][key] == written[key], key
-    assert written["hyperparameters"]["C"] > 0 and written["per_class"]["red"]["support"] == 4
-    assert "top5" not in written                                       # 3 classes
+    written = json.loads((repo / "models" / "x" / "logreg" / "metrics.json").read_text())
+    assert metrics["models/x/logreg/metrics.json"]["data"] == written
+    assert set(written) == {*DESIGN_KEYS, "val_score", "selection", "n_val", "n_test", "predict_seconds",
+                            "extract_seconds", "log_loss"}           # one value each; no top5 with 3 classes
+    details = json.loads((repo / "models" / "x" / "logreg" / "details.json").read_text())
+    assert details["hyperparameters"]["C"] > 0 and details["per_class"]["red"]["support"] == 4
+    assert details["search"]["hyperparameter"] == "C" and "0.01" in details["search"]["scores"]
     table = dvc("metrics", "show")
-    assert "models/logreg/metrics.json" in table and "top1" in table
+    assert "models/x/logreg/metrics.json" in table and "top1" in table
 
     plots = json.loads(dvc("plots", "show", "--json"))
-    rows = [r for p in plots["data"]["models/logreg/confusion.json"] for r in p["content"]["data"]["values"]]
+    rows = [r for p in plots["data"]["models/x/logreg/confusion.json"] for r in p["content"]["data"]["values"]]
     assert len(rows) == 12 and {"actual", "predicted"} <= set(rows[0])
     dvc("plots", "show", "-o", "plots")
     assert "confusion" in (repo / "plots" / "index.html").read_text()

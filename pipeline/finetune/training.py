@@ -473,7 +473,9 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     predict_seconds = time.perf_counter() - t
     metrics = score_metrics(y, torch.softmax(torch.from_numpy(logits), 1).numpy(), dataset.classes, True)
     n = {split: sum(1 for v in seen.values() if v[1] == split) for split in ("train", "val", "test")}
-    metrics.update(eval_split=eval_split, n_train=n["train"], n_val=n["val"], n_test=n["test"], n_eval=n[eval_split],
+    val_score = next(h["val_acc"] for h in history if h["epoch"] == best_epoch)   # the score that chose the epoch
+    metrics.update(val_score=val_score, eval_split=eval_split, n_train=n["train"], n_val=n["val"], n_test=n["test"],
+                   n_eval=n[eval_split],
                    n_skipped=len(skipped), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                    best_epoch=best_epoch, epochs_run=len(history), selection="val", device=str(dev),
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})

@@ -5,6 +5,7 @@ decision values otherwise) and names the one hyperparameter model selection tune
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +22,25 @@ from torch import nn
 
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
+
+
+SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a CPU head trains on one thread
+
+
+@contextlib.contextmanager
+def _one_thread_if_small(device: torch.device, n_values: int):
+    """One CPU thread for small heads: their products are too small to share, and waking a second
+    thread for each one cost 8-10x the time on a busy 2-core machine (0.3 s against 15 s for one fit
+    on 245 x 1280 vectors)."""
+    if device.type != "cpu" or n_values > SMALL_PROBLEM:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TorchHead(BaseEstimator, ClassifierMixin):
@@ -43,6 +63,10 @@ class TorchHead(BaseEstimator, ClassifierMixin):
     def fit(self, X, y, X_val=None, y_val=None):
         """Train; with a val set, stop when its loss stops improving and keep the best epoch.
         Without one, train for `epochs` epochs (model selection passes the best epoch count)."""
+        with _one_thread_if_small(resolve_device(self.device), np.size(X)):
+            return self._fit(X, y, X_val, y_val)
+
+    def _fit(self, X, y, X_val, y_val):
         check_minimums({"hidden": 0, "depth": 1, "dropout": 0, "weight_decay": 0, "epochs": 1, "batch_size": 1,
                         "patience": 1}, vars(self))
         if not self.lr > 0 or not self.dropout < 1:

@@ -51,3 +51,11 @@ def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on `n` images: on 60 images, 0.967 reads
+    as 0.886-0.991, so a 0.983 beside it is a tie."""
+    from scipy.stats import binomtest
+    ci = binomtest(int(round(accuracy * n)), n).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)

@@ -19,7 +19,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import UserError, warn
 from pipeline.storage import modeldir
 from pipeline.storage.cache import check_expected, open_cache
 
@@ -67,21 +67,32 @@ def scores_of(model, X: np.ndarray, n_classes: int) -> np.ndarray:
     return full
 
 
-def _best(tried: dict) -> float:
-    """Highest score; ties go to the value nearest 1 on a log scale (the middle of the grids)."""
-    return max(tried, key=lambda v: (tried[v][0], -abs(np.log10(v))))
+def _best(tried: dict, grid: tuple) -> float:
+    """Highest score; ties go to the value nearest the middle of the grid on a log scale."""
+    middle = np.sqrt(float(grid[0]) * float(grid[-1]))
+    return max(tried, key=lambda v: (tried[v][0], -abs(np.log(v / middle))))
 
 
-def _candidates(s: TrainSettings, tried: dict) -> list:
-    """First the fixed value or the coarse grid; then five log-spaced points around the best."""
-    if not tried:
-        return [float(s.value)] if s.value != "auto" else list(CLASSIFIERS[s.classifier].grid)
-    grid = CLASSIFIERS[s.classifier].grid
-    if s.value != "auto" or s.classifier == "knn":
-        return []
-    i = grid.index(_best(tried))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    return [float(v) for v in np.geomspace(lo, hi, 5) if not np.isclose(v, list(tried)).any()]
+def _beyond(classifier: str, tried: dict, best: float, limit: int) -> float | None:
+    """One step of the grid past the edge value `best`; None when `best` is not at an edge or the
+    grid cannot go further (one neighbour, or more neighbours than a fit's training images)."""
+    values = sorted(tried)
+    if best not in (values[0], values[-1]) or len(values) < 2:
+        return None
+    low = best == values[0]
+    ratio = values[1] / values[0] if low else values[-1] / values[-2]
+    if classifier != "knn":
+        return best / ratio if low else best * ratio
+    step = int(round(best * ratio)) | 1            # odd, as the grid's values are
+    return None if low or step > limit else float(step)
+
+
+def _refined(tried: dict, best: float) -> list[float]:
+    """Five log-spaced points between the best value's neighbours, those not tried yet."""
+    values = sorted(tried)
+    i = values.index(best)
+    lo, hi = values[max(i - 1, 0)], values[min(i + 1, len(values) - 1)]
+    return [float(v) for v in np.geomspace(lo, hi, 5) if not np.isclose(v, values).any()]
 
 
 def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
@@ -93,9 +104,20 @@ def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
     return k
 
 
-def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict, int | None]:
-    """Score each candidate on (X_val, y_val), or by stratified k-fold on (X, y) when there is no
-    val set. Returns (best value, {value: score}, epochs for torch heads)."""
+@dataclass
+class Selection:
+    """The outcome of a hyperparameter search: the chosen value, its score and every score tried."""
+    value: float
+    score: float                         # the chosen value's mean accuracy on val (or over the folds)
+    scores: dict                         # {value: score}
+    epochs: int | None                   # torch heads: the median best epoch of the chosen value
+    warnings: list[str]
+
+
+def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
+    """Score each candidate on (X_val, y_val), or by stratified k-fold on (X, y) when there is no val
+    set: the coarse grid; if every value scores the same, stop there; if the best is at an edge, step
+    past it (twice at most); then a finer grid around the best."""
     if X_val is None:
         k = cv_folds(s, y)
         folds = [(X[tr], y[tr], X[va], y[va])
@@ -104,8 +126,9 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict,
         folds = [(X, y, X_val, y_val)]
     smallest_fit = min(len(f[1]) for f in folds)
     tried: dict = {}
-    for _round in ("coarse", "refine"):
-        for value in _candidates(s, tried):
+
+    def score(values):
+        for value in values:
             if s.classifier == "knn" and value > smallest_fit:
                 continue   # more neighbours than training images
             scores, epochs = [], []
@@ -114,10 +137,34 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> tuple[float, dict,
                 scores.append(float(np.mean(model.predict(Xb) == yb)))
                 epochs.append(getattr(model[-1], "best_epoch_", None))
             tried[value] = (float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
+
+    grid = CLASSIFIERS[s.classifier].grid
+    tuned = CLASSIFIERS[s.classifier].tuned
+    score([float(s.value)] if s.value != "auto" else grid)
     if not tried:
         raise UserError(f"n_neighbors={s.value} is more than the {smallest_fit} training images a fit sees")
-    best = _best(tried)
-    return best, {f"{v:g}": sc for v, (sc, _) in sorted(tried.items())}, tried[best][1]
+    warnings = []
+    flat = len(tried) > 1 and len({sc for sc, _ in tried.values()}) == 1
+    if flat:
+        warnings.append(f"every {tuned} tried scored {next(iter(tried.values()))[0]:.3f}: the search is flat; "
+                        f"kept {_best(tried, grid):g} from the middle of the grid and stopped")
+    elif s.value == "auto":
+        for _step in range(2):
+            step = _beyond(s.classifier, tried, _best(tried, grid), smallest_fit)
+            if step is None:
+                break
+            score([step])
+        edge = _best(tried, grid)
+        if _beyond(s.classifier, tried, edge, smallest_fit) is not None:
+            warnings.append(f"{tuned}={edge:g} is at the edge of the values tried ({min(tried):g} to "
+                            f"{max(tried):g}): a value beyond it may score better; set it in params.yaml "
+                            f"(or --param) to try")
+        if s.classifier != "knn":
+            score(_refined(tried, edge))
+    best = _best(tried, grid)
+    for message in warnings:
+        warn(f"{s.classifier}: {message}")
+    return Selection(best, tried[best][0], {v: sc for v, (sc, _) in sorted(tried.items())}, tried[best][1], warnings)
 
 
 def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None) -> dict:
@@ -134,29 +181,32 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
         dataset = cache.dataset_id()
     eval_split = "test" if has_test else "val"
     start = time.perf_counter()
-    value, search, epochs = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
-                             else select(s, train_.features, train_.labels))
+    chosen = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
+              else select(s, train_.features, train_.labels))
     if has_test:
         X = np.concatenate([train_.features, val.features])
         y = np.concatenate([train_.labels, val.labels])
         evaluation = test
     else:
         X, y, evaluation = train_.features, train_.labels, val
-    model = _fit(s, value, X, y, epochs=epochs)
+    model = _fit(s, chosen.value, X, y, epochs=chosen.epochs)
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
     scores = scores_of(model, evaluation.features, len(cache.classes))
     predict_seconds = time.perf_counter() - t
     metrics = evaluate(evaluation.labels, scores, cache.classes, has_probabilities(model[-1]))
     tuned = CLASSIFIERS[s.classifier].tuned
-    metrics.update(eval_split=eval_split, n_train=len(train_.labels), n_val=len(val.labels),
+    metrics.update(val_score=chosen.score,
+                   selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold cv on train",
+                   eval_split=eval_split, n_train=len(train_.labels), n_val=len(val.labels),
                    n_test=len(evaluation.labels) if has_test else 0, n_eval=len(evaluation.labels),
                    fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                    extract_seconds=cache.attrs.get("extract_seconds"),
-                   hyperparameters={**s.params, tuned: value, **({"epochs": epochs} if epochs else {}),
+                   hyperparameters={**s.params, tuned: chosen.value,
+                                    **({"epochs": chosen.epochs} if chosen.epochs else {}),
                                     "preprocess": s.preprocess, "class_weight": s.class_weight},
-                   selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold cv on train",
-                   search=search)
+                   search={"hyperparameter": tuned, "scores": {f"{v:g}": sc for v, sc in chosen.scores.items()},
+                           "warnings": chosen.warnings})
     info = {"kind": "features", "classifier": s.classifier, "classes": cache.classes,
             "backbone": _backbone_spec(cache.attrs),
             "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,

@@ -1,33 +1,46 @@
 """The comparison of approaches: one row per model directory, as Markdown, JSON and a plot.
 
-Stage-two models pay the one-off extraction once and then seconds per classifier; a fine-tune
-run pays its whole training every time. The table shows both costs and, for each classifier,
-how many times faster swapping it is than the fastest fine-tune run.
+Models are ranked by the score their own selection used (val accuracy, or k-fold accuracy on train
+without a test split), never by the evaluation split; the best one is marked as selected and its
+evaluation score is the one to report. Each accuracy has a 95% interval, since on small evaluation sets
+a few images decide the order. Stage-two models pay their cache's extraction once and then seconds per
+classifier; a fine-tune run pays its whole training every time. The table shows both costs and, for
+each classifier, how many times faster swapping it is than the fastest fine-tune run.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+from pipeline.heads.metrics import accuracy_interval
 from pipeline.runtime.errors import UserError
 from pipeline.storage import modeldir
 
 
-def model_dirs(paths: list[Path]) -> list[Path]:
-    """Model directories as given; a folder without model.json stands for its sub-folders that have one."""
+def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
+    """(name, directory) of each model: a directory as given is named by its folder; a folder without
+    model.json stands for every model directory below it, named by its path inside the folder
+    (models/lite0_160/logreg -> lite0_160/logreg)."""
     out = []
     for p in map(Path, paths):
         if (p / "model.json").is_file() or not p.is_dir():
-            out.append(p)
+            out.append((p.name, p))
         else:
-            found = sorted(d for d in p.iterdir() if (d / "model.json").is_file())
+            found = sorted(f.parent for f in p.rglob("model.json"))
             if not found:
                 raise UserError(f"{p} is neither a model directory nor a folder of them")
-            out += found
+            out += [(d.relative_to(p).as_posix(), d) for d in found]
     return out
 
 
-def _row(d: Path) -> dict:
+def _extractor(spec: dict) -> str:
+    """The backbone and the settings that change its vectors, e.g. 'efficientnet_lite0 224px tta'."""
+    size = spec.get("preprocessing", {}).get("image_size")
+    return " ".join([spec["backbone"], *([f"{size}px"] if size else []), *(["tta"] if spec.get("tta") else [])])
+
+
+def _row(name: str, d: Path) -> dict:
     info = modeldir.verify(d)
     metrics_path = d / "metrics.json"
     if not metrics_path.is_file():
@@ -35,34 +48,43 @@ def _row(d: Path) -> dict:
     if not info.get("dataset"):
         raise UserError(f"{d}/model.json records no dataset identity; train it again with this version")
     m = json.loads(metrics_path.read_text())
+    if "val_score" not in m:
+        raise UserError(f"{metrics_path} records no val_score (the score its selection used); "
+                        f"train it again with this version")
     cached = info["kind"] == "features"
     extract = m.get("extract_seconds") if cached else None   # None for a cache made without timing
     total = None if cached and extract is None else m["fit_seconds"] + (extract or 0.0)
-    return {"name": d.name, "kind": info["kind"], "approach": info.get("classifier") or info.get("strategy"),
-            "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
+    n_scored = m["n_val"] if m["selection"] == "val" else m["n_train"]   # k-fold scores every train image once
+    return {"name": name, "kind": info["kind"], "approach": info.get("classifier") or info.get("strategy"),
+            "extractor": _extractor(info["backbone"]), "selected": False,
+            "val_score": m["val_score"], "val_interval": accuracy_interval(m["val_score"], n_scored),
+            "selection": m["selection"], "n_val_scored": n_scored,
+            "top1": m["top1"], "top1_interval": accuracy_interval(m["top1"], m["n_eval"]),
+            "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
             "extract_seconds": extract, "train_seconds": m["fit_seconds"], "total_seconds": total,
-            "swap_speedup": None, "eval_split": m["eval_split"], **({"top5": m["top5"]} if "top5" in m else {}),
-            "_data": (info["dataset"], m["eval_split"], m["n_eval"]), "_cache": info["fingerprint"]}
+            "swap_speedup": None, "eval_split": m["eval_split"], "n_eval": m["n_eval"],
+            **({"top5": m["top5"]} if "top5" in m else {}), "_data": (info["dataset"], m["eval_split"], m["n_eval"])}
 
 
 def rows(dirs: list[Path]) -> list[dict]:
-    """One row per model, refusing to mix datasets, eval splits, or feature caches."""
+    """One row per model, best selection score first, the first one selected; refuses to mix datasets
+    or evaluation splits. Ties go to the cheaper model (total seconds), then the name."""
     out = []
-    for d in model_dirs(dirs):
-        row = _row(d)
+    for name, d in model_dirs(dirs):
+        row = _row(name, d)
         if out and row["_data"] != out[0]["_data"]:
             raise UserError(f"cannot compare {d} with {out[0]['name']}: they were trained or evaluated on "
                             f"different data (dataset identity, eval split or its size differ)")
-        other = next((r for r in out if r["kind"] == "features"), None)
-        if row["kind"] == "features" and other and row["_cache"] != other["_cache"]:
-            raise UserError(f"cannot compare {d} with {other['name']}: their feature caches differ")
         out.append(row)
     finetuned = [r["train_seconds"] for r in out if r["kind"] == "finetuned"]
     for r in out:
-        del r["_data"], r["_cache"]
+        del r["_data"]
         if finetuned and r["kind"] == "features":
             r["swap_speedup"] = min(finetuned) / r["train_seconds"]
-    return sorted(out, key=lambda r: -r["top1"])
+    out.sort(key=lambda r: (-r["val_score"], math.inf if r["total_seconds"] is None else r["total_seconds"],
+                            r["name"]))
+    out[0]["selected"] = True
+    return out
 
 
 def _cell(value, fmt: str = "{:.1f}") -> str:
@@ -74,47 +96,106 @@ def _speedup(value) -> str:
     return _cell(value, "{:.0f}×" if value is not None and value >= 10 else "{:.1f}×")
 
 
+def _accuracy(value: float, interval) -> str:
+    return f"{value:.3f} ({interval[0]:.3f}–{interval[1]:.3f})"
+
+
+def verdict(table: list[dict]) -> str:
+    """The selected model with its selection and evaluation scores, and whether the runner-up is a tie."""
+    best = table[0]
+    split = best["eval_split"]
+    lines = [f"Selected: **{best['name']}** ({best['extractor']}, {best['approach']}), the best selection score: "
+             f"{_accuracy(best['val_score'], best['val_interval'])} on {best['n_val_scored']} images "
+             f"({best['selection']}). Its {split} top-1: {_accuracy(best['top1'], best['top1_interval'])} on "
+             f"{best['n_eval']} images. Models are ranked by the score their selection used, never by {split}; "
+             f"intervals are 95% Wilson intervals."]
+    if len(table) > 1:
+        second = table[1]
+        tie = second["val_score"] >= best["val_interval"][0]
+        lines.append(f"The runner-up, {second['name']} ({second['val_score']:.3f}), is "
+                     + ("within the selected model's 95% interval: the selection set cannot tell the two apart."
+                        if tie else "outside the selected model's 95% interval."))
+    return "\n\n".join(lines)
+
+
 def markdown(table: list[dict]) -> str:
-    """The table as markdown; the swap speed-up column only when there is a fine-tune run to compare with."""
+    """The table as markdown, then the verdict; the swap speed-up column only when there is a fine-tune
+    run to compare with."""
     swaps = any(r["swap_speedup"] for r in table)
-    header = ["model", "approach", "top-1", "balanced acc.", "macro F1", "extraction s", "train s", "total s",
-              *(["swap speed-up"] if swaps else []), "evaluated on"]
-    cells = [[r["name"], r["approach"], f"{r['top1']:.3f}", f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}",
-              _cell(r["extract_seconds"]), _cell(r["train_seconds"]), _cell(r["total_seconds"]),
-              *([_speedup(r["swap_speedup"])] if swaps else []), r["eval_split"]] for r in table]
-    align = ["---", "---", *["---:"] * (len(header) - 3), "---"]
+    split = table[0]["eval_split"]
+    header = ["selected", "model", "extractor", "approach", "selection score (95% CI)", "scored on",
+              f"{split} top-1 (95% CI)", "balanced acc.", "macro F1", "extraction s", "train s", "total s",
+              *(["swap speed-up"] if swaps else [])]
+    cells = [["✓" if r["selected"] else "", r["name"], r["extractor"], r["approach"],
+              _accuracy(r["val_score"], r["val_interval"]), r["selection"], _accuracy(r["top1"], r["top1_interval"]),
+              f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}", _cell(r["extract_seconds"]),
+              _cell(r["train_seconds"]), _cell(r["total_seconds"]), *([_speedup(r["swap_speedup"])] if swaps else [])]
+             for r in table]
+    align = [":-:", "---", "---", "---", *["---:"] * (len(header) - 4)]
+    align[5] = "---"
     lines = ["| " + " | ".join(row) + " |" for row in (header, *cells)]
     lines.insert(1, "|" + "|".join(align) + "|")
-    if swaps:
-        lines.append("\nExtraction runs once per cache and is shared by every classifier row. Swap speed-up: "
-                     "the fastest fine-tune run's train time over the classifier's, i.e. how much cheaper "
-                     "trying another classifier on the cache is than another fine-tune run.")
+    lines.append("\n" + verdict(table))
+    lines.append("\nExtraction runs once per cache and is shared by every classifier row on it."
+                 + (" Swap speed-up: the fastest fine-tune run's train time over the classifier's, i.e. how much "
+                    "cheaper trying another classifier on the cache is than another fine-tune run." if swaps else ""))
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[dict], path: Path) -> None:
-    """Top-1 accuracy against total compute seconds, one labelled point per approach."""
+def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
+    """Annotate each (x, y, text) beside its point, moving a label up past those already placed until
+    it overlaps none (points on top of one another get a stack of labels with leader lines)."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    placed, texts = [], []
+    for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
+        dy = 3.0
+        while True:
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8,
+                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy > 3 else None)
+            box = t.get_window_extent(renderer)
+            clash = next((b for b in placed if box.overlaps(b)), None)
+            if clash is None:
+                break
+            t.remove()
+            dy += (clash.y1 - box.y0 + 1) * 72 / fig.dpi
+        placed.append(box)
+        texts.append(t)
+    return texts
+
+
+def figure(table: list[dict]):
+    """Selection score (with its 95% interval) against total compute seconds, one labelled point per
+    model, the selected one starred; the legend names only the kinds present."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in table:
-        if r["total_seconds"] is None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shown = [r for r in table if r["total_seconds"] is not None]
+    kinds = {"features": ("o", "C0", "feature cache + classifier (extraction included)"),
+             "finetuned": ("s", "C1", "fine-tune")}
+    for kind, (marker, colour, label) in kinds.items():
+        group = [r for r in shown if r["kind"] == kind]
+        if not group:
             continue
-        fine = r["kind"] == "finetuned"
-        ax.scatter(r["total_seconds"], r["top1"], marker="s" if fine else "o", color="C1" if fine else "C0")
-        ax.annotate(r["name"], (r["total_seconds"], r["top1"]), textcoords="offset points", xytext=(5, 3),
-                    fontsize=8)
-    ax.scatter([], [], marker="o", color="C0", label="features cache + classifier (incl. extraction)")
-    ax.scatter([], [], marker="s", color="C1", label="fine-tune")
+        xs, ys = [r["total_seconds"] for r in group], [r["val_score"] for r in group]
+        err = [[r["val_score"] - r["val_interval"][0] for r in group], [r["val_interval"][1] - r["val_score"]
+                                                                         for r in group]]
+        ax.errorbar(xs, ys, yerr=err, fmt=marker, color=colour, ecolor=colour, elinewidth=0.6, capsize=2,
+                    alpha=0.8, label=label)
+    best = next((r for r in shown if r["selected"]), None)
+    if best is not None:
+        ax.scatter([best["total_seconds"]], [best["val_score"]], marker="*", s=220, color="gold",
+                   edgecolors="black", zorder=3, label=f"selected: {best['name']}")
     ax.set_xscale("log")
     ax.set_xlabel("total compute seconds (log scale)")
-    ax.set_ylabel(f"top-1 on {table[0]['eval_split']}")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("selection score (val top-1, 95% interval)")
     ax.grid(alpha=0.3)
+    if shown:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    place_labels(ax, [(r["total_seconds"], r["val_score"], r["name"]) for r in shown])
+    return fig
 
 
 def compare(model_dirs: list[Path], out: Path) -> list[dict]:
@@ -126,5 +207,8 @@ def compare(model_dirs: list[Path], out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "compare.md").write_text(markdown(table))
-    plot(table, out / "compare.png")
+    import matplotlib.pyplot as plt
+    fig = figure(table)
+    fig.savefig(out / "compare.png", dpi=100)
+    plt.close(fig)
     return table

@@ -4,7 +4,8 @@
   head.joblib    kind "features": the fitted preprocessing + classifier (a pickle: load only
                  directories you trust)
   weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
-  metrics.json   flat metrics for `dvc metrics show`
+  metrics.json   the headline metrics, one value each, for `dvc metrics show`
+  details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall
   confusion.json {actual, predicted} rows for `dvc plots show`
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import joblib
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import sha256_file
 
+DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
 HEAD = "head.joblib"
 WEIGHTS = "weights.pt"
 
@@ -29,7 +31,8 @@ def check_out(out_dir: Path) -> None:
 
 
 def save(out_dir: Path, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
-    """`model`: a fitted head (kind "features") or a state dict (kind "finetuned")."""
+    """`model`: a fitted head (kind "features") or a state dict (kind "finetuned"). `metrics` is split
+    into metrics.json (headline) and details.json (`DETAILS`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if info["kind"] == "finetuned":
@@ -39,7 +42,10 @@ def save(out_dir: Path, model, info: dict, metrics: dict, confusion: list[dict])
     else:
         name = HEAD
         joblib.dump(model, out_dir / name)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    headline = {k: v for k, v in metrics.items() if k not in DETAILS}
+    (out_dir / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    details = {k: metrics[k] for k in DETAILS if k in metrics}
+    (out_dir / "details.json").write_text(json.dumps(details, indent=2) + "\n")
     (out_dir / "confusion.json").write_text(json.dumps(confusion) + "\n")
     info = dict(info, files={name: sha256_file(out_dir / name)})
     (out_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
