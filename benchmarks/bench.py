@@ -1,7 +1,8 @@
 """Benchmark stage one: generate the image folder if needed, run `pipeline.features.bench` for each backbone,
 write the results as JSON and print one markdown table.
 
-    python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 16, about 55 s)
+    python benchmarks/bench.py --out benchmarks/cpu.json          (CPU: 256 images in batches of 16, torch and
+                                                                  ONNX Runtime side by side; --engine openvino too)
     python benchmarks/bench.py --images 4000 --batch-size 256 --backbone resnet50=none \\
         --backbone resnet18=none --backbone efficientnet_lite0 --out gpu.json [--compile]
     python benchmarks/bench.py --batch-size 16 64 --backbone resnet18=none     (batch sizes side by side)
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="extract's DataLoader workers")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts")
     p.add_argument("--no-tutorial", action="store_true", help="skip the tutorial-style loop")
+    p.add_argument("--engine", action="append", choices=("torch", "onnxruntime", "openvino"),
+                   help="repeatable; default: torch and, on a CPU, onnxruntime (openvino: the model alone)")
     p.add_argument("--out", type=Path, help="JSON file for the list of results")
     p.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON files")
     args = p.parse_args()
@@ -53,9 +56,10 @@ def main() -> None:
         name, _, weights = spec.partition("=")
         for batch_size in args.batch_size:
             print(f"== {name}, batch size {batch_size or 'default'}", file=sys.stderr)
-            results.append(bench(data, name, weights or "imagenet", args.image_size, batch_size, args.device,
-                                 args.precision, args.compile, args.workers, args.repeats, args.images,
-                                 skip_tutorial=args.no_tutorial, log=lambda line: print(line, file=sys.stderr)))
+            results += bench(data, name, weights or "imagenet", args.image_size, batch_size, args.device,
+                             args.precision, args.compile, args.workers, args.repeats, args.images,
+                             skip_tutorial=args.no_tutorial, engines=args.engine,
+                             log=lambda line: print(line, file=sys.stderr))
             if args.out:
                 write_json(results, args.out)
     print(table(results), end="")

@@ -34,6 +34,16 @@ class Precision(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
+ENGINE_HELP = ("What runs the backbone; auto: ONNX Runtime on a CPU (float32, no --compile), torch "
+               "otherwise. The ONNX export is cached under ~/.cache/featurecache-pipeline/onnx.")
+
+
 class Format(str, Enum):
     table = "table"
     json = "json"
@@ -98,6 +108,7 @@ def extract(
                                                            "(pays off on large datasets).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out that is not a feature "
                                                        "cache (refused otherwise).")] = False,
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
                                             "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
@@ -116,7 +127,8 @@ def extract(
                                  labels=labels, id_column=id_column, label_column=label_column, tta=tta,
                                  compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
                                  device=device.value, dtype=dtype.value, workers=workers, quiet=quiet,
-                                 precision=precision.value, compile=compile, force=force)
+                                 precision=precision.value, compile=compile, force=force,
+                                 engine=engine.value)
     except KeyboardInterrupt:   # before any image was written; later ones say how to resume
         raise Interrupted("interrupted before extraction began")
     if summary:
@@ -179,10 +191,12 @@ def predict(
     top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 5,
     format: Annotated[Format, typer.Option(help="Output format.")] = Format.table,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine.auto,
 ):
     """Predict the top-k classes of new images with a trained model (backbone + head)."""
     from pipeline.models.predict import predict as run
-    results = run(model_dir, images, top_k, device.value)
+    results = run(model_dir, images, top_k, device.value, engine=engine.value,
+                  log=lambda line: typer.echo(line, err=True))
     if format is Format.json:
         typer.echo(json.dumps(results, indent=2))
     elif format is Format.csv:
@@ -363,15 +377,19 @@ def bench(
                                                         "the CPU count, at most 8.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs of each, interleaved; the best counts.")] = 2,
     tutorial: Annotated[bool, typer.Option(help="Also time the tutorial-style loop.")] = True,
+    engine: Annotated[Optional[list[str]], typer.Option(help="Engine to time, repeatable: torch, onnxruntime, "
+                                                             "openvino (model alone, if installed); default: "
+                                                             "torch and, on a CPU, onnxruntime.")] = None,
 ):
     """Images/s of the tutorial-style loop, of `pipeline extract` and of the model alone, side by side."""
     from pipeline.features.bench import bench as run
     from pipeline.features.bench import table, write_json
-    result = run(data, backbone, weights, image_size, batch_size, device.value, precision.value, compile,
-                 workers, repeats, images, skip_tutorial=not tutorial, log=lambda line: typer.echo(line, err=True))
-    typer.echo(table([result]), nl=False)
+    results = run(data, backbone, weights, image_size, batch_size, device.value, precision.value, compile,
+                  workers, repeats, images, skip_tutorial=not tutorial, engines=engine,
+                  log=lambda line: typer.echo(line, err=True))
+    typer.echo(table(results), nl=False)
     if out:
-        write_json(result, out)
+        write_json(results, out)
 
 
 def run_stage(fn) -> None:

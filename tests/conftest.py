@@ -41,25 +41,58 @@ def make_image_folder(root: Path, per_split: dict[str, int] | None = None, class
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(request, tmp_path_factory) -> Path:
+    """ONNX exports (pipeline.features.engine) go to pytest's cache folder (a temporary one without it),
+    shared by the tests and their subprocesses and kept between runs (their key covers everything they
+    depend on), never to ~/.cache."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("xdg-cache") if cache else tmp_path_factory.mktemp("xdg-cache")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @contextlib.contextmanager
 def embedder_calls(before_call=None):
-    """Record the images each `Embedder` call runs through the network (each twice with TTA).
+    """Record the images each embedder call (torch or ONNX Runtime) runs through the network (each twice
+    with TTA), outside the check against torch that precedes ONNX Runtime's use.
     `before_call(n)`, if given, runs before the n-th call, to fail or interrupt it."""
+    from pipeline.features import engine
     from pipeline.features.backbones import Embedder
     seen: list[int] = []
-    call = Embedder.__call__
+    calls = {cls: cls.__call__ for cls in (Embedder, engine.OnnxEmbedder)}
+    mismatch, checking = engine.mismatch, []
 
-    def counted(self, images):
-        if before_call is not None:
-            before_call(len(seen) + 1)
-        seen.append(len(images) * (2 if self.tta else 1))
-        return call(self, images)
+    def counted_call(call):
+        def counted(self, images):
+            if not checking:
+                if before_call is not None:
+                    before_call(len(seen) + 1)
+                seen.append(len(images) * (2 if self.tta else 1))
+            return call(self, images)
+        return counted
 
-    Embedder.__call__ = counted
+    def check(*args):
+        checking.append(True)
+        try:
+            return mismatch(*args)
+        finally:
+            checking.pop()
+
+    for cls, call in calls.items():
+        cls.__call__ = counted_call(call)
+    engine.mismatch = check
     try:
         yield seen
     finally:
-        Embedder.__call__ = call
+        for cls, call in calls.items():
+            cls.__call__ = call
+        engine.mismatch = mismatch
 
 
 @pytest.fixture

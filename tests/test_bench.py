@@ -51,13 +51,18 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", images, "--out", out, "--image-size", 32, "--batch-size", 4, "--repeats", 1,
                    "--device", "cpu", "--workers", 0, check=True)
-    result = json.loads(out.read_text())
-    assert result["images"] == 12 and result["device"] == "cpu" and result["precision"] == "float32"
-    for name in ("tutorial", "extract", "model_only"):
-        assert result["images_per_s"][name] > 0
-    assert result["ratios"]["extract_vs_tutorial"] == result["images_per_s"]["extract"] / \
-        result["images_per_s"]["tutorial"]
-    assert "| efficientnet_lite0 |" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["torch", "onnxruntime"]     # side by side on a CPU
+    for result in rows:
+        assert result["images"] == 12 and result["device"] == "cpu" and result["precision"] == "float32"
+        for name in ("tutorial", "extract", "model_only"):
+            assert result["images_per_s"][name] > 0
+        assert result["ratios"]["extract_vs_tutorial"] == result["images_per_s"]["extract"] / \
+            result["images_per_s"]["tutorial"]
+    assert rows[0]["images_per_s"]["tutorial"] == rows[1]["images_per_s"]["tutorial"]
+    assert rows[1]["ratios"]["model_only_vs_torch"] == rows[1]["images_per_s"]["model_only"] / \
+        rows[0]["images_per_s"]["model_only"]
+    assert "| efficientnet_lite0 | cpu (" in proc.stdout and "| onnxruntime |" in proc.stdout
 
 
 def test_benchmark_script_compares_batch_sizes_and_defaults_to_extracts(tmp_path):
@@ -70,5 +75,6 @@ def test_benchmark_script_compares_batch_sizes_and_defaults_to_extracts(tmp_path
         subprocess.run([str(a) for a in script + sizes + ["--out", out]], cwd=ROOT, check=True,
                        capture_output=True, timeout=300)
         rows = json.loads(out.read_text())
-        assert [r["batch_size"] for r in rows] == expected and all(r["images"] == 8 for r in rows)
+        assert [r["batch_size"] for r in rows] == [b for b in expected for _ in ("torch", "onnxruntime")]
+        assert all(r["images"] == 8 for r in rows)
         assert all(r["images_per_s"]["extract"] > 0 for r in rows)

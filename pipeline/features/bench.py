@@ -5,8 +5,10 @@
 - extract: `pipeline.features.extract.extract`, to a real HDF5 file, as `pipeline extract` runs it;
 - model_only: the forward pass alone on synthetic tensors, same batch size and precision.
 
-Each is run `repeats` times, interleaved, after one untimed warm-up (a batch on CUDA, 8 images on CPU);
-the best run counts (on a shared machine the best is the least disturbed).
+extract and model_only run once per engine (on a CPU: torch and ONNX Runtime, and OpenVINO's model alone
+when asked for and installed), one result row each. Each is run `repeats` times, interleaved, after one
+untimed warm-up (a batch on CUDA, 8 images on CPU); the best run counts (on a shared machine the best is
+the least disturbed).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.folders import Dataset, scan
 from pipeline.data.images import ImageFiles, collate
-from pipeline.features.backbones import Backbone, FeatureHook, inference_model, load_backbone
+from pipeline.features.backbones import Backbone, Embedder, FeatureHook, inference_model, load_backbone
+from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
 from pipeline.features.extract import extract
 from pipeline.runtime.devices import default_batch_size, resolve_device, resolve_precision
 from pipeline.runtime.errors import check_minimums
@@ -55,22 +58,47 @@ def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch
 
 
 def extract_run(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int, out: Path,
-                precision: str, compile: bool, workers: int | None) -> int:
+                precision: str, compile: bool, workers: int | None, engine: str) -> int:
     summary = extract(dataset, backbone, out, batch_size, str(dev), "float16", workers, quiet=True,
-                      reuse=False, precision=precision, compile=compile)   # every repeat computes every image
+                      reuse=False, precision=precision, compile=compile, engine=engine)   # every image computed
+    if engine not in summary.device:
+        raise RuntimeError(f"extract ran {summary.device} instead of {engine}: {summary.notes}")
     return summary.extracted
 
 
-def model_only(backbone: Backbone, dev: torch.device, batch_size: int, precision: str, compile: bool,
-               batches: int) -> int:
-    model = inference_model(backbone).to(dev, memory_format=torch.channels_last)   # the network extract runs
-    forward = torch.compile(model) if compile else model
+def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precision: str, compile: bool,
+                 engine: str):
+    """fn(batches) running the network extract runs with `engine` over synthetic batches of `batch_size`."""
     size = backbone.preprocessing.image_size
-    x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bfloat16"):
-        for _ in range(batches):
-            forward(x)
-        _sync(dev)
+    x = torch.randn(batch_size, 3, size, size, device=dev)
+    if engine == "torch":
+        model = inference_model(backbone).to(dev, memory_format=torch.channels_last)
+        forward = torch.compile(model) if compile else model
+        x = x.contiguous(memory_format=torch.channels_last)
+
+        def run(batches: int) -> None:
+            with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bfloat16"):
+                for _ in range(batches):
+                    forward(x)
+                _sync(dev)
+        return run
+    with Embedder(backbone) as torch_embed:
+        embed, notes = onnx_embedder(backbone, torch_embed)     # exports into the cache folder if needed
+    if embed is None:
+        raise RuntimeError(f"ONNX export unusable: {notes}")
+    if engine == "onnxruntime":
+        return lambda batches: [embed(x) for _ in range(batches)]
+    images = x.numpy()
+    import openvino                       # measured beside ONNX Runtime, from the same graph
+    compiled = openvino.Core().compile_model(str(ExportCache().paths(export_key(backbone))[0]), "CPU", {
+        "INFERENCE_NUM_THREADS": onnxruntime_threads(), "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return lambda batches: [request.infer({0: images}) for _ in range(batches)]
+
+
+def _counted(run, batches: int, batch_size: int) -> int:
+    run(batches)
     return batches * batch_size
 
 
@@ -94,70 +122,91 @@ def environment(dev: torch.device) -> dict:
     return env
 
 
+def default_engines(dev: torch.device, precision: str, compile: bool) -> list[str]:
+    """torch, and ONNX Runtime beside it where `extract` would choose it."""
+    return list(dict.fromkeys(["torch", resolve_engine("auto", dev, precision, compile)]))
+
+
 def bench(data: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet", image_size: int | None = None,
           batch_size: int | None = None, device: str = "auto", precision: str = "auto", compile: bool = False,
           workers: int | None = None, repeats: int = 2, images: int | None = None,
-          skip_tutorial: bool = False, log=print) -> dict:
-    """Time the tutorial loop, `extract` and the model alone; return the figures as a JSON-ready dict."""
+          skip_tutorial: bool = False, engines: list[str] | None = None, log=print) -> list[dict]:
+    """Time the tutorial loop, and `extract` and the model alone with each engine; return one JSON-ready
+    dict per engine (the tutorial loop's figure is the same in each). 'openvino' times the model alone."""
     check_minimums({"repeats": 1, "images": 1}, {"repeats": repeats, "images": images})
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     batch_size = batch_size or default_batch_size(dev)
+    engines = engines or default_engines(dev, precision, compile)
+    for engine in engines:
+        if engine != "openvino":
+            resolve_engine(engine, dev, precision, compile)
     dataset = scan(Path(data), 0.0, 0.0)
     if images:
         dataset = _subset(dataset, images)
     bb = load_backbone(backbone, weights, None, image_size)
-    runs: dict[str, list[float]] = {"tutorial": [], "extract": [], "model_only": []}
+    batches = max(1, len(dataset.samples) // batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        jobs = {
-            "tutorial": lambda d: tutorial_loop(d, bb, dev, batch_size, tmp / "tutorial.npy"),
-            "extract": lambda d: extract_run(d, bb, dev, batch_size, tmp / "features.h5", precision, compile, workers),
-            "model_only": lambda d: model_only(bb, dev, batch_size, precision, compile,
-                                               max(1, len(d.samples) // batch_size)),
-        }
-        if skip_tutorial:
-            del jobs["tutorial"], runs["tutorial"]
+        jobs = {} if skip_tutorial else {
+            "tutorial": lambda d: tutorial_loop(d, bb, dev, batch_size, tmp / "tutorial.npy")}
+        for engine in (e for e in engines if e != "openvino"):
+            jobs[f"extract {engine}"] = lambda d, engine=engine: extract_run(
+                d, bb, dev, batch_size, tmp / "features.h5", precision, compile, workers, engine)
         warmup = _subset(dataset, min(len(dataset.samples), batch_size if dev.type == "cuda" else 8))
         for name, job in jobs.items():
             job(warmup)
+        for engine in engines:                  # built (and exported) before any timing
+            run = model_runner(bb, dev, batch_size, precision, compile, engine)
+            run(1)
+            jobs[f"model_only {engine}"] = lambda d, run=run: _counted(run, batches, batch_size)
+        runs: dict[str, list[float]] = {name: [] for name in jobs}
         for r in range(repeats):
             for name, job in jobs.items():
                 n, seconds = _timed(lambda: job(dataset))
                 runs[name].append(n / seconds)
-                log(f"{name:>10} run {r + 1}/{repeats}: {n} images in {seconds:.2f}s = {n / seconds:,.1f} images/s")
+                log(f"{name:>22} run {r + 1}/{repeats}: {n} images in {seconds:.2f}s = {n / seconds:,.1f} images/s")
     best = {name: max(rates) for name, rates in runs.items()}
-    result = {
-        "backbone": backbone, "weights": weights, "image_size": bb.preprocessing.image_size,
-        "batch_size": batch_size, "device": str(dev), "precision": precision, "compile": compile,
-        "workers": workers, "images": len(dataset.samples), "repeats": repeats,
-        "images_per_s": best, "median_images_per_s": {k: statistics.median(v) for k, v in runs.items()},
-        "all_runs_images_per_s": runs, "environment": environment(dev),
-    }
-    ratios = {"extract_vs_model_only": best["extract"] / best["model_only"]}
-    if "tutorial" in best:
-        ratios["extract_vs_tutorial"] = best["extract"] / best["tutorial"]
-    result["ratios"] = ratios
-    return result
+    results = []
+    for engine in engines:
+        names = {"tutorial": "tutorial", "extract": f"extract {engine}", "model_only": f"model_only {engine}"}
+        mine = {short: name for short, name in names.items() if name in runs}
+        ips = {short: best[name] for short, name in mine.items()}
+        result = {
+            "backbone": backbone, "weights": weights, "image_size": bb.preprocessing.image_size,
+            "batch_size": batch_size, "device": str(dev), "engine": engine, "precision": precision,
+            "compile": compile, "workers": workers, "images": len(dataset.samples), "repeats": repeats,
+            "images_per_s": ips, "median_images_per_s": {k: statistics.median(runs[n]) for k, n in mine.items()},
+            "all_runs_images_per_s": {k: runs[n] for k, n in mine.items()}, "environment": environment(dev),
+        }
+        ratios = {"model_only_vs_torch": ips["model_only"] / best["model_only torch"]} if "torch" in engines else {}
+        if "extract" in ips:
+            ratios["extract_vs_model_only"] = ips["extract"] / ips["model_only"]
+            if "tutorial" in ips:
+                ratios["extract_vs_tutorial"] = ips["extract"] / ips["tutorial"]
+        result["ratios"] = ratios
+        results.append(result)
+    return results
 
 
-COLUMNS = ("backbone", "device", "precision", "compile", "batch", "images", "tutorial img/s", "extract img/s",
-           "model-only img/s", "extract / tutorial", "extract / model-only")
+COLUMNS = ("backbone", "device", "engine", "precision", "compile", "batch", "images", "tutorial img/s",
+           "extract img/s", "model-only img/s", "extract / tutorial", "extract / model-only", "model-only / torch")
 
 
 def table(results: list[dict]) -> str:
-    """A markdown table of bench results, one row each."""
-    def fmt(x, spec=None):
-        return "-" if x is None else format(x, spec or (",.0f" if x >= 100 else ".1f"))
+    """A markdown table of bench results, one row each (rows from before engines were compared ran torch)."""
+    def fmt(x, spec=None, suffix=""):
+        return "-" if x is None else format(x, spec or (",.0f" if x >= 100 else ".1f")) + suffix
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
         ips, ratios = r["images_per_s"], r["ratios"]
         where = r["environment"].get("gpu", f"{r['device']} ({r['environment']['cpu_count']} cores)")
         rows.append("| " + " | ".join([
-            r["backbone"], where, r["precision"], "yes" if r["compile"] else "no", str(r["batch_size"]),
-            str(r["images"]), fmt(ips.get("tutorial")), fmt(ips["extract"]), fmt(ips["model_only"]),
-            fmt(ratios.get("extract_vs_tutorial"), ".2f") + ("x" if "extract_vs_tutorial" in ratios else ""),
-            fmt(ratios["extract_vs_model_only"], ".2f")]) + " |")
+            r["backbone"], where, r.get("engine", "torch"), r["precision"], "yes" if r["compile"] else "no",
+            str(r["batch_size"]), str(r["images"]), fmt(ips.get("tutorial")), fmt(ips.get("extract")),
+            fmt(ips["model_only"]), fmt(ratios.get("extract_vs_tutorial"), ".2f", "x"),
+            fmt(ratios.get("extract_vs_model_only"), ".2f"), fmt(ratios.get("model_only_vs_torch"), ".2f", "x")])
+            + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.data.folders import Dataset, Sample, scan, write_manifest
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
+from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
 from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
 from pipeline.features.overlap import BackgroundWriter, Block
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
@@ -114,7 +115,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, 
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | None = None, device: str = "auto",
             dtype: str = "float16", workers: int | None = None, quiet: bool = False,
             compute_stats: bool = False, reuse: bool = True, precision: str = "auto",
-            compile: bool = False, shard_of: Path | None = None) -> ExtractSummary:
+            compile: bool = False, shard_of: Path | None = None, engine: str = "auto") -> ExtractSummary:
     """Write one HDF5 cache with the features of every split of `dataset`.
 
     When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
@@ -123,8 +124,9 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     deleted images are handled. The new cache replaces the old one atomically.
     `batch_size` None: `default_batch_size` of the device.
     `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
-    runs the model through torch.compile. `shard_of` names the complete cache that `out` is a shard of
-    (pipeline.runtime.distributed): vectors are reused from it, and the shard may hold no training rows.
+    runs the model through torch.compile. `engine` runs it through torch or ONNX Runtime
+    (pipeline.features.engine; 'auto': ONNX Runtime on a CPU). `shard_of` names the complete cache that `out`
+    is a shard of (pipeline.runtime.distributed): vectors are reused from it, and the shard may hold no training rows.
     A cache whose training images were all unusable is refused and not written.
 
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
@@ -133,14 +135,11 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     check_minimums(MINIMUMS, {"batch_size": batch_size, "workers": workers})
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    resolve_engine(engine, dev, precision, compile)      # refused before any file is written
     gpu_decode = dev.type == "cuda"
     workers = default_workers(dev) if workers is None else workers
     batch_size = batch_size or default_batch_size(dev)
     decoder = JpegDecoder(dev) if gpu_decode else None
-    mode = (f"{dev}, {decoder.name if decoder else 'PIL'} decoding, {precision}"
-            f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
-    if not quiet:
-        tqdm.write(f"extract: {mode}")
     start = time.perf_counter()
     stats = None
     if compute_stats:
@@ -163,7 +162,13 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
         else:
             writer.skip(list(dataset.skipped))
         pre = backbone.preprocessing
-        with Embedder(backbone, dev, precision, compile, batch_size) as embed, \
+        embed, engine, engine_notes = embedder(backbone, dev, engine, precision, compile, batch_size)
+        notes += engine_notes
+        mode = (f"{dev}, {engine}, {decoder.name if decoder else 'PIL'} decoding, {precision}"
+                f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
+        if not quiet:
+            tqdm.write(f"extract: {mode}")
+        with embed, \
                 tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
             bar.update(sum(writer.progress.values()))
             for split in dataset.splits():
@@ -224,8 +229,8 @@ def plan_digest(dataset: Dataset, batch_size: int) -> str:
     return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
 
 
-def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder, dims: dict[str, int],
-                   rows: dict[str, int], old: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder | OnnxEmbedder,
+                   dims: dict[str, int], rows: dict[str, int], old: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each layer's vectors for a batch, in order: known digests from `old`, the rest computed."""
     computed = embed(images) if images is not None else {}
     known = np.array([d in rows for d in digests])
@@ -250,7 +255,9 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
     while this one holds `<out>.lock`. Bad settings, data and outputs (`check_output`; `force` replaces a
     file that is not a feature cache) are refused before any file is written."""
     check_minimums(MINIMUMS, options)
-    resolve_device(options.get("device", "auto"))
+    dev = resolve_device(options.get("device", "auto"))
+    resolve_engine(options.get("engine", "auto"), dev, resolve_precision(options.get("precision", "auto"), dev),
+                   options.get("compile", False))
     out = Path(out)
     check_output(out, force)
     model = load_backbone(backbone, weights, layer, image_size, tta)

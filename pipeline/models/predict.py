@@ -9,7 +9,8 @@ import torch
 
 from pipeline.data.folders import find_images, printable
 from pipeline.data.images import ImageError, read_image
-from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
+from pipeline.features.backbones import Backbone, Preprocessing, load_backbone
+from pipeline.features.engine import embedder
 from pipeline.heads.train import scores_of
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
@@ -28,21 +29,24 @@ def model_backbone(info: dict) -> Backbone:
     return replace(backbone, preprocessing=pre)
 
 
-def scorer(info: dict, model, dev: torch.device):
-    """fn(batch of preprocessed images) -> scores [N, classes] for either kind of model directory."""
+def scorer(info: dict, model, dev: torch.device, engine: str = "auto", log=None):
+    """fn(batch of preprocessed images) -> scores [N, classes] for either kind of model directory. `log`
+    receives a line naming the engine the backbone runs on, and notes (an export, a fallback to torch)."""
     if info["kind"] == "finetuned":
         from pipeline.finetune.training import network
         net = network(info, model).to(dev)
         return lambda x: torch.softmax(net(x.to(dev)).float(), 1).cpu().numpy()
     backbone = model_backbone(info)
-    embed = Embedder(backbone, dev)
+    embed, engine, notes = embedder(backbone, dev, engine)
+    for line in [f"predict: {dev}, {engine}", *notes] if log else []:
+        log(line)
     return lambda x: scores_of(model, embed(x)[backbone.layer], len(info["classes"]))
 
 
 def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
-            batch_size: int = 32) -> list[dict]:
+            batch_size: int = 32, engine: str = "auto", log=None) -> list[dict]:
     """One result per file: {path, top: [{class, score}, ...]} or {path, error} (also for the files of a
-    folder that are not images, as `extract` reports them)."""
+    folder that are not images, as `extract` reports them). `engine` and `log` as for `scorer`."""
     check_minimums({"top_k": 1}, {"top_k": top_k})
     info, model = modeldir.load(model_dir)
     files = find_images(inputs)
@@ -50,7 +54,7 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
         raise UserError(f"no image files in {', '.join(map(str, inputs))}")
     pre = Preprocessing.from_dict(info["backbone"]["preprocessing"])
     transform = pre.transform()
-    score = scorer(info, model, resolve_device(device))
+    score = scorer(info, model, resolve_device(device), engine, log)
     results: list[dict] = [{"path": printable(str(p))} | ({"error": reason} if reason else {})
                            for p, reason in files]     # in input order
     batch: list[tuple[int, torch.Tensor]] = []

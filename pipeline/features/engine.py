@@ -1,0 +1,253 @@
+"""Which engine runs the frozen backbone: torch (`backbones.Embedder`) or, on a CPU, ONNX Runtime.
+
+ONNX Runtime ran EfficientNet-Lite0 2-3x faster than torch on a 2-core CPU (benchmarks/RESULTS.md). The
+folded network, with every feature layer as a graph output (pooled or flattened as the torch hooks do),
+is exported once per `export_key` into the user's cache folder and reused by later runs. Before use, its
+outputs are compared with torch's on a random batch (to `TOLERANCE` of the largest value, as folding is);
+an export that fails or differs falls back to torch with a one-line note.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.features.backbones import Backbone, Embedder, FeatureHook, inference_model
+from pipeline.runtime.errors import UserError
+
+ENGINES = ("auto", "torch", "onnxruntime")
+OPSET = 17
+TOLERANCE = 1e-4         # of the largest value of each output, the rule `folding.folded` checks by
+
+
+def resolve_engine(engine: str, device: torch.device, precision: str = "float32", compile: bool = False) -> str:
+    """'auto': ONNX Runtime for float32 on a CPU without torch.compile, else torch."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}")
+    onnx_fits = device.type == "cpu" and precision == "float32" and not compile
+    if engine == "auto":
+        return "onnxruntime" if onnx_fits else "torch"
+    if engine == "onnxruntime" and not onnx_fits:
+        raise UserError(f"--engine onnxruntime runs float32 on the CPU, without --compile "
+                        f"(got device {device.type}, precision {precision}{', compile' if compile else ''})")
+    return engine
+
+
+def cache_folder() -> Path:
+    """Where exports are kept: $XDG_CACHE_HOME/featurecache-pipeline/onnx, by default under ~/.cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "featurecache-pipeline" / "onnx"
+
+
+def onnxruntime_threads() -> int:
+    """The cores this process may use, or OMP_NUM_THREADS when that is fewer (as torchrun sets it for each
+    of several processes)."""
+    cores = len(os.sched_getaffinity(0))
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(limit))) if limit.isdigit() else cores
+
+
+def export_key(backbone: Backbone) -> dict:
+    """Everything the exported graph depends on."""
+    import onnx
+    import onnxruntime
+    from pipeline.storage.cache import library_versions
+    return {"backbone": backbone.name, "weights_sha256": backbone.weights_sha256, "layers": list(backbone.layers),
+            "flattened": [layer for layer in backbone.layers if layer in backbone.flattened],
+            "image_size": backbone.preprocessing.image_size, "opset": OPSET,
+            "versions": {**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
+
+
+class FeatureGraph(nn.Module):
+    """The folded network returning the feature layers' outputs, [N, D] each, in `layers` order."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.model = inference_model(backbone)
+        self.hooks = [FeatureHook(self.model, layer, layer in backbone.flattened) for layer in backbone.layers]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.model(images)
+        return tuple(hook.output for hook in self.hooks)
+
+
+def export(backbone: Backbone) -> bytes:
+    """The ONNX graph of the folded backbone: input `images` [N, 3, S, S], one output per feature layer."""
+    graph = FeatureGraph(backbone).eval()
+    size = backbone.preprocessing.image_size
+    names = [f"features{i}" for i in range(len(backbone.layers))]
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(graph, (torch.zeros(1, 3, size, size),), buffer, input_names=["images"],
+                              output_names=names, opset_version=OPSET, dynamo=False,
+                              dynamic_axes={name: {0: "batch"} for name in ["images", *names]})
+    finally:
+        for hook in graph.hooks:
+            hook.remove()
+    return buffer.getvalue()
+
+
+class OnnxEmbedder:
+    """`Embedder`'s interface on an ONNX Runtime session: a batch of images in, one float32 [N, D] array
+    per layer out; with TTA each image also runs flipped left-right and the two vectors are averaged."""
+
+    def __init__(self, session, layers: tuple[str, ...], tta: bool):
+        self.session, self.layers, self.tta = session, layers, tta
+
+    def _run(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {"images": images})
+
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        x = images.detach().float().contiguous().numpy()
+        out = self._run(x)
+        if self.tta:
+            flipped = self._run(np.ascontiguousarray(x[..., ::-1]))
+            out = [(a + b) / 2 for a, b in zip(out, flipped)]
+        return dict(zip(self.layers, out))
+
+    def close(self) -> None:
+        self.session = None
+
+    def __enter__(self) -> "OnnxEmbedder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def session(model: bytes, threads: int):
+    """An ONNX Runtime CPU session on `threads` threads that sleep rather than spin when idle (the
+    decoding workers share the cores)."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def mismatch(onnx_embed: OnnxEmbedder, torch_embed: Embedder, size: int) -> str | None:
+    """Why the ONNX outputs differ from torch's on a random batch of two, or None when they agree."""
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    expected, got = torch_embed(images), onnx_embed(images)
+    for layer, want in expected.items():
+        scale = max(float(np.abs(want).max()), 1e-12)
+        worst = float(np.abs(got[layer] - want).max()) / scale
+        if not worst <= TOLERANCE:
+            return f"layer {layer} differs from torch's by {worst:.1e} of its largest value"
+    return None
+
+
+class ExportCache:
+    """Exported graphs in `folder`: `<name>.onnx` beside `<name>.json` (its key and SHA-256). A file whose
+    record is missing, of another key or of other bytes is not trusted. Both are written atomically."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = Path(folder) if folder else cache_folder()
+
+    def paths(self, key: dict) -> tuple[Path, Path]:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key['backbone'])}-{digest}"
+        return self.folder / f"{stem}.onnx", self.folder / f"{stem}.json"
+
+    def load(self, key: dict) -> tuple[bytes | None, str | None]:
+        """The cached graph of `key`, or None and why it is not trusted (None when there is none)."""
+        graph, record = self.paths(key)
+        if not graph.exists() and not record.exists():
+            return None, None
+        try:
+            kept = json.loads(record.read_text())
+            model = graph.read_bytes()
+        except (OSError, ValueError) as exc:
+            return None, f"unreadable: {_first_line(exc)}"
+        if not isinstance(kept, dict) or kept.get("key") != key:
+            return None, "its record names another key"
+        if kept.get("sha256") != hashlib.sha256(model).hexdigest():
+            return None, "its bytes differ from the SHA-256 recorded beside it"
+        return model, None
+
+    def save(self, key: dict, model: bytes) -> Path:
+        graph, record = self.paths(key)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(graph, model)
+        _write_atomically(record, json.dumps({"key": key, "sha256": hashlib.sha256(model).hexdigest()},
+                                             indent=1).encode())
+        return graph
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def onnx_embedder(backbone: Backbone, torch_embed: Embedder, threads: int | None = None,
+                  cache: ExportCache | None = None) -> tuple[OnnxEmbedder | None, list[str]]:
+    """The backbone on ONNX Runtime, checked against `torch_embed`, and notes on what happened; None (and
+    the reason) when it cannot be used. A cached export that is damaged or disagrees is exported anew."""
+    cache = cache or ExportCache()
+    key, notes = export_key(backbone), []
+    threads = threads or onnxruntime_threads()
+    cached, why = cache.load(key)
+    if cached is not None:
+        embed, why = _checked(cached, backbone, torch_embed, threads)
+        if embed:
+            return embed, notes
+    if why:
+        notes.append(f"onnxruntime: cached export {cache.paths(key)[0]} not used ({why}); exporting again")
+    start = time.perf_counter()
+    try:
+        model = export(backbone)
+    except Exception as exc:
+        return None, [*notes, f"onnxruntime: export failed ({_first_line(exc)}); running torch"]
+    try:
+        where = f"to {cache.save(key, model)}"
+    except OSError as exc:
+        where = f"(not cached: {_first_line(exc)})"
+    notes.append(f"onnxruntime: exported {backbone.name} in {time.perf_counter() - start:.1f}s {where}")
+    embed, why = _checked(model, backbone, torch_embed, threads)
+    return (embed, notes) if embed else (None, [*notes, f"onnxruntime: {why}; running torch"])
+
+
+def _checked(model: bytes, backbone: Backbone, torch_embed: Embedder,
+             threads: int) -> tuple[OnnxEmbedder | None, str | None]:
+    try:
+        embed = OnnxEmbedder(session(model, threads), backbone.layers, backbone.tta)
+        why = mismatch(embed, torch_embed, backbone.preprocessing.image_size)
+    except Exception as exc:
+        return None, f"cannot run it: {_first_line(exc)}"
+    return (None, why) if why else (embed, None)
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def embedder(backbone: Backbone, device: torch.device | str = "cpu", engine: str = "auto",
+             precision: str = "float32", compile: bool = False, batch_size: int | None = None,
+             threads: int | None = None) -> tuple[Embedder | OnnxEmbedder, str, list[str]]:
+    """The embedder that runs `backbone`, the engine it uses, and notes (an export, a fallback to torch)."""
+    device = torch.device(device)
+    chosen = resolve_engine(engine, device, precision, compile)
+    torch_embed = Embedder(backbone, device, precision, compile, batch_size)
+    if chosen == "torch":
+        return torch_embed, "torch", []
+    embed, notes = onnx_embedder(backbone, torch_embed, threads)
+    if embed is None:
+        return torch_embed, "torch", notes
+    torch_embed.close()
+    return embed, "onnxruntime", notes
