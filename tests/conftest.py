@@ -138,9 +138,9 @@ def small_cache(tmp_path_factory) -> Path:
 
 def synthetic_cache(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> Path:
     """A real feature cache holding given vectors, for tests that need controlled features."""
+    from pipeline.features.spec import BackboneSpec, Preprocessing
     from pipeline.storage.cache import FeatureWriter, cache_attrs
-    spec = {"backbone": "synthetic", "weights": "none", "weights_sha256": "none", "layer": "none",
-            "layers": ["none"], "tta": False, "preprocessing": {"image_size": 1}}
+    spec = BackboneSpec("synthetic", "none", "none", ("none",), Preprocessing(1, 1, "bilinear", (0, 0, 0), (1, 1, 1)))
     dim = next(iter(splits.values()))[0].shape[1]
     writer = FeatureWriter(path, cache_attrs(spec, classes, "float32"), {"none": dim}, "float32")
     for split, (X, y) in splits.items():

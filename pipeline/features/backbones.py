@@ -6,7 +6,7 @@ layer name or a normalisation; they ask the registry.
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,41 +16,13 @@ from torch import nn
 
 from pipeline.features import tokens
 from pipeline.features.folding import folded
+from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.runtime.files import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRETRAINED = ("imagenet", "pretrained")   # the two spellings of a backbone's own pretrained weights
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize the shorter side to `resize`, centre-crop `image_size`, normalise."""
-    image_size: int
-    resize: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(d["image_size"], d["resize"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
-
-    def with_size(self, image_size: int) -> "Preprocessing":
-        """The same recipe at another size, keeping the crop ratio."""
-        resize = round(image_size * self.resize / self.image_size)
-        return Preprocessing(image_size, resize, self.interpolation, self.mean, self.std)
-
-    def transform(self, normalise: bool = True):
-        """PIL image -> tensor; without `normalise` the pixels stay in [0, 1] (to measure them)."""
-        from torchvision import transforms as T
-        mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[self.interpolation]
-        steps = [T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.image_size), T.ToTensor()]
-        return T.Compose(steps + [T.Normalize(self.mean, self.std)] if normalise else steps)
 
 
 @dataclass(frozen=True)
@@ -90,10 +62,8 @@ class Backbone:
     def feature_dim(self) -> int:
         return self.feature_dims[self.layer]
 
-    def spec(self) -> dict:
-        return {"backbone": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "layer": self.layer, "layers": list(self.layers), "tta": self.tta,
-                "preprocessing": self.preprocessing.to_dict()}
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec(self.name, self.weights, self.weights_sha256, self.layers, self.preprocessing, self.tta)
 
 
 def _torchvision_weights(name: str) -> Callable[[], Path]:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from pipeline.data.folders import Dataset, dataset_digest, scan
 from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.features.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
+from pipeline.features.spec import BackboneSpec
 from pipeline.heads.metrics import confusion_png, confusion_rows
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
@@ -282,9 +283,9 @@ def make_optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.Optimi
 
 def network(info: dict, state: dict) -> Classifier:
     """Rebuild a fine-tuned model directory's network (model.json + state dict) in eval mode."""
-    spec = info["backbone"]
-    pre = Preprocessing.from_dict(spec["preprocessing"])
-    model = Classifier(load_backbone(spec["backbone"], "none", spec["layer"], pre.image_size), len(info["classes"]))
+    spec = BackboneSpec.from_dict(info["backbone"])
+    model = Classifier(load_backbone(spec.name, "none", spec.layer, spec.preprocessing.image_size),
+                       len(info["classes"]))
     model.load_state_dict(state)
     return model.eval()
 
@@ -481,7 +482,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
     if sharded:
         metrics["world_size"] = distributed.world_size()   # hyperparameters hold the scaled lr
-    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec(),
+    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec().to_dict(),
             "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
             "dataset": dataset_digest((p, dataset.classes[label], split, digest)
                                       for p, (label, split, digest) in seen.items()),

@@ -6,9 +6,8 @@ stratified k-fold cross-validation on train; the winner is refitted on train and
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
+from pipeline.features.spec import BackboneSpec
 from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.runtime.errors import UserError, warn
@@ -208,7 +208,7 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
                    search={"hyperparameter": tuned, "scores": {f"{v:g}": sc for v, sc in chosen.scores.items()},
                            "warnings": chosen.warnings})
     info = {"kind": "features", "classifier": s.classifier, "classes": cache.classes,
-            "backbone": _backbone_spec(cache.attrs),
+            "backbone": model_spec(cache.attrs).to_dict(),
             "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
             "dataset": dataset}
     y_pred = scores.argmax(1)
@@ -218,7 +218,7 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
     return metrics
 
 
-def _backbone_spec(attrs: dict) -> dict:
-    """The backbone spec recorded in a cache, in the form Backbone.spec() returns it."""
-    return {"backbone": attrs["backbone"], "weights": attrs["weights"], "weights_sha256": attrs["weights_sha256"],
-            "layer": attrs["layer"], "tta": bool(attrs["tta"]), "preprocessing": json.loads(attrs["transform"])}
+def model_spec(attrs: dict) -> BackboneSpec:
+    """The backbone a head on this cache needs: the cache's, with its default layer alone (the one trained on)."""
+    spec = BackboneSpec.from_attrs(attrs)
+    return replace(spec, layers=(spec.layer,))

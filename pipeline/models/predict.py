@@ -11,6 +11,7 @@ from pipeline.data.folders import find_images, printable
 from pipeline.data.images import ImageError, read_image
 from pipeline.features.backbones import Backbone, Preprocessing, load_backbone
 from pipeline.features.engine import embedder
+from pipeline.features.spec import BackboneSpec
 from pipeline.heads.train import scores_of
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
@@ -19,14 +20,12 @@ from pipeline.storage import modeldir
 
 def model_backbone(info: dict) -> Backbone:
     """The backbone recorded in a model's model.json, refusing weights other than those it was trained on."""
-    spec = info["backbone"]
-    pre = Preprocessing.from_dict(spec["preprocessing"])
-    backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], pre.image_size,
-                             spec.get("tta", False))
-    if backbone.weights_sha256 != spec["weights_sha256"]:
-        raise UserError(f"weights {spec['weights']} differ from those the model was trained on "
-                        f"(SHA-256 {backbone.weights_sha256[:12]} != {spec['weights_sha256'][:12]})")
-    return replace(backbone, preprocessing=pre)
+    spec = BackboneSpec.from_dict(info["backbone"])
+    backbone = load_backbone(spec.name, spec.weights, spec.layer, spec.preprocessing.image_size, spec.tta)
+    if backbone.weights_sha256 != spec.weights_sha256:
+        raise UserError(f"weights {spec.weights} differ from those the model was trained on "
+                        f"(SHA-256 {backbone.weights_sha256[:12]} != {spec.weights_sha256[:12]})")
+    return replace(backbone, preprocessing=spec.preprocessing)
 
 
 def scorer(info: dict, model, dev: torch.device, engine: str = "auto", log=None):

@@ -75,17 +75,14 @@ def library_versions() -> dict:
             "timm": timm.__version__, "pillow": PIL.__version__}
 
 
-def cache_attrs(spec: dict, classes: list[str], dtype: str, stats: dict | None = None,
+def cache_attrs(spec, classes: list[str], dtype: str, stats: dict | None = None,
                 data_root: Path | None = None) -> dict:
-    """The root attributes for a cache made with backbone `spec` (Backbone.spec()); `stats` are
+    """The root attributes for a cache made with backbone `spec` (a features.spec.BackboneSpec, which
+    writes its own attributes); `stats` are
     the training split's channel statistics when they replaced the backbone's normalisation.
     `data_root`, the image folder the paths are relative to, is recorded outside the fingerprint:
     the same images moved elsewhere give the same vectors."""
-    attrs = {"backbone": spec["backbone"], "weights": spec["weights"], "weights_sha256": spec["weights_sha256"],
-             "layer": spec["layer"], "layers": json.dumps(spec["layers"]),
-             "image_size": spec["preprocessing"]["image_size"],
-             "transform": json.dumps(spec["preprocessing"], sort_keys=True), "tta": spec["tta"], "dtype": dtype,
-             "versions": json.dumps(library_versions(), sort_keys=True)}
+    attrs = {**spec.to_attrs(), "dtype": dtype, "versions": json.dumps(library_versions(), sort_keys=True)}
     attrs["fingerprint"] = fingerprint(attrs)
     attrs.update(schema_version=SCHEMA_VERSION, classes=json.dumps(classes), compute_stats=stats is not None,
                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tool_version=__version__)
