@@ -482,7 +482,8 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
     if sharded:
         metrics["world_size"] = distributed.world_size()   # hyperparameters hold the scaled lr
-    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec().to_dict(),
+    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes,
+            "backbone": backbone.spec().to_dict(),
             "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
             "dataset": dataset_digest((p, dataset.classes[label], split, digest)
                                       for p, (label, split, digest) in seen.items()),
