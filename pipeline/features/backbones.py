@@ -139,9 +139,10 @@ def _timm_entry(model_name: str, image_size: int | None) -> Entry:
         else {}
 
     def load_pretrained(path: Path) -> nn.Module:
+        # the very file hashed; weights in a foreign format (custom_load: JAX .npz...) go timm's own way to it
+        overlay = {} if probe.pretrained_cfg.get("custom_load") else {"pretrained_cfg_overlay": {"file": str(path)}}
         try:
-            return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                     **resized)
+            return timm.create_model(model_name, pretrained=True, **overlay, **resized)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(f"weights {path} do not fit timm/{model_name}: {str(exc).splitlines()[0]}")
     layer, dim = _classifier_input(probe, size)
