@@ -1,4 +1,5 @@
-"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench`. Parsing and calling only."""
+"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench|audit`.
+Parsing and calling only."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.audit.settings import AuditSettings
 from pipeline.runtime.errors import Interrupted, UserError, exit_with
 
 app = typer.Typer(help="Transfer learning on images: extract features once (stage one), "
@@ -390,6 +392,36 @@ def bench(
     typer.echo(table(results), nl=False)
     if out:
         write_json(results, out)
+
+
+@app.command()
+def audit(
+    features: Annotated[Path, typer.Argument(help="Feature cache written by `pipeline extract`.")],
+    out: Annotated[Path, typer.Option(help="Folder for the report: index.html, the CSVs, learning_curve.png "
+                                           "and summary.json.")] = Path("reports/audit"),
+    folds: Annotated[int, typer.Option(help="Stratified folds of the out-of-fold probabilities behind the "
+                                            "label issues.")] = AuditSettings.folds,
+    neighbours: Annotated[int, typer.Option(help="k of the k-nearest-neighbour outlier scores and "
+                                                 "duplicate search.")] = AuditSettings.neighbours,
+    duplicate_threshold: Annotated[float, typer.Option(help="Cosine similarity from which two images count as "
+                                                            "near-duplicates.")] = AuditSettings.duplicate_threshold,
+    outlier_cut: Annotated[float, typer.Option(help="An image is an outlier from this isolation: its k-NN "
+                                                    "distance over the median image's.")] = AuditSettings.outlier_cut,
+    seeds: Annotated[int, typer.Option(help="Draws per point of the learning curve.")] = AuditSettings.seeds,
+    seed: Annotated[int, typer.Option(help="Seed of the folds, the k-means and the draws.")] = AuditSettings.seed,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines or summary.")] = False,
+):
+    """Check the data behind a cache: label issues, near-duplicates and leaks between splits, outliers, and
+    how accuracy grows with the number of labels; writes a report page and CSV files."""
+    from pipeline.audit.run import audit as run
+    from pipeline.report.audit_page import write_page
+    s = AuditSettings(folds=folds, neighbours=neighbours, duplicate_threshold=duplicate_threshold,
+                      outlier_cut=outlier_cut, seeds=seeds, seed=seed)
+    summary = run(features, out, s, log=lambda line: _say([line], quiet))
+    page = write_page(out)
+    _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
+          f"({summary['leak_groups']} across splits), {summary['outliers']} outliers in {summary['images']} "
+          f"images -> {page}"], quiet)
 
 
 def run_stage(fn) -> None:

@@ -1,0 +1,90 @@
+"""Label issues by confident learning (Northcutt, Jiang and Chuang, JAIR 2021) on out-of-fold probabilities.
+
+Every labelled image gets predicted probabilities from a cheap head that never saw it (stratified
+K-fold over all splits). Each class's threshold is the mean probability of that class over the images
+labelled with it; an image counts in the confident joint C[given, guess] when some class reaches its
+threshold (the guess is the likeliest such class). The joint is calibrated to the label counts, and
+for each off-diagonal cell (given i, true j) the round(C[i, j]) images labelled i with the largest
+margin p_j - p_i are flagged ("prune by noise rate"), never an image whose prediction is its label.
+Flagged images are ranked by self-confidence: score = 1 - p(given label).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.heads.classifiers import TorchLogReg
+
+
+@dataclass
+class LabelIssues:
+    rows: np.ndarray         # indices of flagged images, most likely error first
+    suggested: np.ndarray    # [N] the likeliest class of each image
+    score: np.ndarray        # [N] 1 - p(given label), in [0, 1]
+    probabilities: np.ndarray   # [N, K] out-of-fold
+
+
+def l2_normalised(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int = 5, C: float = 10.0,
+                              seed: int = 0) -> np.ndarray:
+    """[N, K] probabilities, each row from a logistic regression on L2-normalised vectors fitted without
+    that row (torch_logreg: sklearn's objective, with at most 100 L-BFGS steps whatever the data).
+    A class with fewer images than `folds` is absent from some fits: its column is 0 there."""
+    X = l2_normalised(np.asarray(X, np.float32))
+    counts = np.bincount(y, minlength=n_classes)
+    folds = int(min(folds, counts.max()))
+    out = np.zeros((len(y), n_classes))
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():   # "the least populated class has only n members": handled above
+        warnings.filterwarnings("ignore", category=UserWarning, module="sklearn.model_selection")
+        fold_rows = list(splitter.split(X, y))
+    for train, held_out in fold_rows:
+        model = TorchLogReg(C=C, device="cpu").fit(X[train], y[train])
+        out[np.ix_(held_out, model.classes_)] = model.predict_proba(X[held_out])
+    return out
+
+
+def confident_joint(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[K, K] counts of (given label, confidently guessed class), calibrated so that each row sums to
+    that label's count and the whole to N."""
+    n_classes = probabilities.shape[1]
+    counts = np.bincount(labels, minlength=n_classes)
+    thresholds = np.array([probabilities[labels == j, j].mean() if counts[j] else 1.0 for j in range(n_classes)])
+    confident = probabilities >= thresholds - 1e-6
+    several = confident.sum(1) > 1
+    guess = np.where(several, probabilities.argmax(1), confident.argmax(1))
+    sure = confident.any(1)
+    joint = np.zeros((n_classes, n_classes))
+    np.add.at(joint, (labels[sure], guess[sure]), 1)
+    np.fill_diagonal(joint, np.maximum(joint.diagonal(), 1))   # every class keeps a correctly labelled image
+    joint = joint / joint.sum(1, keepdims=True) * counts[:, None]
+    return joint / joint.sum() * counts.sum()
+
+
+def find_label_issues(probabilities: np.ndarray, labels: np.ndarray) -> LabelIssues:
+    """Flag and rank the images whose given label the probabilities contradict (see the module docstring)."""
+    labels = np.asarray(labels)
+    n, n_classes = probabilities.shape
+    joint = np.round(confident_joint(probabilities, labels)).astype(int)
+    flagged = np.zeros(n, bool)
+    for given in range(n_classes):
+        rows = np.flatnonzero(labels == given)
+        if len(rows) <= 1:
+            continue
+        for true in range(n_classes):
+            count = min(joint[given, true], len(rows) - 1) if true != given else 0
+            if count > 0:
+                margin = probabilities[rows, true] - probabilities[rows, given]
+                flagged[rows[np.argsort(-margin, kind="stable")[:count]]] = True
+    suggested = probabilities.argmax(1)
+    flagged &= suggested != labels
+    score = 1 - probabilities[np.arange(n), labels]
+    rows = np.flatnonzero(flagged)
+    rows = rows[np.argsort(-score[rows], kind="stable")]
+    return LabelIssues(rows, suggested, np.clip(score, 0, 1), probabilities)

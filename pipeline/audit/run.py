@@ -1,0 +1,125 @@
+"""`pipeline audit`: every finding on one feature cache, written as CSV files, a plot and summary.json.
+
+out_dir/label_issues.csv    path, split, given, suggested, score (most likely error first; score in [0, 1])
+out_dir/duplicates.csv      group, path, split, similarity, leak (groups spanning two splits first)
+out_dir/outliers.csv        path, split, label, score, score_in_class, score_overall (most unusual first)
+out_dir/learning_curve.csv  head, per_class, mean, std, runs (accuracy on the evaluation split)
+out_dir/learning_curve.png
+out_dir/summary.json        counts, classes, splits, the cache, its data folder and the settings
+Paths are relative to the data folder, as the cache stores them. Nothing is written before every
+finding is computed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.audit import label_issues, learning_curve, neighbours
+from pipeline.audit.settings import AuditSettings
+from pipeline.runtime.errors import UserError
+from pipeline.storage.cache import open_cache
+
+
+@dataclass
+class Images:
+    """Every row of a cache, all splits together."""
+    features: np.ndarray   # [N, D] L2-normalised
+    labels: np.ndarray
+    paths: np.ndarray
+    splits: np.ndarray
+
+
+def read_images(cache) -> Images:
+    parts = [cache.read(split) for split in cache.splits]
+    return Images(label_issues.l2_normalised(np.concatenate([p.features for p in parts])),
+                  np.concatenate([p.labels for p in parts]),
+                  np.array([path for p in parts for path in p.paths], dtype=object),
+                  np.array([s for s, p in zip(cache.splits, parts) for _ in p.paths], dtype=object))
+
+
+def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
+          log: Callable[[str], None] = lambda line: None) -> dict:
+    """Compute every finding of the cache at `cache_path`, then write them to `out_dir`; returns the summary."""
+    s = s or AuditSettings()
+    s.check()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; name a folder for the report")
+    cache = open_cache(cache_path)
+    images = read_images(cache)
+    classes = cache.classes
+    if np.bincount(images.labels).max() < 2:
+        raise UserError(f"feature cache {cache_path} has no class with two images; nothing to audit")
+
+    start = time.perf_counter()
+    probabilities = label_issues.out_of_fold_probabilities(images.features, images.labels, len(classes), s.folds,
+                                                           s.C, s.seed)
+    issues = label_issues.find_label_issues(probabilities, images.labels)
+    log(f"label issues: {len(issues.rows)} of {len(images.labels)} images, {s.folds}-fold out-of-fold "
+        f"probabilities in {time.perf_counter() - start:.1f}s")
+
+    start = time.perf_counter()
+    search = {"exact_up_to": s.exact_up_to, "seed": s.seed}
+    sims, idx = neighbours.knn(images.features, s.neighbours, **search)
+    class_sims, _ = neighbours.knn_within(images.features, images.labels, s.neighbours, **search)
+    duplicates = neighbours.duplicate_groups(sims, idx, images.splits, s.duplicate_threshold)
+    overall, in_class = neighbours.isolation(sims), neighbours.isolation(class_sims)
+    with np.errstate(invalid="ignore"):
+        outlier_score = np.nanmean([overall / np.nanmedian(overall), in_class / np.nanmedian(in_class)], axis=0)
+    outliers = np.flatnonzero(outlier_score >= s.outlier_cut)
+    outliers = outliers[np.argsort(-outlier_score[outliers], kind="stable")]
+    leak_groups = len(set(duplicates.group[duplicates.leak]))
+    log(f"neighbours: {len(set(duplicates.group))} near-duplicate groups ({leak_groups} across splits), "
+        f"{len(outliers)} outliers in {time.perf_counter() - start:.1f}s")
+
+    start = time.perf_counter()
+    eval_split = next((split for split in ("test", "val") if split in cache.splits), None)
+    train = images.splits == "train"
+    points = []
+    if eval_split:
+        held = images.splits == eval_split
+        points = learning_curve.learning_curve(images.features[train], images.labels[train], images.features[held],
+                                               images.labels[held], seeds=s.seeds, C=s.C)
+    log(f"learning curve: {len(points)} points" + (f" on {eval_split}" if eval_split else ", no val or test split")
+        + f" in {time.perf_counter() - start:.1f}s")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    given = np.array(classes, dtype=object)
+    _write(out_dir / "label_issues.csv", ["path", "split", "given", "suggested", "score"],
+           zip(images.paths[issues.rows], images.splits[issues.rows], given[images.labels[issues.rows]],
+               given[issues.suggested[issues.rows]], _rounded(issues.score[issues.rows])))
+    rows = duplicates.rows
+    _write(out_dir / "duplicates.csv", ["group", "path", "split", "similarity", "leak"],
+           zip(duplicates.group, images.paths[rows], images.splits[rows], _rounded(duplicates.similarity),
+               np.where(duplicates.leak, "true", "false")))
+    _write(out_dir / "outliers.csv", ["path", "split", "label", "score", "score_in_class", "score_overall"],
+           zip(images.paths[outliers], images.splits[outliers], given[images.labels[outliers]],
+               *(_rounded(v[outliers]) for v in (outlier_score, in_class, overall))))
+    _write(out_dir / "learning_curve.csv", ["head", "per_class", "mean", "std", "runs"],
+           ((p.head, p.per_class, f"{p.mean:.4f}", f"{p.std:.4f}", p.runs) for p in points))
+    learning_curve.plot(points, eval_split or "no evaluation split", out_dir / "learning_curve.png")
+    summary = {"cache": str(cache_path), "data_root": cache.data_root, "images": len(images.labels),
+               "splits": {split: int((images.splits == split).sum()) for split in cache.splits},
+               "classes": classes, "label_issues": len(issues.rows), "duplicate_groups": len(set(duplicates.group)),
+               "leak_groups": leak_groups, "outliers": len(outliers),
+               "settings": {**asdict(s), "eval_split": eval_split,
+                            "learning_curve_heads": list(learning_curve.HEADS)}}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _rounded(values: np.ndarray) -> list[str]:
+    return ["" if np.isnan(v) else f"{v:.4f}" for v in np.asarray(values, float)]
+
+
+def _write(path: Path, header: list[str], rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -1,0 +1,156 @@
+"""`pipeline audit`: planted label errors, near-duplicates across splits and outliers are found in real
+caches of controlled vectors; the files keep their columns; bad input is one error line."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.audit import neighbours
+from pipeline.audit.label_issues import find_label_issues, l2_normalised, out_of_fold_probabilities
+from pipeline.audit.learning_curve import counts_up_to, learning_curve
+from pipeline.audit.run import audit
+from pipeline.audit.settings import AuditSettings
+from pipeline.storage.cache import open_cache
+from tests.conftest import run_cli, synthetic_cache
+
+COLUMNS = {"label_issues.csv": ["path", "split", "given", "suggested", "score"],
+           "duplicates.csv": ["group", "path", "split", "similarity", "leak"],
+           "outliers.csv": ["path", "split", "label", "score", "score_in_class", "score_overall"],
+           "learning_curve.csv": ["head", "per_class", "mean", "std", "runs"]}
+
+
+def clusters(n_classes: int, per_class: int, dim: int = 32, spread: float = 0.6, seed: int = 0):
+    """Gaussian classes around random centres: vectors and labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (n_classes, dim))
+    y = np.repeat(np.arange(n_classes), per_class)
+    return (centres[y] + rng.normal(0, spread, (len(y), dim))).astype(np.float32), y
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_confident_learning_ranks_planted_label_flips_first():
+    X, y = clusters(5, 100, spread=0.6)
+    rng = np.random.default_rng(1)
+    flipped = rng.choice(len(y), 25, replace=False)
+    noisy = y.copy()
+    noisy[flipped] = (y[flipped] + rng.integers(1, 5, len(flipped))) % 5
+    issues = find_label_issues(out_of_fold_probabilities(X, noisy, 5, folds=3), noisy)
+    top = issues.rows[:2 * len(flipped)]
+    assert np.isin(flipped, top).mean() >= 0.8
+    assert (issues.suggested[flipped] == y[flipped]).mean() >= 0.8   # the suggestion is the true class
+    assert np.all(np.diff(issues.score[issues.rows]) <= 0) and 0 <= issues.score.min() <= issues.score.max() <= 1
+
+
+def test_clean_labels_give_few_issues():
+    X, y = clusters(4, 50, spread=0.3)
+    issues = find_label_issues(out_of_fold_probabilities(X, y, 4, folds=3), y)
+    assert len(issues.rows) <= 2
+
+
+def test_inverted_file_search_finds_the_exact_neighbours():
+    X = l2_normalised(clusters(20, 150, dim=24, spread=0.5)[0])
+    exact_sims, exact_idx = neighbours.knn(X, 5)
+    sims, idx = neighbours.knn(X, 5, exact_up_to=100)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact_idx, idx)])
+    assert recall >= 0.9
+    assert np.all(sims <= exact_sims + 1e-5)     # never closer than the true neighbours
+    assert not np.any(idx == np.arange(len(X))[:, None])
+
+
+def test_exact_search_in_blocks_matches_the_full_matrix(monkeypatch):
+    X = l2_normalised(clusters(3, 40)[0])
+    monkeypatch.setattr(neighbours, "BLOCK_BYTES", 4 * len(X) * 7)   # blocks of 7 rows
+    sims, idx = neighbours.knn(X, 3)
+    full = X @ X.T
+    np.fill_diagonal(full, -np.inf)
+    np.testing.assert_allclose(sims, np.sort(full, 1)[:, ::-1][:, :3], atol=1e-5)
+
+
+def test_learning_curve_rises_with_more_labels():
+    assert counts_up_to(130) == [1, 2, 5, 10, 20, 50, 100, 130]
+    assert counts_up_to(50) == [1, 2, 5, 10, 20, 50]
+    X, y = clusters(3, 70, dim=16, spread=1.5)
+    points = learning_curve(X[::2], y[::2], X[1::2], y[1::2], heads=("logreg",), seeds=3)
+    assert [p.per_class for p in points] == [1, 2, 5, 10, 20, 35]
+    assert [p.runs for p in points] == [3, 3, 3, 3, 3, 1] and points[0].std > 0 == points[-1].std
+    assert points[-1].mean > points[0].mean + 0.1
+
+
+def planted_cache(path: Path) -> tuple[Path, dict]:
+    """Three splits of four classes with a label flip, copies of training vectors in val and test, and one
+    vector far from everything; returns the cache and what was planted (as the cache's paths)."""
+    X, y = clusters(4, 60, dim=32, spread=0.8)
+    rng = np.random.default_rng(3)
+    order = rng.permutation(len(y))
+    parts = {"train": order[:160], "val": order[160:200], "test": order[200:]}
+    splits = {name: (X[rows].copy(), y[rows].copy()) for name, rows in parts.items()}
+    Xt, yt = splits["train"]
+    flips = [int(np.flatnonzero(yt == label)[0]) for label in range(4)]   # one of each class
+    yt[flips] = (yt[flips] + 1) % 4
+    for split, source in (("val", 30), ("test", 31)):              # copies of train/30 and train/31
+        Xs, _ = splits[split]
+        Xs[0] = Xt[source] + rng.normal(0, 0.02, Xt.shape[1])
+        splits[split][1][0] = yt[source]
+    Xt[20] = rng.normal(0, 1, Xt.shape[1]) * 6                    # an outlier: train/20
+    planted = {"flips": {f"train/{i}.png" for i in flips}, "leaks": {("train/30.png", "val/0.png"),
+               ("test/0.png", "train/31.png")}, "outlier": "train/20.png"}
+    return synthetic_cache(path, splits, ["a", "b", "c", "d"]), planted
+
+
+def test_audit_finds_what_was_planted_and_writes_the_contract(tmp_path: Path):
+    cache, planted = planted_cache(tmp_path / "features.h5")
+    summary = audit(cache, tmp_path / "report", AuditSettings(folds=3, seeds=2))
+    files = {}
+    for name, columns in COLUMNS.items():
+        header, files[name] = read_csv(tmp_path / "report" / name)
+        assert header == columns
+    issues = [r["path"] for r in files["label_issues.csv"]]
+    assert planted["flips"] <= set(issues[:8])
+    groups = {}
+    for r in files["duplicates.csv"]:
+        groups.setdefault(r["group"], []).append(r)
+    pairs = {tuple(sorted(r["path"] for r in members)) for members in groups.values()}
+    assert pairs == planted["leaks"]
+    assert all(r["leak"] == "true" and float(r["similarity"]) > 0.92 for r in files["duplicates.csv"])
+    assert files["outliers.csv"][0]["path"] == planted["outlier"]
+    curve = files["learning_curve.csv"]
+    largest = np.bincount(open_cache(cache).read("train").labels).max()   # all images of the largest class
+    assert {r["head"] for r in curve} == {"logreg", "knn"} and curve[-1]["per_class"] == str(largest)
+    assert all(0 <= float(r["mean"]) <= 1 for r in curve)
+    assert (tmp_path / "report" / "learning_curve.png").stat().st_size > 0
+    assert json.loads((tmp_path / "report" / "summary.json").read_text()) == summary
+    assert summary["splits"] == {"train": 160, "val": 40, "test": 40} and summary["images"] == 240
+    assert (summary["label_issues"], summary["duplicate_groups"], summary["leak_groups"]) == (len(issues), 2, 2)
+    assert summary["outliers"] == len(files["outliers.csv"]) and summary["data_root"] is None
+    assert summary["settings"]["duplicate_threshold"] == AuditSettings.duplicate_threshold
+
+
+@pytest.mark.slow
+def test_audit_command_writes_the_page(tmp_path: Path):
+    cache, _ = planted_cache(tmp_path / "features.h5")
+    proc = run_cli("audit", cache, "--out", tmp_path / "report", "--folds", 3, "--seeds", 1, check=True)
+    assert "2 near-duplicate groups (2 across splits)" in proc.stderr
+    for name in (*COLUMNS, "summary.json", "learning_curve.png", "index.html"):
+        assert (tmp_path / "report" / name).is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.h5"], "error: feature cache missing.h5 does not exist; run `pipeline extract` first"),
+    (["CACHE", "--folds", "1"], "error: folds must be at least 2, got 1"),
+    (["CACHE", "--duplicate-threshold", "1.5"], "error: duplicate_threshold must be in (0, 1], got 1.5"),
+])
+def test_audit_command_refuses_bad_input_with_one_line(tmp_path: Path, args, message):
+    cache, _ = planted_cache(tmp_path / "features.h5")
+    args = [cache if a == "CACHE" else a for a in args]
+    proc = run_cli("audit", *args, "--out", tmp_path / "report", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
+    assert not (tmp_path / "report").exists()
