@@ -43,6 +43,7 @@ def offline(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path / "hf"
 
 
+@pytest.mark.slow
 def test_extract_loads_exactly_the_cached_hub_weights(tmp_path: Path, image_folder: Path, offline: Path):
     import timm
     from safetensors.torch import load_file

@@ -43,7 +43,7 @@ def hub_weights(model_name: str) -> Path:
         raise UserError(f"timm/{model_name} has no pretrained weights on the Hugging Face hub; "
                         f"pass --weights PATH to a local .safetensors or .pth file, or --weights none")
     repo, _, revision = cfg.hf_hub_id.partition("@")
-    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILES
+    files = _files(cfg.hf_hub_filename)
     unreachable = False
     for filename in files:
         try:
@@ -64,3 +64,13 @@ def hub_weights(model_name: str) -> Path:
     raise UserError(f"timm/{model_name}: {files[0]} of Hugging Face repository {repo} is not in the cache "
                     f"({os.path.join(constants.HF_HUB_CACHE, 'models--' + repo.replace('/', '--'))}) and {offline}; "
                     f"run once with network to download it, or pass --weights PATH to a local copy")
+
+
+def _files(named: str | None) -> tuple[str, ...]:
+    """The files to look for, in timm's order: a pickle's safetensors version before the pickle itself."""
+    if not named:
+        return HUB_FILES
+    if not named.endswith(".bin"):
+        return (named,)
+    safe = "open_clip_model.safetensors" if named == "open_clip_pytorch_model.bin" else named[:-4] + ".safetensors"
+    return safe, named
