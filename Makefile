@@ -31,7 +31,7 @@ plots: $(VENV)/.installed $(VEGA_PAGE)
 	$(BIN)/dvc plots show --html-template $(VEGA_PAGE)
 
 # The README's picture of the demo's audit page (after `make demo`).
-docs/audit_report.png: reports/audit/index.html
+docs/audit_report.png: reports/audit/lite0_160/index.html
 	mkdir -p docs build
 	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir=$(CURDIR)/build/chromium \
 		--window-size=1000,1500 --screenshot=$(CURDIR)/$@ $(CURDIR)/$<
