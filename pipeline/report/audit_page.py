@@ -185,7 +185,7 @@ def _number(value: str) -> str:
 def _label_issues(rows: list[dict] | None, thumbs: Thumbnails) -> str:
     out = _section("Possible label errors", "label_issues.csv", rows, "images",
                    "Images whose given label the out-of-fold predictions doubt, most likely error first. "
-                   "Score: how likely the given label is wrong (0 to 1).")
+                   "Score: 1 minus the predicted probability of the given label.")
     if not rows:
         return out
     return out + _table(("image", "path", "split", "given", "suggested", "score"), [
@@ -200,8 +200,8 @@ def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
     shown = None if rows is None else list(groups)
     out = _section("Near-duplicates and split leaks", "duplicates.csv", shown, "groups",
                    "Groups of nearly identical images, groups that span two splits (leaks) first. "
-                   f"Similarity: cosine similarity of the feature vectors. Up to {MEMBERS_SHOWN} images per group "
-                   "are shown.")
+                   f"Similarity: an image's highest cosine similarity to another of its group. Up to "
+                   f"{MEMBERS_SHOWN} images per group are shown.")
     if not groups:
         return out
     ordered = sorted(groups.values(), key=lambda g: g[0]["leak"].strip().lower() != "true")
@@ -220,11 +220,12 @@ def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
 
 def _outliers(rows: list[dict] | None, thumbs: Thumbnails) -> str:
     out = _section("Outliers", "outliers.csv", rows, "images",
-                   "Images far from their nearest neighbours, most unusual first: within their own class and "
-                   "over all images (distance to the k nearest neighbours).")
+                   "Images far from their nearest neighbours, most unusual first. Distance: the mean cosine "
+                   "distance to the k nearest neighbours, within the image's class and among all images; score: "
+                   "the two over the median image's, averaged (1 is typical).")
     if not rows:
         return out
-    return out + _table(("image", "path", "split", "label", "score", "in class", "overall"), [
+    return out + _table(("image", "path", "split", "label", "score", "distance in class", "distance overall"), [
         [f"<td>{thumbs.cell(r['path'])}</td>", _text(r["path"], "path"), _text(r["split"]), _text(r["label"]),
          _number(r["score"]), _number(r["score_in_class"]), _number(r["score_overall"])] for r in rows[:ROWS_SHOWN]])
 
