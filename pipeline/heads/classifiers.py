@@ -18,27 +18,29 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
 
 
-SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a CPU head trains on one thread
+SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a head trains on one CPU thread
 
 
 @contextlib.contextmanager
-def _one_thread_if_small(device: torch.device, n_values: int):
-    """One CPU thread for small heads: their products are too small to share, and waking a second
-    thread for each one cost 8-10x the time on a busy 2-core machine (0.3 s against 15 s for one fit
-    on 245 x 1280 vectors)."""
-    if device.type != "cpu" or n_values > SMALL_PROBLEM:
+def one_thread_if_small(n_values: int):
+    """One CPU thread (BLAS, OpenMP and torch) while fitting a small problem: its products are too small to
+    share, and waking a second thread for each cost up to 20x the time on a busy 2-core machine (sklearn's
+    logreg on 1,120 x 1,280 vectors: 5 s against 100 s; a torch head on 245 x 1,280: 0.3 s against 15 s)."""
+    if n_values > SMALL_PROBLEM:
         yield
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(1):
+            yield
     finally:
         torch.set_num_threads(threads)
 
@@ -63,10 +65,6 @@ class TorchHead(BaseEstimator, ClassifierMixin):
     def fit(self, X, y, X_val=None, y_val=None):
         """Train; with a val set, stop when its loss stops improving and keep the best epoch.
         Without one, train for `epochs` epochs (model selection passes the best epoch count)."""
-        with _one_thread_if_small(resolve_device(self.device), np.size(X)):
-            return self._fit(X, y, X_val, y_val)
-
-    def _fit(self, X, y, X_val, y_val):
         check_minimums({"hidden": 0, "depth": 1, "dropout": 0, "weight_decay": 0, "epochs": 1, "batch_size": 1,
                         "patience": 1}, vars(self))
         if not self.lr > 0 or not self.dropout < 1:

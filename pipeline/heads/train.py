@@ -17,7 +17,8 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head
+from pipeline.heads.classifiers import (CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head,
+                                        one_thread_if_small)
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.runtime.errors import UserError, warn
 from pipeline.storage import modeldir
@@ -181,15 +182,16 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
         dataset = cache.dataset_id()
     eval_split = "test" if has_test else "val"
     start = time.perf_counter()
-    chosen = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
-              else select(s, train_.features, train_.labels))
     if has_test:
         X = np.concatenate([train_.features, val.features])
         y = np.concatenate([train_.labels, val.labels])
         evaluation = test
     else:
         X, y, evaluation = train_.features, train_.labels, val
-    model = _fit(s, chosen.value, X, y, epochs=chosen.epochs)
+    with one_thread_if_small(X.size):
+        chosen = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
+                  else select(s, train_.features, train_.labels))
+        model = _fit(s, chosen.value, X, y, epochs=chosen.epochs)
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
     scores = scores_of(model, evaluation.features, len(cache.classes))
