@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.make_images import make_images  # noqa: E402
 from pipeline.features.bench import bench, table, write_json  # noqa: E402
+from pipeline.features.settings import BenchSettings  # noqa: E402
 
 
 def main() -> None:
@@ -56,10 +57,11 @@ def main() -> None:
         name, _, weights = spec.partition("=")
         for batch_size in args.batch_size:
             print(f"== {name}, batch size {batch_size or 'default'}", file=sys.stderr)
-            results += bench(data, name, weights or "imagenet", args.image_size, batch_size, args.device,
-                             args.precision, args.compile, args.workers, args.repeats, args.images,
-                             skip_tutorial=args.no_tutorial, engines=args.engine,
-                             log=lambda line: print(line, file=sys.stderr))
+            s = BenchSettings(backbone=name, weights=weights or "imagenet", image_size=args.image_size,
+                              batch_size=batch_size, device=args.device, precision=args.precision,
+                              compile=args.compile, workers=args.workers, repeats=args.repeats, images=args.images,
+                              tutorial=not args.no_tutorial, engine=args.engine)
+            results += bench(data, s, log=lambda line: print(line, file=sys.stderr))
             if args.out:
                 write_json(results, args.out)
     print(table(results), end="")

@@ -1,49 +1,103 @@
-"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench|audit`.
-Parsing and calling only."""
+"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench|audit`. Parsing and
+calling only: the options of a stage are the fields of its settings object (pipeline.runtime.settings)."""
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from pipeline.audit.settings import AuditSettings
-from pipeline.runtime.errors import Interrupted, UserError, exit_with
+from pipeline.features.settings import BenchSettings, ExtractSettings
+from pipeline.finetune.settings import FinetuneSettings
+from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_params
+from pipeline.models.settings import PredictSettings
+from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
+from pipeline.runtime.settings import alternatives, default, fields, from_options, option_name, rule, type_hints
 
-app = typer.Typer(help="Transfer learning on images: extract features once (stage one), "
-                       "train many cheap classifiers on them (stage two).",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+class Command(TyperCommand):
+    """A subcommand whose arguments read `DATA`, not `{data}`, and whose Ctrl-C says what stopped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece[1:].replace("}", "", 1) if piece.startswith("{") else piece
+                for piece in super().collect_usage_pieces(ctx)]
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: pipeline {self.name} stopped")
+
+
+class App(typer.Typer):
+    def command(self, *args, cls=Command, **kwargs):
+        return super().command(*args, cls=cls, **kwargs)
+
+
+app = App(help="Transfer learning on images: extract features once (stage one), "
+               "train many cheap classifiers on them (stage two).",
+          pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+
+
+def _option_type(hint, r):
+    """The type typer parses an option as: the field's type, its choices as a Literal."""
+    kinds = alternatives(hint)
+    optional = type(None) in kinds
+    (kind,) = [k for k in kinds if k is not type(None)]
+    if r.choices:
+        kind = Literal[r.choices]
+    return Optional[kind] if optional else kind
+
+
+def settings_options(cls):
+    """Decorator: the command's `settings` parameter becomes one option per field of settings class `cls`
+    (help: the field's doc and range), and the command receives them checked, as one `cls`."""
+    def decorate(command):
+        hints = type_hints(cls)
+        options = []
+        for f in fields(cls):
+            r = rule(f)
+            if not r.option:
+                continue
+            names = [option_name(f.name)] if hints[f.name] is bool and not default(f) else []   # a flag
+            help_text = f"{r.doc}  [{r.describe()}]" if r.describe() else r.doc
+            options.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default(f),
+                                             annotation=Annotated[_option_type(hints[f.name], r),
+                                                                  typer.Option(*names, help=help_text)]))
+        signature = inspect.signature(command, eval_str=True)
+        params = []
+        for p in signature.parameters.values():
+            params += options if p.name == "settings" else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            values = {p.name: kwargs.pop(p.name) for p in options}
+            return command(settings=from_options(cls, values), **kwargs)
+
+        run.__signature__ = signature.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+    return decorate
 
 
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
-
-
-class Dtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
-
-class Engine(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-
-
-ENGINE_HELP = ("What runs the backbone; auto: ONNX Runtime on a CPU (float32, no --compile), torch "
-               "otherwise. The ONNX export is cached under ~/.cache/featurecache-pipeline/onnx.")
 
 
 class Format(str, Enum):
@@ -59,58 +113,16 @@ def _say(lines, quiet: bool = False) -> None:
 
 
 @app.command()
+@settings_options(ExtractSettings)
 def extract(
     data: Annotated[Path, typer.Argument(help="Image folder: ROOT/{train,val,test}/CLASS/*, ROOT/CLASS/*, "
                                               "or ROOT/* with --labels.")],
     out: Annotated[Path, typer.Option(help="HDF5 feature cache to write (atomically). An existing cache "
                                            "made the same way lends the vectors of unchanged "
                                            "images.")] = Path("features.h5"),
-    labels: Annotated[Optional[Path], typer.Option(help="CSV with an image column and a label column; "
-                                                        "the images lie under DATA.")] = None,
-    id_column: Annotated[str, typer.Option(help="--labels column naming each image: a path relative to "
-                                                "DATA, with or without extension.")] = "id",
-    label_column: Annotated[Optional[str], typer.Option(help="--labels column holding the class; default: "
-                                                             "'breed', else 'label'.")] = None,
-    backbone: Annotated[str, typer.Option(help="Registry name (efficientnet_lite0/1/2, resnet18/34/50/101, vgg16, "
-                                               "efficientnet_b0, mobilenet_v3_large, convnext_tiny) "
-                                               "or timm/<model>[.<tag>].")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="'imagenet' or 'pretrained' (bundled, the torch cache, or for "
-                                              "timm models the Hugging Face hub cache), a path to a local "
-                                              ".pth or .safetensors state dict (a classifier that does not "
-                                              "fit is left out), or 'none' (random init).")] = "imagenet",
-    layer: Annotated[Optional[list[str]], typer.Option(help="Module to hook; spatial outputs are averaged. "
-                                                            "Repeat for several feature sets in one file "
-                                                            "(the first is the default). Default: the "
-                                                            "backbone's global pool (vgg16: the 4096-d "
-                                                            "penultimate layer; 'avgpool' gives 25088-d). "
-                                                            "Vision transformers also take cls_token, "
-                                                            "patch_mean, cls_patch_mean, cls_last<N>.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
-    compute_stats: Annotated[bool, typer.Option("--compute-stats", help="Normalise with the training split's "
-                                                                       "per-channel mean/std instead of "
-                                                                       "the backbone's.")] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="Average the features of each image and its "
-                                                   "horizontal flip (twice the compute).")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; default: 256 on CUDA, "
-                                                          "16 on a CPU (faster there than larger).")] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
-    dtype: Annotated[Dtype, typer.Option(help="Storage type of the feature vectors.")] = Dtype.float16,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: "
-                                                        "the CPU count, at most 8.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of each class cut out for val (from train when "
-                                                     "split folders have no val folder).")] = 0.15,
-    test_fraction: Annotated[float, typer.Option(help="Share of each class cut out for test (none when "
-                                                      "there is a val or test folder).")] = 0.15,
-    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
-    reuse: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from the cache at --out "
-                                             "when it was made the same way.")] = True,
-    precision: Annotated[Precision, typer.Option(help="Compute type of the forward pass; auto: bfloat16 "
-                                                      "on CUDA, float32 on CPU.")] = Precision.auto,
-    compile: Annotated[bool, typer.Option("--compile", help="Run the model through torch.compile "
-                                                           "(pays off on large datasets).")] = False,
+    settings: ExtractSettings = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out that is not a feature "
                                                        "cache (refused otherwise).")] = False,
-    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
                                             "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
@@ -119,18 +131,12 @@ def extract(
     from pipeline.features import sharded
     from pipeline.runtime import distributed
     if nproc > 1:
-        sharded.check_extract_options({"compute_stats": compute_stats, "batch_size": batch_size,
-                                           "workers": workers})
+        sharded.check_extract_options(settings)
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     from pipeline.features.extract import extract_folder as single
     extract_folder = sharded.extract_folder if distributed.is_distributed() else single
     try:
-        summary = extract_folder(data, out, backbone, weights, layer, image_size, val_fraction, test_fraction, seed,
-                                 labels=labels, id_column=id_column, label_column=label_column, tta=tta,
-                                 compute_stats=compute_stats, reuse=reuse, batch_size=batch_size,
-                                 device=device.value, dtype=dtype.value, workers=workers, quiet=quiet,
-                                 precision=precision.value, compile=compile, force=force,
-                                 engine=engine.value)
+        summary = extract_folder(data, out, settings, quiet, force)
     except KeyboardInterrupt:   # before any image was written; later ones say how to resume
         raise Interrupted("interrupted before extraction began")
     if summary:
@@ -142,7 +148,7 @@ def _pairs(pairs: list[str], option: str) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise UserError(f"{option} expects KEY=VALUE, got {pair!r}")
+            raise UserError(f"{option} expects KEY=VALUE, got {quote(pair)}")
         out[key] = value
     return out
 
@@ -153,51 +159,46 @@ def _parse_params(pairs: list[str]) -> dict:
 
 
 @app.command()
+@settings_options(TrainSettings)
 def train(
     features: Annotated[Path, typer.Argument(help="Feature cache written by `pipeline extract`.")],
-    classifier: Annotated[str, typer.Option(help="logreg, linear_svm, rbf_svm, knn, torch_linear "
-                                                 "or torch_mlp.")] = "logreg",
     out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("model"),
-    param: Annotated[list[str], typer.Option(help="KEY=VALUE classifier setting, repeatable, e.g. "
-                                                  "C=0.1 (fixes the tuned value instead of searching), "
-                                                  "hidden=512, epochs=50.")] = [],
-    preprocess: Annotated[str, typer.Option(help="Feature preprocessing: l2, standardize "
-                                                 "or none.")] = "l2",
-    class_weight: Annotated[Optional[str], typer.Option(help="'balanced' to reweight rare "
-                                                             "classes.")] = None,
-    cv_folds: Annotated[int, typer.Option(help="Folds for selection when the cache has no "
-                                               "test split.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the folds and of the torch heads.")] = 0,
+    settings: TrainSettings = None,
+    param: Annotated[list[str], typer.Option(metavar="KEY=VALUE", help="KEY=VALUE, repeatable: the tuned value (fixed instead of "
+                                                  "searched) or a setting of the classifier: "
+                                                  + "; ".join(f"{name}: {', '.join(own_keys(name))}"
+                                                              for name in CLASSIFIERS) + ".")] = [],
     fingerprint: Annotated[Optional[str], typer.Option(help="Refuse a cache whose fingerprint "
                                                             "differs from this (a prefix will do).")] = None,
-    expect: Annotated[list[str], typer.Option(help="FIELD=VALUE the cache must have been made with, "
+    expect: Annotated[list[str], typer.Option(metavar="FIELD=VALUE", help="FIELD=VALUE the cache must have been made with, "
                                                    "repeatable, e.g. backbone=resnet18, image_size=224, "
                                                    "tta=true; a difference is refused and named.")] = [],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ):
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
-    from pipeline.config import train_settings
-    from pipeline.heads.train import train as fit
-    raw = {**_parse_params(param), "preprocess": preprocess, "class_weight": class_weight,
-           "cv_folds": cv_folds, "seed": seed}
+    s = with_params(settings, _parse_params(param), lambda key: f"--param {key}")
     expected = {**_pairs(expect, "--expect"), **({"fingerprint": fingerprint} if fingerprint else {})}
-    m = fit(features, out, train_settings(classifier, raw, where="train"), expected)
-    _say([f"{classifier}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), "
+    from pipeline.heads.train import train as fit
+    try:
+        m = fit(features, out, s, expected)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: training {s.classifier} on {features} stopped before {out} was written "
+                          f"in full; run the same command again")
+    _say([f"{s.classifier}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), "
           f"chosen {m['hyperparameters']}, fit {m['fit_seconds']:.1f}s -> {out}"], quiet)
 
 
 @app.command()
+@settings_options(PredictSettings)
 def predict(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory written by `pipeline train`.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 5,
+    model_dir: Annotated[Path, typer.Argument(help="Model directory written by `pipeline train`.", metavar="DIR")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.", metavar="IMAGE_OR_FOLDER")],
+    settings: PredictSettings = None,
     format: Annotated[Format, typer.Option(help="Output format.")] = Format.table,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
-    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine.auto,
 ):
     """Predict the top-k classes of new images with a trained model (backbone + head)."""
     from pipeline.models.predict import predict as run
-    results = run(model_dir, images, top_k, device.value, engine=engine.value,
+    results = run(model_dir, images, settings.top_k, settings.device, engine=settings.engine,
                   log=lambda line: typer.echo(line, err=True))
     if format is Format.json:
         typer.echo(json.dumps(results, indent=2))
@@ -242,73 +243,14 @@ def compare(
     typer.echo(markdown(run(model_dirs, out)), nl=False)
 
 
-class Strategy(str, Enum):
-    full = "full"
-    partial = "partial"
-    head = "head"
-    scratch = "scratch"
-
-
-class Optimizer(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"
-    plateau = "plateau"
-
-
 @app.command()
+@settings_options(FinetuneSettings)
 def finetune(
-    data: Annotated[Path, typer.Argument(help="Image folder: ROOT/{train,val,test}/CLASS/* or ROOT/CLASS/*.")],
+    data: Annotated[Path, typer.Argument(help="Image folder: ROOT/{train,val,test}/CLASS/*, ROOT/CLASS/*, "
+                                              "or ROOT/* with --labels.")],
     out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("finetuned"),
-    backbone: Annotated[str, typer.Option(help="Registry name or timm/<model>.")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="Starting weights: 'imagenet' or a path to a state dict "
-                                              "(scratch always starts from random weights).")] = "imagenet",
-    strategy: Annotated[Strategy, typer.Option(help="full: all layers; partial: freeze the first --freeze "
-                                                    "stages; head: frozen backbone; scratch: random init, "
-                                                    "all layers.")] = Strategy.full,
-    freeze: Annotated[Optional[int], typer.Option(help="partial: stages to freeze; default: half.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs in all, head-only ones included.")] = 10,
-    head_epochs: Annotated[int, typer.Option(help="Two-phase schedule: train only the head for this many "
-                                                  "epochs first, then unfreeze.")] = 0,
-    image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    optimizer: Annotated[Optimizer, typer.Option(help="SGD with momentum or AdamW.")] = Optimizer.sgd,
-    lr: Annotated[float, typer.Option(help="Learning rate of the new head.")] = 0.01,
-    backbone_lr_scale: Annotated[float, typer.Option(help="Backbone learning rate = lr x this "
-                                                          "(scratch: 1).")] = 0.1,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    schedule: Annotated[Schedule, typer.Option(help="cosine annealing over the epochs, or step-on-plateau "
-                                                    "of val accuracy.")] = Schedule.cosine,
-    plateau_patience: Annotated[int, typer.Option(help="plateau: epochs without val improvement before "
-                                                       "the learning rate decays.")] = 2,
-    plateau_factor: Annotated[float, typer.Option(help="plateau: decay factor.")] = 0.1,
-    max_decays: Annotated[int, typer.Option(help="plateau: stop at the next plateau after this many "
-                                                 "decays.")] = 2,
-    patience: Annotated[Optional[int], typer.Option(help="Early stopping: epochs without val "
-                                                         "improvement; default: off.")] = None,
-    random_crop: Annotated[bool, typer.Option(help="Augment: random resized crop (50-100% of the "
-                                                   "area).")] = True,
-    flip: Annotated[bool, typer.Option(help="Augment: random horizontal flip.")] = True,
-    rotation: Annotated[float, typer.Option(help="Augment: random rotation up to this many "
-                                                 "degrees.")] = 0.0,
-    color_jitter: Annotated[float, typer.Option(help="Augment: brightness/contrast/saturation "
-                                                     "jitter strength.")] = 0.0,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA (mixed precision, channels-last) "
-                                                "when present.")] = Device.auto,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader decoding workers; default: the CPU "
-                                                        "count, at most 8.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of each class cut out for val (from train when "
-                                                     "split folders have no val folder).")] = 0.15,
-    test_fraction: Annotated[float, typer.Option(help="Share of each class cut out for test (none when "
-                                                      "there is a val or test folder).")] = 0.15,
-    seed: Annotated[int, typer.Option(help="Seed of the split, the head and the batch order.")] = 0,
+    settings: FinetuneSettings = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
-    scale_lr: Annotated[bool, typer.Option(help="Under torchrun: multiply --lr by the number of processes "
-                                                "(linear scaling rule for the larger global batch).")] = True,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Rewrite OUT/checkpoint.pt after every "
                                                                  "epoch, for --resume.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.pt written with the "
@@ -321,20 +263,11 @@ def finetune(
     from pipeline.runtime import distributed
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    from pipeline.finetune.training import FinetuneSettings
     from pipeline.finetune.training import finetune as run
-    s = FinetuneSettings(backbone=backbone, weights=weights, strategy=strategy.value, freeze=freeze, epochs=epochs,
-                         head_epochs=head_epochs, image_size=image_size, batch_size=batch_size,
-                         optimizer=optimizer.value, lr=lr, backbone_lr_scale=backbone_lr_scale,
-                         weight_decay=weight_decay, momentum=momentum, schedule=schedule.value,
-                         plateau_patience=plateau_patience, plateau_factor=plateau_factor, max_decays=max_decays,
-                         patience=patience, random_crop=random_crop, flip=flip, rotation=rotation,
-                         color_jitter=color_jitter, device=device.value, workers=workers,
-                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, scale_lr=scale_lr)
-    m = run(data, out, s, quiet, checkpoint, resume)
+    m = run(data, out, settings, quiet, checkpoint, resume)
     if m is None:   # a torchrun rank other than 0
         return
-    _say([f"{strategy.value}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
+    _say([f"{settings.strategy}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
           f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"]
          + ([f"skipped {m['n_skipped']} files (reasons in {out / 'model.json'})"] if m["n_skipped"] else []), quiet)
 
@@ -362,33 +295,17 @@ def visualize(
 
 
 @app.command()
+@settings_options(BenchSettings)
 def bench(
-    data: Annotated[Path, typer.Argument(help="Image folder (e.g. from benchmarks/make_images.py).")],
+    data: Annotated[Path, typer.Argument(help="Image folder (e.g. from benchmarks/make_images.py), in any "
+                                              "layout extract takes.")],
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the results.")] = None,
-    images: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
-    backbone: Annotated[str, typer.Option(help="Registry name or timm/<model>.")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="'imagenet', a local state dict, or 'none' "
-                                              "(random init: same speed).")] = "imagenet",
-    image_size: Annotated[Optional[int], typer.Option(help="Crop size; default: the backbone's own.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; default: 256 on CUDA, "
-                                                          "16 on a CPU (faster there than larger).")] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="Compute type of extract and model-only.")] = Precision.auto,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile for extract and model-only.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Extract's DataLoader workers; default: "
-                                                        "the CPU count, at most 8.")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs of each, interleaved; the best counts.")] = 2,
-    tutorial: Annotated[bool, typer.Option(help="Also time the tutorial-style loop.")] = True,
-    engine: Annotated[Optional[list[str]], typer.Option(help="Engine to time, repeatable: torch, onnxruntime, "
-                                                             "openvino (model alone, if installed); default: "
-                                                             "torch and, on a CPU, onnxruntime.")] = None,
+    settings: BenchSettings = None,
 ):
     """Images/s of the tutorial-style loop, of `pipeline extract` and of the model alone, side by side."""
     from pipeline.features.bench import bench as run
     from pipeline.features.bench import table, write_json
-    results = run(data, backbone, weights, image_size, batch_size, device.value, precision.value, compile,
-                  workers, repeats, images, skip_tutorial=not tutorial, engines=engine,
-                  log=lambda line: typer.echo(line, err=True))
+    results = run(data, settings, log=lambda line: typer.echo(line, err=True))
     typer.echo(table(results), nl=False)
     if out:
         write_json(results, out)
@@ -424,23 +341,16 @@ def audit(
           f"images -> {page}"], quiet)
 
 
-def run_stage(fn) -> None:
-    """Run `fn` with the command line's error contract: a UserError, or a file the system refuses (no
-    permission, a file where a folder is needed), is one line and exit code 2; an interrupted run says
-    how to resume and exits with 130."""
-    try:
-        fn()
-    except UserError as exc:
-        exit_with(2, f"error: {exc}")
-    except OSError as exc:
-        if exc.filename is None:
-            raise
-        exit_with(2, f"error: {exc.filename}: {exc.strerror or exc}")
-    except Interrupted as exc:
-        exit_with(130, str(exc))
-    except KeyboardInterrupt:
-        exit_with(130, "interrupted")
-
-
 def main() -> None:
-    run_stage(app)
+    """The command line with run_stage's contract; a usage error (unknown option, missing argument, bad
+    value) is one `error:` line and exit code 2 as well."""
+    def run():
+        try:
+            code = app(standalone_mode=False)
+        except typer.TyperException as exc:   # click's usage errors
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx else ""
+            exit_with(getattr(exc, "exit_code", 2), f"error: {exc.format_message()}{hint}")
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    run_stage(run)

@@ -3,8 +3,7 @@ import sys
 from pathlib import Path
 
 from pipeline.report.compare import compare
-
-from pipeline.cli import run_stage
+from pipeline.runtime.errors import run_stage
 
 
 def main():

@@ -2,16 +2,16 @@
 import sys
 from pathlib import Path
 
-from pipeline.heads.train import train
-
-from pipeline.cli import run_stage
-from pipeline.config import read_params, train_settings
+from pipeline.config import read_params
+from pipeline.heads.settings import train_settings
+from pipeline.runtime.errors import run_stage
 
 
 def main():
     name, features, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    section = read_params(Path("params.yaml"), "train")
-    m = train(features, out, train_settings(name, section.get(name)))
+    s = train_settings(name, read_params("train").get(name))
+    from pipeline.heads.train import train   # torch and sklearn load once the settings are accepted
+    m = train(features, out, s)
     print(f"{name}: top-1 {m['top1']:.3f} on {m['eval_split']}, chosen {m['hyperparameters']}, "
           f"fit {m['fit_seconds']:.1f}s")
 

@@ -201,12 +201,13 @@ def test_extract_help_documents_every_option():
 
 
 def test_extract_params_accept_the_new_settings():
-    from pipeline.config import extract_params
-    p = extract_params({"labels": "labels.csv", "label_column": "breed", "layer": ["blocks.5", "global_pool"],
-                        "compute_stats": True, "tta": True, "reuse": False})
+    from pipeline.features.settings import ExtractSettings
+    from pipeline.runtime.settings import from_mapping
+    p = from_mapping(ExtractSettings, {"labels": "labels.csv", "label_column": "breed", "compute_stats": True,
+                                       "layer": ["blocks.5", "global_pool"], "tta": True, "reuse": False}, "extract")
     assert (p.labels, p.id_column, p.layer, p.compute_stats, p.tta, p.reuse) == \
         ("labels.csv", "id", ["blocks.5", "global_pool"], True, True, False)
-    with pytest.raises(UserError, match="extract.tta must be bool, got 'yes'"):
-        extract_params({"tta": "yes"})
-    with pytest.raises(UserError, match="extract.image_size must be int or None, got True"):
-        extract_params({"image_size": True})
+    with pytest.raises(UserError, match="extract.tta must be true or false, got 'yes'"):
+        from_mapping(ExtractSettings, {"tta": "yes"}, "extract")
+    with pytest.raises(UserError, match="extract.image_size must be an integer or null, got True"):
+        from_mapping(ExtractSettings, {"image_size": True}, "extract")

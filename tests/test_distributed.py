@@ -146,7 +146,7 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
 
 
 @pytest.mark.parametrize("option, words", [(["--compute-stats"], "--compute-stats needs the whole training split"),
-                                           (["--batch-size", 0], "batch_size must be at least 1, got 0")])
+                                           (["--batch-size", 0], "--batch-size must be at least 1, got 0")])
 def test_what_every_rank_would_refuse_is_refused_before_launching(image_folder, tmp_path, option, words):
     proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", *option, "--nproc", 2)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and words in proc.stderr

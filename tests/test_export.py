@@ -11,7 +11,7 @@ from onnx.reference import ReferenceEvaluator
 from pipeline.data.images import read_image
 from pipeline.heads.train import scores_of, train
 
-from pipeline.config import train_settings
+from pipeline.heads.settings import train_settings
 from pipeline.features.backbones import Preprocessing
 from pipeline.models.export import export, head_module
 from pipeline.models.predict import predict

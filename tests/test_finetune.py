@@ -11,7 +11,7 @@ import pytest
 import torch
 from pipeline.finetune.training import FinetuneSettings, PlateauSchedule, finetune, stages
 
-from pipeline.config import finetune_settings
+from pipeline.runtime.settings import from_mapping
 from pipeline.features.backbones import load_backbone
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError
@@ -108,6 +108,9 @@ def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(images, tmp_pa
     stopped = interrupt_when_written([sys.executable, "-m", "pipeline", *common, "--out", part],
                                      part / "checkpoint.pt", signal.SIGINT)
     assert stopped.returncode == 130 and not (part / "model.json").exists(), stopped.stderr
+    assert stopped.stderr.splitlines() == [f"interrupted: fine-tuning stopped; {part / 'checkpoint.pt'} holds the "
+                                           f"last finished epoch: run the same command with --resume "
+                                           f"{part / 'checkpoint.pt'} to carry on"]
     run_cli(*common, "--out", part, "--resume", part / "checkpoint.pt", check=True)
     histories = [list(csv.DictReader(open(d / "history.csv"))) for d in (tmp_path / "whole", part)]
     losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in h] for h in histories]
@@ -141,9 +144,9 @@ def test_bad_settings_are_one_line_errors(images, tmp_path):
 
 
 def test_params_section_is_checked_key_by_key():
-    assert finetune_settings("ft_full", {"strategy": "full", "epochs": 2, "flip": False}).flip is False
+    assert from_mapping(FinetuneSettings, {"strategy": "full", "epochs": 2, "flip": False}, "finetune.ft").flip is False
     for raw, message in (({"strategy": "ful"}, "finetune.ft.strategy must be one of full, partial"),
                          ({"epoch": 2}, "finetune.ft.epoch is not a setting"),
-                         ({"flip": "yes"}, "finetune.ft.flip must be bool")):
+                         ({"flip": "yes"}, "finetune.ft.flip must be true or false")):
         with pytest.raises(UserError, match=message):
-            finetune_settings("ft", raw)
+            from_mapping(FinetuneSettings, raw, "finetune.ft")

@@ -11,9 +11,10 @@ from PIL import Image
 from pipeline.data.images import read_image
 from pipeline.heads.train import train
 
-from pipeline.config import train_settings
+from pipeline.heads.settings import train_settings
 from pipeline.features.backbones import Preprocessing
 from pipeline.features.extract import extract_folder
+from pipeline.features.settings import ExtractSettings
 from pipeline.models.visualize import differentiable, gradcam_maps
 from pipeline.storage import modeldir
 from tests.conftest import COLOURS, run_cli
@@ -43,7 +44,7 @@ def squares(tmp_path_factory) -> tuple[Path, dict[Path, tuple[int, int]]]:
 def logreg(squares, tmp_path_factory) -> Path:
     root, _ = squares
     folder = tmp_path_factory.mktemp("logreg")
-    extract_folder(root, folder / "f.h5", image_size=224, workers=0, quiet=True)
+    extract_folder(root, folder / "f.h5", ExtractSettings(image_size=224, workers=0), quiet=True)
     train(folder / "f.h5", folder / "model", train_settings("logreg", {}))
     return folder / "model"
 

@@ -200,10 +200,10 @@ def run_stage(stage: str, cwd: Path, *args) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("params, words", [
     ("extract:\n  batchsize: 8\n", ["extract.batchsize is not a setting", "batch_size", "image_size"]),
-    ("extract:\n  batch_size: eight\n", ["extract.batch_size must be int or None", "'eight'"]),
+    ("extract:\n  batch_size: eight\n", ["extract.batch_size must be an integer or null", "'eight'"]),
     ("extract:\n  batch_size: 0\n", ["batch_size must be at least 1, got 0"]),
     ("extract:\n  backbone: resnet9000\n", ["extract.backbone 'resnet9000' is unknown", "resnet18", "timm/"]),
-    ("extractors:\n  x: {image_size: big}\n", ["extractors.x.image_size must be int or None", "'big'"]),
+    ("extractors:\n  x: {image_size: big}\n", ["extractors.x.image_size must be an integer or null", "'big'"]),
     ("extractors:\n  y: {}\n", ["extractors has no 'x'; it has: y"]),
 ])
 def test_bad_extract_params(tmp_path, params, words):

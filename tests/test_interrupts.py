@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline.features.extract import extract_folder
+from pipeline.features.settings import ExtractSettings
 from pipeline.storage.cache import FeatureWriter
 from tests.conftest import ROOT, embedder_calls, make_image_folder, run_cli
 from tests.test_bad_input import one_line_error
@@ -83,7 +84,7 @@ def reference(tmp_path_factory):
     images = make_image_folder(tmp / "images", {"train": 8, "val": 3, "test": 3})
     (images / "train" / "red" / "broken.png").write_text("not a png")
     out = tmp / "reference.h5"
-    extract_folder(images, out, image_size=64, batch_size=2, dtype="float32", workers=0, quiet=True)
+    extract_folder(images, out, ExtractSettings(image_size=64, batch_size=2, dtype="float32", workers=0), quiet=True)
     return images, out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pipeline.heads.train import scores_of, train
 
-from pipeline.config import train_settings
+from pipeline.heads.settings import train_settings
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError
 from pipeline.storage import modeldir
@@ -148,6 +148,7 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
 
     from pipeline.features.backbones import Embedder, load_backbone
     from pipeline.features.extract import extract_folder
+    from pipeline.features.settings import ExtractSettings
     images = tmp_path / "images"
     for split, n in (("train", 3), ("val", 2)):
         for name in ("red", "blue"):
@@ -156,7 +157,7 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
                 photo = tiny_image(COLOURS[name], 100 * i + len(split), size=320).resize((640, 480))
                 photo.save(images / split / name / f"{i}.jpg", quality=90)
     out = tmp_path / "f.h5"
-    extract_folder(images, out, image_size=64, workers=0, dtype="float32", quiet=True)
+    extract_folder(images, out, ExtractSettings(image_size=64, workers=0, dtype="float32"), quiet=True)
     val = open_cache(out).read("val")
     backbone = load_backbone(image_size=64)
     pre, embed = backbone.preprocessing, Embedder(backbone, torch.device("cpu"))

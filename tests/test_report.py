@@ -13,7 +13,7 @@ from pipeline.heads.train import train
 from pipeline.report.compare import figure, markdown, rows
 
 from pipeline.runtime.errors import UserError
-from pipeline.config import train_settings
+from pipeline.heads.settings import train_settings
 from tests.conftest import run_cli, synthetic_cache
 
 TINY = FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0, device="cpu")

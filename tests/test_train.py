@@ -15,7 +15,7 @@ from pipeline.heads.metrics import evaluate
 from pipeline.heads.train import scores_of, train
 from sklearn.metrics import classification_report, confusion_matrix, log_loss, top_k_accuracy_score
 
-from pipeline.config import train_settings
+from pipeline.heads.settings import train_settings
 from pipeline.storage import modeldir
 from tests.conftest import ROOT, synthetic_cache
 

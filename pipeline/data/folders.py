@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline.runtime.errors import UserError, warn
 from pipeline.runtime.files import write_atomically
+from pipeline.runtime.settings import setting
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -54,6 +55,31 @@ class Dataset:
     def splits(self) -> list[str]:
         present = {s.split for s in self.samples}
         return [s for s in SPLITS if s in present]
+
+
+@dataclass
+class DatasetSettings:
+    """How a data folder becomes labelled splits: shared by extract, finetune and bench."""
+    labels: str | None = setting(None, "CSV with an image column and a label column; the images lie under "
+                                        "the data folder.")
+    id_column: str = setting("id", "Column of --labels naming each image: a path relative to the data folder, "
+                                   "with or without extension.")
+    label_column: str | None = setting(None, "Column of --labels holding the class; default: 'breed', "
+                                             "else 'label'.")
+    val_fraction: float = setting(0.15, "Share of each class cut out for val (from train when split folders "
+                                        "have no val folder).", min=0, below=1)
+    test_fraction: float = setting(0.15, "Share of each class cut out for test (none when there is a val or "
+                                         "test folder).", min=0, below=1)
+    seed: int = setting(0, "Seed of the split (and of whatever else the stage draws at random).")
+
+    def check(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError(f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + "
+                            f"{self.test_fraction}")
+
+    def scan(self, root: Path) -> Dataset:
+        return scan(root, self.val_fraction, self.test_fraction, self.seed, self.labels, self.id_column,
+                    self.label_column)
 
 
 def _visible(name: str) -> bool:

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.folders import Dataset, scan
+from pipeline.data.folders import Dataset
 from pipeline.data.images import ImageFiles, collate
 from pipeline.features.backbones import Backbone, Embedder, FeatureHook, inference_model, load_backbone
 from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
 from pipeline.features.extract import extract
+from pipeline.features.settings import BenchSettings
 from pipeline.runtime.devices import default_batch_size, resolve_device, resolve_precision
-from pipeline.runtime.errors import check_minimums
+from pipeline.runtime.settings import validate
 from pipeline.storage.cache import library_versions
 
 
@@ -127,45 +128,42 @@ def default_engines(dev: torch.device, precision: str, compile: bool) -> list[st
     return list(dict.fromkeys(["torch", resolve_engine("auto", dev, precision, compile)]))
 
 
-def bench(data: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet", image_size: int | None = None,
-          batch_size: int | None = None, device: str = "auto", precision: str = "auto", compile: bool = False,
-          workers: int | None = None, repeats: int = 2, images: int | None = None,
-          skip_tutorial: bool = False, engines: list[str] | None = None, log=print) -> list[dict]:
+def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
     """Time the tutorial loop, and `extract` and the model alone with each engine; return one JSON-ready
     dict per engine (the tutorial loop's figure is the same in each). 'openvino' times the model alone."""
-    check_minimums({"repeats": 1, "images": 1}, {"repeats": repeats, "images": images})
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    batch_size = batch_size or default_batch_size(dev)
-    engines = engines or default_engines(dev, precision, compile)
+    s = validate(s)
+    dev = resolve_device(s.device)
+    precision = resolve_precision(s.precision, dev)
+    batch_size = s.batch_size or default_batch_size(dev)
+    engines = s.engine or default_engines(dev, precision, s.compile)
     for engine in engines:
         if engine != "openvino":
-            resolve_engine(engine, dev, precision, compile)
-    dataset = scan(Path(data), 0.0, 0.0)
-    if images:
-        dataset = _subset(dataset, images)
-    bb = load_backbone(backbone, weights, None, image_size)
+            resolve_engine(engine, dev, precision, s.compile)
+    dataset = s.scan(Path(data))
+    if s.images:
+        dataset = _subset(dataset, s.images)
+    bb = load_backbone(s.backbone, s.weights, None, s.image_size)
     batches = max(1, len(dataset.samples) // batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        jobs = {} if skip_tutorial else {
+        jobs = {} if not s.tutorial else {
             "tutorial": lambda d: tutorial_loop(d, bb, dev, batch_size, tmp / "tutorial.npy")}
         for engine in (e for e in engines if e != "openvino"):
             jobs[f"extract {engine}"] = lambda d, engine=engine: extract_run(
-                d, bb, dev, batch_size, tmp / "features.h5", precision, compile, workers, engine)
+                d, bb, dev, batch_size, tmp / "features.h5", precision, s.compile, s.workers, engine)
         warmup = _subset(dataset, min(len(dataset.samples), batch_size if dev.type == "cuda" else 8))
         for name, job in jobs.items():
             job(warmup)
         for engine in engines:                  # built (and exported) before any timing
-            run = model_runner(bb, dev, batch_size, precision, compile, engine)
+            run = model_runner(bb, dev, batch_size, precision, s.compile, engine)
             run(1)
             jobs[f"model_only {engine}"] = lambda d, run=run: _counted(run, batches, batch_size)
         runs: dict[str, list[float]] = {name: [] for name in jobs}
-        for r in range(repeats):
+        for r in range(s.repeats):
             for name, job in jobs.items():
                 n, seconds = _timed(lambda: job(dataset))
                 runs[name].append(n / seconds)
-                log(f"{name:>22} run {r + 1}/{repeats}: {n} images in {seconds:.2f}s = {n / seconds:,.1f} images/s")
+                log(f"{name:>22} run {r + 1}/{s.repeats}: {n} images in {seconds:.2f}s = {n / seconds:,.1f} images/s")
     best = {name: max(rates) for name, rates in runs.items()}
     results = []
     for engine in engines:
@@ -173,9 +171,9 @@ def bench(data: Path, backbone: str = "efficientnet_lite0", weights: str = "imag
         mine = {short: name for short, name in names.items() if name in runs}
         ips = {short: best[name] for short, name in mine.items()}
         result = {
-            "backbone": backbone, "weights": weights, "image_size": bb.preprocessing.image_size,
+            "backbone": s.backbone, "weights": s.weights, "image_size": bb.preprocessing.image_size,
             "batch_size": batch_size, "device": str(dev), "engine": engine, "precision": precision,
-            "compile": compile, "workers": workers, "images": len(dataset.samples), "repeats": repeats,
+            "compile": s.compile, "workers": s.workers, "images": len(dataset.samples), "repeats": s.repeats,
             "images_per_s": ips, "median_images_per_s": {k: statistics.median(runs[n]) for k, n in mine.items()},
             "all_runs_images_per_s": {k: runs[n] for k, n in mine.items()}, "environment": environment(dev),
         }

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from pipeline.features.backbones import Backbone, Embedder, FeatureHook, inference_model
+from pipeline.features.settings import ENGINES
 from pipeline.runtime.errors import UserError
 
-ENGINES = ("auto", "torch", "onnxruntime")
 OPSET = 17
 TOLERANCE = 1e-4         # of the largest value of each output, the rule `folding.folded` checks by
 

@@ -10,7 +10,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Collection, Sequence
+from typing import Collection
 
 import numpy as np
 import torch
@@ -18,14 +18,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.data.images import ImageFiles, collate, worker_init
-from pipeline.data.folders import Dataset, Sample, scan, write_manifest
+from pipeline.data.folders import Dataset, Sample, write_manifest
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
 from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
 from pipeline.features.overlap import BackgroundWriter, Block
+from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
-from pipeline.runtime.errors import Interrupted, UserError, check_minimums, warn
+from pipeline.runtime.errors import Interrupted, UserError, warn
 from pipeline.runtime.files import output_lock
+from pipeline.runtime.settings import validate
 from pipeline.storage.cache import (
     FINGERPRINT_FIELDS,
     FeatureWriter,
@@ -62,9 +64,6 @@ class ExtractSummary:
         if len(self.skipped) > show_skipped:
             out.append(f"... and {len(self.skipped) - show_skipped} more skipped, all listed in /skipped of {self.out}")
         return out
-
-
-MINIMUMS = {"batch_size": 1, "workers": 0}
 
 
 def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
@@ -132,7 +131,6 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
     Callers that may run concurrently hold `output_lock(out)` (as `extract_folder` does)."""
-    check_minimums(MINIMUMS, {"batch_size": batch_size, "workers": workers})
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     resolve_engine(engine, dev, precision, compile)      # refused before any file is written
@@ -245,25 +243,22 @@ def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embed
     return out
 
 
-def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
-                   layer: str | Sequence[str] | None = None, image_size: int | None = None,
-                   val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, *,
-                   labels: Path | None = None, id_column: str = "id", label_column: str | None = None,
-                   tta: bool = False, force: bool = False, **options) -> ExtractSummary:
-    """Scan `data` (or the images `labels` names), extract its features into `out` and record the split
-    in `<out>.manifest.csv`; `options` go to `extract`. A second run on the same `out` is refused at once
-    while this one holds `<out>.lock`. Bad settings, data and outputs (`check_output`; `force` replaces a
-    file that is not a feature cache) are refused before any file is written."""
-    check_minimums(MINIMUMS, options)
-    dev = resolve_device(options.get("device", "auto"))
-    resolve_engine(options.get("engine", "auto"), dev, resolve_precision(options.get("precision", "auto"), dev),
-                   options.get("compile", False))
+def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = False,
+                   force: bool = False) -> ExtractSummary:
+    """Scan `data` (or the images `s.labels` names), extract its features into `out` and record the split
+    in `<out>.manifest.csv`. A second run on the same `out` is refused at once while this one holds
+    `<out>.lock`. Bad settings, data and outputs (`check_output`; `force` replaces a file that is not a
+    feature cache) are refused before any file is written."""
+    s = validate(s)
+    dev = resolve_device(s.device)
+    resolve_engine(s.engine, dev, resolve_precision(s.precision, dev), s.compile)
     out = Path(out)
     check_output(out, force)
-    model = load_backbone(backbone, weights, layer, image_size, tta)
-    dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+    model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
+    dataset = s.scan(Path(data))
     with output_lock(out):
-        summary = extract(dataset, model, out, **options)
+        summary = extract(dataset, model, out, s.batch_size, s.device, s.dtype, s.workers, quiet, s.compute_stats,
+                          s.reuse, s.precision, s.compile, engine=s.engine)
         write_manifest(dataset, manifest_path(out))
     warn_about(out)
     return summary

@@ -11,22 +11,23 @@ from pathlib import Path
 import h5py
 import torch.distributed as dist
 
-from pipeline.data.folders import Dataset, scan, write_manifest
+from pipeline.data.folders import Dataset, write_manifest
 from pipeline.features.backbones import load_backbone
-from pipeline.features.extract import MINIMUMS as EXTRACT_MINIMUMS
 from pipeline.features.extract import ExtractSummary, extract, manifest_path, no_training_rows, warn_about
+from pipeline.features.settings import ExtractSettings
 from pipeline.runtime import distributed
-from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import output_lock
+from pipeline.runtime.settings import validate
 from pipeline.storage.cache import FeatureWriter, check_output, features_name
 
 MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
 
 
-def check_extract_options(options: dict) -> None:
+def check_extract_options(s: ExtractSettings) -> None:
     """What every rank would refuse alike, refused once before launching."""
-    check_minimums(EXTRACT_MINIMUMS, options)
-    if options.get("compute_stats"):
+    validate(s)
+    if s.compute_stats:
         raise UserError("--compute-stats needs the whole training split in one process; "
                         "run it without torchrun or --nproc")
 
@@ -61,25 +62,22 @@ def shard_path(out: Path, r: int, n: int) -> Path:
     return out.with_name(f"{out.stem}.rank{r}-of-{n}{out.suffix}")
 
 
-def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", weights: str = "imagenet",
-                   layer=None, image_size: int | None = None, val_fraction: float = 0.15,
-                   test_fraction: float = 0.15, seed: int = 0, *, labels: Path | None = None,
-                   id_column: str = "id", label_column: str | None = None, tta: bool = False,
-                   force: bool = False, **options) -> ExtractSummary | None:
+def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = False,
+                   force: bool = False) -> ExtractSummary | None:
     """pipeline.features.extract.extract_folder on every rank of the process group, each on its shard, then
     the shards concatenated into `out` by rank 0. Returns the summary on rank 0, None elsewhere."""
-    check_extract_options(options)
+    check_extract_options(s)
     start_time = time.perf_counter()
-    device = distributed.start(options.pop("device", "auto"))
+    device = distributed.start(s.device)
     try:
         r, n, out = distributed.rank(), distributed.world_size(), Path(out)
         check_output(out, force)   # all of this before any file is written
-        model = load_backbone(backbone, weights, layer, image_size, tta)
-        dataset = scan(Path(data), val_fraction, test_fraction, seed, labels, id_column, label_column)
+        model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
+        dataset = s.scan(Path(data))
         with rank0_lock(out):
-            quiet = options.pop("quiet", False)
-            mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), device=device,
-                           quiet=quiet or r > 0, shard_of=out, **options)
+            mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), s.batch_size, device, s.dtype,
+                           s.workers, quiet or r > 0, s.compute_stats, s.reuse, s.precision, s.compile,
+                           shard_of=out, engine=s.engine)
             summaries = [None] * n
             dist.all_gather_object(summaries, mine)   # also the barrier: every shard is complete
             if r > 0:
@@ -88,9 +86,10 @@ def extract_folder(data: Path, out: Path, backbone: str = "efficientnet_lite0", 
                                   extract_seconds=time.perf_counter() - start_time)
             write_manifest(dataset, manifest_path(out))
             warn_about(out)
-            extracted = sum(s.extracted for s in summaries)
+            extracted = sum(summary.extracted for summary in summaries)
             return ExtractSummary(out, extracted + len(skipped), extracted, skipped, time.perf_counter() - start_time,
-                                  f"{n} processes, each {mine.device}", sum(s.reused for s in summaries), mine.notes)
+                                  f"{n} processes, each {mine.device}", sum(summary.reused for summary in summaries),
+                                  mine.notes)
     finally:
         distributed.stop()
 

@@ -26,72 +26,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from pipeline.data.folders import Dataset, dataset_digest, scan
+from pipeline.data.folders import Dataset, dataset_digest
 from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.features.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
 from pipeline.features.spec import BackboneSpec
+from pipeline.finetune.settings import FinetuneSettings
 from pipeline.heads.metrics import confusion_png, confusion_rows
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import default_workers, resolve_device
-from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.errors import Interrupted, UserError
+from pipeline.runtime.settings import validate
 from pipeline.storage import modeldir
 
-STRATEGIES = ("full", "partial", "head", "scratch")
-CHOICES = {"strategy": STRATEGIES, "optimizer": ("sgd", "adamw"), "schedule": ("cosine", "plateau"),
-           "device": ("auto", "cpu", "cuda")}
 CROP_SCALE = (0.5, 1.0)   # area range of the random resized crop: small datasets suffer from harsher crops
-MINIMUMS = {"batch_size": 1, "workers": 0, "backbone_lr_scale": 0, "weight_decay": 0, "momentum": 0,
-            "plateau_patience": 0, "max_decays": 0, "patience": 1, "rotation": 0, "color_jitter": 0}
-
-
-@dataclass
-class FinetuneSettings:
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"            # ignored by 'scratch', which always starts from random weights
-    strategy: str = "full"
-    freeze: int | None = None            # partial: stages frozen; None: half of them
-    epochs: int = 10
-    head_epochs: int = 0                 # two-phase: the first epochs train the head only
-    image_size: int | None = None
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    backbone_lr_scale: float = 0.1       # backbone LR = lr * this (discriminative LRs); scratch uses 1
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    plateau_patience: int = 2            # plateau: epochs without val improvement before a decay
-    plateau_factor: float = 0.1
-    max_decays: int = 2                  # plateau: stop at the next plateau after this many decays
-    patience: int | None = None          # early stopping: epochs without val improvement; None: off
-    random_crop: bool = True
-    flip: bool = True
-    rotation: float = 0.0                # degrees
-    color_jitter: float = 0.0            # brightness, contrast and saturation strength
-    device: str = "auto"
-    workers: int | None = None
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    scale_lr: bool = True                # under torchrun: lr x world_size (the linear scaling rule)
-
-    def check(self) -> "FinetuneSettings":
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"finetune {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.epochs < 1 or not 0 <= self.head_epochs < self.epochs:
-            raise UserError(f"finetune needs epochs >= 1 and 0 <= head_epochs < epochs, "
-                            f"got epochs={self.epochs}, head_epochs={self.head_epochs}")
-        check_minimums(MINIMUMS, vars(self))
-        if not self.lr > 0 or not 0 < self.plateau_factor < 1:
-            raise UserError(f"finetune needs lr > 0 and 0 < plateau_factor < 1, "
-                            f"got lr={self.lr}, plateau_factor={self.plateau_factor}")
-        if self.head_epochs and self.strategy == "head":
-            raise UserError("head_epochs (two-phase) applies to full, partial and scratch, not to head")
-        if self.freeze is not None and self.strategy != "partial":
-            raise UserError(f"freeze applies to the partial strategy only, not to {self.strategy}")
-        return self
 
 
 class Classifier(nn.Module):
@@ -411,23 +359,31 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
     `checkpoint`: rewrite OUT/checkpoint.pt after every epoch; `resume`: carry on from such a file
     (and keep rewriting it). Under torchrun every rank trains and rank 0 alone writes and returns
     the metrics (the others return None)."""
-    s.check()
+    s = validate(s)
     modeldir.check_out(out_dir)
-    if not distributed.is_distributed():
-        return _finetune(data, Path(out_dir), s, quiet, checkpoint, resume)
-    device = distributed.start(s.device)
     try:
-        n = distributed.world_size()
-        return _finetune(data, Path(out_dir), replace(s, device=device, lr=s.lr * n if s.scale_lr else s.lr),
-                         quiet or distributed.rank() > 0, checkpoint, resume)
-    finally:
-        distributed.stop()
+        if not distributed.is_distributed():
+            return _finetune(data, Path(out_dir), s, quiet, checkpoint, resume)
+        device = distributed.start(s.device)
+        try:
+            n = distributed.world_size()
+            return _finetune(data, Path(out_dir), replace(s, device=device, lr=s.lr * n if s.scale_lr else s.lr),
+                             quiet or distributed.rank() > 0, checkpoint, resume)
+        finally:
+            distributed.stop()
+    except KeyboardInterrupt:
+        saved = Path(out_dir) / CHECKPOINT
+        if (checkpoint or resume) and saved.is_file():
+            raise Interrupted(f"interrupted: fine-tuning stopped; {saved} holds the last finished epoch: run the "
+                              f"same command with --resume {saved} to carry on")
+        raise Interrupted(f"interrupted: fine-tuning stopped before {out_dir} was written"
+                          f"{'' if checkpoint or resume else ' (with --checkpoint a run can be resumed)'}")
 
 
 def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, checkpoint: bool,
               resume: Path | None) -> dict | None:
     state = load_checkpoint(resume, s) if resume else None
-    dataset = scan(Path(data), s.val_fraction, s.test_fraction, s.seed)
+    dataset = s.scan(Path(data))
     if "val" not in dataset.splits():
         raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
     dev = resolve_device(s.device)

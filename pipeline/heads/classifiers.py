@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +19,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from pipeline.heads.settings import CLASSIFIERS
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
 
@@ -195,14 +194,6 @@ class TorchLogReg(BaseEstimator, ClassifierMixin):
         return self.classes_[self.predict_proba(X).argmax(1)]
 
 
-@dataclass(frozen=True)
-class Classifier:
-    build: Callable[..., object]     # (tuned value, **fixed params) -> unfitted estimator
-    tuned: str                       # the hyperparameter model selection searches
-    grid: tuple                      # coarse log-spaced grid for it
-    params: tuple[str, ...]          # the fixed params params.yaml may set
-
-
 class CalibratedRbfSVM(BaseEstimator, ClassifierMixin):
     """An RBF SVM with calibrated probabilities. class_weight='balanced' weights the samples of both the
     SVM and its calibration; weighting the SVM alone is undone by calibrating on unweighted data."""
@@ -234,26 +225,18 @@ def _knn(v, class_weight=None):
     return KNeighborsClassifier(n_neighbors=int(v), weights="distance")
 
 
-_TORCH_PARAMS = ("lr", "epochs", "batch_size", "patience", "seed", "device")
-_DECADES = tuple(10.0 ** k for k in range(-6, 4))
-CLASSIFIERS = {
-    "logreg": Classifier(lambda v, max_iter=2000, seed=0, class_weight=None: LogisticRegression(
+BUILDERS = {   # name -> (tuned value, **fixed params) -> an unfitted estimator; names and params: CLASSIFIERS
+    "logreg": lambda v, max_iter=2000, seed=0, class_weight=None: LogisticRegression(
         C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
-        "C", _DECADES[3:], ("max_iter", "seed")),
-    "torch_logreg": Classifier(lambda v, max_iter=100, device="auto", precision="auto", class_weight=None:
-                               TorchLogReg(C=v, max_iter=max_iter, class_weight=class_weight, device=device,
-                                           precision=precision),
-                               "C", _DECADES[3:], ("max_iter", "device", "precision")),
-    "linear_svm": Classifier(lambda v, max_iter=5000, seed=0, class_weight=None: LinearSVC(
+    "torch_logreg": lambda v, max_iter=100, device="auto", precision="auto", class_weight=None: TorchLogReg(
+        C=v, max_iter=max_iter, class_weight=class_weight, device=device, precision=precision),
+    "linear_svm": lambda v, max_iter=5000, seed=0, class_weight=None: LinearSVC(
         C=v, max_iter=max_iter, random_state=seed, class_weight=class_weight),
-        "C", _DECADES[2:-1], ("max_iter", "seed")),
-    "rbf_svm": Classifier(_rbf_svm, "C", _DECADES[4:], ("gamma", "seed")),
-    "knn": Classifier(_knn, "n_neighbors", (1, 3, 5, 9, 15, 25), ()),
-    "torch_linear": Classifier(lambda v, **kw: TorchHead(weight_decay=v, **kw), "weight_decay",
-                               _DECADES[:6], _TORCH_PARAMS),
-    "torch_mlp": Classifier(lambda v, hidden=256, dropout=0.5, **kw: TorchHead(weight_decay=v, hidden=hidden,
-                                                                                dropout=dropout, **kw),
-                            "weight_decay", _DECADES[:6], ("hidden", "depth", "dropout", *_TORCH_PARAMS)),
+    "rbf_svm": _rbf_svm,
+    "knn": _knn,
+    "torch_linear": lambda v, **kw: TorchHead(weight_decay=v, **kw),
+    "torch_mlp": lambda v, hidden=256, dropout=0.5, **kw: TorchHead(weight_decay=v, hidden=hidden, dropout=dropout,
+                                                                   **kw),
 }
 
 
@@ -268,7 +251,7 @@ def make_head(name: str, value, class_weight: str | None = None, **params):
                         f"it takes: {', '.join((spec.tuned, 'class_weight', *spec.params))}")
     if class_weight not in (None, "balanced"):
         raise UserError(f"class_weight must be 'balanced' or empty, got {class_weight!r}")
-    return spec.build(value, class_weight=class_weight, **params)
+    return BUILDERS[name](value, class_weight=class_weight, **params)
 
 
 def head_scores(model, X) -> np.ndarray:

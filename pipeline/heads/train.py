@@ -7,7 +7,7 @@ stratified k-fold cross-validation on train; the winner is refitted on train and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +17,12 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads.classifiers import (CLASSIFIERS, TorchHead, has_probabilities, head_scores, make_head,
-                                        one_thread_if_small)
+from pipeline.heads.classifiers import TorchHead, has_probabilities, head_scores, make_head, one_thread_if_small
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
+from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import UserError, warn
 from pipeline.storage import modeldir
 from pipeline.storage.cache import check_expected, open_cache
-
-PREPROCESSING = ("l2", "standardize", "none")
-
-
-@dataclass
-class TrainSettings:
-    classifier: str
-    value: float | str = "auto"          # the tuned hyperparameter, or "auto" to search for it
-    params: dict = field(default_factory=dict)
-    preprocess: str = "l2"
-    class_weight: str | None = None
-    cv_folds: int = 5
-    seed: int = 0
-
 
 def _preprocessor(kind: str):
     if kind not in PREPROCESSING:

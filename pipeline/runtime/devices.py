@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "bfloat16")   # autocast type of a forward pass
+
 
 def resolve_device(device: str) -> torch.device:
     """The one reading of a device setting, for every command: 'auto' is CUDA when torch sees a GPU, else
     the CPU; 'cuda' (or 'cuda:N', as torchrun ranks get) without a GPU, or any other name, is a UserError."""
+    import torch   # here, not above: the settings that name devices load without torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind, _, index = str(device).partition(":")

@@ -1,6 +1,7 @@
 """Errors the command line turns into one clear line and exit code 2; warnings as single lines."""
 import json
 import os
+import reprlib
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -10,6 +11,18 @@ EXIT_CODE_DIR = "PIPELINE_EXIT_CODE_DIR"   # set by `--nproc`: each torchrun ran
 
 class UserError(Exception):
     """Bad input or settings: the message alone tells the user what to fix."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def quote(value, limit: int = 80) -> str:
+    """`repr(value)` bounded in time and length, for error lines: a value read from a file (a YAML alias
+    bomb expands to gigabytes) is shown by its start only."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Interrupted(Exception):
@@ -41,3 +54,21 @@ def exit_with(code: int, message: str = "") -> NoReturn:
     elif message:
         print(message, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def run_stage(fn) -> None:
+    """Run `fn` with the command line's error contract: a UserError, or a file the system refuses (no
+    permission, a file where a folder is needed), is one line and exit code 2; an interrupted run says
+    what stopped (and how to resume, where it can) and exits with 130."""
+    try:
+        fn()
+    except UserError as exc:
+        exit_with(2, f"error: {exc}")
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        exit_with(2, f"error: {exc.filename}: {exc.strerror or exc}")
+    except Interrupted as exc:
+        exit_with(130, str(exc))
+    except KeyboardInterrupt:
+        exit_with(130, "interrupted")

@@ -1,0 +1,90 @@
+"""The code's structure: each DVC stage depends on every module its script may import (so editing one
+reruns the stage), and the subpackages depend on each other one way only (README, Architecture)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+# lowest first: a subpackage may import its own layer and those before it; cli and config sit on top
+LAYERS = ("runtime", "data", "storage", "features", "heads", "finetune", "models", "audit", "report")
+
+
+def imported_names(path: Path) -> set[str]:
+    """The pipeline names a file imports anywhere in it, imports inside functions included."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return {name for name in names if name.split(".")[0] == "pipeline"}
+
+
+def module_file(name: str) -> Path | None:
+    """The file of module `name`, or None when the name is not a module (a function imported from one)."""
+    base = ROOT.joinpath(*name.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def import_closure(script: Path) -> set[Path]:
+    """Every file of the package that running `script` may execute, the packages' __init__ files included."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for name in imported_names(todo.pop()):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                found = module_file(".".join(parts[:i]))
+                if found and found not in seen:
+                    seen.add(found)
+                    todo.append(found)
+    return seen
+
+
+def stage_scripts() -> list[tuple[str, Path, list[str]]]:
+    """(stage, script, deps) of each stage of dvc.yaml that runs a script of stages/."""
+    out = []
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        stage = stage.get("do", stage)
+        script = next(word for word in stage["cmd"].split() if word.startswith("stages/"))
+        out.append((name, ROOT / script, [str(dep) for dep in stage["deps"]]))
+    return out
+
+
+@pytest.mark.parametrize("stage, script, deps", stage_scripts(), ids=lambda v: v if isinstance(v, str) else "")
+def test_dvc_deps_cover_each_stage_script_and_its_imports(stage, script, deps):
+    needed = {script, *import_closure(script)}
+    covered = [ROOT / dep for dep in deps]
+    missing = sorted(str(f.relative_to(ROOT)) for f in needed
+                     if not any(f == dep or dep in f.parents for dep in covered))
+    assert not missing, f"dvc.yaml stage {stage} runs {script.name}, which imports files its deps miss: {missing}"
+
+
+def test_import_closure_follows_imports_inside_functions():
+    closure = import_closure(ROOT / "stages" / "train.py")
+    assert ROOT / "pipeline" / "heads" / "train.py" in closure                 # imported inside main()
+    assert ROOT / "pipeline" / "heads" / "classifiers.py" in closure           # through heads.train
+    assert ROOT / "pipeline" / "__init__.py" in closure
+    assert not any("features" in f.parts for f in closure)
+
+
+def test_subpackages_import_only_their_own_layer_and_lower_ones():
+    wrong = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        parts = path.relative_to(ROOT / "pipeline").parts
+        if len(parts) == 1:
+            continue   # cli, config, __init__, __main__: the top
+        assert parts[0] in LAYERS, f"subpackage {parts[0]} has no place in LAYERS (README, Architecture)"
+        for name in imported_names(path):
+            target = (name.split(".") + [""])[1]
+            if not target or not module_file(f"pipeline.{target}"):
+                continue   # the package itself, or a name of its __init__ (__version__)
+            if target not in LAYERS or LAYERS.index(target) > LAYERS.index(parts[0]):
+                wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not wrong, wrong
