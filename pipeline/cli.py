@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -58,7 +59,7 @@ def _option_type(hint, r):
     kinds = alternatives(hint)
     optional = type(None) in kinds
     (kind,) = [k for k in kinds if k is not type(None)]
-    if r.choices:
+    if r.choices and typing.get_origin(kind) is not list:   # typer takes no list of Literal: checked after
         kind = Literal[r.choices]
     return Optional[kind] if optional else kind
 
@@ -75,9 +76,12 @@ def settings_options(cls):
                 continue
             names = [option_name(f.name)] if hints[f.name] is bool and not default(f) else []   # a flag
             help_text = f"{r.doc}  [{r.describe()}]" if r.describe() else r.doc
+            kind = _option_type(hints[f.name], r)
+            listed = any(typing.get_origin(k) is list for k in alternatives(hints[f.name]))
+            repeated = {"metavar": f.name.upper()} if listed else {}   # a repeatable option
             options.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default(f),
-                                             annotation=Annotated[_option_type(hints[f.name], r),
-                                                                  typer.Option(*names, help=help_text)]))
+                                             annotation=Annotated[kind, typer.Option(*names, help=help_text,
+                                                                                     **repeated)]))
         signature = inspect.signature(command, eval_str=True)
         params = []
         for p in signature.parameters.values():
