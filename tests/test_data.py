@@ -244,11 +244,15 @@ def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path):
         assert str(refused.value) == f"unreadable: {reason}"
 
 
-def test_a_class_folder_whose_name_is_not_utf8_is_named_in_one_error(tmp_path: Path):
+def test_a_class_or_data_folder_whose_name_is_not_utf8_is_named_in_one_error(tmp_path: Path):
     root = make_image_folder(tmp_path / "images", {"train": 2}, split_folders=False)
     (root / "red").rename(root / os.fsdecode(b"r\xe9d"))
     with pytest.raises(UserError, match=r"r\\xe9d: its name is not valid UTF-8; rename it"):
         scan(root)
+    (root / os.fsdecode(b"r\xe9d")).rename(root / "red")
+    renamed = root.rename(tmp_path / os.fsdecode(b"im\xe1ges"))
+    with pytest.raises(UserError, match=r"im\\xe1ges: its path is not valid UTF-8; rename it"):
+        scan(renamed)
 
 
 def test_truncated_image_gives_its_reason(tmp_path: Path):

@@ -186,6 +186,8 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
+    if not _utf8(str(root.resolve())):   # the cache records it as text
+        raise UserError(f"data folder {printable(str(root.resolve()))}: its path is not valid UTF-8; rename it")
     if labels is not None:
         return _checked(_scan_labels(root, Path(labels), id_column, label_column, val_fraction,
                                      test_fraction, seed))
