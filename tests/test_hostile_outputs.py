@@ -63,6 +63,13 @@ def test_a_device_or_fifo_as_out_is_refused_even_with_force(images, tmp_path, ma
     assert stat.S_IFMT(os.lstat(out).st_mode) == kind and written_beside(tmp_path) == {"node"}
 
 
+def test_a_manifest_path_that_cannot_be_replaced_is_refused_before_extracting(images, tmp_path):
+    (tmp_path / "f.manifest.csv").mkdir()
+    line = one_line_error(run_cli("extract", images, "--out", tmp_path / "f.h5", *OPTIONS))
+    assert line == f"error: manifest {tmp_path / 'f.manifest.csv'} is a folder; name a regular file"
+    assert written_beside(tmp_path) == {"f.manifest.csv"}
+
+
 def test_links_planted_beside_out_are_replaced_not_followed(images, tmp_path):
     """`<out>.tmp` and the manifest are created anew (a link there is removed, its target untouched);
     `--force` replaces a photo that is not a cache."""

@@ -26,7 +26,7 @@ from pipeline.features.overlap import BackgroundWriter, Block
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
 from pipeline.runtime.errors import Interrupted, UserError, warn
-from pipeline.runtime.files import output_lock
+from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import (
     FINGERPRINT_FIELDS,
@@ -254,6 +254,7 @@ def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = Fals
     resolve_engine(s.engine, dev, resolve_precision(s.precision, dev), s.compile)
     out = Path(out)
     check_output(out, force)
+    check_replaceable(manifest_path(out), "manifest")
     model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
     dataset = s.scan(Path(data))
     with output_lock(out):

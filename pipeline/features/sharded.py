@@ -17,7 +17,7 @@ from pipeline.features.extract import ExtractSummary, extract, manifest_path, no
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime import distributed
 from pipeline.runtime.errors import UserError
-from pipeline.runtime.files import output_lock
+from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import FeatureWriter, check_output, features_name
 
@@ -72,6 +72,7 @@ def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = Fals
     try:
         r, n, out = distributed.rank(), distributed.world_size(), Path(out)
         check_output(out, force)   # all of this before any file is written
+        check_replaceable(manifest_path(out), "manifest")
         model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
         dataset = s.scan(Path(data))
         with rank0_lock(out):

@@ -28,7 +28,7 @@ def kind_of(mode: int) -> str:
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "a file of an unknown kind"
 
 
 def open_regular(path: Path, flags: int = os.O_RDONLY, follow: bool = True, mode: int = 0o666) -> int:

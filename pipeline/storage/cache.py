@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ class FeatureWriter:
                 self.file = h5py.File(self.tmp, "x", **UNBUFFERED)
                 self.file.attrs.update(attrs)
                 self.file.create_dataset("skipped", (0,), SKIPPED_DTYPE, maxshape=(None,), chunks=(1024,))
-            self.file.flush()   # a readable file from the start, cut back to the last checkpoint on resume
+            self.flush()   # a readable file from the start, cut back to the last checkpoint on resume
         except BaseException:   # a full disk, say: no file is left behind
             self.abort()
             raise
@@ -221,6 +222,17 @@ class FeatureWriter:
             g[name].resize(n + k, axis=0)
             g[name][n:] = rows
 
+    def flush(self) -> None:
+        """Flush to disk. HDF5 reports a failed write while flushing (a full disk) as a RuntimeError that
+        names the errno; it is raised as the OSError it is."""
+        try:
+            self.file.flush()
+        except RuntimeError as exc:
+            code = re.search(r"errno = (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(self.tmp)) from exc
+
     def rows(self, split: str) -> int:
         return self.file[split]["labels"].shape[0] if split in self.file else 0
 
@@ -239,7 +251,7 @@ class FeatureWriter:
         rows = {s: self.file[s]["labels"].shape[0] for s in ("train", "val", "test") if s in self.file}
         self.file.attrs["progress"] = json.dumps({"samples": self.progress, "rows": rows,
                                                   "skipped": len(self.skipped)})
-        self.file.flush()
+        self.flush()
         self.kept = sum(rows.values())
 
     def commit(self, **attrs) -> None:
@@ -249,7 +261,7 @@ class FeatureWriter:
             self.file.attrs.pop(key, None)
         self.file.attrs.update(attrs)
         seal(self.file)
-        self.file.flush()
+        self.flush()
         os.fsync(self.file.id.get_vfd_handle())
         self.file.close()
         os.replace(self.tmp, self.target)
