@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test bench plots clean-demo
+.PHONY: demo test test-fast bench plots clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The suite without the tests marked slow (each over about 10 s on 2 cores), for a quick check while editing.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # `dvc plots show` with Vega inline (fetched once from the npm registry), readable offline.
 VEGA_PAGE := build/vega/dvc_plots.html
