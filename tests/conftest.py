@@ -60,13 +60,14 @@ def onnx_export_cache(request, tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def embedder_calls(before_call=None):
     """Record the images each embedder call (torch or ONNX Runtime) runs through the network (each twice
-    with TTA), outside the check against torch that precedes ONNX Runtime's use.
+    with TTA), leaving out the checks of an ONNX export against torch.
     `before_call(n)`, if given, runs before the n-th call, to fail or interrupt it."""
     from pipeline.features import engine
     from pipeline.features.backbones import Embedder
     seen: list[int] = []
     calls = {cls: cls.__call__ for cls in (Embedder, engine.OnnxEmbedder)}
-    mismatch, checking = engine.mismatch, []
+    checks = {name: getattr(engine, name) for name in ("mismatch", "torch_reference")}
+    checking = []
 
     def counted_call(call):
         def counted(self, images):
@@ -77,22 +78,26 @@ def embedder_calls(before_call=None):
             return call(self, images)
         return counted
 
-    def check(*args):
-        checking.append(True)
-        try:
-            return mismatch(*args)
-        finally:
-            checking.pop()
+    def uncounted(check):
+        def run(*args):
+            checking.append(True)
+            try:
+                return check(*args)
+            finally:
+                checking.pop()
+        return run
 
     for cls, call in calls.items():
         cls.__call__ = counted_call(call)
-    engine.mismatch = check
+    for name, check in checks.items():
+        setattr(engine, name, uncounted(check))
     try:
         yield seen
     finally:
         for cls, call in calls.items():
             cls.__call__ = call
-        engine.mismatch = mismatch
+        for name, check in checks.items():
+            setattr(engine, name, check)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.folders import Dataset
 from pipeline.data.images import ImageFiles, collate
-from pipeline.features.backbones import Backbone, Embedder, FeatureHook, inference_model, load_backbone
+from pipeline.features.backbones import Backbone, FeatureHook, inference_model, load_backbone
 from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
 from pipeline.features.extract import extract
 from pipeline.features.settings import BenchSettings
@@ -83,8 +83,7 @@ def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precisi
                     forward(x)
                 _sync(dev)
         return run
-    with Embedder(backbone) as torch_embed:
-        embed, notes = onnx_embedder(backbone, torch_embed)     # exports into the cache folder if needed
+    embed, notes = onnx_embedder(backbone)     # exports into the cache folder if needed
     if embed is None:
         raise RuntimeError(f"ONNX export unusable: {notes}")
     if engine == "onnxruntime":

@@ -2,12 +2,14 @@
 
 ONNX Runtime ran EfficientNet-Lite0 2-3x faster than torch on a 2-core CPU (benchmarks/RESULTS.md). The
 folded network, with every feature layer as a graph output (pooled or flattened as the torch hooks do),
-is exported once per `export_key` into the user's cache folder and reused by later runs. Before use, its
-outputs are compared with torch's on a random batch (to `TOLERANCE` of the largest value, as folding is);
-an export that fails or differs falls back to torch with a one-line note.
+is exported once per `export_key` into the user's cache folder, with torch's vectors for a random batch,
+and reused by later runs. Before each use, its outputs on that batch are compared with torch's (to
+`TOLERANCE` of the largest value, as folding is); an export that fails or differs falls back to torch with a
+one-line note.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -136,20 +138,31 @@ def session(model: bytes, threads: int):
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def mismatch(onnx_embed: OnnxEmbedder, torch_embed: Embedder, size: int) -> str | None:
-    """Why the ONNX outputs differ from torch's on a random batch of two, or None when they agree."""
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    expected, got = torch_embed(images), onnx_embed(images)
-    for layer, want in expected.items():
+def check_batch(size: int) -> torch.Tensor:
+    """The random batch of two on which an export is compared with torch."""
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def torch_reference(backbone: Backbone) -> dict[str, np.ndarray]:
+    """Torch's vectors (the torch engine's, folded network included) for `check_batch`."""
+    with Embedder(backbone) as torch_embed:
+        return torch_embed(check_batch(backbone.preprocessing.image_size))
+
+
+def mismatch(onnx_embed: OnnxEmbedder, reference: dict[str, np.ndarray], size: int) -> str | None:
+    """Why the ONNX outputs on `check_batch` differ from torch's `reference`, or None when they agree."""
+    got = onnx_embed(check_batch(size))
+    for layer, want in reference.items():
         scale = max(float(np.abs(want).max()), 1e-12)
-        worst = float(np.abs(got[layer] - want).max()) / scale
+        worst = float(np.abs(got[layer] - want).max()) / scale if got[layer].shape == want.shape else np.inf
         if not worst <= TOLERANCE:
             return f"layer {layer} differs from torch's by {worst:.1e} of its largest value"
     return None
 
 
 class ExportCache:
-    """Exported graphs in `folder`: `<name>.onnx` beside `<name>.json` (its key and SHA-256). A file whose
+    """Exported graphs in `folder`: `<name>.onnx` beside `<name>.json`, its record (key, SHA-256 and torch's
+    vectors for `check_batch`, so that a later run checks the graph without running torch). A graph whose
     record is missing, of another key or of other bytes is not trusted. Both are written atomically."""
 
     def __init__(self, folder: Path | None = None):
@@ -160,29 +173,37 @@ class ExportCache:
         stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key['backbone'])}-{digest}"
         return self.folder / f"{stem}.onnx", self.folder / f"{stem}.json"
 
-    def load(self, key: dict) -> tuple[bytes | None, str | None]:
-        """The cached graph of `key`, or None and why it is not trusted (None when there is none)."""
+    def load(self, key: dict) -> tuple[bytes | None, dict[str, np.ndarray] | None, str | None]:
+        """The cached graph of `key` and its reference vectors, or None and why it is not trusted (None when
+        there is none)."""
         graph, record = self.paths(key)
         if not graph.exists() and not record.exists():
-            return None, None
+            return None, None, None
         try:
             kept = json.loads(record.read_text())
             model = graph.read_bytes()
-        except (OSError, ValueError) as exc:
-            return None, f"unreadable: {_first_line(exc)}"
-        if not isinstance(kept, dict) or kept.get("key") != key:
-            return None, "its record names another key"
+            reference = {layer: _array(value) for layer, value in kept["reference"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return None, None, f"unreadable: {_first_line(exc)}"
+        if kept.get("key") != key:
+            return None, None, "its record names another key"
         if kept.get("sha256") != hashlib.sha256(model).hexdigest():
-            return None, "its bytes differ from the SHA-256 recorded beside it"
-        return model, None
+            return None, None, "its bytes differ from the SHA-256 recorded beside it"
+        return model, reference, None
 
-    def save(self, key: dict, model: bytes) -> Path:
+    def save(self, key: dict, model: bytes, reference: dict[str, np.ndarray]) -> Path:
         graph, record = self.paths(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(graph, model)
-        _write_atomically(record, json.dumps({"key": key, "sha256": hashlib.sha256(model).hexdigest()},
-                                             indent=1).encode())
+        kept = {"key": key, "sha256": hashlib.sha256(model).hexdigest(),
+                "reference": {layer: {"shape": list(v.shape), "float32": base64.b64encode(
+                    np.ascontiguousarray(v, np.float32).tobytes()).decode()} for layer, v in reference.items()}}
+        _write_atomically(record, json.dumps(kept, indent=1).encode())
         return graph
+
+
+def _array(value: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(value["float32"], validate=True), np.float32).reshape(value["shape"])
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -195,16 +216,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def onnx_embedder(backbone: Backbone, torch_embed: Embedder, threads: int | None = None,
+def onnx_embedder(backbone: Backbone, threads: int | None = None,
                   cache: ExportCache | None = None) -> tuple[OnnxEmbedder | None, list[str]]:
-    """The backbone on ONNX Runtime, checked against `torch_embed`, and notes on what happened; None (and
+    """The backbone on ONNX Runtime, checked against torch's vectors, and notes on what happened; None (and
     the reason) when it cannot be used. A cached export that is damaged or disagrees is exported anew."""
     cache = cache or ExportCache()
     key, notes = export_key(backbone), []
     threads = threads or onnxruntime_threads()
-    cached, why = cache.load(key)
+    cached, reference, why = cache.load(key)
     if cached is not None:
-        embed, why = _checked(cached, backbone, torch_embed, threads)
+        embed, why = _checked(cached, reference, backbone, threads)
         if embed:
             return embed, notes
     if why:
@@ -214,20 +235,22 @@ def onnx_embedder(backbone: Backbone, torch_embed: Embedder, threads: int | None
         model = export(backbone)
     except Exception as exc:
         return None, [*notes, f"onnxruntime: export failed ({_first_line(exc)}); running torch"]
+    reference = torch_reference(backbone)
+    embed, why = _checked(model, reference, backbone, threads)
+    if embed is None:
+        return None, [*notes, f"onnxruntime: {why}; running torch"]
     try:
-        where = f"to {cache.save(key, model)}"
+        where = f"to {cache.save(key, model, reference)}"
     except OSError as exc:
         where = f"(not cached: {_first_line(exc)})"
-    notes.append(f"onnxruntime: exported {backbone.name} in {time.perf_counter() - start:.1f}s {where}")
-    embed, why = _checked(model, backbone, torch_embed, threads)
-    return (embed, notes) if embed else (None, [*notes, f"onnxruntime: {why}; running torch"])
+    return embed, [*notes, f"onnxruntime: exported {backbone.name} in {time.perf_counter() - start:.1f}s {where}"]
 
 
-def _checked(model: bytes, backbone: Backbone, torch_embed: Embedder,
+def _checked(model: bytes, reference: dict[str, np.ndarray], backbone: Backbone,
              threads: int) -> tuple[OnnxEmbedder | None, str | None]:
     try:
         embed = OnnxEmbedder(session(model, threads), backbone.layers, backbone.tta)
-        why = mismatch(embed, torch_embed, backbone.preprocessing.image_size)
+        why = mismatch(embed, reference, backbone.preprocessing.image_size)
     except Exception as exc:
         return None, f"cannot run it: {_first_line(exc)}"
     return (None, why) if why else (embed, None)
@@ -242,12 +265,9 @@ def embedder(backbone: Backbone, device: torch.device | str = "cpu", engine: str
              threads: int | None = None) -> tuple[Embedder | OnnxEmbedder, str, list[str]]:
     """The embedder that runs `backbone`, the engine it uses, and notes (an export, a fallback to torch)."""
     device = torch.device(device)
-    chosen = resolve_engine(engine, device, precision, compile)
-    torch_embed = Embedder(backbone, device, precision, compile, batch_size)
-    if chosen == "torch":
-        return torch_embed, "torch", []
-    embed, notes = onnx_embedder(backbone, torch_embed, threads)
-    if embed is None:
-        return torch_embed, "torch", notes
-    torch_embed.close()
-    return embed, "onnxruntime", notes
+    notes: list[str] = []
+    if resolve_engine(engine, device, precision, compile) == "onnxruntime":
+        embed, notes = onnx_embedder(backbone, threads)
+        if embed is not None:
+            return embed, "onnxruntime", notes
+    return Embedder(backbone, device, precision, compile, batch_size), "torch", notes
