@@ -150,17 +150,17 @@ def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
     placed, texts = [], []
     for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
         dy = 3.0
-        while True:
-            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8,
-                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy > 3 else None)
+        while True:   # the text alone is measured: a leader line would reach back over the labels below
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
             box = t.get_window_extent(renderer)
+            t.remove()
             clash = next((b for b in placed if box.overlaps(b)), None)
             if clash is None:
                 break
-            t.remove()
             dy += (clash.y1 - box.y0 + 1) * 72 / fig.dpi
         placed.append(box)
-        texts.append(t)
+        texts.append(ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8,
+                                 arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy > 3 else None))
     return texts
 
 
