@@ -178,13 +178,14 @@ def train(
                                                    "repeatable, e.g. backbone=resnet18, image_size=224, "
                                                    "tta=true; a difference is refused and named.")] = [],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model directory already at --out.")] = False,
 ):
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
     s = with_params(settings, _parse_params(param), lambda key: f"--param {key}")
     expected = {**_pairs(expect, "--expect"), **({"fingerprint": fingerprint} if fingerprint else {})}
     from pipeline.heads.train import train as fit
     try:
-        m = fit(features, out, s, expected)
+        m = fit(features, out, s, expected, force)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: training {s.classifier} on {features} stopped before {out} was written "
                           f"in full; run the same command again")
@@ -208,16 +209,20 @@ def predict(
         typer.echo(json.dumps(results, indent=2))
     elif format is Format.csv:
         w = csv.writer(sys.stdout)
-        w.writerow(["path", "rank", "class", "score", "error"])
+        w.writerow(["path", "rank", "class", "score", "scores", "error"])
         for r in results:
             for rank, t in enumerate(r.get("top", []), 1):
-                w.writerow([r["path"], rank, t["class"], f"{t['score']:.4f}", ""])
+                w.writerow([r["path"], rank, t["class"], f"{t['score']:.4f}", r["scores"], ""])
             if "error" in r:
-                w.writerow([r["path"], "", "", "", r["error"]])
+                w.writerow([r["path"], "", "", "", "", r["error"]])
     else:
         for r in results:
             shown = "  ".join(f"{t['class']} {t['score']:.3f}" for t in r.get("top", []))
-            typer.echo(f"{r['path']}: {shown or 'skipped (' + r['error'] + ')'}")
+            if "error" in r:
+                typer.echo(f"{r['path']}: skipped ({r['error']})")
+            else:
+                note = "" if r["scores"] == "probabilities" else f"  ({r['scores']}, not probabilities)"
+                typer.echo(f"{r['path']}: {shown}{note}")
     skipped = [r for r in results if "error" in r]
     if skipped and format is not Format.table:
         _say([f"skipped {r['path']}: {r['error']}" for r in skipped])
@@ -261,6 +266,7 @@ def finetune(
                                                         "same settings (implies --checkpoint).")] = None,
     nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
                                             "torchrun; trains with DistributedDataParallel.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model directory already at --out.")] = False,
 ):
     """Optional stage: fine-tune the backbone with a new head (or train it from scratch), keep the
     best epoch by val accuracy, and write a model directory that predict and compare accept."""
@@ -268,7 +274,7 @@ def finetune(
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     from pipeline.finetune.training import finetune as run
-    m = run(data, out, settings, quiet, checkpoint, resume)
+    m = run(data, out, settings, quiet, checkpoint, resume, force)
     if m is None:   # a torchrun rank other than 0
         return
     _say([f"{settings.strategy}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
@@ -288,14 +294,10 @@ def visualize(
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
-    from pipeline.models import visualize as vis
-    out.mkdir(parents=True, exist_ok=True)
-    grid = vis.prediction_grid(model_dir, images, out / "predictions.png", limit, device.value)
-    lines = [f"{grid['shown']} images, {grid['wrong']} wrong -> {out / 'predictions.png'}"]
-    if gradcam:
-        cams = vis.gradcam(model_dir, images, out / "gradcam.png", min(limit, 12), device.value)
-        lines.append(f"Grad-CAM of {cams['shown']} images -> {out / 'gradcam.png'}")
-    _say(lines)
+    from pipeline.models.visualize import visualize as run
+    shown = run(model_dir, images, out, limit, gradcam, device.value)
+    _say([f"{shown['shown']} images, {shown['wrong']} wrong -> {out / 'predictions.png'}"]
+         + ([f"Grad-CAM of the same {shown['shown']} images -> {out / 'gradcam.png'}"] if gradcam else []))
 
 
 @app.command()

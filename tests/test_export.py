@@ -13,7 +13,8 @@ from pipeline.heads.train import scores_of, train
 
 from pipeline.heads.settings import train_settings
 from pipeline.features.backbones import Preprocessing
-from pipeline.models.export import export, head_module
+from pipeline.models.export import export
+from pipeline.models.networks import head_module
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError
 from pipeline.storage import modeldir
@@ -96,10 +97,10 @@ def test_heads_without_a_tensor_form_are_refused(small_cache, tmp_path):
     train(small_cache, tmp_path / "knn", train_settings("knn", {"n_neighbors": 3}))
     proc = run_cli("export", tmp_path / "knn", "--out", tmp_path / "knn.pt2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: a knn head cannot be exported")
+    assert proc.stderr.strip().startswith("error: a knn head is not made of tensor operations")
     assert not (tmp_path / "knn.pt2").exists()
     train(small_cache, tmp_path / "rbf", train_settings("rbf_svm", {"C": 1.0}))
-    with pytest.raises(UserError, match="a rbf_svm head cannot be exported"):
+    with pytest.raises(UserError, match="a rbf_svm head is not made of tensor operations"):
         export(tmp_path / "rbf", tmp_path / "rbf.onnx")
     with pytest.raises(UserError, match="must end in .pt2 or .onnx"):
         export(tmp_path / "rbf", tmp_path / "model.pt")

@@ -12,11 +12,10 @@ from pipeline.data.images import read_image
 from pipeline.heads.train import train
 
 from pipeline.heads.settings import train_settings
-from pipeline.features.backbones import Preprocessing
 from pipeline.features.extract import extract_folder
 from pipeline.features.settings import ExtractSettings
-from pipeline.models.visualize import differentiable, gradcam_maps
-from pipeline.storage import modeldir
+from pipeline.models.directory import open_model
+from pipeline.models.visualize import gradcam_maps
 from tests.conftest import COLOURS, run_cli
 
 SIZE, SQUARE = 256, 64
@@ -51,13 +50,13 @@ def logreg(squares, tmp_path_factory) -> Path:
 
 def test_the_heat_map_of_a_classifier_on_cached_features_covers_the_square(squares, logreg):
     _, corners = squares
-    info, state = modeldir.load(logreg)
-    net, pool = differentiable(info, state)
-    transform = Preprocessing.from_dict(info["backbone"]["preprocessing"]).transform()
+    model = open_model(logreg)
+    net, pool = model.network()
+    transform = model.preprocessing.transform()
     seen_as_model = type(transform)(transform.transforms[:2])      # resize + centre crop
     tests = sorted(p for p in corners if p.parts[-3] == "test")
     maps, predicted = gradcam_maps(net, pool, torch.stack([transform(read_image(p)[0]) for p in tests]))
-    assert [info["classes"][k] for k in predicted] == [p.parent.name for p in tests]
+    assert [model.classes[k] for k in predicted] == [p.parent.name for p in tests]
     inside_over_outside = []
     for path, heat in zip(tests, maps):
         x, y = corners[path]
@@ -74,10 +73,11 @@ def test_gradcam_from_the_command_line_and_heads_without_a_tensor_form(squares, 
     root, _ = squares
     proc = run_cli("visualize", logreg, root / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",
                    check=True)
-    assert "Grad-CAM of 12 images" in proc.stderr
+    assert "Grad-CAM of the same 12 images" in proc.stderr
     assert Image.open(tmp_path / "visual" / "gradcam.png").size[0] > 500
     knn = tmp_path / "knn"
     train(logreg.parent / "f.h5", knn, train_settings("knn", {"n_neighbors": 3}))
     proc = run_cli("visualize", knn, root / "test", "--out", tmp_path / "knn_visual", "--gradcam")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: Grad-CAM needs a head made of tensor operations") and "knn" in proc.stderr
+    assert proc.stderr.startswith("error: a knn head is not made of tensor operations") and "Grad-CAM" in proc.stderr
+    assert not (tmp_path / "knn_visual").exists()   # refused before anything was written

@@ -238,26 +238,35 @@ def network(info: dict, state: dict) -> Classifier:
     return model.eval()
 
 
-def write_history(history: list[dict], out_dir: Path) -> None:
-    """history.csv (one row per epoch, for `dvc plots`) and curves.png."""
-    with open(out_dir / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+def curves(history: list[dict], title: str):
+    """The loss and accuracy curves of train and val per epoch, as a matplotlib figure (whole epochs on x)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, what in zip(axes, ("loss", "acc")):
         ax.plot(epochs, [h[f"train_{what}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{what}"] for h in history], "o-", label="val")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if what == "acc" else "loss")
         ax.legend()
-    fig.suptitle(out_dir.name)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_dir / "curves.png", dpi=100)
+    return fig
+
+
+def write_history(history: list[dict], folder: Path, title: str) -> None:
+    """history.csv (one row per epoch, for `dvc plots`) and curves.png."""
+    with open(folder / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib.pyplot as plt
+    fig = curves(history, title)
+    fig.savefig(folder / "curves.png", dpi=100)
     plt.close(fig)
 
 
@@ -354,13 +363,15 @@ def load_checkpoint(path: Path, s: FinetuneSettings) -> dict:
 
 
 def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False, checkpoint: bool = False,
-             resume: Path | None = None) -> dict | None:
-    """Fine-tune (or train from scratch) on an image folder and write a model directory.
+             resume: Path | None = None, force: bool = False) -> dict | None:
+    """Fine-tune (or train from scratch) on an image folder and write a model directory (replacing one
+    already at `out_dir` only with `force`, or when resuming from the checkpoint inside it).
     `checkpoint`: rewrite OUT/checkpoint.pt after every epoch; `resume`: carry on from such a file
     (and keep rewriting it). Under torchrun every rank trains and rank 0 alone writes and returns
     the metrics (the others return None)."""
     s = validate(s)
-    modeldir.check_out(out_dir)
+    resuming_here = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
+    modeldir.check_out(out_dir, force or resuming_here, managed=(CHECKPOINT, f"{CHECKPOINT}.tmp"))
     try:
         if not distributed.is_distributed():
             return _finetune(data, Path(out_dir), s, quiet, checkpoint, resume)
@@ -438,15 +449,18 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
     if sharded:
         metrics["world_size"] = distributed.world_size()   # hyperparameters hold the scaled lr
-    info = {"kind": "finetuned", "strategy": s.strategy, "classes": dataset.classes,
-            "backbone": backbone.spec().to_dict(),
+    info = {"strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec().to_dict(),
             "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
             "dataset": dataset_digest((p, dataset.classes[label], split, digest)
                                       for p, (label, split, digest) in seen.items()),
             "skipped": sorted(skipped.items())}
     y_pred = logits.argmax(1)
-    modeldir.save(out_dir, best_state, info, metrics, confusion_rows(y, y_pred, dataset.classes))
-    confusion_png(y, y_pred, dataset.classes, out_dir / "confusion.png",
-                  f"{out_dir.name} ({s.strategy}) on {eval_split}: top-1 {metrics['top1']:.3f}")
-    write_history(history, out_dir)
+    with modeldir.staged(out_dir) as folder:
+        modeldir.write(folder, modeldir.FINETUNED, best_state, info, metrics,
+                       confusion_rows(y, y_pred, dataset.classes))
+        confusion_png(y, y_pred, dataset.classes, folder / "confusion.png",
+                      f"{out_dir.name} ({s.strategy}) on {eval_split}: top-1 {metrics['top1']:.3f}")
+        write_history(history, folder, out_dir.name)
+        if (out_dir / CHECKPOINT).is_file():   # the checkpoint stays in the model directory, for --resume
+            os.link(out_dir / CHECKPOINT, folder / CHECKPOINT)
     return metrics

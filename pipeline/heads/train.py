@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
@@ -54,10 +55,16 @@ def scores_of(model, X: np.ndarray, n_classes: int) -> np.ndarray:
     return full
 
 
-def _best(tried: dict, grid: tuple) -> float:
+class Trial(NamedTuple):
+    """One candidate value's result in the search."""
+    score: float              # mean accuracy on val (or over the folds)
+    epochs: int | None        # torch heads: the median best epoch, used for the refit
+
+
+def _best(tried: dict[float, Trial], grid: tuple) -> float:
     """Highest score; ties go to the value nearest the middle of the grid on a log scale."""
     middle = np.sqrt(float(grid[0]) * float(grid[-1]))
-    return max(tried, key=lambda v: (tried[v][0], -abs(np.log(v / middle))))
+    return max(tried, key=lambda v: (tried[v].score, -abs(np.log(v / middle))))
 
 
 def _beyond(classifier: str, tried: dict, best: float, limit: int) -> float | None:
@@ -112,7 +119,7 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
     else:
         folds = [(X, y, X_val, y_val)]
     smallest_fit = min(len(f[1]) for f in folds)
-    tried: dict = {}
+    tried: dict[float, Trial] = {}
 
     def score(values):
         for value in values:
@@ -123,7 +130,7 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
                 model = _fit(s, value, Xa, ya, Xb, yb)
                 scores.append(float(np.mean(model.predict(Xb) == yb)))
                 epochs.append(getattr(model[-1], "best_epoch_", None))
-            tried[value] = (float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
+            tried[value] = Trial(float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
 
     grid = CLASSIFIERS[s.classifier].grid
     tuned = CLASSIFIERS[s.classifier].tuned
@@ -131,9 +138,9 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
     if not tried:
         raise UserError(f"n_neighbors={s.value} is more than the {smallest_fit} training images a fit sees")
     warnings = []
-    flat = len(tried) > 1 and len({sc for sc, _ in tried.values()}) == 1
+    flat = len(tried) > 1 and len({trial.score for trial in tried.values()}) == 1
     if flat:
-        warnings.append(f"every {tuned} tried scored {next(iter(tried.values()))[0]:.3f}: the search is flat; "
+        warnings.append(f"every {tuned} tried scored {next(iter(tried.values())).score:.3f}: the search is flat; "
                         f"kept {_best(tried, grid):g} from the middle of the grid and stopped")
     elif s.value == "auto":
         for _step in range(2):
@@ -151,13 +158,16 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
     best = _best(tried, grid)
     for message in warnings:
         warn(f"{s.classifier}: {message}")
-    return Selection(best, tried[best][0], {v: sc for v, (sc, _) in sorted(tried.items())}, tried[best][1], warnings)
+    return Selection(best, tried[best].score, {v: trial.score for v, trial in sorted(tried.items())},
+                     tried[best].epochs, warnings)
 
 
-def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None) -> dict:
-    """Fit classifier `s.classifier` on a feature cache and write a model directory. `expected`
-    ({field: value}, e.g. {"backbone": "resnet18"}) makes it refuse a cache made otherwise."""
-    modeldir.check_out(out_dir)
+def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None,
+          force: bool = False) -> dict:
+    """Fit classifier `s.classifier` on a feature cache and write a model directory (replacing one already
+    at `out_dir` only with `force`). `expected` ({field: value}, e.g. {"backbone": "resnet18"}) makes it
+    refuse a cache made otherwise."""
+    modeldir.check_out(out_dir, force)
     with open_cache(cache_path) as cache:   # everything from this one file, even if it is replaced meanwhile
         check_expected(cache, expected or {})
         if "val" not in cache.splits:
@@ -195,14 +205,16 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
                                     "preprocess": s.preprocess, "class_weight": s.class_weight},
                    search={"hyperparameter": tuned, "scores": {f"{v:g}": sc for v, sc in chosen.scores.items()},
                            "warnings": chosen.warnings})
-    info = {"kind": "features", "classifier": s.classifier, "classes": cache.classes,
+    info = {"classifier": s.classifier, "classes": cache.classes,
             "backbone": model_spec(cache.attrs).to_dict(),
             "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
             "dataset": dataset}
     y_pred = scores.argmax(1)
-    modeldir.save(out_dir, model, info, metrics, confusion_rows(evaluation.labels, y_pred, cache.classes))
-    confusion_png(evaluation.labels, y_pred, cache.classes, Path(out_dir) / "confusion.png",
-                  f"{s.classifier} on {eval_split}: top-1 {metrics['top1']:.3f}")
+    with modeldir.staged(out_dir) as folder:
+        modeldir.write(folder, modeldir.FEATURES, model, info, metrics,
+                       confusion_rows(evaluation.labels, y_pred, cache.classes))
+        confusion_png(evaluation.labels, y_pred, cache.classes, folder / "confusion.png",
+                      f"{s.classifier} on {eval_split}: top-1 {metrics['top1']:.3f}")
     return metrics
 
 

@@ -1,7 +1,8 @@
-"""Visual checks of a model directory: predictions on a grid of images, and Grad-CAM heat maps.
+"""Visual checks of a model directory (either kind): predictions on a grid of images, and Grad-CAM heat maps.
 
 The true class of an image is its parent folder's name when that is one of the model's classes
-(as in ROOT/test/CLASS/*.png); other images show the prediction alone.
+(as in ROOT/test/CLASS/*.png); other images show the prediction alone. Both pictures show the same
+images: `limit` of them (when there are that many readable ones), spread evenly over the sorted paths.
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch
 
 from pipeline.data.folders import find_images
 from pipeline.data.images import ImageError, read_image
-from pipeline.features.backbones import Preprocessing
-from pipeline.models.predict import predict
+from pipeline.models.directory import ModelDirectory, Network, open_model
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
-from pipeline.storage import modeldir
+
+BATCH = 8   # images per forward (and, for Grad-CAM, backward) pass
 
 
 def _pyplot():
@@ -26,15 +27,20 @@ def _pyplot():
     return plt
 
 
-def image_files(inputs: list[Path]) -> list[Path]:
-    """The images among `inputs` (files, folders), as `predict` finds them."""
-    return [path for path, reason in find_images(inputs) if reason is None]
-
-
-def _spread(paths: list[Path], limit: int) -> list[Path]:
-    """At most `limit` paths, evenly spaced over the sorted list, so a test folder shows every class."""
-    step = max(1, -(-len(paths) // limit))
-    return paths[::step][:limit]
+def sample(paths: list[Path], limit: int, shortest: int) -> list[tuple[Path, object]]:
+    """(path, image) of `limit` readable images (fewer only when there are not enough), evenly spaced over
+    the sorted paths so that a test folder shows every class; an unreadable pick is replaced by a later one."""
+    spread = dict.fromkeys(np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int).tolist())
+    order = [*spread, *(i for i in range(len(paths)) if i not in spread)]
+    chosen = []
+    for i in order:
+        try:
+            chosen.append((i, read_image(paths[i], shortest)[0]))
+        except ImageError:
+            continue
+        if len(chosen) == limit:
+            break
+    return [(paths[i], image) for i, image in sorted(chosen, key=lambda c: c[0])]
 
 
 def _true_class(path: Path, classes: list[str]) -> str | None:
@@ -51,34 +57,35 @@ def _grid(n: int, rows_per_item: int = 1):
     return plt, fig, axes
 
 
-def prediction_grid(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24,
-                    device: str = "auto") -> dict:
-    """Save a grid of up to `limit` images titled with predicted (and true) class; wrong ones in red."""
-    check_minimums({"limit": 1}, {"limit": limit})
-    classes = modeldir.read_info(model_dir)["classes"]
-    results = [r for r in predict(model_dir, _spread(image_files(inputs), limit), top_k=1, device=device) if "top" in r]
-    if not results:
-        raise UserError("no readable image to show")
-    plt, fig, axes = _grid(len(results))
+def _title(ax, predicted: str, truth: str | None, score: str = "") -> None:
+    colour = "black" if truth is None else "green" if truth == predicted else "red"
+    ax.set_title(f"{predicted}{score}" + (f"\ntrue: {truth}" if truth else ""), color=colour, fontsize=8)
+    if colour == "red":
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set(color="red", linewidth=3)
+
+
+def prediction_grid(model: ModelDirectory, shown: list, out: Path, device: torch.device) -> int:
+    """Save a grid of the images titled with predicted (and true) class and score; returns how many are wrong."""
+    transform = model.preprocessing.transform()
+    score = model.scorer(device)
+    with torch.inference_mode():
+        scores = np.concatenate([score(torch.stack([transform(img) for _, img in shown[i:i + BATCH]]))
+                                 for i in range(0, len(shown), BATCH)])
+    plt, fig, axes = _grid(len(shown))
     wrong = 0
-    for ax, r in zip(axes.flat, results):
-        path, top = Path(r["path"]), r["top"][0]
-        truth = _true_class(path, classes)
-        wrong += truth is not None and truth != top["class"]
-        colour = "black" if truth is None else "green" if truth == top["class"] else "red"
-        ax.imshow(read_image(path)[0])
-        ax.set_title(f"{top['class']} {top['score']:.2f}" + (f"\ntrue: {truth}" if truth else ""),
-                     color=colour, fontsize=8)
-        if colour == "red":
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set(color="red", linewidth=3)
+    for ax, (path, img), row in zip(axes.flat, shown, scores):
+        predicted, truth = model.classes[int(row.argmax())], _true_class(path, model.classes)
+        wrong += truth is not None and truth != predicted
+        ax.imshow(img)
+        _title(ax, predicted, truth, f" {row.max():.2f}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return {"shown": len(results), "wrong": int(wrong)}
+    return int(wrong)
 
 
 def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -107,56 +114,48 @@ def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tens
     return cam.detach().cpu().numpy(), predicted.cpu().numpy()
 
 
-def differentiable(info: dict, state) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The model directory as one network from normalised images to class scores, and its feature layer.
-    A fine-tuned network as it is; a classifier on cached features as backbone + feature preprocessing +
-    head in torch (as `export` builds it: class probabilities, or decision values for linear_svm)."""
-    layer = info["backbone"]["layer"]
-    if info["kind"] == "finetuned":
-        from pipeline.finetune.training import network
-        net = network(info, state)
-        return net, dict(net.backbone.named_modules())[layer]
-    from pipeline.models.export import TENSOR_HEADS, ImageClassifier, head_module
-    from pipeline.models.predict import model_backbone
-    classifier = info.get("classifier", "this")
-    try:
-        head = head_module(state, len(info["classes"]), classifier)
-    except UserError:
-        raise UserError(f"Grad-CAM needs a head made of tensor operations ({TENSOR_HEADS}, or a fine-tuned "
-                        f"model); a {classifier} head is not") from None
-    net = ImageClassifier(model_backbone(info), head).eval()
-    return net, dict(net.model.named_modules())[layer]
-
-
-def gradcam(model_dir: Path, inputs: list[Path], out: Path, limit: int = 8, device: str = "auto") -> dict:
+def gradcam_grid(model: ModelDirectory, network: Network, shown: list, out: Path, device: torch.device) -> None:
     """Save each image (as the model sees it) above its Grad-CAM overlay."""
-    info, state = modeldir.load(model_dir)
-    dev = resolve_device(device)
-    net, pool = differentiable(info, state)
-    net.to(dev)
-    pre = Preprocessing.from_dict(info["backbone"]["preprocessing"])
-    transform = pre.transform()
+    net = network.module.to(device)
+    transform = model.preprocessing.transform()
     crop = type(transform)(transform.transforms[:2])        # resize + centre crop: what the model sees
-    shown = []
-    for path in _spread(image_files(inputs), limit):
-        try:
-            shown.append((path, read_image(path, pre.resize)[0]))
-        except ImageError:
-            continue
-    if not shown:
-        raise UserError("no readable image to show")
-    maps, predicted = gradcam_maps(net, pool, torch.stack([transform(img) for _, img in shown]).to(dev))
+    maps, predicted = [], []
+    for i in range(0, len(shown), BATCH):
+        batch = torch.stack([transform(img) for _, img in shown[i:i + BATCH]]).to(device)
+        heat, labels = gradcam_maps(net, network.feature_layer, batch)
+        maps.append(heat)
+        predicted.append(labels)
     plt, fig, axes = _grid(len(shown), rows_per_item=2)
     cols = axes.shape[1]
-    for i, ((path, img), heat, label) in enumerate(zip(shown, maps, predicted)):
+    for i, ((path, img), heat, label) in enumerate(zip(shown, np.concatenate(maps), np.concatenate(predicted))):
         top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
-        truth = _true_class(path, info["classes"])
         top.imshow(crop(img))
-        top.set_title(f"{info['classes'][label]}" + (f"\ntrue: {truth}" if truth else ""), fontsize=8,
-                      color="black" if truth is None else "green" if truth == info["classes"][label] else "red")
+        _title(top, model.classes[label], _true_class(path, model.classes))
         bottom.imshow(crop(img))
         bottom.imshow(heat, cmap="jet", alpha=0.45)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return {"shown": len(shown)}
+
+
+def visualize(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24, gradcam: bool = False,
+              device: str = "auto") -> dict:
+    """predictions.png and, with `gradcam`, gradcam.png of the same images in folder `out`. Everything is
+    checked (model, Grad-CAM's network, readable images) before anything is written."""
+    check_minimums({"limit": 1}, {"limit": limit})
+    model = open_model(model_dir)
+    dev = resolve_device(device)
+    network = model.network() if gradcam else None
+    if network is not None and network.feature_layer is None:
+        raise UserError(f"Grad-CAM needs a spatial feature map; the features of {model_dir} are the "
+                        f"transformer tokens {model.backbone_spec.layer}")
+    shown = sample([path for path, reason in find_images(inputs) if reason is None], limit,
+                   model.preprocessing.resize)
+    if not shown:
+        raise UserError(f"no readable image in {', '.join(map(str, inputs))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wrong = prediction_grid(model, shown, out / "predictions.png", dev)
+    if network is not None:
+        gradcam_grid(model, network, shown, out / "gradcam.png", dev)
+    return {"shown": len(shown), "wrong": wrong}

@@ -1,90 +1,187 @@
-"""A trained model directory: self-describing, checked before anything is unpickled.
+"""The files of a trained model directory: self-describing, checked before anything is unpickled,
+written to a temporary sibling folder and renamed into place when complete.
 
-  model.json     classes, backbone spec, cache fingerprint, preprocessing, SHA-256 of each file
+  model.json     kind, classes, backbone spec, cache fingerprint, preprocessing, SHA-256 of each file
   head.joblib    kind "features": the fitted preprocessing + classifier (a pickle: load only
                  directories you trust)
   weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
   metrics.json   the headline metrics, one value each, for `dvc metrics show`
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall
   confusion.json {actual, predicted} rows for `dvc plots show`
+
+What each kind does with its file is `pipeline.models.directory`'s business.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import joblib
 
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import sha256_file
 
+INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
-HEAD = "head.joblib"
-WEIGHTS = "weights.pt"
 
 
-def check_out(out_dir: Path) -> None:
-    """Refuse, before any training, an output path that cannot become a directory."""
-    blocker = next((p for p in (Path(out_dir), *Path(out_dir).parents) if p.exists() and not p.is_dir()), None)
+def _torch_save(obj, path: Path) -> None:
+    import torch
+    torch.save(obj, path)
+
+
+def _torch_load(path: Path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)   # tensors only: no code runs
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of model directory: the file holding its model, and how that file is written and read."""
+    name: str
+    model_file: str
+    dump: Callable[[object, Path], None]
+    load: Callable[[Path], object]
+
+
+FEATURES = Kind("features", "head.joblib", lambda obj, path: joblib.dump(obj, path), joblib.load)
+FINETUNED = Kind("finetuned", "weights.pt", _torch_save, _torch_load)
+KINDS = {kind.name: kind for kind in (FEATURES, FINETUNED)}
+
+
+def check_out(out_dir: Path, force: bool = False, managed: tuple[str, ...] = ()) -> None:
+    """Refuse, before any training, an --out that cannot become this model directory: a path through a
+    file, an existing model directory (unless `force`), or a folder holding other files (which replacing
+    it would delete). `managed`: files the producer itself keeps there (a fine-tuning checkpoint)."""
+    out_dir = Path(out_dir)
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(f"--out {out_dir}: {blocker} is a file, not a folder")
+    if not out_dir.is_dir():
+        return
+    if (out_dir / INFO).exists():
+        if not force:
+            raise UserError(f"--out {out_dir} already holds a model directory; pass --force to replace it "
+                            f"or choose another --out")
+        return
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in managed)
+    if others:
+        raise UserError(f"--out {out_dir} is a folder of other files ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}), not a model directory; choose a new or empty folder")
 
 
-def save(out_dir: Path, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
-    """`model`: a fitted head (kind "features") or a state dict (kind "finetuned"). `metrics` is split
-    into metrics.json (headline) and details.json (`DETAILS`)."""
+@contextlib.contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `out_dir` to write the model directory into. When the block ends
+    it replaces `out_dir` (by renaming); on any error it is removed and `out_dir` is left as it was. A
+    write the system refuses (a full disk, a file size limit) becomes one error line naming `out_dir`."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if info["kind"] == "finetuned":
-        import torch
-        name = WEIGHTS
-        torch.save(model, out_dir / name)
-    else:
-        name = HEAD
-        joblib.dump(model, out_dir / name)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        _replace(tmp, out_dir)
+    except OSError as exc:
+        raise UserError(f"cannot write model directory {out_dir}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace(new: Path, out_dir: Path) -> None:
+    """Rename `new` to `out_dir`; an existing `out_dir` is moved aside first and deleted afterwards."""
+    try:
+        os.rename(new, out_dir)   # replaces a missing or empty folder at once
+        return
+    except OSError as exc:
+        if not out_dir.is_dir() or not any(out_dir.iterdir()):
+            raise exc
+    old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
+    os.rename(out_dir, old)
+    os.rename(new, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
+    """Write the model file of `kind`, metrics.json (headline) and details.json (`DETAILS`), confusion.json
+    and model.json (with the model file's SHA-256) into `folder`, normally the one `staged` gives."""
+    folder = Path(folder)
+    kind.dump(model, folder / kind.model_file)
     headline = {k: v for k, v in metrics.items() if k not in DETAILS}
-    (out_dir / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
     details = {k: metrics[k] for k in DETAILS if k in metrics}
-    (out_dir / "details.json").write_text(json.dumps(details, indent=2) + "\n")
-    (out_dir / "confusion.json").write_text(json.dumps(confusion) + "\n")
-    info = dict(info, files={name: sha256_file(out_dir / name)})
-    (out_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    (folder / "details.json").write_text(json.dumps(details, indent=2) + "\n")
+    (folder / "confusion.json").write_text(json.dumps(confusion) + "\n")
+    info = dict(info, kind=kind.name, files={kind.model_file: sha256_file(folder / kind.model_file)})
+    (folder / INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+_FIELDS = {"kind": str, "classes": list, "backbone": dict, "files": dict}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def read_info(model_dir: Path) -> dict:
-    path = Path(model_dir) / "model.json"
+    """model.json, refused (naming its path) when it lacks a field or a field has the wrong form."""
+    path = Path(model_dir) / INFO
     if not path.is_file():
-        raise UserError(f"{model_dir} is not a model directory (no model.json)")
+        raise UserError(f"{model_dir} is not a model directory (no {INFO})")
     try:
         info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON: {exc}")
-    missing = [k for k in ("kind", "classes", "backbone", "fingerprint", "files") if k not in info]
+    if not isinstance(info, dict):
+        raise UserError(f"{path} holds a {type(info).__name__}, not an object")
+    missing = [k for k in (*_FIELDS, "fingerprint") if k not in info]
     if missing:
         raise UserError(f"{path} lacks keys {missing}")
+    for key, form in _FIELDS.items():
+        if not isinstance(info[key], form):
+            raise UserError(f"{path}: '{key}' must be a {form.__name__}, got {type(info[key]).__name__}")
+    if info["kind"] not in KINDS:
+        raise UserError(f"{path}: unknown kind {info['kind']!r}; expected one of {', '.join(KINDS)}")
+    if len(info["classes"]) < 2 or not all(isinstance(c, str) for c in info["classes"]):
+        raise UserError(f"{path}: 'classes' must list at least two class names")
+    bad = [name for name, digest in info["files"].items()
+           if Path(name).name != name or not isinstance(digest, str) or not _SHA256.fullmatch(digest)]
+    if bad:
+        raise UserError(f"{path}: 'files' must map file names in the folder to SHA-256 digests; "
+                        f"{bad[0]!r} does not")
     return info
 
 
 def verify(model_dir: Path) -> dict:
     """model.json, after checking every file it lists against its recorded SHA-256."""
     info = read_info(model_dir)
-    model_file = WEIGHTS if info["kind"] == "finetuned" else HEAD
+    model_file = KINDS[info["kind"]].model_file
     if model_file not in info["files"]:
-        raise UserError(f"{Path(model_dir) / 'model.json'} records no SHA-256 for {model_file}; refusing to load it")
+        raise UserError(f"{Path(model_dir) / INFO} records no SHA-256 for {model_file}; refusing to load it")
     for name, digest in info["files"].items():
         path = Path(model_dir) / name
         if not path.is_file():
             raise UserError(f"model directory {model_dir} lacks {name}")
         if sha256_file(path) != digest:
-            raise UserError(f"{path} does not match the SHA-256 recorded in model.json; refusing to load it")
+            raise UserError(f"{path} does not match the SHA-256 recorded in {INFO}; refusing to load it")
     return info
 
 
+def read_model(model_dir: Path, kind: Kind):
+    """The model file of `kind` in `model_dir` (a fitted head or a state dict); `verify` it first."""
+    path = Path(model_dir) / kind.model_file
+    try:
+        return kind.load(path)
+    except Exception as exc:   # a foreign or truncated file; for weights.pt, one that carries code
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserError(f"{path} cannot be read as a {kind.name} model: {reason}")
+
+
 def load(model_dir: Path) -> tuple[dict, object]:
-    """(model.json, fitted head or state dict), loaded only after `verify`."""
+    """(model.json, the kind's model), read only after `verify`."""
     info = verify(model_dir)
-    path = Path(model_dir) / (WEIGHTS if info["kind"] == "finetuned" else HEAD)
-    if info["kind"] == "finetuned":
-        import torch
-        return info, torch.load(path, map_location="cpu", weights_only=True)
-    return info, joblib.load(path)
+    return info, read_model(model_dir, KINDS[info["kind"]])

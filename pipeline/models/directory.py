@@ -1,0 +1,198 @@
+"""A trained model directory as one object, one class per kind; callers never ask which kind they hold.
+
+  FeatureModel    a classifier on cached features (`pipeline train`): the backbone recorded in model.json,
+                  then head.joblib
+  FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.pt
+
+Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images, and itself
+as one torch network from images to scores (for export and Grad-CAM). `open_model` checks the files against
+their SHA-256 first (pipeline.storage.modeldir) and reads the model file only when it is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.features.backbones import Backbone, load_backbone
+from pipeline.features.spec import BackboneSpec, Preprocessing
+from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
+
+PROBABILITIES = "probabilities"
+Scorer = Callable[[torch.Tensor], np.ndarray]   # normalised images [N, 3, H, W] -> scores [N, classes]
+
+
+class Network(NamedTuple):
+    module: nn.Module        # images -> the scores `pipeline predict` ranks, in eval mode, on the CPU
+    feature_layer: nn.Module | None   # the module whose input is the spatial map Grad-CAM weighs (None:
+                                      # the features are a transformer's tokens, not a module's output)
+
+
+class ModelDirectory:
+    kind: ClassVar[modeldir.Kind]
+
+    def __init__(self, path: Path, info: dict):
+        self.path, self.info = Path(path), info
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info["classes"]
+
+    @cached_property
+    def backbone_spec(self) -> BackboneSpec:
+        try:
+            return BackboneSpec.from_dict(self.info["backbone"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{self.path / modeldir.INFO}: the backbone spec is malformed ({exc!r})")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The images' recipe: resize, centre crop, normalise."""
+        return self.backbone_spec.preprocessing
+
+    @property
+    def approach(self) -> str:
+        """The classifier's name or the fine-tuning strategy."""
+        raise NotImplementedError
+
+    @property
+    def scores(self) -> str:
+        """What its scores are: "probabilities", or "decision values" (linear_svm), which are not."""
+        raise NotImplementedError
+
+    @property
+    def cache_fingerprint(self) -> str | None:
+        """The feature cache the model was trained on; None for a model trained on images."""
+        return None
+
+    @cached_property
+    def model(self):
+        """The model file's content, read (after `open_model`'s SHA-256 checks) on first use and checked."""
+        model = modeldir.read_model(self.path, self.kind)
+        self._check(model)
+        return model
+
+    def _check(self, model) -> None:
+        raise NotImplementedError
+
+    def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
+        """Scores of batches of images on `device`; the backbone of a classifier on cached features runs on
+        `engine` (auto, torch, onnxruntime) and `log` receives a line naming it, and notes."""
+        raise NotImplementedError
+
+    def network(self) -> Network:
+        raise NotImplementedError
+
+
+class FeatureModel(ModelDirectory):
+    kind = modeldir.FEATURES
+
+    @property
+    def approach(self) -> str:
+        return self.info.get("classifier", "this")
+
+    @property
+    def scores(self) -> str:
+        from pipeline.heads.classifiers import has_probabilities
+        return PROBABILITIES if has_probabilities(self.model[-1]) else "decision values"
+
+    @property
+    def cache_fingerprint(self) -> str | None:
+        return self.info["fingerprint"]
+
+    def _check(self, model) -> None:
+        path = self.path / self.kind.model_file
+        if not hasattr(model, "steps") or len(model.steps) < 2 or not hasattr(model[-1], "classes_"):
+            raise UserError(f"{path} holds a {type(model).__name__}, not a fitted preprocessing + classifier")
+        seen = np.asarray(model[-1].classes_)
+        if seen.dtype.kind not in "iu" or seen.min() < 0 or seen.max() >= len(self.classes):
+            raise UserError(f"{path} predicts class indices {seen.min()}..{seen.max()} but "
+                            f"{self.path / modeldir.INFO} lists {len(self.classes)} classes")
+
+    def backbone(self) -> Backbone:
+        """The backbone recorded in model.json, refusing weights other than those it was trained on."""
+        spec = self.backbone_spec
+        backbone = load_backbone(spec.name, spec.weights, spec.layer, spec.preprocessing.image_size, spec.tta)
+        if backbone.weights_sha256 != spec.weights_sha256:
+            raise UserError(f"weights {spec.weights} differ from those the model {self.path} was trained on "
+                            f"(SHA-256 {backbone.weights_sha256[:12]} != {spec.weights_sha256[:12]})")
+        return replace(backbone, preprocessing=spec.preprocessing)
+
+    def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
+        from pipeline.features.engine import embedder
+        from pipeline.heads.train import scores_of
+        backbone, head, n = self.backbone(), self.model, len(self.classes)
+        embed, engine, notes = embedder(backbone, device, engine)
+        for line in [f"predict: {device}, {engine}", *notes] if log else []:
+            log(line)
+        return lambda x: scores_of(head, embed(x)[backbone.layer], n)
+
+    def network(self) -> Network:
+        """Backbone + feature preprocessing + head in torch (class probabilities, or decision values for
+        linear_svm); refused for heads that are not tensor operations (knn, rbf_svm)."""
+        from pipeline.models.networks import ImageClassifier, head_module
+        head = head_module(self.model, len(self.classes), self.approach)
+        backbone = self.backbone()
+        backbone.model.cpu()
+        net = ImageClassifier(backbone, head).eval()
+        return Network(net, dict(net.model.named_modules()).get(backbone.layer))
+
+
+class _Probabilities(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images):
+        return torch.softmax(self.net(images).float(), 1)
+
+
+class FinetunedModel(ModelDirectory):
+    kind = modeldir.FINETUNED
+
+    @property
+    def approach(self) -> str:
+        return self.info.get("strategy", "finetuned")
+
+    @property
+    def scores(self) -> str:
+        return PROBABILITIES
+
+    def _check(self, model) -> None:
+        if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+            raise UserError(f"{self.path / self.kind.model_file} is not a state dict of tensors")
+
+    @cached_property
+    def _classifier(self) -> nn.Module:
+        """The fine-tuned network (logits), rebuilt from model.json and its weights."""
+        from pipeline.finetune.training import network
+        try:
+            return network(self.info, self.model)
+        except RuntimeError as exc:   # load_state_dict: missing or unexpected keys, other shapes
+            raise UserError(f"{self.path / self.kind.model_file} does not fit the network "
+                            f"{self.path / modeldir.INFO} describes ({len(self.classes)} classes): "
+                            f"{' '.join(str(exc).split())[:300]}")
+
+    def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
+        net = _Probabilities(self._classifier).to(device)   # the fine-tuned network runs in torch
+        return lambda x: net(x.to(device)).cpu().numpy()
+
+    def network(self) -> Network:
+        layer = self.backbone_spec.layer
+        net = _Probabilities(self._classifier.cpu()).eval()
+        return Network(net, dict(self._classifier.backbone.named_modules()).get(layer))
+
+
+_CLASSES = {cls.kind.name: cls for cls in (FeatureModel, FinetunedModel)}
+
+
+def open_model(path: Path) -> ModelDirectory:
+    """The model directory at `path`, its files checked against the SHA-256 digests in its model.json."""
+    info = modeldir.verify(path)
+    return _CLASSES[info["kind"]](path, info)
