@@ -81,7 +81,7 @@ def test_out_of_range_settings_of_stage_two_and_visualize(small_cache, tmp_path)
     from pipeline.heads.train import train
 
     from pipeline.heads.settings import train_settings
-    from pipeline.models.visualize import prediction_grid
+    from pipeline.models.visualize import visualize
     from pipeline.runtime.errors import UserError
     with pytest.raises(UserError, match="cv_folds must be at least 2, got 1"):
         train_settings("logreg", {"cv_folds": 1})
@@ -90,7 +90,7 @@ def test_out_of_range_settings_of_stage_two_and_visualize(small_cache, tmp_path)
     with pytest.raises(UserError, match="gamma must be a positive number, 'scale' or 'auto'"):
         train(small_cache, tmp_path / "m", train_settings("rbf_svm", {"C": 1.0, "gamma": "huge"}))
     with pytest.raises(UserError, match="limit must be at least 1, got 0"):
-        prediction_grid(tmp_path / "m", [tmp_path], tmp_path / "grid.png", limit=0)
+        visualize(tmp_path / "m", [tmp_path], tmp_path / "visual", limit=0)
     assert not (tmp_path / "m").exists()
 
 
