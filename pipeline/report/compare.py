@@ -13,10 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.features.spec import BackboneSpec
 from pipeline.heads.metrics import accuracy_interval
-from pipeline.models.directory import open_model
 from pipeline.runtime.errors import UserError
+from pipeline.storage import modeldir
 
 
 def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -35,14 +34,14 @@ def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
     return out
 
 
-def _extractor(spec: BackboneSpec) -> str:
+def _extractor(spec: dict) -> str:
     """The backbone and the settings that change its vectors, e.g. 'efficientnet_lite0 224px tta'."""
-    return " ".join([spec.name, f"{spec.preprocessing.image_size}px", *(["tta"] if spec.tta else [])])
+    size = spec.get("preprocessing", {}).get("image_size")
+    return " ".join([spec["backbone"], *([f"{size}px"] if size else []), *(["tta"] if spec.get("tta") else [])])
 
 
 def _row(name: str, d: Path) -> dict:
-    model = open_model(d)
-    info = model.info
+    info = modeldir.verify(d)   # model.json's facts are enough: no model is loaded
     metrics_path = d / "metrics.json"
     if not metrics_path.is_file():
         raise UserError(f"model directory {d} has no metrics.json")
@@ -55,12 +54,12 @@ def _row(name: str, d: Path) -> dict:
     if "val_score" not in m:
         raise UserError(f"{metrics_path} records no val_score (the score its selection used); "
                         f"train it again with this version")
-    cached = model.cache_fingerprint is not None   # else trained on the images: no extraction to share
+    cached = info["fingerprint"] is not None   # else trained on the images: no extraction to share
     extract = m.get("extract_seconds") if cached else None   # None also for a cache made without timing
     total = None if cached and extract is None else m["fit_seconds"] + (extract or 0.0)
     n_scored = m["n_val"] if m["selection"] == "val" else m["n_train"]   # k-fold scores every train image once
-    return {"name": name, "kind": model.kind.name, "approach": model.approach,
-            "extractor": _extractor(model.backbone_spec), "selected": False,
+    return {"name": name, "kind": info["kind"], "approach": info.get("classifier") or info.get("strategy"),
+            "extractor": _extractor(info["backbone"]), "selected": False,
             "val_score": m["val_score"], "val_interval": accuracy_interval(m["val_score"], n_scored),
             "selection": m["selection"], "n_val_scored": n_scored,
             "top1": m["top1"], "top1_interval": accuracy_interval(m["top1"], m["n_eval"]),
