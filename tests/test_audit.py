@@ -15,7 +15,7 @@ from pipeline.audit.learning_curve import counts_up_to, learning_curve
 from pipeline.audit.run import audit
 from pipeline.audit.settings import AuditSettings
 from pipeline.storage.cache import open_cache
-from tests.conftest import run_cli, synthetic_cache
+from tests.conftest import make_image_folder, run_cli, synthetic_cache
 
 COLUMNS = {"label_issues.csv": ["path", "split", "given", "suggested", "score"],
            "duplicates.csv": ["group", "path", "split", "similarity", "leak"],
@@ -123,7 +123,8 @@ def test_audit_finds_what_was_planted_and_writes_the_contract(tmp_path: Path):
     assert all(r["leak"] == "true" and float(r["similarity"]) > 0.92 for r in files["duplicates.csv"])
     assert files["outliers.csv"][0]["path"] == planted["outlier"]
     curve = files["learning_curve.csv"]
-    largest = np.bincount(open_cache(cache).read("train").labels).max()   # all images of the largest class
+    with open_cache(cache) as written:
+        largest = np.bincount(written.read("train").labels).max()   # all images of the largest class
     assert {r["head"] for r in curve} == {"logreg", "knn"} and curve[-1]["per_class"] == str(largest)
     assert all(0 <= float(r["mean"]) <= 1 for r in curve)
     assert (tmp_path / "report" / "learning_curve.png").stat().st_size > 0
@@ -154,3 +155,25 @@ def test_audit_command_refuses_bad_input_with_one_line(tmp_path: Path, args, mes
     proc = run_cli("audit", *args, "--out", tmp_path / "report", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == message
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.slow
+def test_extract_leaves_out_the_images_an_exclude_list_names(tmp_path: Path):
+    images = make_image_folder(tmp_path / "images", {"train": 4, "val": 2})
+    listed = tmp_path / "label_issues.csv"   # an edited report: any columns, the 'path' one counts
+    listed.write_text("path,split,given\ntrain/red/train_0.png,train,red\nval/blue/val_1.png,val,blue\n"
+                      "train/red/gone.png,train,red\n")
+    out = tmp_path / "features.h5"
+    proc = run_cli("extract", images, "--out", out, "--exclude", listed, "--image-size", 32, "--workers", 0,
+                   "--quiet", check=True)
+    assert "warning: 1 paths of label_issues.csv are not among the images" in proc.stderr
+    with open_cache(out) as cache:
+        assert sorted(cache.skipped) == [("train/red/train_0.png", "excluded"), ("val/blue/val_1.png", "excluded")]
+        kept = [p for split in cache.splits for p in cache.read(split).paths]
+    assert len(kept) == 16 and "train/red/train_0.png" not in kept
+
+    listed.write_text("file\ntrain/red/train_0.png\n")
+    proc = run_cli("extract", images, "--out", tmp_path / "other.h5", "--exclude", listed)
+    assert proc.returncode == 2 and proc.stderr.strip() == (f"error: {listed} has no 'path' column "
+                                                            f"(columns: file)")
+    assert not (tmp_path / "other.h5").exists()

@@ -194,7 +194,7 @@ def test_a_cache_without_a_recorded_data_folder_reads_as_none(tmp_path: Path):
 
 def test_extract_help_documents_every_option():
     text = run_cli("extract", "--help", check=True).stdout
-    for option in ("--labels", "--id-column", "--label-column", "--backbone", "--weights", "--layer",
+    for option in ("--labels", "--id-column", "--label-column", "--exclude", "--backbone", "--weights", "--layer",
                    "--image-size", "--compute-stats", "--tta", "--batch-size", "--device", "--dtype", "--workers",
                    "--val-fraction", "--test-fraction", "--seed", "--reuse", "--no-reuse", "--quiet"):
         assert option in text, option

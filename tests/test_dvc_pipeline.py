@@ -65,8 +65,14 @@ def test_an_extractor_sweep_reruns_only_what_changed_and_selects_by_val(tmp_path
     sh("dvc", "init", "-q", cwd=repo, env=env)
     first = ran(sh("dvc", "repro", cwd=repo, env=env))
     models = {f"{e}-{c}" for e in ("small", "large") for c in ("logreg", "knn")}
-    assert first == {"prepare", "extract@small", "extract@large", "finetune@ft_head", "compare",
-                     *(f"train@{m}" for m in models)}
+    assert first == {"prepare", "extract@small", "extract@large", "finetune@ft_head", "compare", "audit@small",
+                     "audit@large", *(f"train@{m}" for m in models)}
+    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True)
+    audited = next(iter(json.loads(shown.stdout).values()))["data"]["reports/audit/small/summary.json"]["data"]
+    summary = json.loads((repo / "reports" / "audit" / "small" / "summary.json").read_text())
+    assert audited["images"] == 36 and {k: audited[k] for k in ("label_issues", "leak_groups", "outliers")} == \
+        {k: summary[k] for k in ("label_issues", "leak_groups", "outliers")}
+    assert (repo / "reports" / "audit" / "small" / "index.html").is_file()
     rows = json.loads((repo / "reports" / "compare.json").read_text())
     assert sorted(r["name"] for r in rows) == ["ft_head", "large/knn", "large/logreg", "small/knn", "small/logreg"]
     assert [r["selected"] for r in rows].count(True) == 1 and rows[0]["selected"]
@@ -83,7 +89,8 @@ def test_an_extractor_sweep_reruns_only_what_changed_and_selects_by_val(tmp_path
     params["train"]["logreg"]["C"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     second = ran(sh("dvc", "repro", cwd=repo, env=env))
-    assert second == {"extract@large", "train@large-logreg", "train@large-knn", "train@small-logreg", "compare"}
+    assert second == {"extract@large", "train@large-logreg", "train@large-knn", "train@small-logreg", "audit@large",
+                      "compare"}
     assert (digest(small), small.stat().st_mtime_ns) == before
     rows = json.loads((repo / "reports" / "compare.json").read_text())
     assert {r["extractor"] for r in rows if r["name"].startswith("large/")} == {"efficientnet_lite0 40px"}

@@ -51,9 +51,9 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; name a folder for the report")
-    cache = open_cache(cache_path)
-    images = read_images(cache)
-    classes = cache.classes
+    with open_cache(cache_path) as cache:
+        images = read_images(cache)
+        classes, splits, data_root = cache.classes, cache.splits, cache.data_root
     if np.bincount(images.labels).max() < 2:
         raise UserError(f"feature cache {cache_path} has no class with two images; nothing to audit")
 
@@ -79,7 +79,7 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
         f"{len(outliers)} outliers in {time.perf_counter() - start:.1f}s")
 
     start = time.perf_counter()
-    eval_split = next((split for split in ("test", "val") if split in cache.splits), None)
+    eval_split = next((split for split in ("test", "val") if split in splits), None)
     train = images.splits == "train"
     points = []
     if eval_split:
@@ -104,8 +104,8 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     _write(out_dir / "learning_curve.csv", ["head", "per_class", "mean", "std", "runs"],
            ((p.head, p.per_class, f"{p.mean:.4f}", f"{p.std:.4f}", p.runs) for p in points))
     learning_curve.plot(points, eval_split or "no evaluation split", out_dir / "learning_curve.png")
-    summary = {"cache": str(cache_path), "data_root": cache.data_root, "images": len(images.labels),
-               "splits": {split: int((images.splits == split).sum()) for split in cache.splits},
+    summary = {"cache": str(cache_path), "data_root": data_root, "images": len(images.labels),
+               "splits": {split: int((images.splits == split).sum()) for split in splits},
                "classes": classes, "label_issues": len(issues.rows), "duplicate_groups": len(set(duplicates.group)),
                "leak_groups": leak_groups, "outliers": len(outliers),
                "settings": {**asdict(s), "eval_split": eval_split,

@@ -249,6 +249,31 @@ def _checked(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def excluding(dataset: Dataset, exclude: Path) -> Dataset:
+    """`dataset` without the images named in the `path` column of the CSV `exclude` (such as an edited copy of
+    an audit report), each recorded as skipped with reason "excluded". Listed paths that are not among the
+    images are one warning."""
+    exclude = Path(exclude)
+    if not exclude.is_file():
+        raise UserError(f"exclude list {exclude} does not exist")
+    try:
+        with open(exclude, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if "path" not in columns:
+                raise UserError(f"{exclude} has no 'path' column (columns: {', '.join(columns) or 'none'})")
+            listed = {(row["path"] or "").strip().replace("\\", "/").removeprefix("./") for row in reader} - {""}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{exclude} is not a readable CSV file: {exc}")
+    unknown = listed - {s.path for s in dataset.samples}
+    if unknown:
+        warn(f"{len(unknown)} paths of {exclude.name} are not among the images of {dataset.root}, "
+             f"e.g. {printable(sorted(unknown)[0])}")
+    kept = [s for s in dataset.samples if s.path not in listed]
+    skipped = [*dataset.skipped, *((s.path, "excluded") for s in dataset.samples if s.path in listed)]
+    return _checked(Dataset(dataset.root, dataset.classes, kept, dataset.layout, skipped))
+
+
 def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> list[tuple[int, str, str]]:
     """(line number, id, label) of each row of a labels CSV."""
     if not path.is_file():

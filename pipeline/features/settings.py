@@ -3,8 +3,9 @@ runs, what is stored. Kept free of torch so that the command line starts quickly
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from pipeline.data.folders import DatasetSettings
+from pipeline.data.folders import Dataset, DatasetSettings, excluding
 from pipeline.runtime.devices import DEVICES, PRECISIONS
 from pipeline.runtime.settings import setting
 
@@ -67,6 +68,13 @@ class ExtractSettings(EngineSettings, RunSettings, BackboneSettings, DatasetSett
     dtype: str = setting("float16", "Storage type of the feature vectors.", choices=("float16", "float32"))
     reuse: bool = setting(True, "Reuse vectors of unchanged images from the cache at --out when it was made "
                                 "the same way.")
+    exclude: str | None = setting(None, "CSV whose 'path' column names images to leave out (relative to the data "
+                                        "folder), e.g. an edited copy of an audit report; they are listed as "
+                                        "skipped, 'excluded'.")
+
+    def scan(self, root: Path) -> Dataset:
+        dataset = super().scan(root)
+        return excluding(dataset, Path(self.exclude)) if self.exclude else dataset
 
 
 @dataclass

@@ -1,0 +1,20 @@
+"""DVC stage `audit@NAME`: python stages/audit.py FEATURES OUT_DIR (settings: params.yaml `audit`)"""
+import sys
+from pathlib import Path
+
+from pipeline.audit.settings import AuditSettings
+from pipeline.config import stage_settings
+from pipeline.runtime.errors import run_stage
+
+
+def main():
+    features, out = Path(sys.argv[1]), Path(sys.argv[2])
+    s = stage_settings(AuditSettings, "audit")
+    from pipeline.audit.run import audit   # torch loads once the settings are accepted
+    from pipeline.report.audit_page import write_page
+    summary = audit(features, out, s, log=print)
+    print(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
+          f"({summary['leak_groups']} across splits), {summary['outliers']} outliers -> {write_page(out)}")
+
+
+run_stage(main)
