@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import io
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,17 +255,11 @@ def excluding(dataset: Dataset, exclude: Path) -> Dataset:
     an audit report), each recorded as skipped with reason "excluded". Listed paths that are not among the
     images are one warning."""
     exclude = Path(exclude)
-    if not exclude.is_file():
-        raise UserError(f"exclude list {exclude} does not exist")
-    try:
-        with open(exclude, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            if "path" not in columns:
-                raise UserError(f"{exclude} has no 'path' column (columns: {', '.join(columns) or 'none'})")
-            listed = {(row["path"] or "").strip().replace("\\", "/").removeprefix("./") for row in reader} - {""}
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{exclude} is not a readable CSV file: {exc}")
+    with _csv_reader(exclude, "exclude list") as reader:
+        columns = reader.fieldnames or []
+        if "path" not in columns:
+            raise UserError(f"{exclude} has no 'path' column (columns: {', '.join(columns) or 'none'})")
+        listed = {(row["path"] or "").strip().replace("\\", "/").removeprefix("./") for row in reader} - {""}
     unknown = listed - {s.path for s in dataset.samples}
     if unknown:
         warn(f"{len(unknown)} paths of {exclude.name} are not among the images of {dataset.root}, "
@@ -276,25 +271,32 @@ def excluding(dataset: Dataset, exclude: Path) -> Dataset:
 
 def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> list[tuple[int, str, str]]:
     """(line number, id, label) of each row of a labels CSV."""
+    with _csv_reader(path, "labels file") as reader:
+        columns = reader.fieldnames or []
+        if id_column not in columns:
+            raise UserError(f"{path} has no column '{id_column}' (columns: {', '.join(columns) or 'none'}); "
+                            f"name the image column with --id-column")
+        if label_column is None:
+            label_column = next((c for c in DEFAULT_LABEL_COLUMNS if c in columns), None)
+            if label_column is None:
+                raise UserError(f"{path} has neither a 'breed' nor a 'label' column (columns: "
+                                f"{', '.join(columns)}); name the label column with --label-column")
+        elif label_column not in columns:
+            raise UserError(f"{path} has no column '{label_column}' (columns: {', '.join(columns)}); "
+                            f"name the label column with --label-column")
+        return [(reader.line_num, (row[id_column] or "").strip(), (row[label_column] or "").strip())
+                for row in reader]
+
+
+@contextmanager
+def _csv_reader(path: Path, what: str):
+    """A DictReader over the CSV file at `path`: a missing file, or text that is not UTF-8 or not CSV (also
+    when found while its rows are read), is one error line."""
     if not path.is_file():
-        raise UserError(f"labels file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            if id_column not in columns:
-                raise UserError(f"{path} has no column '{id_column}' (columns: {', '.join(columns) or 'none'}); "
-                                f"name the image column with --id-column")
-            if label_column is None:
-                label_column = next((c for c in DEFAULT_LABEL_COLUMNS if c in columns), None)
-                if label_column is None:
-                    raise UserError(f"{path} has neither a 'breed' nor a 'label' column (columns: "
-                                    f"{', '.join(columns)}); name the label column with --label-column")
-            elif label_column not in columns:
-                raise UserError(f"{path} has no column '{label_column}' (columns: {', '.join(columns)}); "
-                                f"name the label column with --label-column")
-            return [(reader.line_num, (row[id_column] or "").strip(), (row[label_column] or "").strip())
-                    for row in reader]
+            yield csv.DictReader(f)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path} is not a readable CSV file: {exc}")
 

@@ -151,10 +151,12 @@ def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
     it overlaps none (points on top of one another get a stack of labels with leader lines)."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
+    highest = ax.get_window_extent(renderer).height * 72 / fig.dpi    # no label further up than the axes are tall
     placed, texts = [], []
     for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
         dy = 3.0
-        while True:   # the text alone is measured: a leader line would reach back over the labels below
+        for _ in range(len(placed) + 1):   # each step clears one placed label
+            # the text alone is measured: a leader line would reach back over the labels below
             t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
             box = t.get_window_extent(renderer)
             t.remove()
@@ -162,6 +164,8 @@ def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
             if clash is None:
                 break
             dy += (clash.y1 - box.y0 + 1) * 72 / fig.dpi
+        if not 3.0 <= dy <= highest:     # a crowded stack: the label overlaps rather than leaves the plot
+            dy = 3.0
         placed.append(box)
         texts.append(ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8,
                                  arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy > 3 else None))
