@@ -18,12 +18,13 @@ demo: $(VENV)/.installed
 	$(BIN)/dvc repro
 	@cat reports/compare.md
 
+# Two test processes (pytest-xdist): most tests wait on a subprocess or on imports, so two overlap well on 2 cores.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The suite without the tests marked slow (each over about 10 s on 2 cores), for a quick check while editing.
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 # `dvc plots show` with Vega inline (fetched once from the npm registry), readable offline.
 VEGA_PAGE := build/vega/dvc_plots.html

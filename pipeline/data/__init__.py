@@ -1,0 +1,1 @@
+"""Finding labelled images, assigning splits, reading and decoding image files."""

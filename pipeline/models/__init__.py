@@ -1,0 +1,1 @@
+"""Using a trained model directory: predict, export, visualize."""

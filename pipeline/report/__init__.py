@@ -1,0 +1,1 @@
+"""Reports: the comparison of models and the audit page."""
