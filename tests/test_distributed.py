@@ -38,7 +38,7 @@ def torchrun(*args) -> subprocess.CompletedProcess:
 
 def rows(path: Path) -> dict:
     with h5py.File(path, "r") as f:
-        out = {"attrs": {k: v for k, v in f.attrs.items() if k not in ("created", "extract_seconds")},
+        out = {"attrs": {k: v for k, v in f.attrs.items() if k not in ("created", "extract_seconds", "checksum")},
                "skipped": f["skipped"][:].tolist()}
         for split in ("train", "val", "test"):
             if split in f:

@@ -17,7 +17,7 @@ from benchmarks.make_images import make_images
 from pipeline.features.backbones import load_backbone
 from pipeline.features.extract import cpu_batches
 from pipeline.features.gpu_decoding import gpu_batches, gpu_decodable
-from pipeline.features.overlap import BackgroundWriter, prefetched
+from pipeline.features.overlap import BackgroundWriter, Block, prefetched
 from pipeline.storage.cache import FeatureWriter, cache_attrs, open_cache
 
 
@@ -183,9 +183,9 @@ def test_background_writer_writes_slabs_in_order(tmp_path):
     for split in ("train", "val"):
         for start in range(0, 1000, 64):
             block = rows[start:start + 64]
-            background.append(split, {"none": block}, [start // 64 % 2] * len(block),
-                              [f"{split}/{i}" for i in range(start, start + len(block))], ["0" * 64] * len(block),
-                              [], start + len(block))
+            background.append(Block(split, {"none": block}, [start // 64 % 2] * len(block),
+                                    [f"{split}/{i}" for i in range(start, start + len(block))],
+                                    ["0" * 64] * len(block), [], start + len(block)))
     background.close()
     writer.commit()
     cache = open_cache(tmp_path / "f.h5")

@@ -178,10 +178,12 @@ def test_finetune_and_bench_take_a_labels_file(tmp_path):
     info = json.loads((tmp_path / "ft" / "model.json").read_text())
     assert info["classes"] == sorted(COLOURS)
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert metrics["n_eval"] > 0 and metrics["hyperparameters"]["labels"] == str(data / "labels.csv")
+    details = json.loads((tmp_path / "ft" / "details.json").read_text())
+    assert metrics["n_eval"] > 0 and details["hyperparameters"]["labels"] == str(data / "labels.csv")
     proc = run_cli("bench", data, *labels, "--out", tmp_path / "bench.json", "--image-size", 32, "--batch-size", 4,
                    "--repeats", 1, "--no-tutorial", "--images", 8, "--workers", 0, "--device", "cpu", check=True)
-    assert json.loads((tmp_path / "bench.json").read_text())["images"] == 8, proc.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())     # one row per engine
+    assert rows and all(row["images"] == 8 for row in rows), proc.stderr
     wrong = run_cli("bench", data, "--labels", data / "labels.csv", "--repeats", 1)   # no column 'breed'/'label'
     assert wrong.returncode == 2 and "labels.csv" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
 

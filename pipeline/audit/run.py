@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.audit import label_issues, learning_curve, neighbours
 from pipeline.audit.settings import AuditSettings
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.settings import validate
 from pipeline.storage.cache import open_cache
 
 
@@ -47,7 +48,7 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
           log: Callable[[str], None] = lambda line: None) -> dict:
     """Compute every finding of the cache at `cache_path`, then write them to `out_dir`; returns the summary."""
     s = s or AuditSettings()
-    s.check()
+    s = validate(s)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; name a folder for the report")

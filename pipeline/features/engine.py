@@ -59,13 +59,13 @@ def onnxruntime_threads() -> int:
 
 
 def export_key(backbone: Backbone) -> dict:
-    """Everything the exported graph depends on."""
+    """Everything the exported graph and its recorded check vectors (made with TTA when it is on) depend on."""
     import onnx
     import onnxruntime
     from pipeline.storage.cache import library_versions
     return {"backbone": backbone.name, "weights_sha256": backbone.weights_sha256, "layers": list(backbone.layers),
             "flattened": [layer for layer in backbone.layers if layer in backbone.flattened],
-            "image_size": backbone.preprocessing.image_size, "opset": OPSET,
+            "image_size": backbone.preprocessing.image_size, "tta": backbone.tta, "opset": OPSET,
             "versions": {**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
 
 

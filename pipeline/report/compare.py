@@ -155,7 +155,7 @@ def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
     placed, texts = [], []
     for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
         dy = 3.0
-        for _ in range(len(placed) + 1):   # each step clears one placed label
+        for _ in range(4 * len(placed) + 1):   # each step moves past one placed label (rarely twice)
             # the text alone is measured: a leader line would reach back over the labels below
             t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
             box = t.get_window_extent(renderer)

@@ -71,7 +71,8 @@ def check_out(out_dir: Path, force: bool = False, managed: tuple[str, ...] = ())
             raise UserError(f"--out {out_dir} already holds a model directory; pass --force to replace it "
                             f"or choose another --out")
         return
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in managed)
+    # DVC keeps a .gitignore in the folder of the outputs it caches; it writes it again after the stage
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in (*managed, ".gitignore"))
     if others:
         raise UserError(f"--out {out_dir} is a folder of other files ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}), not a model directory; choose a new or empty folder")
