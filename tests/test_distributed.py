@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.runtime.errors import UserError
 from tests.conftest import COLOURS, ROOT, interrupt_when_written, make_image_folder, run_cli, tiny_image
 
 SMALL = ("--image-size", 64, "--workers", 0)
@@ -62,7 +63,7 @@ def test_two_process_extraction_equals_one_process_and_reuses(tmp_path):
             assert a[split][name].tolist() == b[split][name].tolist(), (split, name)
         # the same vectors up to float32 rounding: the ranks batch the images differently
         np.testing.assert_allclose(a[split]["features"], b[split]["features"], rtol=1e-4, atol=1e-4)
-    left = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock")   # the lock file stays, unlocked
+    left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["images", "one.h5", "one.manifest.csv", "two.h5", "two.manifest.csv"]   # shards deleted
 
     (images / "val" / "green" / "val_0.png").unlink()
@@ -144,6 +145,16 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
         np.testing.assert_allclose(a[split]["features"], b[split]["features"], rtol=1e-4, atol=1e-4)
     assert not any(p.exists() for p in shards)
 
+    joined = out.read_bytes()     # a shard damaged before the merge is refused; the merged file stays as it was
+    for r, path in enumerate(shards):
+        extract(shard(dataset, r, 4), backbone, path, device="cpu", dtype="float32", workers=0, quiet=True,
+                shard_of=out)
+    with h5py.File(shards[3], "r+") as f:
+        f["val/features"][0, 0] += 1
+    with pytest.raises(UserError, match=f"^{shards[3]}: val/features does not match the digest recorded"):
+        concatenate(dataset, shards, out)
+    assert out.read_bytes() == joined and not any(p.exists() for p in shards)
+
 
 @pytest.mark.parametrize("option, words", [(["--compute-stats"], "--compute-stats needs the whole training split"),
                                            (["--batch-size", 0], "--batch-size must be at least 1, got 0")])
@@ -175,7 +186,7 @@ def test_a_warning_and_an_error_after_the_shards_through_nproc(tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"warning: {images} has no val folder"), proc.stderr
     assert lines[1].startswith("error: no training image could be used (")
-    assert sorted(p.name for p in tmp_path.glob("f*")) == ["f.h5.lock"]   # no manifest of a refused run
+    assert sorted(p.name for p in tmp_path.glob("f*")) == []   # no manifest, no lock file of a refused run
 
 
 @pytest.mark.parametrize("code, line", [

@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from pipeline.runtime import files
 from pipeline.runtime.files import output_lock
 from tests.conftest import ROOT, make_image_folder, run_cli
 from tests.test_bad_input import one_line_error
@@ -98,6 +99,7 @@ def test_a_link_planted_as_the_lock_is_refused(images, tmp_path):
 
 HOLDER = """
 import os, sys, time
+from pipeline.runtime import files
 from pipeline.runtime.files import output_lock
 with output_lock(sys.argv[1]):
     child = os.fork()                       # as a DataLoader worker is forked, inheriting the lock's file
@@ -118,9 +120,30 @@ def test_the_lock_of_a_killed_run_is_free_at_once_although_its_children_live(tmp
     try:
         assert proc.returncode == -9 and os.path.exists(f"/proc/{child}")   # the forked child still runs
         with output_lock(out):   # not refused naming the dead pid
-            pass
+            assert Path(f"{out}.lock").read_text() == f"{os.getpid()}\n"
+        assert not Path(f"{out}.lock").exists()    # removed on release
     finally:
         os.kill(child, 9)
+
+
+def test_a_lock_file_removed_and_recreated_while_taken_is_taken_again(tmp_path, monkeypatch):
+    """A run that locked a lock file its predecessor removed on release retries on the new file, so two
+    runs never hold locks on two different files of one name."""
+    out, lock = tmp_path / "f.h5", tmp_path / "f.h5.lock"
+    real, opened = files.open_regular, []
+
+    def open_then_replace(path, flags, follow):
+        fd = real(path, flags, follow=follow)
+        if not opened:                              # the predecessor removes the file just after it was opened
+            Path(path).unlink()
+            Path(path).write_text("")
+        opened.append(os.fstat(fd).st_ino)
+        return fd
+
+    monkeypatch.setattr(files, "open_regular", open_then_replace)
+    with output_lock(out):
+        assert len(opened) == 2 and os.stat(lock).st_ino == opened[1]
+    assert not lock.exists()
 
 
 def test_a_full_disk_before_the_first_row_is_one_line_and_leaves_nothing(images, tmp_path):
@@ -129,7 +152,7 @@ def test_a_full_disk_before_the_first_row_is_one_line_and_leaves_nothing(images,
                            *map(str, OPTIONS)], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), preexec_fn=limit_file_size(1024))
     assert one_line_error(proc) == f"error: cannot write {out}.tmp: File too large; {out} is left as it was"
-    assert written_beside(tmp_path) == {"f.h5.lock"}
+    assert written_beside(tmp_path) == set()
 
 
 def alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 import h5py
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.runtime.errors import UserError
-from pipeline.storage.cache import open_cache, seal
+from pipeline.storage.cache import StoredVectors, open_cache, seal
 from tests.conftest import run_cli
 from tests.test_bad_input import one_line_error
 
@@ -242,10 +243,21 @@ def test_non_finite_vectors_are_not_reused(small_cache, tmp_path):
         nan_row(f)
         nan_digest = f["test/sha256"][1].decode()
     restamp(bad)
-    with open_cache(bad) as cache:
-        rows, vectors = cache.vectors_by_sha256()
-    assert nan_digest not in rows and np.isfinite(vectors["global_pool"][list(rows.values())]).all()
-    assert len(rows) == sum(len(s.labels) for s in load_all(small_cache)[0]) - 1
+    stored = StoredVectors(open_cache(bad))
+    with closing(stored):
+        vectors = stored.read(list(stored.where))
+    assert nan_digest not in stored.where and np.isfinite(vectors["global_pool"]).all()
+    assert len(stored.where) == sum(len(s.labels) for s in load_all(small_cache)[0]) - 1
+
+
+def test_stored_vectors_are_read_in_the_order_asked_across_splits(small_cache):
+    with open_cache(small_cache) as cache:
+        expected = {d: v for split in cache.splits for d, v in zip(cache.read(split).sha256, cache.read(split).features)}
+    stored = StoredVectors(open_cache(small_cache))
+    with closing(stored):
+        asked = sorted(stored.where, reverse=True)          # splits interleaved, rows out of order
+        asked = asked + asked[:2]                           # and asked twice
+        np.testing.assert_array_equal(stored.read(asked)["global_pool"], np.stack([expected[d] for d in asked]))
 
 
 def test_a_cache_replaced_while_open_is_not_mixed_in(small_cache, tmp_path):

@@ -112,9 +112,12 @@ def test_the_plot_has_no_empty_legend_entry_and_no_overlapping_labels(models):
     legend = [t.get_text() for t in figure(table).axes[0].get_legend().get_texts()]
     assert sorted(legend) == ["feature cache + classifier (extraction included)", "selected: logreg"]
 
-    crowded = [dict(table[0], name=f"lite0_{i}/logreg", selected=False) for i in range(6)]   # one spot, six models
-    ax = figure(crowded).axes[0]
-    renderer = ax.figure.canvas.get_renderer()
-    assert len(ax.texts) == 6 and len({t.xyann[1] for t in ax.texts}) == 6   # stacked, one height each
-    top = ax.get_window_extent(renderer).y1
-    assert all(Text.get_window_extent(t, renderer).y0 < top for t in ax.texts)
+    for count in (6, 40):     # models on one spot: each named once, no two names overlap, all inside the figure
+        crowded = [dict(table[0], name=f"lite0_{i}/logistic_regression", selected=False) for i in range(count)]
+        fig = figure(crowded)
+        fig.canvas.draw()     # places the names
+        renderer = fig.canvas.get_renderer()
+        boxes = [Text.get_window_extent(t, renderer) for t in fig.axes[0].texts]
+        assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(r["name"] for r in crowded)
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert all(fig.bbox.contains(b.x0, b.y0) and fig.bbox.contains(b.x1, b.y1) for b in boxes)

@@ -15,8 +15,10 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,7 @@ def export(backbone: Backbone) -> bytes:
     names = [f"features{i}" for i in range(len(backbone.layers))]
     buffer = io.BytesIO()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), silenced():
             torch.onnx.export(graph, (torch.zeros(1, 3, size, size),), buffer, input_names=["images"],
                               output_names=names, opset_version=OPSET, dynamo=False,
                               dynamic_axes={name: {0: "batch"} for name in ["images", *names]})
@@ -97,6 +99,25 @@ def export(backbone: Backbone) -> bytes:
         for hook in graph.hooks:
             hook.remove()
     return buffer.getvalue()
+
+
+@contextmanager
+def silenced():
+    """Discard what is printed to stdout and stderr, by C++ code too: the exporter prints whole graphs
+    when it fails (the failure itself is reported as a one-line note)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 class OnnxEmbedder:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Collection
@@ -31,6 +31,7 @@ from pipeline.runtime.settings import validate
 from pipeline.storage.cache import (
     FINGERPRINT_FIELDS,
     FeatureWriter,
+    StoredVectors,
     cache_attrs,
     check_output,
     content_warnings,
@@ -96,19 +97,24 @@ def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, wo
     return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()], "images": images}
 
 
-def previous_vectors(out: Path, attrs: dict) -> tuple[dict[str, int], dict[str, np.ndarray], str | None]:
-    """The vectors of the cache already at `out` when it was made the same way and is whole, else a note why not."""
+def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str | None]:
+    """The vectors of the cache already at `out` (left open) when it was made the same way and is whole,
+    else a note why not."""
     if not Path(out).exists():
-        return {}, {}, None
+        return None, None
     try:
-        with open_cache(out) as old:
-            diffs = differences(old.attrs, {k: attrs[k] for k in FINGERPRINT_FIELDS})
-            if diffs:
-                return {}, {}, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
-            rows, features = old.vectors_by_sha256()
+        old = open_cache(out)
     except UserError as exc:
-        return {}, {}, f"previous cache not reused: {exc}"
-    return rows, features, None
+        return None, f"previous cache not reused: {exc}"
+    try:
+        diffs = differences(old.attrs, {k: attrs[k] for k in FINGERPRINT_FIELDS})
+        if diffs:
+            old.close()
+            return None, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
+        return StoredVectors(old), None
+    except UserError as exc:
+        old.close()
+        return None, f"previous cache not reused: {exc}"
 
 
 def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | None = None, device: str = "auto",
@@ -146,64 +152,66 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                                                            std=tuple(stats["std"])))
     attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats, dataset.root),
                  plan=plan_digest(dataset, batch_size))
-    rows, old, note = previous_vectors(shard_of or out, attrs) if reuse else ({}, {}, None)
+    stored, note = previous_vectors(shard_of or out, attrs) if reuse else (None, None)
+    known = stored.where if stored else {}
     notes = [*backbone.notes, *([note] if note else [])]
-    try:
-        writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
-    except OSError as exc:
-        raise UserError(write_error(exc, out))
-    background = BackgroundWriter(writer)
-    try:
-        extracted = reused = writer.kept
-        if writer.progress:
-            notes.append(f"resumed an interrupted run: {extracted} images already in {writer.tmp}")
-        else:
-            writer.skip(list(dataset.skipped))
-        pre = backbone.preprocessing
-        embed, engine, engine_notes = embedder(backbone, dev, engine, precision, compile, batch_size)
-        notes += engine_notes
-        mode = (f"{dev}, {engine}, {decoder.name if decoder else 'PIL'} decoding, {precision}"
-                f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
-        if not quiet:
-            tqdm.write(f"extract: {mode}")
-        with embed, \
-                tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
-            bar.update(sum(writer.progress.values()))
-            for split in dataset.splits():
-                done = writer.progress.get(split, 0)
-                samples = dataset.split(split)[done:]
-                batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, rows, decoder)
-                           if gpu_decode
-                           else cpu_batches(dataset.root, samples, pre, batch_size, workers, rows))
-                with closing(batches):   # on an error too: its workers and thread stop here
-                    for good, images, bad in batches:
-                        digests = [digest for _, digest in good]
-                        vectors = (_batch_vectors(digests, images, embed, backbone.feature_dims, rows, old)
-                                   if good else None)
-                        extracted += len(good)
-                        reused += len(good) - (0 if images is None else len(images))
-                        done += len(good) + len(bad)
-                        background.append(Block(split, vectors, [samples[i].label for i, _ in good],
-                                                [samples[i].path for i, _ in good], digests,
-                                                [(samples[i].path, reason) for i, reason in bad], done))
-                        bar.update(len(good) + len(bad))
-        background.close()
-        if not shard_of and not writer.rows("train"):
-            raise UserError(no_training_rows(writer.skipped, out))
-        writer.commit(extract_seconds=time.perf_counter() - start)
-    except KeyboardInterrupt:
-        background.stop()
-        writer.close()
-        raise Interrupted(f"interrupted: {writer.kept} images are kept in {writer.tmp}; "
-                          f"run the same command again to continue from there")
-    except OSError as exc:
-        background.stop()
-        writer.abort()
-        raise UserError(write_error(exc, out))
-    except BaseException:
-        background.stop()
-        writer.abort()
-        raise
+    with closing(stored) if stored else nullcontext():
+        try:
+            writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
+        except OSError as exc:
+            raise UserError(write_error(exc, out))
+        background = BackgroundWriter(writer)
+        try:
+            extracted = reused = writer.kept
+            if writer.progress:
+                notes.append(f"resumed an interrupted run: {extracted} images already in {writer.tmp}")
+            else:
+                writer.skip(list(dataset.skipped))
+            pre = backbone.preprocessing
+            embed, engine, engine_notes = embedder(backbone, dev, engine, precision, compile, batch_size)
+            notes += engine_notes
+            mode = (f"{dev}, {engine}, {decoder.name if decoder else 'PIL'} decoding, {precision}"
+                    f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
+            if not quiet:
+                tqdm.write(f"extract: {mode}")
+            with embed, \
+                    tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
+                bar.update(sum(writer.progress.values()))
+                for split in dataset.splits():
+                    done = writer.progress.get(split, 0)
+                    samples = dataset.split(split)[done:]
+                    batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, known, decoder)
+                               if gpu_decode
+                               else cpu_batches(dataset.root, samples, pre, batch_size, workers, known))
+                    with closing(batches):   # on an error too: its workers and thread stop here
+                        for good, images, bad in batches:
+                            digests = [digest for _, digest in good]
+                            vectors = (_batch_vectors(digests, images, embed, backbone.feature_dims, stored)
+                                       if good else None)
+                            extracted += len(good)
+                            reused += len(good) - (0 if images is None else len(images))
+                            done += len(good) + len(bad)
+                            background.append(Block(split, vectors, [samples[i].label for i, _ in good],
+                                                    [samples[i].path for i, _ in good], digests,
+                                                    [(samples[i].path, reason) for i, reason in bad], done))
+                            bar.update(len(good) + len(bad))
+            background.close()
+            if not shard_of and not writer.rows("train"):
+                raise UserError(no_training_rows(writer.skipped, out))
+            writer.commit(extract_seconds=time.perf_counter() - start)
+        except KeyboardInterrupt:
+            background.stop()
+            writer.close()
+            raise Interrupted(f"interrupted: {writer.kept} images are kept in {writer.tmp}; "
+                              f"run the same command again to continue from there")
+        except OSError as exc:
+            background.stop()
+            writer.abort()
+            raise UserError(write_error(exc, out))
+        except BaseException:
+            background.stop()
+            writer.abort()
+            raise
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
                           time.perf_counter() - start, mode, reused, notes)
@@ -228,18 +236,18 @@ def plan_digest(dataset: Dataset, batch_size: int) -> str:
 
 
 def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder | OnnxEmbedder,
-                   dims: dict[str, int], rows: dict[str, int], old: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each layer's vectors for a batch, in order: known digests from `old`, the rest computed."""
+                   dims: dict[str, int], stored: StoredVectors | None) -> dict[str, np.ndarray]:
+    """Each layer's vectors for a batch, in order: known digests from `stored`, the rest computed."""
     computed = embed(images) if images is not None else {}
-    known = np.array([d in rows for d in digests])
-    old_rows = [rows[d] for d in digests if d in rows]
+    known = np.array([stored is not None and d in stored.where for d in digests])
+    old = stored.read([d for d, k in zip(digests, known) if k]) if known.any() else {}
     out = {}
     for layer, dim in dims.items():
         out[layer] = np.empty((len(digests), dim), np.float32)
         if computed:
             out[layer][~known] = computed[layer]
-        if old_rows:
-            out[layer][known] = old[layer][old_rows]
+        if old:
+            out[layer][known] = old[layer]
     return out
 
 

@@ -19,7 +19,7 @@ from pipeline.runtime import distributed
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
-from pipeline.storage.cache import FeatureWriter, check_output, features_name
+from pipeline.storage.cache import FeatureWriter, check_output, features_name, verify_sealed
 
 MERGE_ROWS = 65536   # rows copied at a time when concatenating shards
 
@@ -101,6 +101,8 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
     delete the shards (also when this fails). Returns the skipped list."""
     files = [h5py.File(p, "r") for p in shards]
     try:
+        for f, p in zip(files, shards):
+            verify_sealed(f, p)
         order = {s.path: i for i, s in enumerate(s for split in dataset.splits() for s in dataset.split(split))}
         bad = [(p.decode(), reason.decode()) for f in files for p, reason in f["skipped"][:]]
         skipped = [*dataset.skipped, *sorted(bad, key=lambda item: order[item[0]])]

@@ -147,29 +147,33 @@ def markdown(table: list[dict]) -> str:
 
 
 def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
-    """Annotate each (x, y, text) beside its point, moving a label up past those already placed until
-    it overlaps none (points on top of one another get a stack of labels with leader lines)."""
+    """Name each (x, y, text) point in a column right of the axes, in the order of the points' heights,
+    each name joined to its point by a thin line: names never overlap, however crowded the points."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
-    highest = ax.get_window_extent(renderer).height * 72 / fig.dpi    # no label further up than the axes are tall
-    placed, texts = [], []
-    for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
-        dy = 3.0
-        for _ in range(4 * len(placed) + 1):   # each step moves past one placed label (rarely twice)
-            # the text alone is measured: a leader line would reach back over the labels below
-            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
-            box = t.get_window_extent(renderer)
-            t.remove()
-            clash = next((b for b in placed if box.overlaps(b)), None)
-            if clash is None:
-                break
-            dy += (clash.y1 - box.y0 + 1) * 72 / fig.dpi
-        if not 3.0 <= dy <= highest:     # a crowded stack: the label overlaps rather than leaves the plot
-            dy = 3.0
-        placed.append(box)
-        texts.append(ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8,
-                                 arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy > 3 else None))
-    return texts
+    axes_height = ax.get_window_extent(renderer).height
+    fontsize = min(8.0, axes_height * 72 / fig.dpi / (1.4 * max(len(points), 1)))   # all of them fit
+    step = fontsize * 1.4 * fig.dpi / 72 / axes_height      # one line of text, in axes fractions
+    to_axes = ax.transData + ax.transAxes.inverted()
+    ordered = sorted(points, key=lambda p: (p[1], p[0]))
+    heights = spread([float(to_axes.transform((x, y))[1]) for x, y, _ in ordered], step)
+    return [ax.annotate(text, (x, y), xytext=(1.02, h), textcoords="axes fraction", fontsize=fontsize,
+                        va="center", annotation_clip=False,
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6", "shrinkA": 0, "shrinkB": 3})
+            for (x, y, text), h in zip(ordered, heights)]
+
+
+def spread(wanted: list[float], step: float) -> list[float]:
+    """Heights as close to the ascending `wanted` as they can be while at least `step` apart and within
+    [step / 2, 1 - step / 2]: pushed up from the bottom, then down from the top."""
+    heights: list[float] = []
+    for w in wanted:
+        heights.append(max(w, step / 2, heights[-1] + step if heights else -1.0))
+    ceiling = 1 - step / 2
+    for i in reversed(range(len(heights))):
+        heights[i] = min(heights[i], ceiling)
+        ceiling = heights[i] - step
+    return heights
 
 
 def figure(table: list[dict]):
@@ -178,7 +182,7 @@ def figure(table: list[dict]):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     shown = [r for r in table if r["total_seconds"] is not None]
     kinds = {"features": ("o", "C0", "feature cache + classifier (extraction included)"),
              "finetuned": ("s", "C1", "fine-tune")}
@@ -201,7 +205,8 @@ def figure(table: list[dict]):
     ax.grid(alpha=0.3)
     if shown:
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    widest = max((len(r["name"]) for r in shown), default=0) * 8 * 0.6 / 72    # inches, names at 8 pt
+    fig.tight_layout(rect=(0, 0, 1 - min(0.5, (widest + 0.3) / fig.get_figwidth()), 1))   # room for the names
     place_labels(ax, [(r["total_seconds"], r["val_score"], r["name"]) for r in shown])
     return fig
 

@@ -111,29 +111,51 @@ def _umask() -> int:
 
 @contextmanager
 def output_lock(target: Path):
-    """Hold `<target>.lock` for the whole write; a second writer is refused at once with the holder's pid.
+    """Hold `<target>.lock` for the whole write and remove it afterwards; a second writer is refused at
+    once with the holder's pid.
 
     A POSIX record lock (lockf), not flock: it belongs to this process alone, so forked DataLoader
-    workers do not hold it, and the kernel drops it the moment this process dies (also by SIGKILL).
-    The lock file is opened without following a symbolic link and must be a regular file."""
+    workers do not hold it, and the kernel drops it the moment this process dies (also by SIGKILL; the
+    file then stays, unlocked, and the next run takes it over). The lock file is opened without following
+    a symbolic link and must be a regular file. A lock taken on a file that was removed in the meantime
+    is retried on the new one, so removing it on release cannot let two runs in."""
     path = Path(target).with_name(Path(target).name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = open_regular(path, os.O_RDWR | os.O_CREAT, follow=False)
-    except OSError as exc:
-        reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-        raise UserError(f"lock file {path} is {reason}; refusing to use it (remove it)")
-    with open(fd, "r+") as f:
+    while True:
+        try:
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT, follow=False)
+        except OSError as exc:
+            reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise UserError(f"lock file {path} is {reason}; refusing to use it (remove it)")
+        f = open(fd, "r+")
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            raise UserError(f"{target} is being written by another run (pid {f.read(32).strip() or '?'}, "
-                            f"lock {path}); wait for it to finish")
+            holder = f.read(32).strip() or "?"
+            f.close()
+            raise UserError(f"{target} is being written by another run (pid {holder}, lock {path}); "
+                            f"wait for it to finish")
+        if still_named(path, fd):
+            break
+        f.close()
+    with f:
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
         try:
             yield
         finally:
+            if still_named(path, fd):
+                path.unlink()
             fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def still_named(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd` (the same inode)."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)

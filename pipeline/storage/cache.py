@@ -306,13 +306,15 @@ def _str(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def column_digest(column: h5py.Dataset | np.ndarray, block: int = 65536) -> str:
-    """SHA-256 of a column's type, shape and values: numbers as raw bytes, read block by block so memory
-    stays flat; strings and tables by the repr of their values. Equal for a dataset and the array read from it."""
+def column_digest(column: h5py.Dataset | np.ndarray, block_bytes: int = 1 << 24) -> str:
+    """SHA-256 of a column's type, shape and values: numbers as raw bytes, read about 16 MB at a time so
+    memory stays flat; strings and tables by the repr of their values. Equal for a dataset and the array
+    read from it."""
     digest = hashlib.sha256(f"{column.dtype.str}{column.shape}".encode())
     if column.dtype.kind in "biufS":
-        for a in range(0, max(len(column), 1), block):
-            digest.update(np.ascontiguousarray(column[a:a + block]).tobytes())
+        rows = max(1, block_bytes // max(1, column.dtype.itemsize * int(np.prod(column.shape[1:]))))
+        for a in range(0, max(len(column), 1), rows):
+            digest.update(np.ascontiguousarray(column[a:a + rows]).tobytes())
     else:
         digest.update(repr(column[:].tolist()).encode())
     return digest.hexdigest()
@@ -328,6 +330,17 @@ def seal(f: h5py.File) -> None:
     f.visititems(add)
     f.attrs["digests"] = json.dumps(digests, sort_keys=True)
     f.attrs["checksum"] = attrs_checksum(f.attrs)
+
+
+def verify_sealed(f: h5py.File, path: Path) -> None:
+    """Check every dataset of a sealed file against its recorded digest, block by block (flat memory)."""
+    digests = json.loads(f.attrs["digests"])
+    names: list[str] = []
+    f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+    for name in sorted(set(names) | set(digests)):
+        if name not in names or column_digest(f[name]) != digests.get(name):
+            raise UserError(f"{path}: {name} does not match the digest recorded when it was written "
+                            f"(damaged or edited)")
 
 
 def attrs_checksum(attrs) -> str:
@@ -408,23 +421,25 @@ class Cache:
             raise UserError(f"feature cache {self.path}: {split} has labels outside its {len(self.classes)} "
                             f"classes (e.g. {outside[0]})")
 
-    def vectors_by_sha256(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
-        """Every stored vector, for reuse: ({image sha256: row}, {layer: [N, D] rows of all splits}).
-        A row whose vector (in any layer) is not finite is left out, so it is computed again."""
-        rows: dict[str, int] = {}
-        parts: dict[str, list[np.ndarray]] = {layer: [] for layer in self.layers}
-        n = 0
-        for split in self.splits:
-            finite = None
-            for layer in self.layers:
-                parts[layer].append(self.column(split, features_name(layer, self.layers)))
-                ok = np.isfinite(parts[layer][-1].astype(np.float32)).all(axis=1)
-                finite = ok if finite is None else finite & ok
-            digests = self.column(split, "sha256")
-            for i in np.flatnonzero(finite):
-                rows.setdefault(digests[i].decode(), n + int(i))
-            n += len(digests)
-        return rows, {layer: np.concatenate(p) for layer, p in parts.items()}
+    def finite_rows(self, split: str, name: str) -> np.ndarray:
+        """Which rows of a split's feature dataset are finite, read block by block (flat memory) and
+        checked against the recorded digest on the way."""
+        column = self.file[split][name]
+        rows = max(1, (1 << 24) // max(1, column.dtype.itemsize * column.shape[1]))
+        digest = hashlib.sha256(f"{column.dtype.str}{column.shape}".encode())
+        finite = np.empty(len(column), bool)
+        try:
+            for a in range(0, max(len(column), 1), rows):
+                block = np.ascontiguousarray(column[a:a + rows])
+                digest.update(block.tobytes())
+                finite[a:a + rows] = np.isfinite(block.astype(np.float32)).all(axis=1)
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
+                            f"({str(exc).splitlines()[0]}); re-run `pipeline extract`")
+        if digest.hexdigest() != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):
+            raise UserError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
+                            f"when it was written (damaged or edited); re-run `pipeline extract`")
+        return finite
 
     def dataset_id(self) -> str:
         """data.dataset_digest of the images the cache holds, without reading their features."""
@@ -435,6 +450,42 @@ class Cache:
             rows += [(p.decode(), self.classes[label], split, digest.decode()) for p, label, digest
                      in zip(self.column(split, "paths"), labels, self.column(split, "sha256"))]
         return dataset_digest(rows)
+
+
+class StoredVectors:
+    """The vectors of an open cache by image digest, for reuse: the digests are indexed once, the vectors
+    are read batch by batch when asked for, so memory does not grow with the cache. A row whose vector
+    (in any layer) is not finite is left out, so it is computed again."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.where: dict[str, tuple[str, int]] = {}
+        for split in cache.splits:
+            finite = np.logical_and.reduce([cache.finite_rows(split, features_name(layer, cache.layers))
+                                            for layer in cache.layers])
+            digests = cache.column(split, "sha256")
+            for i in np.flatnonzero(finite):
+                self.where.setdefault(digests[i].decode(), (split, int(i)))
+
+    def read(self, digests: list[str]) -> dict[str, np.ndarray]:
+        """Each layer's vectors of `digests` (all held here), in their order."""
+        places = [self.where[d] for d in digests]
+        out = {}
+        for layer in self.cache.layers:
+            name = features_name(layer, self.cache.layers)
+            out[layer] = np.empty((len(digests), self.cache.file[places[0][0]][name].shape[1]), np.float32)
+            for split in {s for s, _ in places}:
+                mine = [k for k, (s, _) in enumerate(places) if s == split]
+                rows, back = np.unique([places[k][1] for k in mine], return_inverse=True)  # h5py reads rows in order
+                try:
+                    out[layer][mine] = self.cache.file[split][name][rows][back]
+                except (OSError, RuntimeError) as exc:
+                    raise UserError(f"feature cache {self.cache.path}: {split}/{name} cannot be read, the file "
+                                    f"is damaged ({str(exc).splitlines()[0]}); delete it and run again")
+        return out
+
+    def close(self) -> None:
+        self.cache.close()
 
 
 def content_warnings(cache: Cache, show: int = 20) -> list[str]:
