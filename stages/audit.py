@@ -10,7 +10,7 @@ from pipeline.runtime.errors import run_stage
 def main():
     features, out = Path(sys.argv[1]), Path(sys.argv[2])
     s = stage_settings(AuditSettings, "audit")
-    from pipeline.audit.run import audit   # torch loads once the settings are accepted
+    from pipeline.audit.run import audit  # torch loads once the settings are accepted
     from pipeline.report.audit_page import write_page
     summary = audit(features, out, s, log=print)
     print(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "

@@ -11,7 +11,7 @@ from pipeline.runtime.errors import run_stage
 def main():
     name, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     s = sweep_settings(ExtractSettings, "extract", "extractors", name)
-    from pipeline.features.extract import extract_folder   # torch loads once the settings are accepted
+    from pipeline.features.extract import extract_folder  # torch loads once the settings are accepted
     print("\n".join(extract_folder(data, out, s).lines()))
 
 

@@ -10,7 +10,7 @@ from pipeline.runtime.errors import run_stage
 def main():
     name, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     s = stage_settings(FinetuneSettings, "finetune", name)
-    from pipeline.finetune.training import finetune   # torch loads once the settings are accepted
+    from pipeline.finetune.training import finetune  # torch loads once the settings are accepted
     m = finetune(data, out, s, quiet=True)
     print(f"{name} ({s.strategy}): top-1 {m['top1']:.3f} on {m['eval_split']}, best epoch {m['best_epoch']} "
           f"of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']}")

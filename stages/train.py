@@ -10,7 +10,7 @@ from pipeline.runtime.errors import run_stage
 def main():
     name, features, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     s = train_settings(name, read_params("train").get(name))
-    from pipeline.heads.train import train   # torch and sklearn load once the settings are accepted
+    from pipeline.heads.train import train  # torch and sklearn load once the settings are accepted
     m = train(features, out, s)
     print(f"{name}: top-1 {m['top1']:.3f} on {m['eval_split']}, chosen {m['hyperparameters']}, "
           f"fit {m['fit_seconds']:.1f}s")

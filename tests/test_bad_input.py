@@ -78,9 +78,8 @@ def test_numbers_out_of_range_are_refused_before_any_work(small_cache, tmp_path,
 
 
 def test_out_of_range_settings_of_stage_two_and_visualize(small_cache, tmp_path):
-    from pipeline.heads.train import train
-
     from pipeline.heads.settings import train_settings
+    from pipeline.heads.train import train
     from pipeline.models.visualize import visualize
     from pipeline.runtime.errors import UserError
     with pytest.raises(UserError, match="cv_folds must be at least 2, got 1"):

@@ -9,11 +9,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from pipeline.data.folders import scan
-from pipeline.heads.train import TrainSettings, train
 
+from pipeline.data.folders import scan
 from pipeline.features.backbones import load_backbone
 from pipeline.features.extract import extract
+from pipeline.heads.train import TrainSettings, train
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import check_expected, open_cache
 from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, synthetic_cache, tiny_image

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from pipeline.data.folders import scan, write_manifest
 from pipeline.data.images import MAX_FILE_BYTES, ImageError, read_image
-
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image

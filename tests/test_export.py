@@ -8,11 +8,11 @@ import onnx
 import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
-from pipeline.data.images import read_image
-from pipeline.heads.train import scores_of, train
 
-from pipeline.heads.settings import train_settings
+from pipeline.data.images import read_image
 from pipeline.features.backbones import Preprocessing
+from pipeline.heads.settings import train_settings
+from pipeline.heads.train import scores_of, train
 from pipeline.models.export import export
 from pipeline.models.networks import head_module
 from pipeline.models.predict import predict

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline.data.folders import scan
 
 from benchmarks.make_images import make_images
+from pipeline.data.folders import scan
 from pipeline.features.backbones import load_backbone
 from pipeline.features.extract import cpu_batches
 from pipeline.features.gpu_decoding import gpu_batches, gpu_decodable

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline.finetune.training import FinetuneSettings, PlateauSchedule, finetune, stages
 
-from pipeline.runtime.settings import from_mapping
 from pipeline.features.backbones import load_backbone
+from pipeline.finetune.training import FinetuneSettings, PlateauSchedule, finetune, stages
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.settings import from_mapping
 from pipeline.storage import modeldir
 from tests.conftest import interrupt_when_written, make_image_folder, run_cli
 

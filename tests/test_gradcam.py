@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline.data.images import read_image
-from pipeline.heads.train import train
 
-from pipeline.heads.settings import train_settings
+from pipeline.data.images import read_image
 from pipeline.features.extract import extract_folder
 from pipeline.features.settings import ExtractSettings
+from pipeline.heads.settings import train_settings
+from pipeline.heads.train import train
 from pipeline.models.directory import open_model
 from pipeline.models.visualize import gradcam_maps
 from tests.conftest import COLOURS, run_cli

@@ -3,9 +3,9 @@ and parameter checks."""
 import numpy as np
 import pytest
 import torch
-from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, head_scores, make_head
 from torch import nn
 
+from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, head_scores, make_head
 from pipeline.runtime.errors import UserError
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from pipeline.features.backbones import load_backbone
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import cache_attrs, open_cache

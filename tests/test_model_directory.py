@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline.finetune.training import FinetuneSettings, curves, finetune
-from pipeline.heads.train import train
 
+from pipeline.finetune.training import FinetuneSettings, curves, finetune
 from pipeline.heads.settings import train_settings
+from pipeline.heads.train import train
 from pipeline.models.directory import open_model
 from pipeline.models.export import export
 from pipeline.models.predict import predict
@@ -165,6 +165,7 @@ def _edit_info(model: Path, **changes) -> None:
 
 def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache, photo, tmp_path):
     import shutil
+
     from pipeline.runtime.files import sha256_file
     code = tmp_path / "code"
     shutil.copytree(finetuned, code)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline.heads.train import scores_of, train
 
 from pipeline.heads.settings import train_settings
+from pipeline.heads.train import scores_of, train
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError
 from pipeline.storage import modeldir
@@ -144,8 +144,8 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     """Photos much larger than the model's input are decoded at reduced scale by `extract` and `predict`
     alike: the cache holds the vectors of the reduced decode, and predict reproduces its scores."""
     import torch
-    from pipeline.data.images import read_image
 
+    from pipeline.data.images import read_image
     from pipeline.features.backbones import Embedder, load_backbone
     from pipeline.features.extract import extract_folder
     from pipeline.features.settings import ExtractSettings

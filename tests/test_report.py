@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.text import Text
+
 from pipeline.finetune.training import FinetuneSettings, finetune
+from pipeline.heads.settings import train_settings
 from pipeline.heads.train import train
 from pipeline.report.compare import figure, markdown, rows
-
 from pipeline.runtime.errors import UserError
-from pipeline.heads.settings import train_settings
 from tests.conftest import run_cli, synthetic_cache
 
 TINY = FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0, device="cpu")

@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from pipeline.heads.classifiers import TorchLogReg
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
+from pipeline.heads.classifiers import TorchLogReg
 from tests.conftest import run_cli
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from pipeline.heads.classifiers import CLASSIFIERS
-from pipeline.heads.metrics import evaluate
-from pipeline.heads.train import scores_of, train
 from sklearn.metrics import classification_report, confusion_matrix, log_loss, top_k_accuracy_score
 
+from pipeline.heads.classifiers import CLASSIFIERS
+from pipeline.heads.metrics import evaluate
 from pipeline.heads.settings import train_settings
+from pipeline.heads.train import scores_of, train
 from pipeline.storage import modeldir
 from tests.conftest import ROOT, synthetic_cache
 

@@ -131,6 +131,7 @@ def _timm_entry(model_name: str, image_size: int | None) -> Entry:
     config. Another `image_size` than its own builds a transformer with timm's dynamic image size (the
     position embedding resampled to the new grid) where the model offers it."""
     import timm
+
     from pipeline.features.hub import hub_weights
     probe = timm.create_model(model_name, pretrained=False)
     cfg = timm.data.resolve_data_config({}, model=probe)

@@ -89,7 +89,7 @@ def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precisi
     if engine == "onnxruntime":
         return lambda batches: [embed(x) for _ in range(batches)]
     images = x.numpy()
-    import openvino                       # measured beside ONNX Runtime, from the same graph
+    import openvino  # measured beside ONNX Runtime, from the same graph
     compiled = openvino.Core().compile_model(str(ExportCache().paths(export_key(backbone))[0]), "CPU", {
         "INFERENCE_NUM_THREADS": onnxruntime_threads(), "INFERENCE_PRECISION_HINT": "f32",
         "PERFORMANCE_HINT": "LATENCY"})

@@ -64,6 +64,7 @@ def export_key(backbone: Backbone) -> dict:
     """Everything the exported graph and its recorded check vectors (made with TTA when it is on) depend on."""
     import onnx
     import onnxruntime
+
     from pipeline.storage.cache import library_versions
     return {"backbone": backbone.name, "weights_sha256": backbone.weights_sha256, "layers": list(backbone.layers),
             "flattened": [layer for layer in backbone.layers if layer in backbone.flattened],

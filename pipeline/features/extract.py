@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.data.folders import Dataset, Sample, write_manifest
+from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
 from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches

@@ -23,7 +23,6 @@ from pipeline.heads.settings import CLASSIFIERS
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import UserError, check_minimums
 
-
 SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a head trains on one CPU thread
 
 

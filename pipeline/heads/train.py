@@ -25,6 +25,7 @@ from pipeline.runtime.errors import UserError, warn
 from pipeline.storage import modeldir
 from pipeline.storage.cache import check_expected, open_cache
 
+
 def _preprocessor(kind: str):
     if kind not in PREPROCESSING:
         raise UserError(f"preprocess must be one of {', '.join(PREPROCESSING)}, got {kind!r}")

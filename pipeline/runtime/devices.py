@@ -16,7 +16,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")   # autocast type of a forward pass
 def resolve_device(device: str) -> torch.device:
     """The one reading of a device setting, for every command: 'auto' is CUDA when torch sees a GPU, else
     the CPU; 'cuda' (or 'cuda:N', as torchrun ranks get) without a GPU, or any other name, is a UserError."""
-    import torch   # here, not above: the settings that name devices load without torch
+    import torch  # here, not above: the settings that name devices load without torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind, _, index = str(device).partition(":")
