@@ -32,7 +32,7 @@ for folder, out in zip(sys.argv[1::2], sys.argv[2::2]):
 def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     """Fresh and reusing runs alike: the writer's slabs (256 rows here) and queue are full in the smaller
     run already, so the larger one needs no more memory."""
-    small, large = 192, 960   # images per class
+    small, large = 160, 560   # images per class
     folders = [make_image_folder(tmp_path / f"images{n}", {"train": n}, classes=("red", "blue"))
                for n in (small, large)]
     runs = [folders[0], tmp_path / "a.h5", folders[0], tmp_path / "b.h5", folders[1], tmp_path / "c.h5",

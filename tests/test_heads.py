@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.heads.classifiers import CLASSIFIERS, TorchHead, head_scores, make_head
+from pipeline.heads.classifiers import CLASSIFIERS, head_scores, make_head
+from pipeline.heads.torch_heads import TorchHead
 from pipeline.runtime.errors import UserError
 
 

@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from pipeline.heads.classifiers import TorchLogReg
+from pipeline.heads.torch_heads import TorchLogReg
 from tests.conftest import run_cli
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline.heads.classifiers import TorchLogReg
+from pipeline.heads.torch_heads import TorchLogReg
 
 
 @dataclass

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
 from pipeline.audit.label_issues import l2_normalised
-from pipeline.heads.classifiers import TorchLogReg
+from pipeline.heads.torch_heads import TorchLogReg
 
 HEADS = ("logreg", "knn")
 

@@ -263,8 +263,8 @@ def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = Fals
     out = Path(out)
     check_output(out, force)
     check_replaceable(manifest_path(out), "manifest")
+    dataset = s.scan(Path(data))   # data problems before a download of weights
     model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
-    dataset = s.scan(Path(data))
     with output_lock(out):
         summary = extract(dataset, model, out, s.batch_size, s.device, s.dtype, s.workers, quiet, s.compute_stats,
                           s.reuse, s.precision, s.compile, engine=s.engine)

@@ -73,8 +73,8 @@ def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = Fals
         r, n, out = distributed.rank(), distributed.world_size(), Path(out)
         check_output(out, force)   # all of this before any file is written
         check_replaceable(manifest_path(out), "manifest")
+        dataset = s.scan(Path(data))   # data problems before a download of weights
         model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
-        dataset = s.scan(Path(data))
         with rank0_lock(out):
             mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), s.batch_size, device, s.dtype,
                            s.workers, quiet or r > 0, s.compute_stats, s.reuse, s.precision, s.compile,

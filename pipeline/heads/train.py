@@ -18,7 +18,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads.classifiers import TorchHead, has_probabilities, head_scores, make_head, one_thread_if_small
+from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import UserError, warn
@@ -37,7 +37,7 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
     seeded = {"seed": s.seed} if "seed" in CLASSIFIERS[s.classifier].params else {}
     params = {**seeded, **s.params, **({"epochs": epochs} if epochs else {})}
     model = make_pipeline(_preprocessor(s.preprocess), make_head(s.classifier, value, s.class_weight, **params))
-    if isinstance(model[-1], TorchHead):
+    if getattr(model[-1], "early_stops", False):
         pre = model[0].fit(X)
         model[-1].fit(pre.transform(X), y, *((pre.transform(X_val), y_val) if X_val is not None else ()))
     else:

@@ -10,7 +10,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from pipeline.features.backbones import Backbone, FeatureHook, inference_model
-from pipeline.heads.classifiers import TorchHead, TorchLogReg
+from pipeline.heads.torch_heads import TorchHead, TorchLogReg
 from pipeline.runtime.errors import UserError
 
 TENSOR_HEADS = "logreg, torch_logreg, linear_svm, torch_linear and torch_mlp"   # what `head_module` builds
