@@ -200,6 +200,9 @@ def figure(table: list[dict]):
         ax.scatter([best["total_seconds"]], [best["val_score"]], marker="*", s=220, color="gold",
                    edgecolors="black", zorder=3, label=f"selected: {best['name']}")
     ax.set_xscale("log")
+    seconds = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")   # 20, 30, 40 rather than 2x10^1
+    ax.xaxis.set_major_formatter(seconds)
+    ax.xaxis.set_minor_formatter(seconds)
     ax.set_xlabel("total compute seconds (log scale)")
     ax.set_ylabel("selection score (val top-1, 95% interval)")
     ax.grid(alpha=0.3)
