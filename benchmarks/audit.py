@@ -37,7 +37,7 @@ from pipeline.audit import label_issues, neighbours  # noqa: E402
 from pipeline.audit.run import read_images  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 
-THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.96)
+THRESHOLDS = (0.70, 0.75, 0.80, 0.82, 0.84, 0.85, 0.86, 0.88, 0.90, 0.92)
 
 
 def machine() -> dict:
@@ -113,6 +113,7 @@ def photo_sources(folder: Path | None) -> list[tuple[str, Image.Image]]:
 
 def duplicates(folder: Path | None, k: int = 10) -> dict:
     from pipeline.features.extract import extract_folder
+    from pipeline.features.settings import ExtractSettings
     sources = photo_sources(folder)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "photos"
@@ -125,13 +126,13 @@ def duplicates(folder: Path | None, k: int = 10) -> dict:
                 (root / split / label).mkdir(parents=True, exist_ok=True)
                 transform(im).save(root / split / label / f"{name}@{kind}.png")
         start = time.perf_counter()
-        extract_folder(root, Path(tmp) / "features.h5", image_size=224, quiet=True)
+        extract_folder(root, Path(tmp) / "features.h5", ExtractSettings(image_size=224), quiet=True)
         extract_seconds = time.perf_counter() - start
         with open_cache(Path(tmp) / "features.h5") as cache:
             images = read_images(cache)
     source = np.array([Path(p).stem.split("@")[0] for p in images.paths])
     kind = np.array([Path(p).stem.split("@")[1] if "@" in p else "original" for p in images.paths])
-    sims, idx = neighbours.knn(images.features, k)
+    sims, idx = neighbours.knn(neighbours.search_space(images.features), k)
     per_threshold = []
     for threshold in THRESHOLDS:
         found = neighbours.duplicate_groups(sims, idx, images.splits, threshold)
@@ -165,16 +166,16 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def scale(k: int = 10, folds: int = 5, threshold: float = 0.92) -> dict:
+def scale(k: int = 10, folds: int = 5, threshold: float = 0.85) -> dict:
     import torch
     torch.set_num_threads(2)
     X, y = scale_vectors()
     before = peak_mb()
     start = time.perf_counter()
-    sims, idx = neighbours.knn(X, k)
-    class_sims, _ = neighbours.knn_within(X, y, k)
     splits = np.array(["train", "val"], dtype=object)[np.arange(len(y)) % 2]
-    groups = neighbours.duplicate_groups(sims, idx, splits, threshold)
+    groups = neighbours.duplicate_groups(*neighbours.knn(neighbours.search_space(X), k), splits, threshold)
+    sims, _ = neighbours.knn(X, k)
+    class_sims, _ = neighbours.knn_within(X, y, k)
     neighbours.isolation(sims), neighbours.isolation(class_sims)
     neighbour_seconds = time.perf_counter() - start
     neighbour_peak = peak_mb()

@@ -120,7 +120,8 @@ def test_audit_finds_what_was_planted_and_writes_the_contract(tmp_path: Path):
         groups.setdefault(r["group"], []).append(r)
     pairs = {tuple(sorted(r["path"] for r in members)) for members in groups.values()}
     assert pairs == planted["leaks"]
-    assert all(r["leak"] == "true" and float(r["similarity"]) > 0.92 for r in files["duplicates.csv"])
+    assert all(r["leak"] == "true" and float(r["similarity"]) >= AuditSettings().duplicate_threshold
+               for r in files["duplicates.csv"])
     assert files["outliers.csv"][0]["path"] == planted["outlier"]
     curve = files["learning_curve.csv"]
     with open_cache(cache) as written:

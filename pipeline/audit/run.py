@@ -67,9 +67,10 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
 
     start = time.perf_counter()
     search = {"exact_up_to": s.exact_up_to, "seed": s.seed}
-    sims, idx = neighbours.knn(images.features, s.neighbours, **search)
+    duplicates = neighbours.duplicate_groups(*neighbours.knn(neighbours.search_space(images.features), s.neighbours,
+                                                             **search), images.splits, s.duplicate_threshold)
+    sims, _ = neighbours.knn(images.features, s.neighbours, **search)
     class_sims, _ = neighbours.knn_within(images.features, images.labels, s.neighbours, **search)
-    duplicates = neighbours.duplicate_groups(sims, idx, images.splits, s.duplicate_threshold)
     overall, in_class = neighbours.isolation(sims), neighbours.isolation(class_sims)
     with np.errstate(invalid="ignore"):
         outlier_score = np.nanmean([overall / np.nanmedian(overall), in_class / np.nanmedian(in_class)], axis=0)
