@@ -318,29 +318,19 @@ def bench(
 
 
 @app.command()
+@settings_options(AuditSettings)
 def audit(
     features: Annotated[Path, typer.Argument(help="Feature cache written by `pipeline extract`.")],
     out: Annotated[Path, typer.Option(help="Folder for the report: index.html, the CSVs, learning_curve.png "
                                            "and summary.json.")] = Path("reports/audit"),
-    folds: Annotated[int, typer.Option(help="Stratified folds of the out-of-fold probabilities behind the "
-                                            "label issues.")] = AuditSettings.folds,
-    neighbours: Annotated[int, typer.Option(help="k of the k-nearest-neighbour outlier scores and "
-                                                 "duplicate search.")] = AuditSettings.neighbours,
-    duplicate_threshold: Annotated[float, typer.Option(help="Cosine similarity from which two images count as "
-                                                            "near-duplicates.")] = AuditSettings.duplicate_threshold,
-    outlier_cut: Annotated[float, typer.Option(help="An image is an outlier from this isolation: its k-NN "
-                                                    "distance over the median image's.")] = AuditSettings.outlier_cut,
-    seeds: Annotated[int, typer.Option(help="Draws per point of the learning curve.")] = AuditSettings.seeds,
-    seed: Annotated[int, typer.Option(help="Seed of the folds, the k-means and the draws.")] = AuditSettings.seed,
+    settings: AuditSettings = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines or summary.")] = False,
 ):
     """Check the data behind a cache: label issues, near-duplicates and leaks between splits, outliers, and
     how accuracy grows with the number of labels; writes a report page and CSV files."""
     from pipeline.audit.run import audit as run
     from pipeline.report.audit_page import write_page
-    s = AuditSettings(folds=folds, neighbours=neighbours, duplicate_threshold=duplicate_threshold,
-                      outlier_cut=outlier_cut, seeds=seeds, seed=seed)
-    summary = run(features, out, s, log=lambda line: _say([line], quiet))
+    summary = run(features, out, settings, log=lambda line: _say([line], quiet))
     page = write_page(out)
     _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
           f"({summary['leak_groups']} across splits), {summary['outliers']} outliers in {summary['images']} "

@@ -147,8 +147,8 @@ def test_audit_command_writes_the_page(tmp_path: Path):
 
 @pytest.mark.parametrize("args, message", [
     (["missing.h5"], "error: feature cache missing.h5 does not exist; run `pipeline extract` first"),
-    (["CACHE", "--folds", "1"], "error: folds must be at least 2, got 1"),
-    (["CACHE", "--duplicate-threshold", "1.5"], "error: duplicate_threshold must be at most 1, got 1.5"),
+    (["CACHE", "--folds", "1"], "error: --folds must be at least 2, got 1"),
+    (["CACHE", "--duplicate-threshold", "1.5"], "error: --duplicate-threshold must be at most 1, got 1.5"),
 ])
 def test_audit_command_refuses_bad_input_with_one_line(tmp_path: Path, args, message):
     cache, _ = planted_cache(tmp_path / "features.h5")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.audit.settings import AuditSettings
 from pipeline.features.settings import BenchSettings, ExtractSettings
 from pipeline.finetune.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, train_settings
@@ -22,8 +23,9 @@ from pipeline.runtime.errors import UserError, quote
 from pipeline.runtime.settings import fields, option_name, rule
 from tests.conftest import COLOURS, ROOT, run_cli, tiny_image
 
-COMMANDS = {"extract": ExtractSettings, "train": TrainSettings, "finetune": FinetuneSettings, "bench": BenchSettings}
-SECTIONS = {"extract": ExtractSettings, "finetune.<run>": FinetuneSettings}
+COMMANDS = {"extract": ExtractSettings, "train": TrainSettings, "finetune": FinetuneSettings, "bench": BenchSettings,
+            "audit": AuditSettings}
+SECTIONS = {"extract": ExtractSettings, "finetune.<run>": FinetuneSettings, "audit": AuditSettings}
 
 
 def squeezed(text: str) -> str:
