@@ -5,7 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.heads.classifiers import CLASSIFIERS, head_scores, make_head
+from pipeline.heads.classifiers import (
+    CLASSIFIERS,
+    SMALL_PROBLEM,
+    head_scores,
+    make_head,
+    one_thread_if_small,
+    runs_in_torch,
+)
 from pipeline.heads.torch_heads import TorchHead
 from pipeline.runtime.errors import UserError
 
@@ -106,3 +113,15 @@ def test_binary_decision_values_get_one_column_per_class():
     assert scores.shape == (40, 2)
     np.testing.assert_array_equal(scores[:, 1], svm.decision_function(X))
     np.testing.assert_array_equal(scores.argmax(1), svm.predict(X))
+
+
+def test_small_fits_run_on_one_thread_torch_heads_included():
+    """train enters the limit before it builds the head (which is when the torch heads import torch)."""
+    from threadpoolctl import threadpool_info
+    threads = torch.get_num_threads()
+    assert [runs_in_torch(name) for name in CLASSIFIERS] == [name.startswith("torch_") for name in CLASSIFIERS]
+    with one_thread_if_small(1000, in_torch=True):
+        assert torch.get_num_threads() == 1 and all(p["num_threads"] == 1 for p in threadpool_info())
+    assert torch.get_num_threads() == threads
+    with one_thread_if_small(SMALL_PROBLEM + 1, in_torch=True):
+        assert torch.get_num_threads() == threads

@@ -6,7 +6,6 @@ decision values otherwise) and names the one hyperparameter model selection tune
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -24,23 +23,32 @@ SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a he
 
 
 @contextlib.contextmanager
-def one_thread_if_small(n_values: int):
-    """One CPU thread (BLAS, OpenMP and torch) while fitting a small problem: its products are too small to
-    share, and waking a second thread for each cost up to 20x the time on a busy 2-core machine (sklearn's
-    logreg on 1,120 x 1,280 vectors: 5 s against 100 s; a torch head on 245 x 1,280: 0.3 s against 15 s)."""
-    torch = sys.modules.get("torch")     # loaded only for the torch heads
+def one_thread_if_small(n_values: int, in_torch: bool):
+    """One CPU thread (BLAS, OpenMP and, for a head that runs `in_torch`, torch) while fitting a small
+    problem: its products are too small to share, and waking a second thread for each cost up to 20x the
+    time on a busy 2-core machine (sklearn's logreg on 1,120 x 1,280 vectors: 5 s against 100 s; a torch
+    head on 245 x 1,280: 0.3 s against 15 s)."""
     if n_values > SMALL_PROBLEM:
         yield
         return
-    threads = torch.get_num_threads() if torch else None
-    if torch:
-        torch.set_num_threads(1)
+    with threadpool_limits(1), (_one_torch_thread() if in_torch else contextlib.nullcontext()):
+        yield
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    import torch  # here, not above: sklearn's heads train without loading torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        with threadpool_limits(1):
-            yield
+        yield
     finally:
-        if torch:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
+
+
+def runs_in_torch(name: str) -> bool:
+    """Whether classifier `name` is one of the torch heads (they, and only they, take a device)."""
+    return "device" in CLASSIFIERS[name].params
 
 
 class CalibratedRbfSVM(BaseEstimator, ClassifierMixin):

@@ -18,7 +18,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
+from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small, runs_in_torch
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import UserError, warn
@@ -185,7 +185,7 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
         evaluation = test
     else:
         X, y, evaluation = train_.features, train_.labels, val
-    with one_thread_if_small(X.size):
+    with one_thread_if_small(X.size, runs_in_torch(s.classifier)):
         chosen = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
                   else select(s, train_.features, train_.labels))
         model = _fit(s, chosen.value, X, y, epochs=chosen.epochs)
