@@ -36,6 +36,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,15 +307,19 @@ def _str(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def column_digest(column: h5py.Dataset | np.ndarray, block_bytes: int = 1 << 24) -> str:
+def column_digest(column: h5py.Dataset | np.ndarray, block_bytes: int = 1 << 24,
+                  visit: Callable[[int, np.ndarray], None] | None = None) -> str:
     """SHA-256 of a column's type, shape and values: numbers as raw bytes, read about 16 MB at a time so
-    memory stays flat; strings and tables by the repr of their values. Equal for a dataset and the array
-    read from it."""
+    memory stays flat (`visit(first_row, block)` sees each block); strings and tables by the repr of their
+    values. Equal for a dataset and the array read from it."""
     digest = hashlib.sha256(f"{column.dtype.str}{column.shape}".encode())
     if column.dtype.kind in "biufS":
         rows = max(1, block_bytes // max(1, column.dtype.itemsize * int(np.prod(column.shape[1:]))))
         for a in range(0, max(len(column), 1), rows):
-            digest.update(np.ascontiguousarray(column[a:a + rows]).tobytes())
+            block = np.ascontiguousarray(column[a:a + rows])
+            digest.update(block.tobytes())
+            if visit is not None:
+                visit(a, block)
     else:
         digest.update(repr(column[:].tolist()).encode())
     return digest.hexdigest()
@@ -390,15 +395,23 @@ class Cache:
 
     def column(self, split: str, name: str) -> np.ndarray:
         """One dataset of a split, verified (HDF5's Fletcher-32 per chunk, then the recorded digest)."""
+        def whole(dataset):
+            values = dataset[:]
+            return values, column_digest(values)
+        return self._verified(split, name, whole)
+
+    def _verified(self, split: str, name: str, read: Callable[[h5py.Dataset], tuple]):
+        """The value of `read(dataset)` -> (value, digest of the dataset), refused with one error line
+        when HDF5 cannot read it (Fletcher-32 included) or the digest is not the one recorded."""
         try:
-            values = self.file[split][name][:]
+            value, digest = read(self.file[split][name])
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
                             f"({str(exc).splitlines()[0]}); re-run `pipeline extract`")
-        if column_digest(values) != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):
+        if digest != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):
             raise UserError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
                             f"when it was written (damaged or edited); re-run `pipeline extract`")
-        return values
+        return value
 
     def read(self, split: str, layer: str | None = None) -> Split:
         """One split's rows; `layer` picks a further feature set (default: the first layer's). Refuses
@@ -423,23 +436,14 @@ class Cache:
 
     def finite_rows(self, split: str, name: str) -> np.ndarray:
         """Which rows of a split's feature dataset are finite, read block by block (flat memory) and
-        checked against the recorded digest on the way."""
-        column = self.file[split][name]
-        rows = max(1, (1 << 24) // max(1, column.dtype.itemsize * column.shape[1]))
-        digest = hashlib.sha256(f"{column.dtype.str}{column.shape}".encode())
-        finite = np.empty(len(column), bool)
-        try:
-            for a in range(0, max(len(column), 1), rows):
-                block = np.ascontiguousarray(column[a:a + rows])
-                digest.update(block.tobytes())
-                finite[a:a + rows] = np.isfinite(block.astype(np.float32)).all(axis=1)
-        except (OSError, RuntimeError) as exc:
-            raise UserError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
-                            f"({str(exc).splitlines()[0]}); re-run `pipeline extract`")
-        if digest.hexdigest() != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):
-            raise UserError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
-                            f"when it was written (damaged or edited); re-run `pipeline extract`")
-        return finite
+        verified on the way as `column` verifies."""
+        def blockwise(dataset):
+            finite = np.empty(len(dataset), bool)
+
+            def check(first: int, block: np.ndarray) -> None:
+                finite[first:first + len(block)] = np.isfinite(block.astype(np.float32)).all(axis=1)
+            return finite, column_digest(dataset, visit=check)
+        return self._verified(split, name, blockwise)
 
     def dataset_id(self) -> str:
         """data.dataset_digest of the images the cache holds, without reading their features."""
