@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="extract's DataLoader workers")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts")
     p.add_argument("--no-tutorial", action="store_true", help="skip the tutorial-style loop")
+    p.add_argument("--tutorial-images", type=int, default=2048, help="time the tutorial loop on the first N only")
     p.add_argument("--engine", action="append", choices=("torch", "onnxruntime", "openvino"),
                    help="repeatable; default: torch and, on a CPU, onnxruntime (openvino: the model alone)")
     p.add_argument("--out", type=Path, help="JSON file for the list of results")
@@ -60,7 +61,8 @@ def main() -> None:
             s = BenchSettings(backbone=name, weights=weights or "imagenet", image_size=args.image_size,
                               batch_size=batch_size, device=args.device, precision=args.precision,
                               compile=args.compile, workers=args.workers, repeats=args.repeats, images=args.images,
-                              tutorial=not args.no_tutorial, engine=args.engine)
+                              tutorial=not args.no_tutorial, tutorial_images=args.tutorial_images,
+                              engine=args.engine)
             results += bench(data, s, log=lambda line: print(line, file=sys.stderr))
             if args.out:
                 write_json(results, args.out)

@@ -12,13 +12,20 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import scan  # noqa: E402
 from pipeline.features.backbones import load_backbone  # noqa: E402
-from pipeline.features.gpu_decoding import FileBytes, TensorPreprocess, collate_bytes, gpu_batches  # noqa: E402
+from pipeline.features.gpu_decoding import (  # noqa: E402
+    FileBytes,
+    JpegDecoder,
+    TensorPreprocess,
+    collate_bytes,
+    gpu_batches,
+)
 
 
 def rate(name: str, fn, dev: torch.device) -> None:
@@ -46,6 +53,16 @@ def roi_resized_crop(images: list[torch.Tensor], pre) -> torch.Tensor:
     return roi_align(padded, torch.tensor(boxes, device=padded.device), pre.image_size, 1.0, ratio, aligned=True)
 
 
+def per_image_resized_crop(images: list[torch.Tensor], prepare: TensorPreprocess) -> torch.Tensor:
+    """The same resize and crop as one antialiased `interpolate` per image (the path before batching)."""
+    s, crops = prepare.pre.image_size, []
+    for image in images:
+        rh, rw, top, left = prepare.geometry(*image.shape[-2:])
+        x = F.interpolate(image[None].float(), (rh, rw), mode=prepare.pre.interpolation, antialias=True)
+        crops.append(x[:, :, top:top + s, left:left + s])
+    return torch.cat(crops)
+
+
 def main() -> None:
     from torchvision.io import ImageReadMode, decode_jpeg
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,17 +78,25 @@ def main() -> None:
                         collate_fn=collate_bytes, pin_memory=dev.type == "cuda", prefetch_factor=4)
     rate(f"read bytes in {args.workers} workers", lambda: sum(len(b[0]) for b in loader), dev)
     raw = [torch.frombuffer(bytearray((args.data / s.path).read_bytes()), dtype=torch.uint8) for s in samples]
-    decode_jpeg(raw[:bs], mode=ImageReadMode.RGB, device=dev)
-    rate(f"decode_jpeg on {dev}", lambda: sum(len(decode_jpeg(raw[i:i + bs], mode=ImageReadMode.RGB, device=dev))
-                                              for i in range(0, len(raw), bs)), dev)
+    chain = JpegDecoder(dev)
+    for decode in chain.decoders:
+        name = getattr(decode, "name", "torchvision decode_jpeg")
+        decode(raw[:bs])
+        rate(f"{name} on {dev}, batches of {bs}",
+             lambda: sum(len(decode(raw[i:i + bs])) for i in range(0, len(raw), bs)), dev)
     images = decode_jpeg(raw[:4 * bs], mode=ImageReadMode.RGB, device=dev)
     pre(images[:bs])
-    rate(f"resize, crop, normalise on {dev}", lambda: sum(len(pre(images[i:i + bs])) for i in range(0, 4 * bs, bs)),
+    rate(f"resize, crop, normalise on {dev} (resampling matrices)", lambda: sum(len(pre(images[i:i + bs])) for i in range(0, 4 * bs, bs)),
          dev)
+    rate(f"the same as one interpolate per image on {dev} (an alternative, not used)",
+         lambda: sum(len(per_image_resized_crop(images[i:i + bs], pre)) for i in range(0, 4 * bs, bs)), dev)
     rate(f"the same as one roi_align over the padded batch on {dev} (an alternative, not used)",
          lambda: sum(len(roi_resized_crop(images[i:i + bs], pre.pre)) for i in range(0, 4 * bs, bs)), dev)
-    rate("all three in gpu_batches (decoding on a thread)",
-         lambda: sum(len(b[0]) for b in gpu_batches(args.data, samples, pre.pre, bs, args.workers, dev)), dev)
+    for decode in chain.decoders:
+        only = JpegDecoder(dev, [decode])
+        rate(f"all three in gpu_batches (decoding on a thread, {only.name})",
+             lambda: sum(len(b[0]) for b in gpu_batches(args.data, samples, pre.pre, bs, args.workers, dev,
+                                                         decoder=only)), dev)
 
 
 if __name__ == "__main__":

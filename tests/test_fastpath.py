@@ -183,7 +183,7 @@ def test_background_writer_writes_slabs_in_order(tmp_path):
     for split in ("train", "val"):
         for start in range(0, 1000, 64):
             block = rows[start:start + 64]
-            background.append(Block(split, {"none": block}, [start // 64 % 2] * len(block),
+            background.append(Block(split, lambda block=block: {"none": block}, [start // 64 % 2] * len(block),
                                     [f"{split}/{i}" for i in range(start, start + len(block))],
                                     ["0" * 64] * len(block), [], start + len(block)))
     background.close()
@@ -208,7 +208,7 @@ def _photos_of_mixed_sizes() -> list[Image.Image]:
 
 
 def test_batched_resize_matches_torchvision_on_images_of_mixed_sizes():
-    """Images of one size are resized together: the same pixels as one at a time, and as torchvision's
+    """Images of mixed sizes are resized together: the same pixels as one at a time, and as torchvision's
     Resize + CenterCrop on PIL images to about one grey level."""
     from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
     from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor
@@ -222,6 +222,32 @@ def test_batched_resize_matches_torchvision_on_images_of_mixed_sizes():
     reference = torch.stack([pre.transform()(p) for p in photos])
     grey_levels = (batch - reference).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255
     assert grey_levels.mean() < 0.5 and grey_levels.max() < 3
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_resampling_matrices_give_torch_antialiased_resize_and_crop(interpolation):
+    """The batched resize (padding, two matrix products per chunk of images) is torch's antialiased
+    `interpolate` of each image alone, then the centre crop: shrinking, enlarging, both orientations, in
+    one chunk or several."""
+    import torch.nn.functional as F
+
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.gpu_decoding import TensorPreprocess
+    pre = Preprocessing(224, 256, interpolation, IMAGENET_MEAN, IMAGENET_STD)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+              for h, w in [(375, 500), (500, 375), (100, 150), (256, 256), (901, 1203), (230, 300), (1000, 257)]]
+    expected = []
+    for image in images:
+        rh, rw, top, left = TensorPreprocess(pre, torch.device("cpu")).geometry(*image.shape[-2:])
+        resized = F.interpolate(image[None].float(), (rh, rw), mode=interpolation, antialias=True)
+        expected.append(resized[:, :, top:top + 224, left:left + 224])
+    expected = torch.cat(expected)
+    for chunk_bytes in (512 << 20, 4 << 20):      # one chunk; about one image a chunk
+        prepare = TensorPreprocess(pre, torch.device("cpu"), chunk_bytes)
+        assert (prepare.resized_crops(images) - expected).abs().max() < 0.05    # grey levels
+        normalised = (expected.clamp(0, 255) * prepare.scale + prepare.shift)
+        torch.testing.assert_close(prepare(images), normalised, rtol=0, atol=1e-3)
 
 
 def _jpeg_tensors() -> tuple[list[bytes], list[torch.Tensor]]:
@@ -265,7 +291,7 @@ def test_jpeg_decoder_falls_back_in_order_and_names_what_nothing_decodes():
     assert results[3] == "not a recognised image"
 
 
-def test_gpu_batches_with_nvimagecodec_give_the_torchvision_decoders_batches(tmp_path):
+def test_gpu_batches_with_nvimagecodec_alone_give_the_torchvision_decoders_batches(tmp_path):
     pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
     from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
     from pipeline.features.gpu_decoding import JpegDecoder
@@ -273,9 +299,9 @@ def test_gpu_batches_with_nvimagecodec_give_the_torchvision_decoders_batches(tmp
     dataset = scan(root, 0, 0)
     pre = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
     cpu = torch.device("cpu")
-    nv = JpegDecoder(cpu)
-    assert nv.name == "nvImageCodec > torchvision > PIL"
-    torchvision = JpegDecoder(cpu, [nv.decoders[1]])
+    both = JpegDecoder(cpu)
+    assert both.name == "torchvision > nvImageCodec > PIL"
+    torchvision, nv = (JpegDecoder(cpu, [decoder]) for decoder in both.decoders)
     (good_a, x_a, bad_a), = gpu_batches(root, dataset.samples, pre, 64, 0, cpu, decoder=torchvision)
     (good_b, x_b, bad_b), = gpu_batches(root, dataset.samples, pre, 64, 0, cpu, decoder=nv)
     assert good_a == good_b and bad_a == bad_b

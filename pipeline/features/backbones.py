@@ -382,13 +382,31 @@ class Embedder:
         return {layer: hook.output[:n] for layer, hook in self.hooks.items()}
 
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        return self.submit(images)()
+
+    def submit(self, images: torch.Tensor) -> Callable[[], dict[str, np.ndarray]]:
+        """Queue the forward pass of a batch; the returned function waits for its vectors. On CUDA they are
+        copied into pinned host memory behind the model, so the caller queues the next batch meanwhile
+        instead of waiting for this one."""
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bfloat16):
             x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             out = self._run(x)
             if self.tta:
                 flipped = self._run(x.flip(-1))
                 out = {layer: (out[layer].float() + flipped[layer].float()) / 2 for layer in out}
-        return {layer: f.float().cpu().numpy() for layer, f in out.items()}
+            out = {layer: f.float() for layer, f in out.items()}
+            if self.device.type != "cuda":
+                vectors = {layer: f.numpy() for layer, f in out.items()}
+                return lambda: vectors
+            host = {layer: torch.empty(f.shape, pin_memory=True).copy_(f, non_blocking=True)
+                    for layer, f in out.items()}
+            copied = torch.cuda.Event()
+            copied.record()
+
+        def vectors() -> dict[str, np.ndarray]:
+            copied.synchronize()
+            return {layer: h.numpy() for layer, h in host.items()}
+        return vectors
 
     def close(self) -> None:
         for hook in self.hooks.values():

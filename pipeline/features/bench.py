@@ -2,7 +2,9 @@
 
 - tutorial: the loop most tutorials show (DataLoader with 0 workers, float32, a hook whose vectors are
   appended one at a time to a Python list, np.save at the end);
-- extract: `pipeline.features.extract.extract`, to a real HDF5 file, as `pipeline extract` runs it;
+- extract: `pipeline.features.extract.extract`, to a real HDF5 file, as `pipeline extract` runs it; its rate
+  is the steady state, from the first batch reaching the model to the closed file, and its start-up (weights
+  to the device, workers started, first batch decoded) is reported apart;
 - model_only: the forward pass alone on synthetic tensors, same batch size and precision.
 
 extract and model_only run once per engine (on a CPU: torch and ONNX Runtime, and OpenVINO's model alone
@@ -40,7 +42,8 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int, out: Path) -> int:
+def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int,
+                  out: Path) -> tuple[int, float]:
     model = backbone.model.to(dev, memory_format=torch.contiguous_format)
     hook = FeatureHook(model, backbone.layer)
     loader = DataLoader(ImageFiles(dataset.root, dataset.samples, backbone.preprocessing.transform()),
@@ -55,16 +58,17 @@ def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch
     finally:
         hook.remove()
     np.save(out, np.stack(features))
-    return len(features)
+    return len(features), 0.0
 
 
 def extract_run(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int, out: Path,
-                precision: str, compile: bool, workers: int | None, engine: str) -> int:
+                precision: str, compile: bool, workers: int | None, engine: str) -> tuple[int, float]:
+    """(images, start-up seconds) of one `extract` run in which every image is computed."""
     summary = extract(dataset, backbone, out, batch_size, str(dev), "float16", workers, quiet=True,
-                      reuse=False, precision=precision, compile=compile, engine=engine)   # every image computed
+                      reuse=False, precision=precision, compile=compile, engine=engine)
     if engine not in summary.device:
         raise RuntimeError(f"extract ran {summary.device} instead of {engine}: {summary.notes}")
-    return summary.extracted
+    return summary.extracted, summary.startup_seconds
 
 
 def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precision: str, compile: bool,
@@ -97,15 +101,16 @@ def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precisi
     return lambda batches: [request.infer({0: images}) for _ in range(batches)]
 
 
-def _counted(run, batches: int, batch_size: int) -> int:
+def _counted(run, batches: int, batch_size: int) -> tuple[int, float]:
     run(batches)
-    return batches * batch_size
+    return batches * batch_size, 0.0
 
 
-def _timed(fn) -> tuple[int, float]:
+def _timed(fn) -> tuple[int, float, float]:
+    """(images, steady-state seconds, start-up seconds) of `fn`, which returns (images, start-up seconds)."""
     start = time.perf_counter()
-    n = fn()
-    return n, time.perf_counter() - start
+    n, startup = fn()
+    return n, time.perf_counter() - start - startup, startup
 
 
 def _subset(dataset: Dataset, n: int) -> Dataset:
@@ -146,7 +151,8 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         jobs = {} if not s.tutorial else {
-            "tutorial": lambda d: tutorial_loop(d, bb, dev, batch_size, tmp / "tutorial.npy")}
+            "tutorial": lambda d: tutorial_loop(_subset(d, s.tutorial_images), bb, dev, batch_size,
+                                                tmp / "tutorial.npy")}
         for engine in (e for e in engines if e != "openvino"):
             jobs[f"extract {engine}"] = lambda d, engine=engine: extract_run(
                 d, bb, dev, batch_size, tmp / "features.h5", precision, s.compile, s.workers, engine)
@@ -158,11 +164,14 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
             run(1)
             jobs[f"model_only {engine}"] = lambda d, run=run: _counted(run, batches, batch_size)
         runs: dict[str, list[float]] = {name: [] for name in jobs}
+        startups: dict[str, list[float]] = {name: [] for name in jobs}
         for r in range(s.repeats):
             for name, job in jobs.items():
-                n, seconds = _timed(lambda: job(dataset))
+                n, seconds, startup = _timed(lambda: job(dataset))
                 runs[name].append(n / seconds)
-                log(f"{name:>22} run {r + 1}/{s.repeats}: {n} images in {seconds:.2f}s = {n / seconds:,.1f} images/s")
+                startups[name].append(startup)
+                log(f"{name:>22} run {r + 1}/{s.repeats}: {n} images in {seconds:.2f}s = {n / seconds:,.1f} "
+                    f"images/s" + (f" after {startup:.2f}s of start-up" if startup else ""))
     best = {name: max(rates) for name, rates in runs.items()}
     results = []
     for engine in engines:
@@ -173,8 +182,11 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
             "backbone": s.backbone, "weights": s.weights, "image_size": bb.preprocessing.image_size,
             "batch_size": batch_size, "device": str(dev), "engine": engine, "precision": precision,
             "compile": s.compile, "workers": s.workers, "images": len(dataset.samples), "repeats": s.repeats,
+            "tutorial_images": min(s.tutorial_images, len(dataset.samples)) if s.tutorial else 0,
             "images_per_s": ips, "median_images_per_s": {k: statistics.median(runs[n]) for k, n in mine.items()},
-            "all_runs_images_per_s": {k: runs[n] for k, n in mine.items()}, "environment": environment(dev),
+            "all_runs_images_per_s": {k: runs[n] for k, n in mine.items()},
+            "startup_s": {k: statistics.median(startups[n]) for k, n in mine.items() if any(startups[n])},
+            "environment": environment(dev),
         }
         ratios = {"model_only_vs_torch": ips["model_only"] / best["model_only torch"]} if "torch" in engines else {}
         if "extract" in ips:
@@ -187,7 +199,8 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
 
 
 COLUMNS = ("backbone", "device", "engine", "precision", "compile", "batch", "images", "tutorial img/s",
-           "extract img/s", "model-only img/s", "extract / tutorial", "extract / model-only", "model-only / torch")
+           "extract img/s", "extract start-up s", "model-only img/s", "extract / tutorial", "extract / model-only",
+           "model-only / torch")
 
 
 def table(results: list[dict]) -> str:
@@ -201,8 +214,9 @@ def table(results: list[dict]) -> str:
         rows.append("| " + " | ".join([
             r["backbone"], where, r.get("engine", "torch"), r["precision"], "yes" if r["compile"] else "no",
             str(r["batch_size"]), str(r["images"]), fmt(ips.get("tutorial")), fmt(ips.get("extract")),
-            fmt(ips["model_only"]), fmt(ratios.get("extract_vs_tutorial"), ".2f", "x"),
-            fmt(ratios.get("extract_vs_model_only"), ".2f"), fmt(ratios.get("model_only_vs_torch"), ".2f", "x")])
+            fmt(r.get("startup_s", {}).get("extract"), ".1f"), fmt(ips["model_only"]),
+            fmt(ratios.get("extract_vs_tutorial"), ".2f", "x"), fmt(ratios.get("extract_vs_model_only"), ".2f"),
+            fmt(ratios.get("model_only_vs_torch"), ".2f", "x")])
             + " |")
     return "\n".join(rows) + "\n"
 

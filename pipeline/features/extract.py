@@ -10,7 +10,7 @@ import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Collection
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ class ExtractSummary:
     device: str = "cpu"               # the device and how it ran (decoding, precision, workers)
     reused: int = 0                    # rows copied from the previous cache at `out`
     notes: list[str] = field(default_factory=list)
+    startup_seconds: float = 0.0       # until the first batch reached the model: weights, workers, first decode
 
     @property
     def computed(self) -> int:
@@ -145,6 +146,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     batch_size = batch_size or default_batch_size(dev)
     decoder = JpegDecoder(dev) if gpu_decode else None
     start = time.perf_counter()
+    startup = None
     stats = None
     if compute_stats:
         stats = channel_stats(dataset, backbone, batch_size, workers)
@@ -185,6 +187,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                                else cpu_batches(dataset.root, samples, pre, batch_size, workers, known))
                     with closing(batches):   # on an error too: its workers and thread stop here
                         for good, images, bad in batches:
+                            startup = startup or time.perf_counter() - start
                             digests = [digest for _, digest in good]
                             vectors = (_batch_vectors(digests, images, embed, backbone.feature_dims, stored)
                                        if good else None)
@@ -214,7 +217,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
             raise
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
-                          time.perf_counter() - start, mode, reused, notes)
+                          time.perf_counter() - start, mode, reused, notes, startup or 0.0)
 
 
 def write_error(exc: OSError, out: Path) -> str:
@@ -236,19 +239,24 @@ def plan_digest(dataset: Dataset, batch_size: int) -> str:
 
 
 def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embedder | OnnxEmbedder,
-                   dims: dict[str, int], stored: StoredVectors | None) -> dict[str, np.ndarray]:
-    """Each layer's vectors for a batch, in order: known digests from `stored`, the rest computed."""
-    computed = embed(images) if images is not None else {}
+                   dims: dict[str, int], stored: StoredVectors | None) -> Callable[[], dict[str, np.ndarray]]:
+    """A function giving each layer's vectors for a batch, in order: known digests from `stored`, the rest
+    computed. The forward pass is queued now; the writer thread calls the function, so the main thread goes
+    on to the next batch without waiting for this one's vectors."""
+    computed = embed.submit(images) if images is not None else (lambda: {})
     known = np.array([stored is not None and d in stored.where for d in digests])
     old = stored.read([d for d, k in zip(digests, known) if k]) if known.any() else {}
-    out = {}
-    for layer, dim in dims.items():
-        out[layer] = np.empty((len(digests), dim), np.float32)
-        if computed:
-            out[layer][~known] = computed[layer]
-        if old:
-            out[layer][known] = old[layer]
-    return out
+
+    def vectors() -> dict[str, np.ndarray]:
+        new, out = computed(), {}
+        for layer, dim in dims.items():
+            out[layer] = np.empty((len(digests), dim), np.float32)
+            if new:
+                out[layer][~known] = new[layer]
+            if old:
+                out[layer][known] = old[layer]
+        return out
+    return vectors
 
 
 def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = False,

@@ -1,10 +1,12 @@
 """JPEG decoding and preprocessing on the GPU, the fast path of stage one on CUDA.
 
 On CUDA, DataLoader workers only read file bytes (and hash them); each batch of JPEGs is decoded on the
-GPU in one call, then resized, cropped and normalised there, images of one size together. Decoders, in
-order, each taking only the images the one before could not decode: NVIDIA nvImageCodec (the optional
-`[gpu]` extra: nvJPEG, with the hardware JPEG engines of A100/H100-class GPUs, and a CPU thread pool of
-its own), torchvision's `decode_jpeg`, PIL. Files that are not plain baseline/progressive RGB or
+GPU in one call, then resized, cropped and normalised there, the whole batch in a few kernels. Decoders, in
+order, each taking only the images the one before could not decode: torchvision's `decode_jpeg`, NVIDIA
+nvImageCodec (the optional `[gpu]` extra: nvJPEG, with the hardware JPEG engines of A100/H100-class GPUs,
+and a CPU thread pool of its own), PIL. torchvision comes first because it was the faster of the two on an
+H200 (benchmarks/RESULTS.md); nvImageCodec also decodes where torchvision's GPU decoder is gone (it is
+deprecated since torchvision 0.29). Files that are not plain baseline/progressive RGB or
 greyscale JPEGs are decoded by PIL in the worker and join the same resize, so every image goes through
 one preprocessing recipe.
 """
@@ -12,13 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Collection
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.folders import Sample
 from pipeline.data.images import FileItem, ImageError, SampleFiles, decode_image, worker_init
@@ -113,41 +113,83 @@ def collate_bytes(items: list[FileItem]):
             [(it.index, it.error) for it in items if it.error is not None])
 
 
+def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """The resampling kernels of antialiased resizing in torch and PIL: triangle, or Keys' cubic (a = -0.5)."""
+    x = x.abs()
+    if interpolation == "bilinear":
+        return (1 - x).clamp_(min=0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(lengths: torch.Tensor, resized: torch.Tensor, offsets: torch.Tensor, out: int, padded: int,
+                   interpolation: str) -> torch.Tensor:
+    """[N, out, padded] matrices taking each image's pixels along one axis (`lengths` long, zero-padded to
+    `padded`) to the `out` pixels from `offsets` on of that axis resized to `resized`: the weights torch's
+    antialiased `interpolate` computes (`_compute_indices_min_size_weights_aa`), so a resize and crop of the
+    whole batch is two batched matrix products."""
+    lengths, resized, offsets = (t.float()[:, None, None] for t in (lengths, resized, offsets))
+    scale = lengths / resized
+    support = (1.0 if interpolation == "bilinear" else 2.0) * scale.clamp(min=1)
+    centre = scale * (offsets + torch.arange(out, device=lengths.device)[None, :, None] + 0.5)
+    j = torch.arange(padded, device=lengths.device)[None, None, :]
+    first = (centre - support + 0.5).trunc().clamp(min=0)
+    stop = torch.minimum((centre + support + 0.5).trunc(), lengths)
+    w = _filter((j - centre + 0.5) / scale.clamp(min=1), interpolation) * ((j >= first) & (j < stop))
+    return w / w.sum(-1, keepdim=True)
+
+
 class TensorPreprocess:
     """The recipe of `Preprocessing.transform()` (shorter side to `resize` with antialiasing, centre crop,
-    normalise) on uint8 CHW tensors of any size, on whatever device they are; returns a channels-last batch."""
+    normalise) on uint8 CHW tensors of any size, on whatever device they are; returns a channels-last batch.
+    A batch of images of mixed sizes is resized in a few kernels, not a few per image: zero-padded to a
+    common size and multiplied by per-image resampling matrices (`resize_weights`), in chunks of at most
+    `chunk_bytes` of padded floats (images sorted by height and width, so little is padding)."""
 
-    def __init__(self, pre: Preprocessing, device: torch.device):
-        self.pre, self.device = pre, device
+    def __init__(self, pre: Preprocessing, device: torch.device, chunk_bytes: int = 512 << 20):
+        self.pre, self.device, self.chunk_bytes = pre, device, chunk_bytes
         std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) / std
 
-    def resized_crop(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] uint8 -> [N, 3, S, S] float in 0..255, sized as torchvision's Resize(int) + CenterCrop."""
-        h, w = images.shape[-2:]
+    def geometry(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(resized height, width, crop top, left) of an h x w image, as torchvision's Resize(int) + CenterCrop."""
         short, long = min(h, w), max(h, w)
         new_long = int(self.pre.resize * long / short)
-        size = (self.pre.resize, new_long) if h <= w else (new_long, self.pre.resize)
-        x = F.interpolate(images.float(), size, mode=self.pre.interpolation, antialias=True, align_corners=False)
+        rh, rw = (self.pre.resize, new_long) if h <= w else (new_long, self.pre.resize)
         s = self.pre.image_size
-        top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
-        return x[:, :, top:top + s, left:left + s]
+        return rh, rw, int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
+
+    @staticmethod
+    def padded_bytes(images: list[torch.Tensor]) -> int:
+        return len(images) * 3 * max(i.shape[-2] for i in images) * max(i.shape[-1] for i in images) * 4
+
+    def resized_crops(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """[3, H, W] uint8 images of any sizes -> [N, 3, S, S] float in 0..255."""
+        s = self.pre.image_size
+        h, w = (max(i.shape[axis] for i in images) for axis in (-2, -1))
+        padded = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=self.device)
+        for k, image in enumerate(images):
+            padded[k, :, :image.shape[-2], :image.shape[-1]] = image
+        sizes = torch.tensor([[*i.shape[-2:], *self.geometry(*i.shape[-2:])] for i in images], device=self.device)
+        rows = resize_weights(sizes[:, 0], sizes[:, 2], sizes[:, 4], s, h, self.pre.interpolation)
+        cols = resize_weights(sizes[:, 1], sizes[:, 3], sizes[:, 5], s, w, self.pre.interpolation)
+        n = len(images)
+        across = torch.bmm(padded.float().view(n, 3 * h, w), cols.transpose(1, 2))      # [N, 3H, S]
+        return torch.matmul(rows[:, None], across.view(n, 3, h, s))                      # [N, 3, S, S]
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Images of equal size are resized together: one resize per size in the batch, not per image."""
         s = self.pre.image_size
         batch = torch.empty((len(images), 3, s, s), device=self.device).contiguous(memory_format=torch.channels_last)
-        sizes = defaultdict(list)
-        for k, image in enumerate(images):
-            sizes[tuple(image.shape[-2:])].append(k)
-        for members in sizes.values():
-            group = torch.stack([images[k] for k in members]) if len(members) > 1 else images[members[0]][None]
-            crops = self.resized_crop(group)
-            if len(members) == len(images):
-                batch.copy_(crops)
-            else:
-                batch[torch.tensor(members, device=self.device)] = crops
+        chunks = [[]]
+        for k in sorted(range(len(images)), key=lambda k: tuple(images[k].shape[-2:])):
+            if chunks[-1] and self.padded_bytes([images[i] for i in [*chunks[-1], k]]) > self.chunk_bytes:
+                chunks.append([])
+            chunks[-1].append(k)
+        for chunk in chunks:
+            batch[torch.tensor(chunk, device=self.device)] = self.resized_crops([images[i] for i in chunk])
         # PIL rounds and clamps to uint8 after resizing; clamping keeps bicubic overshoot in range likewise
         return batch.clamp_(0, 255).mul_(self.scale).add_(self.shift)
 
@@ -185,10 +227,6 @@ def decoded(batch, decoder: JpegDecoder, prepare: TensorPreprocess):
         good = [g for k, g in enumerate(good) if k not in failed]
     computed = [image for image in images if image is not None]   # the rest are reused or failed
     batch = prepare(computed) if computed else None
-    if prepare.device.type == "cuda":
-        # nvImageCodec's images and its reads of the pinned bytes live outside torch's stream-aware allocator:
-        # this thread's stream finishes with them before they are freed (the main thread does not wait)
-        torch.cuda.current_stream(prepare.device).synchronize()
     return good, batch, bad
 
 
@@ -208,8 +246,8 @@ def _native_stderr_silenced():
 
 class JpegDecoder:
     """Decodes a batch of JPEGs (uint8 byte tensors) onto `device`: per image a uint8 [3, H, W] tensor, or
-    the reason it cannot be decoded. nvImageCodec first where it is installed (on a CPU device in its CPU-only
-    mode, which decodes as PIL does), then torchvision's `decode_jpeg` for what it could not decode, then PIL
+    the reason it cannot be decoded. torchvision's `decode_jpeg` first, then nvImageCodec where it is installed
+    (on a CPU device in its CPU-only mode, which decodes as PIL does) for what torchvision refused, then PIL
     image by image, which also names the reason. `decoders` picks and orders them (tests inject failures)."""
 
     def __init__(self, device: torch.device, decoders: list | None = None):
@@ -218,7 +256,7 @@ class JpegDecoder:
             decoders = [self._torchvision]
             nvimgcodec = _nvimgcodec_decoder(device)
             if nvimgcodec is not None:
-                decoders.insert(0, nvimgcodec)
+                decoders.append(nvimgcodec)
         self.decoders = decoders
 
     @property
@@ -246,7 +284,10 @@ class JpegDecoder:
 
 
 class NvImageCodec:
-    """nvImageCodec's batched decoder as a `JpegDecoder` step: None for each image it cannot decode."""
+    """nvImageCodec's batched decoder as a `JpegDecoder` step: None for each image it cannot decode. On CUDA
+    its images are copied into torch's memory and its stream finished before it returns: its own buffers and
+    its reads of the (pinned) bytes are unknown to torch's stream-aware allocators, which could otherwise
+    reuse that memory while a queued kernel still uses it."""
     name = "nvImageCodec"
 
     def __init__(self, module, device: torch.device):
@@ -262,14 +303,15 @@ class NvImageCodec:
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
         images = self.decoder.decode([self.nv.CodeStream(e.numpy()) for e in encoded], params=self.params,
                                      cuda_stream=stream)
-        return [None if image is None else self._tensor(image) for image in images]
+        tensors = [None if image is None else self._tensor(image) for image in images]
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return tensors
 
     def _tensor(self, image) -> torch.Tensor:
         if image.buffer_kind == self.nv.ImageBufferKind.STRIDED_DEVICE:
-            hwc = torch.as_tensor(image, device=self.device)     # zero-copy through __cuda_array_interface__
-        else:
-            hwc = torch.from_numpy(np.asarray(image))
-        return hwc.permute(2, 0, 1)
+            return torch.as_tensor(image, device=self.device).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
 
 
 def _nvimgcodec_decoder(device: torch.device) -> NvImageCodec | None:

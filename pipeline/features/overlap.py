@@ -5,6 +5,7 @@ import contextlib
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def prefetched(batches, device: torch.device, depth: int = 2):
 class Block:
     """One batch of a split on its way to the cache."""
     split: str
-    features: dict[str, np.ndarray] | None   # each layer's vectors; None when the batch has no rows
+    features: Callable[[], dict[str, np.ndarray]] | None   # gives each layer's vectors; None: no rows
     labels: list[int]
     paths: list[str]
     sha256: list[str]
@@ -119,7 +120,8 @@ class BackgroundWriter:
             return
         rows = [b for b in blocks if b.features is not None]
         if rows:
-            features = {layer: np.concatenate([b.features[layer] for b in rows]) for layer in rows[0].features}
+            vectors = [b.features() for b in rows]     # waits for the device where it is still computing
+            features = {layer: np.concatenate([v[layer] for v in vectors]) for layer in vectors[0]}
             self.writer.append(blocks[0].split, features, [x for b in rows for x in b.labels],
                                [x for b in rows for x in b.paths], [x for b in rows for x in b.sha256])
         self.writer.skip([s for b in blocks for s in b.skipped])

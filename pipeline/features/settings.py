@@ -83,6 +83,8 @@ class BenchSettings(RunSettings, BackboneSettings, DatasetSettings):
     images: int | None = setting(None, "Use only the first N images.", min=1)
     repeats: int = setting(2, "Timed runs of each, interleaved; the best counts.", min=1, max=1000)
     tutorial: bool = setting(True, "Also time the tutorial-style loop.")
+    tutorial_images: int = setting(2048, "Time the tutorial loop on the first N images only: its rate is steady, "
+                                         "and on a GPU the whole set would take minutes.", min=1)
     engine: list[str] | None = setting(None, "Engine to time, repeatable: torch, onnxruntime, openvino (model "
                                              "alone, if installed); default: torch and, on a CPU, onnxruntime.",
                                        choices=BENCH_ENGINES)
