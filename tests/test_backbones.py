@@ -25,6 +25,27 @@ def test_vgg16_hooks_the_penultimate_layer_and_offers_avgpool_flattened():
     np.testing.assert_allclose(out["classifier.4"], np.maximum(out["classifier.3"], 0), rtol=1e-6)
 
 
+def test_compiled_embedders_give_their_own_features_after_other_compiles_of_the_same_network(monkeypatch):
+    """torch.compile skips guards on module hooks by default, so a graph compiled earlier in the process for
+    the same network without these hooks, or with others, was reused and gave no features (`extract
+    --compile` after `bench`'s model-only run, or two layers in turn). Dynamo's guards are what is tested, so
+    its eager backend stands in for the slow inductor one."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
+    resnet = load_backbone("resnet18", "none", ["avgpool", "layer3"], image_size=32)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with Embedder(resnet) as embed:
+        want = embed(x)
+    with torch.inference_mode():
+        torch.compile(resnet.model)(x)                   # the same network compiled without hooks
+    for layers in (["avgpool"], ["layer3"], ["avgpool", "layer3"]):
+        with Embedder(replace(resnet, layers=tuple(layers)), compile=True, batch_size=4) as embed:
+            got = embed(x)
+        assert list(got) == layers
+        for layer in layers:
+            np.testing.assert_allclose(got[layer], want[layer], rtol=1e-5, atol=1e-5)
+
+
 def test_registry_feature_dims_match_the_hooked_layers():
     for name in ("resnet18", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"):
         entry = REGISTRY[name]()

@@ -356,6 +356,25 @@ def inference_model(backbone: Backbone) -> nn.Module:
     return folded(backbone.model, tuple(dict.fromkeys(sum(modules, []))), example)
 
 
+class FeatureGraph(nn.Module):
+    """The folded network returning the feature layers' outputs, [N, D] each, in `layers` order: what
+    `Embedder` runs (compiled or not) and what the ONNX export holds."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.model = inference_model(backbone)
+        self.layers = backbone.layers
+        self.hooks = [FeatureHook(self.model, layer, layer in backbone.flattened) for layer in backbone.layers]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.model(images)
+        return tuple(hook.output for hook in self.hooks)
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 class Embedder:
     """The frozen model with a hook on each feature layer: a batch of images in, one float32
     [N, D] array per layer out. With TTA each image also runs flipped left-right and the two
@@ -366,20 +385,32 @@ class Embedder:
                  compile: bool = False, batch_size: int | None = None):
         self.device = torch.device(device)
         # channels-last: faster on CPU and CUDA
-        self.model = inference_model(backbone).to(self.device, memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.graph = FeatureGraph(backbone).to(self.device, memory_format=torch.channels_last)
+        self.model = self.graph.model
+        self.forward = torch.compile(self.graph) if compile else self.graph
         self.pad_to = batch_size if compile else None
         self.bfloat16 = precision == "bfloat16"
-        self.hooks = {layer: FeatureHook(self.model, layer, layer in backbone.flattened)
-                      for layer in backbone.layers}
         self.tta = backbone.tta
 
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         n = len(images)
         if self.pad_to and n < self.pad_to:
             images = torch.cat([images, images.new_zeros((self.pad_to - n, *images.shape[1:]))])
-        self.forward(images.contiguous(memory_format=torch.channels_last))
-        return {layer: hook.output[:n] for layer, hook in self.hooks.items()}
+        # dynamo skips guards on module hooks by default: a graph compiled in this process for the same
+        # network without these hooks (or with others) would otherwise be reused, and give no features
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            outputs = self.forward(images.contiguous(memory_format=torch.channels_last))
+        return {layer: out[:n] for layer, out in zip(self.graph.layers, outputs)}
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each layer's features of a batch, on the device (TTA included)."""
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bfloat16):
+            x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out = self._run(x)
+            if self.tta:
+                flipped = self._run(x.flip(-1))
+                out = {layer: (out[layer].float() + flipped[layer].float()) / 2 for layer in out}
+            return {layer: f.float() for layer, f in out.items()}
 
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         return self.submit(images)()
@@ -388,13 +419,8 @@ class Embedder:
         """Queue the forward pass of a batch; the returned function waits for its vectors. On CUDA they are
         copied into pinned host memory behind the model, so the caller queues the next batch meanwhile
         instead of waiting for this one."""
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bfloat16):
-            x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            out = self._run(x)
-            if self.tta:
-                flipped = self._run(x.flip(-1))
-                out = {layer: (out[layer].float() + flipped[layer].float()) / 2 for layer in out}
-            out = {layer: f.float() for layer, f in out.items()}
+        out = self.features(images)
+        with torch.inference_mode():
             if self.device.type != "cuda":
                 vectors = {layer: f.numpy() for layer, f in out.items()}
                 return lambda: vectors
@@ -409,8 +435,7 @@ class Embedder:
         return vectors
 
     def close(self) -> None:
-        for hook in self.hooks.values():
-            hook.remove()
+        self.graph.remove_hooks()
 
     def __enter__(self) -> "Embedder":
         return self

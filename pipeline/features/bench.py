@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.folders import Dataset
 from pipeline.data.images import ImageFiles, collate
-from pipeline.features.backbones import Backbone, FeatureHook, inference_model, load_backbone
+from pipeline.features.backbones import Backbone, Embedder, FeatureHook, load_backbone
 from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
 from pipeline.features.extract import extract
 from pipeline.features.settings import BenchSettings
@@ -77,15 +77,12 @@ def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precisi
     size = backbone.preprocessing.image_size
     x = torch.randn(batch_size, 3, size, size, device=dev)
     if engine == "torch":
-        model = inference_model(backbone).to(dev, memory_format=torch.channels_last)
-        forward = torch.compile(model) if compile else model
-        x = x.contiguous(memory_format=torch.channels_last)
+        embed = Embedder(backbone, dev, precision, compile, batch_size)
 
         def run(batches: int) -> None:
-            with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bfloat16"):
-                for _ in range(batches):
-                    forward(x)
-                _sync(dev)
+            for _ in range(batches):
+                embed.features(x)
+            _sync(dev)
         return run
     embed, notes = onnx_embedder(backbone)     # exports into the cache folder if needed
     if embed is None:

@@ -24,9 +24,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from pipeline.features.backbones import Backbone, Embedder, FeatureHook, inference_model
+from pipeline.features.backbones import Backbone, Embedder, FeatureGraph
 from pipeline.features.settings import ENGINES
 from pipeline.runtime.errors import UserError
 
@@ -73,19 +72,6 @@ def export_key(backbone: Backbone) -> dict:
             "versions": {**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
 
 
-class FeatureGraph(nn.Module):
-    """The folded network returning the feature layers' outputs, [N, D] each, in `layers` order."""
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.model = inference_model(backbone)
-        self.hooks = [FeatureHook(self.model, layer, layer in backbone.flattened) for layer in backbone.layers]
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.model(images)
-        return tuple(hook.output for hook in self.hooks)
-
-
 def export(backbone: Backbone) -> bytes:
     """The ONNX graph of the folded backbone: input `images` [N, 3, S, S], one output per feature layer."""
     graph = FeatureGraph(backbone).eval()
@@ -98,8 +84,7 @@ def export(backbone: Backbone) -> bytes:
                               output_names=names, opset_version=OPSET, dynamo=False,
                               dynamic_axes={name: {0: "batch"} for name in ["images", *names]})
     finally:
-        for hook in graph.hooks:
-            hook.remove()
+        graph.remove_hooks()
     return buffer.getvalue()
 
 

@@ -249,12 +249,12 @@ def _batch_vectors(digests: list[str], images: torch.Tensor | None, embed: Embed
 
     def vectors() -> dict[str, np.ndarray]:
         new, out = computed(), {}
+        if not old or not new:     # all computed or all reused: no copy
+            return new or old
         for layer, dim in dims.items():
             out[layer] = np.empty((len(digests), dim), np.float32)
-            if new:
-                out[layer][~known] = new[layer]
-            if old:
-                out[layer][known] = old[layer]
+            out[layer][~known] = new[layer]
+            out[layer][known] = old[layer]
         return out
     return vectors
 
