@@ -94,7 +94,7 @@ def main() -> None:
          lambda: sum(len(roi_resized_crop(images[i:i + bs], pre.pre)) for i in range(0, 4 * bs, bs)), dev)
     for decode in chain.decoders:
         only = JpegDecoder(dev, [decode])
-        rate(f"all three in gpu_batches (decoding on a thread, {only.name})",
+        rate(f"all three in gpu_batches (decoding and resizing on two threads, {only.name})",
              lambda: sum(len(b[0]) for b in gpu_batches(args.data, samples, pre.pre, bs, args.workers, dev,
                                                          decoder=only)), dev)
 

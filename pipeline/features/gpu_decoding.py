@@ -197,8 +197,9 @@ class TensorPreprocess:
 def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
                 device: torch.device, known: Collection[str] = (), decoder: JpegDecoder | None = None):
     """Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
-    in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does. A thread decodes and
-    preprocesses the next batches (on CUDA on a stream of its own) while the caller runs the model."""
+    in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does. Two threads work ahead of
+    the caller's model, each on a CUDA stream of its own: one decodes the next batches, the other resizes
+    the batches decoded before (the decoders and the resize kernels release the GIL, so the two overlap)."""
     from torch.utils.data import DataLoader
 
     prepare = TensorPreprocess(pre, device)
@@ -206,13 +207,15 @@ def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_siz
     loader = DataLoader(FileBytes(root, samples, known), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_bytes, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None, worker_init_fn=worker_init())
-    return prefetched((decoded(batch, decoder, prepare) for batch in loader), device)
+    decoded_batches = prefetched((decoded(batch, decoder, device) for batch in loader), device)
+    return prefetched((preprocessed(batch, prepare) for batch in decoded_batches), device)
 
 
-def decoded(batch, decoder: JpegDecoder, prepare: TensorPreprocess):
-    """One batch from `collate_bytes` to `gpu_batches`'s form: its JPEGs decoded together on the device."""
+def decoded(batch, decoder: JpegDecoder, device: torch.device):
+    """One batch from `collate_bytes` as (good, images on `device` (None: reused), bad): its JPEGs decoded
+    together; those that fail join `bad`."""
     good, blob, spans, tensors, bad = batch
-    images = [None if t is None else t.to(prepare.device, non_blocking=True) for t in tensors]
+    images = [None if t is None else t.to(device, non_blocking=True) for t in tensors]
     jpegs = [k for k, span in enumerate(spans) if span is not None]
     results = decoder([blob[spans[k][0]:spans[k][0] + spans[k][1]] for k in jpegs])
     failed = set()
@@ -225,9 +228,15 @@ def decoded(batch, decoder: JpegDecoder, prepare: TensorPreprocess):
     if failed:
         bad.sort()
         good = [g for k, g in enumerate(good) if k not in failed]
-    computed = [image for image in images if image is not None]   # the rest are reused or failed
-    batch = prepare(computed) if computed else None
-    return good, batch, bad
+        images = [image for k, image in enumerate(images) if k not in failed]
+    return good, images, bad
+
+
+def preprocessed(batch, prepare: TensorPreprocess):
+    """A decoded batch in `gpu_batches`'s form."""
+    good, images, bad = batch
+    computed = [image for image in images if image is not None]   # the rest are reused
+    return good, prepare(computed) if computed else None, bad
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ from pipeline.storage.cache import FeatureWriter
 
 def prefetched(batches, device: torch.device, depth: int = 2):
     """Iterate `batches` on a thread, up to `depth` items ahead of the caller, and yield them in order.
-    On CUDA the thread queues its work on a stream of its own; each item's tensors are handed to the
-    caller's stream once that work is done. Errors of the thread are raised here."""
+    On CUDA the thread queues its work on a stream of its own; each item's tensors (also those in a list)
+    are handed to the caller's stream once that work is done. Errors of the thread are raised here."""
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop, end = threading.Event(), object()
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -58,8 +58,9 @@ def prefetched(batches, device: torch.device, depth: int = 2):
                 current = torch.cuda.current_stream(device)
                 current.wait_event(ready)
                 for value in item:
-                    if isinstance(value, torch.Tensor):
-                        value.record_stream(current)    # its memory is not reused before the caller is done
+                    for tensor in value if isinstance(value, list) else [value]:
+                        if isinstance(tensor, torch.Tensor):
+                            tensor.record_stream(current)   # its memory is not reused before the caller is done
             yield item
     finally:
         stop.set()
