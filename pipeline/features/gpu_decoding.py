@@ -148,8 +148,12 @@ class TensorPreprocess:
     common size and multiplied by per-image resampling matrices (`resize_weights`), in chunks of at most
     `chunk_bytes` of padded floats (images sorted by height and width, so little is padding)."""
 
-    def __init__(self, pre: Preprocessing, device: torch.device, chunk_bytes: int = 512 << 20):
+    def __init__(self, pre: Preprocessing, device: torch.device, chunk_bytes: int = 512 << 20,
+                 dtype: torch.dtype | None = None):
         self.pre, self.device, self.chunk_bytes = pre, device, chunk_bytes
+        # float16 on CUDA: tensor cores, and half the memory traffic (uint8 pixels are exact in float16; the
+        # results stay within half a grey level of float32's, 0.04 on average: tests/test_fastpath.py)
+        self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) / std
@@ -177,8 +181,9 @@ class TensorPreprocess:
         rows = resize_weights(sizes[:, 0], sizes[:, 2], sizes[:, 4], s, h, self.pre.interpolation)
         cols = resize_weights(sizes[:, 1], sizes[:, 3], sizes[:, 5], s, w, self.pre.interpolation)
         n = len(images)
-        across = torch.bmm(padded.float().view(n, 3 * h, w), cols.transpose(1, 2))      # [N, 3H, S]
-        return torch.matmul(rows[:, None], across.view(n, 3, h, s))                      # [N, 3, S, S]
+        rows, cols = rows.to(self.dtype), cols.to(self.dtype)
+        across = torch.bmm(padded.to(self.dtype).view(n, 3 * h, w), cols.transpose(1, 2))      # [N, 3H, S]
+        return torch.matmul(rows[:, None], across.view(n, 3, h, s)).float()                      # [N, 3, S, S]
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         s = self.pre.image_size
