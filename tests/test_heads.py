@@ -63,6 +63,21 @@ def test_early_stopping_keeps_the_best_epoch():
     np.testing.assert_allclose(head.scores(Xv), again.scores(Xv), rtol=1e-5, atol=1e-6)
 
 
+def test_a_linear_heads_default_learning_rate_follows_the_length_of_the_vectors():
+    """L2-normalised vectors and the same vectors 40 times longer train alike with the default rate (0.1 over
+    the mean length), within tens of epochs; the former fixed 0.01 needs more than twice as many on unit vectors."""
+    X, y = blobs([60, 60, 60], dim=8)
+    Xv, yv = blobs([30, 30, 30], seed=1, dim=8)
+    X, Xv = (A / np.linalg.norm(A, axis=1, keepdims=True) for A in (X, Xv))
+    unit, long = (TorchHead(patience=5, device="cpu").fit(scale * X, y, scale * Xv, yv) for scale in (1, 40))
+    fixed = TorchHead(lr=1e-2, patience=5, device="cpu").fit(X, y, Xv, yv)
+    assert unit.default_lr(torch.as_tensor(X)) == pytest.approx(0.1)
+    assert unit.best_epoch_ <= 60 and long.best_epoch_ <= 60 and fixed.best_epoch_ > 2 * unit.best_epoch_
+    accuracy = [np.mean(head.predict(scale * Xv) == yv) for head, scale in ((unit, 1), (long, 40), (fixed, 1))]
+    assert abs(accuracy[0] - accuracy[1]) <= 0.05 and accuracy[0] >= accuracy[2] - 0.05
+    assert TorchHead(hidden=8).default_lr(torch.as_tensor(X)) == 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_head_trains_on_the_gpu_when_present():
     X, y = blobs([30, 30, 30])

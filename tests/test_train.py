@@ -62,6 +62,25 @@ def test_test_split_never_influences_a_choice(tmp_path, classifier):
         assert model_a[-1].n_samples_fit_ == 60 + 32
 
 
+def test_rbf_svm_scores_each_c_by_the_svm_alone_and_calibrates_the_chosen_one(tmp_path, monkeypatch):
+    """Calibration (five more fits) is made once, for the chosen C: the search's scores are the val accuracies
+    of the uncalibrated SVM, one fit per value, and the model written gives calibrated probabilities."""
+    from sklearn.preprocessing import normalize
+    from sklearn.svm import SVC
+    fits, real_fit = [], SVC.fit
+    monkeypatch.setattr(SVC, "fit", lambda self, *a, **kw: fits.append(self.C) or real_fit(self, *a, **kw))
+    train_, val, test = blobs(15, 1), blobs(8, 2), blobs(8, 3)
+    cache = synthetic_cache(tmp_path / "c.h5", {"train": train_, "val": val, "test": test}, CLASSES)
+    metrics, model = fit(cache, tmp_path / "m", "rbf_svm")
+    assert len(fits) == len(metrics["search"]["scores"]) + 6      # the final model: 5 calibration folds and all
+    for c, score in metrics["search"]["scores"].items():
+        svm = SVC(C=float(c), random_state=0).fit(normalize(train_[0]), train_[1])
+        assert score == pytest.approx(np.mean(svm.predict(normalize(val[0])) == val[1]))
+    probabilities = model[-1].predict_proba(model[0].transform(test[0]))
+    np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-6)
+    assert type(model[-1].model_).__name__ == "CalibratedClassifierCV"
+
+
 def test_selection_sees_val(tmp_path):
     """The check above would notice influence: altering val (the selection split) changes the search."""
     train_, val, test = blobs(15, 1), blobs(8, 2), blobs(8, 3)

@@ -53,7 +53,10 @@ def runs_in_torch(name: str) -> bool:
 
 class CalibratedRbfSVM(BaseEstimator, ClassifierMixin):
     """An RBF SVM with calibrated probabilities. class_weight='balanced' weights the samples of both the
-    SVM and its calibration; weighting the SVM alone is undone by calibrating on unweighted data."""
+    SVM and its calibration; weighting the SVM alone is undone by calibrating on unweighted data.
+    The search for C scores the SVM alone (`for_search`): calibrating costs five more fits per value (a C
+    search on the demo's cache took 20 s instead of 3); at three values of C there, it moved the val accuracy by
+    at most 0.003."""
 
     def __init__(self, C: float = 1.0, gamma="scale", class_weight: str | None = None, seed: int = 0):
         self.C, self.gamma, self.class_weight, self.seed = C, gamma, class_weight, seed
@@ -64,6 +67,10 @@ class CalibratedRbfSVM(BaseEstimator, ClassifierMixin):
         self.model_ = CalibratedClassifierCV(svc, ensemble=False).fit(X, y, sample_weight=weight)
         self.classes_ = self.model_.classes_
         return self
+
+    def for_search(self) -> SVC:
+        """The same SVM uncalibrated, whose predictions score a value of C during the search."""
+        return SVC(C=self.C, gamma=self.gamma, class_weight=self.class_weight, random_state=self.seed)
 
     def predict_proba(self, X) -> np.ndarray:
         return self.model_.predict_proba(X)

@@ -32,11 +32,15 @@ def _preprocessor(kind: str):
     return {"l2": Normalizer(), "standardize": StandardScaler(), "none": FunctionTransformer()}[kind]
 
 
-def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | None = None):
-    """A fitted preprocessing+head pipeline; torch heads early-stop on (X_val, y_val) when given."""
+def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | None = None, search: bool = False):
+    """A fitted preprocessing+head pipeline; torch heads early-stop on (X_val, y_val) when given. `search`:
+    the head's cheaper stand-in for scoring a candidate value, where it has one (`for_search`)."""
     seeded = {"seed": s.seed} if "seed" in CLASSIFIERS[s.classifier].params else {}
     params = {**seeded, **s.params, **({"epochs": epochs} if epochs else {})}
-    model = make_pipeline(_preprocessor(s.preprocess), make_head(s.classifier, value, s.class_weight, **params))
+    head = make_head(s.classifier, value, s.class_weight, **params)
+    if search and hasattr(head, "for_search"):
+        head = head.for_search()
+    model = make_pipeline(_preprocessor(s.preprocess), head)
     if getattr(model[-1], "early_stops", False):
         pre = model[0].fit(X)
         model[-1].fit(pre.transform(X), y, *((pre.transform(X_val), y_val) if X_val is not None else ()))
@@ -128,7 +132,7 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
                 continue   # more neighbours than training images
             scores, epochs = [], []
             for Xa, ya, Xb, yb in folds:
-                model = _fit(s, value, Xa, ya, Xb, yb)
+                model = _fit(s, value, Xa, ya, Xb, yb, search=True)
                 scores.append(float(np.mean(model.predict(Xb) == yb)))
                 epochs.append(getattr(model[-1], "best_epoch_", None))
             tried[value] = Trial(float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
