@@ -53,19 +53,21 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     images = make_image_folder(tmp_path / "images", {"train": 6}, classes=("red", "blue"), ext=".jpg")
     out = tmp_path / "bench.json"
     proc = run_cli("bench", images, "--out", out, "--image-size", 32, "--batch-size", 4, "--repeats", 1,
-                   "--device", "cpu", "--workers", 0, check=True)
+                   "--device", "cpu", "--workers", 0, "--tutorial-images", 4, check=True)
     rows = json.loads(out.read_text())
     assert [r["engine"] for r in rows] == ["torch", "onnxruntime"]     # side by side on a CPU
     for result in rows:
         assert result["images"] == 12 and result["device"] == "cpu" and result["precision"] == "float32"
+        assert result["decoder"] == "PIL" and result["tutorial_images"] == 4     # the tutorial loop on 4 of 12
         for name in ("tutorial", "extract", "model_only"):
             assert result["images_per_s"][name] > 0
+        assert set(result["startup_s"]) == {"extract"} and result["startup_s"]["extract"] > 0
         assert result["ratios"]["extract_vs_tutorial"] == result["images_per_s"]["extract"] / \
             result["images_per_s"]["tutorial"]
     assert rows[0]["images_per_s"]["tutorial"] == rows[1]["images_per_s"]["tutorial"]
     assert rows[1]["ratios"]["model_only_vs_torch"] == rows[1]["images_per_s"]["model_only"] / \
         rows[0]["images_per_s"]["model_only"]
-    assert "| efficientnet_lite0 | cpu (" in proc.stdout and "| onnxruntime |" in proc.stdout
+    assert "| efficientnet_lite0 | cpu (" in proc.stdout and "| onnxruntime | PIL |" in proc.stdout
 
 
 def test_benchmark_script_compares_batch_sizes_and_defaults_to_extracts(tmp_path):

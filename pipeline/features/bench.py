@@ -62,12 +62,15 @@ def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch
 
 
 def extract_run(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int, out: Path,
-                precision: str, compile: bool, workers: int | None, engine: str) -> tuple[int, float]:
-    """(images, start-up seconds) of one `extract` run in which every image is computed."""
+                precision: str, compile: bool, workers: int | None, engine: str,
+                decoding: dict) -> tuple[int, float]:
+    """(images, start-up seconds) of one `extract` run in which every image is computed; its decoders are
+    recorded in `decoding[engine]`."""
     summary = extract(dataset, backbone, out, batch_size, str(dev), "float16", workers, quiet=True,
                       reuse=False, precision=precision, compile=compile, engine=engine)
     if engine not in summary.device:
         raise RuntimeError(f"extract ran {summary.device} instead of {engine}: {summary.notes}")
+    decoding[engine] = summary.decoding
     return summary.extracted, summary.startup_seconds
 
 
@@ -145,6 +148,7 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
         dataset = _subset(dataset, s.images)
     bb = load_backbone(s.backbone, s.weights, None, s.image_size)
     batches = max(1, len(dataset.samples) // batch_size)
+    decoding: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         jobs = {} if not s.tutorial else {
@@ -152,7 +156,7 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
                                                 tmp / "tutorial.npy")}
         for engine in (e for e in engines if e != "openvino"):
             jobs[f"extract {engine}"] = lambda d, engine=engine: extract_run(
-                d, bb, dev, batch_size, tmp / "features.h5", precision, s.compile, s.workers, engine)
+                d, bb, dev, batch_size, tmp / "features.h5", precision, s.compile, s.workers, engine, decoding)
         warmup = _subset(dataset, min(len(dataset.samples), batch_size if dev.type == "cuda" else 8))
         for name, job in jobs.items():
             job(warmup)
@@ -177,7 +181,8 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
         ips = {short: best[name] for short, name in mine.items()}
         result = {
             "backbone": s.backbone, "weights": s.weights, "image_size": bb.preprocessing.image_size,
-            "batch_size": batch_size, "device": str(dev), "engine": engine, "precision": precision,
+            "batch_size": batch_size, "device": str(dev), "engine": engine, "decoder": decoding.get(engine),
+            "precision": precision,
             "compile": s.compile, "workers": s.workers, "images": len(dataset.samples), "repeats": s.repeats,
             "tutorial_images": min(s.tutorial_images, len(dataset.samples)) if s.tutorial else 0,
             "images_per_s": ips, "median_images_per_s": {k: statistics.median(runs[n]) for k, n in mine.items()},
@@ -195,7 +200,7 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
     return results
 
 
-COLUMNS = ("backbone", "device", "engine", "precision", "compile", "batch", "images", "tutorial img/s",
+COLUMNS = ("backbone", "device", "engine", "decoder", "precision", "compile", "batch", "images", "tutorial img/s",
            "extract img/s", "extract start-up s", "model-only img/s", "extract / tutorial", "extract / model-only",
            "model-only / torch")
 
@@ -209,8 +214,9 @@ def table(results: list[dict]) -> str:
         ips, ratios = r["images_per_s"], r["ratios"]
         where = r["environment"].get("gpu", f"{r['device']} ({r['environment']['cpu_count']} cores)")
         rows.append("| " + " | ".join([
-            r["backbone"], where, r.get("engine", "torch"), r["precision"], "yes" if r["compile"] else "no",
-            str(r["batch_size"]), str(r["images"]), fmt(ips.get("tutorial")), fmt(ips.get("extract")),
+            r["backbone"], where, r.get("engine", "torch"), r.get("decoder") or "-", r["precision"],
+            "yes" if r["compile"] else "no", str(r["batch_size"]), str(r["images"]), fmt(ips.get("tutorial")),
+            fmt(ips.get("extract")),
             fmt(r.get("startup_s", {}).get("extract"), ".1f"), fmt(ips["model_only"]),
             fmt(ratios.get("extract_vs_tutorial"), ".2f", "x"), fmt(ratios.get("extract_vs_model_only"), ".2f"),
             fmt(ratios.get("model_only_vs_torch"), ".2f", "x")])

@@ -51,6 +51,7 @@ class ExtractSummary:
     reused: int = 0                    # rows copied from the previous cache at `out`
     notes: list[str] = field(default_factory=list)
     startup_seconds: float = 0.0       # until the first batch reached the model: weights, workers, first decode
+    decoding: str = "PIL"              # the image decoders, in the order they are tried
 
     @property
     def computed(self) -> int:
@@ -172,7 +173,8 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
             pre = backbone.preprocessing
             embed, engine, engine_notes = embedder(backbone, dev, engine, precision, compile, batch_size)
             notes += engine_notes
-            mode = (f"{dev}, {engine}, {decoder.name if decoder else 'PIL'} decoding, {precision}"
+            decoding = decoder.name if decoder else "PIL"
+            mode = (f"{dev}, {engine}, {decoding} decoding, {precision}"
                     f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
             if not quiet:
                 tqdm.write(f"extract: {mode}")
@@ -217,7 +219,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
             raise
     skipped = writer.skipped
     return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
-                          time.perf_counter() - start, mode, reused, notes, startup or 0.0)
+                          time.perf_counter() - start, mode, reused, notes, startup or 0.0, decoding)
 
 
 def write_error(exc: OSError, out: Path) -> str:
