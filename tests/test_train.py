@@ -109,9 +109,13 @@ def test_without_test_split_selection_is_cv_on_train_and_val_is_evaluated_once(t
 
 @pytest.mark.slow
 def test_a_flat_search_says_so_and_stops(tmp_path, capsys):
-    """Every weight decay scores the same on val here. The search warns, keeps a middle value of its
-    grid (not an edge) and tries no finer grid."""
-    cache = synthetic_cache(tmp_path / "c.h5", {"train": blobs(10, 1), "val": blobs(5, 2), "test": blobs(5, 3)},
+    """Every weight decay scores the same on val here (classes far apart: each value gets all of val right).
+    The search warns, keeps a middle value of its grid (not an edge) and tries no finer grid."""
+    def apart(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(len(CLASSES)), n)
+        return (5 * np.eye(len(CLASSES), 8)[y] + np.random.default_rng(seed).normal(0, 0.3, (len(y), 8))
+                ).astype(np.float32), y
+    cache = synthetic_cache(tmp_path / "c.h5", {"train": apart(10, 1), "val": apart(5, 2), "test": apart(5, 3)},
                             CLASSES)
     m = train(cache, tmp_path / "m", train_settings("torch_linear", {"epochs": 60, "patience": 5}))
     grid = CLASSIFIERS["torch_linear"].grid
