@@ -182,8 +182,8 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
         result = {
             "backbone": s.backbone, "weights": s.weights, "image_size": bb.preprocessing.image_size,
             "batch_size": batch_size, "device": str(dev), "engine": engine, "decoder": decoding.get(engine),
-            "precision": precision,
-            "compile": s.compile, "workers": s.workers, "images": len(dataset.samples), "repeats": s.repeats,
+            "precision": precision, "compile": s.compile, "workers": s.workers, "images": len(dataset.samples),
+            "repeats": s.repeats,
             "tutorial_images": min(s.tutorial_images, len(dataset.samples)) if s.tutorial else 0,
             "images_per_s": ips, "median_images_per_s": {k: statistics.median(runs[n]) for k, n in mine.items()},
             "all_runs_images_per_s": {k: runs[n] for k, n in mine.items()},
@@ -216,8 +216,7 @@ def table(results: list[dict]) -> str:
         rows.append("| " + " | ".join([
             r["backbone"], where, r.get("engine", "torch"), r.get("decoder") or "-", r["precision"],
             "yes" if r["compile"] else "no", str(r["batch_size"]), str(r["images"]), fmt(ips.get("tutorial")),
-            fmt(ips.get("extract")),
-            fmt(r.get("startup_s", {}).get("extract"), ".1f"), fmt(ips["model_only"]),
+            fmt(ips.get("extract")), fmt(r.get("startup_s", {}).get("extract"), ".1f"), fmt(ips["model_only"]),
             fmt(ratios.get("extract_vs_tutorial"), ".2f", "x"), fmt(ratios.get("extract_vs_model_only"), ".2f"),
             fmt(ratios.get("model_only_vs_torch"), ".2f", "x")])
             + " |")
