@@ -33,11 +33,13 @@ from PIL import Image, ImageEnhance, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stage_two import FASHION, read_idx  # noqa: E402
-from pipeline.audit import label_issues, neighbours  # noqa: E402
+from pipeline.audit import label_issues, neighbours, pixels  # noqa: E402
 from pipeline.audit.run import read_images  # noqa: E402
+from pipeline.audit.settings import AuditSettings  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 
 THRESHOLDS = (0.70, 0.75, 0.80, 0.82, 0.84, 0.85, 0.86, 0.88, 0.90, 0.92)
+PIXEL_CHECK_FROM, PIXEL_MATCH = AuditSettings.pixel_check_from, AuditSettings.pixel_match
 
 
 def machine() -> dict:
@@ -130,23 +132,26 @@ def duplicates(folder: Path | None, k: int = 10) -> dict:
         extract_seconds = time.perf_counter() - start
         with open_cache(Path(tmp) / "features.h5") as cache:
             images = read_images(cache)
-    source = np.array([Path(p).stem.split("@")[0] for p in images.paths])
-    kind = np.array([Path(p).stem.split("@")[1] if "@" in p else "original" for p in images.paths])
-    sims, idx = neighbours.knn(neighbours.search_space(images.features), k)
-    per_threshold = []
-    for threshold in THRESHOLDS:
-        found = neighbours.duplicate_groups(sims, idx, images.splits, threshold)
-        leaking = set(found.rows[found.leak])
+        source = np.array([Path(p).stem.split("@")[0] for p in images.paths])
+        kind = np.array([Path(p).stem.split("@")[1] if "@" in p else "original" for p in images.paths])
         copies = np.flatnonzero(kind != "original")
-        a, b = np.nonzero((sims >= threshold) & (idx >= 0))
-        pairs = {tuple(sorted((int(i), int(j)))) for i, j in zip(a, idx[a, b])}
-        distinct = sum(source[i] != source[j] for i, j in pairs)
-        per_threshold.append({
-            "threshold": threshold, "copies_found_as_leaks": round(float(np.mean([c in leaking for c in copies])), 4),
-            **{f"leaks_{t}": round(float(np.mean([c in leaking for c in copies[kind[copies] == t]])), 4)
-               for t in TRANSFORMS},
-            "pairs": len(pairs), "distinct_pairs": int(distinct),
-            "distinct_share": round(distinct / max(1, len(pairs)), 4)})
+        sims, idx = neighbours.knn(neighbours.search_space(images.features), k)
+        per_threshold = []
+        for threshold, pixel_from in [(t, 1.0) for t in THRESHOLDS] + [(t, PIXEL_CHECK_FROM) for t in THRESHOLDS]:
+            pairs = neighbours.neighbour_pairs(sims, idx, min(threshold, pixel_from))
+            start = time.perf_counter()
+            pairs, counts = pixels.confirm(pairs, threshold, PIXEL_MATCH, pixels.PixelCheck(str(root), images.paths))
+            found = neighbours.duplicate_groups(pairs, images.splits)
+            leaking = set(found.rows[found.leak])
+            distinct = int(np.sum(source[pairs.a] != source[pairs.b]))
+            per_threshold.append({
+                "threshold": threshold, "pixel_check_from": pixel_from,
+                "copies_found_as_leaks": round(float(np.mean([c in leaking for c in copies])), 4),
+                **{f"leaks_{t}": round(float(np.mean([c in leaking for c in copies[kind[copies] == t]])), 4)
+                   for t in TRANSFORMS},
+                "pairs": len(pairs.a), "by_pixels": int(pairs.by_pixels.sum()), "distinct_pairs": distinct,
+                "distinct_share": round(distinct / max(1, len(pairs.a)), 4), "pixels_compared": counts["checked"],
+                "pixel_seconds": round(time.perf_counter() - start, 2)})
     return {"part": "duplicates", "originals": len(sources), "copies": len(sources) * len(TRANSFORMS),
             "extract_seconds": round(extract_seconds, 1), "per_threshold": per_threshold, **machine()}
 
@@ -173,7 +178,8 @@ def scale(k: int = 10, folds: int = 5, threshold: float = 0.85) -> dict:
     before = peak_mb()
     start = time.perf_counter()
     splits = np.array(["train", "val"], dtype=object)[np.arange(len(y)) % 2]
-    groups = neighbours.duplicate_groups(*neighbours.knn(neighbours.search_space(X), k), splits, threshold)
+    groups = neighbours.duplicate_groups(neighbours.neighbour_pairs(*neighbours.knn(neighbours.search_space(X), k),
+                                                                    threshold), splits)
     sims, _ = neighbours.knn(X, k)
     class_sims, _ = neighbours.knn_within(X, y, k)
     neighbours.isolation(sims), neighbours.isolation(class_sims)

@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+# `make test` runs two test processes on the machine's cores: one compute thread per process (and per
+# subprocess of the command line) keeps them from oversubscribing the cores (on 2 cores, 1.6x faster).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -141,13 +145,15 @@ def small_cache(tmp_path_factory) -> Path:
     return out
 
 
-def synthetic_cache(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> Path:
-    """A real feature cache holding given vectors, for tests that need controlled features."""
+def synthetic_cache(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                    data_root: Path | None = None) -> Path:
+    """A real feature cache holding given vectors, for tests that need controlled features; the image of
+    row i of a split is SPLIT/i.png (under `data_root`, if given)."""
     from pipeline.features.spec import BackboneSpec, Preprocessing
     from pipeline.storage.cache import FeatureWriter, cache_attrs
     spec = BackboneSpec("synthetic", "none", "none", ("none",), Preprocessing(1, 1, "bilinear", (0, 0, 0), (1, 1, 1)))
     dim = next(iter(splits.values()))[0].shape[1]
-    writer = FeatureWriter(path, cache_attrs(spec, classes, "float32"), {"none": dim}, "float32")
+    writer = FeatureWriter(path, cache_attrs(spec, classes, "float32", data_root=data_root), {"none": dim}, "float32")
     for split, (X, y) in splits.items():
         writer.append(split, {"none": X}, y, [f"{split}/{i}.png" for i in range(len(y))], ["0" * 64] * len(y))
     writer.commit()

@@ -3,11 +3,14 @@ caches of controlled vectors; the files keep their columns; bad input is one err
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 from pipeline.audit import neighbours
 from pipeline.audit.label_issues import find_label_issues, l2_normalised, out_of_fold_probabilities
@@ -18,7 +21,7 @@ from pipeline.storage.cache import open_cache
 from tests.conftest import make_image_folder, run_cli, synthetic_cache
 
 COLUMNS = {"label_issues.csv": ["path", "split", "given", "suggested", "score"],
-           "duplicates.csv": ["group", "path", "split", "similarity", "leak"],
+           "duplicates.csv": ["group", "path", "split", "similarity", "leak", "found_by"],
            "outliers.csv": ["path", "split", "label", "score", "score_in_class", "score_overall"],
            "learning_curve.csv": ["head", "per_class", "mean", "std", "runs"]}
 
@@ -178,3 +181,51 @@ def test_extract_leaves_out_the_images_an_exclude_list_names(tmp_path: Path):
     assert proc.returncode == 2 and proc.stderr.strip() == (f"error: {listed} has no 'path' column "
                                                             f"(columns: file)")
     assert not (tmp_path / "other.h5").exists()
+
+
+def smooth_field(rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """A random picture of soft blobs: unlike any other such picture, pixel by pixel."""
+    coarse = rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+
+
+def test_pairs_under_the_threshold_are_near_duplicates_when_their_pixels_match(tmp_path: Path):
+    """Two pairs of similar vectors, below the threshold: the one whose images are a copy (re-encoded
+    at JPEG quality 30 and mirrored) is a leak found by its pixels, the other is not; without the images only
+    the vectors decide."""
+    rng = np.random.default_rng(5)
+    X, y = clusters(2, 45, dim=64, spread=1.5)
+    order = rng.permutation(len(y))
+    splits = {"train": (X[order[:60]], y[order[:60]]), "val": (X[order[60:]], y[order[60:]])}
+    for row in (0, 1):     # val/0 near train/0, val/1 near train/1
+        splits["val"][0][row] = splits["train"][0][row] + rng.normal(0, 1.4, X.shape[1])
+    root = tmp_path / "images"
+    for split, (_, labels) in splits.items():
+        (root / split).mkdir(parents=True)
+        for i in range(len(labels)):
+            smooth_field(rng).save(root / split / f"{i}.png")
+    copy = io.BytesIO()
+    ImageOps.mirror(Image.open(root / "train" / "0.png")).save(copy, "JPEG", quality=30)
+    Image.open(copy).save(root / "val" / "0.png")
+    cache = synthetic_cache(tmp_path / "features.h5", splits, ["a", "b"], data_root=root)
+
+    settings = AuditSettings(folds=2, seeds=1)
+    sims, idx = neighbours.knn(neighbours.search_space(np.concatenate([X for X, _ in splits.values()])), 10)
+    for row in (0, 1):     # both planted pairs are neighbours between the pixel check and the threshold
+        similarity = sims[row][idx[row] == 60 + row]
+        assert len(similarity) and settings.pixel_check_from <= similarity[0] < settings.duplicate_threshold
+
+    summary = audit(cache, tmp_path / "report", settings)
+    _, rows = read_csv(tmp_path / "report" / "duplicates.csv")
+    assert [(r["path"], r["leak"], r["found_by"]) for r in rows if r["path"] in ("train/0.png", "val/0.png")] == \
+        [("train/0.png", "true", "pixels"), ("val/0.png", "true", "pixels")]
+    assert not {"train/1.png", "val/1.png"} & {r["path"] for r in rows}
+    check = summary["pixel_check"]
+    assert check["confirmed"] >= 1 and check["checked"] >= 2 and check["skipped"] is None
+    assert check["unreadable_images"] == 0
+
+    shutil.rmtree(root)
+    summary = audit(cache, tmp_path / "report", settings)
+    _, rows = read_csv(tmp_path / "report" / "duplicates.csv")
+    assert not {"train/0.png", "val/0.png"} & {r["path"] for r in rows}
+    assert summary["pixel_check"]["skipped"] == f"data folder {root.resolve()} not reachable"

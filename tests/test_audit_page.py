@@ -38,10 +38,14 @@ def audit_folder(tmp_path: Path, data_root: Path | None, label_rows: int = 3) ->
               + [{"path": "train/red/broken.png", "split": "train", "given": "red", "suggested": "blue",
                   "score": 0.1}])
     write_csv(out / "duplicates.csv", [
-        {"group": 0, "path": images[0], "split": "train", "similarity": 1.0, "leak": "true"},
-        {"group": 0, "path": f"val/red/{HOSTILE}", "split": "val", "similarity": 0.97, "leak": "true"},
-        {"group": 1, "path": images[1], "split": "train", "similarity": 0.99, "leak": "false"},
-        {"group": 1, "path": images[2], "split": "train", "similarity": 0.99, "leak": "false"}])
+        {"group": 0, "path": images[0], "split": "train", "similarity": 1.0, "leak": "true",
+         "found_by": "features"},
+        {"group": 0, "path": f"val/red/{HOSTILE}", "split": "val", "similarity": 0.97, "leak": "true",
+         "found_by": "features"},
+        {"group": 1, "path": images[1], "split": "train", "similarity": 0.82, "leak": "false",
+         "found_by": "pixels"},
+        {"group": 1, "path": images[2], "split": "train", "similarity": 0.82, "leak": "false",
+         "found_by": "pixels"}])
     write_csv(out / "outliers.csv", [{"path": images[3], "split": "test", "label": "green", "score": 0.8,
                                       "score_in_class": 0.7, "score_overall": 0.6},
                                      {"path": "../outside.png", "split": "test", "label": "green", "score": 0.5,
@@ -81,6 +85,7 @@ def test_page_escapes_user_data_and_loads_nothing_from_the_network(tmp_path, dat
             assert thumb.format == "JPEG" and max(thumb.size) <= 96
     assert "cannot decode" in page or "not a recognised image" in page     # broken.png: a placeholder
     assert "path outside the data folder" in page                          # ../outside.png is not read
+    assert page.count("0.82 · pixels") == 2 and "0.97 · pixels" not in page  # what joined each group
     hrefs = {a["href"] for a in elements.all("a")}
     assert set(COLUMNS) <= hrefs and (data_root / "val" / "red" / HOSTILE).as_uri() in hrefs
 

@@ -6,7 +6,8 @@ searches an inverted file, as faiss's IVF indexes do: spherical k-means cuts the
 sqrt(N) lists, and each vector is compared with the members of its `probe` nearest lists only, so the
 work grows as N^1.5 instead of N^2 (an exact search of 100,000 x 1,280 vectors is 2.6e13 multiply-adds,
 more than two CPU cores do in ten minutes). Near-duplicates are found in that neighbour graph:
-pairs above the similarity threshold, joined into groups.
+pairs above the similarity threshold (and pairs a little below it whose pixels match, pipeline.audit.pixels),
+joined into groups.
 
 The duplicate search runs on standardised vectors (`search_space`): each feature centred and scaled to
 unit variance over the cache, then L2-normalised. Raw pooled features share a large common component, so
@@ -112,26 +113,49 @@ def knn_within(X: np.ndarray, labels: np.ndarray, k: int, **options) -> tuple[np
 
 
 @dataclass
+class Pairs:
+    """Unordered neighbour pairs of images, each once (a < b)."""
+    a: np.ndarray
+    b: np.ndarray
+    similarity: np.ndarray   # cosine similarity of the two vectors
+    by_pixels: np.ndarray    # kept for its pixels (pipeline.audit.pixels), not its similarity
+
+    def subset(self, keep: np.ndarray) -> "Pairs":
+        return Pairs(self.a[keep], self.b[keep], self.similarity[keep], self.by_pixels[keep])
+
+
+def neighbour_pairs(sims: np.ndarray, idx: np.ndarray, floor: float) -> Pairs:
+    """The pairs of the neighbour lists with cosine similarity >= `floor`, most similar first."""
+    rows, slots = np.nonzero((sims >= floor) & (idx >= 0))
+    ends = np.sort(np.stack([rows, idx[rows, slots]], axis=1), axis=1)
+    ends, first = np.unique(ends, axis=0, return_index=True)
+    similarity = sims[rows, slots][first]
+    order = np.argsort(-similarity, kind="stable")
+    return Pairs(ends[order, 0], ends[order, 1], similarity[order], np.zeros(len(order), bool))
+
+
+@dataclass
 class Duplicates:
     group: np.ndarray        # [M] group id of each row in a group, groups with a leak first
     rows: np.ndarray         # [M] image index
     similarity: np.ndarray   # [M] highest cosine similarity to another member
     leak: np.ndarray         # [M] the row's group spans two splits
+    by_pixels: np.ndarray    # [M] joined only by pairs kept for their pixels
 
 
-def duplicate_groups(sims: np.ndarray, idx: np.ndarray, splits: np.ndarray, threshold: float) -> Duplicates:
-    """Groups of images joined by neighbour pairs with cosine similarity >= `threshold`."""
-    n = len(sims)
-    a, b = np.nonzero((sims >= threshold) & (idx >= 0))
-    pairs_b = idx[a, b]
+def duplicate_groups(pairs: Pairs, splits: np.ndarray) -> Duplicates:
+    """Groups of images joined by `pairs`."""
+    n = len(splits)
     best = np.full(n, -np.inf)
-    np.maximum.at(best, a, sims[a, b])
-    np.maximum.at(best, pairs_b, sims[a, b])
-    graph = coo_matrix((np.ones(len(a)), (a, pairs_b)), shape=(n, n))
+    np.maximum.at(best, pairs.a, pairs.similarity)
+    np.maximum.at(best, pairs.b, pairs.similarity)
+    by_features = np.zeros(n, bool)
+    by_features[pairs.a[~pairs.by_pixels]] = by_features[pairs.b[~pairs.by_pixels]] = True
+    graph = coo_matrix((np.ones(len(pairs.a)), (pairs.a, pairs.b)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     rows = np.flatnonzero(best > -np.inf)
     if not len(rows):
-        return Duplicates(*(np.empty(0, t) for t in (int, int, float, bool)))
+        return Duplicates(*(np.empty(0, t) for t in (int, int, float, bool, bool)))
     comp = component[rows]
     leaky = {c for c in np.unique(comp) if len(set(splits[rows[comp == c]])) > 1}
     strongest = {c: best[rows[comp == c]].max() for c in np.unique(comp)}
@@ -140,7 +164,7 @@ def duplicate_groups(sims: np.ndarray, idx: np.ndarray, splits: np.ndarray, thre
     group = np.array([number[c] for c in comp])
     order = np.lexsort((-best[rows], group))
     rows, group = rows[order], group[order]
-    return Duplicates(group, rows, best[rows], np.array([c in leaky for c in component[rows]]))
+    return Duplicates(group, rows, best[rows], np.array([c in leaky for c in component[rows]]), ~by_features[rows])
 
 
 def isolation(sims: np.ndarray) -> np.ndarray:

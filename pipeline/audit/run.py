@@ -1,7 +1,7 @@
 """`pipeline audit`: every finding on one feature cache, written as CSV files, a plot and summary.json.
 
 out_dir/label_issues.csv    path, split, given, suggested, score (most likely error first; score in [0, 1])
-out_dir/duplicates.csv      group, path, split, similarity, leak (groups spanning two splits first)
+out_dir/duplicates.csv      group, path, split, similarity, leak, found_by (groups spanning two splits first)
 out_dir/outliers.csv        path, split, label, score, score_in_class, score_overall (most unusual first)
 out_dir/learning_curve.csv  head, per_class, mean, std, runs (accuracy on the evaluation split)
 out_dir/learning_curve.png
@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.audit import label_issues, learning_curve, neighbours
+from pipeline.audit import label_issues, learning_curve, neighbours, pixels
 from pipeline.audit.settings import AuditSettings
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.settings import validate
@@ -67,8 +67,11 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
 
     start = time.perf_counter()
     search = {"exact_up_to": s.exact_up_to, "seed": s.seed}
-    duplicates = neighbours.duplicate_groups(*neighbours.knn(neighbours.search_space(images.features), s.neighbours,
-                                                             **search), images.splits, s.duplicate_threshold)
+    pairs = neighbours.neighbour_pairs(*neighbours.knn(neighbours.search_space(images.features), s.neighbours,
+                                                       **search), min(s.pixel_check_from, s.duplicate_threshold))
+    pairs, pixel_check = pixels.confirm(pairs, s.duplicate_threshold, s.pixel_match,
+                                        pixels.PixelCheck(data_root, images.paths))
+    duplicates = neighbours.duplicate_groups(pairs, images.splits)
     sims, _ = neighbours.knn(images.features, s.neighbours, **search)
     class_sims, _ = neighbours.knn_within(images.features, images.labels, s.neighbours, **search)
     overall, in_class = neighbours.isolation(sims), neighbours.isolation(class_sims)
@@ -78,7 +81,7 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     outliers = outliers[np.argsort(-outlier_score[outliers], kind="stable")]
     leak_groups = len(set(duplicates.group[duplicates.leak]))
     log(f"neighbours: {len(set(duplicates.group))} near-duplicate groups ({leak_groups} across splits), "
-        f"{len(outliers)} outliers in {time.perf_counter() - start:.1f}s")
+        f"{len(outliers)} outliers in {time.perf_counter() - start:.1f}s; " + _pixel_line(pixel_check))
 
     start = time.perf_counter()
     eval_split = next((split for split in ("test", "val") if split in splits), None)
@@ -97,9 +100,9 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
            zip(images.paths[issues.rows], images.splits[issues.rows], given[images.labels[issues.rows]],
                given[issues.suggested[issues.rows]], _rounded(issues.score[issues.rows])))
     rows = duplicates.rows
-    _write(out_dir / "duplicates.csv", ["group", "path", "split", "similarity", "leak"],
+    _write(out_dir / "duplicates.csv", ["group", "path", "split", "similarity", "leak", "found_by"],
            zip(duplicates.group, images.paths[rows], images.splits[rows], _rounded(duplicates.similarity),
-               np.where(duplicates.leak, "true", "false")))
+               np.where(duplicates.leak, "true", "false"), np.where(duplicates.by_pixels, "pixels", "features")))
     _write(out_dir / "outliers.csv", ["path", "split", "label", "score", "score_in_class", "score_overall"],
            zip(images.paths[outliers], images.splits[outliers], given[images.labels[outliers]],
                *(_rounded(v[outliers]) for v in (outlier_score, in_class, overall))))
@@ -109,11 +112,20 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     summary = {"cache": str(cache_path), "data_root": data_root, "images": len(images.labels),
                "splits": {split: int((images.splits == split).sum()) for split in splits},
                "classes": classes, "label_issues": len(issues.rows), "duplicate_groups": len(set(duplicates.group)),
-               "leak_groups": leak_groups, "outliers": len(outliers),
+               "leak_groups": leak_groups, "pixel_check": pixel_check, "outliers": len(outliers),
                "settings": {**asdict(s), "eval_split": eval_split,
                             "learning_curve_heads": list(learning_curve.HEADS)}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _pixel_line(check: dict) -> str:
+    if check["skipped"]:
+        return f"pixels not compared: {check['skipped']}"
+    line = f"pixels of {check['checked']} pairs under the threshold compared, {check['confirmed']} matched"
+    if check["checked"] < check["candidates"]:
+        line += f" ({check['candidates'] - check['checked']} less similar pairs not compared)"
+    return line + (f", {check['unreadable_images']} images unreadable" if check["unreadable_images"] else "")
 
 
 def _rounded(values: np.ndarray) -> list[str]:

@@ -11,8 +11,13 @@ class AuditSettings:
     folds: int = setting(5, "Stratified folds for the out-of-fold probabilities behind the label issues.", min=2)
     C: float = setting(10.0, "C of their logistic regression, on L2-normalised vectors.", above=0)
     neighbours: int = setting(10, "k of the k-NN outlier scores and of the duplicate search.", min=1)
-    duplicate_threshold: float = setting(0.85, "Cosine similarity (of standardised vectors) from which two "
+    duplicate_threshold: float = setting(0.88, "Cosine similarity (of standardised vectors) from which two "
                                          "images are near-duplicates.", above=0, max=1)
+    pixel_check_from: float = setting(0.6, "From this similarity, a pair under the duplicate threshold is a "
+                                      "near-duplicate if its pixels match (when the images are readable; 1: off).",
+                                      above=0, max=1)
+    pixel_match: float = setting(0.98, "Correlation of two 32x32 grey thumbnails (straight or mirrored) from "
+                                 "which their pixels match.", above=0, max=1)
     outlier_cut: float = setting(2.0, "An outlier from this isolation (k-NN distance over the median image's).",
                                  above=0)
     exact_up_to: int = setting(5000, "Vectors searched exactly; more go through an inverted file.", min=1)

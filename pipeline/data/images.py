@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Collection, NamedTuple
 
 import numpy as np
@@ -135,6 +135,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def file_under(root: Path, rel: str) -> Path:
+    """The file that a cache's relative path names under its data folder; a path that would lead outside it
+    (absolute, or with '..') is an ImageError."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise ImageError("path outside the data folder")
+    return root.joinpath(*parts)
 
 
 def read_image(path: Path, shortest: int | None = None) -> tuple[Image.Image, str]:

@@ -13,9 +13,9 @@ import hashlib
 import json
 import os
 from html import escape
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from pipeline.data.images import ImageError, read_image
+from pipeline.data.images import ImageError, file_under, read_image
 from pipeline.runtime.errors import UserError
 
 ROWS_SHOWN = 100      # rows per table (duplicate groups for duplicates.csv); the CSVs hold all of them
@@ -24,7 +24,7 @@ THUMB_SIZE = 96       # longest side of a thumbnail, in pixels
 
 COLUMNS = {
     "label_issues.csv": ("path", "split", "given", "suggested", "score"),
-    "duplicates.csv": ("group", "path", "split", "similarity", "leak"),
+    "duplicates.csv": ("group", "path", "split", "similarity", "leak", "found_by"),
     "outliers.csv": ("path", "split", "label", "score", "score_in_class", "score_overall"),
     "learning_curve.csv": ("head", "per_class", "mean", "std", "runs"),
 }
@@ -107,11 +107,8 @@ class Thumbnails:
     def _make(self, rel: str) -> str:
         if not self.reachable:
             return _placeholder("images not reachable")
-        parts = PurePosixPath(rel).parts
-        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
-            return _placeholder("path outside the data folder")
-        source = self.root.joinpath(*parts)
         try:
+            source = file_under(self.root, rel)
             image, _ = read_image(source, shortest=THUMB_SIZE)
         except ImageError as exc:
             return _placeholder(str(exc))
@@ -200,7 +197,8 @@ def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
     shown = None if rows is None else list(groups)
     out = _section("Near-duplicates and split leaks", "duplicates.csv", shown, "groups",
                    "Groups of nearly identical images, groups that span two splits (leaks) first. "
-                   f"Similarity: an image's highest cosine similarity to another of its group. Up to "
+                   "Similarity: an image's highest cosine similarity to another of its group; "
+                   "'pixels' marks an image joined by its pixels, its vector being less similar. Up to "
                    f"{MEMBERS_SHOWN} images per group are shown.")
     if not groups:
         return out
@@ -209,7 +207,8 @@ def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
     for members in ordered[:ROWS_SHOWN]:
         leak = members[0]["leak"].strip().lower() == "true"
         figures = "".join(f"<figure>{thumbs.cell(m['path'])}<figcaption>{escape(m['path'])}<br>"
-                          f"{escape(m['split'])} · {escape(m['similarity'])}</figcaption></figure>"
+                          f"{escape(m['split'])} · {escape(m['similarity'])}"
+                          f"{' · pixels' if m['found_by'] == 'pixels' else ''}</figcaption></figure>"
                           for m in members[:MEMBERS_SHOWN])
         more = f"<p>and {len(members) - MEMBERS_SHOWN:,} more</p>" if len(members) > MEMBERS_SHOWN else ""
         table.append([_text(members[0]["group"], "num"),
