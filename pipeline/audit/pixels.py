@@ -73,7 +73,7 @@ def confirm(pairs: Pairs, threshold: float, match: float, check: PixelCheck) -> 
     """The pairs at or above `threshold`, and those below it whose pixels correlate at least `match` (the
     MAX_PAIRS most similar of them are checked); and counts of what was checked, for summary.json."""
     below = np.flatnonzero(pairs.similarity < threshold)    # pairs come most similar first
-    skipped = check.unavailable()
+    skipped = check.unavailable() if len(below) else None
     checked = below[:MAX_PAIRS] if skipped is None else below[:0]
     correlations = np.array([check.correlation(pairs.a[i], pairs.b[i]) for i in checked], float)
     confirmed = checked[correlations >= match]
