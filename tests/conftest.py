@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 # `make test` runs two test processes on the machine's cores: one compute thread per process (and per
-# subprocess of the command line) keeps them from oversubscribing the cores (on 2 cores, 1.6x faster).
+# subprocess of the command line) keeps them from oversubscribing the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
