@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.folders import scan, write_manifest
-from pipeline.data.images import MAX_FILE_BYTES, ImageError, read_image
+from pipeline.data.images import MAX_FILE_BYTES, ImageError, batches_within, read_image
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
@@ -301,3 +301,10 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp
     to_tensor = Preprocessing(96, 100, "bilinear", IMAGENET_MEAN, IMAGENET_STD).transform(normalise=False)
     difference = (to_tensor(full) - to_tensor(reduced)).abs()
     assert difference.mean() < 0.02, float(difference.mean())
+
+
+def test_batches_are_cut_at_split_ends():
+    """One loader serves every split: its batches keep the batch size within a split and never cross an end."""
+    assert batches_within(7, 3, [4, 4, 7]) == [[0, 1, 2], [3], [4, 5, 6]]
+    assert batches_within(5, 2) == [[0, 1], [2, 3], [4]]
+    assert batches_within(0, 16, [0, 0]) == []

@@ -17,7 +17,7 @@ import os
 import signal
 import warnings
 from pathlib import Path, PurePosixPath
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -163,6 +163,14 @@ class ImageFiles(SampleFiles):
 
     def load(self, data: bytes) -> torch.Tensor:
         return self.transform(decode_image(data, self.shortest))
+
+
+def batches_within(n: int, batch_size: int, ends: Sequence[int] = ()) -> list[list[int]]:
+    """The indices 0..n-1 in batches of `batch_size` (a DataLoader's `batch_sampler`), cut at each of `ends`
+    too, so that no batch holds items from both sides of one."""
+    bounds = sorted({0, n, *(e for e in ends if 0 < e < n)})
+    return [list(range(i, min(i + batch_size, stop))) for start, stop in zip(bounds, bounds[1:])
+            for i in range(start, stop, batch_size)]
 
 
 def collate(items: list[FileItem]):

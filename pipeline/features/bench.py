@@ -32,6 +32,7 @@ from pipeline.features.backbones import Backbone, Embedder, FeatureHook, load_ba
 from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
 from pipeline.features.extract import extract
 from pipeline.features.settings import BenchSettings
+from pipeline.features.spec import Preprocessing
 from pipeline.runtime.devices import default_batch_size, resolve_device, resolve_precision
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import library_versions
@@ -42,11 +43,19 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def tutorial_transform(pre: Preprocessing):
+    """The preprocessing as tutorials write it, with torchvision's transforms."""
+    from torchvision import transforms as T
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[pre.interpolation]
+    return T.Compose([T.Resize(pre.resize, interpolation=mode), T.CenterCrop(pre.image_size), T.ToTensor(),
+                      T.Normalize(pre.mean, pre.std)])
+
+
 def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int,
                   out: Path) -> tuple[int, float]:
     model = backbone.model.to(dev, memory_format=torch.contiguous_format)
     hook = FeatureHook(model, backbone.layer)
-    loader = DataLoader(ImageFiles(dataset.root, dataset.samples, backbone.preprocessing.transform()),
+    loader = DataLoader(ImageFiles(dataset.root, dataset.samples, tutorial_transform(backbone.preprocessing)),
                         batch_size=batch_size, num_workers=0, collate_fn=collate)
     features = []
     try:

@@ -24,12 +24,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pipeline.features.backbones import Backbone, Embedder, FeatureGraph
 from pipeline.features.settings import ENGINES
 from pipeline.runtime.errors import UserError
 
 OPSET = 17
+GRAPH_VERSION = 2        # of what `export` writes: a change makes earlier exports stale
 TOLERANCE = 1e-4         # of the largest value of each output, the rule `folding.folded` checks by
 
 
@@ -69,23 +72,54 @@ def export_key(backbone: Backbone) -> dict:
     return {"backbone": backbone.name, "weights_sha256": backbone.weights_sha256, "layers": list(backbone.layers),
             "flattened": [layer for layer in backbone.layers if layer in backbone.flattened],
             "image_size": backbone.preprocessing.image_size, "tta": backbone.tta, "opset": OPSET,
+            "graph_version": GRAPH_VERSION,
             "versions": {**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
 
 
 def export(backbone: Backbone) -> bytes:
     """The ONNX graph of the folded backbone: input `images` [N, 3, S, S], one output per feature layer."""
+    import onnx
     graph = FeatureGraph(backbone).eval()
     size = backbone.preprocessing.image_size
     names = [f"features{i}" for i in range(len(backbone.layers))]
     buffer = io.BytesIO()
     try:
+        static_same_padding(graph.model, size)
         with torch.no_grad(), silenced():
             torch.onnx.export(graph, (torch.zeros(1, 3, size, size),), buffer, input_names=["images"],
                               output_names=names, opset_version=OPSET, dynamo=False,
                               dynamic_axes={name: {0: "batch"} for name in ["images", *names]})
     finally:
         graph.remove_hooks()
-    return buffer.getvalue()
+    model = onnx.load_from_string(buffer.getvalue())
+    for node in model.graph.node:   # an empty optional input keeps ONNX Runtime from fusing a Pad into its Conv
+        if node.op_type == "Pad" and node.input[-1] == "":
+            del node.input[-1]
+    return model.SerializeToString()
+
+
+def static_same_padding(model: nn.Module, size: int) -> None:
+    """Give timm's TensorFlow-style 'same' convolutions (`Conv2dSame`, as in EfficientNet-Lite) the constant
+    padding they get at the image size `size`. They compute it from the input's shape at run time, which
+    the export keeps as shape arithmetic ONNX Runtime cannot fold into the convolution: the layout changes
+    around the separate Pad took a quarter of Lite0's time on a CPU."""
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+    shapes: dict[nn.Module, tuple[int, int]] = {}
+
+    def keep_shape(conv: nn.Module, args: tuple) -> None:
+        shapes[conv] = tuple(args[0].shape[-2:])
+    hooks = [m.register_forward_pre_hook(keep_shape) for m in model.modules() if type(m) is Conv2dSame]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for conv, shape in shapes.items():
+        pad = tuple(pad_same_arg(shape, conv.kernel_size, conv.stride, conv.dilation))
+        conv.forward = lambda x, conv=conv, pad=pad: F.conv2d(F.pad(x, pad), conv.weight, conv.bias, conv.stride,
+                                                              0, conv.dilation, conv.groups)
 
 
 @contextmanager

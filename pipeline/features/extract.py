@@ -3,14 +3,16 @@ reusing the vectors of unchanged images from the previous cache. On CUDA, JPEGs 
 preprocessed on the GPU (pipeline.features.gpu_decoding); on CPU, PIL decodes them in DataLoader workers."""
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import os
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, Sample, write_manifest
-from pipeline.data.images import ImageFiles, collate, worker_init
+from pipeline.data.images import ImageFiles, batches_within, collate, worker_init
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
 from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
@@ -70,12 +72,13 @@ class ExtractSummary:
 
 
 def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
-                known: Collection[str] = ()):
-    """PIL decoding in DataLoader workers; yields batches in `collate`'s form. Closing the generator
-    stops the workers at once rather than when it is garbage-collected."""
+                known: Collection[str] = (), ends: Sequence[int] = ()):
+    """PIL decoding in DataLoader workers; yields batches in `collate`'s form, none across one of `ends`
+    (`batches_within`). Closing the generator stops the workers at once rather than when it is
+    garbage-collected."""
     files = ImageFiles(root, samples, pre.transform(), known, shortest=pre.resize)
-    yield from DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                          worker_init_fn=worker_init())
+    yield from DataLoader(files, batch_sampler=batches_within(len(samples), batch_size, ends),
+                          num_workers=workers, collate_fn=collate, worker_init_fn=worker_init())
 
 
 def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
@@ -181,25 +184,28 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
             with embed, \
                     tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
                 bar.update(sum(writer.progress.values()))
-                for split in dataset.splits():
-                    done = writer.progress.get(split, 0)
-                    samples = dataset.split(split)[done:]
-                    batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, known, decoder)
-                               if gpu_decode
-                               else cpu_batches(dataset.root, samples, pre, batch_size, workers, known))
-                    with closing(batches):   # on an error too: its workers and thread stop here
-                        for good, images, bad in batches:
-                            startup = startup or time.perf_counter() - start
-                            digests = [digest for _, digest in good]
-                            vectors = (_batch_vectors(digests, images, embed, backbone.feature_dims, stored)
-                                       if good else None)
-                            extracted += len(good)
-                            reused += len(good) - (0 if images is None else len(images))
-                            done += len(good) + len(bad)
-                            background.append(Block(split, vectors, [samples[i].label for i, _ in good],
-                                                    [samples[i].path for i, _ in good], digests,
-                                                    [(samples[i].path, reason) for i, reason in bad], done))
-                            bar.update(len(good) + len(bad))
+                # one loader for all splits, its batches cut at their ends: the workers run on from one
+                # split into the next instead of starting again
+                parts = [(split, dataset.split(split)[writer.progress.get(split, 0):]) for split in dataset.splits()]
+                samples = [sample for _, part in parts for sample in part]
+                ends = list(itertools.accumulate(len(part) for _, part in parts))
+                done = dict(writer.progress)
+                batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, known, decoder, ends)
+                           if gpu_decode else cpu_batches(dataset.root, samples, pre, batch_size, workers, known, ends))
+                with closing(batches):   # on an error too: its workers and thread stop here
+                    for good, images, bad in batches:
+                        startup = startup or time.perf_counter() - start
+                        split = parts[bisect.bisect_right(ends, (good or bad)[0][0])][0]
+                        digests = [digest for _, digest in good]
+                        vectors = (_batch_vectors(digests, images, embed, backbone.feature_dims, stored)
+                                   if good else None)
+                        extracted += len(good)
+                        reused += len(good) - (0 if images is None else len(images))
+                        done[split] = done.get(split, 0) + len(good) + len(bad)
+                        background.append(Block(split, vectors, [samples[i].label for i, _ in good],
+                                                [samples[i].path for i, _ in good], digests,
+                                                [(samples[i].path, reason) for i, reason in bad], done[split]))
+                        bar.update(len(good) + len(bad))
             background.close()
             if not shard_of and not writer.rows("train"):
                 raise UserError(no_training_rows(writer.skipped, out))

