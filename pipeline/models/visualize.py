@@ -118,7 +118,7 @@ def gradcam_grid(model: ModelDirectory, network: Network, shown: list, out: Path
     """Save each image (as the model sees it) above its Grad-CAM overlay."""
     net = network.module.to(device)
     transform = model.preprocessing.transform()
-    crop = type(transform)(transform.transforms[:2])        # resize + centre crop: what the model sees
+    crop = model.preprocessing.resize_crop        # what the model sees
     maps, predicted = [], []
     for i in range(0, len(shown), BATCH):
         batch = torch.stack([transform(img) for _, img in shown[i:i + BATCH]]).to(device)
