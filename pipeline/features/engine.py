@@ -92,10 +92,16 @@ def export(backbone: Backbone) -> bytes:
     finally:
         graph.remove_hooks()
     model = onnx.load_from_string(buffer.getvalue())
-    for node in model.graph.node:   # an empty optional input keeps ONNX Runtime from fusing a Pad into its Conv
+    drop_empty_pad_inputs(model)
+    return model.SerializeToString()
+
+
+def drop_empty_pad_inputs(model) -> None:
+    """Remove the empty optional input torch's exporter gives each `Pad` of an ONNX model: with it, ONNX
+    Runtime does not fuse the Pad into the convolution after it."""
+    for node in model.graph.node:
         if node.op_type == "Pad" and node.input[-1] == "":
             del node.input[-1]
-    return model.SerializeToString()
 
 
 def static_same_padding(model: nn.Module, size: int) -> None:

@@ -204,9 +204,9 @@ def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_siz
                 ends: Sequence[int] = ()):
     """Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
     in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does, none across one of `ends`
-    (`batches_within`). Two threads work ahead of
-    the caller's model, each on a CUDA stream of its own: one decodes the next batches, the other resizes
-    the batches decoded before (the decoders and the resize kernels release the GIL, so the two overlap)."""
+    (`batches_within`). Two threads work ahead of the caller's model, each on a CUDA stream of its own: one
+    decodes the next batches, the other resizes the batches decoded before (the decoders and the resize
+    kernels release the GIL, so the two overlap)."""
     from torch.utils.data import DataLoader
 
     prepare = TensorPreprocess(pre, device)

@@ -54,10 +54,16 @@ def export(model_dir: Path, out: Path) -> Path:
 
 
 def _export_onnx(network: nn.Module, example: torch.Tensor, path: Path, meta: str) -> None:
+    """As the CPU engine exports (pipeline.features.engine): TensorFlow-style padding as constants that ONNX
+    Runtime folds into the convolutions."""
     import onnx
+
+    from pipeline.features.engine import drop_empty_pad_inputs, static_same_padding
+    static_same_padding(network, example.shape[-1])
     # The TorchScript-based exporter: the torch.export-based one needs the extra onnxscript package.
     torch.onnx.export(network, (example,), str(path), input_names=["images"], output_names=["scores"],
                       dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}}, dynamo=False)
     graph = onnx.load(str(path))
+    drop_empty_pad_inputs(graph)
     onnx.helper.set_model_props(graph, {"model.json": meta})
     onnx.save(graph, str(path))
