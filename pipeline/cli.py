@@ -147,6 +147,18 @@ def extract(
         _say(summary.lines(), quiet)
 
 
+def _check_cache(path: Path) -> None:
+    """Refuse a missing or damaged feature cache at once, before the seconds of importing what reads it."""
+    from pipeline.storage.cache import open_cache
+    open_cache(path).close()
+
+
+def _check_model(path: Path) -> None:
+    """Refuse a missing or damaged model directory at once, before the seconds of importing what runs it."""
+    from pipeline.storage.modeldir import verify
+    verify(path)
+
+
 def _pairs(pairs: list[str], option: str) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -183,6 +195,7 @@ def train(
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
     s = with_params(settings, _parse_params(param), lambda key: f"--param {key}")
     expected = {**_pairs(expect, "--expect"), **({"fingerprint": fingerprint} if fingerprint else {})}
+    _check_cache(features)
     from pipeline.heads.train import train as fit
     try:
         m = fit(features, out, s, expected, force)
@@ -202,6 +215,7 @@ def predict(
     format: Annotated[Format, typer.Option(help="Output format.")] = Format.table,
 ):
     """Predict the top-k classes of new images with a trained model (backbone + head)."""
+    _check_model(model_dir)
     from pipeline.models.predict import predict as run
     results = run(model_dir, images, settings.top_k, settings.device, engine=settings.engine,
                   log=lambda line: typer.echo(line, err=True))
@@ -234,6 +248,7 @@ def export(
     out: Annotated[Path, typer.Option(help="File to write: .pt2 (torch.export) or .onnx.")] = Path("model.pt2"),
 ):
     """Export backbone + feature preprocessing + head as one file for deployment (linear and torch heads)."""
+    _check_model(model_dir)
     from pipeline.models.export import export as run
     _say([f"exported {model_dir} -> {run(model_dir, out)} (input: preprocessed images [N, 3, H, W], "
           f"output: scores [N, classes]; classes and preprocessing in its model.json metadata)"])
@@ -294,6 +309,7 @@ def visualize(
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
+    _check_model(model_dir)
     from pipeline.models.visualize import visualize as run
     shown = run(model_dir, images, out, limit, gradcam, device.value)
     _say([f"{shown['shown']} images, {shown['wrong']} wrong -> {out / 'predictions.png'}"]
@@ -328,6 +344,7 @@ def audit(
 ):
     """Check the data behind a cache: label issues, near-duplicates and leaks between splits, outliers, and
     how accuracy grows with the number of labels; writes a report page and CSV files."""
+    _check_cache(features)
     from pipeline.audit.run import audit as run
     from pipeline.report.audit_page import write_page
     summary = run(features, out, settings, log=lambda line: _say([line], quiet))

@@ -1,7 +1,11 @@
 """Bad input: one clear line naming the path and the problem, exit code 2, no traceback."""
+import os
+import subprocess
+import sys
+
 import pytest
 
-from tests.conftest import make_image_folder, run_cli
+from tests.conftest import ROOT, make_image_folder, run_cli
 
 
 def one_line_error(proc) -> str:
@@ -44,6 +48,18 @@ def test_bad_backbone_settings(tmp_path, args, words):
 def test_train_on_missing_cache(tmp_path):
     line = one_line_error(run_cli("train", tmp_path / "none.h5", "--out", tmp_path / "m"))
     assert "does not exist" in line
+
+
+@pytest.mark.parametrize("args", [["train", "none.h5"], ["audit", "none.h5"], ["predict", "no_model", "."],
+                                  ["export", "no_model", "--out", "m.onnx"], ["visualize", "no_model", "."]])
+def test_a_missing_cache_or_model_is_refused_before_torch_or_sklearn_load(tmp_path, args):
+    """The answer comes at once: the seconds of importing torch and scikit-learn are not spent on it."""
+    probe = ("import sys\nfrom pipeline.cli import main\ntry:\n    main()\nexcept SystemExit as exc:\n"
+             "    print(exc.code, sorted({'torch', 'sklearn'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr
+    assert "error: " in proc.stderr and ("does not exist" in proc.stderr or "not a model directory" in proc.stderr)
 
 
 def test_train_with_unknown_classifier(small_cache, tmp_path):
