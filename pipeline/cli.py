@@ -195,6 +195,8 @@ def train(
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
     s = with_params(settings, _parse_params(param), lambda key: f"--param {key}")
     expected = {**_pairs(expect, "--expect"), **({"fingerprint": fingerprint} if fingerprint else {})}
+    from pipeline.storage.modeldir import check_out
+    check_out(out, force)       # as `fit` checks first, before the seconds of its imports
     _check_cache(features)
     from pipeline.heads.train import train as fit
     try:
