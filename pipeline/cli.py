@@ -154,9 +154,10 @@ def _check_cache(path: Path) -> None:
 
 
 def _check_model(path: Path) -> None:
-    """Refuse a missing or damaged model directory at once, before the seconds of importing what runs it."""
-    from pipeline.storage.modeldir import verify
-    verify(path)
+    """Refuse a missing model directory or malformed model.json at once, before the seconds of importing what
+    runs it. Its files' digests are checked when the stage loads them, once: they can be large."""
+    from pipeline.storage.modeldir import read_info
+    read_info(path)
 
 
 def _pairs(pairs: list[str], option: str) -> dict[str, str]:
