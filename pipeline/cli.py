@@ -21,6 +21,7 @@ from pipeline.finetune.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_params
 from pipeline.models.settings import PredictSettings
 from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
+from pipeline.runtime.imports import heavy_imports
 from pipeline.runtime.settings import alternatives, default, fields, from_options, option_name, rule, type_hints
 
 
@@ -132,12 +133,14 @@ def extract(
                                             "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
-    from pipeline.features import sharded
-    from pipeline.runtime import distributed
+    with heavy_imports():
+        from pipeline.features import sharded
+        from pipeline.runtime import distributed
     if nproc > 1:
         sharded.check_extract_options(settings)
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    from pipeline.features.extract import extract_folder as single
+    with heavy_imports():
+        from pipeline.features.extract import extract_folder as single
     extract_folder = sharded.extract_folder if distributed.is_distributed() else single
     try:
         summary = extract_folder(data, out, settings, quiet, force)
@@ -199,7 +202,8 @@ def train(
     from pipeline.storage.modeldir import check_out
     check_out(out, force)       # as `fit` checks first, before the seconds of its imports
     _check_cache(features)
-    from pipeline.heads.train import train as fit
+    with heavy_imports():
+        from pipeline.heads.train import train as fit
     try:
         m = fit(features, out, s, expected, force)
     except KeyboardInterrupt:
@@ -219,7 +223,8 @@ def predict(
 ):
     """Predict the top-k classes of new images with a trained model (backbone + head)."""
     _check_model(model_dir)
-    from pipeline.models.predict import predict as run
+    with heavy_imports():
+        from pipeline.models.predict import predict as run
     results = run(model_dir, images, settings.top_k, settings.device, engine=settings.engine,
                   log=lambda line: typer.echo(line, err=True))
     if format is Format.json:
@@ -252,7 +257,8 @@ def export(
 ):
     """Export backbone + feature preprocessing + head as one file for deployment (linear and torch heads)."""
     _check_model(model_dir)
-    from pipeline.models.export import export as run
+    with heavy_imports():
+        from pipeline.models.export import export as run
     _say([f"exported {model_dir} -> {run(model_dir, out)} (input: preprocessed images [N, 3, H, W], "
           f"output: scores [N, classes]; classes and preprocessing in its model.json metadata)"])
 
@@ -265,8 +271,9 @@ def compare(
 ):
     """Write a table comparing trained models (compare.md, compare.json) and a plot of accuracy
     against compute time (compare.png)."""
-    from pipeline.report.compare import compare as run
-    from pipeline.report.compare import markdown
+    with heavy_imports():
+        from pipeline.report.compare import compare as run
+        from pipeline.report.compare import markdown
     typer.echo(markdown(run(model_dirs, out)), nl=False)
 
 
@@ -291,7 +298,8 @@ def finetune(
     from pipeline.runtime import distributed
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    from pipeline.finetune.training import finetune as run
+    with heavy_imports():
+        from pipeline.finetune.training import finetune as run
     m = run(data, out, settings, quiet, checkpoint, resume, force)
     if m is None:   # a torchrun rank other than 0
         return
@@ -313,7 +321,8 @@ def visualize(
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
     _check_model(model_dir)
-    from pipeline.models.visualize import visualize as run
+    with heavy_imports():
+        from pipeline.models.visualize import visualize as run
     shown = run(model_dir, images, out, limit, gradcam, device.value)
     _say([f"{shown['shown']} images, {shown['wrong']} wrong -> {out / 'predictions.png'}"]
          + ([f"Grad-CAM of the same {shown['shown']} images -> {out / 'gradcam.png'}"] if gradcam else []))
@@ -328,8 +337,9 @@ def bench(
     settings: BenchSettings = None,
 ):
     """Images/s of the tutorial-style loop, of `pipeline extract` and of the model alone, side by side."""
-    from pipeline.features.bench import bench as run
-    from pipeline.features.bench import table, write_json
+    with heavy_imports():
+        from pipeline.features.bench import bench as run
+        from pipeline.features.bench import table, write_json
     results = run(data, settings, log=lambda line: typer.echo(line, err=True))
     typer.echo(table(results), nl=False)
     if out:
@@ -348,8 +358,9 @@ def audit(
     """Check the data behind a cache: label issues, near-duplicates and leaks between splits, outliers, and
     how accuracy grows with the number of labels; writes a report page and CSV files."""
     _check_cache(features)
-    from pipeline.audit.run import audit as run
-    from pipeline.report.audit_page import write_page
+    with heavy_imports():
+        from pipeline.audit.run import audit as run
+        from pipeline.report.audit_page import write_page
     summary = run(features, out, settings, log=lambda line: _say([line], quiet))
     page = write_page(out)
     _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "

@@ -5,13 +5,15 @@ from pathlib import Path
 from pipeline.audit.settings import AuditSettings
 from pipeline.config import stage_settings
 from pipeline.runtime.errors import run_stage
+from pipeline.runtime.imports import heavy_imports
 
 
 def main():
     features, out = Path(sys.argv[1]), Path(sys.argv[2])
     s = stage_settings(AuditSettings, "audit")
-    from pipeline.audit.run import audit  # torch loads once the settings are accepted
-    from pipeline.report.audit_page import write_page
+    with heavy_imports():   # torch loads once the settings are accepted
+        from pipeline.audit.run import audit
+        from pipeline.report.audit_page import write_page
     summary = audit(features, out, s, log=print)
     print(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
           f"({summary['leak_groups']} across splits), {summary['outliers']} outliers -> {write_page(out)}")

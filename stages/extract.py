@@ -6,12 +6,14 @@ from pathlib import Path
 from pipeline.config import sweep_settings
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.errors import run_stage
+from pipeline.runtime.imports import heavy_imports
 
 
 def main():
     name, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     s = sweep_settings(ExtractSettings, "extract", "extractors", name)
-    from pipeline.features.extract import extract_folder  # torch loads once the settings are accepted
+    with heavy_imports():   # torch loads once the settings are accepted
+        from pipeline.features.extract import extract_folder
     print("\n".join(extract_folder(data, out, s).lines()))
 
 

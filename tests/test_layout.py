@@ -1,8 +1,12 @@
 """The code's structure: each DVC stage depends on every module its script may import (so editing one
-reruns the stage), and the subpackages depend on each other one way only (README, Architecture)."""
+reruns the stage), the subpackages depend on each other one way only (README, Architecture), and every
+command imports its modules the same way (pipeline.runtime.imports)."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,28 @@ def test_subpackages_import_only_their_own_layer_and_lower_ones():
             if target not in LAYERS or LAYERS.index(target) > LAYERS.index(parts[0]):
                 wrong.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not wrong, wrong
+
+
+# Runs a command (`python -m pipeline ...` or a stage script) in this interpreter and reports, as it exits,
+# whether the garbage collector is on and how many objects are frozen.
+COLLECTOR_AT_EXIT = """
+import atexit, gc, runpy, sys
+atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count(), file=sys.stderr))
+target, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_module(target, run_name="__main__", alter_sys=True) if target == "pipeline" else \\
+    runpy.run_path(target, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("command", [("pipeline", "train"), ("stages/train.py", "logreg")])
+def test_commands_import_with_the_collector_off_and_freeze_what_they_imported(small_cache, tmp_path, command):
+    """pipeline.runtime.imports: the seconds the collector would spend walking torch's and scikit-learn's
+    objects (benchmarks/startup.py) are saved, and it is on again for the work."""
+    target, name = command
+    args = [small_cache, "--out", tmp_path / "m"] if target == "pipeline" else [small_cache, tmp_path / "m"]
+    proc = subprocess.run([sys.executable, "-c", COLLECTOR_AT_EXIT, target, name, *map(str, args)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    enabled, frozen = proc.stderr.splitlines()[-1].split()
+    assert enabled == "True" and int(frozen) > 100_000     # scikit-learn alone leaves more than that
+    assert (tmp_path / "m" / "model.json").is_file()

