@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbones import REGISTRY, Embedder, load_backbone
+from pipeline.features.backbones import Embedder, load_backbone
+from pipeline.features.registry import KNOWN
 from pipeline.runtime.errors import UserError
 from tests.conftest import run_cli
 
@@ -48,7 +49,7 @@ def test_compiled_embedders_give_their_own_features_after_other_compiles_of_the_
 
 def test_registry_feature_dims_match_the_hooked_layers():
     for name in ("resnet18", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"):
-        entry = REGISTRY[name]()
+        entry = KNOWN[name]
         probe = load_backbone(name, "none", [entry.layer, entry.classifier], image_size=64)
         assert probe.feature_dims[entry.layer] == entry.feature_dim, name
         assert probe.feature_dims[entry.classifier] == 1000, name   # the classifier is the ImageNet head

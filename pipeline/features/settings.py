@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.folders import Dataset, DatasetSettings, excluding
+from pipeline.features.registry import KNOWN, available
 from pipeline.runtime.devices import DEVICES, PRECISIONS
 from pipeline.runtime.settings import setting
 
@@ -14,8 +15,7 @@ BENCH_ENGINES = ("torch", "onnxruntime", "openvino")
 
 
 def _unknown_backbone(name: str) -> str | None:
-    from pipeline.features.backbones import REGISTRY, available
-    if name in REGISTRY or name.startswith("timm/"):
+    if name in KNOWN or name.startswith("timm/"):
         return None
     return f"'{name}' is unknown; choose one of: {', '.join(available())}"
 
