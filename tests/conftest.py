@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.warm_interpreter import WarmInterpreter
+
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
@@ -109,11 +111,29 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
+_warm: list[WarmInterpreter] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_interpreter(onnx_export_cache, tmp_path_factory):
+    """One warm interpreter per test process (tests/warm_interpreter.py), unless FRESH_CLI=1 asks for a
+    fresh interpreter per command."""
+    if os.environ.get("FRESH_CLI") != "1":
+        _warm.append(WarmInterpreter(dict(os.environ, PYTHONPATH=str(ROOT)), tmp_path_factory.mktemp("warm")))
+    yield
+    while _warm:
+        _warm.pop().close()
+
+
 def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline ARGS` for real, with this checkout first on the path."""
+    """Run `python -m pipeline ARGS` in a process of its own, with this checkout first on the path."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    argv = list(map(str, args))
+    if _warm and _warm[0].can_run(env):
+        proc = _warm[0].run(argv, env, cwd, timeout=600)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

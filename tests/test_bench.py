@@ -33,7 +33,7 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     """Fresh and reusing runs alike: the writer's slabs (256 rows here) and queue are full in the smaller
     run already, so the larger one needs no more memory. Batches of 16 keep what the queue holds (4
     batches, 6.4 MB) small next to the allowance: how full it gets depends on the machine's load."""
-    small, large = 160, 560   # images per class
+    small, large = 128, 416   # images per class: the smaller run fills a slab (256 rows)
     folders = [make_image_folder(tmp_path / f"images{n}", {"train": n}, classes=("red", "blue"))
                for n in (small, large)]
     runs = [folders[0], tmp_path / "a.h5", folders[0], tmp_path / "b.h5", folders[1], tmp_path / "c.h5",
