@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import h5py
+import pytest
 
 from tests.conftest import ROOT, make_image_folder, run_cli
 
@@ -29,6 +30,7 @@ for folder, out in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     """Fresh and reusing runs alike: the writer's slabs (256 rows here) and queue are full in the smaller
     run already, so the larger one needs no more memory. Batches of 16 keep what the queue holds (4
@@ -72,6 +74,7 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     assert "| efficientnet_lite0 | cpu (" in proc.stdout and "| onnxruntime | PIL |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_script_compares_batch_sizes_and_defaults_to_extracts(tmp_path):
     """benchmarks/bench.py times each batch size given (and extract's own default when none is) on a
     folder it generates, and writes one JSON row per run."""

@@ -47,6 +47,7 @@ def rows(path: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_two_process_extraction_equals_one_process_and_reuses(tmp_path):
     images = make_image_folder(tmp_path / "images", {"train": 6, "val": 2, "test": 2})
     (images / "train" / "red" / "broken.png").write_bytes(b"not a png")
@@ -80,6 +81,7 @@ def test_two_process_extraction_equals_one_process_and_reuses(tmp_path):
     assert "val/green/val_0.png" not in c["val"]["paths"].astype(str).tolist()
 
 
+@pytest.mark.slow
 def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
     images = make_image_folder(tmp_path / "images", {"train": 6, "val": 2, "test": 2})
     out = tmp_path / "model"
@@ -164,6 +166,7 @@ def test_what_every_rank_would_refuse_is_refused_before_launching(image_folder, 
     assert "Traceback" not in proc.stderr and not list(tmp_path.glob("f*"))
 
 
+@pytest.mark.slow
 def test_an_error_in_the_ranks_is_exit_code_2_through_nproc(tmp_path):
     """torchrun exits 1 whatever failed; `--nproc` returns the ranks' own code, and the error every rank
     met appears once, without torchrun's report. Nothing is written."""
@@ -174,6 +177,7 @@ def test_an_error_in_the_ranks_is_exit_code_2_through_nproc(tmp_path):
     assert not list(tmp_path.glob("f*"))
 
 
+@pytest.mark.slow
 def test_a_warning_and_an_error_after_the_shards_through_nproc(tmp_path):
     """The warning about the data appears once (rank 0's), and a folder whose every training image is
     unusable ends with the same error as in one process, leaving neither a cache nor shards."""
@@ -216,6 +220,7 @@ def test_a_rank_stopped_by_sigterm_alone_is_reported_and_recorded_errors_are_not
     assert unexplained_failures({0: term}) == {0: term}              # stopped from outside
 
 
+@pytest.mark.slow
 def test_a_run_on_a_locked_output_is_refused_by_every_rank(tmp_path):
     from pipeline.runtime.files import output_lock
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})

@@ -162,6 +162,7 @@ def test_an_export_that_disagrees_or_fails_falls_back_to_torch(tmp_path, monkeyp
     assert "graph" not in printed.out + printed.err     # the exporter's dump of the failed graph is not shown
 
 
+@pytest.mark.slow
 def test_extract_runs_onnxruntime_on_a_cpu_with_the_torch_vectors(tmp_path, monkeypatch):
     """The command line: the run line names the engine; one export, reused by the next run."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

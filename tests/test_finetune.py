@@ -58,6 +58,7 @@ def test_strategy_trains_what_it_says_and_freezes_the_rest(images, tmp_path, str
     assert len(results) == 6 and all(r["top"][0]["class"] in info["classes"] for r in results)
 
 
+@pytest.mark.slow
 def test_full_strategy_from_the_command_line_then_visualize(images, tmp_path):
     out = tmp_path / "full"
     run_cli("finetune", images, "--out", out, "--strategy", "full", "--epochs", 2, "--head-epochs", 1,
@@ -98,6 +99,7 @@ def test_early_stopping_ends_training_after_patience_epochs_without_improvement(
     assert m["epochs_run"] == len(history) == 3 and m["best_epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(images, tmp_path):
     """Random crops and flips on, shuffled batches: after Ctrl-C at the first checkpoint and --resume,
     every epoch's losses and the final weights equal those of a run that was never stopped."""

@@ -69,6 +69,7 @@ def test_the_heat_map_of_a_classifier_on_cached_features_covers_the_square(squar
     assert sum(r > 1 for r in inside_over_outside) >= 0.75 * len(tests)
 
 
+@pytest.mark.slow
 def test_gradcam_from_the_command_line_and_heads_without_a_tensor_form(squares, logreg, tmp_path):
     root, _ = squares
     proc = run_cli("visualize", logreg, root / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",

@@ -88,6 +88,7 @@ def reference(tmp_path_factory):
     return images, out
 
 
+@pytest.mark.slow
 def test_killed_and_interrupted_runs_resume_to_the_same_file(reference, tmp_path):
     images, ref = reference
     out, tmp = tmp_path / "features.h5", tmp_path / "features.h5.tmp"

@@ -102,6 +102,7 @@ def test_gradcam_of_a_knn_model_is_refused_before_anything_is_written(small_cach
     assert not (tmp_path / "v").exists()
 
 
+@pytest.mark.slow
 def test_decision_values_are_labelled_in_every_format(small_cache, photo, tmp_path):
     svm = tmp_path / "svm"
     train(small_cache, svm, train_settings("linear_svm", {"C": 1.0}))
@@ -113,6 +114,7 @@ def test_decision_values_are_labelled_in_every_format(small_cache, photo, tmp_pa
     assert line.endswith("(decision values, not probabilities)")
 
 
+@pytest.mark.slow
 def test_an_existing_model_directory_is_replaced_only_with_force(small_cache, tmp_path):
     out = tmp_path / "model"
     run_cli("train", small_cache, "--out", out, "--param", "C=1", check=True)
@@ -163,6 +165,7 @@ def _edit_info(model: Path, **changes) -> None:
     (model / "model.json").write_text(json.dumps({**info, **changes}))
 
 
+@pytest.mark.slow
 def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache, photo, tmp_path):
     import shutil
 

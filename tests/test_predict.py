@@ -68,6 +68,7 @@ def test_a_fifo_or_device_given_by_name_is_reported_not_read(model, new_images):
                                             "/dev/zero: skipped (unreadable: a character device, not a regular file)"]
 
 
+@pytest.mark.slow
 def test_csv_and_table(model, new_images):
     proc = run_cli("predict", model, new_images / "red_0.png", new_images / "empty.jpg", "--top-k", 2,
                    "--format", "csv", check=True)

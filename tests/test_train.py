@@ -179,6 +179,7 @@ def test_metrics_agree_with_independent_computations():
     assert "top5" not in few and "log_loss" not in few
 
 
+@pytest.mark.slow
 def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
     """The project's train@ stages in a real DVC repo: `dvc metrics show` and `dvc plots show` work."""
     repo = tmp_path / "repo"

@@ -52,6 +52,7 @@ def test_classifiers_train_on_the_cache_alone(small_cache, tmp_path, classifier)
     assert len(json.loads((out / "confusion.json").read_text())) == 12
 
 
+@pytest.mark.slow
 def test_predict_and_compare(small_cache, tmp_path):
     model = tmp_path / "logreg"
     run_cli("train", small_cache, "--out", model, "--param", "C=10", check=True)
