@@ -60,8 +60,8 @@ def test_a_missing_cache_or_model_is_refused_before_torch_or_sklearn_load(tmp_pa
     proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr
-    assert "error: " in proc.stderr and any(words in proc.stderr for words in ("does not exist", "not a model directory",
-                                                                           "'alexnet9' is unknown"))
+    reasons = ("does not exist", "not a model directory", "'alexnet9' is unknown")
+    assert "error: " in proc.stderr and any(reason in proc.stderr for reason in reasons)
 
 
 def test_train_with_unknown_classifier(small_cache, tmp_path):

@@ -1,13 +1,13 @@
 """`python -m pipeline ARGS` without paying for the interpreter's start each time.
 
 Importing torch, torchvision and timm takes 4-5 s of the 5-9 s a command needs on 2 cores, and the suite
-runs the command line a few hundred times. This script, started once per test process, imports them (as a
-command does: pipeline.runtime.imports) and then forks one child per command: the child sets the command's working folder, environment, standard streams
-and arguments, and runs `pipeline` as `python -m pipeline` would (as `__main__`, to the interpreter's own
-exit: tracebacks, exit codes, atexit and signals as in a fresh process). The project itself is not
-imported ahead. A command whose environment differs in what the interpreter or these libraries read at
-start-up (e.g. HF_HOME, read by huggingface_hub on import) runs in a fresh interpreter instead
-(`WarmInterpreter.can_run`).
+runs the command line a few hundred times. This script, started once per test process, imports them as a
+command does (`pipeline.runtime.imports.heavy_imports`) and then forks one child per command: the child
+sets the command's working folder, environment, standard streams and arguments, and runs `pipeline` as
+`python -m pipeline` would (as `__main__`, to the interpreter's own exit: tracebacks, exit codes, atexit
+and signals as in a fresh process). Of the project, only that small module is imported ahead. A command
+whose environment differs in what the interpreter or these libraries read at start-up (e.g. HF_HOME, read
+by huggingface_hub on import) runs in a fresh interpreter instead (`WarmInterpreter.can_run`).
 
 Protocol, one JSON line each way on the script's stdin and stdout: request {argv, env, cwd, stdout,
 stderr, timeout} -> reply {returncode} ({"timeout": true} when the command was killed for taking longer).
@@ -49,7 +49,8 @@ class WarmInterpreter:
     def can_run(self, env: dict[str, str]) -> bool:
         return self.proc.poll() is None and startup_settings(env) == startup_settings(self.env)
 
-    def run(self, argv: list[str], env: dict[str, str], cwd: Path | None, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], env: dict[str, str], cwd: Path | None,
+            timeout: float) -> subprocess.CompletedProcess:
         with self.lock:
             out, err = self.scratch / "stdout", self.scratch / "stderr"
             request = {"argv": argv, "env": env, "cwd": str(cwd or os.getcwd()), "stdout": str(out),
@@ -97,17 +98,16 @@ def become(request: dict) -> None:
 
 def serve() -> None:
     """Returns only in a forked child, which then runs the command."""
-    import gc
     import importlib
+
+    from pipeline.runtime.imports import heavy_imports
     requests, replies = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    gc.disable()
-    for name in PRELOADED:
-        importlib.import_module(name)
-    gc.freeze()
-    gc.enable()
+    with heavy_imports():
+        for name in PRELOADED:
+            importlib.import_module(name)
     replies.write("ready\n")
     replies.flush()
     for line in requests:
