@@ -1,10 +1,13 @@
 """How close the CUDA fast path's features are to the CPU path's, on the same images:
 
     python benchmarks/compare_paths.py DATA [--backbone efficientnet_lite0] [--weights imagenet] [--images 256]
+    python benchmarks/compare_paths.py DATA --resize-only [...]
 
 Extracts DATA twice (PIL decoding in float32 on the CPU; GPU decoding on CUDA, in bfloat16 autocast
 unless --precision float32) and prints the cosine similarity of matching feature vectors and the
-largest difference relative to the norm.
+largest difference relative to the norm. `--resize-only` needs no GPU: on the CPU, it compares the CPU
+path's preprocessing (PIL's resize) with the fast path's batched resize (`TensorPreprocess`) on the same
+PIL-decoded pixels, and the backbone's features of the two.
 """
 from __future__ import annotations
 
@@ -14,12 +17,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import Dataset, scan  # noqa: E402
-from pipeline.features.backbones import load_backbone  # noqa: E402
+from pipeline.data.images import decode_image  # noqa: E402
+from pipeline.features.backbones import (
+    Embedder,  # noqa: E402
+    load_backbone,  # noqa: E402
+)
 from pipeline.features.extract import extract  # noqa: E402
+from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 
 
@@ -30,9 +39,12 @@ def main() -> None:
     p.add_argument("--weights", default="imagenet", help="as for `pipeline extract --weights`")
     p.add_argument("--images", type=int, default=256, help="first N images")
     p.add_argument("--precision", default="bfloat16", help="compute type on CUDA: bfloat16 or float32")
+    p.add_argument("--resize-only", action="store_true", help="the batched resize against PIL's, on the CPU")
     args = p.parse_args()
     full = scan(args.data, 0.0, 0.0)
     dataset = Dataset(full.root, full.classes, full.samples[:args.images], full.layout)
+    if args.resize_only:
+        return resize_only(dataset, load_backbone(args.backbone, args.weights))
     features = {}
     with tempfile.TemporaryDirectory() as tmp:
         for device in ("cpu", "cuda"):
@@ -41,11 +53,31 @@ def main() -> None:
                               quiet=True, precision="float32" if device == "cpu" else args.precision)
             print(summary.lines()[0])
             features[device] = open_cache(out).read("train").features
-    a, b = features["cpu"], features["cuda"]
+    report(features["cpu"], features["cuda"], "cuda")
+
+
+def report(a: np.ndarray, b: np.ndarray, name: str) -> None:
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     rel = np.abs(a - b).max(1) / np.linalg.norm(a, axis=1)
     print(f"{len(a)} images: cosine similarity min {cos.min():.5f} mean {cos.mean():.5f}; "
-          f"max |cpu - cuda| / |cpu| {rel.max():.4f}")
+          f"max |cpu - {name}| / |cpu| {rel.max():.4f}")
+
+
+def resize_only(dataset: Dataset, backbone) -> None:
+    """PIL's resize (the CPU path) against the batched resize, on the CPU, from the same decoded pixels."""
+    pre, embed = backbone.preprocessing, Embedder(backbone)
+    batched = TensorPreprocess(pre, torch.device("cpu"))
+    transform, std = pre.transform(), torch.tensor(pre.std).view(1, 3, 1, 1)
+    features, identical, pixels, worst = {"cpu": [], "batched": []}, 0, 0, 0.0
+    for start in range(0, len(dataset.samples), 64):
+        photos = [decode_image((dataset.root / s.path).read_bytes()) for s in dataset.samples[start:start + 64]]
+        a, b = torch.stack([transform(p) for p in photos]), batched([chw_tensor(p) for p in photos])
+        grey = ((a - b).abs() * std * 255).round()
+        identical, pixels, worst = identical + int((grey == 0).sum()), pixels + grey.numel(), max(worst, grey.max())
+        features["cpu"].append(embed(a)[backbone.layers[0]])
+        features["batched"].append(embed(b)[backbone.layers[0]])
+    print(f"pixels: {identical / pixels:.5%} identical, at most {worst:.0f} grey levels apart")
+    report(np.concatenate(features["cpu"]), np.concatenate(features["batched"]), "batched")
 
 
 if __name__ == "__main__":

@@ -113,14 +113,13 @@ def test_tensor_path_matches_pil_path(tmp_path, workers):
     assert good_a == good_b and bad_a == bad_b
     assert [dataset.samples[i].path for i, _ in bad_b] == ["train/class_01/broken.jpg"]
     assert x_b.shape == x_a.shape and x_b.is_contiguous(memory_format=torch.channels_last)
-    # inputs in normalised units (1/255 of a pixel is 0.008 here): JPEG decoders and resampling
-    # differ by about a grey level on average
-    diff = (x_a - x_b).abs()
-    assert diff.mean() < 0.01 and diff.max() < 0.5
+    # the same decoder (libjpeg) and resampling: nearly every pixel the same, none more than a grey level off
+    grey_levels = ((x_a - x_b).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255).round()
+    assert grey_levels.max() <= 1 and (grey_levels == 0).float().mean() > 0.999
     with torch.inference_mode():
         fa = backbone.model(x_a)
         fb = backbone.model(x_b)
-    assert torch.nn.functional.cosine_similarity(fa, fb).min() > 0.995
+    assert torch.nn.functional.cosine_similarity(fa, fb).min() > 0.9999
 
 
 def _without_segment(jpeg: bytes, marker: int) -> bytes:
@@ -207,9 +206,9 @@ def _photos_of_mixed_sizes() -> list[Image.Image]:
     return photos
 
 
-def test_batched_resize_matches_torchvision_on_images_of_mixed_sizes():
-    """Images of mixed sizes are resized together: the same pixels as one at a time, and as torchvision's
-    Resize + CenterCrop on PIL images to about one grey level."""
+def test_batched_resize_gives_the_cpu_paths_pixels_on_images_of_mixed_sizes():
+    """Images of mixed sizes are resized together: the same pixels as one at a time, and as the CPU path's
+    transform (PIL's Resize + CenterCrop) to one grey level, nearly all exactly."""
     from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
     from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor
     pre = Preprocessing(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
@@ -220,35 +219,35 @@ def test_batched_resize_matches_torchvision_on_images_of_mixed_sizes():
     one_by_one = torch.cat([prepare([t]) for t in tensors])
     torch.testing.assert_close(batch, one_by_one, rtol=0, atol=1e-5)
     reference = torch.stack([pre.transform()(p) for p in photos])
-    grey_levels = (batch - reference).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255
-    assert grey_levels.mean() < 0.5 and grey_levels.max() < 3
+    grey_levels = ((batch - reference).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255).round()
+    assert grey_levels.max() <= 1 and (grey_levels == 0).float().mean() > 0.999
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-def test_resampling_matrices_give_torch_antialiased_resize_and_crop(interpolation):
-    """The batched resize (padding, two matrix products per chunk of images) is torch's antialiased
-    `interpolate` of each image alone, then the centre crop: shrinking, enlarging, both orientations, in
-    one chunk or several, in float32 and (CUDA's default) float16."""
-    import torch.nn.functional as F
-
+def test_resampling_matrices_give_the_cpu_paths_resize_and_crop(interpolation):
+    """The batched resize (padding, two matrix products per chunk of images, 8-bit rounding after each) gives
+    the pixels of the CPU path's resize and crop (PIL, across then down) to one grey level, nearly all
+    exactly: on noise, where bicubic overshoots most, shrinking, enlarging, both orientations, tall (which
+    Pillow 13 resizes down first when given both axes at once), in one chunk or several."""
     from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
     from pipeline.features.gpu_decoding import TensorPreprocess
     pre = Preprocessing(224, 256, interpolation, IMAGENET_MEAN, IMAGENET_STD)
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
               for h, w in [(375, 500), (500, 375), (100, 150), (256, 256), (901, 1203), (230, 300), (1000, 257)]]
-    expected = []
-    for image in images:
-        rh, rw, top, left = TensorPreprocess(pre, torch.device("cpu")).geometry(*image.shape[-2:])
-        resized = F.interpolate(image[None].float(), (rh, rw), mode=interpolation, antialias=True)
-        expected.append(resized[:, :, top:top + 224, left:left + 224])
-    expected = torch.cat(expected)
-    for chunk_bytes, dtype, grey_levels in ((512 << 20, torch.float32, 0.05), (4 << 20, torch.float32, 0.05),
-                                            (512 << 20, torch.float16, 0.5)):    # float16: CUDA's default
-        prepare = TensorPreprocess(pre, torch.device("cpu"), chunk_bytes, dtype)
-        assert (prepare.resized_crops(images) - expected).abs().max() < grey_levels
-        normalised = (expected.clamp(0, 255) * prepare.scale + prepare.shift)
-        torch.testing.assert_close(prepare(images), normalised, rtol=0, atol=grey_levels / 50)
+    expected = torch.stack([torch.from_numpy(np.array(pre.resize_crop(Image.fromarray(i.permute(1, 2, 0).numpy()))))
+                            .permute(2, 0, 1) for i in images]).float()
+    for chunk_bytes in (512 << 20, 4 << 20):
+        prepare = TensorPreprocess(pre, torch.device("cpu"), chunk_bytes)
+        chunks = prepare.chunks(images)
+        assert sorted(k for chunk in chunks for k in chunk) == list(range(len(images)))
+        for chunk in chunks:     # padded floats within the bound, but for an image larger than it alone
+            h, w = (max(images[k].shape[axis] for k in chunk) for axis in (-2, -1))
+            assert len(chunk) == 1 or len(chunk) * 3 * h * w * 4 <= chunk_bytes
+        assert len(chunks) == (1 if chunk_bytes == 512 << 20 else 5)
+        pixels = ((prepare(images) - prepare.shift) / prepare.scale).round()
+        # PIL sums in fixed point, float32 cannot tell some sums just below a half from a half
+        assert (pixels - expected).abs().max() <= 1 and (pixels == expected).float().mean() > 0.99
 
 
 def _jpeg_tensors() -> tuple[list[bytes], list[torch.Tensor]]:

@@ -127,18 +127,20 @@ def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
 def resize_weights(lengths: torch.Tensor, resized: torch.Tensor, offsets: torch.Tensor, out: int, padded: int,
                    interpolation: str) -> torch.Tensor:
     """[N, out, padded] matrices taking each image's pixels along one axis (`lengths` long, zero-padded to
-    `padded`) to the `out` pixels from `offsets` on of that axis resized to `resized`: the weights torch's
-    antialiased `interpolate` computes (`_compute_indices_min_size_weights_aa`), so a resize and crop of the
-    whole batch is two batched matrix products."""
-    lengths, resized, offsets = (t.float()[:, None, None] for t in (lengths, resized, offsets))
+    `padded`) to the `out` pixels from `offsets` on of that axis resized to `resized`: the weights of PIL's
+    resampling (which torch's antialiased `interpolate` copies), so a resize and crop of the whole batch is
+    two batched matrix products. As in PIL, they are computed in float64 and rounded to 22 fractional bits
+    (exact in float32): in float32 throughout, 0.5% of the pixels of a bilinear resize rounded the other way."""
+    lengths, resized, offsets = (t.double()[:, None, None] for t in (lengths, resized, offsets))
     scale = lengths / resized
     support = (1.0 if interpolation == "bilinear" else 2.0) * scale.clamp(min=1)
-    centre = scale * (offsets + torch.arange(out, device=lengths.device)[None, :, None] + 0.5)
-    j = torch.arange(padded, device=lengths.device)[None, None, :]
+    positions = torch.arange(max(out, padded), device=lengths.device, dtype=torch.float64)
+    centre = scale * (offsets + positions[None, :out, None] + 0.5)
+    j = positions[None, None, :padded]
     first = (centre - support + 0.5).trunc().clamp(min=0)
     stop = torch.minimum((centre + support + 0.5).trunc(), lengths)
     w = _filter((j - centre + 0.5) / scale.clamp(min=1), interpolation) * ((j >= first) & (j < stop))
-    return w / w.sum(-1, keepdim=True)
+    return ((w / w.sum(-1, keepdim=True)) * 2.0 ** 22).round().float() / 2.0 ** 22
 
 
 class TensorPreprocess:
@@ -146,14 +148,15 @@ class TensorPreprocess:
     normalise) on uint8 CHW tensors of any size, on whatever device they are; returns a channels-last batch.
     A batch of images of mixed sizes is resized in a few kernels, not a few per image: zero-padded to a
     common size and multiplied by per-image resampling matrices (`resize_weights`), in chunks of at most
-    `chunk_bytes` of padded floats (images sorted by height and width, so little is padding)."""
+    `chunk_bytes` of padded floats (images sorted by height and width, so little is padding).
 
-    def __init__(self, pre: Preprocessing, device: torch.device, chunk_bytes: int = 512 << 20,
-                 dtype: torch.dtype | None = None):
+    The pixels are the CPU path's (`Preprocessing.resize_crop`), nearly all exactly and the rest to a grey
+    level: PIL resizes across, then down, rounding to 8 bits after each pass, and so does this, in float32
+    (float16 would round some pixels the other way). Without the rounding, a network's features on noisy
+    photos moved up to 0.5% in cosine (benchmarks/RESULTS.md)."""
+
+    def __init__(self, pre: Preprocessing, device: torch.device, chunk_bytes: int = 512 << 20):
         self.pre, self.device, self.chunk_bytes = pre, device, chunk_bytes
-        # float16 on CUDA: tensor cores, and half the memory traffic (uint8 pixels are exact in float16; the
-        # results stay within half a grey level of float32's, 0.04 on average: tests/test_fastpath.py)
-        self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) / std
@@ -166,37 +169,50 @@ class TensorPreprocess:
         s = self.pre.image_size
         return rh, rw, int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
 
-    @staticmethod
-    def padded_bytes(images: list[torch.Tensor]) -> int:
-        return len(images) * 3 * max(i.shape[-2] for i in images) * max(i.shape[-1] for i in images) * 4
+    def to_device(self, values: list) -> torch.Tensor:
+        """A small int64 tensor of `values` on the device without waiting: through pinned memory on CUDA
+        (a plain copy from pageable memory would block this thread until the GPU caught up)."""
+        cpu = torch.tensor(values)
+        if self.device.type == "cuda":
+            return cpu.pin_memory().to(self.device, non_blocking=True)
+        return cpu.to(self.device)
+
+    def chunks(self, images: list[torch.Tensor]) -> list[list[int]]:
+        """Indices of `images`, sorted by height and width, in runs of at most `chunk_bytes` of padded floats."""
+        chunks, h, w = [], 0, 0
+        for k in sorted(range(len(images)), key=lambda k: images[k].shape[-2:]):
+            ih, iw = images[k].shape[-2:]
+            h, w = max(h, ih), max(w, iw)
+            if not chunks or (len(chunks[-1]) + 1) * 3 * h * w * 4 > self.chunk_bytes:
+                chunks.append([])
+                h, w = ih, iw
+            chunks[-1].append(k)
+        return chunks
 
     def resized_crops(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """[3, H, W] uint8 images of any sizes -> [N, 3, S, S] float in 0..255."""
-        s = self.pre.image_size
+        """[3, H, W] uint8 images of any sizes -> [N, 3, S, S] float32 in 0..255 (not yet rounded)."""
+        s, n = self.pre.image_size, len(images)
         h, w = (max(i.shape[axis] for i in images) for axis in (-2, -1))
-        padded = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=self.device)
-        for k, image in enumerate(images):
-            padded[k, :, :image.shape[-2], :image.shape[-1]] = image
-        sizes = torch.tensor([[*i.shape[-2:], *self.geometry(*i.shape[-2:])] for i in images], device=self.device)
+        padded = torch.zeros((n, 3, h, w), dtype=torch.uint8, device=self.device)
+        for slot, image in zip(padded.unbind(0), images):
+            slot[:, :image.shape[-2], :image.shape[-1]].copy_(image)
+        sizes = self.to_device([[*i.shape[-2:], *self.geometry(*i.shape[-2:])] for i in images])
         rows = resize_weights(sizes[:, 0], sizes[:, 2], sizes[:, 4], s, h, self.pre.interpolation)
         cols = resize_weights(sizes[:, 1], sizes[:, 3], sizes[:, 5], s, w, self.pre.interpolation)
-        n = len(images)
-        rows, cols = rows.to(self.dtype), cols.to(self.dtype)
-        across = torch.bmm(padded.to(self.dtype).view(n, 3 * h, w), cols.transpose(1, 2))      # [N, 3H, S]
-        return torch.matmul(rows[:, None], across.view(n, 3, h, s)).float()                      # [N, 3, S, S]
+        across = torch.bmm(padded.float().view(n, 3 * h, w), cols.transpose(1, 2))            # [N, 3H, S]
+        return torch.matmul(rows[:, None], to_8_bits(across).view(n, 3, h, s))                 # [N, 3, S, S]
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         s = self.pre.image_size
-        batch = torch.empty((len(images), 3, s, s), device=self.device).contiguous(memory_format=torch.channels_last)
-        chunks = [[]]
-        for k in sorted(range(len(images)), key=lambda k: tuple(images[k].shape[-2:])):
-            if chunks[-1] and self.padded_bytes([images[i] for i in [*chunks[-1], k]]) > self.chunk_bytes:
-                chunks.append([])
-            chunks[-1].append(k)
-        for chunk in chunks:
-            batch[torch.tensor(chunk, device=self.device)] = self.resized_crops([images[i] for i in chunk])
-        # PIL rounds and clamps to uint8 after resizing; clamping keeps bicubic overshoot in range likewise
-        return batch.clamp_(0, 255).mul_(self.scale).add_(self.shift)
+        batch = torch.empty((len(images), 3, s, s), device=self.device, memory_format=torch.channels_last)
+        for chunk in self.chunks(images):
+            batch[self.to_device(chunk)] = self.resized_crops([images[i] for i in chunk])
+        return to_8_bits(batch).mul_(self.scale).add_(self.shift)
+
+
+def to_8_bits(x: torch.Tensor) -> torch.Tensor:
+    """Rounded half up and clamped to 0..255 in place, as PIL stores each pass of a resize."""
+    return x.add_(0.5).floor_().clamp_(0, 255)
 
 
 def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
