@@ -13,6 +13,7 @@ one preprocessing recipe.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from pathlib import Path
 from typing import Collection, Sequence
@@ -193,9 +194,16 @@ class TensorPreprocess:
         """[3, H, W] uint8 images of any sizes -> [N, 3, S, S] float32 in 0..255 (not yet rounded)."""
         s, n = self.pre.image_size, len(images)
         h, w = (max(i.shape[axis] for i in images) for axis in (-2, -1))
-        padded = torch.zeros((n, 3, h, w), dtype=torch.uint8, device=self.device)
-        for slot, image in zip(padded.unbind(0), images):
-            slot[:, :image.shape[-2], :image.shape[-1]].copy_(image)
+        runs = [list(run) for _, run in itertools.groupby(images, key=lambda image: image.shape[-2:])]
+        if len(runs) == 1:                  # one size: nothing to pad
+            padded = torch.stack(images)
+        else:                               # one copy per run of images of one size
+            padded = torch.zeros((n, 3, h, w), dtype=torch.uint8, device=self.device)
+            start = 0
+            for run in runs:
+                ih, iw = run[0].shape[-2:]
+                padded[start:start + len(run), :, :ih, :iw] = torch.stack(run) if len(run) > 1 else run[0]
+                start += len(run)
         sizes = self.to_device([[*i.shape[-2:], *self.geometry(*i.shape[-2:])] for i in images])
         rows = resize_weights(sizes[:, 0], sizes[:, 2], sizes[:, 4], s, h, self.pre.interpolation)
         cols = resize_weights(sizes[:, 1], sizes[:, 3], sizes[:, 5], s, w, self.pre.interpolation)
