@@ -66,14 +66,28 @@ def per_image_resized_crop(images: list[torch.Tensor], prepare: TensorPreprocess
 
 def host_time(images: list[torch.Tensor], prepare: TensorPreprocess) -> None:
     """The host's share of resizing a batch (Python, and launching kernels on a GPU), which caps the GPU path
-    where the device's share is small: the same batch at a tenth of the size, so the work itself is negligible,
-    timed without waiting for the device."""
+    where the device's share is small: the same batch at a tenth of the size, so the work itself is small,
+    timed without waiting for the device; and the number of torch operations (on a GPU, about one kernel
+    launch each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counted(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.operations = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.operations += 1
+            return func(*args, **(kwargs or {}))
+
     tiny = [image[:, ::10, ::10].contiguous() for image in images]
     small = TensorPreprocess(replace(prepare.pre, resize=prepare.pre.resize // 10,
                                      image_size=prepare.pre.image_size // 10), prepare.device)
-    small(tiny)
+    with Counted() as counted:
+        small(tiny)
     best = min(timed(lambda: small(tiny)) for _ in range(5))
-    print(f"resize, crop, normalise: host time only, {best * 1e3:.1f} ms per batch of {len(images)}", flush=True)
+    print(f"resize, crop, normalise: host time only, {best * 1e3:.1f} ms and {counted.operations} torch operations "
+          f"per batch of {len(images)}", flush=True)
 
 
 def timed(fn) -> float:

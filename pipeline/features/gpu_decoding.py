@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 from pathlib import Path
 from typing import Collection, Sequence
@@ -114,6 +115,15 @@ def collate_bytes(items: list[FileItem]):
             [(it.index, it.error) for it in items if it.error is not None])
 
 
+FILTER_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+
+
+def window_taps(lengths: list[int], resized: list[int], interpolation: str) -> int:
+    """PIL's `ksize` for resizing `lengths` to `resized` pixels (the widest of them): the input pixels one
+    output pixel can draw on."""
+    return max(2 * math.ceil(FILTER_SUPPORT[interpolation] * max(n / r, 1.0)) + 1 for n, r in zip(lengths, resized))
+
+
 def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
     """The resampling kernels of antialiased resizing in torch and PIL: triangle, or Keys' cubic (a = -0.5)."""
     x = x.abs()
@@ -126,22 +136,24 @@ def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
 
 
 def resize_weights(lengths: torch.Tensor, resized: torch.Tensor, offsets: torch.Tensor, out: int, padded: int,
-                   interpolation: str) -> torch.Tensor:
+                   interpolation: str, taps: int) -> torch.Tensor:
     """[N, out, padded] matrices taking each image's pixels along one axis (`lengths` long, zero-padded to
     `padded`) to the `out` pixels from `offsets` on of that axis resized to `resized`: the weights of PIL's
     resampling (which torch's antialiased `interpolate` copies), so a resize and crop of the whole batch is
     two batched matrix products. As in PIL, they are computed in float64 and rounded to 22 fractional bits
-    (exact in float32): in float32 throughout, 0.5% of the pixels of a bilinear resize rounded the other way."""
+    (exact in float32): in float32 throughout, 0.5% of the pixels of a bilinear resize rounded the other way.
+    Only each output pixel's window is computed (`taps`, at least PIL's `ksize`: `window_taps`), then scattered."""
     lengths, resized, offsets = (t.double()[:, None, None] for t in (lengths, resized, offsets))
     scale = lengths / resized
-    support = (1.0 if interpolation == "bilinear" else 2.0) * scale.clamp(min=1)
-    positions = torch.arange(max(out, padded), device=lengths.device, dtype=torch.float64)
-    centre = scale * (offsets + positions[None, :out, None] + 0.5)
-    j = positions[None, None, :padded]
+    support = FILTER_SUPPORT[interpolation] * scale.clamp(min=1)
+    centre = scale * (offsets + torch.arange(out, device=lengths.device, dtype=torch.float64)[None, :, None] + 0.5)
     first = (centre - support + 0.5).trunc().clamp(min=0)
     stop = torch.minimum((centre + support + 0.5).trunc(), lengths)
-    w = _filter((j - centre + 0.5) / scale.clamp(min=1), interpolation) * ((j >= first) & (j < stop))
-    return ((w / w.sum(-1, keepdim=True)) * 2.0 ** 22).round().float() / 2.0 ** 22
+    j = first + torch.arange(taps, device=lengths.device, dtype=torch.float64)
+    w = _filter((j - centre + 0.5) / scale.clamp(min=1), interpolation) * (j < stop)
+    w = ((w / w.sum(-1, keepdim=True)) * 2.0 ** 22).round().float() / 2.0 ** 22
+    dense = torch.zeros((len(w), out, padded), device=w.device)
+    return dense.scatter_add_(2, j.long().clamp_(max=padded - 1), w)     # clamped taps add zeros
 
 
 class TensorPreprocess:
@@ -204,9 +216,13 @@ class TensorPreprocess:
                 ih, iw = run[0].shape[-2:]
                 padded[start:start + len(run), :, :ih, :iw] = torch.stack(run) if len(run) > 1 else run[0]
                 start += len(run)
-        sizes = self.to_device([[*i.shape[-2:], *self.geometry(*i.shape[-2:])] for i in images])
-        rows = resize_weights(sizes[:, 0], sizes[:, 2], sizes[:, 4], s, h, self.pre.interpolation)
-        cols = resize_weights(sizes[:, 1], sizes[:, 3], sizes[:, 5], s, w, self.pre.interpolation)
+        plan = [[*i.shape[-2:], *self.geometry(*i.shape[-2:])] for i in images]     # h, w, rh, rw, top, left
+        sizes, interpolation = self.to_device(plan), self.pre.interpolation
+        hs, ws, rhs, rws, _, _ = zip(*plan)
+        rows = resize_weights(sizes[:, 0], sizes[:, 2], sizes[:, 4], s, h, interpolation,
+                              window_taps(hs, rhs, interpolation))
+        cols = resize_weights(sizes[:, 1], sizes[:, 3], sizes[:, 5], s, w, interpolation,
+                              window_taps(ws, rws, interpolation))
         across = torch.bmm(padded.float().view(n, 3 * h, w), cols.transpose(1, 2))            # [N, 3H, S]
         return torch.matmul(rows[:, None], to_8_bits(across).view(n, 3, h, s))                 # [N, 3, S, S]
 
