@@ -85,9 +85,11 @@ def host_time(images: list[torch.Tensor], prepare: TensorPreprocess) -> None:
                                      image_size=prepare.pre.image_size // 10), prepare.device)
     with Counted() as counted:
         small(tiny)
+    with Counted() as one_size:
+        small([tiny[0]] * len(tiny))
     best = min(timed(lambda: small(tiny)) for _ in range(5))
     print(f"resize, crop, normalise: host time only, {best * 1e3:.1f} ms and {counted.operations} torch operations "
-          f"per batch of {len(images)}", flush=True)
+          f"per batch of {len(images)} ({one_size.operations} for images of one size)", flush=True)
 
 
 def timed(fn) -> float:
