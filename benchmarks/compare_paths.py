@@ -23,10 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import Dataset, scan  # noqa: E402
 from pipeline.data.images import decode_image  # noqa: E402
-from pipeline.features.backbones import (
-    Embedder,  # noqa: E402
-    load_backbone,  # noqa: E402
-)
+from pipeline.features.backbones import Embedder, load_backbone  # noqa: E402
 from pipeline.features.extract import extract  # noqa: E402
 from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402

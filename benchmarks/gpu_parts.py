@@ -121,8 +121,8 @@ def main() -> None:
              lambda: sum(len(decode(raw[i:i + bs])) for i in range(0, len(raw), bs)), dev)
     images = decode_jpeg(raw[:4 * bs], mode=ImageReadMode.RGB, device=dev)
     pre(images[:bs])
-    rate(f"resize, crop, normalise on {dev} (resampling matrices)", lambda: sum(len(pre(images[i:i + bs])) for i in range(0, len(images), bs)),
-         dev)
+    rate(f"resize, crop, normalise on {dev} (resampling matrices)",
+         lambda: sum(len(pre(images[i:i + bs])) for i in range(0, len(images), bs)), dev)
     host_time(images[:bs], pre)
     rate(f"the same as one interpolate per image on {dev} (an alternative, not used)",
          lambda: sum(len(per_image_resized_crop(images[i:i + bs], pre)) for i in range(0, len(images), bs)), dev)
