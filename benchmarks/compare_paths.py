@@ -3,11 +3,12 @@
     python benchmarks/compare_paths.py DATA [--backbone efficientnet_lite0] [--weights imagenet] [--images 256]
     python benchmarks/compare_paths.py DATA --resize-only [...]
 
-Extracts DATA twice (PIL decoding in float32 on the CPU; GPU decoding on CUDA, in bfloat16 autocast
-unless --precision float32) and prints the cosine similarity of matching feature vectors and the
-largest difference relative to the norm. `--resize-only` needs no GPU: on the CPU, it compares the CPU
-path's preprocessing (PIL's resize) with the fast path's batched resize (`TensorPreprocess`) on the same
-PIL-decoded pixels, and the backbone's features of the two.
+Extracts DATA on the CPU (PIL decoding, torch, float32), then runs the fast path's batches (`gpu_batches`)
+on `--device` (cuda) once per decoder, in bfloat16 autocast unless --precision float32, and prints for each
+the cosine similarity of matching feature vectors and the largest difference relative to the norm.
+`--resize-only` needs no GPU: on the CPU, it compares the CPU path's preprocessing (PIL's resize) with the
+fast path's batched resize (`TensorPreprocess`) on the same PIL-decoded pixels, and the backbone's features
+of the two.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from pipeline.data.folders import Dataset, scan  # noqa: E402
 from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.features.backbones import Embedder, load_backbone  # noqa: E402
 from pipeline.features.extract import extract  # noqa: E402
-from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor  # noqa: E402
+from pipeline.features.gpu_decoding import JpegDecoder, TensorPreprocess, chw_tensor, gpu_batches  # noqa: E402
+from pipeline.runtime.devices import default_workers  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 
 
@@ -36,21 +38,28 @@ def main() -> None:
     p.add_argument("--weights", default="imagenet", help="as for `pipeline extract --weights`")
     p.add_argument("--images", type=int, default=256, help="first N images")
     p.add_argument("--precision", default="bfloat16", help="compute type on CUDA: bfloat16 or float32")
+    p.add_argument("--device", default="cuda", help="where the fast path runs (cpu: its code, on CPU tensors)")
     p.add_argument("--resize-only", action="store_true", help="the batched resize against PIL's, on the CPU")
     args = p.parse_args()
     full = scan(args.data, 0.0, 0.0)
     dataset = Dataset(full.root, full.classes, full.samples[:args.images], full.layout)
+    backbone = load_backbone(args.backbone, args.weights)
     if args.resize_only:
-        return resize_only(dataset, load_backbone(args.backbone, args.weights))
-    features = {}
+        return resize_only(dataset, backbone)
     with tempfile.TemporaryDirectory() as tmp:
-        for device in ("cpu", "cuda"):
-            out = Path(tmp) / f"{device}.h5"
-            summary = extract(dataset, load_backbone(args.backbone, args.weights), out, 64, device, "float32",
-                              quiet=True, precision="float32" if device == "cpu" else args.precision)
-            print(summary.lines()[0])
-            features[device] = open_cache(out).read("train").features
-    report(features["cpu"], features["cuda"], "cuda")
+        out = Path(tmp) / "cpu.h5"
+        summary = extract(dataset, backbone, out, 64, "cpu", "float32", quiet=True, precision="float32",
+                          engine="torch")
+        print(summary.lines()[0])
+        reference = open_cache(out).read("train").features
+    dev = torch.device(args.device)
+    embed = Embedder(backbone, dev, args.precision)
+    for decoder in JpegDecoder(dev).decoders:          # each GPU decoder alone
+        only = JpegDecoder(dev, [decoder])
+        batches = gpu_batches(dataset.root, dataset.samples, backbone.preprocessing, 64, default_workers(dev), dev,
+                              decoder=only)
+        vectors = np.concatenate([embed(x)[backbone.layers[0]] for _, x, _ in batches])
+        report(reference, vectors, f"{dev} ({only.name} decoding, {args.precision})")
 
 
 def report(a: np.ndarray, b: np.ndarray, name: str) -> None:
