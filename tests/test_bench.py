@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import runpy
 import subprocess
 import sys
 
@@ -88,3 +90,31 @@ def test_benchmark_script_compares_batch_sizes_and_defaults_to_extracts(tmp_path
         assert [r["batch_size"] for r in rows] == [b for b in expected for _ in ("torch", "onnxruntime")]
         assert all(r["images"] == 8 for r in rows)
         assert all(r["images_per_s"]["extract"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_gpu_sessions_scripts_run_their_code_on_a_cpu(tmp_path, capsys, monkeypatch):
+    """benchmarks/gpu_parts.py and compare_paths.py, which a GPU session runs from gpu_session.sh, run the
+    same code on CPU tensors: every part is timed, and the fast path (each decoder, then the batched resize)
+    gives the CPU path's features. (In this process: they only differ from the command line by argv.)"""
+    photos = tmp_path / "photos"
+
+    def script(name: str, *args) -> str:
+        monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
+        runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
+        return capsys.readouterr().out
+
+    script("make_images.py", photos, "--images", 16, "--jobs", 1)
+    parts = script("gpu_parts.py", photos, "--images", 16, "--workers", 1, "--batch-size", 8, "--device", "cpu")
+    for part in (r"read bytes in 1 workers.*: [\d,]+ images/s", r"torchvision decode_jpeg on cpu.*: [\d,]+ images/s",
+                 r"resampling matrices.*: [\d,]+ images/s", r"host time only, [\d.]+ ms and \d+ torch operations",
+                 r"one interpolate per image.*: [\d,]+ images/s", r"one roi_align.*: [\d,]+ images/s",
+                 r"all three in gpu_batches.*: [\d,]+ images/s"):
+        assert re.search(part, parts), (part, parts)
+    compared = script("compare_paths.py", photos, "--images", 16, "--device", "cpu", "--precision", "float32")
+    cosines = re.findall(r"cosine similarity min ([\d.]+)", compared)
+    assert len(cosines) == len(re.findall(r"decoding, float32\)", compared)) >= 1, compared
+    assert min(map(float, cosines)) > 0.9999, compared
+    resized = script("compare_paths.py", photos, "--images", 16, "--resize-only")
+    identical = float(re.search(r"pixels: ([\d.]+)% identical", resized).group(1))
+    assert identical > 99.9 and float(re.search(r"cosine similarity min ([\d.]+)", resized).group(1)) > 0.9999
