@@ -203,7 +203,9 @@ def train(
     check_out(out, force)       # as `fit` checks first, before the seconds of its imports
     _check_cache(features)
     with heavy_imports():
+        from pipeline.heads.classifiers import import_libraries
         from pipeline.heads.train import train as fit
+        import_libraries(s.classifier)
     try:
         m = fit(features, out, s, expected, force)
     except KeyboardInterrupt:
