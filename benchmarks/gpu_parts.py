@@ -58,7 +58,7 @@ def per_image_resized_crop(images: list[torch.Tensor], prepare: TensorPreprocess
     """The same resize and crop as one antialiased `interpolate` per image (the path before batching)."""
     s, crops = prepare.pre.image_size, []
     for image in images:
-        rh, rw, top, left = prepare.geometry(*image.shape[-2:])
+        rh, rw, top, left = prepare.pre.geometry(*image.shape[-2:])
         x = F.interpolate(image[None].float(), (rh, rw), mode=prepare.pre.interpolation, antialias=True)
         crops.append(x[:, :, top:top + s, left:left + s])
     return torch.cat(crops)

@@ -94,33 +94,22 @@ def test_subpackages_import_only_their_own_layer_and_lower_ones():
     assert not wrong, wrong
 
 
-# Runs a command (`python -m pipeline ...` or a stage script) in this interpreter and reports, as it exits,
-# whether the garbage collector is on and how many objects are frozen.
-COLLECTOR_AT_EXIT = """
-import atexit, gc, runpy, sys
-atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count(), file=sys.stderr))
+# Runs a command (`python -m pipeline ...` or a stage script) in this interpreter, after a script that
+# watches it (below).
+RUN_COMMAND = """
 target, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_module(target, run_name="__main__", alter_sys=True) if target == "pipeline" else \\
     runpy.run_path(target, run_name="__main__")
 """
 
+# Reports, as the command exits, whether the garbage collector is on and how many objects are frozen.
+COLLECTOR_AT_EXIT = """
+import atexit, gc, runpy, sys
+atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count(), file=sys.stderr))
+""" + RUN_COMMAND
 
-@pytest.mark.parametrize("command", [("pipeline", "train"), ("stages/train.py", "logreg")])
-def test_commands_import_with_the_collector_off_and_freeze_what_they_imported(small_cache, tmp_path, command):
-    """pipeline.runtime.imports: the seconds the collector would spend walking torch's and scikit-learn's
-    objects (benchmarks/startup.py) are saved, and it is on again for the work."""
-    target, name = command
-    args = [small_cache, "--out", tmp_path / "m"] if target == "pipeline" else [small_cache, tmp_path / "m"]
-    proc = subprocess.run([sys.executable, "-c", COLLECTOR_AT_EXIT, target, name, *map(str, args)], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    enabled, frozen = proc.stderr.splitlines()[-1].split()
-    assert enabled == "True" and int(frozen) > 100_000     # scikit-learn alone leaves more than that
-    assert (tmp_path / "m" / "model.json").is_file()
-
-
-# Runs a command as COLLECTOR_AT_EXIT does and reports, as it exits, whether torch._dynamo had been imported
-# when the command's last import window (`heavy_imports`) closed.
+# Reports, as the command exits, whether torch._dynamo had been imported when the command's last import
+# window (`heavy_imports`) closed.
 DYNAMO_IN_WINDOW = """
 import atexit, contextlib, runpy, sys
 import pipeline.runtime.imports as imports
@@ -132,10 +121,26 @@ def watched():
     seen.append("torch._dynamo" in sys.modules)
 imports.heavy_imports = watched
 atexit.register(lambda: print(seen, file=sys.stderr))
-target, sys.argv = sys.argv[1], sys.argv[1:]
-runpy.run_module(target, run_name="__main__", alter_sys=True) if target == "pipeline" else \\
-    runpy.run_path(target, run_name="__main__")
-"""
+""" + RUN_COMMAND
+
+
+def watched_train(watcher: str, command: tuple[str, ...], cache, out) -> str:
+    """`pipeline train ...` or `stages/train.py NAME` on `cache` into `out` under `watcher`: its last stderr line."""
+    target, *name = command
+    args = [cache, "--out", out] if target == "pipeline" else [cache, out]
+    proc = subprocess.run([sys.executable, "-c", watcher, target, *name, *map(str, args)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.json").is_file()
+    return proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", [("pipeline", "train"), ("stages/train.py", "logreg")])
+def test_commands_import_with_the_collector_off_and_freeze_what_they_imported(small_cache, tmp_path, command):
+    """pipeline.runtime.imports: the seconds the collector would spend walking torch's and scikit-learn's
+    objects (benchmarks/startup.py) are saved, and it is on again for the work."""
+    enabled, frozen = watched_train(COLLECTOR_AT_EXIT, command, small_cache, tmp_path / "m").split()
+    assert enabled == "True" and int(frozen) > 100_000     # scikit-learn alone leaves more than that
 
 
 @pytest.mark.slow
@@ -144,10 +149,4 @@ runpy.run_module(target, run_name="__main__", alter_sys=True) if target == "pipe
 def test_a_torch_head_imports_what_its_optimizer_needs_in_the_import_window(small_cache, tmp_path, command):
     """Every torch optimizer imports torch._dynamo (2-3 s) as it is made: `train` imports it with the torch
     heads, in its import window, where the collector is off (RESULTS.md: 1-2 s less a command)."""
-    target, *name = command
-    args = [small_cache, "--out", tmp_path / "m"] if target == "pipeline" else [small_cache, tmp_path / "m"]
-    proc = subprocess.run([sys.executable, "-c", DYNAMO_IN_WINDOW, target, *name, *map(str, args)], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines()[-1] == "[True]", proc.stderr
-    assert (tmp_path / "m" / "model.json").is_file()
+    assert watched_train(DYNAMO_IN_WINDOW, command, small_cache, tmp_path / "m") == "[True]"

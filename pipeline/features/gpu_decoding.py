@@ -174,14 +174,6 @@ class TensorPreprocess:
         self.scale = 1.0 / (255.0 * std)
         self.shift = -torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) / std
 
-    def geometry(self, h: int, w: int) -> tuple[int, int, int, int]:
-        """(resized height, width, crop top, left) of an h x w image, as torchvision's Resize(int) + CenterCrop."""
-        short, long = min(h, w), max(h, w)
-        new_long = int(self.pre.resize * long / short)
-        rh, rw = (self.pre.resize, new_long) if h <= w else (new_long, self.pre.resize)
-        s = self.pre.image_size
-        return rh, rw, int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
-
     def to_device(self, values: list) -> torch.Tensor:
         """A small int64 tensor of `values` on the device without waiting: through pinned memory on CUDA
         (a plain copy from pageable memory would block this thread until the GPU caught up)."""
@@ -216,7 +208,7 @@ class TensorPreprocess:
                 ih, iw = run[0].shape[-2:]
                 padded[start:start + len(run), :, :ih, :iw] = torch.stack(run) if len(run) > 1 else run[0]
                 start += len(run)
-        plan = [[*i.shape[-2:], *self.geometry(*i.shape[-2:])] for i in images]     # h, w, rh, rw, top, left
+        plan = [[*i.shape[-2:], *self.pre.geometry(*i.shape[-2:])] for i in images]     # h, w, rh, rw, top, left
         sizes, interpolation = self.to_device(plan), self.pre.interpolation
         hs, ws, rhs, rws, _, _ = zip(*plan)
         rows = resize_weights(sizes[:, 0], sizes[:, 2], sizes[:, 4], s, h, interpolation,

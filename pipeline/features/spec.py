@@ -36,18 +36,23 @@ class Preprocessing:
         steps = [self.resize_crop, T.ToTensor()]
         return T.Compose(steps + [T.Normalize(self.mean, self.std)] if normalise else steps)
 
+    def geometry(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(resized height, width, crop top, left) of an h x w image, as torchvision's `Resize(resize)` sizes
+        it and `CenterCrop(image_size)` places the crop."""
+        new_long = int(self.resize * max(h, w) / min(h, w))
+        new_h, new_w = (self.resize, new_long) if h <= w else (new_long, self.resize)
+        return new_h, new_w, round((new_h - self.image_size) / 2), round((new_w - self.image_size) / 2)
+
     def resize_crop(self, img: Image.Image) -> Image.Image:
         """torchvision's `Resize(resize)` then `CenterCrop(image_size)` of a PIL image (at most one value in 500
         differs, by a grey level), about a third faster: only the pixels the crop keeps are resampled."""
         w, h = img.size
-        new_short, new_long = self.resize, int(self.resize * max(w, h) / min(w, h))    # as torchvision sizes
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        new_h, new_w, top, left = self.geometry(h, w)
         resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[self.interpolation]
         size = self.image_size
         if min(new_w, new_h) < size:        # the crop pads
             from torchvision.transforms.functional import center_crop
             return center_crop(img.resize((new_w, new_h), resample), [size])
-        left, top = round((new_w - size) / 2), round((new_h - size) / 2)        # as torchvision crops
         sx, sy = w / new_w, h / new_h
         # one axis per call: given both, Pillow resamples vertically first, which rounds differently
         columns = img.resize((size, h), resample, box=(left * sx, 0, (left + size) * sx, h))
