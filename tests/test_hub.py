@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from PIL import Image
 
 from pipeline.features.backbones import load_backbone
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import cache_attrs, open_cache
+from tests.conftest import run_cli
 
 MODEL = "test_vit.r160_in1k"
 REPO = f"timm/{MODEL}"

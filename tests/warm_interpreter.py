@@ -41,6 +41,7 @@ class WarmInterpreter:
         self.env = dict(env)
         self.scratch = scratch
         self.lock = threading.Lock()
+        self.commands = 0
         self.proc = subprocess.Popen([sys.executable, __file__], env=self.env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         if self.proc.stdout.readline() != "ready\n":
@@ -58,6 +59,7 @@ class WarmInterpreter:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
             reply = json.loads(self.proc.stdout.readline())
+            self.commands += 1
             stdout, stderr = out.read_text(), err.read_text()   # as subprocess's text mode decodes them
         command = [sys.executable, "-m", "pipeline", *argv]
         if reply.get("timeout"):
