@@ -10,8 +10,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# pip compiles what it installs one file at a time; compileall uses every core (41 s against 77 s on 2).
+# torch's one file in Python 3.12 syntax, which pip leaves uncompiled too, is left out.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib
 	touch $@
 
 # The package's bytecode, compiled once: where PYTHONDONTWRITEBYTECODE is set, every process (each DVC stage,
