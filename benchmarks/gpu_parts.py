@@ -46,8 +46,8 @@ def roi_resized_crop(images: list[torch.Tensor], pre) -> torch.Tensor:
     boxes = []
     for k, image in enumerate(images):
         h, w = image.shape[-2:]
-        nh, nw = (pre.resize, int(pre.resize * w / h)) if h <= w else (int(pre.resize * h / w), pre.resize)
-        top, left, s = round((nh - pre.image_size) / 2), round((nw - pre.image_size) / 2), pre.image_size
+        nh, nw, top, left = pre.geometry(h, w)
+        s = pre.image_size
         boxes.append([k, left * w / nw, top * h / nh, (left + s) * w / nw, (top + s) * h / nh])
     padded = torch.nested.nested_tensor(list(images)).to_padded_tensor(0).float()
     ratio = max(1, round(min(min(i.shape[-2:]) for i in images) / pre.resize) + 1)
