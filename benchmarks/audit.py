@@ -33,9 +33,9 @@ from PIL import Image, ImageEnhance, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stage_two import FASHION, read_idx  # noqa: E402
-from pipeline.audit import label_issues, neighbours, pixels  # noqa: E402
-from pipeline.audit.run import read_images  # noqa: E402
-from pipeline.audit.settings import AuditSettings  # noqa: E402
+from pipeline.auditing import label_issues, neighbours, pixels  # noqa: E402
+from pipeline.auditing.run import read_images  # noqa: E402
+from pipeline.auditing.settings import AuditSettings  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 
 THRESHOLDS = (0.70, 0.75, 0.80, 0.82, 0.84, 0.85, 0.86, 0.88, 0.90, 0.92)

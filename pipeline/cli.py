@@ -15,9 +15,9 @@ from typing import Annotated, Literal, Optional
 import typer
 from typer.core import TyperCommand
 
-from pipeline.audit.settings import AuditSettings
+from pipeline.auditing.settings import AuditSettings
 from pipeline.features.settings import BenchSettings, ExtractSettings
-from pipeline.finetune.settings import FinetuneSettings
+from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_params
 from pipeline.models.settings import PredictSettings
 from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
@@ -301,7 +301,7 @@ def finetune(
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     with heavy_imports():
-        from pipeline.finetune.training import finetune as run
+        from pipeline.tuning.training import finetune as run
     m = run(data, out, settings, quiet, checkpoint, resume, force)
     if m is None:   # a torchrun rank other than 0
         return
@@ -361,7 +361,7 @@ def audit(
     how accuracy grows with the number of labels; writes a report page and CSV files."""
     _check_cache(features)
     with heavy_imports():
-        from pipeline.audit.run import audit as run
+        from pipeline.auditing.run import audit as run
         from pipeline.report.audit_page import write_page
     summary = run(features, out, settings, log=lambda line: _say([line], quiet))
     page = write_page(out)

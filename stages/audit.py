@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-from pipeline.audit.settings import AuditSettings
+from pipeline.auditing.settings import AuditSettings
 from pipeline.config import stage_settings
 from pipeline.runtime.errors import run_stage
 from pipeline.runtime.imports import heavy_imports
@@ -12,7 +12,7 @@ def main():
     features, out = Path(sys.argv[1]), Path(sys.argv[2])
     s = stage_settings(AuditSettings, "audit")
     with heavy_imports():   # torch loads once the settings are accepted
-        from pipeline.audit.run import audit
+        from pipeline.auditing.run import audit
         from pipeline.report.audit_page import write_page
     summary = audit(features, out, s, log=print)
     print(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "

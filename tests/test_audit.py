@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.audit import neighbours
-from pipeline.audit.label_issues import find_label_issues, l2_normalised, out_of_fold_probabilities
-from pipeline.audit.learning_curve import counts_up_to, learning_curve
-from pipeline.audit.run import audit
-from pipeline.audit.settings import AuditSettings
+from pipeline.auditing import neighbours
+from pipeline.auditing.label_issues import find_label_issues, l2_normalised, out_of_fold_probabilities
+from pipeline.auditing.learning_curve import counts_up_to, learning_curve
+from pipeline.auditing.run import audit
+from pipeline.auditing.settings import AuditSettings
 from pipeline.storage.cache import open_cache
 from tests.conftest import make_image_folder, run_cli, synthetic_cache
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.features.backbones import load_backbone
-from pipeline.finetune.training import FinetuneSettings, PlateauSchedule, finetune, stages
+from pipeline.tuning.training import FinetuneSettings, PlateauSchedule, finetune, stages
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.settings import from_mapping

@@ -15,7 +15,7 @@ import yaml
 from tests.conftest import ROOT
 
 # lowest first: a subpackage may import its own layer and those before it; cli and config sit on top
-LAYERS = ("runtime", "data", "storage", "features", "heads", "finetune", "models", "audit", "report")
+LAYERS = ("runtime", "data", "storage", "features", "heads", "tuning", "models", "auditing", "report")
 
 
 def imported_names(path: Path) -> set[str]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.finetune.training import FinetuneSettings, curves, finetune
+from pipeline.tuning.training import FinetuneSettings, curves, finetune
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import train
 from pipeline.models.directory import open_model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.text import Text
 
-from pipeline.finetune.training import FinetuneSettings, finetune
+from pipeline.tuning.training import FinetuneSettings, finetune
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import train
 from pipeline.report.compare import figure, markdown, rows

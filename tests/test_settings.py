@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.audit.settings import AuditSettings
+from pipeline.auditing.settings import AuditSettings
 from pipeline.features.settings import BenchSettings, ExtractSettings
-from pipeline.finetune.settings import FinetuneSettings
+from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, train_settings
 from pipeline.runtime.errors import UserError, quote
 from pipeline.runtime.settings import fields, option_name, rule

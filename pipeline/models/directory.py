@@ -171,7 +171,7 @@ class FinetunedModel(ModelDirectory):
     @cached_property
     def _classifier(self) -> nn.Module:
         """The fine-tuned network (logits), rebuilt from model.json and its weights."""
-        from pipeline.finetune.training import network
+        from pipeline.tuning.training import network
         try:
             return network(self.info, self.model)
         except RuntimeError as exc:   # load_state_dict: missing or unexpected keys, other shapes

@@ -30,7 +30,7 @@ from pipeline.data.folders import Dataset, dataset_digest
 from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.features.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
 from pipeline.features.spec import BackboneSpec
-from pipeline.finetune.settings import FinetuneSettings
+from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.metrics import confusion_png, confusion_rows
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed

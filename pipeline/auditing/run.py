@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.audit import label_issues, learning_curve, neighbours, pixels
-from pipeline.audit.settings import AuditSettings
+from pipeline.auditing import label_issues, learning_curve, neighbours, pixels
+from pipeline.auditing.settings import AuditSettings
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import open_cache

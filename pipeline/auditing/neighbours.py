@@ -6,7 +6,7 @@ searches an inverted file, as faiss's IVF indexes do: spherical k-means cuts the
 sqrt(N) lists, and each vector is compared with the members of its `probe` nearest lists only, so the
 work grows as N^1.5 instead of N^2 (an exact search of 100,000 x 1,280 vectors is 2.6e13 multiply-adds,
 more than two CPU cores do in ten minutes). Near-duplicates are found in that neighbour graph:
-pairs above the similarity threshold (and pairs a little below it whose pixels match, pipeline.audit.pixels),
+pairs above the similarity threshold (and pairs a little below it whose pixels match, pipeline.auditing.pixels),
 joined into groups.
 
 The duplicate search runs on standardised vectors (`search_space`): each feature centred and scaled to
@@ -118,7 +118,7 @@ class Pairs:
     a: np.ndarray
     b: np.ndarray
     similarity: np.ndarray   # cosine similarity of the two vectors
-    by_pixels: np.ndarray    # kept for its pixels (pipeline.audit.pixels), not its similarity
+    by_pixels: np.ndarray    # kept for its pixels (pipeline.auditing.pixels), not its similarity
 
     def subset(self, keep: np.ndarray) -> "Pairs":
         return Pairs(self.a[keep], self.b[keep], self.similarity[keep], self.by_pixels[keep])

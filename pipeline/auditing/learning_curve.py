@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
-from pipeline.audit.label_issues import l2_normalised
+from pipeline.auditing.label_issues import l2_normalised
 from pipeline.heads.torch_heads import TorchLogReg
 
 HEADS = ("logreg", "knn")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.audit.neighbours import Pairs
+from pipeline.auditing.neighbours import Pairs
 from pipeline.data.images import ImageError, file_under, read_image
 
 SIDE = 32               # thumbnail side: blind to compression noise, still telling scenes apart
