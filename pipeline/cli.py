@@ -375,7 +375,7 @@ def main() -> None:
     value) is one `error:` line and exit code 2 as well."""
     def run():
         try:
-            code = app(standalone_mode=False)
+            code = app(standalone_mode=False, prog_name="pipeline")
         except typer.TyperException as exc:   # click's usage errors
             ctx = getattr(exc, "ctx", None)
             hint = f" (see {ctx.command_path} --help)" if ctx else ""

@@ -139,6 +139,30 @@ def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.C
     return proc
 
 
+def cli_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the command line's entry point (`pipeline.cli.main`) in this process, with its parsing, error
+    contract and output as in a process of its own but without the start-up: for tests of what a command
+    refuses. Returns the exit code and the captured stdout and stderr."""
+    import io
+    from pipeline import cli
+    argv = ["pipeline", *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    before = (sys.argv, Path.cwd())
+    code = 0
+    try:
+        sys.argv = argv
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = before[0]
+        os.chdir(before[1])
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def interrupt_when_written(command: list, path: Path, sig: int) -> subprocess.CompletedProcess:
     """Run `command` for real, with this checkout first on the path, and send it `sig` as soon as
     `path` exists (or once it has ended); returns its exit code and stderr. Ctrl-C reaches the command as
