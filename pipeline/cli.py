@@ -1,4 +1,4 @@
-"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench|audit`. Parsing and
+"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench|audit|select`. Parsing and
 calling only: the options of a stage are the fields of its settings object (pipeline.runtime.settings)."""
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pipeline.models.settings import PredictSettings
 from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
 from pipeline.runtime.imports import heavy_imports
 from pipeline.runtime.settings import alternatives, default, fields, from_options, option_name, rule, type_hints
+from pipeline.selection.settings import SelectSettings
 
 
 class Command(TyperCommand):
@@ -368,6 +369,26 @@ def audit(
     _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
           f"({summary['leak_groups']} across splits), {summary['outliers']} outliers in {summary['images']} "
           f"images -> {page}"], quiet)
+
+
+@app.command()
+@settings_options(SelectSettings)
+def select(
+    features: Annotated[Path, typer.Argument(help="Feature cache with an unlabelled pool (DATA/unlabeled/).")],
+    out: Annotated[Path, typer.Option(help="CSV of the picks in the order to label them: path, strategy, score, "
+                                           "cluster.")] = Path("picks.csv"),
+    settings: SelectSettings = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+):
+    """Pick the unlabelled images of the cache's pool to label next (move them into train/CLASS/, extract
+    again: their vectors are reused)."""
+    _check_cache(features)
+    with heavy_imports():
+        from pipeline.selection.run import check_out, select as run, write_picks
+    check_out(out)
+    rows = run(features, settings)
+    write_picks(rows, out)
+    _say([f"{len(rows)} images to label, picked by {rows[0]['strategy']} -> {out}"], quiet)
 
 
 def main() -> None:

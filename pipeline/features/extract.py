@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.data.folders import Dataset, Sample, write_manifest
+from pipeline.data.folders import POOL, Dataset, Sample, write_manifest
 from pipeline.data.images import ImageFiles, batches_within, collate, worker_init
 from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
@@ -137,7 +137,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
     runs the model through torch.compile. `engine` runs it through torch or ONNX Runtime
     (pipeline.features.engine; 'auto': ONNX Runtime on a CPU). `shard_of` names the complete cache that `out`
     is a shard of (pipeline.runtime.distributed): vectors are reused from it, and the shard may hold no training rows.
-    A cache whose training images were all unusable is refused and not written.
+    A cache whose training images were all unusable is refused and not written, unless it has a pool.
 
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
@@ -186,7 +186,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                 bar.update(sum(writer.progress.values()))
                 # one loader for all splits, its batches cut at their ends: the workers run on from one
                 # split into the next instead of starting again
-                parts = [(split, dataset.split(split)[writer.progress.get(split, 0):]) for split in dataset.splits()]
+                parts = [(split, dataset.split(split)[writer.progress.get(split, 0):]) for split in dataset.groups()]
                 samples = [sample for _, part in parts for sample in part]
                 ends = list(itertools.accumulate(len(part) for _, part in parts))
                 done = dict(writer.progress)
@@ -207,7 +207,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                                                 [(samples[i].path, reason) for i, reason in bad], done[split]))
                         bar.update(len(good) + len(bad))
             background.close()
-            if not shard_of and not writer.rows("train"):
+            if not shard_of and not writer.rows("train") and not writer.rows(POOL):
                 raise UserError(no_training_rows(writer.skipped, out))
             writer.commit(extract_seconds=time.perf_counter() - start)
         except KeyboardInterrupt:
