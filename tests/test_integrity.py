@@ -214,7 +214,7 @@ def old_schema(f):
     (replace_features((4, 7)), "val/features must be [rows, "),
     (nan_row, "1 rows of test hold features that are not finite (NaN or inf)"),
     (empty_split, "split 'val' has no rows"),
-    (old_schema, "has schema version 2 (written before caches carried checksums), this tool reads 3"),
+    (old_schema, "has schema version 2 (written before caches carried checksums), this tool reads 3 and 4"),
 ])
 def test_wrong_values_with_valid_checksums_are_one_error_line(small_cache, tmp_path, edit, words):
     bad = tmp_path / "features.h5"

@@ -21,11 +21,13 @@ from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, train_settings
 from pipeline.runtime.errors import UserError, quote
 from pipeline.runtime.settings import fields, option_name, rule
+from pipeline.selection.settings import SelectSettings
 from tests.conftest import COLOURS, ROOT, run_cli, tiny_image
 
 COMMANDS = {"extract": ExtractSettings, "train": TrainSettings, "finetune": FinetuneSettings, "bench": BenchSettings,
-            "audit": AuditSettings}
-SECTIONS = {"extract": ExtractSettings, "finetune.<run>": FinetuneSettings, "audit": AuditSettings}
+            "audit": AuditSettings, "select": SelectSettings}
+SECTIONS = {"extract": ExtractSettings, "finetune.<run>": FinetuneSettings, "audit": AuditSettings,
+            "select": SelectSettings}
 
 
 def squeezed(text: str) -> str:
