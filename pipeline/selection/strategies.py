@@ -1,7 +1,7 @@
 """The strategies of `pipeline select`, on arrays: which rows of the pool to label next, in order.
 
 Each sees the labelled vectors (with their labels) and the pool's distinct unlabelled vectors. Both are
-L2-normalised and projected onto their first principal components; k-means runs there with labelled + budget
+L2-normalised and projected onto their first principal components (fitted on PCA_SAMPLE of them); k-means runs there with labelled + budget
 clusters (at most MAX_CLUSTERS), exactly (scikit-learn's KMeans) up to EXACT_KMEANS_UP_TO vectors, by mini-batches
 (MiniBatchKMeans) above. Every pick reports the cluster of its image.
 """
@@ -23,6 +23,7 @@ from pipeline.selection.settings import SelectSettings
 
 MAX_CLUSTERS = 500           # as TypiClust: more clusters than this add little and cost much
 EXACT_KMEANS_UP_TO = 20_000
+PCA_SAMPLE = 10_000          # the components are fitted on this many vectors at most, then project all
 SMALL_CLUSTER = 5            # typical takes from a smaller cluster only when no other is left
 
 
@@ -49,7 +50,9 @@ def space(labelled: np.ndarray, pool: np.ndarray, budget: int, s: SelectSettings
     both = normalize(np.concatenate([labelled, pool]).astype(np.float32))
     n_components = min(s.components, both.shape[1], len(both))
     if n_components < both.shape[1]:
-        both = PCA(n_components, svd_solver="randomized", random_state=s.seed).fit_transform(both)
+        rng = np.random.default_rng(s.seed)
+        sample = both[rng.choice(len(both), PCA_SAMPLE, replace=False)] if len(both) > PCA_SAMPLE else both
+        both = PCA(n_components, svd_solver="randomized", random_state=s.seed).fit(sample).transform(both)
     k = min(len(labelled) + budget, MAX_CLUSTERS, len(both))
     if len(both) <= EXACT_KMEANS_UP_TO:
         kmeans = KMeans(k, n_init=3, random_state=s.seed)
