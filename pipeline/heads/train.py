@@ -175,8 +175,10 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
     modeldir.check_out(out_dir, force)
     with open_cache(cache_path) as cache:   # everything from this one file, even if it is replaced meanwhile
         check_expected(cache, expected or {})
-        if "val" not in cache.splits:
-            raise UserError(f"feature cache {cache_path} has no val split; stage two needs train and val")
+        if not {"train", "val"} <= set(cache.splits):
+            missing = " and ".join(sorted({"train", "val"} - set(cache.splits), reverse=True))
+            raise UserError(f"feature cache {cache_path} has no {missing} split; stage two needs train and val"
+                            + (" (label images of the pool first: docs/select.md)" if cache.has_pool else ""))
         has_test = "test" in cache.splits
         train_, val = cache.read("train"), cache.read("val")
         test = cache.read("test") if has_test else None
