@@ -1,6 +1,7 @@
 """`pipeline select`: the pool images of a feature cache to label next, in order, as CSV rows.
 
-picks.csv   path, strategy, score, cluster (path relative to the data folder, as the cache stores it)
+picks.csv   path, strategy, score, cluster (path relative to the data folder, as the cache stores it; score
+            and cluster empty for random)
 
 The labelled images are those of train and val; test images are never picked but do not steer the picks.
 Byte-identical images (the same SHA-256) count as one: a pool image identical to a labelled one, or to an
@@ -69,7 +70,7 @@ def select(cache_path: Path, s: SelectSettings | None = None) -> list[dict]:
                         f"the pool of {cache_path}")
     picks = choose(found.labelled, found.labels, found.pool, found.classes, s)
     return [{"path": found.paths[p.row], "strategy": p.strategy, "score": "" if np.isnan(p.score) else f"{p.score:.6g}",
-             "cluster": p.cluster} for p in picks]
+             "cluster": "" if p.cluster < 0 else p.cluster} for p in picks]
 
 
 def check_out(out: Path) -> None:

@@ -20,7 +20,7 @@ class SelectSettings:
                                  min=0)
     neighbours: int = setting(20, "k of typicality: the inverse mean distance to the k nearest images of the "
                                   "same cluster.", min=1)
-    components: int = setting(50, "PCA components the L2-normalised vectors are reduced to for the k-means and "
+    components: int = setting(128, "PCA components the L2-normalised vectors are reduced to for the k-means and "
                                   "the distances.", min=1)
     C: float = setting(10.0, "C of margin's logistic regression, on L2-normalised vectors.", above=0)
     seed: int = setting(0, "Seed of the PCA, the k-means and random.")

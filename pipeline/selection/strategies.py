@@ -3,7 +3,7 @@
 Each sees the labelled vectors (with their labels) and the pool's distinct unlabelled vectors. Both are
 L2-normalised and projected onto their first principal components (fitted on PCA_SAMPLE of them); k-means runs there with labelled + budget
 clusters (at most MAX_CLUSTERS), exactly (scikit-learn's KMeans) up to EXACT_KMEANS_UP_TO vectors, by mini-batches
-(MiniBatchKMeans) above. Every pick reports the cluster of its image.
+(MiniBatchKMeans) above. Every pick reports the cluster of its image, but random's (no k-means: -1).
 """
 from __future__ import annotations
 
@@ -133,9 +133,10 @@ def coverage(sp: Space, budget: int) -> list[Pick]:
     return picks
 
 
-def random_picks(sp: Space, budget: int, seed: int) -> list[Pick]:
-    rows = np.random.default_rng(seed).choice(len(sp.pool), budget, replace=False)
-    return [Pick(int(i), "random", math.nan, int(sp.pool_clusters[i])) for i in rows]
+def random_picks(n_pool: int, budget: int, seed: int) -> list[Pick]:
+    """A seeded draw, without the projection and the k-means (cluster -1)."""
+    rows = np.random.default_rng(seed).choice(n_pool, budget, replace=False)
+    return [Pick(int(i), "random", math.nan, -1) for i in rows]
 
 
 def resolved(strategy: str, labels: np.ndarray, n_classes: int, auto_switch: float) -> str:
@@ -155,11 +156,11 @@ def resolved(strategy: str, labels: np.ndarray, n_classes: int, auto_switch: flo
 def choose(labelled: np.ndarray, labels: np.ndarray, pool: np.ndarray, n_classes: int, s: SelectSettings) -> list[Pick]:
     """`s.budget` distinct rows of `pool` (vectors of images without a label) in the order to label them."""
     strategy = resolved(s.strategy, labels, n_classes, s.auto_switch)
+    if strategy == "random":
+        return random_picks(len(pool), s.budget, s.seed)
     sp = space(labelled, pool, s.budget, s)
     if strategy == "typical":
         return typical(sp, s.budget, s.neighbours)
     if strategy == "margin":
         return margin(labelled, labels, pool, sp, s.budget, s.C)
-    if strategy == "coverage":
-        return coverage(sp, s.budget)
-    return random_picks(sp, s.budget, s.seed)
+    return coverage(sp, s.budget)
