@@ -318,7 +318,9 @@ def visualize(
     out: Annotated[Path, typer.Option(help="Folder for predictions.png (and gradcam.png).")] = Path("visual"),
     limit: Annotated[int, typer.Option(help="Images to show at most.")] = 24,
     gradcam: Annotated[bool, typer.Option(help="Also write Grad-CAM heat maps (fine-tuned models and "
-                                               "every head but knn and rbf_svm).")] = False,
+                                               "heads made of tensor operations: "
+                                               + ", ".join(n for n, spec in CLASSIFIERS.items() if spec.to_torch)
+                                               + ").")] = False,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""

@@ -42,7 +42,7 @@ from pipeline.storage import modeldir
 CROP_SCALE = (0.5, 1.0)   # area range of the random resized crop: small datasets suffer from harsher crops
 
 
-class Classifier(nn.Module):
+class FinetuneNetwork(nn.Module):
     """The registry backbone with a new linear head on its hooked global-pool output.
 
     The hook makes this work for any registry or timm model without knowing where its own
@@ -88,7 +88,7 @@ def frozen_stages(backbone: Backbone, s: FinetuneSettings) -> list[tuple[str, nn
     return all_stages[:n]
 
 
-def set_trainable(model: Classifier, frozen: list[tuple[str, nn.Module]], head_only: bool) -> None:
+def set_trainable(model: FinetuneNetwork, frozen: list[tuple[str, nn.Module]], head_only: bool) -> None:
     """Train mode and gradients for the trained parts; frozen parts stay in eval mode, so their
     batch-norm statistics stay those of pretraining."""
     model.train()
@@ -219,7 +219,7 @@ def evaluate(model: nn.Module, batches, loss_fn, dev: torch.device) -> tuple[flo
     return loss_fn(out, y).item(), (out.argmax(1) == y).float().mean().item(), out.numpy(), y.numpy()
 
 
-def make_optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.Optimizer:
+def make_optimizer(model: FinetuneNetwork, s: FinetuneSettings) -> torch.optim.Optimizer:
     """Two parameter groups: the head at `lr`, the backbone at `lr * backbone_lr_scale` (scratch: `lr`)."""
     scale = 1.0 if s.strategy == "scratch" else s.backbone_lr_scale
     groups = [{"params": list(model.head.parameters()), "lr": s.lr},
@@ -229,10 +229,10 @@ def make_optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
 
 
-def network(info: dict, state: dict) -> Classifier:
+def network(info: dict, state: dict) -> FinetuneNetwork:
     """Rebuild a fine-tuned model directory's network (model.json + state dict) in eval mode."""
     spec = BackboneSpec.from_dict(info["backbone"])
-    model = Classifier(load_backbone(spec.name, "none", spec.layer, spec.preprocessing.image_size),
+    model = FinetuneNetwork(load_backbone(spec.name, "none", spec.layer, spec.preprocessing.image_size),
                        len(info["classes"]))
     model.load_state_dict(state)
     return model.eval()
@@ -274,7 +274,7 @@ def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneS
         name: str, quiet: bool, checkpoint: Path | None = None, resume: dict | None = None
         ) -> tuple[list[dict], dict, int]:
     """Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
-    epoch by val accuracy (the first of equals) and that epoch's number. `model` is a Classifier or
+    epoch by val accuracy (the first of equals) and that epoch's number. `model` is a FinetuneNetwork or
     its DistributedDataParallel wrapper. `checkpoint`: a file rewritten after every epoch (on rank 0)
     with what `resume` needs to carry on after that epoch."""
     net = model.module if isinstance(model, DistributedDataParallel) else model
@@ -401,7 +401,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     backbone = load_backbone(s.backbone, "none" if s.strategy == "scratch" else s.weights, None, s.image_size)
     frozen = frozen_stages(backbone, s)
     torch.manual_seed(s.seed)
-    model = Classifier(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
+    model = FinetuneNetwork(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
     sharded = distributed.is_distributed()
     if sharded:   # DDP synchronises the parameters that require gradients when it wraps: all it may train
         set_trainable(model, frozen, head_only=False)
