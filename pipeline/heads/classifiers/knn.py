@@ -20,7 +20,7 @@ def build(n_neighbors, class_weight=None):
 class NeighbourCount(ClassifierSpec):
     def candidates(self, values: list[float], n_fit: int) -> list[float]:
         kept = [v for v in values if v <= n_fit]
-        if not kept:
+        if values and not kept:
             raise UserError(f"n_neighbors={values[0]:g} is more than the {n_fit} training images a fit sees")
         return kept
 
