@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import Dataset, scan  # noqa: E402
 from pipeline.data.images import decode_image  # noqa: E402
-from pipeline.features.backbones import Embedder, load_backbone  # noqa: E402
+from pipeline.features.backbones.loading import Embedder, load_backbone  # noqa: E402
 from pipeline.features.extract import extract  # noqa: E402
 from pipeline.features.gpu_decoding import JpegDecoder, TensorPreprocess, chw_tensor, gpu_batches  # noqa: E402
 from pipeline.runtime.devices import default_workers  # noqa: E402

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.make_images import make_images  # noqa: E402
 from pipeline.data.folders import Dataset, scan  # noqa: E402
-from pipeline.features.backbones import load_backbone  # noqa: E402
+from pipeline.features.backbones.loading import load_backbone  # noqa: E402
 from pipeline.features.extract import extract  # noqa: E402
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import scan  # noqa: E402
-from pipeline.features.backbones import load_backbone  # noqa: E402
+from pipeline.features.backbones.loading import load_backbone  # noqa: E402
 from pipeline.features.gpu_decoding import (  # noqa: E402
     FileBytes,
     JpegDecoder,

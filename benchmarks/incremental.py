@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.folders import scan
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.features.extract import extract
 
 

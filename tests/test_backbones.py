@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbones import Embedder, load_backbone
-from pipeline.features.registry import KNOWN
+from pipeline.features.backbones.loading import Embedder, load_backbone
+from pipeline.features.backbones import KNOWN
 from pipeline.runtime.errors import UserError
 from tests.conftest import run_cli
 

@@ -21,7 +21,7 @@ FEATURE_DIM = 25088   # vgg16's flattened conv features: 100 kB per image, so ho
 PEAKS = """
 import json, resource, sys
 from pathlib import Path
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.data.folders import scan
 from pipeline.features.extract import extract
 backbone = load_backbone("vgg16", "none", "avgpool", image_size=32)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.folders import scan
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.features.extract import extract
 from pipeline.heads.train import TrainSettings, train
 from pipeline.runtime.errors import UserError

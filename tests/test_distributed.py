@@ -118,7 +118,7 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
 def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(tmp_path):
     """In one process: four shards of splits smaller than four; the first holds no rows at all."""
     from pipeline.data.folders import scan
-    from pipeline.features.backbones import load_backbone
+    from pipeline.features.backbones.loading import load_backbone
     from pipeline.features.extract import extract
     from pipeline.features.sharded import concatenate, shard, shard_path
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.features import engine
-from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
+from pipeline.features.backbones.loading import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.features.engine import ExportCache, embedder, onnx_embedder
 from tests.conftest import make_image_folder, run_cli
 

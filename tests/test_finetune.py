@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.tuning.training import FinetuneSettings, PlateauSchedule, finetune, stages
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError

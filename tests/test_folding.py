@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.features.backbones import Embedder, FeatureHook, inference_model, load_backbone
+from pipeline.features.backbones.loading import Embedder, FeatureHook, inference_model, load_backbone
 from pipeline.features.folding import ActivationAfterFold, folded
 
 PHOTOS = Path(skimage.__file__).parent / "data"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import cache_attrs, open_cache
 from tests.conftest import run_cli

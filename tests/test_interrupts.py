@@ -176,7 +176,7 @@ def test_an_interrupted_extract_stops_its_decoding_workers_at_once(reference, tm
     import multiprocessing
 
     from pipeline.data.folders import scan
-    from pipeline.features.backbones import load_backbone
+    from pipeline.features.backbones.loading import load_backbone
     from pipeline.features.extract import extract
     from pipeline.runtime.errors import Interrupted
     images, _ = reference

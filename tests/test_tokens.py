@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbones import Embedder, load_backbone
+from pipeline.features.backbones.loading import Embedder, load_backbone
 from pipeline.runtime.errors import UserError
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.data.images import read_image
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, Sample, write_manifest
 from pipeline.data.images import ImageFiles, batches_within, collate, worker_init
-from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
+from pipeline.features.backbones.loading import Backbone, Embedder, Preprocessing, load_backbone
 from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
 from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
 from pipeline.features.overlap import BackgroundWriter, Block

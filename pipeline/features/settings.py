@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.folders import Dataset, DatasetSettings, excluding
-from pipeline.features.registry import KNOWN, available
+from pipeline.features.backbones import KNOWN, available
 from pipeline.runtime.devices import DEVICES, PRECISIONS
 from pipeline.runtime.settings import setting
 

@@ -12,7 +12,7 @@ import h5py
 import torch.distributed as dist
 
 from pipeline.data.folders import Dataset, write_manifest
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.features.extract import ExtractSummary, extract, manifest_path, no_training_rows, warn_about
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime import distributed

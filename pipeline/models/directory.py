@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from pipeline.features.backbones import Backbone
+    from pipeline.features.backbones.loading import Backbone
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError
 from pipeline.storage import modeldir
@@ -132,7 +132,7 @@ class FeatureModel(ModelDirectory):
 
     def backbone(self) -> Backbone:
         """The backbone recorded in model.json, refusing weights other than those it was trained on."""
-        from pipeline.features.backbones import load_backbone
+        from pipeline.features.backbones.loading import load_backbone
         spec = self.backbone_spec
         backbone = load_backbone(spec.name, spec.weights, spec.layer, spec.preprocessing.image_size, spec.tta)
         if backbone.weights_sha256 != spec.weights_sha256:

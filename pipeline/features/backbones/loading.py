@@ -19,7 +19,7 @@ from torchvision import models
 
 from pipeline.features import tokens
 from pipeline.features.folding import folded
-from pipeline.features.registry import KNOWN, Known, available
+from pipeline.features.backbones import KNOWN, Known, available
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.runtime.files import sha256_file
