@@ -1,6 +1,7 @@
 """Backbone registry: hooked layers and their sizes, weights files, TTA, the offline ImageNet error."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbones.loading import Embedder, load_backbone
 from pipeline.features.backbones import KNOWN
+from pipeline.features.backbones.loading import Embedder, load_backbone
 from pipeline.runtime.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def test_vgg16_hooks_the_penultimate_layer_and_offers_avgpool_flattened():
@@ -170,3 +171,17 @@ def test_a_vit_takes_another_image_size_through_timm_dynamic_size():
 def test_unknown_timm_model_is_one_clear_error():
     with pytest.raises(UserError, match="unknown timm model 'convnext_nope'"):
         load_backbone("timm/convnext_nope", "none")
+
+
+def test_the_documented_backbone_list_is_the_registry():
+    """docs/backbones.md's list and `pipeline extract --help` name what the family modules offer."""
+    from pipeline.features.backbones import FAMILIES, KNOWN, available
+    from pipeline.features.settings import BackboneSettings
+    from pipeline.runtime.settings import fields, rule
+    page = (ROOT / "docs" / "backbones.md").read_text()
+    listed = page.split("Backbones: ", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"`([\w/<>\[\].]+)`", listed)
+    assert [n for n in names if n in KNOWN] == list(KNOWN) and all(
+        any(n.startswith(family.prefix) for n in names) for family in FAMILIES if family.prefix)
+    doc = rule(next(f for f in fields(BackboneSettings) if f.name == "backbone")).doc
+    assert all(name in doc for name in available())

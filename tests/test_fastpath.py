@@ -209,7 +209,8 @@ def _photos_of_mixed_sizes() -> list[Image.Image]:
 def test_batched_resize_gives_the_cpu_paths_pixels_on_images_of_mixed_sizes():
     """Images of mixed sizes are resized together: the same pixels as one at a time, and as the CPU path's
     transform (PIL's Resize + CenterCrop) to one grey level, nearly all exactly."""
-    from pipeline.features.backbones.loading import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.features.spec import Preprocessing
     from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor
     pre = Preprocessing(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
     prepare = TensorPreprocess(pre, torch.device("cpu"))
@@ -229,7 +230,8 @@ def test_resampling_matrices_give_the_cpu_paths_resize_and_crop(interpolation):
     the pixels of the CPU path's resize and crop (PIL, across then down) to one grey level, nearly all
     exactly: on noise, where bicubic overshoots most, shrinking, enlarging, both orientations, tall (which
     Pillow 13 resizes down first when given both axes at once), in one chunk or several."""
-    from pipeline.features.backbones.loading import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.features.spec import Preprocessing
     from pipeline.features.gpu_decoding import TensorPreprocess
     pre = Preprocessing(224, 256, interpolation, IMAGENET_MEAN, IMAGENET_STD)
     g = torch.Generator().manual_seed(0)
@@ -293,7 +295,8 @@ def test_jpeg_decoder_falls_back_in_order_and_names_what_nothing_decodes():
 
 def test_gpu_batches_with_nvimagecodec_alone_give_the_torchvision_decoders_batches(tmp_path):
     pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
-    from pipeline.features.backbones.loading import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.features.spec import Preprocessing
     from pipeline.features.gpu_decoding import JpegDecoder
     root = _folder(tmp_path)
     dataset = scan(root, 0, 0)

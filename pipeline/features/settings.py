@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.folders import Dataset, DatasetSettings, excluding
-from pipeline.features.backbones import KNOWN, available
+from pipeline.features.backbones import available, family_of
 from pipeline.runtime.devices import DEVICES, PRECISIONS
 from pipeline.runtime.settings import setting
 
@@ -15,7 +15,7 @@ BENCH_ENGINES = ("torch", "onnxruntime", "openvino")
 
 
 def _unknown_backbone(name: str) -> str | None:
-    if name in KNOWN or name.startswith("timm/"):
+    if family_of(name):
         return None
     return f"'{name}' is unknown; choose one of: {', '.join(available())}"
 
@@ -23,9 +23,8 @@ def _unknown_backbone(name: str) -> str | None:
 @dataclass
 class BackboneSettings:
     """Which network makes the features: shared by extract, finetune and bench."""
-    backbone: str = setting("efficientnet_lite0", "A backbone of the registry (efficientnet_lite0/1/2, "
-                                                  "torchvision's ResNets, ...: docs/backbones.md) or timm/<model>[.<tag>].",
-                            check=_unknown_backbone)
+    backbone: str = setting("efficientnet_lite0", f"A backbone of the registry: {', '.join(available())} "
+                                                  f"(docs/backbones.md).", check=_unknown_backbone)
     weights: str = setting("imagenet", "'imagenet' or 'pretrained' (bundled, the torch cache, or for timm models "
                                        "the Hugging Face hub cache), a path to a local .pth or .safetensors state "
                                        "dict (a classifier that does not fit is left out), or 'none' (random "

