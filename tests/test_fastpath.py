@@ -14,7 +14,7 @@ from PIL import Image
 
 from benchmarks.make_images import make_images
 from pipeline.data.folders import scan
-from pipeline.features.backbones.loading import load_backbone
+from pipeline.features.backbones.loading import build_backbone
 from pipeline.features.extract import cpu_batches
 from pipeline.features.gpu_decoding import gpu_batches, gpu_decodable
 from pipeline.features.overlap import BackgroundWriter, Block, prefetched
@@ -105,7 +105,7 @@ def test_tensor_path_matches_pil_path(tmp_path, workers):
     root = _folder(tmp_path)
     dataset = scan(root, 0, 0)
     # at 224 px (resize 256) these ~500x375 photos are decoded in full by PIL too, not at reduced scale
-    backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=224)
+    backbone = build_backbone("efficientnet_lite0", "imagenet", image_size=224)
     pre, dev = backbone.preprocessing, torch.device("cpu")
     ref = list(cpu_batches(root, dataset.samples, pre, 64, 0))
     new = list(gpu_batches(root, dataset.samples, pre, 64, workers, dev))
@@ -139,7 +139,7 @@ def test_a_batch_the_jpeg_decoder_refuses_is_decoded_by_pil(tmp_path):
     assert gpu_decodable(no_tables)
     (root / "train" / "class_00" / "no tables.jpg").write_bytes(no_tables)
     dataset = scan(root, 0, 0)
-    pre = load_backbone("efficientnet_lite0", "imagenet", image_size=224).preprocessing   # full decodes
+    pre = build_backbone("efficientnet_lite0", "imagenet", image_size=224).preprocessing   # full decodes
     (good_a, x_a, bad_a), = cpu_batches(root, dataset.samples, pre, 64, 0)
     (good_b, x_b, bad_b), = gpu_batches(root, dataset.samples, pre, 64, 0, torch.device("cpu"))
     assert good_a == good_b and bad_a == bad_b
@@ -175,7 +175,7 @@ def test_prefetched_keeps_order_raises_errors_and_stops_its_thread():
 
 
 def test_background_writer_writes_slabs_in_order(tmp_path):
-    attrs = cache_attrs(load_backbone("resnet18", "none").spec(), ["a", "b"], "float32")
+    attrs = cache_attrs(build_backbone("resnet18", "none").spec(), ["a", "b"], "float32")
     writer = FeatureWriter(tmp_path / "f.h5", attrs, {"none": 4}, "float32")
     background = BackgroundWriter(writer, slab_bytes=256 * 4 * 4)
     rows = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.features.backbones.loading import Embedder, FeatureHook, inference_model, load_backbone
+from pipeline.features.backbones.loading import Embedder, FeatureHook, inference_model, build_backbone
 from pipeline.features.folding import ActivationAfterFold, folded
 
 PHOTOS = Path(skimage.__file__).parent / "data"
@@ -20,7 +20,7 @@ def batchnorms(model: nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def lite0():
-    return load_backbone("efficientnet_lite0", "imagenet")
+    return build_backbone("efficientnet_lite0", "imagenet")
 
 
 def test_real_weights_fold_to_the_same_features_and_predictions(lite0):

@@ -31,7 +31,7 @@ from pipeline.data.images import ImageFiles, collate
 from pipeline.features.backbones.loading import Backbone, Embedder, FeatureHook, load_backbone
 from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
 from pipeline.features.extract import extract
-from pipeline.features.settings import BenchSettings
+from pipeline.features.settings import BenchSettings, ExtractSettings
 from pipeline.features.spec import Preprocessing
 from pipeline.runtime.devices import default_batch_size, resolve_device, resolve_precision
 from pipeline.runtime.settings import validate
@@ -75,8 +75,9 @@ def extract_run(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_s
                 decoding: dict) -> tuple[int, float]:
     """(images, start-up seconds) of one `extract` run in which every image is computed; its decoders are
     recorded in `decoding[engine]`."""
-    summary = extract(dataset, backbone, out, batch_size, str(dev), "float16", workers, quiet=True,
-                      reuse=False, precision=precision, compile=compile, engine=engine)
+    s = ExtractSettings(batch_size=batch_size, device=str(dev), precision=precision, compile=compile,
+                        workers=workers, engine=engine, reuse=False)
+    summary = extract(dataset, backbone, out, s, quiet=True)
     if engine not in summary.device:
         raise RuntimeError(f"extract ran {summary.device} instead of {engine}: {summary.notes}")
     decoding[engine] = summary.decoding
@@ -155,7 +156,7 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
     dataset = s.scan(Path(data))
     if s.images:
         dataset = _subset(dataset, s.images)
-    bb = load_backbone(s.backbone, s.weights, None, s.image_size)
+    bb = load_backbone(s)
     batches = max(1, len(dataset.samples) // batch_size)
     decoding: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:

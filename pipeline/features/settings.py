@@ -64,6 +64,10 @@ class ExtractSettings(EngineSettings, RunSettings, BackboneSettings, DatasetSett
     compute_stats: bool = setting(False, "Normalise with the training split's per-channel mean/std instead of "
                                          "the backbone's.")
     tta: bool = setting(False, "Average the features of each image and its horizontal flip (twice the compute).")
+    decoding: str = setting("auto", "How images become tensors: pil (decoded and resized by PIL in the workers), "
+                                    "tensor (JPEGs decoded and resized as tensors on the device, the rest by PIL), "
+                                    "auto: tensor on CUDA, pil on a CPU. The cache records which.",
+                            choices=("auto", "pil", "tensor"))
     dtype: str = setting("float16", "Storage type of the feature vectors.", choices=("float16", "float32"))
     reuse: bool = setting(True, "Reuse vectors of unchanged images from the cache at --out when it was made "
                                 "the same way.")

@@ -132,9 +132,9 @@ class FeatureModel(ModelDirectory):
 
     def backbone(self) -> Backbone:
         """The backbone recorded in model.json, refusing weights other than those it was trained on."""
-        from pipeline.features.backbones.loading import load_backbone
+        from pipeline.features.backbones.loading import recorded_backbone
         spec = self.backbone_spec
-        backbone = load_backbone(spec.name, spec.weights, spec.layer, spec.preprocessing.image_size, spec.tta)
+        backbone = recorded_backbone(spec)
         if backbone.weights_sha256 != spec.weights_sha256:
             raise UserError(f"weights {spec.weights} differ from those the model {self.path} was trained on "
                             f"(SHA-256 {backbone.weights_sha256[:12]} != {spec.weights_sha256[:12]})")

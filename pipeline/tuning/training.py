@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, dataset_digest
 from pipeline.data.images import ImageFiles, collate, worker_init
-from pipeline.features.backbones.loading import Backbone, FeatureHook, Preprocessing, load_backbone
+from pipeline.features.backbones.loading import Backbone, FeatureHook, Preprocessing, load_backbone, recorded_backbone
 from pipeline.features.spec import BackboneSpec
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.metrics import confusion_png, confusion_rows
@@ -232,7 +232,7 @@ def make_optimizer(model: FinetuneNetwork, s: FinetuneSettings) -> torch.optim.O
 def network(info: dict, state: dict) -> FinetuneNetwork:
     """Rebuild a fine-tuned model directory's network (model.json + state dict) in eval mode."""
     spec = BackboneSpec.from_dict(info["backbone"])
-    model = FinetuneNetwork(load_backbone(spec.name, "none", spec.layer, spec.preprocessing.image_size),
+    model = FinetuneNetwork(recorded_backbone(spec, weights="none"),
                        len(info["classes"]))
     model.load_state_dict(state)
     return model.eval()
@@ -398,7 +398,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     if "val" not in dataset.splits():
         raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
     dev = resolve_device(s.device)
-    backbone = load_backbone(s.backbone, "none" if s.strategy == "scratch" else s.weights, None, s.image_size)
+    backbone = load_backbone(replace(s, weights="none") if s.strategy == "scratch" else s)
     frozen = frozen_stages(backbone, s)
     torch.manual_seed(s.seed)
     model = FinetuneNetwork(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too

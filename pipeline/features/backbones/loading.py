@@ -17,6 +17,7 @@ from torch import nn
 from pipeline.features import tokens
 from pipeline.features.backbones import Entry, available, family_of
 from pipeline.features.folding import folded
+from pipeline.features.settings import BackboneSettings
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError, check_minimums
 from pipeline.runtime.files import sha256_file
@@ -119,9 +120,20 @@ def _load_state_dict(model: nn.Module, path: Path, name: str, classifier: str) -
     return notes
 
 
-def load_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
-                  layer: str | Sequence[str] | None = None, image_size: int | None = None,
-                  tta: bool = False) -> Backbone:
+def load_backbone(s: BackboneSettings) -> Backbone:
+    """The backbone settings `s` name (extract's, bench's or finetune's: the layers and TTA where they have them)."""
+    return build_backbone(s.backbone, s.weights, getattr(s, "layer", None), s.image_size, getattr(s, "tta", False))
+
+
+def recorded_backbone(spec: BackboneSpec, weights: str | None = None) -> Backbone:
+    """The backbone a cache or a model directory recorded (its default layer), with `weights` instead of the
+    recorded ones when given."""
+    return build_backbone(spec.name, weights or spec.weights, spec.layer, spec.preprocessing.image_size, spec.tta)
+
+
+def build_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
+                   layer: str | Sequence[str] | None = None, image_size: int | None = None,
+                   tta: bool = False) -> Backbone:
     """Build a frozen backbone in eval mode.
 
     weights: 'imagenet' or 'pretrained' (the same: bundled, the library's cache, or for timm models the
