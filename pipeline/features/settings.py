@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.data.folders import Dataset, DatasetSettings, excluding
 from pipeline.features.backbones import available, family_of
-from pipeline.runtime.devices import DEVICES, PRECISIONS
+from pipeline.runtime.devices import PRECISIONS, device_setting
 from pipeline.runtime.settings import setting
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -37,7 +37,7 @@ class RunSettings:
     """How the network runs over the images: shared by extract and bench."""
     batch_size: int | None = setting(None, "Images per forward pass; default: 256 on CUDA, 16 on a CPU (faster "
                                            "there than larger).", min=1, max=65536)
-    device: str = setting("auto", "auto picks CUDA when present.", choices=DEVICES)
+    device: str = device_setting()
     precision: str = setting("auto", "Compute type of the forward pass; auto: bfloat16 on CUDA, float32 on CPU.",
                              choices=PRECISIONS)
     compile: bool = setting(False, "Run the model through torch.compile (pays off on large datasets).")

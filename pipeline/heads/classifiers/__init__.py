@@ -14,16 +14,16 @@ import pkgutil
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
-from pipeline.runtime.devices import DEVICES
+from pipeline.runtime.devices import device_setting
 from pipeline.runtime.errors import UserError
-from pipeline.runtime.settings import Rule
+from pipeline.runtime.settings import Rule, rule
 
 SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a head trains on one CPU thread
 
 RULES = {   # fixed settings several classifiers take; a module lists those it takes (`rules`) and adds its own
     "max_iter": (int, Rule("Iterations of the solver.", min=1, max=10 ** 7)),
     "seed": (int, Rule("Seed of the solver, or of a torch head's initialisation and batches.")),
-    "device": (str, Rule("auto picks CUDA when present.", choices=DEVICES)),
+    "device": (str, rule(device_setting())),
     "lr": (float, Rule("AdamW learning rate; default: 0.1 over the mean length of the training vectors for "
                        "torch_linear (0.1 on L2-normalised ones), 0.01 for torch_mlp.", above=0)),
     "epochs": (int, Rule("Epochs at most (early stopping on val loss).", min=1, max=10 ** 6)),
