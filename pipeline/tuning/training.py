@@ -143,7 +143,8 @@ class Batches:
 
     def __init__(self, dataset: Dataset, split: str, transform, batch_size: int, workers: int, shuffle: bool,
                  seed: int, seen: dict, skipped: dict, sharded: bool = False, shortest: int | None = None):
-        """`sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
+        """Why so many parameters: the DataLoader's own options, and the records the batches keep (`seen`,
+        `skipped`). `sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
         when `shuffle`); `set_epoch` reshuffles it. `shortest`: see `pipeline.data.images.decode_image`."""
         self.samples = dataset.split(split)
         self.split, self.seen, self.skipped, self.seed = split, seen, skipped, seed
@@ -273,7 +274,10 @@ def write_history(history: list[dict], folder: Path, title: str) -> None:
 def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneSettings, dev: torch.device,
         name: str, quiet: bool, checkpoint: Path | None = None, resume: dict | None = None
         ) -> tuple[list[dict], dict, int]:
-    """Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
+    """Why so long and why so many parameters: one epoch loop whose whole state (model, optimizer, scaler,
+    schedules, history, best epoch) a checkpoint captures after every epoch and `resume` restores, kept in one
+    place so that a resumed run repeats an uninterrupted one.
+    Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
     epoch by val accuracy (the first of equals) and that epoch's number. `model` is a FinetuneNetwork or
     its DistributedDataParallel wrapper. `checkpoint`: a file rewritten after every epoch (on rank 0)
     with what `resume` needs to carry on after that epoch."""
@@ -393,6 +397,8 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
 
 def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, checkpoint: bool,
               resume: Path | None) -> dict | None:
+    """Why so long: the fine-tune run from settings to model directory in the order its checks must come
+    (data, device, checkpoint, network, batches), then training and writing; each step is a call."""
     state = load_checkpoint(resume, s) if resume else None
     dataset = s.scan(Path(data))
     if "val" not in dataset.splits():
