@@ -172,14 +172,11 @@ class _Probabilities(nn.Module):
 class FinetunedModel(ModelDirectory):
     kind = modeldir.FINETUNED
     what = "fine-tune"
+    scores = PROBABILITIES      # a softmax over its logits
 
     @property
     def approach(self) -> str:
         return self.info.get("strategy", "finetuned")
-
-    @property
-    def scores(self) -> str:
-        return PROBABILITIES
 
     def _check(self, model) -> None:
         if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
