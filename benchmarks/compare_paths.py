@@ -27,7 +27,7 @@ from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.features.backbones.loading import Embedder, build_backbone  # noqa: E402
 from pipeline.features.settings import ExtractSettings
 from pipeline.features.extract import extract  # noqa: E402
-from pipeline.features.gpu_decoding import JpegDecoder, TensorPreprocess, chw_tensor, gpu_batches  # noqa: E402
+from pipeline.features.inputs.gpu_decoding import JpegDecoder, TensorPreprocess, chw_tensor, gpu_batches  # noqa: E402
 from pipeline.runtime.devices import default_workers  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 

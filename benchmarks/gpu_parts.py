@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import scan  # noqa: E402
 from pipeline.features.backbones.loading import build_backbone  # noqa: E402
-from pipeline.features.gpu_decoding import (  # noqa: E402
+from pipeline.features.inputs.gpu_decoding import (  # noqa: E402
     FileBytes,
     JpegDecoder,
     TensorPreprocess,

@@ -16,8 +16,8 @@ from benchmarks.make_images import make_images
 from pipeline.data.folders import scan
 from pipeline.features.backbones.loading import build_backbone
 from pipeline.features.extract import cpu_batches
-from pipeline.features.gpu_decoding import gpu_batches, gpu_decodable
-from pipeline.features.overlap import BackgroundWriter, Block, prefetched
+from pipeline.features.inputs.gpu_decoding import gpu_batches, gpu_decodable
+from pipeline.features.inputs.overlap import BackgroundWriter, Block, prefetched
 from pipeline.storage.cache import FeatureWriter, cache_attrs, open_cache
 
 
@@ -211,7 +211,7 @@ def test_batched_resize_gives_the_cpu_paths_pixels_on_images_of_mixed_sizes():
     transform (PIL's Resize + CenterCrop) to one grey level, nearly all exactly."""
     from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
     from pipeline.features.spec import Preprocessing
-    from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor
+    from pipeline.features.inputs.gpu_decoding import TensorPreprocess, chw_tensor
     pre = Preprocessing(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
     prepare = TensorPreprocess(pre, torch.device("cpu"))
     photos = _photos_of_mixed_sizes()
@@ -232,7 +232,7 @@ def test_resampling_matrices_give_the_cpu_paths_resize_and_crop(interpolation):
     Pillow 13 resizes down first when given both axes at once), in one chunk or several."""
     from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
     from pipeline.features.spec import Preprocessing
-    from pipeline.features.gpu_decoding import TensorPreprocess
+    from pipeline.features.inputs.gpu_decoding import TensorPreprocess
     pre = Preprocessing(224, 256, interpolation, IMAGENET_MEAN, IMAGENET_STD)
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
@@ -259,7 +259,7 @@ def _jpeg_tensors() -> tuple[list[bytes], list[torch.Tensor]]:
 
 def test_nvimagecodec_decodes_as_pil_does_and_gives_none_for_a_truncated_file():
     nvimgcodec = pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
-    from pipeline.features.gpu_decoding import NvImageCodec
+    from pipeline.features.inputs.gpu_decoding import NvImageCodec
     files, tensors = _jpeg_tensors()
     decode = NvImageCodec(nvimgcodec, torch.device("cpu"))      # its CPU-only mode
     truncated = tensors[0][:len(tensors[0]) // 3].clone()
@@ -271,7 +271,7 @@ def test_nvimagecodec_decodes_as_pil_does_and_gives_none_for_a_truncated_file():
 
 
 def test_jpeg_decoder_falls_back_in_order_and_names_what_nothing_decodes():
-    from pipeline.features.gpu_decoding import JpegDecoder
+    from pipeline.features.inputs.gpu_decoding import JpegDecoder
     files, tensors = _jpeg_tensors()
     cpu = torch.device("cpu")
     asked = []
@@ -297,7 +297,7 @@ def test_gpu_batches_with_nvimagecodec_alone_give_the_torchvision_decoders_batch
     pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
     from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
     from pipeline.features.spec import Preprocessing
-    from pipeline.features.gpu_decoding import JpegDecoder
+    from pipeline.features.inputs.gpu_decoding import JpegDecoder
     root = _folder(tmp_path)
     dataset = scan(root, 0, 0)
     pre = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)

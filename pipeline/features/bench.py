@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from pipeline.data.folders import Dataset
 from pipeline.data.images import ImageFiles, collate
 from pipeline.features.backbones.loading import Backbone, Embedder, FeatureHook, load_backbone
-from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
+from pipeline.features.engines.onnx_runtime import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
 from pipeline.features.extract import extract
 from pipeline.features.settings import BenchSettings, ExtractSettings, RunSettings
 from pipeline.features.spec import Preprocessing

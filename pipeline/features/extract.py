@@ -1,6 +1,6 @@
 """Stage one: run the frozen backbone over every image once and stream the features into the cache,
 reusing the vectors of unchanged images from the previous cache. On CUDA, JPEGs are decoded and
-preprocessed on the GPU (pipeline.features.gpu_decoding); on CPU, PIL decodes them in DataLoader workers."""
+preprocessed on the GPU (pipeline.features.inputs.gpu_decoding); on CPU, PIL decodes them in DataLoader workers."""
 from __future__ import annotations
 
 import bisect
@@ -22,9 +22,9 @@ from tqdm import tqdm
 from pipeline.data.folders import Dataset, Sample, write_manifest
 from pipeline.data.images import ImageFiles, batches_within, collate, worker_init
 from pipeline.features.backbones.loading import Backbone, Embedder, Preprocessing, load_backbone
-from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
-from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
-from pipeline.features.overlap import BackgroundWriter, Block
+from pipeline.features.engines.onnx_runtime import OnnxEmbedder, embedder, resolve_engine
+from pipeline.features.inputs.gpu_decoding import JpegDecoder, gpu_batches
+from pipeline.features.inputs.overlap import BackgroundWriter, Block
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
 from pipeline.runtime.errors import Interrupted, UserError, warn

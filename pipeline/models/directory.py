@@ -141,7 +141,7 @@ class FeatureModel(ModelDirectory):
         return replace(backbone, preprocessing=spec.preprocessing)
 
     def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
-        from pipeline.features.engine import embedder
+        from pipeline.features.engines.onnx_runtime import embedder
         from pipeline.heads.train import scores_of
         backbone, head, n = self.backbone(), self.model, len(self.classes)
         embed, engine, notes = embedder(backbone, device, engine)

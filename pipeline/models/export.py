@@ -54,11 +54,11 @@ def export(model_dir: Path, out: Path) -> Path:
 
 
 def _export_onnx(network: nn.Module, example: torch.Tensor, path: Path, meta: str) -> None:
-    """As the CPU engine exports (pipeline.features.engine): TensorFlow-style padding as constants that ONNX
+    """As the CPU engine exports (pipeline.features.engines.onnx_runtime): TensorFlow-style padding as constants that ONNX
     Runtime folds into the convolutions."""
     import onnx
 
-    from pipeline.features.engine import drop_empty_pad_inputs, static_same_padding
+    from pipeline.features.engines.onnx_runtime import drop_empty_pad_inputs, static_same_padding
     static_same_padding(network, example.shape[-1])
     # The TorchScript-based exporter: the torch.export-based one needs the extra onnxscript package.
     torch.onnx.export(network, (example,), str(path), input_names=["images"], output_names=["scores"],

@@ -25,7 +25,7 @@ import torch
 from pipeline.data.folders import Sample
 from pipeline.data.images import FileItem, ImageError, SampleFiles, batches_within, decode_image, worker_init
 from pipeline.features.backbones.loading import Preprocessing
-from pipeline.features.overlap import prefetched
+from pipeline.features.inputs.overlap import prefetched
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
