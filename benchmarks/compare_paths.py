@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import Dataset, scan  # noqa: E402
 from pipeline.data.images import decode_image  # noqa: E402
-from pipeline.features.backbones.loading import Embedder, build_backbone  # noqa: E402
+from pipeline.features.backbones.loading import build_backbone  # noqa: E402
+from pipeline.features.engines.torch import Embedder
 from pipeline.features.settings import ExtractSettings
 from pipeline.features.extract import extract  # noqa: E402
 from pipeline.features.inputs.gpu_decoding import JpegDecoder, TensorPreprocess, chw_tensor, gpu_batches  # noqa: E402

@@ -69,7 +69,7 @@ def embedder_calls(before_call=None):
     with TTA), leaving out the checks of an ONNX export against torch.
     `before_call(n)`, if given, runs before the n-th call, to fail or interrupt it."""
     from pipeline.features.engines import onnx_runtime as engine
-    from pipeline.features.backbones.loading import Embedder
+    from pipeline.features.engines.torch import Embedder
     seen: list[int] = []
     calls = {cls: cls.__call__ for cls in (Embedder, engine.OnnxEmbedder)}
     checks = {name: getattr(engine, name) for name in ("mismatch", "torch_reference")}

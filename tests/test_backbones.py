@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.features.backbones import KNOWN
-from pipeline.features.backbones.loading import Embedder, build_backbone
+from pipeline.features.backbones.loading import build_backbone
+from pipeline.features.engines.torch import Embedder
 from pipeline.runtime.errors import UserError
 from tests.conftest import ROOT, run_cli
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from pipeline.features.engines import onnx_runtime as engine
-from pipeline.features.backbones.loading import Backbone, Embedder, Preprocessing, build_backbone
+from pipeline.features.backbones.loading import Backbone, Preprocessing, build_backbone
+from pipeline.features.engines.torch import Embedder
 from pipeline.features.engines.onnx_runtime import ExportCache, embedder, onnx_embedder
 from tests.conftest import make_image_folder, run_cli
 

@@ -15,7 +15,7 @@ from PIL import Image
 from benchmarks.make_images import make_images
 from pipeline.data.folders import scan
 from pipeline.features.backbones.loading import build_backbone
-from pipeline.features.extract import cpu_batches
+from pipeline.features.inputs.pil import cpu_batches
 from pipeline.features.inputs.gpu_decoding import gpu_batches, gpu_decodable
 from pipeline.features.inputs.overlap import BackgroundWriter, Block, prefetched
 from pipeline.storage.cache import FeatureWriter, cache_attrs, open_cache

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.features.backbones.loading import Embedder, FeatureHook, inference_model, build_backbone
+from pipeline.features.backbones.loading import build_backbone
+
+from pipeline.features.engines.torch import Embedder, FeatureHook, inference_model
 from pipeline.features.folding import ActivationAfterFold, folded
 
 PHOTOS = Path(skimage.__file__).parent / "data"

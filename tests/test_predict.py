@@ -147,7 +147,8 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     import torch
 
     from pipeline.data.images import read_image
-    from pipeline.features.backbones.loading import Embedder, build_backbone
+    from pipeline.features.backbones.loading import build_backbone
+    from pipeline.features.engines.torch import Embedder
     from pipeline.features.extract import extract_folder
     from pipeline.features.settings import ExtractSettings
     images = tmp_path / "images"

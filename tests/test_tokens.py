@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbones.loading import Embedder, build_backbone
+from pipeline.features.backbones.loading import build_backbone
+
+from pipeline.features.engines.torch import Embedder
 from pipeline.runtime.errors import UserError
 
 

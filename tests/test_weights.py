@@ -41,7 +41,7 @@ def test_random_weights_do_not_know_the_cat():
 
 def test_hooked_features_are_the_global_pool(lite0):
     x = torch.rand(2, 3, 64, 64)
-    from pipeline.features.backbones.loading import FeatureHook
+    from pipeline.features.engines.torch import FeatureHook
     hook = FeatureHook(lite0.model, lite0.layer)
     with torch.inference_mode():
         lite0.model(x)

@@ -29,8 +29,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.folders import Dataset
 from pipeline.data.images import ImageFiles, collate
-from pipeline.features.backbones.loading import Backbone, Embedder, FeatureHook, load_backbone
-from pipeline.features.engines.onnx_runtime import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
+from pipeline.features.backbones.loading import Backbone, load_backbone
+from pipeline.features.engines.onnx_runtime import onnx_embedder, resolve_engine
+from pipeline.features.engines.openvino import openvino_runner
+from pipeline.features.engines.torch import Embedder, FeatureHook
 from pipeline.features.extract import extract
 from pipeline.features.settings import BenchSettings, ExtractSettings, RunSettings
 from pipeline.features.spec import Preprocessing
@@ -100,13 +102,7 @@ def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precisi
         raise RuntimeError(f"ONNX export unusable: {notes}")
     if engine == "onnxruntime":
         return lambda batches: [embed(x) for _ in range(batches)]
-    images = x.numpy()
-    import openvino  # measured beside ONNX Runtime, from the same graph
-    compiled = openvino.Core().compile_model(str(ExportCache().paths(export_key(backbone))[0]), "CPU", {
-        "INFERENCE_NUM_THREADS": onnxruntime_threads(), "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return lambda batches: [request.infer({0: images}) for _ in range(batches)]
+    return openvino_runner(backbone, x.numpy())
 
 
 def _counted(run, batches: int, batch_size: int) -> tuple[int, float]:

@@ -12,19 +12,19 @@ import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, Sample, write_manifest
-from pipeline.data.images import ImageFiles, batches_within, collate, worker_init
-from pipeline.features.backbones.loading import Backbone, Embedder, Preprocessing, load_backbone
+from pipeline.features.backbones.loading import Backbone, load_backbone
 from pipeline.features.engines.onnx_runtime import OnnxEmbedder, embedder, resolve_engine
+from pipeline.features.engines.torch import Embedder
 from pipeline.features.inputs.gpu_decoding import JpegDecoder, gpu_batches
 from pipeline.features.inputs.overlap import BackgroundWriter, Block
+from pipeline.features.inputs.pil import channel_stats, cpu_batches
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
 from pipeline.runtime.errors import Interrupted, UserError, warn
@@ -69,37 +69,6 @@ class ExtractSummary:
         if len(self.skipped) > show_skipped:
             out.append(f"... and {len(self.skipped) - show_skipped} more skipped, all listed in /skipped of {self.out}")
         return out
-
-
-def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
-                known: Collection[str] = (), ends: Sequence[int] = ()):
-    """PIL decoding in DataLoader workers; yields batches in `collate`'s form, none across one of `ends`
-    (`batches_within`). Closing the generator stops the workers at once rather than when it is
-    garbage-collected."""
-    files = ImageFiles(root, samples, pre.transform(), known, shortest=pre.resize)
-    yield from DataLoader(files, batch_sampler=batches_within(len(samples), batch_size, ends),
-                          num_workers=workers, collate_fn=collate, worker_init_fn=worker_init())
-
-
-def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
-    """Per-channel mean and std of the training split's pixels in [0, 1], after resize and crop."""
-    samples = dataset.split("train")
-    pre = backbone.preprocessing
-    loader = DataLoader(ImageFiles(dataset.root, samples, pre.transform(normalise=False), shortest=pre.resize),
-                        batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init())
-    total, squares, pixels, images = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0, 0
-    for _, tensors, _ in loader:
-        if tensors is not None:
-            x = tensors.to(torch.float64)
-            total += x.sum(dim=(0, 2, 3))
-            squares += (x * x).sum(dim=(0, 2, 3))
-            pixels += x.shape[0] * x.shape[2] * x.shape[3]
-            images += x.shape[0]
-    if not images:
-        raise UserError("--compute-stats: the training split has no readable image")
-    mean = total / pixels
-    std = (squares / pixels - mean * mean).clamp(min=1e-12).sqrt()
-    return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()], "images": images}
 
 
 def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str | None]:

@@ -7,7 +7,9 @@ import torch
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from torch import nn
 
-from pipeline.features.backbones.loading import Backbone, FeatureHook, inference_model
+from pipeline.features.backbones.loading import Backbone
+
+from pipeline.features.engines.torch import FeatureHook, inference_model
 from pipeline.heads.classifiers import CLASSIFIERS
 from pipeline.runtime.errors import UserError
 

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, dataset_digest
 from pipeline.data.images import ImageFiles, collate, worker_init
-from pipeline.features.backbones.loading import Backbone, FeatureHook, Preprocessing, load_backbone, recorded_backbone
+from pipeline.features.backbones.loading import Backbone, Preprocessing, load_backbone, recorded_backbone
+from pipeline.features.engines.torch import FeatureHook
 from pipeline.features.spec import BackboneSpec
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.metrics import confusion_png, confusion_rows

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.features.backbones.loading import Backbone, Embedder, FeatureGraph
+from pipeline.features.backbones.loading import Backbone
+
+from pipeline.features.engines.torch import Embedder, FeatureGraph
 from pipeline.features.settings import ENGINES
 from pipeline.runtime.errors import UserError
 

@@ -234,7 +234,7 @@ def to_8_bits(x: torch.Tensor) -> torch.Tensor:
 def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
                 device: torch.device, known: Collection[str] = (), decoder: JpegDecoder | None = None,
                 ends: Sequence[int] = ()):
-    """Why so many parameters: those of `extract.cpu_batches`, which it stands in for, and the device's.
+    """Why so many parameters: those of `inputs.pil.cpu_batches`, which it stands in for, and the device's.
     Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
     in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does, none across one of `ends`
     (`batches_within`). Two threads work ahead of the caller's model, each on a CUDA stream of its own: one
