@@ -167,7 +167,7 @@ def write_duplicate_set(root: Path, folder: Path | None, seed: int = 0) -> None:
         im.save(folder / f"{name}.png")
 
 
-MATCHES = (0.95, 0.96, 0.97, 0.98, 0.99)
+MATCHES = (0.97, 0.98, 0.99, 0.992, 0.995)
 
 
 def duplicates(folder: Path | None, work: Path | None, k: int = 10) -> dict:

@@ -9,7 +9,7 @@ kept as a THUMB x THUMB grey thumbnail of its whole frame. A crop shifts and str
 comparison first aligns: for each way round (which image is the cut-out) and with the second image straight
 or mirrored, the span of the first that matches the second best is searched on the row and column profiles
 (cuts of 0-12% from each side, in steps of 1%), then that span and the other whole frame are correlated as
-SIDE x SIDE thumbnails, centred and of unit length. From `pixel_match` (0.99) the pair is a near-duplicate:
+SIDE x SIDE thumbnails, centred and of unit length. From `pixel_match` (0.992) the pair is a near-duplicate:
 cropped, rescaled and re-encoded copies correlate above it, while look-alikes stay under it (handwritten 1s
 and Fashion-MNIST trousers reach 0.97-0.99 by the dozen once aligned, so the match is chosen on the
 benchmark with them). The images are read from the data folder the cache records; where they are not

@@ -18,7 +18,7 @@ class AuditSettings:
     pixel_check_from: float = setting(0.6, "From this similarity, a pair under the duplicate threshold is a "
                                       "near-duplicate if its pixels match (when the images are readable; 1: off).",
                                       above=0, max=1)
-    pixel_match: float = setting(0.99, "Correlation of two 32x32 grey thumbnails, aligned (a crop of up to 12% "
+    pixel_match: float = setting(0.992, "Correlation of two 32x32 grey thumbnails, aligned (a crop of up to 12% "
                                  "from any side, a rescale, a mirror undone), from which their pixels match.",
                                  above=0, max=1)
     outlier_cut: float = setting(2.0, "Outliers flagged from this score (k-NN and class-centre distances over "
