@@ -12,7 +12,8 @@
                                                     # images planted into the demo and into the photos: their
                                                     # ranks among the outliers
     python benchmarks/audit.py scale                # 100,000 x 1,280 vectors: time and peak memory of the
-                                                    # neighbour search and of 5-fold label issues
+                                                    # neighbour search and of 5-fold label issues; the
+                                                    # alignment of the most pairs the pixel check compares
 
 Images are extracted with EfficientNet-Lite0 (the bundled ImageNet weights): photos at 224 px, the demo at
 160, the digits at 64. `--work DIR` keeps the written images and their caches for the next run. `scale`
@@ -228,7 +229,8 @@ def junk_image(kind: str, size: tuple[int, int], seed: int) -> Image.Image:
     if kind == "noise":
         return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     if kind == "gradient":
-        ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0, 255, 3) + (1 - np.linspace(0, 1, w))[None, :, None] * rng.uniform(0, 255, 3)
+        along = np.linspace(0, 1, w)[None, :, None]
+        ramp = along * rng.uniform(0, 255, 3) + (1 - along) * rng.uniform(0, 255, 3)
         return Image.fromarray(np.repeat(ramp, h, axis=0).astype(np.uint8))
     if kind == "blank_scan":
         page = 235 + rng.normal(0, 4, (h, w, 1)) - np.linspace(0, 12, w)[None, :, None]
@@ -292,8 +294,10 @@ def outliers(folder: Path | None, work: Path | None, k: int = 10) -> dict:
                                 ("content_only", scores.no_content)):
                 rank = np.empty(len(score), int)
                 rank[np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")] = np.arange(1, len(score) + 1)
-                entry[name] = {"worst_junk_rank": int(rank[junk].max()), "junk_in_allowed": int((rank[junk] <= allowed).sum()),
-                               "ranks": {Path(p).stem.split("@")[1]: int(r) for p, r in zip(images.paths[junk], rank[junk])}}
+                kinds = [Path(p).stem.split("@")[1] for p in images.paths[junk]]
+                entry[name] = {"worst_junk_rank": int(rank[junk].max()),
+                               "junk_in_allowed": int((rank[junk] <= allowed).sum()),
+                               "ranks": dict(zip(kinds, rank[junk].tolist()))}
             result["sets"].append(entry)
     return {**result, **machine()}
 
@@ -345,7 +349,8 @@ def flips(work: Path | None, fraction: float = 0.05, folds: int = 5, seed: int =
                 "flips_in_top_rows": int(hits[:len(flipped)].sum()),
                 **label_issues.trust(issues, noisy).as_dict(),
                 "accuracy_on_true_labels": round(float(np.mean(probabilities.argmax(1) == images.labels)), 4),
-                "flagged_without_flips": len(clean.rows), "judged_without_flips": label_issues.trust(clean, images.labels).judged,
+                "flagged_without_flips": len(clean.rows),
+                "judged_without_flips": label_issues.trust(clean, images.labels).judged,
                 "out_of_fold_seconds": round(seconds, 1)})
     return {**result, **machine()}
 
@@ -365,7 +370,7 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def scale(k: int = 10, folds: int = 5, threshold: float = 0.85) -> dict:
+def scale(k: int = 10, folds: int = 5, threshold: float = AuditSettings.duplicate_threshold) -> dict:
     import torch
     torch.set_num_threads(2)
     X, y = scale_vectors()
@@ -374,20 +379,25 @@ def scale(k: int = 10, folds: int = 5, threshold: float = 0.85) -> dict:
     splits = np.array(["train", "val"], dtype=object)[np.arange(len(y)) % 2]
     groups = neighbours.duplicate_groups(neighbours.neighbour_pairs(*neighbours.knn(neighbours.search_space(X), k),
                                                                     threshold), splits)
-    sims, _ = neighbours.knn(X, k)
-    class_sims, _ = neighbours.knn_within(X, y, k)
-    neighbours.isolation(sims), neighbours.isolation(class_sims)
+    outlier_ranking.scores(X, y, k).ranking()
     neighbour_seconds = time.perf_counter() - start
     neighbour_peak = peak_mb()
     start = time.perf_counter()
     probabilities = label_issues.out_of_fold_probabilities(X, y, 10, folds)
-    issues = label_issues.find_label_issues(probabilities, y)
+    issues = label_issues.find_label_issues(probabilities, y, AuditSettings.issue_score)
     issue_seconds = time.perf_counter() - start
+    thumbs = np.random.default_rng(0).integers(0, 256, (2, pixels.MAX_PAIRS, pixels.THUMB, pixels.THUMB), np.uint8)
+    start = time.perf_counter()
+    for first in range(0, pixels.MAX_PAIRS, 1024):
+        pixels.aligned_correlation(thumbs[0, first:first + 1024], thumbs[1, first:first + 1024])
+    pixel_seconds = time.perf_counter() - start
     return {"part": "scale", "vectors": list(X.shape), "vectors_mb": round(X.nbytes / 2**20),
             "duplicates_and_outliers_seconds": round(neighbour_seconds, 1),
             "peak_rss_mb_before": round(before), "peak_rss_mb_after_neighbours": round(neighbour_peak),
             "duplicate_groups": len(set(groups.group)), "label_issues_seconds": round(issue_seconds, 1),
-            "label_issues": len(issues.rows), "folds": folds, "peak_rss_mb_end": round(peak_mb()), **machine()}
+            "label_issues": len(issues.rows), "folds": folds,
+            "aligned_pixel_pairs": pixels.MAX_PAIRS, "aligned_pixel_seconds": round(pixel_seconds, 1),
+            "peak_rss_mb_end": round(peak_mb()), **machine()}
 
 
 def main() -> None:

@@ -282,5 +282,6 @@ def test_clean_digits_give_few_duplicates_and_say_how_far_labels_can_be_judged(d
     _, ranking = read_csv(report / "outliers.csv")
     assert len(ranking) == 1797
     classifier = summary["label_issue_classifier"]
-    assert classifier["judged"] == (classifier["out_of_fold_accuracy"] >= classifier["minimum_accuracy"]
+    assert classifier["judged"] == (classifier["accuracy_on_unlisted"] >= classifier["minimum_accuracy"]
                                     and classifier["calibration_error"] <= classifier["maximum_calibration_error"])
+    assert classifier["accuracy_on_unlisted"] >= classifier["out_of_fold_accuracy"]

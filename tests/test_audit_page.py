@@ -64,8 +64,9 @@ def audit_folder(tmp_path: Path, data_root: Path | None, label_rows: int = 3, ju
         "cache": "features.h5", "data_root": str(data_root) if data_root else "/nowhere/images",
         "images": len(images), "splits": {"train": 24, "val": 12}, "classes": ["red", "green", HOSTILE_LABEL],
         "label_issues": label_rows + 1, "duplicate_groups": 2, "leak_groups": 1, "outliers": 2,
-        "label_issue_classifier": {"out_of_fold_accuracy": 0.97 if judged else 0.8, "calibration_error": 0.03,
-                                   "judged": judged, "minimum_accuracy": 0.85, "maximum_calibration_error": 0.15},
+        "label_issue_classifier": {"out_of_fold_accuracy": 0.97 if judged else 0.8,
+                                   "accuracy_on_unlisted": 0.98 if judged else 0.85, "calibration_error": 0.03,
+                                   "judged": judged, "minimum_accuracy": 0.9, "maximum_calibration_error": 0.15},
         "settings": {"folds": 5, "duplicate_threshold": 0.88, "pixel_check_from": 0.6, "pixel_match": 0.98},
         "pixel_check": {"skipped": None}}))
     return out
@@ -124,7 +125,7 @@ def test_each_section_says_how_far_to_trust_it(tmp_path):
     page = write_page(audit_folder(tmp_path, None, judged=False, ranked=50)).read_text(encoding="utf-8")
     labels = page.split('id="label_issues"')[1].split("<h2")[0]
     assert "Images the classifier doubts" in page and "Possible label errors" not in page
-    assert "right on 80.0% of the images" in labels and "too weak to judge labels" in labels
+    assert "80.0% of the given labels" in labels and "too weak to judge labels" in labels
     outliers = page.split('id="outliers"')[1].split("<h2")[0]
     assert f"{2 + OUTLIERS_BELOW} of {2 + 50} images shown" in outliers and "2 images flagged" in outliers
     assert f"unflagged_{OUTLIERS_BELOW - 1}.png" in outliers and f"unflagged_{OUTLIERS_BELOW}.png" not in outliers
@@ -133,7 +134,7 @@ def test_each_section_says_how_far_to_trust_it(tmp_path):
 
     (tmp_path / "judged").mkdir()
     page = write_page(audit_folder(tmp_path / "judged", None)).read_text(encoding="utf-8")
-    assert "Possible label errors" in page and "right on 97.0% of the images" in page
+    assert "Possible label errors" in page and "97.0% of the given labels" in page
     assert "too weak" not in page
 
 

@@ -201,14 +201,15 @@ def _label_trust(classifier: dict | None) -> str:
     """How far the list can be taken for label errors, from the figures of the classifier behind it."""
     if not classifier:
         return "This report does not record how good the classifier behind this list is: judge each image yourself."
-    figures = (f"The classifier behind this list is right on {classifier['out_of_fold_accuracy']:.1%} of the "
-               f"images it did not see (given labels), with a calibration error of "
+    figures = (f"The classifier behind this list, tried on images it did not see, agrees with "
+               f"{classifier['out_of_fold_accuracy']:.1%} of the given labels and with "
+               f"{classifier['accuracy_on_unlisted']:.1%} of those it does not list, with a calibration error of "
                f"{classifier['calibration_error']:.3f}. ")
     if classifier["judged"]:
         return figures + ("On benchmarks with 5% of the labels flipped, a classifier this good listed mostly "
                           "wrong labels, the likeliest first; check each before relabelling.")
-    return figures + (f"That is too weak to judge labels (it takes an accuracy of at least "
-                      f"{classifier['minimum_accuracy']:.0%} and a calibration error of at most "
+    return figures + (f"That is too weak to judge labels (it takes at least {classifier['minimum_accuracy']:.0%} "
+                      f"on the unlisted images and a calibration error of at most "
                       f"{classifier['maximum_calibration_error']}): these are images the classifier finds hard, "
                       "not label errors. Fix the features first (a larger image size, another backbone).")
 
@@ -220,8 +221,8 @@ def _duplicates(rows: list[dict] | None, thumbs: Thumbnails, summary: dict) -> s
     shown = None if rows is None else list(groups)
     settings, check = summary["settings"], summary.get("pixel_check") or {}
     pixels = (f"and pairs from a similarity of {escape(str(settings.get('pixel_check_from')))} whose pixels "
-              f"correlate at least {escape(str(settings.get('pixel_match')))} once aligned (a crop of up to 12% from any side, a rescale "
-              "or a mirror undone): 'pixels' marks an image joined only that way"
+              f"correlate at least {escape(str(settings.get('pixel_match')))} once aligned (a crop of up to 12% "
+              "from any side, a rescale or a mirror undone): 'pixels' marks an image joined only that way"
               if not check.get("skipped") else f"(pixels not compared: {escape(str(check['skipped']))})")
     out = _section("Near-duplicates and split leaks", "duplicates.csv", shown, "groups",
                    "Groups of nearly identical images, groups that span two splits (leaks) first. Found from "
