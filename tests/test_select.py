@@ -241,20 +241,20 @@ def test_the_loop_on_the_demo_images_typical_beats_random_at_20_labels(tmp_path)
 
 def test_shards_carry_the_pool(tmp_path):
     """`extract --nproc`: the shards' pools join into the pool one process writes."""
-    from pipeline.features.backbones import load_backbone
+    from pipeline.features.backbones.loading import build_backbone
     from pipeline.features.extract import extract
     from pipeline.features.sharded import concatenate, shard, shard_path
     root = tmp_path / "images"
     make_image_folder(root, {"train": 1}, classes=("red", "green"))
     unlabelled(root, 1)
     dataset = scan(root, 0, 0)
-    backbone = load_backbone("efficientnet_lite0", "none", None, 64)
+    backbone = build_backbone("efficientnet_lite0", "none", None, 64)
+    settings = ExtractSettings(device="cpu", dtype="float32", workers=0)
     single, out = tmp_path / "single.h5", tmp_path / "joined.h5"
-    extract(dataset, backbone, single, device="cpu", dtype="float32", workers=0, quiet=True)
+    extract(dataset, backbone, single, settings, quiet=True)
     shards = [shard_path(out, r, 2) for r in range(2)]
     for r, path in enumerate(shards):
-        extract(shard(dataset, r, 2), backbone, path, device="cpu", dtype="float32", workers=0, quiet=True,
-                shard_of=out)
+        extract(shard(dataset, r, 2), backbone, path, settings, quiet=True, shard_of=out)
     concatenate(dataset, shards, out)
     with open_cache(single) as a, open_cache(out) as b:
         assert a.read(POOL).paths == b.read(POOL).paths and len(b.read(POOL).paths) == 3
