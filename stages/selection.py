@@ -1,4 +1,6 @@
-"""DVC stage `select@NAME`: python stages/select.py FEATURES OUT_CSV (settings: params.yaml `select`)"""
+"""DVC stage `select@NAME`: python stages/selection.py FEATURES OUT_CSV (settings: params.yaml `select`). Not
+named select.py: as a script its folder comes first on the path, where it would stand for the standard library's
+`select`."""
 import sys
 from pathlib import Path
 
