@@ -20,7 +20,7 @@ from pipeline.features.settings import BenchSettings, ExtractSettings
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_params
 from pipeline.models.settings import PredictSettings
-from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
+from pipeline.runtime.errors import Interrupted, InputError, exit_with, quote, run_stage
 from pipeline.runtime.imports import heavy_imports
 from pipeline.runtime.settings import alternatives, default, fields, from_options, option_name, rule, type_hints
 
@@ -168,7 +168,7 @@ def _pairs(pairs: list[str], option: str) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise UserError(f"{option} expects KEY=VALUE, got {quote(pair)}")
+            raise InputError(f"{option} expects KEY=VALUE, got {quote(pair)}")
         out[key] = value
     return out
 

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.features.backbones import Embedder, load_backbone
 from pipeline.features.registry import KNOWN
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from tests.conftest import run_cli
 
 
@@ -56,7 +56,7 @@ def test_registry_feature_dims_match_the_hooked_layers():
 
 
 def test_unknown_layer_names_the_modules():
-    with pytest.raises(UserError, match="has no layer 'nope'; its top-level modules are: conv1, bn1"):
+    with pytest.raises(InputError, match="has no layer 'nope'; its top-level modules are: conv1, bn1"):
         load_backbone("resnet18", "none", "nope")
 
 
@@ -84,7 +84,7 @@ def test_weights_file_missing_backbone_keys_is_an_error(tmp_path: Path):
     del state["layer4.1.conv2.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(UserError, match=r"do not fit resnet18: 1 backbone keys missing \(e.g. \['layer4.1.conv2"):
+    with pytest.raises(InputError, match=r"do not fit resnet18: 1 backbone keys missing \(e.g. \['layer4.1.conv2"):
         load_backbone("resnet18", str(tmp_path / "partial.pth"))
 
 
@@ -98,7 +98,7 @@ def test_weights_file_extra_keys_are_noted(tmp_path: Path):
 
 def test_weights_file_of_another_architecture_is_an_error(tmp_path: Path):
     torch.save(load_backbone("resnet50", "none").model.state_dict(), tmp_path / "resnet50.pth")
-    with pytest.raises(UserError, match=r"do not fit resnet18: 0 backbone keys missing \(e.g. \[\]\), [1-9]\d* of "
+    with pytest.raises(InputError, match=r"do not fit resnet18: 0 backbone keys missing \(e.g. \[\]\), [1-9]\d* of "
                                         r"another shape \(e.g. \['layer1.0.conv1.weight'"):
         load_backbone("resnet18", str(tmp_path / "resnet50.pth"))
 
@@ -162,11 +162,11 @@ def test_a_vit_takes_another_image_size_through_timm_dynamic_size():
     with torch.inference_mode():
         expected = resampled.forward_head(resampled.forward_features(x), pre_logits=True).numpy()
     np.testing.assert_allclose(_features(backbone, x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match=r"backbone timm/test_vit.r160_in1k cannot take 97x97 images \(Input height "
+    with pytest.raises(InputError, match=r"backbone timm/test_vit.r160_in1k cannot take 97x97 images \(Input height "
                                         r"\(97\) should be divisible by patch size \(16\)\); choose another"):
         load_backbone("timm/test_vit", "none", image_size=97)
 
 
 def test_unknown_timm_model_is_one_clear_error():
-    with pytest.raises(UserError, match="unknown timm model 'convnext_nope'"):
+    with pytest.raises(InputError, match="unknown timm model 'convnext_nope'"):
         load_backbone("timm/convnext_nope", "none")

@@ -99,14 +99,14 @@ def test_out_of_range_settings_of_stage_two_and_visualize(small_cache, tmp_path)
     from pipeline.heads.settings import train_settings
     from pipeline.heads.train import train
     from pipeline.models.visualize import visualize
-    from pipeline.runtime.errors import UserError
-    with pytest.raises(UserError, match="cv_folds must be at least 2, got 1"):
+    from pipeline.runtime.errors import InputError
+    with pytest.raises(InputError, match="cv_folds must be at least 2, got 1"):
         train_settings("logreg", {"cv_folds": 1})
-    with pytest.raises(UserError, match="dropout must be below 1, got 1.0"):
+    with pytest.raises(InputError, match="dropout must be below 1, got 1.0"):
         train(small_cache, tmp_path / "m", train_settings("torch_mlp", {"weight_decay": 0.1, "dropout": 1.0}))
-    with pytest.raises(UserError, match="gamma must be a positive number, 'scale' or 'auto'"):
+    with pytest.raises(InputError, match="gamma must be a positive number, 'scale' or 'auto'"):
         train(small_cache, tmp_path / "m", train_settings("rbf_svm", {"C": 1.0, "gamma": "huge"}))
-    with pytest.raises(UserError, match="limit must be at least 1, got 0"):
+    with pytest.raises(InputError, match="limit must be at least 1, got 0"):
         visualize(tmp_path / "m", [tmp_path], tmp_path / "visual", limit=0)
     assert not (tmp_path / "m").exists()
 

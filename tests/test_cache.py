@@ -14,7 +14,7 @@ from pipeline.data.folders import scan
 from pipeline.features.backbones import load_backbone
 from pipeline.features.extract import extract
 from pipeline.heads.train import TrainSettings, train
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import check_expected, open_cache
 from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, synthetic_cache, tiny_image
 
@@ -124,7 +124,7 @@ def test_several_layers_in_one_file(tmp_path: Path, lite0):
     for split in ("train", "val"):
         np.testing.assert_allclose(cache.read(split, "global_pool").features, plain.read(split).features,
                                    atol=2e-3)
-    with pytest.raises(UserError, match="has no features of layer 'head'; it has blocks.5, global_pool"):
+    with pytest.raises(InputError, match="has no features of layer 'head'; it has blocks.5, global_pool"):
         cache.read("train", "head")
 
 
@@ -157,12 +157,12 @@ def test_expected_fields_are_checked_and_named(small_cache: Path, tmp_path: Path
     cache = open_cache(small_cache)
     check_expected(cache, {"backbone": "efficientnet_lite0", "image_size": "64", "tta": "false",
                            "fingerprint": cache.attrs["fingerprint"][:12]})
-    with pytest.raises(UserError, match=r"\(cache != expected\): backbone: efficientnet_lite0 != resnet18; "
+    with pytest.raises(InputError, match=r"\(cache != expected\): backbone: efficientnet_lite0 != resnet18; "
                                         r"tta: false != true$"):
         check_expected(cache, {"backbone": "resnet18", "image_size": 64, "tta": True})
-    with pytest.raises(UserError, match=f"fingerprint: {cache.attrs['fingerprint'][:8]} != 00000000"):
+    with pytest.raises(InputError, match=f"fingerprint: {cache.attrs['fingerprint'][:8]} != 00000000"):
         check_expected(cache, {"fingerprint": "00000000"})
-    with pytest.raises(UserError, match="cannot expect 'colour'"):
+    with pytest.raises(InputError, match="cannot expect 'colour'"):
         check_expected(cache, {"colour": "red"})
     metrics = train(small_cache, tmp_path / "model", TrainSettings("logreg"), {"backbone": "efficientnet_lite0"})
     assert metrics["n_train"] > 0
@@ -208,7 +208,7 @@ def test_extract_params_accept_the_new_settings():
                                        "layer": ["blocks.5", "global_pool"], "tta": True, "reuse": False}, "extract")
     assert (p.labels, p.id_column, p.layer, p.compute_stats, p.tta, p.reuse) == \
         ("labels.csv", "id", ["blocks.5", "global_pool"], True, True, False)
-    with pytest.raises(UserError, match="extract.tta must be true or false, got 'yes'"):
+    with pytest.raises(InputError, match="extract.tta must be true or false, got 'yes'"):
         from_mapping(ExtractSettings, {"tta": "yes"}, "extract")
-    with pytest.raises(UserError, match="extract.image_size must be an integer or null, got True"):
+    with pytest.raises(InputError, match="extract.image_size must be an integer or null, got True"):
         from_mapping(ExtractSettings, {"image_size": True}, "extract")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from tests.conftest import COLOURS, ROOT, interrupt_when_written, make_image_folder, run_cli, tiny_image
 
 SMALL = ("--image-size", 64, "--workers", 0)
@@ -152,7 +152,7 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
                 shard_of=out)
     with h5py.File(shards[3], "r+") as f:
         f["val/features"][0, 0] += 1
-    with pytest.raises(UserError, match=f"^{shards[3]}: val/features does not match the digest recorded"):
+    with pytest.raises(InputError, match=f"^{shards[3]}: val/features does not match the digest recorded"):
         concatenate(dataset, shards, out)
     assert out.read_bytes() == joined and not any(p.exists() for p in shards)
 

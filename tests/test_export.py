@@ -16,7 +16,7 @@ from pipeline.heads.train import scores_of, train
 from pipeline.models.export import export
 from pipeline.models.networks import head_module
 from pipeline.models.predict import predict
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage import modeldir
 from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, run_cli, synthetic_cache, tiny_image
@@ -100,7 +100,7 @@ def test_heads_without_a_tensor_form_are_refused(small_cache, tmp_path):
     assert proc.stderr.strip().startswith("error: a knn head is not made of tensor operations")
     assert not (tmp_path / "knn.pt2").exists()
     train(small_cache, tmp_path / "rbf", train_settings("rbf_svm", {"C": 1.0}))
-    with pytest.raises(UserError, match="a rbf_svm head is not made of tensor operations"):
+    with pytest.raises(InputError, match="a rbf_svm head is not made of tensor operations"):
         export(tmp_path / "rbf", tmp_path / "rbf.onnx")
-    with pytest.raises(UserError, match="must end in .pt2 or .onnx"):
+    with pytest.raises(InputError, match="must end in .pt2 or .onnx"):
         export(tmp_path / "rbf", tmp_path / "model.pt")

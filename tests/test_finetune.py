@@ -13,7 +13,7 @@ import torch
 from pipeline.features.backbones import load_backbone
 from pipeline.tuning.training import FinetuneSettings, PlateauSchedule, finetune, stages
 from pipeline.models.predict import predict
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import from_mapping
 from pipeline.storage import modeldir
 from tests.conftest import interrupt_when_written, make_image_folder, run_cli
@@ -141,7 +141,7 @@ def test_bad_settings_are_one_line_errors(images, tmp_path):
     proc = run_cli("finetune", images, "--out", tmp_path / "x", "--strategy", "full", "--freeze", 3)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: freeze applies to the partial strategy only, not to full"]
-    with pytest.raises(UserError, match="freeze must be between 1 and"):
+    with pytest.raises(InputError, match="freeze must be between 1 and"):
         finetune(images, tmp_path / "y", FinetuneSettings(strategy="partial", freeze=99, epochs=1, **TINY))
 
 
@@ -150,5 +150,5 @@ def test_params_section_is_checked_key_by_key():
     for raw, message in (({"strategy": "ful"}, "finetune.ft.strategy must be one of full, partial"),
                          ({"epoch": 2}, "finetune.ft.epoch is not a setting"),
                          ({"flip": "yes"}, "finetune.ft.flip must be true or false")):
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(InputError, match=message):
             from_mapping(FinetuneSettings, raw, "finetune.ft")

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import StoredVectors, open_cache, seal
 from tests.conftest import run_cli
 from tests.test_bad_input import one_line_error
@@ -114,7 +114,7 @@ def test_a_flipped_bit_in_the_data_is_refused_by_its_checksum(small_cache, tmp_p
     offset, size = chunk_offset(bad, name)
     flip_bit(bad, offset + size // 3, 5)
     line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m")) if name == "train/features" else None
-    with pytest.raises(UserError, match=f"feature cache {bad}: {name} cannot be read, the file is damaged"):
+    with pytest.raises(InputError, match=f"feature cache {bad}: {name} cannot be read, the file is damaged"):
         load_all(bad)
     if line:
         assert line.startswith(f"error: feature cache {bad}: {name} cannot be read, the file is damaged (")
@@ -135,7 +135,7 @@ def test_random_bit_flips_are_refused_or_change_nothing(small_cache, tmp_path):
         (tmp_path / "f.h5").write_bytes(bytes(bad))
         try:
             got = load_all(tmp_path / "f.h5")
-        except UserError:
+        except InputError:
             outcomes["refused"] += 1
             continue
         assert same(got, reference), f"a flip at byte {offset} changed the data silently"
@@ -222,7 +222,7 @@ def test_wrong_values_with_valid_checksums_are_one_error_line(small_cache, tmp_p
     with h5py.File(bad, "r+") as f:
         edit(f)
     restamp(bad)
-    with pytest.raises(UserError, match=re.escape(words)):
+    with pytest.raises(InputError, match=re.escape(words)):
         load_all(bad)
 
 

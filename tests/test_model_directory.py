@@ -24,7 +24,7 @@ from pipeline.models.directory import open_model
 from pipeline.models.export import export
 from pipeline.models.predict import predict
 from pipeline.models.visualize import sample
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from tests.conftest import COLOURS, ROOT, make_image_folder, run_cli, synthetic_cache, tiny_image
 
 
@@ -188,7 +188,7 @@ def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache,
     short = tmp_path / "short_ft"
     shutil.copytree(finetuned, short)
     _edit_info(short, classes=["blue", "green"])
-    with pytest.raises(UserError, match=f"{short / 'weights.pt'} does not fit the network"):
+    with pytest.raises(InputError, match=f"{short / 'weights.pt'} does not fit the network"):
         open_model(short).scorer(torch.device("cpu"))
     head = tmp_path / "short_head"
     train(small_cache, head, train_settings("logreg", {"C": 1.0}))

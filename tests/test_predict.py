@@ -13,7 +13,7 @@ import pytest
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
 from pipeline.models.predict import predict
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage import modeldir
 from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, run_cli, tiny_image
@@ -126,7 +126,7 @@ def test_mismatched_model_directory_is_refused(model, tmp_path, tamper, message)
     bad = tmp_path / "bad"
     shutil.copytree(model, bad)
     tamper(bad)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(InputError, match=message):
         modeldir.load(bad)
 
 

@@ -14,7 +14,7 @@ from pipeline.tuning.training import FinetuneSettings, finetune
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import train
 from pipeline.report.compare import figure, markdown, rows
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from tests.conftest import run_cli, synthetic_cache
 
 TINY = FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0, device="cpu")
@@ -61,7 +61,7 @@ def test_compare_refuses_runs_on_different_datasets(models, small_cache, tmp_pat
     (other / "train" / "red" / "train_0.png").unlink()      # one training image fewer: another dataset
     finetune(other, tmp_path / "ft_other", TINY, quiet=True)
     for other_run in ([models / "logreg", tmp_path / "ft_other"], [models / "ft_head", tmp_path / "ft_other"]):
-        with pytest.raises(UserError, match="different data"):
+        with pytest.raises(InputError, match="different data"):
             rows(other_run)
 
 

@@ -19,7 +19,7 @@ from pipeline.auditing.settings import AuditSettings
 from pipeline.features.settings import BenchSettings, ExtractSettings
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, train_settings
-from pipeline.runtime.errors import UserError, quote
+from pipeline.runtime.errors import InputError, quote
 from pipeline.runtime.settings import fields, option_name, rule
 from tests.conftest import COLOURS, ROOT, run_cli, tiny_image
 
@@ -95,7 +95,7 @@ def test_every_bad_invocation_is_one_error_line(tmp_path, args, words):
 
 def test_allowed_keys_are_listed_once():
     for name, raw in (("rbf_svm", {"gama": 2}), ("logreg", {"gamma": 2}), ("torch_mlp", {"hiden": 2})):
-        with pytest.raises(UserError) as caught:
+        with pytest.raises(InputError) as caught:
             train_settings(name, raw)
         allowed = str(caught.value).split("allowed: ")[1].split(", ")
         assert len(allowed) == len(set(allowed)) and allowed.count("seed") == 1, caught.value

@@ -27,7 +27,7 @@ from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
 from pipeline.features.overlap import BackgroundWriter, Block
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
-from pipeline.runtime.errors import Interrupted, UserError, warn
+from pipeline.runtime.errors import Interrupted, InputError, warn
 from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import (
@@ -96,7 +96,7 @@ def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, wo
             pixels += x.shape[0] * x.shape[2] * x.shape[3]
             images += x.shape[0]
     if not images:
-        raise UserError("--compute-stats: the training split has no readable image")
+        raise InputError("--compute-stats: the training split has no readable image")
     mean = total / pixels
     std = (squares / pixels - mean * mean).clamp(min=1e-12).sqrt()
     return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()], "images": images}
@@ -109,7 +109,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
         return None, None
     try:
         old = open_cache(out)
-    except UserError as exc:
+    except InputError as exc:
         return None, f"previous cache not reused: {exc}"
     try:
         diffs = differences(old.attrs, {k: attrs[k] for k in FINGERPRINT_FIELDS})
@@ -117,7 +117,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
             old.close()
             return None, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
         return StoredVectors(old), None
-    except UserError as exc:
+    except InputError as exc:
         old.close()
         return None, f"previous cache not reused: {exc}"
 
@@ -165,7 +165,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
         try:
             writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
         except OSError as exc:
-            raise UserError(write_error(exc, out))
+            raise InputError(write_error(exc, out))
         background = BackgroundWriter(writer)
         try:
             extracted = reused = writer.kept
@@ -208,7 +208,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
                         bar.update(len(good) + len(bad))
             background.close()
             if not shard_of and not writer.rows("train"):
-                raise UserError(no_training_rows(writer.skipped, out))
+                raise InputError(no_training_rows(writer.skipped, out))
             writer.commit(extract_seconds=time.perf_counter() - start)
         except KeyboardInterrupt:
             background.stop()
@@ -218,7 +218,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
         except OSError as exc:
             background.stop()
             writer.abort()
-            raise UserError(write_error(exc, out))
+            raise InputError(write_error(exc, out))
         except BaseException:
             background.stop()
             writer.abort()

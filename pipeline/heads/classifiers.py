@@ -17,7 +17,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 
 from pipeline.heads.settings import CLASSIFIERS
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a head trains on one CPU thread
 
@@ -85,7 +85,7 @@ def _rbf_svm(v, gamma="scale", seed=0, class_weight=None):
 
 def _knn(v, class_weight=None):
     if class_weight is not None:
-        raise UserError("classifier knn does not support class_weight")
+        raise InputError("classifier knn does not support class_weight")
     return KNeighborsClassifier(n_neighbors=int(v), weights="distance")
 
 
@@ -128,14 +128,14 @@ BUILDERS = {   # name -> (tuned value, **fixed params) -> an unfitted estimator;
 def make_head(name: str, value, class_weight: str | None = None, **params):
     """A fresh, unfitted classifier `name` with its tuned hyperparameter set to `value`."""
     if name not in CLASSIFIERS:
-        raise UserError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
+        raise InputError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
     spec = CLASSIFIERS[name]
     unknown = set(params) - set(spec.params)
     if unknown:
-        raise UserError(f"classifier {name} has no parameter {sorted(unknown)[0]!r}; "
+        raise InputError(f"classifier {name} has no parameter {sorted(unknown)[0]!r}; "
                         f"it takes: {', '.join((spec.tuned, 'class_weight', *spec.params))}")
     if class_weight not in (None, "balanced"):
-        raise UserError(f"class_weight must be 'balanced' or empty, got {class_weight!r}")
+        raise InputError(f"class_weight must be 'balanced' or empty, got {class_weight!r}")
     return BUILDERS[name](value, class_weight=class_weight, **params)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.features.backbones import Backbone, FeatureHook, inference_model
 from pipeline.heads.torch_heads import TorchHead, TorchLogReg
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 TENSOR_HEADS = "logreg, torch_logreg, linear_svm, torch_linear and torch_mlp"   # what `head_module` builds
 
@@ -59,7 +59,7 @@ def _preprocessing(step) -> nn.Module:
         return Standardize(step.mean_, step.scale_)
     if isinstance(step, FunctionTransformer) and step.func is None:
         return nn.Identity()
-    raise UserError(f"feature preprocessing {step!r} cannot be exported")
+    raise InputError(f"feature preprocessing {step!r} cannot be exported")
 
 
 def head_module(model, n_classes: int, name: str) -> nn.Module:
@@ -80,7 +80,7 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
             w, b = np.concatenate([-w, w]), np.concatenate([-b, b])
         layers, fill = [_linear(w, b)], float("-inf")
     else:
-        raise UserError(f"a {name} head is not made of tensor operations (needed to export it or for "
+        raise InputError(f"a {name} head is not made of tensor operations (needed to export it or for "
                         f"Grad-CAM); {TENSOR_HEADS} are, and fine-tuned models")
     if len(head.classes_) < n_classes:
         layers.append(ClassColumns(head.classes_, n_classes, fill))

@@ -10,7 +10,7 @@ from pipeline.data.folders import find_images, printable
 from pipeline.data.images import ImageError, read_image
 from pipeline.models.directory import open_model
 from pipeline.runtime.devices import resolve_device
-from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.errors import InputError, check_minimums
 
 
 def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
@@ -22,7 +22,7 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
     model = open_model(model_dir)
     files = find_images(inputs)
     if not any(reason is None for _, reason in files):
-        raise UserError(f"no image files in {', '.join(map(str, inputs))}")
+        raise InputError(f"no image files in {', '.join(map(str, inputs))}")
     pre = model.preprocessing
     transform = pre.transform()
     score = model.scorer(resolve_device(device), engine, log)

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from pipeline.heads.metrics import accuracy_interval
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage import modeldir
 
 
@@ -29,7 +29,7 @@ def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
         else:
             found = sorted(f.parent for f in p.rglob("model.json"))
             if not found:
-                raise UserError(f"{p} is neither a model directory nor a folder of them")
+                raise InputError(f"{p} is neither a model directory nor a folder of them")
             out += [(d.relative_to(p).as_posix(), d) for d in found]
     return out
 
@@ -44,15 +44,15 @@ def _row(name: str, d: Path) -> dict:
     info = modeldir.verify(d)   # model.json's facts are enough: no model is loaded
     metrics_path = d / "metrics.json"
     if not metrics_path.is_file():
-        raise UserError(f"model directory {d} has no metrics.json")
+        raise InputError(f"model directory {d} has no metrics.json")
     if not info.get("dataset"):
-        raise UserError(f"{d}/model.json records no dataset identity; train it again with this version")
+        raise InputError(f"{d}/model.json records no dataset identity; train it again with this version")
     try:
         m = json.loads(metrics_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{metrics_path} is not valid JSON: {exc}")
+        raise InputError(f"{metrics_path} is not valid JSON: {exc}")
     if "val_score" not in m:
-        raise UserError(f"{metrics_path} records no val_score (the score its selection used); "
+        raise InputError(f"{metrics_path} records no val_score (the score its selection used); "
                         f"train it again with this version")
     cached = info["fingerprint"] is not None   # else trained on the images: no extraction to share
     extract = m.get("extract_seconds") if cached else None   # None also for a cache made without timing
@@ -77,7 +77,7 @@ def rows(dirs: list[Path]) -> list[dict]:
     for name, d in model_dirs(dirs):
         row = _row(name, d)
         if out and row["_data"] != out[0]["_data"]:
-            raise UserError(f"cannot compare {d} with {out[0]['_path']}: they were trained or evaluated on "
+            raise InputError(f"cannot compare {d} with {out[0]['_path']}: they were trained or evaluated on "
                             f"different data (dataset identity, eval split or its size differ)")
         out.append(row)
     finetuned = [r["train_seconds"] for r in out if not r["_cached"]]
@@ -217,7 +217,7 @@ def figure(table: list[dict]):
 def compare(model_dirs: list[Path], out: Path) -> list[dict]:
     """Write compare.md, compare.json and compare.png to `out`."""
     if not model_dirs:
-        raise UserError("compare needs at least one model directory")
+        raise InputError("compare needs at least one model directory")
     table = rows(model_dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
