@@ -17,7 +17,7 @@ from typing import Callable, Collection, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from pipeline.data.folders import Dataset, Sample, write_manifest
 from pipeline.data.images import ImageFiles, batches_within, collate, worker_init

@@ -53,6 +53,11 @@ def fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "rule" in f.metadata]
 
 
+def keywords(settings) -> dict:
+    """The fields of a settings object as keywords of the Python API (pipeline.api)."""
+    return {f.name: getattr(settings, f.name) for f in fields(type(settings))}
+
+
 def default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from pipeline.data.folders import Dataset, dataset_digest
 from pipeline.data.images import ImageFiles, collate, worker_init
