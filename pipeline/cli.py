@@ -88,7 +88,7 @@ def settings_options(cls):
                                                                                      **repeated)]))
         signature = inspect.signature(command, eval_str=True)
         params = []
-        for p in signature.parameters.keywords():
+        for p in signature.parameters.values():
             params += options if p.name == "settings" else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
 
         @functools.wraps(command)
@@ -308,7 +308,8 @@ def finetune(
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     _preload("pipeline.tuning.training")
-    model = api.finetune(data, out, force=force, quiet=quiet, checkpoint=checkpoint, resume=resume, **keywords(settings))
+    model = api.finetune(data, out, force=force, quiet=quiet, checkpoint=checkpoint, resume=resume,
+                         **keywords(settings))
     if model is None:   # a torchrun rank other than 0
         return
     m = model.metrics

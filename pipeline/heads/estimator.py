@@ -32,7 +32,7 @@ class EstimatorHead:
     in_torch = False
 
     def __init__(self, estimator, grid: dict | None = None):
-        if not is_classifier(estimator):
+        if not (hasattr(estimator, "get_params") and hasattr(estimator, "fit") and is_classifier(estimator)):
             raise InputError(f"classifier must be a name of the zoo or a scikit-learn classifier, got {estimator!r}")
         self.estimator, self.points = estimator, _grid_points(estimator, grid)
         self.name = type(estimator).__name__
