@@ -139,10 +139,12 @@ def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.C
     return proc
 
 
-def cli_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli_in_process(*args, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the command line's entry point (`pipeline.cli.main`) in this process, with its parsing, error
-    contract and output as in a process of its own but without the start-up: for tests of what a command
-    refuses. Returns the exit code and the captured stdout and stderr."""
+    contract and output as in a process of its own but without the start-up: for every test in which the
+    process itself does not matter. Returns the exit code and the captured stdout and stderr. The garbage
+    collector, which a command turns off until its imports are done, is on again afterwards."""
+    import gc
     import io
     from pipeline import cli
     argv = ["pipeline", *map(str, args)]
@@ -160,6 +162,9 @@ def cli_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedProces
     finally:
         sys.argv = before[0]
         os.chdir(before[1])
+        gc.enable()
+    if check and code != 0:
+        raise AssertionError(f"pipeline {' '.join(map(str, args))} failed ({code}):\n{err.getvalue()}")
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 

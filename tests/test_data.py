@@ -15,7 +15,7 @@ from pipeline.data.folders import scan, write_manifest
 from pipeline.data.images import MAX_FILE_BYTES, ImageError, batches_within, read_image
 from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import open_cache
-from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, cli_in_process, make_image_folder, tiny_image
 
 
 def test_split_folders_give_the_splits(image_folder: Path):
@@ -140,7 +140,7 @@ def test_extract_command_reads_a_labels_csv(tmp_path: Path):
     labels = _flat_folder(root, 4)
     csv_path = _write_csv(tmp_path / "labels.csv", ["id", "breed"], [[k, v] for k, v in labels.items()])
     out = tmp_path / "features.h5"
-    run_cli("extract", root, "--labels", csv_path, "--out", out, "--image-size", 64, "--workers", 0, check=True)
+    cli_in_process("extract", root, "--labels", csv_path, "--out", out, "--image-size", 64, "--workers", 0, check=True)
     cache = open_cache(out)
     assert cache.classes == sorted(COLOURS)
     read = [cache.read(s) for s in cache.splits]

@@ -21,7 +21,7 @@ from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, train_settings
 from pipeline.runtime.errors import InputError, quote
 from pipeline.runtime.settings import fields, option_name, rule
-from tests.conftest import COLOURS, ROOT, run_cli, tiny_image
+from tests.conftest import COLOURS, ROOT, cli_in_process, tiny_image
 
 COMMANDS = {"extract": ExtractSettings, "train": TrainSettings, "finetune": FinetuneSettings, "bench": BenchSettings,
             "audit": AuditSettings}
@@ -35,7 +35,7 @@ def squeezed(text: str) -> str:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_lists_every_setting_with_its_doc_and_flags_as_flags(command):
-    text = run_cli(command, "--help", check=True).stdout
+    text = cli_in_process(command, "--help", check=True).stdout
     for f in fields(COMMANDS[command]):
         r = rule(f)
         assert r.option and option_name(f.name) in text and squeezed(r.doc) in squeezed(text), f.name
@@ -86,7 +86,7 @@ def test_documented_classifier_table_matches_the_registry():
      "--param gamma is not a setting of knn; allowed: n_neighbors"),
 ])
 def test_every_bad_invocation_is_one_error_line(tmp_path, args, words):
-    proc = run_cli(*args, cwd=tmp_path)
+    proc = cli_in_process(*args, cwd=tmp_path)
     assert proc.returncode == 2 and not proc.stdout, proc
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert words in proc.stderr and not re.search("[╭│╰]", proc.stderr)
@@ -174,7 +174,7 @@ def labelled_folder(root: Path, per_class: int = 6) -> Path:
 def test_finetune_and_bench_take_a_labels_file(tmp_path):
     data = labelled_folder(tmp_path / "data")
     labels = ("--labels", data / "labels.csv", "--id-column", "name", "--label-column", "colour")
-    run_cli("finetune", data, *labels, "--out", tmp_path / "ft", "--strategy", "head", "--epochs", 1,
+    cli_in_process("finetune", data, *labels, "--out", tmp_path / "ft", "--strategy", "head", "--epochs", 1,
             "--image-size", 32, "--batch-size", 6, "--workers", 0, "--device", "cpu", "--val-fraction", 0.2,
             "--quiet", check=True)
     info = json.loads((tmp_path / "ft" / "model.json").read_text())
@@ -182,11 +182,11 @@ def test_finetune_and_bench_take_a_labels_file(tmp_path):
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     details = json.loads((tmp_path / "ft" / "details.json").read_text())
     assert metrics["n_eval"] > 0 and details["hyperparameters"]["labels"] == str(data / "labels.csv")
-    proc = run_cli("bench", data, *labels, "--out", tmp_path / "bench.json", "--image-size", 32, "--batch-size", 4,
+    proc = cli_in_process("bench", data, *labels, "--out", tmp_path / "bench.json", "--image-size", 32, "--batch-size", 4,
                    "--repeats", 1, "--no-tutorial", "--images", 8, "--workers", 0, "--device", "cpu", check=True)
     rows = json.loads((tmp_path / "bench.json").read_text())     # one row per engine
     assert rows and all(row["images"] == 8 for row in rows), proc.stderr
-    wrong = run_cli("bench", data, "--labels", data / "labels.csv", "--repeats", 1)   # no column 'breed'/'label'
+    wrong = cli_in_process("bench", data, "--labels", data / "labels.csv", "--repeats", 1)   # no column 'breed'/'label'
     assert wrong.returncode == 2 and "labels.csv" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
 
 
