@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib
 import inspect
 import json
 import sys
@@ -22,7 +21,7 @@ from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_params
 from pipeline.models.settings import PredictSettings
 from pipeline.runtime.errors import Interrupted, InputError, exit_with, quote, run_stage
-from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.imports import heavy_imports, preload
 from pipeline import api
 from pipeline.runtime.settings import (alternatives, default, fields, from_options, keywords, option_name, rule,
                                        type_hints)
@@ -136,7 +135,7 @@ def extract(
                                             "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
-    _preload("pipeline.features.extract")
+    preload("pipeline.features.extract")
     from pipeline.features import sharded
     from pipeline.runtime import distributed
     if nproc > 1:
@@ -148,13 +147,6 @@ def extract(
         raise Interrupted("interrupted before extraction began")
     if cache:
         _say(cache.summary.lines, quiet)
-
-
-def _preload(*modules: str) -> None:
-    """Import what a command's work needs under `heavy_imports`; the API it calls imports them on use."""
-    with heavy_imports():
-        for name in modules:
-            importlib.import_module(name)
 
 
 def _check_cache(path: Path) -> None:
@@ -213,7 +205,7 @@ def train(
     with heavy_imports():
         from pipeline.heads.classifiers import import_libraries
         import_libraries(s.classifier)
-    _preload("pipeline.heads.train")
+    preload("pipeline.heads.train")
     common = {k: v for k, v in keywords(s).items() if k != "classifier"}
     try:
         model = api.train(features, s.classifier, out, force=force, expect=expected, **common, **params)
@@ -235,7 +227,7 @@ def predict(
 ):
     """Predict the top-k classes of new images with a trained model (backbone + head)."""
     _check_model(model_dir)
-    _preload("pipeline.models.predict")
+    preload("pipeline.models.predict")
     results = api.load_model(model_dir).predict(images, settings.top_k, settings.device, settings.engine,
                                                 log=lambda line: typer.echo(line, err=True))
     if format is Format.json:
@@ -307,7 +299,7 @@ def finetune(
     from pipeline.runtime import distributed
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    _preload("pipeline.tuning.training")
+    preload("pipeline.tuning.training")
     model = api.finetune(data, out, force=force, quiet=quiet, checkpoint=checkpoint, resume=resume,
                          **keywords(settings))
     if model is None:   # a torchrun rank other than 0
@@ -368,7 +360,7 @@ def audit(
     """Check the data behind a cache: label issues, near-duplicates and leaks between splits, outliers, and
     how accuracy grows with the number of labels; writes a report page and CSV files."""
     _check_cache(features)
-    _preload("pipeline.auditing.run", "pipeline.report.audit_page")
+    preload("pipeline.auditing.run", "pipeline.report.audit_page")
     result = api.audit(features, out, log=lambda line: _say([line], quiet), **keywords(settings))
     summary, page = result.summary, result.page
     _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "

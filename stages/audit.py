@@ -5,16 +5,14 @@ import pipeline
 from pipeline.auditing.settings import AuditSettings
 from pipeline.config import stage_settings
 from pipeline.runtime.errors import run_stage
-from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.imports import preload
 from pipeline.runtime.settings import keywords
 
 
 def main():
     features, out = sys.argv[1:3]
     s = stage_settings(AuditSettings, "audit")
-    with heavy_imports():   # torch loads once the settings are accepted
-        import pipeline.auditing.run  # noqa: F401
-        import pipeline.report.audit_page  # noqa: F401
+    preload("pipeline.auditing.run", "pipeline.report.audit_page")   # torch loads once the settings are accepted
     result = pipeline.audit(features, out, log=print, **keywords(s))
     summary = result.summary
     print(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "

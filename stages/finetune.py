@@ -4,7 +4,7 @@ import sys
 import pipeline
 from pipeline.config import stage_settings
 from pipeline.runtime.errors import run_stage
-from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.imports import preload
 from pipeline.runtime.settings import keywords
 from pipeline.tuning.settings import FinetuneSettings
 
@@ -12,8 +12,7 @@ from pipeline.tuning.settings import FinetuneSettings
 def main():
     name, data, out = sys.argv[1:4]
     s = stage_settings(FinetuneSettings, "finetune", name)
-    with heavy_imports():   # torch loads once the settings are accepted
-        import pipeline.tuning.training  # noqa: F401
+    preload("pipeline.tuning.training")   # torch loads once the settings are accepted
     m = pipeline.finetune(data, out, quiet=True, **keywords(s)).metrics
     print(f"{name} ({s.strategy}): top-1 {m['top1']:.3f} on {m['eval_split']}, best epoch {m['best_epoch']} "
           f"of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']}")

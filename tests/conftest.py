@@ -142,12 +142,25 @@ def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.C
 def cli_in_process(*args, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the command line's entry point (`pipeline.cli.main`) in this process, with its parsing, error
     contract and output as in a process of its own but without the start-up: for every test in which the
-    process itself does not matter. Returns the exit code and the captured stdout and stderr. The garbage
-    collector, which a command turns off until its imports are done, is on again afterwards."""
+    process itself does not matter. Returns the exit code and the captured stdout and stderr."""
+    from pipeline import cli
+    return _in_process(cli.main, ["pipeline", *map(str, args)], cwd, check)
+
+
+def stage_in_process(stage: str, cwd: Path, *args, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the DVC stage script stages/STAGE (e.g. "train.py") in this process, as `cli_in_process` runs
+    the command line."""
+    import runpy
+    script = ROOT / "stages" / stage
+    return _in_process(lambda: runpy.run_path(str(script), run_name="__main__"), [str(script), *map(str, args)],
+                       cwd, check)
+
+
+def _in_process(main, argv: list[str], cwd: Path | None, check: bool) -> subprocess.CompletedProcess:
+    """`main()` with `argv` as sys.argv, in `cwd`, its exit code and output captured. The garbage collector,
+    which a command turns off until its imports are done, is on again afterwards."""
     import gc
     import io
-    from pipeline import cli
-    argv = ["pipeline", *map(str, args)]
     out, err = io.StringIO(), io.StringIO()
     before = (sys.argv, Path.cwd())
     code = 0
@@ -156,7 +169,7 @@ def cli_in_process(*args, cwd: Path | None = None, check: bool = False) -> subpr
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
+            main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
@@ -164,7 +177,7 @@ def cli_in_process(*args, cwd: Path | None = None, check: bool = False) -> subpr
         os.chdir(before[1])
         gc.enable()
     if check and code != 0:
-        raise AssertionError(f"pipeline {' '.join(map(str, args))} failed ({code}):\n{err.getvalue()}")
+        raise AssertionError(f"{' '.join(argv)} failed ({code}):\n{err.getvalue()}")
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
@@ -190,7 +203,7 @@ def small_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cache")
     images = make_image_folder(root / "images")
     out = root / "features.h5"
-    run_cli("extract", images, "--out", out, "--image-size", 64, "--workers", 0, "--quiet", check=True)
+    cli_in_process("extract", images, "--out", out, "--image-size", 64, "--workers", 0, "--quiet", check=True)
     return out
 
 

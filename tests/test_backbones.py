@@ -11,7 +11,7 @@ import torch
 from pipeline.features.backbones import Embedder, load_backbone
 from pipeline.features.registry import KNOWN
 from pipeline.runtime.errors import InputError
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 
 
 def test_vgg16_hooks_the_penultimate_layer_and_offers_avgpool_flattened():
@@ -120,7 +120,7 @@ def test_imagenet_weights_offline_is_one_clear_line(tmp_path: Path, image_folder
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", "--backbone", "resnet18",
+    proc = cli_in_process("extract", image_folder, "--out", tmp_path / "f.h5", "--backbone", "resnet18",
                    "--weights", "imagenet", "--workers", 0, "--quiet")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -16,7 +16,7 @@ from pipeline.features.extract import extract
 from pipeline.heads.train import TrainSettings, train
 from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import check_expected, open_cache
-from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, synthetic_cache, tiny_image
+from tests.conftest import COLOURS, cli_in_process, embedder_calls, make_image_folder, synthetic_cache, tiny_image
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_expected_fields_are_checked_and_named(small_cache: Path, tmp_path: Path
 
 
 def test_train_command_refuses_a_cache_made_otherwise(small_cache: Path, tmp_path: Path):
-    proc = run_cli("train", small_cache, "--out", tmp_path / "model", "--expect", "backbone=resnet18",
+    proc = cli_in_process("train", small_cache, "--out", tmp_path / "model", "--expect", "backbone=resnet18",
                    "--expect", "image_size=64")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"error: feature cache {small_cache} was made otherwise than expected "
@@ -182,7 +182,7 @@ def test_extract_command_reports_reuse_and_records_the_data_folder(small_cache: 
     out = tmp_path / "features.h5"
     shutil.copy(small_cache, out)
     shutil.copytree(small_cache.parent / "images", tmp_path / "moved")
-    proc = run_cli("extract", "moved", "--out", out, "--image-size", 64, "--workers", 0, cwd=tmp_path, check=True)
+    proc = cli_in_process("extract", "moved", "--out", out, "--image-size", 64, "--workers", 0, cwd=tmp_path, check=True)
     assert "extracted 48 + skipped 0 = found 48 images (0 computed, 48 reused)" in proc.stderr
     assert open_cache(out).data_root == str(tmp_path / "moved")   # absolute; not in the fingerprint
 
@@ -194,7 +194,7 @@ def test_a_cache_without_a_recorded_data_folder_reads_as_none(tmp_path: Path):
 
 
 def test_extract_help_documents_every_option():
-    text = run_cli("extract", "--help", check=True).stdout
+    text = cli_in_process("extract", "--help", check=True).stdout
     for option in ("--labels", "--id-column", "--label-column", "--exclude", "--backbone", "--weights", "--layer",
                    "--image-size", "--compute-stats", "--tta", "--batch-size", "--device", "--dtype", "--workers",
                    "--val-fraction", "--test-fraction", "--seed", "--reuse", "--no-reuse", "--quiet"):

@@ -19,7 +19,7 @@ from pipeline.models.predict import predict
 from pipeline.runtime.errors import InputError
 from pipeline.storage import modeldir
 from pipeline.storage.cache import open_cache
-from tests.conftest import COLOURS, run_cli, synthetic_cache, tiny_image
+from tests.conftest import COLOURS, cli_in_process, synthetic_cache, tiny_image
 
 FIXED = {"logreg": {"C": 1.0}, "torch_logreg": {"C": 1.0}, "linear_svm": {"C": 1.0},
          "torch_linear": {"weight_decay": 1e-3, "epochs": 10},
@@ -95,7 +95,7 @@ def test_exported_model_ranks_images_as_predict_does(small_cache, images, tmp_pa
 
 def test_heads_without_a_tensor_form_are_refused(small_cache, tmp_path):
     train(small_cache, tmp_path / "knn", train_settings("knn", {"n_neighbors": 3}))
-    proc = run_cli("export", tmp_path / "knn", "--out", tmp_path / "knn.pt2")
+    proc = cli_in_process("export", tmp_path / "knn", "--out", tmp_path / "knn.pt2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: a knn head is not made of tensor operations")
     assert not (tmp_path / "knn.pt2").exists()

@@ -6,8 +6,6 @@ import io
 import os
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COLOURS, ROOT, cli_in_process, make_image_folder, tiny_image
+from tests.conftest import COLOURS, cli_in_process, make_image_folder, stage_in_process, tiny_image
 from tests.test_bad_input import one_line_error
 
 
@@ -192,12 +190,6 @@ def test_labels_csv_problems(tmp_path):
     assert "has no column 'id'" in line and "file, label" in line
 
 
-def run_stage(stage: str, cwd: Path, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / stage), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("params, words", [
     ("extract:\n  batchsize: 8\n", ["extract.batchsize is not a setting", "batch_size", "image_size"]),
     ("extract:\n  batch_size: eight\n", ["extract.batch_size must be an integer or null", "'eight'"]),
@@ -208,11 +200,11 @@ def run_stage(stage: str, cwd: Path, *args) -> subprocess.CompletedProcess:
 ])
 def test_bad_extract_params(tmp_path, params, words):
     (tmp_path / "params.yaml").write_text(params if "extractors" in params else params + "extractors:\n  x: {}\n")
-    line = one_line_error(run_stage("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5"))
+    line = one_line_error(stage_in_process("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5"))
     assert all(w in line for w in words), line
 
 
 def test_unknown_classifier_in_params(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  forest:\n    C: auto\n")
-    line = one_line_error(run_stage("train.py", tmp_path, "forest", tmp_path / "features.h5", tmp_path / "m"))
+    line = one_line_error(stage_in_process("train.py", tmp_path, "forest", tmp_path / "features.h5", tmp_path / "m"))
     assert "params.yaml: train.forest: unknown classifier 'forest'" in line and "logreg" in line

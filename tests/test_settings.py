@@ -21,7 +21,7 @@ from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, train_settings
 from pipeline.runtime.errors import InputError, quote
 from pipeline.runtime.settings import fields, option_name, rule
-from tests.conftest import COLOURS, ROOT, cli_in_process, tiny_image
+from tests.conftest import COLOURS, ROOT, cli_in_process, stage_in_process, tiny_image
 
 COMMANDS = {"extract": ExtractSettings, "train": TrainSettings, "finetune": FinetuneSettings, "bench": BenchSettings,
             "audit": AuditSettings}
@@ -146,14 +146,14 @@ def test_bad_params_values_are_one_line_naming_the_key(tmp_path, stage, params, 
     args = {"train.py": ("torch_mlp", tmp_path / "f.h5", tmp_path / "m"),
             "finetune.py": ("torch_mlp", tmp_path / "images", tmp_path / "m"),
             "extract.py": ("x", tmp_path / "images", tmp_path / "f.h5")}[stage]
-    proc = run_stage(stage, tmp_path, *args)
+    proc = stage_in_process(stage, tmp_path, *args)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: params.yaml: {words}"], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "params.yaml").write_bytes("extract:\n  labels: caf\u00e9.csv\n".encode("latin-1"))
-    proc = run_stage("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5")
+    proc = stage_in_process("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5")
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "error: params.yaml is not UTF-8 text (byte 22: b'\\xe9')"], proc.stderr
 
