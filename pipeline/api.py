@@ -114,7 +114,8 @@ class Prediction:
         if self.skipped:
             return f"Prediction('{self.path}': skipped, {self.skipped})"
         top = ", ".join(f"{label} {score:.3f}" for label, score in zip(self.labels, self.scores))
-        return f"Prediction('{self.path}': {top}{'' if self.score_kind == 'probabilities' else f' ({self.score_kind})'})"
+        kind = "" if self.score_kind == "probabilities" else f" ({self.score_kind})"
+        return f"Prediction('{self.path}': {top}{kind})"
 
 
 class Model:

@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny generated image folders and the real command line in a subprocess."""
+"""Shared test helpers: tiny generated image folders, and the command line in this process or in one of its own."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +16,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 from PIL import Image
-
-from tests.warm_interpreter import WarmInterpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
@@ -111,29 +109,12 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
-_warm: list[WarmInterpreter] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def warm_interpreter(onnx_export_cache, tmp_path_factory):
-    """One warm interpreter per test process (tests/warm_interpreter.py), unless FRESH_CLI=1 asks for a
-    fresh interpreter per command."""
-    if os.environ.get("FRESH_CLI") != "1":
-        _warm.append(WarmInterpreter(dict(os.environ, PYTHONPATH=str(ROOT)), tmp_path_factory.mktemp("warm")))
-    yield
-    while _warm:
-        _warm.pop().close()
-
-
 def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline ARGS` in a process of its own, with this checkout first on the path."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    argv = list(map(str, args))
-    if _warm and _warm[0].can_run(env):
-        proc = _warm[0].run(argv, env, cwd, timeout=600)
-    else:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=600)
+    """Run `python -m pipeline ARGS` in a process of its own, with this checkout first on the path: for the
+    tests in which the process matters (signals, torchrun, what a start-up imports); the others use
+    `cli_in_process`."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -64,8 +64,8 @@ def test_train_in_memory_equals_the_command_line_and_saves_the_same_directory(sm
     scores = model.predict_features(X)
     assert scores.shape == (12, 3) and np.mean(scores.argmax(1) == y) == cli["top1"]
     model.save(tmp_path / "api")
-    assert model.path == tmp_path / "api" and json.loads((tmp_path / "api" / "details.json").read_text()) == \
-        json.loads((tmp_path / "cli" / "details.json").read_text()) | {"hyperparameters": model.details["hyperparameters"]}
+    assert model.path == tmp_path / "api"
+    assert (tmp_path / "api" / "details.json").read_text() == (tmp_path / "cli" / "details.json").read_text()
     with pytest.raises(pipeline.InputError, match="already holds a model directory"):
         pipeline.train(small_cache, out=tmp_path / "api")
 

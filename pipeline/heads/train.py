@@ -109,7 +109,8 @@ def selection_folds(s: TrainSettings, X, y, X_val=None, y_val=None) -> list[tupl
     if X_val is not None:
         return [(X, y, X_val, y_val)]
     k = cv_folds(s, y)
-    return [(X[tr], y[tr], X[va], y[va]) for tr, va in StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)]
+    folds = StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)
+    return [(X[tr], y[tr], X[va], y[va]) for tr, va in folds]
 
 
 @dataclass
@@ -176,7 +177,8 @@ class ZooHead:
     scikit-learn estimator of the user's the same surface."""
 
     def __init__(self, s: TrainSettings):
-        self.name, self.tuned, self.in_torch = s.classifier, CLASSIFIERS[s.classifier].tuned, runs_in_torch(s.classifier)
+        self.name, self.tuned = s.classifier, CLASSIFIERS[s.classifier].tuned
+        self.in_torch = runs_in_torch(s.classifier)
 
     def select(self, s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
         return select(s, X, y, X_val, y_val)
