@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib
 import inspect
 import json
 import sys
@@ -204,8 +205,8 @@ def train(
     _check_cache(features)
     with heavy_imports():
         from pipeline.heads.classifiers import import_libraries
+        importlib.import_module("pipeline.heads.train")
         import_libraries(s.classifier)
-    preload("pipeline.heads.train")
     common = {k: v for k, v in keywords(s).items() if k != "classifier"}
     try:
         model = api.train(features, s.classifier, out, force=force, expect=expected, **common, **params)

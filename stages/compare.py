@@ -2,11 +2,11 @@
 import sys
 from pathlib import Path
 
-import pipeline
 from pipeline.runtime.errors import run_stage
 
 
 def main():
+    import pipeline.report.compare   # what pipeline.compare runs
     out = Path(sys.argv[1])
     table = pipeline.compare(sys.argv[2:], out)
     best = table[0]

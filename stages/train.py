@@ -1,11 +1,10 @@
 """DVC stage `train@NAME`: python stages/train.py NAME FEATURES OUT_DIR (settings: params.yaml `train.NAME`)"""
 import sys
 
-import pipeline
 from pipeline.config import read_params
 from pipeline.heads.settings import train_settings
 from pipeline.runtime.errors import run_stage
-from pipeline.runtime.imports import heavy_imports, preload
+from pipeline.runtime.imports import heavy_imports
 
 
 def main():
@@ -14,8 +13,8 @@ def main():
     train_settings(name, raw)   # refused here, naming the key of params.yaml
     with heavy_imports():   # torch and sklearn load once the settings are accepted
         from pipeline.heads.classifiers import import_libraries
+        import pipeline.heads.train   # what pipeline.train runs
         import_libraries(name)
-    preload("pipeline.heads.train")
     model = pipeline.train(features, name, out, **raw)
     m = model.metrics
     print(f"{name}: top-1 {m['top1']:.3f} on {m['eval_split']}, chosen {model.details['hyperparameters']}, "
