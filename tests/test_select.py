@@ -13,7 +13,7 @@ import pytest
 from pipeline.data.folders import POOL, scan
 from pipeline.features.extract import extract_folder
 from pipeline.features.settings import ExtractSettings
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.selection.run import select
 from pipeline.selection.settings import STRATEGIES, SelectSettings
 from pipeline.storage.cache import open_cache
@@ -43,7 +43,7 @@ def test_cold_start_classes_are_the_union_of_the_labelled_splits(tmp_path, capsy
     assert len(dataset.split(POOL)) == 6 and not dataset.split("train") and dataset.groups() == ["test", POOL]
     assert capsys.readouterr().err.splitlines() == ["warning: class 'red' has no labelled image yet"]
     shutil.rmtree(root / "unlabeled")                                   # without a pool, the rules as before
-    with pytest.raises(UserError, match="class folder .*blue has no counterpart in .*train"):
+    with pytest.raises(InputError, match="class folder .*blue has no counterpart in .*train"):
         scan(root)
     shutil.rmtree(root / "train")
     unlabelled(root, 1)
@@ -138,7 +138,7 @@ def test_picks_are_never_labelled_or_repeated(tmp_path, strategy):
     picked = [digest_of[r["path"]] for r in rows]
     assert len(rows) == budget and len(set(picked)) == budget and not set(picked) & labelled
     assert {r["strategy"] for r in rows} == {"typical" if strategy == "auto" else strategy}   # 4 per class
-    with pytest.raises(UserError, match=f"--budget {budget + 1} is more than the {budget} distinct unlabelled"):
+    with pytest.raises(InputError, match=f"--budget {budget + 1} is more than the {budget} distinct unlabelled"):
         select(cache, SelectSettings(budget=budget + 1, strategy=strategy))
 
 

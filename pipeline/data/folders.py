@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.runtime.errors import UserError, warn
+from pipeline.runtime.errors import InputError, warn
 from pipeline.runtime.files import write_atomically
 from pipeline.runtime.settings import setting
 
@@ -88,7 +88,7 @@ class DatasetSettings:
 
     def check(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:
-            raise UserError(f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + "
+            raise InputError(f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + "
                             f"{self.test_fraction}")
 
     def scan(self, root: Path, pool: bool = False) -> Dataset:
@@ -104,7 +104,7 @@ def _class_dirs(folder: Path) -> list[Path]:
     dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
     for p in dirs:
         if not _utf8(p.name):
-            raise UserError(f"folder {printable(str(p))}: its name is not valid UTF-8; rename it")
+            raise InputError(f"folder {printable(str(p))}: its name is not valid UTF-8; rename it")
     return dirs
 
 
@@ -182,7 +182,7 @@ def find_images(inputs: list[Path]) -> list[tuple[Path, str | None]]:
         elif p.exists() or p.is_symlink():
             out.append((p, None))
         else:
-            raise UserError(f"{p} does not exist")
+            raise InputError(f"{p} does not exist")
     return out
 
 
@@ -200,9 +200,9 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist")
+        raise InputError(f"data folder {root} does not exist")
     if not _utf8(str(root.resolve())):   # the cache records it as text
-        raise UserError(f"data folder {printable(str(root.resolve()))}: its path is not valid UTF-8; rename it")
+        raise InputError(f"data folder {printable(str(root.resolve()))}: its path is not valid UTF-8; rename it")
     if labels is not None:
         return _checked(_scan_labels(root, Path(labels), id_column, label_column, val_fraction,
                                      test_fraction, seed, pool))
@@ -227,7 +227,7 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
         layout = "split-folders"
     else:
         if not top:
-            raise UserError(f"data folder {root} has no class folders (expected ROOT/CLASS/* "
+            raise InputError(f"data folder {root} has no class folders (expected ROOT/CLASS/* "
                             f"or ROOT/train/CLASS/*, or pass --labels labels.csv)")
         classes = [p.name for p in top]
         per_class = {i: _files(d, root, skipped) for i, d in enumerate(top)}
@@ -241,14 +241,14 @@ def _split_classes(root: Path, pool: bool) -> list[str]:
     labelled split's (a cold start may have no train folder yet, or empty class folders)."""
     if not pool:
         if not (root / "train").is_dir():
-            raise UserError(f"{root} has no train folder (and no {POOL_FOLDER} folder)")
+            raise InputError(f"{root} has no train folder (and no {POOL_FOLDER} folder)")
         classes = [p.name for p in _class_dirs(root / "train")]
         if not classes:
-            raise UserError(f"{root / 'train'} has no class folders")
+            raise InputError(f"{root / 'train'} has no class folders")
         for split in SPLITS[1:]:
             for class_dir in _class_dirs(root / split) if (root / split).is_dir() else []:
                 if class_dir.name not in classes:
-                    raise UserError(f"class folder {class_dir} has no counterpart in {root / 'train'}")
+                    raise InputError(f"class folder {class_dir} has no counterpart in {root / 'train'}")
         return classes
     return sorted({p.name for split in SPLITS if (root / split).is_dir() for p in _class_dirs(root / split)})
 
@@ -278,10 +278,10 @@ def _checked(dataset: Dataset) -> Dataset:
     for i, name in enumerate(dataset.classes):
         if not any(s.label == i for s in dataset.samples):
             if not pool:
-                raise UserError(f"class '{name}' in {dataset.root} has no images")
+                raise InputError(f"class '{name}' in {dataset.root} has no images")
             warn(f"class '{name}' has no labelled image yet")
     if len(dataset.classes) < 2 and not pool:
-        raise UserError(f"data folder {dataset.root} has only one class ('{dataset.classes[0]}'); "
+        raise InputError(f"data folder {dataset.root} has only one class ('{dataset.classes[0]}'); "
                         f"need at least two")
     return dataset
 
@@ -294,7 +294,7 @@ def excluding(dataset: Dataset, exclude: Path) -> Dataset:
     with _csv_reader(exclude, "exclude list") as reader:
         columns = reader.fieldnames or []
         if "path" not in columns:
-            raise UserError(f"{exclude} has no 'path' column (columns: {', '.join(columns) or 'none'})")
+            raise InputError(f"{exclude} has no 'path' column (columns: {', '.join(columns) or 'none'})")
         listed = {(row["path"] or "").strip().replace("\\", "/").removeprefix("./") for row in reader} - {""}
     unknown = listed - {s.path for s in dataset.samples}
     if unknown:
@@ -310,15 +310,15 @@ def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> li
     with _csv_reader(path, "labels file") as reader:
         columns = reader.fieldnames or []
         if id_column not in columns:
-            raise UserError(f"{path} has no column '{id_column}' (columns: {', '.join(columns) or 'none'}); "
+            raise InputError(f"{path} has no column '{id_column}' (columns: {', '.join(columns) or 'none'}); "
                             f"name the image column with --id-column")
         if label_column is None:
             label_column = next((c for c in DEFAULT_LABEL_COLUMNS if c in columns), None)
             if label_column is None:
-                raise UserError(f"{path} has neither a 'breed' nor a 'label' column (columns: "
+                raise InputError(f"{path} has neither a 'breed' nor a 'label' column (columns: "
                                 f"{', '.join(columns)}); name the label column with --label-column")
         elif label_column not in columns:
-            raise UserError(f"{path} has no column '{label_column}' (columns: {', '.join(columns)}); "
+            raise InputError(f"{path} has no column '{label_column}' (columns: {', '.join(columns)}); "
                             f"name the label column with --label-column")
         return [(reader.line_num, (row[id_column] or "").strip(), (row[label_column] or "").strip())
                 for row in reader]
@@ -329,19 +329,19 @@ def _csv_reader(path: Path, what: str):
     """A DictReader over the CSV file at `path`: a missing file, or text that is not UTF-8 or not CSV (also
     when found while its rows are read), is one error line."""
     if not path.is_file():
-        raise UserError(f"{what} {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             yield csv.DictReader(f)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path} is not a readable CSV file: {exc}")
+        raise InputError(f"{path} is not a readable CSV file: {exc}")
 
 
 def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str | None,
                  val_fraction: float, test_fraction: float, seed: int, pool: bool = False) -> Dataset:
     rows = _read_label_rows(csv_path, id_column, label_column)
     if not rows:
-        raise UserError(f"{csv_path} lists no images")
+        raise InputError(f"{csv_path} lists no images")
     found: list[tuple[str, str]] = []
     images = _files(root, root, found)
     labels_file = csv_path.resolve()
@@ -369,7 +369,7 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
         elif matches[0] in chosen:
             first, first_label = chosen[matches[0]]
             if first_label != label:
-                raise UserError(f"{name} gives {matches[0]} two labels: '{first_label}' (line {first}) "
+                raise InputError(f"{name} gives {matches[0]} two labels: '{first_label}' (line {first}) "
                                 f"and '{label}' (line {line})")
             skipped.append((matches[0], f"{name} line {line} repeats line {first}"))
         else:
@@ -377,7 +377,7 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
     unlabelled = {f: line for f, line in unlabelled.items() if f not in chosen}   # a label elsewhere wins
     skipped += [(f, f"not listed in {name}") for f in images if f not in chosen and f not in unlabelled]
     if not chosen and not unlabelled:
-        raise UserError(f"no row of {csv_path} names an image in {root}")
+        raise InputError(f"no row of {csv_path} names an image in {root}")
     classes = sorted({label for _, label in chosen.values()})
     _warn_singletons([label for _, label in chosen.values()], name)
     index = {c: i for i, c in enumerate(classes)}
@@ -406,7 +406,7 @@ def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_
     `early` (the class names, given while a pool is being labelled): a class with fewer than MIN_TO_CUT
     images is kept whole in train, said in one warning line."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"split fractions must be in [0, 1) with val + test < 1, "
+        raise InputError(f"split fractions must be in [0, 1) with val + test < 1, "
                         f"got val={val_fraction}, test={test_fraction}")
     few = [label for label, files in per_class.items() if early is not None and 0 < len(files) < MIN_TO_CUT]
     if few:

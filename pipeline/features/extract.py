@@ -16,7 +16,7 @@ from typing import Callable, Collection
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from pipeline.data.folders import POOL, Dataset, Sample, write_manifest
 from pipeline.features.backbones.loading import Backbone, load_backbone
@@ -27,7 +27,7 @@ from pipeline.features.inputs.overlap import BackgroundWriter, Block
 from pipeline.features.inputs.pil import channel_stats, cpu_batches
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
-from pipeline.runtime.errors import Interrupted, UserError, warn
+from pipeline.runtime.errors import Interrupted, InputError, warn
 from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import (
@@ -78,7 +78,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
         return None, None
     try:
         old = open_cache(out)
-    except UserError as exc:
+    except InputError as exc:
         return None, f"previous cache not reused: {exc}"
     try:
         diffs = differences(old.attrs, {k: attrs.get(k) for k in FINGERPRINT_FIELDS})
@@ -86,7 +86,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
             old.close()
             return None, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
         return StoredVectors(old), None
-    except UserError as exc:
+    except InputError as exc:
         old.close()
         return None, f"previous cache not reused: {exc}"
 
@@ -159,14 +159,14 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, s: ExtractSettings,
         try:
             writer = FeatureWriter(out, run.attrs, run.backbone.feature_dims, s.dtype)
         except OSError as exc:
-            raise UserError(write_error(exc, out))
+            raise InputError(write_error(exc, out))
         summary = ExtractSummary(Path(out), 0, writer.kept, reused=writer.kept, decoding=run.decoding,
                                  notes=[*backbone.notes, *([note] if note else [])])
         background = BackgroundWriter(writer)
         try:
             _run(run, writer, background, stored, summary, quiet, start)
             if not shard_of and not writer.rows("train") and not writer.rows(POOL):
-                raise UserError(no_training_rows(writer.skipped, out))
+                raise InputError(no_training_rows(writer.skipped, out))
             writer.commit(extract_seconds=time.perf_counter() - start)
         except KeyboardInterrupt:
             background.stop()
@@ -176,7 +176,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, s: ExtractSettings,
         except OSError as exc:
             background.stop()
             writer.abort()
-            raise UserError(write_error(exc, out))
+            raise InputError(write_error(exc, out))
         except BaseException:
             background.stop()
             writer.abort()

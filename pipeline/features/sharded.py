@@ -16,7 +16,7 @@ from pipeline.features.backbones.loading import load_backbone
 from pipeline.features.extract import ExtractSummary, extract, manifest_path, no_training_rows, warn_about
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime import distributed
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import FeatureWriter, check_output, features_name, verify_sealed
@@ -28,7 +28,7 @@ def check_extract_options(s: ExtractSettings) -> None:
     """What every rank would refuse alike, refused once before launching."""
     validate(s)
     if s.compute_stats:
-        raise UserError("--compute-stats needs the whole training split in one process; "
+        raise InputError("--compute-stats needs the whole training split in one process; "
                         "run it without torchrun or --nproc")
 
 
@@ -41,11 +41,11 @@ def rank0_lock(out: Path):
         if distributed.rank() == 0:
             try:
                 stack.enter_context(output_lock(out))
-            except UserError as exc:
+            except InputError as exc:
                 refusal = [str(exc)]
         dist.broadcast_object_list(refusal, src=0)
         if refusal[0]:
-            raise UserError(refusal[0])
+            raise InputError(refusal[0])
         yield
 
 
@@ -107,7 +107,7 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
         skipped = [*dataset.skipped, *sorted(bad, key=lambda item: order[item[0]])]
         trained = [f for f in files if any(g in f and f[g]["sha256"].shape[0] for g in ("train", POOL))]
         if not trained:
-            raise UserError(no_training_rows(skipped, out))
+            raise InputError(no_training_rows(skipped, out))
         first = files[0]
         layers = json.loads(first.attrs["layers"])
         dims = {layer: trained[0]["train" if "train" in trained[0] else POOL][features_name(layer, layers)].shape[1] for layer in layers}

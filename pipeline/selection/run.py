@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.folders import POOL, POOL_FOLDER
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import check_replaceable, write_atomically
 from pipeline.runtime.settings import validate
 from pipeline.selection.settings import SelectSettings
@@ -41,7 +41,7 @@ class Candidates:
 def candidates(cache_path: Path) -> Candidates:
     with open_cache(cache_path) as cache:
         if not cache.has_pool:
-            raise UserError(f"feature cache {cache_path} has no unlabelled pool; put the images to choose from "
+            raise InputError(f"feature cache {cache_path} has no unlabelled pool; put the images to choose from "
                             f"in {POOL_FOLDER}/ beside train/ (or pass --pool with --labels) and run "
                             f"`pipeline extract` again")
         parts = {split: cache.read(split) for split in cache.splits}
@@ -66,7 +66,7 @@ def select(cache_path: Path, s: SelectSettings | None = None) -> list[dict]:
     s = validate(s or SelectSettings())
     found = candidates(Path(cache_path))
     if s.budget > len(found.pool):
-        raise UserError(f"--budget {s.budget} is more than the {len(found.pool)} distinct unlabelled images of "
+        raise InputError(f"--budget {s.budget} is more than the {len(found.pool)} distinct unlabelled images of "
                         f"the pool of {cache_path}")
     picks = choose(found.labelled, found.labels, found.pool, found.classes, s)
     return [{"path": found.paths[p.row], "strategy": p.strategy, "score": "" if np.isnan(p.score) else f"{p.score:.6g}",
@@ -76,7 +76,7 @@ def select(cache_path: Path, s: SelectSettings | None = None) -> list[dict]:
 def check_out(out: Path) -> None:
     """Refuse an --out that is a folder or not a regular file, before any work."""
     if Path(out).is_dir():
-        raise UserError(f"--out {out} is a folder; name the CSV file, e.g. {Path(out) / 'picks.csv'}")
+        raise InputError(f"--out {out} is a folder; name the CSV file, e.g. {Path(out) / 'picks.csv'}")
     check_replaceable(Path(out), "--out")
 
 
