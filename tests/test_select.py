@@ -207,7 +207,7 @@ def accuracy(vectors: dict[str, np.ndarray], paths: list[str], truth: dict[str, 
     return float(np.mean(model.predict(normalize(test.features)) == test.labels))
 
 
-@pytest.mark.slow   # 1,300 images extracted, then read again twice (about 25 s on 2 cores)
+@pytest.mark.slow   # 1,300 images extracted, then read again twice (9-40 s on 2 shared cores)
 def test_the_loop_on_the_demo_images_typical_beats_random_at_20_labels(tmp_path):
     """The documented loop on real images of clothing: extract a cold start (the demo's test images labelled,
     its training images unlabelled), select 10, label them by moving the files, extract again (nothing
