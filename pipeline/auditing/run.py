@@ -1,8 +1,10 @@
 """`pipeline audit`: every finding on one feature cache, written as CSV files, a plot and summary.json.
 
 out_dir/label_issues.csv    path, split, given, suggested, score (most likely error first; score in [0, 1])
-out_dir/duplicates.csv      group, path, split, similarity, leak, found_by (groups spanning two splits first)
-out_dir/outliers.csv        path, split, label, score, score_in_class, score_overall (most unusual first)
+out_dir/duplicates.csv      group, path, split, similarity, pixel_correlation, leak, found_by (groups spanning
+                            two splits first)
+out_dir/outliers.csv        path, split, label, score, flagged, score_in_class, score_overall,
+                            distance_to_classes: every image, most unusual first
 out_dir/learning_curve.csv  head, per_class, mean, std, runs (accuracy on the evaluation split)
 out_dir/learning_curve.png
 out_dir/summary.json        counts, classes, splits, the cache, its data folder and the settings
@@ -20,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.auditing import label_issues, learning_curve, neighbours, pixels
+from pipeline.auditing import label_issues, learning_curve, neighbours, outliers, pixels
 from pipeline.auditing.settings import AuditSettings
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.settings import validate
@@ -63,9 +65,12 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     start = time.perf_counter()
     probabilities = label_issues.out_of_fold_probabilities(images.features, images.labels, len(classes), s.folds,
                                                            s.C, s.seed)
-    issues = label_issues.find_label_issues(probabilities, images.labels)
+    issues = label_issues.find_label_issues(probabilities, images.labels, s.issue_score)
+    trust = label_issues.trust(issues, images.labels)
     log(f"label issues: {len(issues.rows)} of {len(images.labels)} images, {s.folds}-fold out-of-fold "
-        f"probabilities in {time.perf_counter() - start:.1f}s")
+        f"probabilities in {time.perf_counter() - start:.1f}s; out-of-fold accuracy {trust.accuracy:.3f}, "
+        f"calibration error {trust.calibration_error:.3f}"
+        + ("" if trust.judged else ": too weak a classifier to call them label errors"))
 
     start = time.perf_counter()
     search = {"exact_up_to": s.exact_up_to, "seed": s.seed}
@@ -74,16 +79,12 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     pairs, pixel_check = pixels.confirm(pairs, s.duplicate_threshold, s.pixel_match,
                                         pixels.PixelCheck(data_root, images.paths))
     duplicates = neighbours.duplicate_groups(pairs, images.splits)
-    sims, _ = neighbours.knn(images.features, s.neighbours, **search)
-    class_sims, _ = neighbours.knn_within(images.features, images.labels, s.neighbours, **search)
-    overall, in_class = neighbours.isolation(sims), neighbours.isolation(class_sims)
-    with np.errstate(invalid="ignore"):
-        outlier_score = np.nanmean([overall / np.nanmedian(overall), in_class / np.nanmedian(in_class)], axis=0)
-    outliers = np.flatnonzero(outlier_score >= s.outlier_cut)
-    outliers = outliers[np.argsort(-outlier_score[outliers], kind="stable")]
+    unusual = outliers.scores(images.features, images.labels, s.neighbours, **search)
+    ranking = unusual.ranking()
+    flagged = unusual.score[ranking] >= s.outlier_cut
     leak_groups = len(set(duplicates.group[duplicates.leak]))
     log(f"neighbours: {len(set(duplicates.group))} near-duplicate groups ({leak_groups} across splits), "
-        f"{len(outliers)} outliers in {time.perf_counter() - start:.1f}s; " + _pixel_line(pixel_check))
+        f"{int(flagged.sum())} outliers in {time.perf_counter() - start:.1f}s; " + _pixel_line(pixel_check))
 
     start = time.perf_counter()
     eval_split = next((split for split in ("test", "val") if split in splits), None)
@@ -102,19 +103,24 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
            zip(images.paths[issues.rows], images.splits[issues.rows], given[images.labels[issues.rows]],
                given[issues.suggested[issues.rows]], _rounded(issues.score[issues.rows])))
     rows = duplicates.rows
-    _write(out_dir / "duplicates.csv", ["group", "path", "split", "similarity", "leak", "found_by"],
+    _write(out_dir / "duplicates.csv", ["group", "path", "split", "similarity", "pixel_correlation", "leak",
+                                        "found_by"],
            zip(duplicates.group, images.paths[rows], images.splits[rows], _rounded(duplicates.similarity),
-               np.where(duplicates.leak, "true", "false"), np.where(duplicates.by_pixels, "pixels", "features")))
-    _write(out_dir / "outliers.csv", ["path", "split", "label", "score", "score_in_class", "score_overall"],
-           zip(images.paths[outliers], images.splits[outliers], given[images.labels[outliers]],
-               *(_rounded(v[outliers]) for v in (outlier_score, in_class, overall))))
+               _rounded(duplicates.correlation), np.where(duplicates.leak, "true", "false"),
+               np.where(duplicates.by_pixels, "pixels", "features")))
+    _write(out_dir / "outliers.csv", ["path", "split", "label", "score", "flagged", "score_in_class",
+                                      "score_overall", "distance_to_classes"],
+           zip(images.paths[ranking], images.splits[ranking], given[images.labels[ranking]],
+               _rounded(unusual.score[ranking]), np.where(flagged, "true", "false"),
+               *(_rounded(v[ranking]) for v in (unusual.in_class, unusual.overall, unusual.no_content))))
     _write(out_dir / "learning_curve.csv", ["head", "per_class", "mean", "std", "runs"],
            ((p.head, p.per_class, f"{p.mean:.4f}", f"{p.std:.4f}", p.runs) for p in points))
     learning_curve.plot(points, eval_split or "no evaluation split", out_dir / "learning_curve.png")
     summary = {"cache": str(cache_path), "data_root": data_root, "images": len(images.labels),
                "splits": {split: int((images.splits == split).sum()) for split in splits},
-               "classes": classes, "label_issues": len(issues.rows), "duplicate_groups": len(set(duplicates.group)),
-               "leak_groups": leak_groups, "pixel_check": pixel_check, "outliers": len(outliers),
+               "classes": classes, "label_issues": len(issues.rows), "label_issue_classifier": trust.as_dict(),
+               "duplicate_groups": len(set(duplicates.group)), "leak_groups": leak_groups,
+               "pixel_check": pixel_check, "outliers": int(flagged.sum()),
                "settings": {**asdict(s), "eval_split": eval_split,
                             "learning_curve_heads": list(learning_curve.HEADS)}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
