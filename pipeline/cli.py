@@ -231,12 +231,13 @@ def predict(
         typer.echo(json.dumps(results, indent=2))
     elif format is Format.csv:
         w = csv.writer(sys.stdout)
-        w.writerow(["path", "rank", "class", "score", "scores", "error"])
+        w.writerow(["path", "rank", "class", "score", "scores", "familiar", "novelty", "error"])
         for r in results:
+            known = [str(r["familiar"]).lower(), f"{r['novelty']:.4f}"] if "novelty" in r else ["", ""]
             for rank, t in enumerate(r.get("top", []), 1):
-                w.writerow([r["path"], rank, t["class"], f"{t['score']:.4f}", r["scores"], ""])
+                w.writerow([r["path"], rank, t["class"], f"{t['score']:.4f}", r["scores"], *known, ""])
             if "error" in r:
-                w.writerow([r["path"], "", "", "", "", r["error"]])
+                w.writerow([r["path"], "", "", "", "", "", "", r["error"]])
     else:
         for r in results:
             shown = "  ".join(f"{t['class']} {t['score']:.3f}" for t in r.get("top", []))
@@ -244,6 +245,8 @@ def predict(
                 typer.echo(f"{r['path']}: skipped ({r['error']})")
             else:
                 note = "" if r["scores"] == "probabilities" else f"  ({r['scores']}, not probabilities)"
+                if r.get("familiar") is False:
+                    note += f"  (unfamiliar: novelty {r['novelty']:.3f}, unlike the training images)"
                 typer.echo(f"{r['path']}: {shown}{note}")
     skipped = [r for r in results if "error" in r]
     if skipped and format is not Format.table:

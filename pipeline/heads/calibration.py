@@ -5,18 +5,20 @@ A temperature divides the head's logits (log-probabilities, or decision values f
 probabilities) before the softmax: it rescales confidence and never changes the top-1 class."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 BINS = 15                 # of the reliability table, as in Guo et al.
 FLOOR = 1e-6
 
 
-def logits(scores: np.ndarray, probabilities: bool) -> np.ndarray:
-    """The values a temperature divides: log-probabilities, or the decision values themselves.
-    Classes the head never saw (-inf decision values, zero probability) stay impossible."""
+def logits(scores: np.ndarray, probabilities: bool, floor: float = FLOOR) -> np.ndarray:
+    """The values a temperature divides: log-probabilities (clipped at `floor`), or the decision values
+    themselves. Classes the head never saw (-inf decision values) stay impossible."""
     scores = np.asarray(scores, dtype=np.float64)
     if probabilities:
-        return np.log(np.clip(scores, FLOOR, 1.0))
+        return np.log(np.clip(scores, floor, 1.0))
     return np.where(np.isfinite(scores), scores, np.log(FLOOR) * 1e3)
 
 
@@ -85,3 +87,56 @@ def reliability_png(table: list[dict], path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """A head's calibration: softmax(logits(scores) / value). `of`: what the head's own scores are
+    ("probabilities" or "decision values"); `floor`: where its probabilities are clipped before the log
+    (knn's vote fractions are mostly exact zeros and ones: a high floor smooths them)."""
+    value: float
+    of: str
+    floor: float = FLOOR
+
+    @classmethod
+    def fit(cls, held_out: np.ndarray, y: np.ndarray, probabilities: bool, floor: float = FLOOR) -> "Temperature":
+        """The temperature fitted on held-out scores and their labels."""
+        z = logits(held_out, probabilities, floor)
+        return cls(fit_temperature(z, y), "probabilities" if probabilities else "decision values", floor)
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        return softmax(logits(scores, self.of == "probabilities", self.floor), self.value)
+
+    def to_dict(self) -> dict:
+        return {"method": "temperature", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Temperature | None":
+        return None if not d else cls(float(d["value"]), d["of"], float(d["floor"]))
+
+    def torch_layer(self):
+        """The same in torch, after layers giving the head's own scores (for export and Grad-CAM)."""
+        import torch
+
+        temperature = self
+
+        class Calibrated(torch.nn.Module):
+            def forward(self, scores):
+                z = (torch.log(scores.clamp(min=temperature.floor, max=1.0))
+                     if temperature.of == "probabilities" else scores)
+                return torch.softmax(z / temperature.value, 1)
+
+        return Calibrated()
+
+
+def uncalibrated(scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    """A head's own scores as probabilities: themselves, or the softmax of its decision values."""
+    return np.asarray(scores, dtype=np.float64) if probabilities else softmax(logits(scores, False))
+
+
+def assess(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, probabilities: bool) -> dict:
+    """ece (of the scores given), ece_uncalibrated (of the head's own) and the reliability table."""
+    table = reliability(calibrated, y)
+    return {"ece": expected_calibration_error(table),
+            "ece_uncalibrated": expected_calibration_error(reliability(uncalibrated(raw, probabilities), y)),
+            "reliability": table}

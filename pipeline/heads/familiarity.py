@@ -7,10 +7,12 @@ better than the head's top probability does: a head is confident on anything far
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 NEIGHBOURS = 10
+FILE = "familiarity.npz"  # in a model directory: the reference vectors (an array file: no pickle, no code)
 BLOCK = 4096              # query rows compared with the reference per matrix product
 
 
@@ -59,3 +61,20 @@ class Familiarity:
 
     def familiar(self, novelty: np.ndarray) -> np.ndarray:
         return novelty <= self.threshold
+
+    def save(self, folder: Path) -> dict:
+        """Write FILE into the model directory `folder`; the keys model.json gains: the threshold and its
+        settings, and FILE's SHA-256 under "files"."""
+        from pipeline.runtime.files import sha256_file
+        np.savez(Path(folder) / FILE, reference=self.reference)
+        return {"familiarity": {"file": FILE, "threshold": self.threshold, "quantile": self.quantile,
+                                "neighbours": self.neighbours, "score": "mean cosine distance to the nearest "
+                                "training vectors, in the head's preprocessed space"},
+                "files": {FILE: sha256_file(Path(folder) / FILE)}}
+
+    @classmethod
+    def load(cls, folder: Path, recorded: dict) -> "Familiarity":
+        """From a model directory whose files were checked against model.json; `recorded`: its "familiarity"."""
+        with np.load(Path(folder) / recorded["file"], allow_pickle=False) as arrays:
+            reference = arrays["reference"]
+        return cls(reference, float(recorded["threshold"]), float(recorded["quantile"]), int(recorded["neighbours"]))

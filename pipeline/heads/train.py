@@ -18,7 +18,9 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
+from pipeline.heads import calibration
 from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
+from pipeline.heads.familiarity import Familiarity
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import UserError, warn
@@ -167,11 +169,19 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
         chosen = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
                   else select(s, train_.features, train_.labels))
         model = _fit(s, chosen.value, X, y, epochs=chosen.epochs)
+        probabilities = has_probabilities(model[-1])
+        temperature = fit_temperature(s, chosen, train_, val if has_test else None, len(cache.classes),
+                                      probabilities)
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
-    scores = scores_of(model, evaluation.features, len(cache.classes))
+    raw = scores_of(model, evaluation.features, len(cache.classes))
     predict_seconds = time.perf_counter() - t
-    metrics = evaluate(evaluation.labels, scores, cache.classes, has_probabilities(model[-1]))
+    scores = temperature.apply(raw) if temperature else raw
+    metrics = evaluate(evaluation.labels, scores, cache.classes, probabilities or temperature is not None)
+    metrics.update(calibration.assess(evaluation.labels, raw, scores if temperature else
+                                      calibration.uncalibrated(raw, probabilities), probabilities))
+    familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
+                                  s.novelty_quantile)
     tuned = CLASSIFIERS[s.classifier].tuned
     metrics.update(val_score=chosen.score,
                    selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold cv on train",
@@ -187,14 +197,36 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
     info = {"classifier": s.classifier, "classes": cache.classes,
             "backbone": model_spec(cache.attrs).to_dict(),
             "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
-            "dataset": dataset}
+            "dataset": dataset, **({"calibration": temperature.to_dict()} if temperature else {})}
     y_pred = scores.argmax(1)
     with modeldir.staged(out_dir) as folder:
+        info.update(familiarity.save(folder))
         modeldir.write(folder, modeldir.FEATURES, model, info, metrics,
                        confusion_rows(evaluation.labels, y_pred, cache.classes))
         confusion_png(evaluation.labels, y_pred, cache.classes, folder / "confusion.png",
                       f"{s.classifier} on {eval_split}: top-1 {metrics['top1']:.3f}")
+        calibration.reliability_png(metrics["reliability"], folder / "reliability.png",
+                                    f"{s.classifier} on {eval_split}: ECE {metrics['ece']:.3f} "
+                                    f"({metrics['ece_uncalibrated']:.3f} uncalibrated)")
     return metrics
+
+
+def fit_temperature(s: TrainSettings, chosen: Selection, train_, val, n_classes: int,
+                    probabilities: bool) -> calibration.Temperature | None:
+    """The calibration `s` asks for, fitted on scores of images no fit saw: with a test split (`val` given),
+    the chosen value fitted on train and scored on val; without one, out-of-fold scores on train."""
+    if s.calibration == "none":
+        return None
+    if val is not None:
+        model = _fit(s, chosen.value, train_.features, train_.labels, epochs=chosen.epochs)
+        held, y = scores_of(model, val.features, n_classes), val.labels
+    else:
+        X, y = train_.features, train_.labels
+        held = np.empty((len(y), n_classes))
+        for fit_rows, scored in StratifiedKFold(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
+            held[scored] = scores_of(_fit(s, chosen.value, X[fit_rows], y[fit_rows], epochs=chosen.epochs),
+                                     X[scored], n_classes)
+    return calibration.Temperature.fit(held, y, probabilities, CLASSIFIERS[s.classifier].floor)
 
 
 def model_spec(attrs: dict) -> BackboneSpec:
