@@ -1,10 +1,24 @@
 """Calibrated scores and the familiarity of new images (pipeline.heads.calibration, .familiarity)."""
 from __future__ import annotations
 
+import csv
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
+import pytest
+from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
 from pipeline.heads import calibration, familiarity
+from pipeline.heads.settings import train_settings
+from pipeline.heads.train import scores_of, train
+from pipeline.models.directory import open_model
+from pipeline.models.predict import predict
+from pipeline.storage.cache import open_cache
+from tests.conftest import cli_in_process
 
 
 def sampled(temperature: float, n: int = 20000, classes: int = 5, seed: int = 0):
@@ -58,3 +72,63 @@ def test_images_of_another_domain_are_unfamiliar_and_the_threshold_keeps_the_qua
     assert abs(np.mean(model.familiar(model.novelty(near(2000)))) - 0.9) < 0.05
     far = rng.normal(size=(200, 32)) * 3
     assert not model.familiar(model.novelty(far)).any()
+
+
+@pytest.fixture(scope="module")
+def models(small_cache, tmp_path_factory) -> dict[str, Path]:
+    """logreg on a real Lite0 cache, calibrated and not, and a calibrated linear SVM."""
+    root = tmp_path_factory.mktemp("calibrated")
+    runs = {"logreg": ("logreg", "temperature"), "logreg_none": ("logreg", "none"),
+            "linear_svm": ("linear_svm", "temperature")}
+    for name, (classifier, method) in runs.items():
+        train(small_cache, root / name, replace(train_settings(classifier, {"C": 10}), calibration=method))
+    return {name: root / name for name in runs}
+
+
+def test_training_records_calibration_and_keeps_top1(models, small_cache):
+    calibrated = json.loads((models["logreg"] / "metrics.json").read_text())
+    plain = json.loads((models["logreg_none"] / "metrics.json").read_text())
+    assert calibrated["ece"] <= calibrated["ece_uncalibrated"] + 1e-9
+    assert plain["ece"] == pytest.approx(plain["ece_uncalibrated"]) == pytest.approx(calibrated["ece_uncalibrated"])
+    assert calibrated["top1"] == plain["top1"]
+    table = json.loads((models["logreg"] / "details.json").read_text())["reliability"]
+    assert len(table) == calibration.BINS and sum(row["count"] for row in table) == calibrated["n_eval"]
+    assert (models["logreg"] / "reliability.png").stat().st_size > 1000
+    info = json.loads((models["logreg"] / "model.json").read_text())
+    assert info["calibration"]["method"] == "temperature" and info["calibration"]["value"] > 0
+    assert "calibration" not in json.loads((models["logreg_none"] / "model.json").read_text())
+    test = open_cache(small_cache).read("test")
+    model = open_model(models["logreg"])
+    raw = scores_of(model.model, test.features, len(model.classes))
+    calibrated_scores = model.temperature.apply(raw)
+    assert (calibrated_scores.argmax(1) == raw.argmax(1)).all()
+    np.testing.assert_allclose(calibrated_scores.sum(1), 1.0)
+
+
+def test_predict_gives_calibrated_probabilities_familiar_and_novelty(models, small_cache):
+    test = open_cache(small_cache).read("test")
+    paths = [small_cache.parent / "images" / p for p in test.paths]
+    model = open_model(models["linear_svm"])
+    assert model.scores == "probabilities"       # a calibrated SVM's decision values become probabilities
+    results = predict(models["linear_svm"], paths, top_k=3)
+    expected = model.temperature.apply(scores_of(model.model, test.features, len(model.classes)))
+    novelty = model.familiarity.novelty(model.model[0].transform(test.features))
+    for r, row, score in zip(results, expected, novelty):
+        assert r["scores"] == "probabilities"
+        assert r["top"][0]["score"] == pytest.approx(row.max(), abs=1e-3)
+        assert r["novelty"] == pytest.approx(score, abs=1e-3)
+        assert r["familiar"] is bool(score <= model.novelty_threshold)
+    with np.load(models["linear_svm"] / familiarity.FILE, allow_pickle=False) as arrays:
+        assert arrays["reference"].dtype == np.float16
+        assert len(arrays["reference"]) == len(open_cache(small_cache).read("train").labels)
+
+
+def test_predict_marks_unfamiliar_images_in_each_format(models, tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    as_json = json.loads(cli_in_process("predict", models["logreg"], tmp_path, "--format", "json").stdout)
+    assert as_json[0]["familiar"] is False and as_json[0]["novelty"] > 0
+    rows = list(csv.DictReader(io.StringIO(cli_in_process("predict", models["logreg"], tmp_path,
+                                                          "--format", "csv").stdout)))
+    assert rows[0]["familiar"] == "false" and float(rows[0]["novelty"]) == pytest.approx(as_json[0]["novelty"], abs=1e-4)
+    assert "unfamiliar" in cli_in_process("predict", models["logreg"], tmp_path).stdout
