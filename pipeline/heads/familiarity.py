@@ -36,8 +36,12 @@ def nearest_similarities(queries: np.ndarray, reference: np.ndarray, k: int) -> 
 
 
 def mean_distance(similarities: np.ndarray) -> np.ndarray:
-    """The mean cosine distance over each row's neighbours: 0 for copies, up to 2 for opposite vectors."""
-    return (1.0 - similarities).mean(1)
+    """The mean cosine distance over each row's neighbours: 0 for copies, up to 2 for opposite vectors.
+    Neighbours not found are non-finite similarities and left out (NaN for a row without any). The
+    audit's isolation of an image (pipeline.auditing.outliers) is this too."""
+    found = np.isfinite(similarities)
+    with np.errstate(invalid="ignore"):
+        return np.where(found, 1 - similarities, 0).sum(1) / found.sum(1)
 
 
 @dataclass
