@@ -18,7 +18,7 @@ from pipeline.auditing.learning_curve import counts_up_to, learning_curve
 from pipeline.auditing.run import audit
 from pipeline.auditing.settings import AuditSettings
 from pipeline.storage.cache import open_cache
-from tests.conftest import make_image_folder, run_cli, synthetic_cache
+from tests.conftest import cli_in_process, make_image_folder, synthetic_cache
 
 COLUMNS = {"label_issues.csv": ["path", "split", "given", "suggested", "score"],
            "duplicates.csv": ["group", "path", "split", "similarity", "pixel_correlation", "leak", "found_by"],
@@ -149,7 +149,7 @@ def test_audit_finds_what_was_planted_and_writes_the_contract(tmp_path: Path):
 @pytest.mark.slow
 def test_audit_command_writes_the_page(tmp_path: Path):
     cache, _ = planted_cache(tmp_path / "features.h5")
-    proc = run_cli("audit", cache, "--out", tmp_path / "report", "--folds", 3, "--seeds", 1, check=True)
+    proc = cli_in_process("audit", cache, "--out", tmp_path / "report", "--folds", 3, "--seeds", 1, check=True)
     assert "2 near-duplicate groups (2 across splits)" in proc.stderr
     for name in (*COLUMNS, "summary.json", "learning_curve.png", "index.html"):
         assert (tmp_path / "report" / name).is_file()
@@ -163,7 +163,7 @@ def test_audit_command_writes_the_page(tmp_path: Path):
 def test_audit_command_refuses_bad_input_with_one_line(tmp_path: Path, args, message):
     cache, _ = planted_cache(tmp_path / "features.h5")
     args = [cache if a == "CACHE" else a for a in args]
-    proc = run_cli("audit", *args, "--out", tmp_path / "report", cwd=tmp_path)
+    proc = cli_in_process("audit", *args, "--out", tmp_path / "report", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == message
     assert not (tmp_path / "report").exists()
 
@@ -175,7 +175,7 @@ def test_extract_leaves_out_the_images_an_exclude_list_names(tmp_path: Path):
     listed.write_text("path,split,given\ntrain/red/train_0.png,train,red\nval/blue/val_1.png,val,blue\n"
                       "train/red/gone.png,train,red\n")
     out = tmp_path / "features.h5"
-    proc = run_cli("extract", images, "--out", out, "--exclude", listed, "--image-size", 32, "--workers", 0,
+    proc = cli_in_process("extract", images, "--out", out, "--exclude", listed, "--image-size", 32, "--workers", 0,
                    "--quiet", check=True)
     assert "warning: 1 paths of label_issues.csv are not among the images" in proc.stderr
     with open_cache(out) as cache:
@@ -184,7 +184,7 @@ def test_extract_leaves_out_the_images_an_exclude_list_names(tmp_path: Path):
     assert len(kept) == 16 and "train/red/train_0.png" not in kept
 
     listed.write_text("file\ntrain/red/train_0.png\n")
-    proc = run_cli("extract", images, "--out", tmp_path / "other.h5", "--exclude", listed)
+    proc = cli_in_process("extract", images, "--out", tmp_path / "other.h5", "--exclude", listed)
     assert proc.returncode == 2 and proc.stderr.strip() == (f"error: {listed} has no 'path' column "
                                                             f"(columns: file)")
     assert not (tmp_path / "other.h5").exists()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.report.audit_page import COLUMNS, OUTLIERS_BELOW, ROWS_SHOWN, write_page
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from tests.browser import Elements, dump_dom, needs_chromium
 from tests.conftest import make_image_folder
 
@@ -141,12 +141,12 @@ def test_each_section_says_how_far_to_trust_it(tmp_path):
 def test_files_without_the_contract_fields_are_refused(tmp_path):
     out = audit_folder(tmp_path, None)
     (out / "outliers.csv").write_text("path,score\na.png,0.5\n")
-    with pytest.raises(UserError, match="outliers.csv lacks the column.*split"):
+    with pytest.raises(InputError, match="outliers.csv lacks the column.*split"):
         write_page(out)
     summary = json.loads((out / "summary.json").read_text())
     del summary["classes"]
     (out / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(UserError, match="summary.json lacks classes"):
+    with pytest.raises(InputError, match="summary.json lacks classes"):
         write_page(out)
     assert not (out / "index.html").exists()
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.auditing import label_issues, learning_curve, neighbours, outliers, pixels
 from pipeline.auditing.settings import AuditSettings
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import open_cache
 
@@ -55,12 +55,12 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     s = validate(s)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; name a folder for the report")
+        raise InputError(f"--out {out_dir} is a file; name a folder for the report")
     with open_cache(cache_path) as cache:
         images = read_images(cache)
         classes, splits, data_root = cache.classes, cache.splits, cache.data_root
     if np.bincount(images.labels).max() < 2:
-        raise UserError(f"feature cache {cache_path} has no class with two images; nothing to audit")
+        raise InputError(f"feature cache {cache_path} has no class with two images; nothing to audit")
 
     start = time.perf_counter()
     probabilities = label_issues.out_of_fold_probabilities(images.features, images.labels, len(classes), s.folds,

@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 
 from pipeline.data.images import ImageError, file_under, read_image
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 ROWS_SHOWN = 100      # rows per table (duplicate groups for duplicates.csv); the CSVs hold all of them
 OUTLIERS_BELOW = 20   # images shown after the flagged outliers, the next in the ranking
@@ -56,10 +56,10 @@ def write_page(out_dir: Path) -> Path:
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {summary_path}: {exc}") from None
+        raise InputError(f"cannot read {summary_path}: {exc}") from None
     missing = [key for key in SUMMARY_KEYS if key not in summary]
     if missing:
-        raise UserError(f"{summary_path} lacks {', '.join(missing)}")
+        raise InputError(f"{summary_path} lacks {', '.join(missing)}")
     tables = {name: _read_csv(out_dir / name, columns) for name, columns in COLUMNS.items()}
     thumbs = Thumbnails(summary["data_root"], out_dir / "thumbs")
     body = [_header(summary, thumbs),
@@ -85,7 +85,7 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict] | None:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or ())]
         if missing:
-            raise UserError(f"{path} lacks the column(s) {', '.join(missing)}")
+            raise InputError(f"{path} lacks the column(s) {', '.join(missing)}")
         return list(reader)
 
 

@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 
 def sha256_file(path: Path) -> str:
@@ -67,9 +67,9 @@ def check_replaceable(path: Path, what: str) -> None:
     except (FileNotFoundError, NotADirectoryError):   # nothing there (creating it fails with its own reason)
         return
     except OSError as exc:
-        raise UserError(f"{what} {path} cannot be checked: {exc.strerror}")
+        raise InputError(f"{what} {path} cannot be checked: {exc.strerror}")
     if not stat.S_ISREG(mode):
-        raise UserError(f"{what} {path} is {kind_of(mode)}; name a regular file")
+        raise InputError(f"{what} {path} is {kind_of(mode)}; name a regular file")
 
 
 def fresh_file(path: Path) -> None:
@@ -80,7 +80,7 @@ def fresh_file(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(mode):
-        raise UserError(f"{path} is a folder; remove it")
+        raise InputError(f"{path} is a folder; remove it")
     os.unlink(path)
 
 
@@ -126,7 +126,7 @@ def output_lock(target: Path):
             fd = open_regular(path, os.O_RDWR | os.O_CREAT, follow=False)
         except OSError as exc:
             reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-            raise UserError(f"lock file {path} is {reason}; refusing to use it (remove it)")
+            raise InputError(f"lock file {path} is {reason}; refusing to use it (remove it)")
         f = open(fd, "r+")
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,7 +134,7 @@ def output_lock(target: Path):
             f.seek(0)
             holder = f.read(32).strip() or "?"
             f.close()
-            raise UserError(f"{target} is being written by another run (pid {holder}, lock {path}); "
+            raise InputError(f"{target} is being written by another run (pid {holder}, lock {path}); "
                             f"wait for it to finish")
         if still_named(path, fd):
             break
