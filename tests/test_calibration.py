@@ -130,5 +130,6 @@ def test_predict_marks_unfamiliar_images_in_each_format(models, tmp_path):
     assert as_json[0]["familiar"] is False and as_json[0]["novelty"] > 0
     rows = list(csv.DictReader(io.StringIO(cli_in_process("predict", models["logreg"], tmp_path,
                                                           "--format", "csv").stdout)))
-    assert rows[0]["familiar"] == "false" and float(rows[0]["novelty"]) == pytest.approx(as_json[0]["novelty"], abs=1e-4)
+    assert rows[0]["familiar"] == "false"
+    assert float(rows[0]["novelty"]) == pytest.approx(as_json[0]["novelty"], abs=1e-4)
     assert "unfamiliar" in cli_in_process("predict", models["logreg"], tmp_path).stdout

@@ -207,7 +207,8 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
     written = json.loads((repo / "models" / "x" / "logreg" / "metrics.json").read_text())
     assert metrics["models/x/logreg/metrics.json"]["data"] == written
     assert set(written) == {*DESIGN_KEYS, "val_score", "selection", "n_val", "n_test", "predict_seconds",
-                            "extract_seconds", "log_loss", "ece", "ece_uncalibrated"}           # one value each; no top5 with 3 classes
+                            "extract_seconds", "log_loss", "ece", "ece_uncalibrated"}   # one value each; no top5
+                                                                                   # with 3 classes
     details = json.loads((repo / "models" / "x" / "logreg" / "details.json").read_text())
     assert details["hyperparameters"]["C"] > 0 and details["per_class"]["red"]["support"] == 4
     assert details["search"]["hyperparameter"] == "C" and "0.01" in details["search"]["scores"]
