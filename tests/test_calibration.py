@@ -18,7 +18,7 @@ from pipeline.heads.train import scores_of, train
 from pipeline.models.directory import open_model
 from pipeline.models.predict import predict
 from pipeline.storage.cache import open_cache
-from tests.conftest import cli_in_process
+from tests.conftest import cli_in_process, synthetic_cache
 
 
 def sampled(temperature: float, n: int = 20000, classes: int = 5, seed: int = 0):
@@ -133,3 +133,26 @@ def test_predict_marks_unfamiliar_images_in_each_format(models, tmp_path):
     assert rows[0]["familiar"] == "false"
     assert float(rows[0]["novelty"]) == pytest.approx(as_json[0]["novelty"], abs=1e-4)
     assert "unfamiliar" in cli_in_process("predict", models["logreg"], tmp_path).stdout
+
+
+def test_without_a_test_split_the_temperature_is_fitted_on_out_of_fold_scores(tmp_path, monkeypatch):
+    """Train/val layouts: the held-out scores are each training image's, from the fold that left it out; the
+    novelty threshold keeps the quantile asked for of the val images."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 16)) * 2
+
+    def split(n):
+        y = np.arange(n) % 3
+        return (centres[y] + rng.normal(size=(n, 16)) * 1.5).astype(np.float32), y
+    cache = synthetic_cache(tmp_path / "f.h5", {"train": split(90), "val": split(60)}, ["a", "b", "c"])
+    fitted = []
+    real_fit = calibration.Temperature.fit
+    monkeypatch.setattr(calibration.Temperature, "fit",
+                        classmethod(lambda cls, held, y, *a: fitted.append(len(y)) or real_fit(held, y, *a)))
+    s = replace(train_settings("logreg", {"C": 1.0}), novelty_quantile=0.5)
+    metrics = train(cache, tmp_path / "m", s)
+    assert fitted == [90] and metrics["eval_split"] == "val"
+    model = open_model(tmp_path / "m")
+    val = open_cache(cache).read("val")
+    familiar = model.familiarity.familiar(model.familiarity.novelty(model.model[0].transform(val.features)))
+    assert familiar.mean() == pytest.approx(0.5, abs=0.02)
