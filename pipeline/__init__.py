@@ -6,7 +6,7 @@ does) does not import the API, whose functions reach every stage's modules."""
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["extract", "open_cache", "train", "load_model", "compare", "audit", "finetune", "InputError",
+__all__ = ["extract", "open_cache", "train", "load_model", "compare", "audit", "finetune", "select", "InputError",
            "FeatureCache", "Model", "Prediction", "Summary", "AuditResult", "__version__"]
 
 

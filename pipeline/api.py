@@ -317,6 +317,21 @@ def audit(cache, out=None, *, log=None, **settings) -> AuditResult:
     return AuditResult(**tables, summary=summary, page=page)
 
 
+def select(cache, out=None, **settings) -> list[dict]:
+    """The images of a feature cache's unlabelled pool (a FeatureCache or its path) to label next, in that
+    order: the rows of picks.csv (path, strategy, score, cluster); with `out`, also written there as CSV
+    (settings: those of `pipeline select`, e.g. budget=, strategy=)."""
+    from pipeline.selection.settings import SelectSettings
+    s = _settings(SelectSettings, settings, "select")
+    from pipeline.selection.run import check_out, select as run, write_picks
+    if out is not None:
+        check_out(Path(out))
+    rows = run(cache.path if isinstance(cache, FeatureCache) else Path(cache), s)
+    if out is not None:
+        write_picks(rows, Path(out))
+    return rows
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

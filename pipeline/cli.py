@@ -386,11 +386,8 @@ def select(
     """Pick the unlabelled images of the cache's pool to label next (move them into train/CLASS/, extract
     again: their vectors are reused)."""
     _check_cache(features)
-    with heavy_imports():
-        from pipeline.selection.run import check_out, select as run, write_picks
-    check_out(out)
-    rows = run(features, settings)
-    write_picks(rows, out)
+    preload("pipeline.selection.run")
+    rows = api.select(features, out, **keywords(settings))
     _say([f"{len(rows)} images to label, picked by {rows[0]['strategy']} -> {out}"], quiet)
 
 

@@ -7,17 +7,16 @@ from pathlib import Path
 from pipeline.config import stage_settings
 from pipeline.runtime.errors import run_stage
 from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.settings import keywords
 from pipeline.selection.settings import SelectSettings
 
 
 def main():
     features, out = Path(sys.argv[1]), Path(sys.argv[2])
     s = stage_settings(SelectSettings, "select")
-    with heavy_imports():   # scikit-learn loads once the settings are accepted
-        from pipeline.selection.run import check_out, select, write_picks
-    check_out(out)
-    rows = select(features, s)
-    write_picks(rows, out)
+    with heavy_imports():   # scikit-learn loads once the settings are accepted; what pipeline.select runs
+        import pipeline.selection.run
+    rows = pipeline.select(features, out, **keywords(s))
     print(f"{len(rows)} images to label, picked by {rows[0]['strategy']} -> {out}")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pipeline
 from pipeline.data.folders import POOL, scan
 from pipeline.features.extract import extract_folder
 from pipeline.features.settings import ExtractSettings
@@ -165,6 +166,18 @@ def test_the_command_writes_the_picks_in_labelling_order(tmp_path):
         rows = list(csv.DictReader(f))
     assert [list(r) for r in rows] == [["path", "strategy", "score", "cluster"]] * 4
     assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+
+
+def test_the_api_gives_the_commands_rows_and_refuses_bad_settings_before_writing(tmp_path):
+    cache, _ = pooled_cache(tmp_path / "f.h5")
+    rows = pipeline.select(cache, budget=4, strategy="coverage")
+    cli_in_process("select", cache, "--budget", 4, "--strategy", "coverage", "--out", tmp_path / "picks.csv",
+                   check=True)
+    with open(tmp_path / "picks.csv", newline="") as f:
+        assert [{k: str(v) for k, v in r.items()} for r in rows] == list(csv.DictReader(f))
+    with pytest.raises(pipeline.InputError, match="budget must be at least 1, got 0"):
+        pipeline.select(cache, tmp_path / "other.csv", budget=0)
+    assert not (tmp_path / "other.csv").exists()
 
 
 @pytest.mark.parametrize("args, words", [
