@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
 from pipeline.models.directory import open_model
 from pipeline.models.predict import predict
+from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import open_cache
 from tests.conftest import cli_in_process, synthetic_cache
 
@@ -156,3 +158,12 @@ def test_without_a_test_split_the_temperature_is_fitted_on_out_of_fold_scores(tm
     val = open_cache(cache).read("val")
     familiar = model.familiarity.familiar(model.familiarity.novelty(model.model[0].transform(val.features)))
     assert familiar.mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_calibration_no_fit_gives_is_refused(models, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(models["logreg"], edited)
+    info = json.loads((edited / "model.json").read_text())
+    (edited / "model.json").write_text(json.dumps({**info, "calibration": {**info["calibration"], "value": 0}}))
+    with pytest.raises(InputError, match="'calibration' is malformed"):
+        open_model(edited).temperature

@@ -112,7 +112,13 @@ class Temperature:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Temperature | None":
-        return None if not d else cls(float(d["value"]), d["of"], float(d["floor"]))
+        """As model.json records it; ValueError for a value no fit gives."""
+        if not d:
+            return None
+        found = cls(float(d["value"]), d["of"], float(d["floor"]))
+        if not (0 < found.value < np.inf and 0 < found.floor < 1 and found.of in ("probabilities", "decision values")):
+            raise ValueError(f"temperature {found.value}, floor {found.floor}, of {found.of!r}")
+        return found
 
     def torch_layer(self):
         """The same in torch, after layers giving the head's own scores (for export and Grad-CAM)."""
