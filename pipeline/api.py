@@ -109,6 +109,8 @@ class Prediction:
     scores: list[float]
     score_kind: str = "probabilities"   # or "decision values", which are not probabilities
     skipped: str | None = None
+    familiar: bool | None = None        # like the training images (None: the model keeps none to compare)
+    novelty: float | None = None        # mean cosine distance to the nearest training vectors
 
     def __repr__(self) -> str:
         if self.skipped:
@@ -162,7 +164,7 @@ class Model:
         if self._trained is None:
             return open_model(self.path)
         model = FeatureModel(Path("(not saved)"), self.info)
-        model.model = self._trained.model
+        model.model, model.familiarity = self._trained.model, self._trained.familiarity
         return model
 
     @property
@@ -178,7 +180,7 @@ class Model:
         from pipeline.models.predict import predict_images
         inputs = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
         return [Prediction(r["path"], [t["class"] for t in r.get("top", [])], [t["score"] for t in r.get("top", [])],
-                           r.get("scores", self.score_kind), r.get("error"))
+                           r.get("scores", self.score_kind), r.get("error"), r.get("familiar"), r.get("novelty"))
                 for r in predict_images(self._directory, inputs, top_k, device, engine=engine, log=log)]
 
     def predict_features(self, X):
@@ -187,7 +189,8 @@ class Model:
         from pipeline.heads.train import scores_of
         if self.info.get("kind") == "finetuned":
             raise InputError(f"{self.path} is a fine-tuned network: it scores images (predict), not feature vectors")
-        return scores_of(self._directory.model, np.asarray(X, np.float32), len(self.classes))
+        scores = scores_of(self._directory.model, np.asarray(X, np.float32), len(self.classes))
+        return self._directory.temperature.apply(scores) if self._directory.temperature else scores
 
     def save(self, out, force: bool = False) -> "Model":
         """Write the model directory of a model trained with `out=None` (replacing one at `out` only with

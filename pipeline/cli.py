@@ -232,20 +232,24 @@ def predict(
                                                 log=lambda line: typer.echo(line, err=True))
     if format is Format.json:
         typer.echo(json.dumps([{"path": r.path, **({"error": r.skipped} if r.skipped else {
-            "scores": r.score_kind, "top": [{"class": c, "score": v} for c, v in zip(r.labels, r.scores)]})}
+            "scores": r.score_kind, "top": [{"class": c, "score": v} for c, v in zip(r.labels, r.scores)],
+            **({"familiar": r.familiar, "novelty": r.novelty} if r.novelty is not None else {})})}
             for r in results], indent=2))
     elif format is Format.csv:
         w = csv.writer(sys.stdout)
-        w.writerow(["path", "rank", "class", "score", "scores", "error"])
+        w.writerow(["path", "rank", "class", "score", "scores", "familiar", "novelty", "error"])
         for r in results:
+            known = [str(r.familiar).lower(), f"{r.novelty:.4f}"] if r.novelty is not None else ["", ""]
             for rank, (label, score) in enumerate(zip(r.labels, r.scores), 1):
-                w.writerow([r.path, rank, label, f"{score:.4f}", r.score_kind, ""])
+                w.writerow([r.path, rank, label, f"{score:.4f}", r.score_kind, *known, ""])
             if r.skipped:
-                w.writerow([r.path, "", "", "", "", r.skipped])
+                w.writerow([r.path, "", "", "", "", "", "", r.skipped])
     else:
         for r in results:
             shown = "  ".join(f"{label} {score:.3f}" for label, score in zip(r.labels, r.scores))
             note = "" if r.score_kind == "probabilities" else f"  ({r.score_kind}, not probabilities)"
+            if r.familiar is False:
+                note += f"  (unfamiliar: novelty {r.novelty:.3f}, unlike the training images)"
             typer.echo(f"{r.path}: skipped ({r.skipped})" if r.skipped else f"{r.path}: {shown}{note}")
     skipped = [r for r in results if r.skipped]
     if skipped and format is not Format.table:

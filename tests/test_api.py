@@ -71,7 +71,8 @@ def test_train_in_memory_equals_the_command_line_and_saves_the_same_directory(sm
 
 
 def test_a_scikit_learn_estimator_is_tuned_over_its_grid_and_gives_decision_values(small_cache, tmp_path):
-    model = pipeline.train(small_cache, RidgeClassifier(), tmp_path / "ridge", grid={"alpha": [0.1, 1.0, 10.0]})
+    model = pipeline.train(small_cache, RidgeClassifier(), tmp_path / "ridge", grid={"alpha": [0.1, 1.0, 10.0]},
+                           calibration="none")   # its own scores
     assert model.approach == "RidgeClassifier" and model.score_kind == "decision values"
     assert set(model.details["search"]["scores"]) == {"alpha=0.1", "alpha=1", "alpha=10"}
     assert model.details["hyperparameters"]["alpha"] in (0.1, 1.0, 10.0)
@@ -90,6 +91,7 @@ def test_predict_lists_skipped_files_with_their_reason(small_cache, tmp_path):
     skipped = [p for p in predictions if p.skipped]
     assert len(predictions) == 4 and len(skipped) == 1 and skipped[0].labels == []
     assert skipped[0].path.endswith("notes.png") and "skipped" in repr(skipped[0])
+    assert all(isinstance(p.familiar, bool) and p.novelty >= 0 for p in predictions if not p.skipped)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
+from pipeline.models.directory import open_model
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import InputError
 from pipeline.storage import modeldir
@@ -91,7 +92,8 @@ def test_predict_agrees_with_the_cached_features(model, small_cache):
     test = cache.read("test")
     images = [small_cache.parent / "images" / p for p in test.paths]
     results = predict(model, images, top_k=3, device="cpu")
-    expected = scores_of(modeldir.load(model)[1], test.features, 3)
+    directory = open_model(model)
+    expected = directory.temperature.apply(scores_of(directory.model, test.features, 3))   # calibrated, as predicted
     for r, row in zip(results, expected):
         got = {t["class"]: t["score"] for t in r["top"]}
         np.testing.assert_allclose([got[c] for c in cache.classes], row, atol=2e-3)   # cache holds float16
@@ -172,7 +174,7 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     assert np.abs(val.features - vectors(None)).max() > 1e-3     # the full decode differs a little
 
     model = tmp_path / "logreg"
-    train(out, model, train_settings("logreg", {"C": 10}))
+    train(out, model, train_settings("logreg", {"C": 10, "calibration": "none"}))   # the head's own scores
     results = predict(model, paths, top_k=2, device="cpu")
     expected = scores_of(modeldir.load(model)[1], val.features, 2)
     for r, row in zip(results, expected):

@@ -52,7 +52,8 @@ def test_compare_puts_classifiers_and_fine_tunes_in_one_table(models, tmp_path):
 
 def test_without_a_fine_tune_run_there_is_no_swap_column(models, tmp_path):
     header = cli_in_process("compare", models / "logreg", "--out", tmp_path, check=True).stdout.splitlines()[0]
-    assert header.endswith("| test top-1 (95% CI) | balanced acc. | macro F1 | extraction s | train s | total s |")
+    assert header.endswith("| test top-1 (95% CI) | balanced acc. | macro F1 | ECE | extraction s | train s "
+                           "| total s |")
 
 
 def test_compare_refuses_runs_on_different_datasets(models, small_cache, tmp_path):

@@ -24,14 +24,14 @@ def blobs(n_per_class: int, seed: int, dim: int = 6) -> tuple[np.ndarray, np.nda
 def test_ridge_tunes_alpha_on_val_and_exports_its_decision_values(tmp_path):
     splits = {"train": blobs(20, 1), "val": blobs(10, 2), "test": blobs(10, 3)}
     cache = synthetic_cache(tmp_path / "f.h5", splits, CLASSES)
-    metrics = train(cache, tmp_path / "m", train_settings("ridge", {}))
+    metrics = train(cache, tmp_path / "m", train_settings("ridge", {"calibration": "none"}))
     search = metrics["search"]
     assert search["hyperparameter"] == "alpha" and len(search["scores"]) >= 7      # the grid, then a finer one
     alpha = metrics["hyperparameters"]["alpha"]
     X, y = normalize(splits["train"][0]), splits["train"][1]
     chosen = RidgeClassifier(alpha=alpha).fit(X, y)
     assert search["scores"][f"{alpha:g}"] == np.mean(chosen.predict(normalize(splits["val"][0])) == splits["val"][1])
-    assert "log_loss" not in metrics     # decision values, not probabilities
+    assert "log_loss" not in metrics     # its own decision values, not probabilities
 
     model = modeldir.load(tmp_path / "m")[1]
     probe = blobs(5, 4)[0]

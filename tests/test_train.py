@@ -72,7 +72,8 @@ def test_rbf_svm_scores_each_c_by_the_svm_alone_and_calibrates_the_chosen_one(tm
     train_, val, test = blobs(15, 1), blobs(8, 2), blobs(8, 3)
     cache = synthetic_cache(tmp_path / "c.h5", {"train": train_, "val": val, "test": test}, CLASSES)
     metrics, model = fit(cache, tmp_path / "m", "rbf_svm")
-    assert len(fits) == len(metrics["search"]["scores"]) + 6      # the final model: 5 calibration folds and all
+    assert len(fits) == len(metrics["search"]["scores"]) + 6 + 6  # the final model: 5 calibration folds and all;
+    # the same on train alone, whose val scores fit the temperature
     for c, score in metrics["search"]["scores"].items():
         svm = SVC(C=float(c), random_state=0).fit(normalize(train_[0]), train_[1])
         assert score == pytest.approx(np.mean(svm.predict(normalize(val[0])) == val[1]))
@@ -206,7 +207,8 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
     written = json.loads((repo / "models" / "x" / "logreg" / "metrics.json").read_text())
     assert metrics["models/x/logreg/metrics.json"]["data"] == written
     assert set(written) == {*DESIGN_KEYS, "val_score", "selection", "n_val", "n_test", "predict_seconds",
-                            "extract_seconds", "log_loss"}           # one value each; no top5 with 3 classes
+                            "extract_seconds", "log_loss", "ece", "ece_uncalibrated"}   # one value each; no top5
+                                                                                   # with 3 classes
     details = json.loads((repo / "models" / "x" / "logreg" / "details.json").read_text())
     assert details["hyperparameters"]["C"] > 0 and details["per_class"]["red"]["support"] == 4
     assert details["search"]["hyperparameter"] == "C" and "0.01" in details["search"]["scores"]

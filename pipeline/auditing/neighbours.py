@@ -174,10 +174,3 @@ def duplicate_groups(pairs: Pairs, splits: np.ndarray) -> Duplicates:
     rows, group = rows[order], group[order]
     return Duplicates(group, rows, best[rows], correlation[rows], np.array([c in leaky for c in component[rows]]),
                       ~by_features[rows])
-
-
-def isolation(sims: np.ndarray) -> np.ndarray:
-    """Mean cosine distance to the neighbours found (NaN for a row without any)."""
-    found = np.isfinite(sims)
-    with np.errstate(invalid="ignore"):
-        return np.where(found, 1 - sims, 0).sum(1) / found.sum(1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.auditing import neighbours
+from pipeline.heads.familiarity import mean_distance
 
 
 @dataclass
@@ -42,8 +43,8 @@ def _over_median(values: np.ndarray) -> np.ndarray:
 
 def scores(X: np.ndarray, labels: np.ndarray, k: int, **search) -> OutlierScores:
     """The outlier scores of the L2-normalised rows of `X` (search: options of neighbours.knn)."""
-    overall = neighbours.isolation(neighbours.knn(X, k, **search)[0])
-    in_class = neighbours.isolation(neighbours.knn_within(X, labels, k, **search)[0])
+    overall = mean_distance(neighbours.knn(X, k, **search)[0])
+    in_class = mean_distance(neighbours.knn_within(X, labels, k, **search)[0])
     no_content = class_centre_distance(X, labels)
     with np.errstate(invalid="ignore"):
         isolation = np.nanmean([_over_median(overall), _over_median(in_class)], axis=0)

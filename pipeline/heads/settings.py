@@ -10,6 +10,7 @@ from pipeline.runtime.settings import check_value, fields, from_mapping, key_nam
 
 
 PREPROCESSING = ("l2", "standardize", "none")
+CALIBRATION = ("temperature", "none")
 
 
 @dataclass
@@ -23,6 +24,10 @@ class TrainSettings:
     class_weight: str | None = setting(None, "'balanced' to reweight rare classes.", choices=("balanced",))
     cv_folds: int = setting(5, "Folds for selection when the cache has no test split.", min=2, max=100)
     seed: int = setting(0, "Seed of the folds and of the classifier.")
+    calibration: str = setting("temperature", "Calibrate the scores with one temperature fitted on held-out "
+                               "scores, or keep the head's own.", choices=CALIBRATION)
+    novelty_quantile: float = setting(0.95, "Share of the val images that count as familiar: sets the novelty "
+                                      "threshold of predict.", above=0, below=1)
 
 
 def own_keys(classifier: str) -> tuple[str, ...]:

@@ -18,7 +18,9 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
+from pipeline.heads import calibration
 from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
+from pipeline.heads.familiarity import Familiarity
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import InputError, warn
@@ -176,6 +178,7 @@ class Trained:
     metrics: dict
     labels: np.ndarray         # the evaluation split's labels and the predicted ones, for the confusion matrix
     predicted: np.ndarray
+    familiarity: Familiarity   # the training vectors new images are compared with, and the novelty threshold
 
 
 def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, head=None) -> Trained:
@@ -204,11 +207,17 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
         chosen = (head.select(s, train_.features, train_.labels, val.features, val.labels) if has_test
                   else head.select(s, train_.features, train_.labels))
         model = head.refit(s, chosen, X, y)
+        probabilities = has_probabilities(model[-1])
+        temperature = fit_temperature(s, head, chosen, train_, val if has_test else None, len(cache.classes),
+                                      probabilities)
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
-    scores = scores_of(model, evaluation.features, len(cache.classes))
+    raw = scores_of(model, evaluation.features, len(cache.classes))
     predict_seconds = time.perf_counter() - t
-    metrics = evaluate(evaluation.labels, scores, cache.classes, has_probabilities(model[-1]))
+    scores = temperature.apply(raw) if temperature else raw
+    metrics = evaluate(evaluation.labels, scores, cache.classes, probabilities or temperature is not None)
+    metrics.update(calibration.assess(evaluation.labels, raw, scores if temperature else
+                                      calibration.uncalibrated(raw, probabilities), probabilities))
     metrics.update(val_score=chosen.score,
                    selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold cv on train",
                    eval_split=eval_split, n_train=len(train_.labels), n_val=len(val.labels),
@@ -221,18 +230,42 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
     info = {"classifier": head.name, "classes": cache.classes,
             "backbone": model_spec(cache.attrs).to_dict(),
             "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
-            "dataset": dataset}
-    return Trained(model, info, metrics, evaluation.labels, scores.argmax(1))
+            "dataset": dataset, **({"calibration": temperature.to_dict()} if temperature else {})}
+    familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
+                                  s.novelty_quantile)
+    return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity)
+
+
+def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int,
+                    probabilities: bool) -> calibration.Temperature | None:
+    """The calibration `s` asks for, fitted on scores of images no fit saw: with a test split (`val` given),
+    the chosen value fitted on train and scored on val; without one, out-of-fold scores on train."""
+    if s.calibration == "none":
+        return None
+    if val is not None:
+        held = scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features, n_classes)
+        y = val.labels
+    else:
+        X, y = train_.features, train_.labels
+        held = np.empty((len(y), n_classes))
+        for fit_rows, scored in StratifiedKFold(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
+            held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], y[fit_rows]), X[scored], n_classes)
+    floor = CLASSIFIERS[head.name].floor if head.name in CLASSIFIERS else calibration.FLOOR
+    return calibration.Temperature.fit(held, y, probabilities, floor)
 
 
 def save(trained: Trained, out_dir: Path) -> None:
     """Write the model directory of `trained` at `out_dir` (`modeldir.check_out` it first)."""
     m = trained.metrics
     with modeldir.staged(out_dir) as folder:
-        modeldir.write(folder, modeldir.FEATURES, trained.model, trained.info, m,
+        info = {**trained.info, **trained.familiarity.save(folder)}
+        modeldir.write(folder, modeldir.FEATURES, trained.model, info, m,
                        confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
         confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
                       f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")
+        calibration.reliability_png(m["reliability"], folder / "reliability.png",
+                                    f"{trained.info['classifier']} on {m['eval_split']}: ECE {m['ece']:.3f} "
+                                    f"({m['ece_uncalibrated']:.3f} uncalibrated)")
 
 
 def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None,

@@ -103,6 +103,17 @@ class ModelDirectory:
     def network(self) -> Network:
         raise NotImplementedError
 
+    def assessor(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None):
+        """As `scorer`, giving (scores, novelty): each image's novelty (pipeline.heads.familiarity), or None
+        where the model records no training vectors to compare with."""
+        score = self.scorer(device, engine, log)
+        return lambda x: (score(x), None)
+
+    @property
+    def novelty_threshold(self) -> float | None:
+        """The novelty above which an image counts as unfamiliar; None where there is none."""
+        return None
+
 
 class FeatureModel(ModelDirectory):
     kind = modeldir.FEATURES
@@ -114,8 +125,32 @@ class FeatureModel(ModelDirectory):
 
     @property
     def scores(self) -> str:
+        """Calibrated scores are probabilities, whatever the head's own are."""
         from pipeline.heads.classifiers import has_probabilities
-        return PROBABILITIES if has_probabilities(self.model[-1]) else "decision values"
+        return PROBABILITIES if self.temperature or has_probabilities(self.model[-1]) else "decision values"
+
+    @cached_property
+    def temperature(self):
+        """The calibration model.json records (pipeline.heads.calibration.Temperature), or None."""
+        from pipeline.heads.calibration import Temperature
+        try:
+            return Temperature.from_dict(self.info.get("calibration"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{self.path / modeldir.INFO}: 'calibration' is malformed ({exc!r})")
+
+    @cached_property
+    def familiarity(self):
+        """The training vectors new images are compared with (pipeline.heads.familiarity), or None."""
+        from pipeline.heads.familiarity import Familiarity
+        recorded = self.info.get("familiarity")
+        try:
+            return Familiarity.load(self.path, recorded) if recorded else None
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise InputError(f"{self.path}: the familiarity record cannot be read ({exc!r})")
+
+    @property
+    def novelty_threshold(self) -> float | None:
+        return self.familiarity.threshold if self.familiarity else None
 
     @property
     def cache_fingerprint(self) -> str | None:
@@ -141,19 +176,35 @@ class FeatureModel(ModelDirectory):
         return replace(backbone, preprocessing=spec.preprocessing)
 
     def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
+        assess = self._assessor(device, engine, log, novelty=False)
+        return lambda x: assess(x)[0]
+
+    def assessor(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None):
+        return self._assessor(device, engine, log, novelty=True)
+
+    def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
         from pipeline.features.engines.onnx_runtime import embedder
         from pipeline.heads.train import scores_of
         backbone, head, n = self.backbone(), self.model, len(self.classes)
+        temperature, familiarity = self.temperature, self.familiarity if novelty else None
         embed, engine, notes = embedder(backbone, device, engine)
         for line in [f"predict: {device}, {engine}", *notes] if log else []:
             log(line)
-        return lambda x: scores_of(head, embed(x)[backbone.layer], n)
+
+        def assess(x):
+            features = embed(x)[backbone.layer]
+            scores = scores_of(head, features, n)
+            return (temperature.apply(scores) if temperature else scores,
+                    familiarity.novelty(head[0].transform(features)) if familiarity else None)
+        return assess
 
     def network(self) -> Network:
         """Backbone + feature preprocessing + head in torch (the scores `scorer` gives); refused for heads that
         are not tensor operations (pipeline.heads.classifiers: their spec has no `to_torch`)."""
         from pipeline.models.networks import ImageClassifier, head_module
         head = head_module(self.model, len(self.classes), self.approach)
+        if self.temperature:
+            head = nn.Sequential(head, self.temperature.torch_layer())
         backbone = self.backbone()
         backbone.model.cpu()
         net = ImageClassifier(backbone, head).eval()

@@ -2,9 +2,9 @@
 
 The exported network maps a batch of preprocessed images [N, 3, H, W] (resized, centre-cropped and
 normalised as recorded in model.json: see docs/classifiers.md, "Export") to scores [N, classes], the same scores
-`pipeline predict` ranks: probabilities for fine-tuned models and most heads, decision values for heads
-without them. Classifiers on cached features become the frozen backbone, the feature preprocessing and
-the head; heads that are not tensor operations (their spec has no `to_torch`) cannot be exported.
+`pipeline predict` ranks: probabilities for fine-tuned models and calibrated heads, else the head's own
+scores (decision values for heads without probabilities). Classifiers on cached features become the frozen
+backbone, the feature preprocessing, the head and its calibration (pipeline.heads.calibration); heads that are not tensor operations (their spec has no `to_torch`) cannot be exported.
 
   .pt2   torch.export program: torch.export.load(path).module()(images)
   .onnx  ONNX graph with input `images` and output `scores`

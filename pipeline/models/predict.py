@@ -15,8 +15,9 @@ from pipeline.runtime.errors import InputError, check_minimums
 
 def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
             batch_size: int = 32, engine: str = "auto", log=None) -> list[dict]:
-    """One result per file: {path, scores: "probabilities" or "decision values", top: [{class, score}, ...]}
-    or {path, error} (also for the files of a folder that are not images, as `extract` reports them).
+    """One result per file: {path, scores: "probabilities" or "decision values", top: [{class, score}, ...],
+    and, where the model records its training vectors, familiar (true/false) and novelty} or {path, error}
+    (also for the files of a folder that are not images, as `extract` reports them).
     `engine` and `log` as for `ModelDirectory.scorer`."""
     check_minimums({"top_k": 1}, {"top_k": top_k})
     return predict_images(open_model(model_dir), inputs, top_k, device, batch_size, engine, log)
@@ -31,18 +32,21 @@ def predict_images(model: ModelDirectory, inputs: list[Path], top_k: int = 5, de
         raise InputError(f"no image files in {', '.join(map(str, inputs))}")
     pre = model.preprocessing
     transform = pre.transform()
-    score = model.scorer(resolve_device(device), engine, log)
+    assess = model.assessor(resolve_device(device), engine, log)
+    threshold = model.novelty_threshold
     results: list[dict] = [{"path": printable(str(p))} | ({"error": reason} if reason else {})
                            for p, reason in files]     # in input order
     batch: list[tuple[int, torch.Tensor]] = []
 
     def flush():
         with torch.inference_mode():
-            scores = score(torch.stack([t for _, t in batch]))
-        for (i, _), row in zip(batch, scores):
+            scores, novelty = assess(torch.stack([t for _, t in batch]))
+        for j, ((i, _), row) in enumerate(zip(batch, scores)):
             results[i]["scores"] = model.scores
             results[i]["top"] = [{"class": model.classes[c], "score": float(row[c])}
                                  for c in np.argsort(-row)[:top_k]]
+            if novelty is not None:
+                results[i].update(familiar=bool(novelty[j] <= threshold), novelty=float(novelty[j]))
         batch.clear()
 
     for i, (path, reason) in enumerate(files):

@@ -58,6 +58,7 @@ def _row(name: str, d: Path) -> dict:
             "selection": m["selection"], "n_val_scored": n_scored,
             "top1": m["top1"], "top1_interval": accuracy_interval(m["top1"], m["n_eval"]),
             "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
+            "ece": m.get("ece"),   # None for models trained before calibration was measured
             "extract_seconds": extract, "train_seconds": m["fit_seconds"], "total_seconds": total,
             "swap_speedup": None, "eval_split": m["eval_split"], "n_eval": m["n_eval"],
             **({"top5": m["top5"]} if "top5" in m else {}), "_data": (model.info["dataset"], m["eval_split"], m["n_eval"]),
@@ -122,11 +123,12 @@ def markdown(table: list[dict]) -> str:
     swaps = any(r["swap_speedup"] for r in table)
     split = table[0]["eval_split"]
     header = ["selected", "model", "extractor", "approach", "selection score (95% CI)", "scored on",
-              f"{split} top-1 (95% CI)", "balanced acc.", "macro F1", "extraction s", "train s", "total s",
+              f"{split} top-1 (95% CI)", "balanced acc.", "macro F1", "ECE", "extraction s", "train s", "total s",
               *(["swap speed-up"] if swaps else [])]
     cells = [["✓" if r["selected"] else "", r["name"], r["extractor"], r["approach"],
               _accuracy(r["val_score"], r["val_interval"]), r["selection"], _accuracy(r["top1"], r["top1_interval"]),
-              f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}", _cell(r["extract_seconds"]),
+              f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}", _cell(r["ece"], "{:.3f}"),
+              _cell(r["extract_seconds"]),
               _cell(r["train_seconds"]), _cell(r["total_seconds"]), *([_speedup(r["swap_speedup"])] if swaps else [])]
              for r in table]
     align = [":-:", "---", "---", "---", *["---:"] * (len(header) - 4)]

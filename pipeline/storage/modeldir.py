@@ -6,7 +6,9 @@ written to a temporary sibling folder and renamed into place when complete.
                  directories you trust)
   weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
   metrics.json   the headline metrics, one value each, for `dvc metrics show`
-  details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall
+  details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall,
+                 the reliability table of the scores
+  familiarity.npz  kind "features": the training vectors new images are compared with (float16 arrays)
   confusion.json {actual, predicted} rows for `dvc plots show`
 
 What each kind does with its file is `pipeline.models.directory`'s business.
@@ -29,7 +31,7 @@ from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import sha256_file
 
 INFO = "model.json"
-DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
+DETAILS = ("hyperparameters", "search", "per_class", "reliability")   # metrics that go to details.json
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -120,7 +122,8 @@ def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion:
     details = {k: metrics[k] for k in DETAILS if k in metrics}
     (folder / "details.json").write_text(json.dumps(details, indent=2) + "\n")
     (folder / "confusion.json").write_text(json.dumps(confusion) + "\n")
-    info = dict(info, kind=kind.name, files={kind.model_file: sha256_file(folder / kind.model_file)})
+    info = dict(info, kind=kind.name, files={**info.get("files", {}),   # any the caller wrote, digested
+                                             kind.model_file: sha256_file(folder / kind.model_file)})
     (folder / INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 

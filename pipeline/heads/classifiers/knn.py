@@ -36,4 +36,4 @@ class NeighbourCount(ClassifierSpec):
 
 
 SPEC = NeighbourCount("k-nearest neighbours", "n_neighbors", (AUTO | int, Rule("Neighbours that vote.", min=1)),
-                      (1, 3, 5, 9, 15, 25), build)
+                      (1, 3, 5, 9, 15, 25), build, floor=0.1)   # vote fractions: mostly 0 and 1

@@ -1,0 +1,148 @@
+"""Calibrated scores: one temperature fitted on held-out scores (Guo et al., ICML 2017), and how far a
+head's confidence is from its accuracy (expected calibration error over a reliability table).
+
+A temperature divides the head's logits (log-probabilities, or decision values for heads without
+probabilities) before the softmax: it rescales confidence and never changes the top-1 class."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+BINS = 15                 # of the reliability table, as in Guo et al.
+FLOOR = 1e-6
+
+
+def logits(scores: np.ndarray, probabilities: bool, floor: float = FLOOR) -> np.ndarray:
+    """The values a temperature divides: log-probabilities (clipped at `floor`), or the decision values
+    themselves. Classes the head never saw (-inf decision values) stay impossible."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if probabilities:
+        return np.log(np.clip(scores, floor, 1.0))
+    return np.where(np.isfinite(scores), scores, np.log(FLOOR) * 1e3)
+
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    z = z / temperature
+    z = z - z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of `y` under softmax(z / T), searched on a
+    log scale between 1/100 and 100 (a convex problem in 1/T: the bounded search finds its minimum)."""
+    from scipy.optimize import minimize_scalar
+    z, y = np.asarray(z, dtype=np.float64), np.asarray(y)
+    found = minimize_scalar(lambda log_t: _nll(z, y, np.exp(log_t)), bounds=(np.log(1e-2), np.log(1e2)),
+                            method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(found.x))
+
+
+def reliability(probabilities: np.ndarray, y: np.ndarray, bins: int = BINS) -> list[dict]:
+    """One row per confidence bin of equal width: its range, how many images fall in it, their mean
+    confidence (top-1 probability) and their accuracy. Empty bins are kept, with count 0."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == np.asarray(y)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
+                     "confidence": float(confidence[inside].mean()) if n else None,
+                     "accuracy": float(correct[inside].mean()) if n else None})
+    return rows
+
+
+def expected_calibration_error(table: list[dict]) -> float:
+    """The count-weighted mean gap between confidence and accuracy over the bins of `table`."""
+    total = sum(row["count"] for row in table)
+    return float(sum(row["count"] * abs(row["confidence"] - row["accuracy"])
+                     for row in table if row["count"]) / total)
+
+
+def reliability_png(table: list[dict], path, title: str) -> None:
+    """The reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    filled = [row for row in table if row["count"]]
+    ax.bar([row["low"] for row in filled], [row["accuracy"] for row in filled], width=1 / len(table),
+           align="edge", edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot([row["confidence"] for row in filled], [row["accuracy"] for row in filled], "o", color="black",
+            markersize=3, label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 score)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """A head's calibration: softmax(logits(scores) / value). `of`: what the head's own scores are
+    ("probabilities" or "decision values"); `floor`: where its probabilities are clipped before the log
+    (knn's vote fractions are mostly exact zeros and ones: a high floor smooths them)."""
+    value: float
+    of: str
+    floor: float = FLOOR
+
+    @classmethod
+    def fit(cls, held_out: np.ndarray, y: np.ndarray, probabilities: bool, floor: float = FLOOR) -> "Temperature":
+        """The temperature fitted on held-out scores and their labels."""
+        z = logits(held_out, probabilities, floor)
+        return cls(fit_temperature(z, y), "probabilities" if probabilities else "decision values", floor)
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        return softmax(logits(scores, self.of == "probabilities", self.floor), self.value)
+
+    def to_dict(self) -> dict:
+        return {"method": "temperature", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Temperature | None":
+        """As model.json records it; ValueError for a value no fit gives."""
+        if not d:
+            return None
+        found = cls(float(d["value"]), d["of"], float(d["floor"]))
+        if not (0 < found.value < np.inf and 0 < found.floor < 1 and found.of in ("probabilities", "decision values")):
+            raise ValueError(f"temperature {found.value}, floor {found.floor}, of {found.of!r}")
+        return found
+
+    def torch_layer(self):
+        """The same in torch, after layers giving the head's own scores (for export and Grad-CAM)."""
+        import torch
+
+        temperature = self
+
+        class Calibrated(torch.nn.Module):
+            def forward(self, scores):
+                z = (torch.log(scores.clamp(min=temperature.floor, max=1.0))
+                     if temperature.of == "probabilities" else scores)
+                return torch.softmax(z / temperature.value, 1)
+
+        return Calibrated()
+
+
+def uncalibrated(scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    """A head's own scores as probabilities: themselves, or the softmax of its decision values."""
+    return np.asarray(scores, dtype=np.float64) if probabilities else softmax(logits(scores, False))
+
+
+def assess(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, probabilities: bool) -> dict:
+    """ece (of the scores given), ece_uncalibrated (of the head's own) and the reliability table."""
+    table = reliability(calibrated, y)
+    return {"ece": expected_calibration_error(table),
+            "ece_uncalibrated": expected_calibration_error(reliability(uncalibrated(raw, probabilities), y)),
+            "reliability": table}
