@@ -362,9 +362,8 @@ def audit(
     _check_cache(features)
     with heavy_imports():
         from pipeline.auditing.run import audit as run
-        from pipeline.report.audit_page import write_page
     summary = run(features, out, settings, log=lambda line: _say([line], quiet))
-    page = write_page(out)
+    page = out / "index.html"
     _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
           f"({summary['leak_groups']} across splits), {summary['outliers']} outliers in {summary['images']} "
           f"images -> {page}"], quiet)

@@ -13,20 +13,16 @@ What each kind does with its file is `pipeline.models.directory`'s business.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import joblib
 
 from pipeline.runtime.errors import UserError
-from pipeline.runtime.files import sha256_file
+from pipeline.runtime.files import sha256_file, staged_folder, write_atomically
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
@@ -78,36 +74,10 @@ def check_out(out_dir: Path, force: bool = False, managed: tuple[str, ...] = ())
                         f"{', ...' if len(others) > 3 else ''}), not a model directory; choose a new or empty folder")
 
 
-@contextlib.contextmanager
-def staged(out_dir: Path) -> Iterator[Path]:
-    """A fresh temporary folder beside `out_dir` to write the model directory into. When the block ends
-    it replaces `out_dir` (by renaming); on any error it is removed and `out_dir` is left as it was. A
-    write the system refuses (a full disk, a file size limit) becomes one error line naming `out_dir`."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        yield tmp
-        _replace(tmp, out_dir)
-    except OSError as exc:
-        raise UserError(f"cannot write model directory {out_dir}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace(new: Path, out_dir: Path) -> None:
-    """Rename `new` to `out_dir`; an existing `out_dir` is moved aside first and deleted afterwards."""
-    try:
-        os.rename(new, out_dir)   # replaces a missing or empty folder at once
-        return
-    except OSError as exc:
-        if not out_dir.is_dir() or not any(out_dir.iterdir()):
-            raise exc
-    old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
-    os.rename(out_dir, old)
-    os.rename(new, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def staged(out_dir: Path):
+    """A fresh temporary folder beside `out_dir` to write the model directory into, renamed over `out_dir`
+    when complete (see `files.staged_folder`); `check_out` has decided that an existing `out_dir` may go."""
+    return staged_folder(out_dir, "model directory", owned=False)
 
 
 def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
@@ -116,12 +86,12 @@ def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion:
     folder = Path(folder)
     kind.dump(model, folder / kind.model_file)
     headline = {k: v for k, v in metrics.items() if k not in DETAILS}
-    (folder / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    write_atomically(folder / "metrics.json", json.dumps(headline, indent=2) + "\n")
     details = {k: metrics[k] for k in DETAILS if k in metrics}
-    (folder / "details.json").write_text(json.dumps(details, indent=2) + "\n")
-    (folder / "confusion.json").write_text(json.dumps(confusion) + "\n")
+    write_atomically(folder / "details.json", json.dumps(details, indent=2) + "\n")
+    write_atomically(folder / "confusion.json", json.dumps(confusion) + "\n")
     info = dict(info, kind=kind.name, files={kind.model_file: sha256_file(folder / kind.model_file)})
-    (folder / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_atomically(folder / INFO, json.dumps(info, indent=2) + "\n")
 
 
 _FIELDS = {"kind": str, "classes": list, "backbone": dict, "files": dict}
