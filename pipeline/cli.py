@@ -22,6 +22,7 @@ from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_p
 from pipeline.models.settings import PredictSettings
 from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
 from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.printing import say
 from pipeline.runtime.settings import alternatives, default, fields, from_options, option_name, rule, type_hints
 
 
@@ -114,7 +115,7 @@ class Format(str, Enum):
 def _say(lines, quiet: bool = False) -> None:
     if not quiet:
         for line in lines:
-            typer.echo(line, err=True)
+            say(line)
 
 
 @app.command()
@@ -243,10 +244,10 @@ def predict(
         for r in results:
             shown = "  ".join(f"{t['class']} {t['score']:.3f}" for t in r.get("top", []))
             if "error" in r:
-                typer.echo(f"{r['path']}: skipped ({r['error']})")
+                say(f"{r['path']}: skipped ({r['error']})", err=False)
             else:
                 note = "" if r["scores"] == "probabilities" else f"  ({r['scores']}, not probabilities)"
-                typer.echo(f"{r['path']}: {shown}{note}")
+                say(f"{r['path']}: {shown}{note}", err=False)
     skipped = [r for r in results if "error" in r]
     if skipped and format is not Format.table:
         _say([f"skipped {r['path']}: {r['error']}" for r in skipped])
@@ -276,7 +277,8 @@ def compare(
     with heavy_imports():
         from pipeline.report.compare import compare as run
         from pipeline.report.compare import markdown
-    typer.echo(markdown(run(model_dirs, out)), nl=False)
+    for line in markdown(run(model_dirs, out)).splitlines():
+        say(line, err=False)
 
 
 @app.command()

@@ -296,7 +296,7 @@ def _csv_reader(path: Path, what: str):
         raise UserError(f"{what} {path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            yield csv.DictReader(f)
+            yield csv.DictReader(f, strict=True)   # an unterminated quote is an error, not one huge cell
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path} is not a readable CSV file: {exc}")
 

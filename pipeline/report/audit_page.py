@@ -77,7 +77,7 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict] | None:
     """The rows of one of the audit's CSVs; None when the file is not there."""
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:   # names as the cache keeps them
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or ())]
         if missing:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.heads.metrics import accuracy_interval
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import staged_folder, write_atomically
 from pipeline.storage import modeldir
 
 
@@ -215,16 +216,15 @@ def figure(table: list[dict]):
 
 
 def compare(model_dirs: list[Path], out: Path) -> list[dict]:
-    """Write compare.md, compare.json and compare.png to `out`."""
+    """Write compare.md, compare.json and compare.png to the folder `out`, whole (`files.staged_folder`)."""
     if not model_dirs:
         raise UserError("compare needs at least one model directory")
     table = rows(model_dirs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out / "compare.md").write_text(markdown(table))
     import matplotlib.pyplot as plt
     fig = figure(table)
-    fig.savefig(out / "compare.png", dpi=100)
+    with staged_folder(out, "comparison") as folder:
+        write_atomically(folder / "compare.json", json.dumps(table, indent=2) + "\n")
+        write_atomically(folder / "compare.md", markdown(table))
+        fig.savefig(folder / "compare.png", dpi=100)   # into the fresh folder: nothing there to follow
     plt.close(fig)
     return table

@@ -208,7 +208,8 @@ def check_owned(out_dir: Path, what: str) -> None:
         listed = set()
     except OSError as exc:
         raise UserError(f"{out_dir / MANIFEST} cannot be read: {exc.strerror}; move {out_dir} away")
-    foreign = sorted(set(_files_under(out_dir, links=True)) - listed - {MANIFEST})
+    foreign = sorted(name for name in _files_under(out_dir, links=True) if name != MANIFEST and
+                     (name not in listed or not stat.S_ISREG(os.lstat(out_dir / name).st_mode)))
     if foreign:
         raise UserError(f"--out {out_dir} holds files this {what} did not write ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out")

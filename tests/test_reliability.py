@@ -1,0 +1,245 @@
+"""Hostile inputs and outputs for every command, each expected to end in one of: the victim file unchanged,
+the user's files kept, or one `error:` line and exit code 2, with no traceback. In the test's process
+(`cli_in_process`) except where a process is the point. See docs/reliability.md."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import resource
+import signal
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.runtime import errors
+from pipeline.runtime.files import MANIFEST, OutputError, staged_folder, write_atomically
+from pipeline.runtime.printing import say, shown
+from tests.conftest import ROOT, cli_in_process, make_image_folder, synthetic_cache
+from tests.test_bad_input import one_line_error
+
+FAST = ("--folds", 2, "--seeds", 1)
+
+
+def small_audit_cache(path: Path, data_root: Path | None = None, classes=("a", "b")) -> Path:
+    """Two classes of twelve vectors each in train, four in val; row i of a split is SPLIT/i.png."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 12), ("val", 4)):
+        y = np.arange(2 * n) % 2
+        splits[split] = ((rng.normal(0, 1, (2 * n, 8)) + 3 * y[:, None]).astype(np.float32), y)
+    return synthetic_cache(path, splits, list(classes), data_root=data_root)
+
+
+def photo(path: Path, colour=(200, 30, 30)) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path, "JPEG")
+    return path.read_bytes()
+
+
+def images_for(cache_root: Path) -> Path:
+    """The data folder of `small_audit_cache`: a real PNG for every row."""
+    for split, n in (("train", 24), ("val", 8)):
+        (cache_root / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (24, 24), (10 * i % 255, 80, 160)).save(cache_root / split / f"{i}.png")
+    return cache_root
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return small_audit_cache(tmp_path / "features.h5", images_for(tmp_path / "images"))
+
+
+# --- the writer: nothing lost, nothing followed ----------------------------------------------------------
+
+@pytest.mark.parametrize("place", ["thumbs/holiday.jpg", "thumbs/2024/beach.jpg", "notes.txt"])
+def test_audit_never_deletes_files_it_did_not_write(cache, tmp_path, place):
+    out = tmp_path / "report"
+    kept = photo(out / place)
+    line = one_line_error(cli_in_process("audit", cache, "--out", out, *FAST))
+    assert f"holds files this audit report did not write ({place})" in line
+    assert (out / place).read_bytes() == kept
+
+
+def test_a_link_at_thumbs_keeps_the_photos_behind_it(cache, tmp_path):
+    album = tmp_path / "album"
+    kept = {name: photo(album / name) for name in ("a.jpg", "b.jpg", "c.jpg")}
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "thumbs").symlink_to(album)
+    assert "thumbs" in one_line_error(cli_in_process("audit", cache, "--out", out, *FAST))
+    assert {p.name: p.read_bytes() for p in album.iterdir()} == kept
+
+
+@pytest.mark.parametrize("name", ["label_issues.csv", "summary.json", "duplicates.csv", "learning_curve.png",
+                                  "index.html.tmp", "index.html", "counts.json", ".written"])
+def test_a_link_planted_in_a_previous_report_is_neither_followed_nor_deleted(cache, tmp_path, name):
+    out = tmp_path / "report"
+    assert cli_in_process("audit", cache, "--out", out, "--quiet", *FAST).returncode == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / name).unlink(missing_ok=True)
+    (out / name).symlink_to(victim)
+    proc = cli_in_process("audit", cache, "--out", out, "--quiet", *FAST)
+    assert one_line_error(proc) and victim.read_text() == "precious\n"
+
+
+def test_a_new_audit_replaces_its_own_report_whole(cache, tmp_path):
+    out = tmp_path / "report"
+    for _ in range(2):
+        assert cli_in_process("audit", cache, "--out", out, "--quiet", *FAST).returncode == 0
+    listed = set((out / MANIFEST).read_text().splitlines())
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {MANIFEST}
+    assert listed == on_disk and "index.html" in listed and any(n.startswith("thumbs/") for n in listed)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
+
+
+@contextmanager
+def file_size_limit(size: int):
+    """A real OS limit on the size of any file this process writes (EFBIG, as a full disk fails writes with
+    ENOSPC), lifted afterwards: the soft limit can be raised back up to the hard one."""
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_leaves_the_previous_report_whole(cache, tmp_path):
+    out = tmp_path / "report"
+    assert cli_in_process("audit", cache, "--out", out, "--quiet", *FAST).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with file_size_limit(2048):   # the learning curve's plot is larger
+        proc = cli_in_process("audit", cache, "--out", out, "--quiet", *FAST)
+    line = one_line_error(proc)
+    assert line == f"error: cannot write audit report {out}: File too large; {out} is left as it was"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.h5", "images", "report"]
+
+
+def test_a_full_disk_under_a_single_file_leaves_it_as_it_was(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    with file_size_limit(1024), pytest.raises(OutputError, match="File too large; .* is left as it was"):
+        write_atomically(target, b"x" * 4096)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_a_link_at_a_single_file_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "compare.md").symlink_to(victim)
+    write_atomically(tmp_path / "compare.md", "| model |\n")
+    assert victim.read_text() == "precious\n" and not (tmp_path / "compare.md").is_symlink()
+
+
+def test_a_read_only_folder_is_one_error_naming_it(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes through permissions")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    with pytest.raises(OutputError, match="Permission denied"):
+        with staged_folder(folder / "report", "report") as staged:
+            write_atomically(staged / "a.txt", "a")
+
+
+@pytest.mark.parametrize("root", ["/", "/etc", "/usr"])
+def test_thumbnails_never_come_from_a_system_folder(tmp_path, root):
+    cache = small_audit_cache(tmp_path / "features.h5", Path(root))
+    out = tmp_path / "report"
+    assert cli_in_process("audit", cache, "--out", out, "--quiet", *FAST).returncode == 0
+    assert not (out / "thumbs").exists()
+    assert "is a system folder" in (out / "index.html").read_text()
+
+
+def test_thumbnails_never_follow_a_link_out_of_the_data_folder(tmp_path):
+    from pipeline.report.audit_page import Thumbnails
+    secret = tmp_path / "private"
+    photo(secret / "me.jpg")
+    images = images_for(tmp_path / "images")
+    (images / "train" / "0.png").unlink()
+    (images / "train" / "0.png").symlink_to(secret / "me.jpg")
+    (images / "train" / "inside.png").symlink_to(images / "val" / "0.png")   # a link that stays inside
+    (tmp_path / "report").mkdir()
+    thumbs = Thumbnails(str(images), tmp_path / "report" / "thumbs")
+    assert "a link out of the data folder" in thumbs.cell("train/0.png")
+    assert "<img" in thumbs.cell("train/inside.png") and "<img" in thumbs.cell("train/1.png")
+    assert len(list((tmp_path / "report" / "thumbs").iterdir())) == 2
+
+
+# --- the printer: one line, escaped -------------------------------------------------------------------
+
+def test_names_are_shown_escaped_and_on_one_line():
+    assert shown("cat\x1b[2J\nrm -rf\r\t\x7f") == "cat\\x1b[2J\\nrm -rf\\r\\t\\x7f"
+    assert shown(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"          # a name that is not UTF-8
+    assert shown("\u202egnp.exe") == "\\u202egnp.exe" and shown("ümlaut 猫") == "ümlaut 猫"
+    assert shown("x" * 500, 20) == "x" * 17 + "..."
+
+
+def test_a_name_that_is_not_utf8_reaches_a_strict_terminal(monkeypatch):
+    terminal = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    name = os.fsdecode(b"bad-\xff-name.png")
+    say(f"skipped {name}: \x1b]0;owned\x07")
+    terminal.flush()
+    assert terminal.buffer.getvalue() == b"skipped bad-\\xff-name.png: \\x1b]0;owned\\x07\n"
+
+
+@pytest.mark.parametrize("classes", [(os.fsdecode(b"r\xe9d"), "blue"), ("\x1b[2Jred", "blue\nerror: forged")])
+def test_hostile_class_names_reach_the_audit_log_escaped(tmp_path, classes):
+    cache = small_audit_cache(tmp_path / "features.h5", classes=classes)
+    proc = cli_in_process("audit", cache, "--out", tmp_path / "report", *FAST)
+    assert proc.returncode == 0 and "\x1b" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(line.startswith("error:") for line in proc.stderr.splitlines())
+
+
+def test_library_warnings_are_one_line_each_kind(capsys):
+    def noisy():
+        for i in range(3):
+            warnings.warn_explicit(f"lbfgs failed to converge (iteration {i})", RuntimeWarning, "lib.py", i)
+        warnings.warn_explicit("Constant folding not applied", UserWarning, "torch.py", 1)
+    errors.run_stage(noisy)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["warning: RuntimeWarning (x3): lbfgs failed to converge (iteration 0)",
+                     "warning: UserWarning: Constant folding not applied"]
+
+
+def test_an_unterminated_quote_in_an_exclude_list_is_one_line(tmp_path):
+    images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1, "test": 1})
+    exclude = tmp_path / "exclude.csv"
+    exclude.write_text('path\n"train/red/a.png\n' + "".join(f"row{i}.png\n" for i in range(1000)))
+    line = one_line_error(cli_in_process("extract", images, "--out", tmp_path / "f.h5", "--exclude", exclude))
+    assert "unexpected end of data" in line and not (tmp_path / "f.h5").exists()
+
+
+def test_an_error_line_cannot_forge_a_second_line(tmp_path):
+    line = one_line_error(cli_in_process("audit", tmp_path / "no\nerror: forged.h5"))
+    assert "\\n" in line
+
+
+# --- nothing bypasses the writer, the reader and the printer ----------------------------------------------
+
+ALLOWED = {"runtime/files.py", "runtime/printing.py"}
+BYPASS = re.compile(r"""open\([^)]*["']w|\.write_text\(|\.write_bytes\(|json\.load\(|\bprint\(""")
+
+
+def test_no_command_writes_reads_or_prints_around_them():
+    """Each remaining place says why on its line (a comment) or is one of the writer's own modules."""
+    found = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        rel = str(path.relative_to(ROOT / "pipeline"))
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if BYPASS.search(line.split("#")[0]) and rel not in ALLOWED and "#" not in line:
+                found.append(f"{rel}:{number}: {line.strip()}")
+    assert found == []
