@@ -6,6 +6,7 @@ from pipeline.auditing.settings import AuditSettings
 from pipeline.config import stage_settings
 from pipeline.runtime.errors import run_stage
 from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.printing import say
 
 
 def main():
@@ -13,10 +14,9 @@ def main():
     s = stage_settings(AuditSettings, "audit")
     with heavy_imports():   # torch loads once the settings are accepted
         from pipeline.auditing.run import audit
-        from pipeline.report.audit_page import write_page
-    summary = audit(features, out, s, log=print)
-    print(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
-          f"({summary['leak_groups']} across splits), {summary['outliers']} outliers -> {write_page(out)}")
+    summary = audit(features, out, s, log=say)
+    say(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
+        f"({summary['leak_groups']} across splits), {summary['outliers']} outliers -> {out / 'index.html'}")
 
 
 run_stage(main)

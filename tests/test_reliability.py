@@ -243,3 +243,69 @@ def test_no_command_writes_reads_or_prints_around_them():
             if BYPASS.search(line.split("#")[0]) and rel not in ALLOWED and "#" not in line:
                 found.append(f"{rel}:{number}: {line.strip()}")
     assert found == []
+
+
+# --- the reader and the bounds ---------------------------------------------------------------------------
+
+def edited_cache(tmp_path: Path, **attrs) -> Path:
+    """A real cache whose root attributes were edited, its checksum recomputed as a careful forger would."""
+    import h5py
+
+    from pipeline.storage.cache import attrs_checksum
+    path = small_audit_cache(tmp_path / "features.h5")
+    with h5py.File(path, "r+") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["checksum"] = attrs_checksum(f.attrs)
+    return path
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"transform": "not json"}, "attribute transform is not valid JSON"),
+    ({"transform": json.dumps({"image_size": 32, "resize": 32, "interpolation": "nearest", "mean": [0, 0, 0],
+                               "std": [1, 1, 1]})}, "'interpolation' must be one of bilinear, bicubic"),
+    ({"transform": json.dumps({"image_size": "224", "resize": 32, "interpolation": "bilinear",
+                               "mean": [0, 0, 0], "std": [1, 1, 1]})}, "'image_size' must be int, got str"),
+    ({"transform": json.dumps({"image_size": 32, "resize": 32, "interpolation": "bilinear", "mean": [0, 0],
+                               "std": [0, 1, 1]})}, "'mean' must list 3 values, got 2"),
+    ({"digests": "[1, 2]"}, "attribute digests must be dict, got list"),
+    ({"digests": json.dumps({"train/labels": 7})}, "entry 'train/labels' must be str, got int"),
+    ({"classes": json.dumps([f"c{i}" for i in range(10 ** 6)])}, "lists 1,000,000 classes but holds 32 images"),
+])
+def test_a_cache_with_edited_attributes_is_one_line(tmp_path, attrs, message):
+    from pipeline.storage.cache import fingerprint
+    cache = edited_cache(tmp_path, **attrs)
+    import h5py
+    with h5py.File(cache, "r+") as f:   # and the fingerprint, so only the edited value can be refused
+        from pipeline.storage.cache import attrs_checksum
+        f.attrs["fingerprint"] = fingerprint({k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()})
+        f.attrs["checksum"] = attrs_checksum(f.attrs)
+    for command in ("audit", "train"):
+        line = one_line_error(cli_in_process(command, cache, "--out", tmp_path / command))
+        assert message in line and not (tmp_path / command).exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--neighbours", 100000000), "--neighbours must be at most 1,000, got 100000000"),
+    (("--neighbours", 32), "--neighbours must be below the number of images (32), got 32"),
+    (("--seeds", 1000000), "--seeds must be at most 100, got 1000000"),
+    (("--folds", 1000), "--folds must be at most 100, got 1000"),
+])
+def test_audit_settings_have_bounds_from_the_data(tmp_path, args, message):
+    cache = small_audit_cache(tmp_path / "features.h5")
+    assert one_line_error(cli_in_process("audit", cache, "--out", tmp_path / "r", *args)) == f"error: {message}"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_cached_onnx_record_that_is_not_a_regular_file_is_not_read(tmp_path, kind):
+    from pipeline.features.engine import ExportCache
+    cache = ExportCache(tmp_path)
+    key = {"backbone": "tiny", "v": 1}
+    graph, record = cache.paths(key)
+    graph.write_bytes(b"graph")
+    if kind == "fifo":
+        os.mkfifo(record)
+    else:
+        record.symlink_to("/dev/zero")
+    model, reference, why = cache.load(key)   # returns at once: no hang, no MemoryError
+    assert model is None and "not a regular file" in why

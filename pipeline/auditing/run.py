@@ -61,6 +61,8 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     with open_cache(cache_path) as cache:
         images = read_images(cache)
         classes, splits, data_root = cache.classes, cache.splits, cache.data_root
+    if s.neighbours >= len(images.labels):
+        raise UserError(f"--neighbours must be below the number of images ({len(images.labels)}), got {s.neighbours}")
     if np.bincount(images.labels).max() < 2:
         raise UserError(f"feature cache {cache_path} has no class with two images; nothing to audit")
 
@@ -116,7 +118,7 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     return summary
 
 
-COUNTS = ("images", "label_issues", "duplicate_groups", "leak_groups", "outliers")
+COUNTS = ("label_issues", "duplicate_groups", "leak_groups", "outliers")   # counts.json, for `dvc metrics show`
 
 
 def _write_report(folder: Path, images: Images, issues, duplicates, outliers: np.ndarray, scores: tuple,

@@ -8,6 +8,16 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
+from pipeline.runtime.reading import Field, checked, parsed
+
+_NUMBER = (int, float)
+PREPROCESSING = {   # as a cache's transform attribute and model.json record it
+    "image_size": Field(int, min=1, max=8192), "resize": Field(int, min=1, max=16384),
+    "interpolation": Field(str, choices=("bilinear", "bicubic")),
+    "mean": Field((list, tuple), length=3, items=Field(_NUMBER, min=-1e3, max=1e3)),
+    "std": Field((list, tuple), length=3, items=Field(_NUMBER, above=0, max=1e3)),
+}
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -22,7 +32,9 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict, where: str = "preprocessing") -> "Preprocessing":
+        """The recipe `d` records, refused (naming `where` and the field) unless it has `PREPROCESSING`'s form."""
+        checked(d, PREPROCESSING, where)
         return cls(d["image_size"], d["resize"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
 
     def with_size(self, image_size: int) -> "Preprocessing":
@@ -83,7 +95,8 @@ class BackboneSpec:
     @classmethod
     def from_attrs(cls, attrs: dict) -> "BackboneSpec":
         return cls(attrs["backbone"], attrs["weights"], attrs["weights_sha256"], tuple(json.loads(attrs["layers"])),
-                   Preprocessing.from_dict(json.loads(attrs["transform"])), bool(attrs["tta"]))
+                   Preprocessing.from_dict(parsed(attrs["transform"], Field(dict), "feature cache attribute transform"),
+                                           "feature cache attribute transform"), bool(attrs["tta"]))
 
     def to_dict(self) -> dict:
         """The form model.json keeps."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.heads.metrics import accuracy_interval
 from pipeline.runtime.errors import UserError
-from pipeline.runtime.files import staged_folder, write_atomically
+from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.storage import modeldir
 
 
@@ -216,15 +216,17 @@ def figure(table: list[dict]):
 
 
 def compare(model_dirs: list[Path], out: Path) -> list[dict]:
-    """Write compare.md, compare.json and compare.png to the folder `out`, whole (`files.staged_folder`)."""
+    """Write compare.md, compare.json and compare.png to the folder `out`, each replaced whole (a folder
+    shared with other reports, such as reports/, so not replaced as one)."""
     if not model_dirs:
         raise UserError("compare needs at least one model directory")
     table = rows(model_dirs)
     import matplotlib.pyplot as plt
     fig = figure(table)
-    with staged_folder(out, "comparison") as folder:
-        write_atomically(folder / "compare.json", json.dumps(table, indent=2) + "\n")
-        write_atomically(folder / "compare.md", markdown(table))
-        fig.savefig(folder / "compare.png", dpi=100)   # into the fresh folder: nothing there to follow
+    out = Path(out)
+    write_atomically(out / "compare.json", json.dumps(table, indent=2) + "\n")
+    write_atomically(out / "compare.md", markdown(table))
+    with replaced_atomically(out / "compare.png") as png:
+        fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
     return table

@@ -45,8 +45,10 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.data.folders import dataset_digest
+from pipeline.features.spec import Preprocessing
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import check_replaceable, fresh_file
+from pipeline.runtime.reading import Field, parsed
 
 SCHEMA_VERSION = 3   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums
 FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions")
@@ -548,6 +550,10 @@ def _checked(path: Path, f: h5py.File) -> Cache:
     if attrs_checksum(attrs) != attrs["checksum"]:
         raise UserError(f"feature cache {path}: its attributes do not match their checksum (damaged or edited); "
                         f"re-run `pipeline extract`")
+    where = f"feature cache {path}: attribute"
+    Preprocessing.from_dict(parsed(attrs["transform"], Field(dict), f"{where} transform"), f"{where} transform")
+    parsed(attrs["digests"], Field(dict, items=Field(str)), f"{where} digests")
+    parsed(attrs["layers"], Field(list, items=Field(str)), f"{where} layers")
     classes = json.loads(attrs["classes"])
     if (not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes)
             or not all(isinstance(c, str) and c for c in classes)):
@@ -581,5 +587,9 @@ def _checked(path: Path, f: h5py.File) -> Cache:
             raise UserError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
         if not counts["labels"]:
             raise UserError(f"feature cache {path}: split '{s}' has no rows")
+    rows = sum(f[s]["labels"].shape[0] for s in splits)
+    if len(classes) > rows:   # every class has an image: more names than rows is damage, not data
+        raise UserError(f"feature cache {path} lists {len(classes):,} classes but holds {rows:,} images "
+                        f"(damaged or edited); re-run `pipeline extract`")
     skipped = [(_str(p), _str(r)) for p, r in f["skipped"][:]] if "skipped" in f else []
     return Cache(path, f, attrs, classes, splits, skipped)

@@ -21,8 +21,10 @@ from typing import Callable
 
 import joblib
 
+from pipeline.features.spec import Preprocessing
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import sha256_file, staged_folder, write_atomically
+from pipeline.runtime.reading import Field, checked
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
@@ -96,6 +98,7 @@ def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion:
 
 _FIELDS = {"kind": str, "classes": list, "backbone": dict, "files": dict}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+BACKBONE = {"backbone": Field(str), "weights": Field(str), "weights_sha256": Field(str), "preprocessing": Field(dict)}
 
 
 def read_info(model_dir: Path) -> dict:
@@ -115,6 +118,8 @@ def read_info(model_dir: Path) -> dict:
     for key, form in _FIELDS.items():
         if not isinstance(info[key], form):
             raise UserError(f"{path}: '{key}' must be a {form.__name__}, got {type(info[key]).__name__}")
+    backbone = checked(info["backbone"], BACKBONE, f"{path}: backbone")
+    Preprocessing.from_dict(backbone["preprocessing"], f"{path}: backbone.preprocessing")
     if info["kind"] not in KINDS:
         raise UserError(f"{path}: unknown kind {info['kind']!r}; expected one of {', '.join(KINDS)}")
     if len(info["classes"]) < 2 or not all(isinstance(c, str) for c in info["classes"]):

@@ -1,0 +1,68 @@
+"""What commands read from disk that describes itself (a cache's attributes, model.json): parsed, and
+checked against a declared schema of types, ranges and list lengths, so that anything else is one error
+line naming the file and the field instead of a traceback deep inside the code that trusted it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pipeline.runtime.errors import UserError, quote
+
+
+@dataclass(frozen=True)
+class Field:
+    """The form of one value: its type, bounds (numbers), choices, and for lists their length and items."""
+    kind: type | tuple[type, ...]
+    min: float | None = None          # inclusive
+    above: float | None = None        # exclusive
+    max: float | None = None
+    choices: tuple = ()
+    length: int | None = None         # a list of exactly this many
+    items: "Field | None" = None      # the form of each item of a list, or of each value of a dict
+
+    def problem(self, value) -> str | None:
+        """What is wrong with `value`, in words, or None."""
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            return f"must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {quote(value)}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or (self.min is not None and value < self.min) or \
+                    (self.above is not None and value <= self.above) or (self.max is not None and value > self.max):
+                return f"is out of range, got {quote(value)}"
+        if isinstance(value, list):
+            if self.length is not None and len(value) != self.length:
+                return f"must list {self.length} values, got {len(value)}"
+            return next((f"item {i} {why}" for i, item in enumerate(value)
+                         if self.items and (why := self.items.problem(item))), None)
+        if isinstance(value, dict) and self.items:
+            return next((f"entry {quote(k)} {why}" for k, v in value.items() if (why := self.items.problem(v))),
+                        None)
+        return None
+
+
+def checked(data, schema: dict[str, Field], where: str) -> dict:
+    """`data` if it is an object holding every field of `schema` in its form; else a UserError naming
+    `where` (the file, and the attribute or key within it) and the first field that is not."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be an object, got {type(data).__name__}")
+    for key, field in schema.items():
+        if key not in data:
+            raise UserError(f"{where} lacks '{key}'")
+        why = field.problem(data[key])
+        if why:
+            raise UserError(f"{where}: '{key}' {why}")
+    return data
+
+
+def parsed(text, field: Field, where: str):
+    """The JSON value in `text` (str or bytes) if it has the form `field`; else a UserError naming `where`."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where} is not valid JSON: {quote(str(exc))}") from None
+    why = field.problem(value)
+    if why:
+        raise UserError(f"{where} {why}")
+    return value
