@@ -309,3 +309,56 @@ def test_a_cached_onnx_record_that_is_not_a_regular_file_is_not_read(tmp_path, k
         record.symlink_to("/dev/zero")
     model, reference, why = cache.load(key)   # returns at once: no hang, no MemoryError
     assert model is None and "not a regular file" in why
+
+
+def damaged_weights(kind: str, good: bytes) -> bytes:
+    header = int.from_bytes(good[:8], "little")
+    return {
+        "empty": b"",
+        "truncated": good[:len(good) // 2],
+        "random bytes": np.random.default_rng(0).bytes(4096),
+        "a huge header length": (2 ** 62).to_bytes(8, "little") + good[8:],
+        "a header that is not JSON": header.to_bytes(8, "little") + b"{" * header + good[8 + header:],
+        "a pickle": __import__("pickle").dumps({"weight": [1.0] * 100}),
+        "offsets past the end": good[:8] + good[8:8 + header].replace(b"]}", b"0]}", 1) + good[8 + header:],
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random bytes", "a huge header length",
+                                  "a header that is not JSON", "a pickle", "offsets past the end"])
+def test_a_damaged_hub_weights_file_is_one_line(tmp_path, monkeypatch, kind):
+    from huggingface_hub import constants
+
+    from pipeline.features.backbones import load_backbone
+    from pipeline.runtime.errors import UserError
+    from tests.test_hub import MODEL, hub_cache
+    weights = hub_cache(tmp_path / "hf", seed=0)
+    weights.write_bytes(damaged_weights(kind, weights.read_bytes()))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(UserError, match=f"weights file {re.escape(str(weights))}") as caught:
+        load_backbone(f"timm/{MODEL}", "pretrained")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"interpolation": "nearest"}, "'interpolation' must be one of bilinear, bicubic, got 'nearest'"),
+    ({"mean": [0.5, 0.5]}, "'mean' must list 3 values, got 2"),
+    ({"std": [0, 1, 1]}, "'std' item 0 is out of range, got 0"),
+    ({"image_size": "224"}, "'image_size' must be int, got str"),
+    ({"resize": -1}, "'resize' is out of range, got -1"),
+])
+def test_an_edited_model_json_is_one_line(tmp_path, change, message):
+    from pipeline.storage.modeldir import read_info
+    model = tmp_path / "model"
+    model.mkdir()
+    preprocessing = {"image_size": 32, "resize": 36, "interpolation": "bilinear", "mean": [0.5] * 3,
+                     "std": [0.25] * 3}
+    info = {"kind": "features", "classes": ["a", "b"], "fingerprint": "f" * 64, "files": {},
+            "backbone": {"backbone": "efficientnet_lite0", "weights": "imagenet", "weights_sha256": "0" * 64,
+                         "layer": "pool", "preprocessing": {**preprocessing, **change}}}
+    (model / "model.json").write_text(json.dumps(info))
+    line = one_line_error(cli_in_process("predict", model, tmp_path))
+    assert line == f"error: {model / 'model.json'}: backbone.preprocessing: {message}"
+    with pytest.raises(errors.UserError):
+        read_info(model)

@@ -4,6 +4,7 @@ line naming the file and the field instead of a traceback deep inside the code t
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from pipeline.runtime.errors import UserError, quote
@@ -66,3 +67,37 @@ def parsed(text, field: Field, where: str):
     if why:
         raise UserError(f"{where} {why}")
     return value
+
+
+SAFETENSORS_HEADER_LIMIT = 100 << 20   # bytes of a .safetensors header (the format's own reader caps it so)
+
+
+def check_safetensors(path) -> None:
+    """Refuse (one UserError naming `path`) a .safetensors file whose layout is not the format's: an
+    8-byte little-endian header length, a JSON object of tensors {dtype, shape, data_offsets} whose
+    offsets lie within the file. Read without blocking and without loading any tensor."""
+    from pipeline.runtime.files import open_regular
+    where = f"weights file {path}"
+    try:
+        with open(open_regular(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(SAFETENSORS_HEADER_LIMIT, size - 8):
+                raise UserError(f"{where} is not a safetensors file: {size} bytes, header length "
+                                f"{length if length >= 0 else 'missing'}")
+            header = f.read(length)
+    except OSError as exc:
+        raise UserError(f"cannot read {where}: {exc.strerror or exc}") from None
+    tensors = parsed(header, Field(dict, items=Field(dict)), f"{where}: the header")
+    tensors.pop("__metadata__", None)
+    for name, tensor in tensors.items():
+        checked(tensor, TENSOR, f"{where}: tensor {quote(name)}")
+        start, end = tensor["data_offsets"]
+        if not start <= end <= size - 8 - length:
+            raise UserError(f"{where} is truncated: tensor {quote(name)} ends at byte {end} of "
+                            f"{size - 8 - length}")
+
+
+TENSOR = {"dtype": Field(str), "shape": Field(list, items=Field(int, min=0)),
+          "data_offsets": Field(list, length=2, items=Field(int, min=0))}
