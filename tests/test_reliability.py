@@ -362,3 +362,42 @@ def test_an_edited_model_json_is_one_line(tmp_path, change, message):
     assert line == f"error: {model / 'model.json'}: backbone.preprocessing: {message}"
     with pytest.raises(errors.UserError):
         read_info(model)
+
+
+@pytest.fixture(scope="module")
+def trained(small_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "model"
+    assert cli_in_process("train", small_cache, "--out", out, "--param", "C=1", "--quiet").returncode == 0
+    return out
+
+
+def edited_model(trained: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    info = json.loads((model / "model.json").read_text())
+    edit(info)
+    (model / "model.json").write_text(json.dumps(info))
+    return model
+
+
+def photo_folder(tmp_path: Path) -> Path:
+    photo(tmp_path / "photos" / "a.jpg")
+    return tmp_path / "photos"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info["backbone"].update(backbone="mobilenet_v3_large", weights_sha256="1" * 64),
+     "the backbone mobilenet_v3_large (weights SHA-256 111111111111) is not the one the head was trained on"),
+    (lambda info: info["backbone"].update(tta=True), "is not the one the head was trained on"),
+    (lambda info: info["cache"].update(backbone="mobilenet_v3_large"), "'cache' does not give the recorded fingerprint"),
+    (lambda info: info.pop("cache"), "does not record the feature cache its head was trained on"),
+])
+def test_predict_refuses_a_backbone_other_than_the_one_trained_on(trained, tmp_path, edit, message):
+    model = edited_model(trained, tmp_path, edit)
+    assert message in one_line_error(cli_in_process("predict", model, photo_folder(tmp_path)))
+
+
+def test_predict_with_the_backbone_trained_on_runs(trained, tmp_path):
+    proc = cli_in_process("predict", trained, photo_folder(tmp_path), "--engine", "torch")
+    assert proc.returncode == 0 and "a.jpg" in proc.stdout

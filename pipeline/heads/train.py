@@ -23,7 +23,7 @@ from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import UserError, warn
 from pipeline.storage import modeldir
-from pipeline.storage.cache import check_expected, open_cache
+from pipeline.storage.cache import check_expected, fingerprinted, open_cache
 
 
 def _preprocessor(kind: str):
@@ -212,7 +212,8 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
                            "warnings": chosen.warnings})
     info = {"classifier": s.classifier, "classes": cache.classes,
             "backbone": model_spec(cache.attrs).to_dict(),
-            "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
+            "fingerprint": cache.attrs["fingerprint"], "cache": fingerprinted(cache.attrs),
+            "feature_preprocessing": s.preprocess,
             "dataset": dataset}
     y_pred = scores.argmax(1)
     with modeldir.staged(out_dir) as folder:

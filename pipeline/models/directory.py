@@ -23,6 +23,7 @@ from pipeline.features.backbones import Backbone, load_backbone
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError
 from pipeline.storage import modeldir
+from pipeline.storage.cache import check_trained_on
 
 PROBABILITIES = "probabilities"
 Scorer = Callable[[torch.Tensor], np.ndarray]   # normalised images [N, 3, H, W] -> scores [N, classes]
@@ -118,6 +119,7 @@ class FeatureModel(ModelDirectory):
     def backbone(self) -> Backbone:
         """The backbone recorded in model.json, refusing weights other than those it was trained on."""
         spec = self.backbone_spec
+        check_trained_on(self.info.get("cache"), spec, self.info["fingerprint"], str(self.path / modeldir.INFO))
         backbone = load_backbone(spec.name, spec.weights, spec.layer, spec.preprocessing.image_size, spec.tta)
         if backbone.weights_sha256 != spec.weights_sha256:
             raise UserError(f"weights {spec.weights} differ from those the model {self.path} was trained on "

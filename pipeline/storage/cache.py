@@ -70,6 +70,31 @@ def fingerprint(attrs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def fingerprinted(attrs: dict) -> dict:
+    """The attributes the fingerprint digests, as model.json keeps them to tie a head to its backbone."""
+    return {k: attrs[k] for k in FINGERPRINT_FIELDS}
+
+
+def check_trained_on(fields, spec, recorded: str, where: str) -> None:
+    """Refuse a model whose backbone `spec` (from model.json, at `where`) is not the one behind the cache
+    it was trained on: `fields` (`fingerprinted`) must give the `recorded` fingerprint and name the same
+    backbone, weights, layer, preprocessing and TTA as `spec`."""
+    if not isinstance(fields, dict) or set(fields) != set(FINGERPRINT_FIELDS):
+        raise UserError(f"{where} does not record the feature cache its head was trained on ('cache'); "
+                        f"train it again")
+    if fingerprint(fields) != recorded:
+        raise UserError(f"{where}: 'cache' does not give the recorded fingerprint (edited); train it again")
+    try:
+        transform = json.loads(fields["transform"])
+    except (TypeError, ValueError):
+        transform = None
+    trained = (fields["backbone"], fields["weights_sha256"], fields["layer"], bool(fields["tta"]), transform)
+    if trained != (spec.name, spec.weights_sha256, spec.layer, bool(spec.tta), spec.preprocessing.to_dict()):
+        raise UserError(f"{where}: the backbone {spec.name} (weights SHA-256 {spec.weights_sha256[:12]}) is not "
+                        f"the one the head was trained on ({fields['backbone']}, "
+                        f"{str(fields['weights_sha256'])[:12]}); refusing to predict with it")
+
+
 def library_versions() -> dict:
     import PIL
     import timm
