@@ -236,10 +236,10 @@ class ExportCache:
         if not graph.exists() and not record.exists():
             return None, None, None
         try:   # read_regular: a FIFO or a link to /dev/zero in their place is refused, not read
-            kept = json.loads(read_regular(record, RECORD_LIMIT))
+            kept = json.loads(read_regular(record, RECORD_LIMIT))   # any other form: not used, exported anew
             model = read_regular(graph, GRAPH_LIMIT)
             reference = {layer: _array(value) for layer, value in kept["reference"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return None, None, f"unreadable: {_first_line(exc)}"
         if kept.get("key") != key:
             return None, None, "its record names another key"

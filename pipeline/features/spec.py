@@ -11,6 +11,7 @@ from PIL import Image
 from pipeline.runtime.reading import Field, checked, parsed
 
 _NUMBER = (int, float)
+LAYERS = Field(list, items=Field(str))
 PREPROCESSING = {   # as a cache's transform attribute and model.json record it
     "image_size": Field(int, min=1, max=8192), "resize": Field(int, min=1, max=16384),
     "interpolation": Field(str, choices=("bilinear", "bicubic")),
@@ -94,9 +95,11 @@ class BackboneSpec:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "BackboneSpec":
-        return cls(attrs["backbone"], attrs["weights"], attrs["weights_sha256"], tuple(json.loads(attrs["layers"])),
-                   Preprocessing.from_dict(parsed(attrs["transform"], Field(dict), "feature cache attribute transform"),
-                                           "feature cache attribute transform"), bool(attrs["tta"]))
+        where = "feature cache attribute"
+        layers = tuple(parsed(attrs["layers"], LAYERS, f"{where} layers"))
+        transform = parsed(attrs["transform"], Field(dict), f"{where} transform")
+        return cls(attrs["backbone"], attrs["weights"], attrs["weights_sha256"], layers,
+                   Preprocessing.from_dict(transform, f"{where} transform"), bool(attrs["tta"]))
 
     def to_dict(self) -> dict:
         """The form model.json keeps."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.data.images import ImageError, file_under, read_image
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import write_atomically
+from pipeline.runtime.reading import Field, read_json
 
 ROWS_SHOWN = 100      # rows per table (duplicate groups for duplicates.csv); the CSVs hold all of them
 MEMBERS_SHOWN = 12    # images shown per duplicate group
@@ -52,10 +53,7 @@ def write_page(out_dir: Path) -> Path:
     """Write out_dir/index.html (and out_dir/thumbs/) from the audit's files in out_dir; return its path."""
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {summary_path}: {exc}") from None
+    summary = read_json(summary_path, Field(dict))
     missing = [key for key in SUMMARY_KEYS if key not in summary]
     if missing:
         raise UserError(f"{summary_path} lacks {', '.join(missing)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.heads.metrics import accuracy_interval
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import replaced_atomically, write_atomically
+from pipeline.runtime.reading import Field, read_json
 from pipeline.storage import modeldir
 
 
@@ -48,10 +49,7 @@ def _row(name: str, d: Path) -> dict:
         raise UserError(f"model directory {d} has no metrics.json")
     if not info.get("dataset"):
         raise UserError(f"{d}/model.json records no dataset identity; train it again with this version")
-    try:
-        m = json.loads(metrics_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{metrics_path} is not valid JSON: {exc}")
+    m = read_json(metrics_path, Field(dict))
     if "val_score" not in m:
         raise UserError(f"{metrics_path} records no val_score (the score its selection used); "
                         f"train it again with this version")

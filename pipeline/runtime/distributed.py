@@ -78,7 +78,7 @@ def launch(nproc: int, args: list[str]) -> int:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // nproc))
     with tempfile.TemporaryDirectory() as codes:
         code = subprocess.call(command, env={**os.environ, EXIT_CODE_DIR: codes, "OMP_NUM_THREADS": threads})
-        reports = [json.loads(p.read_text()) for p in sorted(Path(codes).iterdir())]
+        reports = [json.loads(p.read_text()) for p in sorted(Path(codes).iterdir())]   # the ranks', in our temp dir
     for message in dict.fromkeys(r["message"] for r in reports if r["message"]):
         say(message)
     ranks = {r["code"] for r in reports}

@@ -62,7 +62,7 @@ def parsed(text, field: Field, where: str):
     try:
         value = json.loads(text)
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{where} is not valid JSON: {quote(str(exc))}") from None
+        raise UserError(f"{where} is not valid JSON: {str(exc)[:120]}") from None
     why = field.problem(value)
     if why:
         raise UserError(f"{where} {why}")
@@ -101,3 +101,18 @@ def check_safetensors(path) -> None:
 
 TENSOR = {"dtype": Field(str), "shape": Field(list, items=Field(int, min=0)),
           "data_offsets": Field(list, length=2, items=Field(int, min=0))}
+
+
+JSON_LIMIT = 64 << 20   # bytes of a JSON file a command reads (model.json, metrics.json, summary.json)
+
+
+def read_json(path, field: Field, what: str = ""):
+    """The JSON value in the file `path`, read without blocking and only if it is a regular file of at most
+    JSON_LIMIT bytes, with the form `field`; else a UserError naming `path` (and `what` it is)."""
+    from pipeline.runtime.files import read_regular
+    where = f"{what} {path}".strip()
+    try:
+        text = read_regular(path, JSON_LIMIT)
+    except OSError as exc:
+        raise UserError(f"cannot read {where}: {exc.strerror or exc}") from None
+    return parsed(text, field, where)

@@ -85,7 +85,7 @@ def check_trained_on(fields, spec, recorded: str, where: str) -> None:
     if fingerprint(fields) != recorded:
         raise UserError(f"{where}: 'cache' does not give the recorded fingerprint (edited); train it again")
     try:
-        transform = json.loads(fields["transform"])
+        transform = json.loads(fields["transform"])   # garbage reads as a mismatch below
     except (TypeError, ValueError):
         transform = None
     trained = (fields["backbone"], fields["weights_sha256"], fields["layer"], bool(fields["tta"]), transform)
@@ -131,7 +131,7 @@ def _unpacked(value):
     """A JSON-valued attribute as the value it encodes; others as they are."""
     if isinstance(value, str) and value[:1] in "[{":
         try:
-            return json.loads(value)
+            return json.loads(value)   # only compared with what is expected; not JSON stays text
         except json.JSONDecodeError:
             pass
     return value
@@ -216,12 +216,12 @@ class FeatureWriter:
         try:
             if not all(f.attrs.get(k) == attrs[k] for k in ("fingerprint", "plan")) or "progress" not in f.attrs:
                 raise ValueError("another plan")
-            progress = json.loads(f.attrs["progress"])
+            progress = json.loads(f.attrs["progress"])   # this tool's checkpoint; damage starts afresh below
             for split in ("train", "val", "test"):   # rows written after the checkpoint go, even a new split's
                 for dataset in (f[split].values() if split in f else ()):
                     dataset.resize(progress["rows"].get(split, 0), axis=0)
             f["skipped"].resize(progress["skipped"], axis=0)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError, AttributeError):
             f.close()
             return None
         self.progress, self.kept = progress["samples"], sum(progress["rows"].values())
@@ -366,7 +366,7 @@ def seal(f: h5py.File) -> None:
 
 def verify_sealed(f: h5py.File, path: Path) -> None:
     """Check every dataset of a sealed file against its recorded digest, block by block (flat memory)."""
-    digests = json.loads(f.attrs["digests"])
+    digests = json.loads(f.attrs["digests"])   # a shard this run wrote and sealed
     names: list[str] = []
     f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
     for name in sorted(set(names) | set(digests)):
@@ -418,7 +418,7 @@ class Cache:
 
     @property
     def layers(self) -> list[str]:
-        return json.loads(self.attrs["layers"])
+        return json.loads(self.attrs["layers"])   # checked by _checked
 
     def column(self, split: str, name: str) -> np.ndarray:
         """One dataset of a split, verified (HDF5's Fletcher-32 per chunk, then the recorded digest)."""
@@ -435,7 +435,7 @@ class Cache:
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
                             f"({str(exc).splitlines()[0]}); re-run `pipeline extract`")
-        if digest != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):
+        if digest != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):   # checked by _checked
             raise UserError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
                             f"when it was written (damaged or edited); re-run `pipeline extract`")
         return value
@@ -579,7 +579,7 @@ def _checked(path: Path, f: h5py.File) -> Cache:
     Preprocessing.from_dict(parsed(attrs["transform"], Field(dict), f"{where} transform"), f"{where} transform")
     parsed(attrs["digests"], Field(dict, items=Field(str)), f"{where} digests")
     parsed(attrs["layers"], Field(list, items=Field(str)), f"{where} layers")
-    classes = json.loads(attrs["classes"])
+    classes = json.loads(attrs["classes"])   # checked by _checked
     if (not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes)
             or not all(isinstance(c, str) and c for c in classes)):
         raise UserError(f"feature cache {path}: attribute classes must be a list of at least two distinct "
@@ -587,7 +587,7 @@ def _checked(path: Path, f: h5py.File) -> Cache:
     splits = [s for s in ("train", "val", "test") if s in f]
     if "train" not in splits:
         raise UserError(f"feature cache {path} has no train split")
-    layers = json.loads(attrs["layers"])
+    layers = json.loads(attrs["layers"])   # checked by _checked
     widths: dict[str, int] = {}
     for s in splits:
         features = [features_name(layer, layers) for layer in layers]

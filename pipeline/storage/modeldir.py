@@ -24,7 +24,7 @@ import joblib
 from pipeline.features.spec import Preprocessing
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import sha256_file, staged_folder, write_atomically
-from pipeline.runtime.reading import Field, checked
+from pipeline.runtime.reading import Field, checked, read_json
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
@@ -106,12 +106,7 @@ def read_info(model_dir: Path) -> dict:
     path = Path(model_dir) / INFO
     if not path.is_file():
         raise UserError(f"{model_dir} is not a model directory (no {INFO})")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}")
-    if not isinstance(info, dict):
-        raise UserError(f"{path} holds a {type(info).__name__}, not an object")
+    info = read_json(path, Field(dict))
     missing = [k for k in (*_FIELDS, "fingerprint") if k not in info]
     if missing:
         raise UserError(f"{path} lacks keys {missing}")
