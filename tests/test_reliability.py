@@ -401,3 +401,32 @@ def test_predict_refuses_a_backbone_other_than_the_one_trained_on(trained, tmp_p
 def test_predict_with_the_backbone_trained_on_runs(trained, tmp_path):
     proc = cli_in_process("predict", trained, photo_folder(tmp_path), "--engine", "torch")
     assert proc.returncode == 0 and "a.jpg" in proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+def test_params_yaml_that_is_not_a_small_regular_file_is_one_line(tmp_path, kind):
+    from pipeline.auditing.settings import AuditSettings
+    from pipeline.config import stage_settings
+    params = tmp_path / "params.yaml"
+    if kind == "fifo":
+        os.mkfifo(params)
+    elif kind == "dev-zero":
+        params.symlink_to("/dev/zero")
+    else:
+        params.write_text("audit:\n  folds: 3\n" + "#" * (2 << 20))
+    with pytest.raises(errors.UserError, match=f"cannot read {re.escape(str(params))}: "):
+        stage_settings(AuditSettings, "audit", path=params)
+
+
+def test_export_prints_torch_warnings_as_one_line_and_a_link_at_its_output_is_replaced(trained, tmp_path):
+    victim = tmp_path / "victim.onnx"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "model.onnx"
+    out.symlink_to(victim)
+    (tmp_path / "model.tmp.onnx").symlink_to(victim)   # the temporary name earlier versions used
+    proc = cli_in_process("export", trained, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("exported ") and all(line.startswith("warning: ") for line in lines[1:])
+    assert len({line.split(":")[1] for line in lines[1:]}) == len(lines[1:])   # one line per kind
+    assert victim.read_bytes() == b"precious" and not out.is_symlink() and out.stat().st_size > 1000
