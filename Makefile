@@ -44,7 +44,7 @@ $(VEGA_PAGE): tools/offline_plots_page.py | $(BIN)/python
 plots: $(VENV)/.installed $(VEGA_PAGE)
 	$(BIN)/dvc plots show --html-template $(VEGA_PAGE)
 
-# The README's picture of the demo's audit page (after `make demo`).
+# docs/audit.md's picture of the demo's audit page (after `make demo`).
 docs/audit_report.png: reports/audit/lite0_160/index.html
 	mkdir -p docs build
 	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir=$(CURDIR)/build/chromium \

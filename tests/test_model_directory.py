@@ -49,20 +49,20 @@ def photo(tmp_path_factory) -> Path:
     return path
 
 
-def readme_export_snippet() -> str:
-    text = (ROOT / "README.md").read_text()
+def documented_export_snippet() -> str:
+    text = (ROOT / "docs" / "classifiers.md").read_text()
     return re.search(r"\*\*Export\.\*\*.*?```python\n(.*?)```", text, re.S).group(1)
 
 
 @pytest.mark.slow
-def test_a_fine_tuned_model_exports_and_the_readme_recipe_runs_it_on_a_new_image(finetuned, photo, tmp_path,
+def test_a_fine_tuned_model_exports_and_the_documented_recipe_runs_it_on_a_new_image(finetuned, photo, tmp_path,
                                                                                   monkeypatch):
     proc = run_cli("export", finetuned, "--out", tmp_path / "model.pt2")
     assert proc.returncode == 0, proc.stderr
-    (tmp_path / "photo.jpg").symlink_to(photo)   # the README's file names
+    (tmp_path / "photo.jpg").symlink_to(photo)   # the recipe's file names
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(readme_export_snippet(), namespace)
+    exec(documented_export_snippet(), namespace)
     expected = predict(finetuned, [photo], top_k=3, device="cpu")[0]
     scores = namespace["scores"].numpy()[0]
     assert namespace["meta"]["scores"] == expected["scores"] == "probabilities"

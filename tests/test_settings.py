@@ -1,4 +1,4 @@
-"""One settings object per stage: the command line's options, params.yaml, --help and the README's params
+"""One settings object per stage: the command line's options, params.yaml, --help and docs/dvc.md's params
 list all follow its fields; a bad invocation or a bad params.yaml is one `error:` line, exit code 2."""
 from __future__ import annotations
 
@@ -47,26 +47,26 @@ def test_help_lists_every_setting_with_its_doc_and_flags_as_flags(command):
         assert f"<{'|'.join(CLASSIFIERS)}>" in text
 
 
-def readme_section_settings(section: str) -> list[str]:
-    """The names the README's params.yaml list gives for `section`, up to the first parenthesis."""
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(rf"^- `{re.escape(section)}`: (.*?)\(", readme, re.M | re.S)
-    assert match, f"README's params list has no line for {section}"
+def documented_settings(section: str) -> list[str]:
+    """The names docs/dvc.md's params.yaml list gives for `section`, up to the first parenthesis."""
+    page = (ROOT / "docs" / "dvc.md").read_text()
+    match = re.search(rf"^- `{re.escape(section)}`: (.*?)\(", page, re.M | re.S)
+    assert match, f"docs/dvc.md's params list has no line for {section}"
     return re.findall(r"`(\w+)`", match.group(1))
 
 
 @pytest.mark.parametrize("section", SECTIONS)
-def test_readme_params_list_names_every_setting(section):
-    assert readme_section_settings(section) == [f.name for f in fields(SECTIONS[section])]
+def test_documented_params_list_names_every_setting(section):
+    assert documented_settings(section) == [f.name for f in fields(SECTIONS[section])]
 
 
-def test_readme_classifier_table_matches_the_registry():
-    readme = (ROOT / "README.md").read_text()
+def test_documented_classifier_table_matches_the_registry():
+    page = (ROOT / "docs" / "classifiers.md").read_text()
     common = [f.name for f in fields(TrainSettings) if f.name != "classifier"]
-    assert readme_section_settings("train.<classifier>") == common
+    assert documented_settings("train.<classifier>") == common
     for name, spec in CLASSIFIERS.items():
-        row = re.search(rf"^\| `{name}` \|(.*)$", readme, re.M)
-        assert row, f"README's classifier table has no row for {name}"
+        row = re.search(rf"^\| `{name}` \|(.*)$", page, re.M)
+        assert row, f"docs/classifiers.md's classifier table has no row for {name}"
         tuned, own = row.group(1).split("|")[1:3]
         assert re.findall(r"`(\w+)`", tuned) == [spec.tuned], name
         listed = re.findall(r"`(\w+)`", own.split("(")[0])

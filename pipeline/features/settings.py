@@ -24,7 +24,7 @@ def _unknown_backbone(name: str) -> str | None:
 class BackboneSettings:
     """Which network makes the features: shared by extract, finetune and bench."""
     backbone: str = setting("efficientnet_lite0", "A backbone of the registry (efficientnet_lite0/1/2, "
-                                                  "torchvision's ResNets, ...: README) or timm/<model>[.<tag>].",
+                                                  "torchvision's ResNets, ...: docs/backbones.md) or timm/<model>[.<tag>].",
                             check=_unknown_backbone)
     weights: str = setting("imagenet", "'imagenet' or 'pretrained' (bundled, the torch cache, or for timm models "
                                        "the Hugging Face hub cache), a path to a local .pth or .safetensors state "

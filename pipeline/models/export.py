@@ -1,7 +1,7 @@
 """Export a trained model directory, either kind, as one deployable file: the network from images to scores.
 
 The exported network maps a batch of preprocessed images [N, 3, H, W] (resized, centre-cropped and
-normalised as recorded in model.json: see README, "Export") to scores [N, classes], the same scores
+normalised as recorded in model.json: see docs/classifiers.md, "Export") to scores [N, classes], the same scores
 `pipeline predict` ranks: probabilities for fine-tuned models, logreg and the torch heads, decision values
 for linear_svm. Classifiers on cached features become the frozen backbone, the feature preprocessing and
 the head; heads that are not tensor operations (knn, rbf_svm) cannot be exported.

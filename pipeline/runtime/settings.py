@@ -1,6 +1,6 @@
 """Settings objects: one dataclass per stage whose fields carry a one-line doc and what they accept
 (choices, a range). The command line's options and --help (pipeline.cli), the reading of params.yaml
-(pipeline.config) and the README's params list are derived from, or checked against, these fields."""
+(pipeline.config) and docs/dvc.md's params list are derived from, or checked against, these fields."""
 from __future__ import annotations
 
 import dataclasses
