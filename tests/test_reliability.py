@@ -79,7 +79,7 @@ def test_a_link_at_thumbs_keeps_the_photos_behind_it(cache, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["label_issues.csv", "summary.json", "duplicates.csv", "learning_curve.png",
-                                  "index.html.tmp", "index.html", "counts.json", ".written"])
+                                  "index.html.tmp", "index.html", "outliers.csv", ".written"])
 def test_a_link_planted_in_a_previous_report_is_neither_followed_nor_deleted(cache, tmp_path, name):
     out = tmp_path / "report"
     assert cli_in_process("audit", cache, "--out", out, "--quiet", *FAST).returncode == 0
@@ -430,3 +430,30 @@ def test_export_prints_torch_warnings_as_one_line_and_a_link_at_its_output_is_re
     assert lines[0].startswith("exported ") and all(line.startswith("warning: ") for line in lines[1:])
     assert len({line.split(":")[1] for line in lines[1:]}) == len(lines[1:])   # one line per kind
     assert victim.read_bytes() == b"precious" and not out.is_symlink() and out.stat().st_size > 1000
+
+
+def test_compare_shows_a_model_name_that_is_not_utf8_escaped(trained, tmp_path):
+    import shutil
+    model = tmp_path / os.fsdecode(b"m\xe9\x1b[2J")
+    shutil.copytree(trained, model)
+    victim = tmp_path / "victim.md"
+    victim.write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "compare.md").symlink_to(victim)
+    proc = cli_in_process("compare", model, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "\\xe9\\x1b[2J" in proc.stdout and "\x1b" not in proc.stdout
+    assert victim.read_text() == "precious\n" and (tmp_path / "out" / "compare.md").is_file()
+
+
+@pytest.mark.parametrize("planted", ["link", "photo"])
+def test_visualize_never_replaces_a_folder_holding_what_it_did_not_write(trained, tmp_path, planted):
+    out = tmp_path / "visual"
+    out.mkdir()
+    victim = tmp_path / "victim.png"
+    kept = photo(victim if planted == "link" else out / "holiday.jpg")
+    if planted == "link":
+        (out / "predictions.png").symlink_to(victim)
+    line = one_line_error(cli_in_process("visualize", trained, photo_folder(tmp_path), "--out", out))
+    assert "did not write" in line
+    assert (victim if planted == "link" else out / "holiday.jpg").read_bytes() == kept

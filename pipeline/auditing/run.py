@@ -6,7 +6,6 @@ out_dir/outliers.csv        path, split, label, score, score_in_class, score_ove
 out_dir/learning_curve.csv  head, per_class, mean, std, runs (accuracy on the evaluation split)
 out_dir/learning_curve.png
 out_dir/summary.json        counts, classes, splits, the cache, its data folder and the settings
-out_dir/counts.json         the counts alone, for `dvc metrics show`
 out_dir/index.html, thumbs/ the report page (pipeline.report.audit_page)
 Paths are relative to the data folder, as the cache stores them. Nothing is written before every
 finding is computed; then the whole folder is written beside `out_dir` and renamed over it
@@ -113,12 +112,8 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
         _write_report(folder, images, issues, duplicates, outliers, (outlier_score, in_class, overall),
                       (points, eval_split), given)
         write_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
-        write_atomically(folder / "counts.json", json.dumps({k: summary[k] for k in COUNTS}, indent=2) + "\n")
         write_page(folder)
     return summary
-
-
-COUNTS = ("label_issues", "duplicate_groups", "leak_groups", "outliers")   # counts.json, for `dvc metrics show`
 
 
 def _write_report(folder: Path, images: Images, issues, duplicates, outliers: np.ndarray, scores: tuple,

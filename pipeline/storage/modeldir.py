@@ -5,7 +5,8 @@ written to a temporary sibling folder and renamed into place when complete.
   head.joblib    kind "features": the fitted preprocessing + classifier (a pickle: load only
                  directories you trust)
   weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
-  metrics.json   the headline metrics, one value each, for `dvc metrics show`
+  metrics.json   the headline metrics, one value each (accuracy, timings, counts), for `pipeline compare`
+  scores.json    four of them (SCORES), for `dvc metrics show`: its table stays within a terminal's width
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall
   confusion.json {actual, predicted} rows for `dvc plots show`
 
@@ -28,6 +29,7 @@ from pipeline.runtime.reading import Field, checked, read_json
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
+SCORES = ("top1", "balanced_accuracy", "macro_f1", "val_score")   # metrics that scores.json repeats
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -83,12 +85,14 @@ def staged(out_dir: Path):
 
 
 def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
-    """Write the model file of `kind`, metrics.json (headline) and details.json (`DETAILS`), confusion.json
+    """Write the model file of `kind`, metrics.json (headline), scores.json (`SCORES`) and details.json
+    (`DETAILS`), confusion.json
     and model.json (with the model file's SHA-256) into `folder`, normally the one `staged` gives."""
     folder = Path(folder)
     kind.dump(model, folder / kind.model_file)
     headline = {k: v for k, v in metrics.items() if k not in DETAILS}
     write_atomically(folder / "metrics.json", json.dumps(headline, indent=2) + "\n")
+    write_atomically(folder / "scores.json", json.dumps({k: metrics[k] for k in SCORES if k in metrics}) + "\n")
     details = {k: metrics[k] for k in DETAILS if k in metrics}
     write_atomically(folder / "details.json", json.dumps(details, indent=2) + "\n")
     write_atomically(folder / "confusion.json", json.dumps(confusion) + "\n")
