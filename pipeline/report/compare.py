@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.heads.metrics import accuracy_interval
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import replaced_atomically, write_atomically
+from pipeline.runtime.printing import shown as escaped
 from pipeline.runtime.reading import Field, read_json
 from pipeline.storage import modeldir
 
@@ -182,7 +183,8 @@ def figure(table: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 5))
-    shown = [r for r in table if r["total_seconds"] is not None]
+    shown = [dict(r, name=escaped(r["name"])) for r in table   # a name's odd bytes would stop the font
+             if r["total_seconds"] is not None]
     kinds = {"features": ("o", "C0", "feature cache + classifier (extraction included)"),
              "finetuned": ("s", "C1", "fine-tune")}
     for kind, (marker, colour, label) in kinds.items():
