@@ -212,7 +212,7 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
     assert details["hyperparameters"]["C"] > 0 and details["per_class"]["red"]["support"] == 4
     assert details["search"]["hyperparameter"] == "C" and "0.01" in details["search"]["scores"]
     table = dvc("metrics", "show")
-    assert "models/x/logreg/metrics.json" in table and "top1" in table
+    assert "models/x/logreg/scores.json" in table and "top1" in table and max(map(len, table.splitlines())) <= 120
 
     plots = json.loads(dvc("plots", "show", "--json"))
     rows = [r for p in plots["data"]["models/x/logreg/confusion.json"] for r in p["content"]["data"]["values"]]
