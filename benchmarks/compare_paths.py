@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import Dataset, scan  # noqa: E402
 from pipeline.data.images import decode_image  # noqa: E402
-from pipeline.features.backbones import Embedder, load_backbone  # noqa: E402
+from pipeline.features.backbones.loading import build_backbone  # noqa: E402
+from pipeline.features.engines.torch import Embedder
+from pipeline.features.settings import ExtractSettings
 from pipeline.features.extract import extract  # noqa: E402
-from pipeline.features.gpu_decoding import JpegDecoder, TensorPreprocess, chw_tensor, gpu_batches  # noqa: E402
+from pipeline.features.inputs.gpu_decoding import JpegDecoder, TensorPreprocess, chw_tensor, gpu_batches  # noqa: E402
 from pipeline.runtime.devices import default_workers  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 
@@ -43,13 +45,13 @@ def main() -> None:
     args = p.parse_args()
     full = scan(args.data, 0.0, 0.0)
     dataset = Dataset(full.root, full.classes, full.samples[:args.images], full.layout)
-    backbone = load_backbone(args.backbone, args.weights)
+    backbone = build_backbone(args.backbone, args.weights)
     if args.resize_only:
         return resize_only(dataset, backbone)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cpu.h5"
-        summary = extract(dataset, backbone, out, 64, "cpu", "float32", quiet=True, precision="float32",
-                          engine="torch")
+        s = ExtractSettings(batch_size=64, device="cpu", dtype="float32", precision="float32", engine="torch")
+        summary = extract(dataset, backbone, out, s, quiet=True)
         print(summary.lines()[0])
         reference = open_cache(out).read("train").features
     dev = torch.device(args.device)

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.make_images import make_images  # noqa: E402
 from pipeline.data.folders import Dataset, scan  # noqa: E402
-from pipeline.features.backbones import load_backbone  # noqa: E402
+from pipeline.features.backbones.loading import build_backbone  # noqa: E402
+from pipeline.features.settings import ExtractSettings
 from pipeline.features.extract import extract  # noqa: E402
 
 
@@ -34,19 +35,20 @@ def main() -> None:
         make_images(data, args.images, jobs=len(os.sched_getaffinity(0)))
     dataset = scan(data, 0.0, 0.0)
     dataset = Dataset(dataset.root, dataset.classes, dataset.samples[:args.images], dataset.layout)
-    backbone = load_backbone()
+    backbone = build_backbone()
     print(f"{len(os.sched_getaffinity(0))} cores, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     rates: dict[str, list[float]] = {split: [] for split in args.splits}
     with tempfile.TemporaryDirectory() as tmp:
         warmup = Dataset(dataset.root, dataset.classes, dataset.samples[:8], dataset.layout)
-        extract(warmup, backbone, Path(tmp) / "f.h5", device="cpu", quiet=True, reuse=False, engine="onnxruntime")
+        extract(warmup, backbone, Path(tmp) / "f.h5", ExtractSettings(device="cpu", reuse=False, engine="onnxruntime"),
+                quiet=True)
         for r in range(args.rounds):
             for split in args.splits:
                 threads, workers = split.split(":")
                 os.environ["OMP_NUM_THREADS"] = threads
                 start = time.perf_counter()
-                summary = extract(dataset, backbone, Path(tmp) / "f.h5", device="cpu", workers=int(workers),
-                                  quiet=True, reuse=False, engine="onnxruntime")
+                s = ExtractSettings(device="cpu", workers=int(workers), reuse=False, engine="onnxruntime")
+                summary = extract(dataset, backbone, Path(tmp) / "f.h5", s, quiet=True)
                 rate = summary.extracted / (time.perf_counter() - start)
                 assert "onnxruntime" in summary.device, summary.notes
                 rates[split].append(rate)

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.folders import scan  # noqa: E402
-from pipeline.features.backbones import load_backbone  # noqa: E402
-from pipeline.features.gpu_decoding import (  # noqa: E402
+from pipeline.features.backbones.loading import build_backbone  # noqa: E402
+from pipeline.features.inputs.gpu_decoding import (  # noqa: E402
     FileBytes,
     JpegDecoder,
     TensorPreprocess,
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     args = p.parse_args()
     samples, dev, bs = scan(args.data, 0, 0).samples[:args.images], torch.device(args.device), args.batch_size
-    pre = TensorPreprocess(load_backbone("resnet50", "none").preprocessing, dev)
+    pre = TensorPreprocess(build_backbone("resnet50", "none").preprocessing, dev)
     loader = DataLoader(FileBytes(args.data, samples), batch_size=bs, num_workers=args.workers,
                         collate_fn=collate_bytes, pin_memory=dev.type == "cuda", prefetch_factor=4)
     rate(f"read bytes in {args.workers} workers", lambda: sum(len(b[0]) for b in loader), dev)

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.folders import scan
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import build_backbone
+from pipeline.features.settings import ExtractSettings
 from pipeline.features.extract import extract
 
 
@@ -40,18 +41,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "images", Path(tmp) / "features.h5"
         write_images(root, args.images, args.size)
-        backbone = load_backbone()
-        options = dict(device=args.device, workers=args.workers, quiet=True)
+        backbone = build_backbone()
+        options = dict(device=args.device, workers=args.workers)
         dataset = scan(root)
         warmup = replace(dataset, samples=dataset.samples[:64])   # first-call costs out of the timing
-        extract(warmup, backbone, Path(tmp) / "warmup.h5", **options)
+        extract(warmup, backbone, Path(tmp) / "warmup.h5", ExtractSettings(**options), quiet=True)
         t = time.perf_counter()
-        full = extract(dataset, backbone, out, **options)
+        full = extract(dataset, backbone, out, ExtractSettings(**options), quiet=True)
         full_s = time.perf_counter() - t
         added = max(1, args.images // 100)
         write_images(root, added, args.size, start=args.images)
         t = time.perf_counter()
-        rerun = extract(scan(root), backbone, out, **options)
+        rerun = extract(scan(root), backbone, out, ExtractSettings(**options), quiet=True)
         rerun_s = time.perf_counter() - t
     print(f"full extraction: {full.computed} images in {full_s:.2f}s on {full.device}")
     print(f"after adding {added}: {rerun.computed} computed, {rerun.reused} reused in {rerun_s:.2f}s "

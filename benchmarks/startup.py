@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The modules each kind of command imports before its work (as cli.py does for extract, train and predict).
 COMMANDS = {
-    "extract": "import pipeline.features.backbones; import pipeline.features.extract",
+    "extract": "import pipeline.features.backbones.loading; import pipeline.features.extract",
     "train": "import pipeline.heads.train",
     "predict": "import pipeline.models.predict",
 }

@@ -21,6 +21,7 @@ from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_params
 from pipeline.models.settings import PredictSettings
 from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
+from pipeline.runtime.devices import DEVICES, device_setting
 from pipeline.runtime.imports import heavy_imports
 from pipeline.runtime.printing import say
 from pipeline.runtime.settings import alternatives, default, fields, from_options, option_name, rule, type_hints
@@ -100,10 +101,7 @@ def settings_options(cls):
     return decorate
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)   # visualize's --device
 
 
 class Format(str, Enum):
@@ -320,8 +318,10 @@ def visualize(
     out: Annotated[Path, typer.Option(help="Folder for predictions.png (and gradcam.png).")] = Path("visual"),
     limit: Annotated[int, typer.Option(help="Images to show at most.")] = 24,
     gradcam: Annotated[bool, typer.Option(help="Also write Grad-CAM heat maps (fine-tuned models and "
-                                               "every head but knn and rbf_svm).")] = False,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
+                                               "heads made of tensor operations: "
+                                               + ", ".join(n for n, spec in CLASSIFIERS.items() if spec.to_torch)
+                                               + ").")] = False,
+    device: Annotated[Device, typer.Option(help=rule(device_setting()).doc)] = Device.auto,
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
     _check_model(model_dir)

@@ -49,7 +49,7 @@ def make_image_folder(root: Path, per_split: dict[str, int] | None = None, class
 
 @pytest.fixture(scope="session", autouse=True)
 def onnx_export_cache(request, tmp_path_factory) -> Path:
-    """ONNX exports (pipeline.features.engine) go to pytest's cache folder (a temporary one without it),
+    """ONNX exports (pipeline.features.engines.onnx_runtime) go to pytest's cache folder (a temporary one without it),
     shared by the tests and their subprocesses and kept between runs (their key covers everything they
     depend on), never to ~/.cache."""
     cache = getattr(request.config, "cache", None)
@@ -68,8 +68,8 @@ def embedder_calls(before_call=None):
     """Record the images each embedder call (torch or ONNX Runtime) runs through the network (each twice
     with TTA), leaving out the checks of an ONNX export against torch.
     `before_call(n)`, if given, runs before the n-th call, to fail or interrupt it."""
-    from pipeline.features import engine
-    from pipeline.features.backbones import Embedder
+    from pipeline.features.engines import onnx_runtime as engine
+    from pipeline.features.engines.torch import Embedder
     seen: list[int] = []
     calls = {cls: cls.__call__ for cls in (Embedder, engine.OnnxEmbedder)}
     checks = {name: getattr(engine, name) for name in ("mismatch", "torch_reference")}

@@ -1,6 +1,7 @@
 """Backbone registry: hooked layers and their sizes, weights files, TTA, the offline ImageNet error."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbones import Embedder, load_backbone
-from pipeline.features.registry import KNOWN
+from pipeline.features.backbones import KNOWN
+from pipeline.features.backbones.loading import build_backbone
+from pipeline.features.engines.torch import Embedder
 from pipeline.runtime.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def test_vgg16_hooks_the_penultimate_layer_and_offers_avgpool_flattened():
-    vgg = load_backbone("vgg16", "none", ["classifier.4", "avgpool", "classifier.3"], image_size=64)
+    vgg = build_backbone("vgg16", "none", ["classifier.4", "avgpool", "classifier.3"], image_size=64)
     assert vgg.layer == "classifier.4" and vgg.feature_dim == 4096
     assert vgg.feature_dims == {"classifier.4": 4096, "avgpool": 25088, "classifier.3": 4096}
     with Embedder(vgg) as embed:
@@ -33,7 +35,7 @@ def test_compiled_embedders_give_their_own_features_after_other_compiles_of_the_
     its eager backend stands in for the slow inductor one."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
-    resnet = load_backbone("resnet18", "none", ["avgpool", "layer3"], image_size=32)
+    resnet = build_backbone("resnet18", "none", ["avgpool", "layer3"], image_size=32)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with Embedder(resnet) as embed:
         want = embed(x)
@@ -50,14 +52,14 @@ def test_compiled_embedders_give_their_own_features_after_other_compiles_of_the_
 def test_registry_feature_dims_match_the_hooked_layers():
     for name in ("resnet18", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"):
         entry = KNOWN[name]
-        probe = load_backbone(name, "none", [entry.layer, entry.classifier], image_size=64)
+        probe = build_backbone(name, "none", [entry.layer, entry.classifier], image_size=64)
         assert probe.feature_dims[entry.layer] == entry.feature_dim, name
         assert probe.feature_dims[entry.classifier] == 1000, name   # the classifier is the ImageNet head
 
 
 def test_unknown_layer_names_the_modules():
     with pytest.raises(UserError, match="has no layer 'nope'; its top-level modules are: conv1, bn1"):
-        load_backbone("resnet18", "none", "nope")
+        build_backbone("resnet18", "none", "nope")
 
 
 def _features(backbone, x: torch.Tensor) -> np.ndarray:
@@ -67,12 +69,12 @@ def _features(backbone, x: torch.Tensor) -> np.ndarray:
 
 def test_weights_file_with_another_head_loads_the_backbone_and_notes_the_head(tmp_path: Path):
     """A resnet18 fine-tuned for 2 classes, saved from DataParallel: its features equal the source's."""
-    source = load_backbone("resnet18", "none", image_size=64)
+    source = build_backbone("resnet18", "none", image_size=64)
     state = {f"module.{k}": v for k, v in source.model.state_dict().items()}
     state["module.fc.weight"], state["module.fc.bias"] = torch.zeros(2, 512), torch.zeros(2)
     torch.save(state, tmp_path / "finetuned.pth")
     torch.manual_seed(1)   # a different random init underneath, so equal features prove the load
-    loaded = load_backbone("resnet18", str(tmp_path / "finetuned.pth"), image_size=64)
+    loaded = build_backbone("resnet18", str(tmp_path / "finetuned.pth"), image_size=64)
     assert loaded.notes == ["weights finetuned.pth: classifier 'fc' left random, its 2 keys in the file do not "
                             "fit (fc.weight, fc.bias); features do not use it"]
     x = torch.randn(2, 3, 64, 64)
@@ -80,31 +82,31 @@ def test_weights_file_with_another_head_loads_the_backbone_and_notes_the_head(tm
 
 
 def test_weights_file_missing_backbone_keys_is_an_error(tmp_path: Path):
-    state = load_backbone("resnet18", "none").model.state_dict()
+    state = build_backbone("resnet18", "none").model.state_dict()
     del state["layer4.1.conv2.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(UserError, match=r"do not fit resnet18: 1 backbone keys missing \(e.g. \['layer4.1.conv2"):
-        load_backbone("resnet18", str(tmp_path / "partial.pth"))
+        build_backbone("resnet18", str(tmp_path / "partial.pth"))
 
 
 def test_weights_file_extra_keys_are_noted(tmp_path: Path):
-    state = load_backbone("resnet18", "none").model.state_dict()
+    state = build_backbone("resnet18", "none").model.state_dict()
     state["projection.weight"] = torch.zeros(4)
     torch.save(state, tmp_path / "extra.pth")
-    assert load_backbone("resnet18", str(tmp_path / "extra.pth")).notes == [
+    assert build_backbone("resnet18", str(tmp_path / "extra.pth")).notes == [
         "weights extra.pth: ignored 1 keys that resnet18 does not have (e.g. ['projection.weight'])"]
 
 
 def test_weights_file_of_another_architecture_is_an_error(tmp_path: Path):
-    torch.save(load_backbone("resnet50", "none").model.state_dict(), tmp_path / "resnet50.pth")
+    torch.save(build_backbone("resnet50", "none").model.state_dict(), tmp_path / "resnet50.pth")
     with pytest.raises(UserError, match=r"do not fit resnet18: 0 backbone keys missing \(e.g. \[\]\), [1-9]\d* of "
                                         r"another shape \(e.g. \['layer1.0.conv1.weight'"):
-        load_backbone("resnet18", str(tmp_path / "resnet50.pth"))
+        build_backbone("resnet18", str(tmp_path / "resnet50.pth"))
 
 
 def test_tta_averages_each_image_with_its_mirror():
-    plain = load_backbone(image_size=64)
+    plain = build_backbone(image_size=64)
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     unflipped, flipped = _features(plain, x), _features(plain, x.flip(-1))
     tta = replace(plain, tta=True)
@@ -141,7 +143,7 @@ def test_timm_models_hook_the_input_of_their_classifier(tmp_path: Path, model, l
     torch.manual_seed(3)
     source = timm.create_model(model, pretrained=False).eval()
     torch.save(source.state_dict(), tmp_path / "weights.pth")
-    backbone = load_backbone(f"timm/{model}", str(tmp_path / "weights.pth"))
+    backbone = build_backbone(f"timm/{model}", str(tmp_path / "weights.pth"))
     assert (backbone.layer, backbone.feature_dim) == (layer, dim)
     size = backbone.preprocessing.image_size
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -154,7 +156,7 @@ def test_a_vit_takes_another_image_size_through_timm_dynamic_size():
     """A transformer built for 160 px runs at 96 px with its position embedding resampled (timm's
     dynamic_img_size, the same weights); a size its patches do not divide is one clear error."""
     import timm
-    backbone = load_backbone("timm/test_vit", "none", image_size=96)
+    backbone = build_backbone("timm/test_vit", "none", image_size=96)
     assert backbone.preprocessing.image_size == 96
     resampled = timm.create_model("test_vit.r160_in1k", dynamic_img_size=True).eval()
     resampled.load_state_dict(backbone.model.state_dict())
@@ -164,9 +166,23 @@ def test_a_vit_takes_another_image_size_through_timm_dynamic_size():
     np.testing.assert_allclose(_features(backbone, x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match=r"backbone timm/test_vit.r160_in1k cannot take 97x97 images \(Input height "
                                         r"\(97\) should be divisible by patch size \(16\)\); choose another"):
-        load_backbone("timm/test_vit", "none", image_size=97)
+        build_backbone("timm/test_vit", "none", image_size=97)
 
 
 def test_unknown_timm_model_is_one_clear_error():
     with pytest.raises(UserError, match="unknown timm model 'convnext_nope'"):
-        load_backbone("timm/convnext_nope", "none")
+        build_backbone("timm/convnext_nope", "none")
+
+
+def test_the_documented_backbone_list_is_the_registry():
+    """docs/backbones.md's list and `pipeline extract --help` name what the family modules offer."""
+    from pipeline.features.backbones import FAMILIES, KNOWN, available
+    from pipeline.features.settings import BackboneSettings
+    from pipeline.runtime.settings import fields, rule
+    page = (ROOT / "docs" / "backbones.md").read_text()
+    listed = page.split("Backbones: ", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"`([\w/<>\[\].]+)`", listed)
+    assert [n for n in names if n in KNOWN] == list(KNOWN) and all(
+        any(n.startswith(family.prefix) for n in names) for family in FAMILIES if family.prefix)
+    doc = rule(next(f for f in fields(BackboneSettings) if f.name == "backbone")).doc
+    assert all(name in doc for name in available())

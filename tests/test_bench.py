@@ -21,13 +21,14 @@ FEATURE_DIM = 25088   # vgg16's flattened conv features: 100 kB per image, so ho
 PEAKS = """
 import json, resource, sys
 from pathlib import Path
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import build_backbone
 from pipeline.data.folders import scan
 from pipeline.features.extract import extract
-backbone = load_backbone("vgg16", "none", "avgpool", image_size=32)
+from pipeline.features.settings import ExtractSettings
+backbone = build_backbone("vgg16", "none", "avgpool", image_size=32)
+settings = ExtractSettings(batch_size=16, device="cpu", dtype="float32", workers=0, engine="torch")
 for folder, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    summary = extract(scan(Path(folder), 0, 0), backbone, Path(out), batch_size=16, device="cpu",
-                      dtype="float32", workers=0, quiet=True, engine="torch")
+    summary = extract(scan(Path(folder), 0, 0), backbone, Path(out), settings, quiet=True)
     print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, summary.reused]))
 """
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.data.folders import scan
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import build_backbone
 from pipeline.features.extract import extract
+from pipeline.features.settings import ExtractSettings
 from pipeline.heads.train import TrainSettings, train
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import check_expected, open_cache
@@ -21,7 +22,7 @@ from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, 
 
 @pytest.fixture(scope="module")
 def lite0():
-    return load_backbone(image_size=64)
+    return build_backbone(image_size=64)
 
 
 def rows_of(path: Path) -> dict[str, tuple[str, str, np.ndarray]]:
@@ -39,7 +40,7 @@ def test_rerun_computes_only_new_and_changed_images(tmp_path: Path, lite0):
     root = make_image_folder(tmp_path / "images", {"all": 6}, split_folders=False)
     out = tmp_path / "features.h5"
     with embedder_calls() as seen:
-        first = extract(scan(root), lite0, out, workers=0, quiet=True)
+        first = extract(scan(root), lite0, out, ExtractSettings(workers=0), quiet=True)
     assert sum(seen) == 18 and (first.computed, first.reused) == (18, 0)
     before = rows_of(out)
 
@@ -48,7 +49,7 @@ def test_rerun_computes_only_new_and_changed_images(tmp_path: Path, lite0):
     (root / "blue" / "all_1.png").rename(root / "red" / "moved.png")            # relabelled
     tiny_image(COLOURS["green"], 2000).save(root / "green" / "all_2.png")       # changed in place
     with embedder_calls() as seen:
-        second = extract(scan(root), lite0, out, workers=0, quiet=True)
+        second = extract(scan(root), lite0, out, ExtractSettings(workers=0), quiet=True)
     assert sum(seen) == 2                                                       # new.png and all_2.png
     assert (second.extracted, second.computed, second.reused) == (18, 2, 16)
     assert "(2 computed, 16 reused)" in second.lines()[0]
@@ -61,7 +62,7 @@ def test_rerun_computes_only_new_and_changed_images(tmp_path: Path, lite0):
         np.testing.assert_array_equal(after[path][2], before[path][2])
     assert not np.array_equal(after["green/all_2.png"][2], before["green/all_2.png"][2])
 
-    full = extract(scan(root), lite0, tmp_path / "full.h5", workers=0, quiet=True)   # no previous cache
+    full = extract(scan(root), lite0, tmp_path / "full.h5", ExtractSettings(workers=0), quiet=True)   # none before
     assert full.reused == 0
     fresh = rows_of(tmp_path / "full.h5")
     assert {p: r[:2] for p, r in fresh.items()} == {p: r[:2] for p, r in after.items()}
@@ -72,23 +73,40 @@ def test_rerun_computes_only_new_and_changed_images(tmp_path: Path, lite0):
 def test_a_cache_made_otherwise_is_not_reused(tmp_path: Path, lite0):
     root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
     out = tmp_path / "features.h5"
-    extract(scan(root), lite0, out, workers=0, quiet=True)
-    tta = load_backbone(image_size=64, tta=True)
+    extract(scan(root), lite0, out, ExtractSettings(workers=0), quiet=True)
+    tta = build_backbone(image_size=64, tta=True)
     with embedder_calls() as seen:
-        summary = extract(scan(root), tta, out, workers=0, quiet=True)
+        summary = extract(scan(root), tta, out, ExtractSettings(workers=0), quiet=True)
     assert sum(seen) == 2 * 9 and summary.reused == 0                          # each image and its mirror
     assert [n for n in summary.notes if not n.startswith("onnxruntime:")] == [   # not the engine's export note
         "previous cache not reused, made otherwise: tta: false != true"]
     with embedder_calls() as seen:
-        assert extract(scan(root), tta, out, workers=0, quiet=True, reuse=False).reused == 0
+        assert extract(scan(root), tta, out, ExtractSettings(workers=0, reuse=False), quiet=True).reused == 0
     assert sum(seen) == 2 * 9
+
+
+@pytest.mark.parametrize("made, differs", [
+    ({"precision": "bfloat16", "engine": "torch"}, "compute.precision: bfloat16 != float32"),
+    ({"decoding": "tensor"}, "compute.inputs: tensor != PIL")])   # the GPU path's code, run on CPU tensors
+def test_vectors_computed_otherwise_are_not_reused_for_float32_pil(tmp_path: Path, lite0, made, differs):
+    """The fingerprint covers how vectors were computed: the forward pass's precision and the inputs' path."""
+    root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
+    out = tmp_path / "features.h5"
+    extract(scan(root), lite0, out, ExtractSettings(workers=0, **made), quiet=True)
+    with embedder_calls() as seen:
+        summary = extract(scan(root), lite0, out, ExtractSettings(workers=0, precision="float32", decoding="pil"),
+                          quiet=True)
+    assert sum(seen) == 9 and summary.reused == 0 and "PIL decoding, float32" in summary.device
+    assert [n for n in summary.notes if not n.startswith("onnxruntime:")] == [
+        f"previous cache not reused, made otherwise: {differs}"]
+    assert extract(scan(root), lite0, out, ExtractSettings(workers=0), quiet=True).reused == 9   # now the same
 
 
 def test_an_unreadable_previous_cache_is_replaced(tmp_path: Path, lite0):
     root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
     out = tmp_path / "features.h5"
     out.write_bytes(b"half a file")
-    summary = extract(scan(root), lite0, out, workers=0, quiet=True)
+    summary = extract(scan(root), lite0, out, ExtractSettings(workers=0), quiet=True)
     assert summary.notes[0].startswith("previous cache not reused: feature cache")
     assert "is not a readable HDF5 file" in summary.notes[0]
     assert summary.computed == 9 and open_cache(out).splits == ["train", "val"]
@@ -97,7 +115,7 @@ def test_an_unreadable_previous_cache_is_replaced(tmp_path: Path, lite0):
 def test_a_failed_extraction_leaves_the_previous_cache_whole(tmp_path: Path, lite0):
     root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
     out = tmp_path / "features.h5"
-    extract(scan(root), lite0, out, workers=0, quiet=True)
+    extract(scan(root), lite0, out, ExtractSettings(workers=0), quiet=True)
     previous = out.read_bytes()
 
     def fail_on_second_batch(n):
@@ -105,16 +123,16 @@ def test_a_failed_extraction_leaves_the_previous_cache_whole(tmp_path: Path, lit
             raise RuntimeError("device lost")
 
     with pytest.raises(RuntimeError, match="device lost"), embedder_calls(fail_on_second_batch):
-        extract(scan(root), lite0, out, batch_size=4, workers=0, quiet=True, reuse=False)
+        extract(scan(root), lite0, out, ExtractSettings(batch_size=4, workers=0, reuse=False), quiet=True)
     assert out.read_bytes() == previous
     assert list(tmp_path.glob("*.tmp")) == []
 
 
 def test_several_layers_in_one_file(tmp_path: Path, lite0):
     root = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
-    extract(scan(root), lite0, tmp_path / "plain.h5", workers=0, quiet=True)
-    two = load_backbone(layer=["blocks.5", "global_pool"], image_size=64)
-    extract(scan(root), two, tmp_path / "two.h5", workers=0, quiet=True)
+    extract(scan(root), lite0, tmp_path / "plain.h5", ExtractSettings(workers=0), quiet=True)
+    two = build_backbone(layer=["blocks.5", "global_pool"], image_size=64)
+    extract(scan(root), two, tmp_path / "two.h5", ExtractSettings(workers=0), quiet=True)
 
     cache = open_cache(tmp_path / "two.h5")
     assert cache.layers == ["blocks.5", "global_pool"] and cache.attrs["layer"] == "blocks.5"
@@ -138,7 +156,7 @@ def test_compute_stats_normalises_with_the_training_split(tmp_path: Path, lite0)
                 Image.new("RGB", (80, 64), value).save(tmp_path / "images" / split / name / f"{i}.png")
     pixels = np.array([v for values in train_colours.values() for v in values]) / 255
     out = tmp_path / "stats.h5"
-    extract(scan(tmp_path / "images"), lite0, out, workers=0, quiet=True, compute_stats=True)
+    extract(scan(tmp_path / "images"), lite0, out, ExtractSettings(workers=0, compute_stats=True), quiet=True)
 
     attrs = open_cache(out).attrs
     stats, transform = json.loads(attrs["stats"]), json.loads(attrs["transform"])
@@ -147,7 +165,7 @@ def test_compute_stats_normalises_with_the_training_split(tmp_path: Path, lite0)
     assert stats["images"] == 4 and attrs["compute_stats"]
     assert (transform["mean"], transform["std"]) == (stats["mean"], stats["std"])
 
-    extract(scan(tmp_path / "images"), lite0, tmp_path / "plain.h5", workers=0, quiet=True)
+    extract(scan(tmp_path / "images"), lite0, tmp_path / "plain.h5", ExtractSettings(workers=0), quiet=True)
     plain = open_cache(tmp_path / "plain.h5")
     assert plain.attrs["fingerprint"] != attrs["fingerprint"] and not plain.attrs["compute_stats"]
     assert not np.allclose(plain.read("train").features, open_cache(out).read("train").features, atol=1e-2)
@@ -202,7 +220,6 @@ def test_extract_help_documents_every_option():
 
 
 def test_extract_params_accept_the_new_settings():
-    from pipeline.features.settings import ExtractSettings
     from pipeline.runtime.settings import from_mapping
     p = from_mapping(ExtractSettings, {"labels": "labels.csv", "label_column": "breed", "compute_stats": True,
                                        "layer": ["blocks.5", "global_pool"], "tta": True, "reuse": False}, "extract")

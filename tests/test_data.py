@@ -286,7 +286,8 @@ def test_class_folder_split_survives_new_images(tmp_path: Path):
 
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path: Path):
-    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.features.spec import Preprocessing
     exif = Image.Exif()
     exif[0x0112] = 6                                   # rotate 90 degrees to display
     photo = tiny_image((200, 60, 30), 1, size=1024).resize((1200, 800))

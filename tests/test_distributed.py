@@ -118,23 +118,25 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
 def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(tmp_path):
     """In one process: four shards of splits smaller than four; the first holds no rows at all."""
     from pipeline.data.folders import scan
-    from pipeline.features.backbones import load_backbone
+    from pipeline.features.backbones.loading import build_backbone
     from pipeline.features.extract import extract
+    from pipeline.features.settings import ExtractSettings
     from pipeline.features.sharded import concatenate, shard, shard_path
 
     images = make_image_folder(tmp_path / "images", {"train": 1, "val": 1}, classes=("red", "green"))
     (images / "val" / "red" / "broken.png").write_bytes(b"not a png")
     dataset = scan(images, 0.15, 0.15, 0)
-    backbone = load_backbone("efficientnet_lite0", "none", None, 64)
+    backbone = build_backbone("efficientnet_lite0", "none", None, 64)
     single = tmp_path / "single.h5"
-    extract(dataset, backbone, single, device="cpu", dtype="float32", workers=0, quiet=True)
+    settings = ExtractSettings(device="cpu", dtype="float32", workers=0)
+    extract(dataset, backbone, single, settings, quiet=True)
     out = tmp_path / "joined.h5"
     shards = [shard_path(out, r, 4) for r in range(4)]
     counts = []
     for r, path in enumerate(shards):
         part = shard(dataset, r, 4)
         counts.append(len(part.samples))
-        extract(part, backbone, path, device="cpu", dtype="float32", workers=0, quiet=True, shard_of=out)
+        extract(part, backbone, path, settings, quiet=True, shard_of=out)
     assert counts == [0, 2, 1, 2]   # train 0+1+0+1, val 0+1+1+1
     concatenate(dataset, shards, out)
 
@@ -148,8 +150,7 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
 
     joined = out.read_bytes()     # a shard damaged before the merge is refused; the merged file stays as it was
     for r, path in enumerate(shards):
-        extract(shard(dataset, r, 4), backbone, path, device="cpu", dtype="float32", workers=0, quiet=True,
-                shard_of=out)
+        extract(shard(dataset, r, 4), backbone, path, settings, quiet=True, shard_of=out)
     with h5py.File(shards[3], "r+") as f:
         f["val/features"][0, 0] += 1
     with pytest.raises(UserError, match=f"^{shards[3]}: val/features does not match the digest recorded"):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.features import engine
-from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
-from pipeline.features.engine import ExportCache, embedder, onnx_embedder
+from pipeline.features.engines import onnx_runtime as engine
+from pipeline.features.backbones.loading import Backbone, Preprocessing, build_backbone
+from pipeline.features.engines.torch import Embedder
+from pipeline.features.engines.onnx_runtime import ExportCache, embedder, onnx_embedder
 from tests.conftest import make_image_folder, run_cli
 
 
@@ -41,11 +42,11 @@ def random_images(n: int, size: int) -> torch.Tensor:
     ("timm/test_efficientnet", "none", None, 64, False),
 ])
 def test_onnxruntime_gives_the_torch_vectors(name, weights, layers, size, tta):
-    assert_same_vectors(load_backbone(name, weights, layers, size, tta), random_images(3, size))
+    assert_same_vectors(build_backbone(name, weights, layers, size, tta), random_images(3, size))
 
 
 def test_flattened_layers_too():
-    resnet = load_backbone("resnet18", "none", ["avgpool", "layer4"], 64)
+    resnet = build_backbone("resnet18", "none", ["avgpool", "layer4"], 64)
     assert_same_vectors(replace(resnet, flattened=("layer4",)), random_images(2, 64))   # 512 x 2 x 2 -> 2048
 
 
@@ -56,7 +57,7 @@ def test_lite0_padding_is_folded_into_its_convolutions(tmp_path):
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(engine.export(load_backbone("efficientnet_lite0", "imagenet", None, 64)), options,
+    onnxruntime.InferenceSession(engine.export(build_backbone("efficientnet_lite0", "imagenet", None, 64)), options,
                                  providers=["CPUExecutionProvider"])
     operators = {node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node}
     assert "Conv" in operators and "Pad" not in operators
@@ -65,12 +66,12 @@ def test_lite0_padding_is_folded_into_its_convolutions(tmp_path):
 @pytest.fixture
 def tiny():
     """timm's smallest EfficientNet: the cache's behaviour does not depend on the network's size."""
-    return load_backbone("timm/test_efficientnet", "none", None, 32)
+    return build_backbone("timm/test_efficientnet", "none", None, 32)
 
 
 @pytest.fixture(scope="module")
 def tiny_export() -> tuple[bytes, dict]:
-    tiny = load_backbone("timm/test_efficientnet", "none", None, 32)
+    tiny = build_backbone("timm/test_efficientnet", "none", None, 32)
     return engine.export(tiny), engine.torch_reference(tiny)
 
 
@@ -87,7 +88,7 @@ def test_the_export_is_reused_and_redone_when_its_key_changes(tiny, tmp_path):
     second, notes = onnx_embedder(tiny, cache=cache)
     assert second and notes == [] and graph.stat().st_mtime_ns == stamp
 
-    other = load_backbone("timm/test_efficientnet", "none", ["global_pool", "blocks.1"], 32)
+    other = build_backbone("timm/test_efficientnet", "none", ["global_pool", "blocks.1"], 32)
     embed, notes = onnx_embedder(other, cache=cache)
     assert embed and exported(notes) == 1 and len(list(tmp_path.glob("*.onnx"))) == 2
 
@@ -154,7 +155,7 @@ def test_an_export_that_disagrees_or_fails_falls_back_to_torch(tmp_path, monkeyp
     assert isinstance(embed, Embedder) and used == "torch"
     assert notes[-1].startswith("onnxruntime: layer pool differs from torch's") and notes[-1].endswith("running torch")
 
-    small_vgg = load_backbone("vgg16", "none", None, 32)    # adaptive pooling of 1x1 to 7x7: not exportable
+    small_vgg = build_backbone("vgg16", "none", None, 32)    # adaptive pooling of 1x1 to 7x7: not exportable
     embed, used, notes = embedder(small_vgg, "cpu", "auto")
     assert isinstance(embed, Embedder) and used == "torch" and len(notes) == 1
     assert notes[0].startswith("onnxruntime: export failed (") and notes[0].endswith("running torch")

@@ -10,7 +10,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from pipeline.data.images import read_image
-from pipeline.features.backbones import Preprocessing
+from pipeline.features.backbones.loading import Preprocessing
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
 from pipeline.models.export import export

@@ -14,10 +14,10 @@ from PIL import Image
 
 from benchmarks.make_images import make_images
 from pipeline.data.folders import scan
-from pipeline.features.backbones import load_backbone
-from pipeline.features.extract import cpu_batches
-from pipeline.features.gpu_decoding import gpu_batches, gpu_decodable
-from pipeline.features.overlap import BackgroundWriter, Block, prefetched
+from pipeline.features.backbones.loading import build_backbone
+from pipeline.features.inputs.pil import cpu_batches
+from pipeline.features.inputs.gpu_decoding import gpu_batches, gpu_decodable
+from pipeline.features.inputs.overlap import BackgroundWriter, Block, prefetched
 from pipeline.storage.cache import FeatureWriter, cache_attrs, open_cache
 
 
@@ -105,7 +105,7 @@ def test_tensor_path_matches_pil_path(tmp_path, workers):
     root = _folder(tmp_path)
     dataset = scan(root, 0, 0)
     # at 224 px (resize 256) these ~500x375 photos are decoded in full by PIL too, not at reduced scale
-    backbone = load_backbone("efficientnet_lite0", "imagenet", image_size=224)
+    backbone = build_backbone("efficientnet_lite0", "imagenet", image_size=224)
     pre, dev = backbone.preprocessing, torch.device("cpu")
     ref = list(cpu_batches(root, dataset.samples, pre, 64, 0))
     new = list(gpu_batches(root, dataset.samples, pre, 64, workers, dev))
@@ -139,7 +139,7 @@ def test_a_batch_the_jpeg_decoder_refuses_is_decoded_by_pil(tmp_path):
     assert gpu_decodable(no_tables)
     (root / "train" / "class_00" / "no tables.jpg").write_bytes(no_tables)
     dataset = scan(root, 0, 0)
-    pre = load_backbone("efficientnet_lite0", "imagenet", image_size=224).preprocessing   # full decodes
+    pre = build_backbone("efficientnet_lite0", "imagenet", image_size=224).preprocessing   # full decodes
     (good_a, x_a, bad_a), = cpu_batches(root, dataset.samples, pre, 64, 0)
     (good_b, x_b, bad_b), = gpu_batches(root, dataset.samples, pre, 64, 0, torch.device("cpu"))
     assert good_a == good_b and bad_a == bad_b
@@ -175,7 +175,7 @@ def test_prefetched_keeps_order_raises_errors_and_stops_its_thread():
 
 
 def test_background_writer_writes_slabs_in_order(tmp_path):
-    attrs = cache_attrs(load_backbone("resnet18", "none").spec(), ["a", "b"], "float32")
+    attrs = cache_attrs(build_backbone("resnet18", "none").spec(), ["a", "b"], "float32")
     writer = FeatureWriter(tmp_path / "f.h5", attrs, {"none": 4}, "float32")
     background = BackgroundWriter(writer, slab_bytes=256 * 4 * 4)
     rows = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4)
@@ -209,8 +209,9 @@ def _photos_of_mixed_sizes() -> list[Image.Image]:
 def test_batched_resize_gives_the_cpu_paths_pixels_on_images_of_mixed_sizes():
     """Images of mixed sizes are resized together: the same pixels as one at a time, and as the CPU path's
     transform (PIL's Resize + CenterCrop) to one grey level, nearly all exactly."""
-    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-    from pipeline.features.gpu_decoding import TensorPreprocess, chw_tensor
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.features.spec import Preprocessing
+    from pipeline.features.inputs.gpu_decoding import TensorPreprocess, chw_tensor
     pre = Preprocessing(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
     prepare = TensorPreprocess(pre, torch.device("cpu"))
     photos = _photos_of_mixed_sizes()
@@ -229,8 +230,9 @@ def test_resampling_matrices_give_the_cpu_paths_resize_and_crop(interpolation):
     the pixels of the CPU path's resize and crop (PIL, across then down) to one grey level, nearly all
     exactly: on noise, where bicubic overshoots most, shrinking, enlarging, both orientations, tall (which
     Pillow 13 resizes down first when given both axes at once), in one chunk or several."""
-    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-    from pipeline.features.gpu_decoding import TensorPreprocess
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.features.spec import Preprocessing
+    from pipeline.features.inputs.gpu_decoding import TensorPreprocess
     pre = Preprocessing(224, 256, interpolation, IMAGENET_MEAN, IMAGENET_STD)
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
@@ -257,7 +259,7 @@ def _jpeg_tensors() -> tuple[list[bytes], list[torch.Tensor]]:
 
 def test_nvimagecodec_decodes_as_pil_does_and_gives_none_for_a_truncated_file():
     nvimgcodec = pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
-    from pipeline.features.gpu_decoding import NvImageCodec
+    from pipeline.features.inputs.gpu_decoding import NvImageCodec
     files, tensors = _jpeg_tensors()
     decode = NvImageCodec(nvimgcodec, torch.device("cpu"))      # its CPU-only mode
     truncated = tensors[0][:len(tensors[0]) // 3].clone()
@@ -269,7 +271,7 @@ def test_nvimagecodec_decodes_as_pil_does_and_gives_none_for_a_truncated_file():
 
 
 def test_jpeg_decoder_falls_back_in_order_and_names_what_nothing_decodes():
-    from pipeline.features.gpu_decoding import JpegDecoder
+    from pipeline.features.inputs.gpu_decoding import JpegDecoder
     files, tensors = _jpeg_tensors()
     cpu = torch.device("cpu")
     asked = []
@@ -293,8 +295,9 @@ def test_jpeg_decoder_falls_back_in_order_and_names_what_nothing_decodes():
 
 def test_gpu_batches_with_nvimagecodec_alone_give_the_torchvision_decoders_batches(tmp_path):
     pytest.importorskip("nvidia.nvimgcodec", reason="the [gpu] extra (nvImageCodec) is not installed")
-    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-    from pipeline.features.gpu_decoding import JpegDecoder
+    from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.features.spec import Preprocessing
+    from pipeline.features.inputs.gpu_decoding import JpegDecoder
     root = _folder(tmp_path)
     dataset = scan(root, 0, 0)
     pre = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import build_backbone
 from pipeline.tuning.training import FinetuneSettings, PlateauSchedule, finetune, stages
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import UserError
@@ -42,8 +42,8 @@ def test_strategy_trains_what_it_says_and_freezes_the_rest(images, tmp_path, str
     assert {"top1", "balanced_accuracy", "macro_f1", "n_train", "fit_seconds"} <= set(m)
     weights = "none" if strategy == "scratch" else "imagenet"
     assert info["backbone"]["weights"] == weights
-    start = load_backbone("efficientnet_lite0", weights, image_size=64).model.state_dict()
-    names = [name for name, _ in stages(load_backbone("efficientnet_lite0", "none").model, "global_pool")]
+    start = build_backbone("efficientnet_lite0", weights, image_size=64).model.state_dict()
+    names = [name for name, _ in stages(build_backbone("efficientnet_lite0", "none").model, "global_pool")]
     frozen = info["frozen_stages"]
     if strategy == "head":
         assert frozen == names

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.features.backbones import Embedder, FeatureHook, inference_model, load_backbone
+from pipeline.features.backbones.loading import build_backbone
+
+from pipeline.features.engines.torch import Embedder, FeatureHook, inference_model
 from pipeline.features.folding import ActivationAfterFold, folded
 
 PHOTOS = Path(skimage.__file__).parent / "data"
@@ -20,7 +22,7 @@ def batchnorms(model: nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def lite0():
-    return load_backbone("efficientnet_lite0", "imagenet")
+    return build_backbone("efficientnet_lite0", "imagenet")
 
 
 def test_real_weights_fold_to_the_same_features_and_predictions(lite0):

@@ -140,3 +140,31 @@ def test_small_fits_run_on_one_thread_torch_heads_included():
     assert torch.get_num_threads() == threads
     with one_thread_if_small(SMALL_PROBLEM + 1, in_torch=True):
         assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("name", list(CLASSIFIERS))
+def test_each_spec_says_what_its_fitted_head_can_do(name):
+    """A module of pipeline.heads.classifiers is the one place that names its classifier's capabilities."""
+    spec = CLASSIFIERS[name]
+    X, y = blobs([12, 12, 12])
+    quick = {"epochs": 2} if "epochs" in spec.params else {}
+    head = make_head(name, spec.grid[len(spec.grid) // 2], **quick).fit(X, y)
+    assert hasattr(head, "predict_proba") == spec.probabilities
+    assert getattr(head, "early_stops", False) == spec.early_stops
+    scores = head_scores(head, X)
+    assert scores.shape == (36, 3) and (scores.argmax(1) == np.searchsorted(head.classes_, head.predict(X))).all()
+    if spec.to_torch:
+        layers, fill = spec.to_torch(head)
+        with torch.no_grad():
+            exported = nn.Sequential(*layers)(torch.from_numpy(X)).numpy()
+        np.testing.assert_allclose(exported, scores, rtol=1e-4, atol=1e-5)
+        assert fill == (0.0 if spec.probabilities else float("-inf"))
+
+
+def test_the_registry_holds_every_module_of_the_package():
+    import pkgutil
+
+    import pipeline.heads.classifiers as package
+    modules = {m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")}
+    assert set(CLASSIFIERS) == modules and next(iter(CLASSIFIERS)) == "logreg"
+    assert all(CLASSIFIERS[name].name == name for name in CLASSIFIERS)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import build_backbone
 from pipeline.runtime.errors import UserError
 from pipeline.storage.cache import cache_attrs, open_cache
 from tests.conftest import run_cli
@@ -86,11 +86,11 @@ def test_fingerprint_follows_the_weights_file_and_the_tag(tmp_path: Path, monkey
     for seed in (1, 2):
         weights = hub_cache(tmp_path / str(seed), seed)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / str(seed) / "hub"))
-        backbone = load_backbone(f"timm/{MODEL}", "imagenet")          # 'imagenet' reads as 'pretrained'
+        backbone = build_backbone(f"timm/{MODEL}", "imagenet")          # 'imagenet' reads as 'pretrained'
         assert backbone.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
         fingerprints.append(cache_attrs(backbone.spec(), ["a", "b"], "float16")["fingerprint"])
     for tag in ("a1_in1k", "tv_in1k"):
-        backbone = load_backbone(f"timm/resnet18.{tag}", "none")
+        backbone = build_backbone(f"timm/resnet18.{tag}", "none")
         assert backbone.name == f"timm/resnet18.{tag}"
         fingerprints.append(cache_attrs(backbone.spec(), ["a", "b"], "float16")["fingerprint"])
     assert len(set(fingerprints)) == 4
@@ -98,14 +98,14 @@ def test_fingerprint_follows_the_weights_file_and_the_tag(tmp_path: Path, monkey
 
 def test_a_safetensors_file_is_accepted_as_weights_path(tmp_path: Path):
     from safetensors.torch import save_file
-    source = load_backbone("resnet18", "none", image_size=64)
+    source = build_backbone("resnet18", "none", image_size=64)
     state = {k: v + 0.01 if v.is_floating_point() else v for k, v in source.model.state_dict().items()}
     save_file(state, tmp_path / "resnet18.safetensors")
-    loaded = load_backbone("resnet18", str(tmp_path / "resnet18.safetensors"), image_size=64)
+    loaded = build_backbone("resnet18", str(tmp_path / "resnet18.safetensors"), image_size=64)
     assert loaded.weights_sha256 == hashlib.sha256((tmp_path / "resnet18.safetensors").read_bytes()).hexdigest()
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())
 
 
 def test_unknown_tag_names_the_known_ones():
     with pytest.raises(UserError, match=r"timm model test_vit has no pretrained tag 'nope'; its tags are: r160_in1k"):
-        load_backbone("timm/test_vit.nope", "none")
+        build_backbone("timm/test_vit.nope", "none")

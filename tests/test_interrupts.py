@@ -176,17 +176,18 @@ def test_an_interrupted_extract_stops_its_decoding_workers_at_once(reference, tm
     import multiprocessing
 
     from pipeline.data.folders import scan
-    from pipeline.features.backbones import load_backbone
+    from pipeline.features.backbones.loading import build_backbone
     from pipeline.features.extract import extract
     from pipeline.runtime.errors import Interrupted
     images, _ = reference
-    backbone = load_backbone(image_size=64)
+    backbone = build_backbone(image_size=64)
 
     def interrupt_second_batch(n):
         if n == 2:
             raise KeyboardInterrupt
     before = set(multiprocessing.active_children())
     with pytest.raises(Interrupted) as stopped, embedder_calls(interrupt_second_batch) as forwards:
-        extract(scan(images), backbone, tmp_path / "f.h5", batch_size=2, workers=2, dtype="float32", quiet=True)
+        extract(scan(images), backbone, tmp_path / "f.h5", ExtractSettings(batch_size=2, workers=2, dtype="float32"),
+                quiet=True)
     assert "run the same command again" in str(stopped.value) and len(forwards) == 1
     assert not set(multiprocessing.active_children()) - before

@@ -73,7 +73,7 @@ def test_dvc_deps_cover_each_stage_script_and_its_imports(stage, script, deps):
 def test_import_closure_follows_imports_inside_functions():
     closure = import_closure(ROOT / "stages" / "train.py")
     assert ROOT / "pipeline" / "heads" / "train.py" in closure                 # imported inside main()
-    assert ROOT / "pipeline" / "heads" / "classifiers.py" in closure           # through heads.train
+    assert ROOT / "pipeline" / "heads" / "classifiers" / "__init__.py" in closure           # through heads.train
     assert ROOT / "pipeline" / "__init__.py" in closure
     assert ROOT / "pipeline" / "features" / "extract.py" not in closure
 

@@ -147,7 +147,8 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     import torch
 
     from pipeline.data.images import read_image
-    from pipeline.features.backbones import Embedder, load_backbone
+    from pipeline.features.backbones.loading import build_backbone
+    from pipeline.features.engines.torch import Embedder
     from pipeline.features.extract import extract_folder
     from pipeline.features.settings import ExtractSettings
     images = tmp_path / "images"
@@ -160,7 +161,7 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     out = tmp_path / "f.h5"
     extract_folder(images, out, ExtractSettings(image_size=64, workers=0, dtype="float32"), quiet=True)
     val = open_cache(out).read("val")
-    backbone = load_backbone(image_size=64)
+    backbone = build_backbone(image_size=64)
     pre, embed = backbone.preprocessing, Embedder(backbone, torch.device("cpu"))
     paths = [images / p for p in val.paths]
 

@@ -67,10 +67,11 @@ def test_documented_classifier_table_matches_the_registry():
     for name, spec in CLASSIFIERS.items():
         row = re.search(rf"^\| `{name}` \|(.*)$", page, re.M)
         assert row, f"docs/classifiers.md's classifier table has no row for {name}"
-        tuned, own = row.group(1).split("|")[1:3]
+        tuned, own, probabilities, export = re.split(r"(?<!\\)\|", row.group(1))[1:5]   # cells, not \| in them
         assert re.findall(r"`(\w+)`", tuned) == [spec.tuned], name
         listed = re.findall(r"`(\w+)`", own.split("(")[0])
         assert listed == [p for p in spec.params if p not in common], name
+        assert (probabilities.strip() == "✓", export.strip() == "✓") == (spec.probabilities, bool(spec.to_torch)), name
 
 
 @pytest.mark.parametrize("args, words", [

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features.backbones import Embedder, load_backbone
+from pipeline.features.backbones.loading import build_backbone
+
+from pipeline.features.engines.torch import Embedder
 from pipeline.runtime.errors import UserError
 
 
@@ -21,7 +23,7 @@ def images(size: int) -> torch.Tensor:
 
 def test_vit_token_features_match_a_hand_computation():
     layers = ["head_drop", "cls_token", "patch_mean", "cls_patch_mean", "cls_last4"]
-    backbone = load_backbone("timm/test_vit", "none", layers)
+    backbone = build_backbone("timm/test_vit", "none", layers)
     model = backbone.model
     assert backbone.layer == "head_drop"          # the default stays what the classifier takes
     assert backbone.feature_dims == {"head_drop": 64, "cls_token": 64, "patch_mean": 64, "cls_patch_mean": 128,
@@ -45,7 +47,7 @@ def test_vit_token_features_match_a_hand_computation():
 
 def test_patch_mean_leaves_register_tokens_out_and_class_features_need_a_class_token():
     """test_vit2 has a register token and no class token (it pools by averaging, like EVA-02 and BEiT)."""
-    backbone = load_backbone("timm/test_vit2", "none", ["patch_mean"])
+    backbone = build_backbone("timm/test_vit2", "none", ["patch_mean"])
     model = backbone.model
     assert model.num_prefix_tokens == 1 and model.cls_token is None
     x = images(160)
@@ -55,11 +57,11 @@ def test_patch_mean_leaves_register_tokens_out_and_class_features_need_a_class_t
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match=r"backbone timm/test_vit2.r160_in1k has no token feature 'cls_token'; "
                                         r"it offers: patch_mean$"):
-        load_backbone("timm/test_vit2", "none", ["cls_token"])
+        build_backbone("timm/test_vit2", "none", ["cls_token"])
 
 
 def test_token_features_at_another_image_size_and_their_limits():
-    backbone = load_backbone("timm/test_vit", "none", ["cls_patch_mean"], image_size=96)   # 6x6 patches
+    backbone = build_backbone("timm/test_vit", "none", ["cls_patch_mean"], image_size=96)   # 6x6 patches
     x = images(96)
     with torch.inference_mode():
         tokens = backbone.model.forward_features(x)
@@ -67,7 +69,7 @@ def test_token_features_at_another_image_size_and_their_limits():
     np.testing.assert_allclose(features(backbone, x)["cls_patch_mean"],
                                torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match=r"has 6 blocks, fewer than the 7 of 'cls_last7'"):
-        load_backbone("timm/test_vit", "none", ["cls_last7"])
+        build_backbone("timm/test_vit", "none", ["cls_last7"])
     with pytest.raises(UserError, match=r"backbone resnet18 has no token feature 'cls_token'; "
                                         r"it offers: none \(not a vision transformer\)"):
-        load_backbone("resnet18", "none", ["cls_token"])
+        build_backbone("resnet18", "none", ["cls_token"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.data.images import read_image
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import build_backbone
 from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
 
@@ -31,7 +31,7 @@ def test_cache_follows_the_schema(small_cache):
 def test_cached_vectors_equal_the_hooked_global_pool(small_cache):
     cache = open_cache(small_cache)
     split = cache.read("val")
-    backbone = load_backbone("efficientnet_lite0", image_size=64)
+    backbone = build_backbone("efficientnet_lite0", image_size=64)
     image, digest = read_image(small_cache.parent / "images" / split.paths[0])
     assert digest == split.sha256[0]
     with torch.inference_mode():

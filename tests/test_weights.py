@@ -6,19 +6,19 @@ import skimage
 import torch
 from PIL import Image
 
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import build_backbone
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 
 
 @pytest.fixture(scope="module", params=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def lite(request):
-    return load_backbone(request.param, "imagenet")
+    return build_backbone(request.param, "imagenet")
 
 
 @pytest.fixture(scope="module")
 def lite0():
-    return load_backbone("efficientnet_lite0", "imagenet")
+    return build_backbone("efficientnet_lite0", "imagenet")
 
 
 def top1(backbone, photo: str) -> int:
@@ -36,12 +36,12 @@ def test_espresso_photo_is_ranked_espresso(lite):
 
 
 def test_random_weights_do_not_know_the_cat():
-    assert top1(load_backbone("efficientnet_lite0", "none"), "chelsea.png") not in range(281, 286)
+    assert top1(build_backbone("efficientnet_lite0", "none"), "chelsea.png") not in range(281, 286)
 
 
 def test_hooked_features_are_the_global_pool(lite0):
     x = torch.rand(2, 3, 64, 64)
-    from pipeline.features.backbones import FeatureHook
+    from pipeline.features.engines.torch import FeatureHook
     hook = FeatureHook(lite0.model, lite0.layer)
     with torch.inference_mode():
         lite0.model(x)

@@ -52,7 +52,9 @@ def read_images(cache) -> Images:
 
 def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
           log: Callable[[str], None] = lambda line: None) -> dict:
-    """Compute every finding of the cache at `cache_path`, then write them to `out_dir`; returns the summary."""
+    """Compute every finding of the cache at `cache_path`, then write them to `out_dir`; returns the summary.
+    Why so long: the findings are computed in one pass over one read of the cache, each a call, and their
+    results are written together so that a failure leaves `out_dir` as it was."""
     s = s or AuditSettings()
     s = validate(s)
     out_dir = Path(out_dir)

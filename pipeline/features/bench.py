@@ -20,6 +20,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +29,16 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.folders import Dataset
 from pipeline.data.images import ImageFiles, collate
-from pipeline.features.backbones import Backbone, Embedder, FeatureHook, load_backbone
-from pipeline.features.engine import ExportCache, export_key, onnx_embedder, onnxruntime_threads, resolve_engine
+from pipeline.features.backbones.loading import Backbone, load_backbone
+from pipeline.features.engines.onnx_runtime import onnx_embedder, resolve_engine
+from pipeline.features.engines.openvino import openvino_runner
+from pipeline.features.engines.torch import Embedder, FeatureHook
 from pipeline.features.extract import extract
-from pipeline.features.settings import BenchSettings
+from pipeline.features.settings import BenchSettings, ExtractSettings, RunSettings
 from pipeline.features.spec import Preprocessing
 from pipeline.runtime.devices import default_batch_size, resolve_device, resolve_precision
 from pipeline.runtime.files import write_atomically
-from pipeline.runtime.settings import validate
+from pipeline.runtime.settings import fields, validate
 from pipeline.storage.cache import library_versions
 
 
@@ -71,16 +74,14 @@ def tutorial_loop(dataset: Dataset, backbone: Backbone, dev: torch.device, batch
     return len(features), 0.0
 
 
-def extract_run(dataset: Dataset, backbone: Backbone, dev: torch.device, batch_size: int, out: Path,
-                precision: str, compile: bool, workers: int | None, engine: str,
+def extract_run(dataset: Dataset, backbone: Backbone, out: Path, s: ExtractSettings,
                 decoding: dict) -> tuple[int, float]:
     """(images, start-up seconds) of one `extract` run in which every image is computed; its decoders are
-    recorded in `decoding[engine]`."""
-    summary = extract(dataset, backbone, out, batch_size, str(dev), "float16", workers, quiet=True,
-                      reuse=False, precision=precision, compile=compile, engine=engine)
-    if engine not in summary.device:
-        raise RuntimeError(f"extract ran {summary.device} instead of {engine}: {summary.notes}")
-    decoding[engine] = summary.decoding
+    recorded in `decoding[s.engine]`."""
+    summary = extract(dataset, backbone, out, replace(s, reuse=False), quiet=True)
+    if s.engine not in summary.device:
+        raise RuntimeError(f"extract ran {summary.device} instead of {s.engine}: {summary.notes}")
+    decoding[s.engine] = summary.decoding
     return summary.extracted, summary.startup_seconds
 
 
@@ -102,13 +103,7 @@ def model_runner(backbone: Backbone, dev: torch.device, batch_size: int, precisi
         raise RuntimeError(f"ONNX export unusable: {notes}")
     if engine == "onnxruntime":
         return lambda batches: [embed(x) for _ in range(batches)]
-    images = x.numpy()
-    import openvino  # measured beside ONNX Runtime, from the same graph
-    compiled = openvino.Core().compile_model(str(ExportCache().paths(export_key(backbone))[0]), "CPU", {
-        "INFERENCE_NUM_THREADS": onnxruntime_threads(), "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return lambda batches: [request.infer({0: images}) for _ in range(batches)]
+    return openvino_runner(backbone, x.numpy())
 
 
 def _counted(run, batches: int, batch_size: int) -> tuple[int, float]:
@@ -156,7 +151,7 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
     dataset = s.scan(Path(data))
     if s.images:
         dataset = _subset(dataset, s.images)
-    bb = load_backbone(s.backbone, s.weights, None, s.image_size)
+    bb = load_backbone(s)
     batches = max(1, len(dataset.samples) // batch_size)
     decoding: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,9 +159,11 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
         jobs = {} if not s.tutorial else {
             "tutorial": lambda d: tutorial_loop(_subset(d, s.tutorial_images), bb, dev, batch_size,
                                                 tmp / "tutorial.npy")}
+        same = replace(ExtractSettings(**{f.name: getattr(s, f.name) for f in fields(RunSettings)}),
+                       batch_size=batch_size, device=str(dev))
         for engine in (e for e in engines if e != "openvino"):
             jobs[f"extract {engine}"] = lambda d, engine=engine: extract_run(
-                d, bb, dev, batch_size, tmp / "features.h5", precision, s.compile, s.workers, engine, decoding)
+                d, bb, tmp / "features.h5", replace(same, engine=engine), decoding)
         warmup = _subset(dataset, min(len(dataset.samples), batch_size if dev.type == "cuda" else 8))
         for name, job in jobs.items():
             job(warmup)
@@ -183,31 +180,36 @@ def bench(data: Path, s: BenchSettings, log=print) -> list[dict]:
                 startups[name].append(startup)
                 log(f"{name:>22} run {r + 1}/{s.repeats}: {n} images in {seconds:.2f}s = {n / seconds:,.1f} "
                     f"images/s" + (f" after {startup:.2f}s of start-up" if startup else ""))
+    shared = {"image_size": bb.preprocessing.image_size, "batch_size": batch_size, "device": str(dev),
+              "precision": precision, "images": len(dataset.samples)}
+    return [_result(s, engine, engines, runs, startups, {**shared, "decoder": decoding.get(engine)})
+            for engine in engines]
+
+
+def _result(s: BenchSettings, engine: str, engines: list[str], runs: dict, startups: dict, run: dict) -> dict:
+    """One engine's JSON-ready figures: the best and median rate of each job, start-up, ratios."""
     best = {name: max(rates) for name, rates in runs.items()}
-    results = []
-    for engine in engines:
-        names = {"tutorial": "tutorial", "extract": f"extract {engine}", "model_only": f"model_only {engine}"}
-        mine = {short: name for short, name in names.items() if name in runs}
-        ips = {short: best[name] for short, name in mine.items()}
-        result = {
-            "backbone": s.backbone, "weights": s.weights, "image_size": bb.preprocessing.image_size,
-            "batch_size": batch_size, "device": str(dev), "engine": engine, "decoder": decoding.get(engine),
-            "precision": precision, "compile": s.compile, "workers": s.workers, "images": len(dataset.samples),
-            "repeats": s.repeats,
-            "tutorial_images": min(s.tutorial_images, len(dataset.samples)) if s.tutorial else 0,
-            "images_per_s": ips, "median_images_per_s": {k: statistics.median(runs[n]) for k, n in mine.items()},
-            "all_runs_images_per_s": {k: runs[n] for k, n in mine.items()},
-            "startup_s": {k: statistics.median(startups[n]) for k, n in mine.items() if any(startups[n])},
-            "environment": environment(dev),
-        }
-        ratios = {"model_only_vs_torch": ips["model_only"] / best["model_only torch"]} if "torch" in engines else {}
-        if "extract" in ips:
-            ratios["extract_vs_model_only"] = ips["extract"] / ips["model_only"]
-            if "tutorial" in ips:
-                ratios["extract_vs_tutorial"] = ips["extract"] / ips["tutorial"]
-        result["ratios"] = ratios
-        results.append(result)
-    return results
+    names = {"tutorial": "tutorial", "extract": f"extract {engine}", "model_only": f"model_only {engine}"}
+    mine = {short: name for short, name in names.items() if name in runs}
+    ips = {short: best[name] for short, name in mine.items()}
+    result = {
+        "backbone": s.backbone, "weights": s.weights, "image_size": run["image_size"],
+        "batch_size": run["batch_size"], "device": run["device"], "engine": engine, "decoder": run["decoder"],
+        "precision": run["precision"], "compile": s.compile, "workers": s.workers, "images": run["images"],
+        "repeats": s.repeats,
+        "tutorial_images": min(s.tutorial_images, run["images"]) if s.tutorial else 0,
+        "images_per_s": ips, "median_images_per_s": {k: statistics.median(runs[n]) for k, n in mine.items()},
+        "all_runs_images_per_s": {k: runs[n] for k, n in mine.items()},
+        "startup_s": {k: statistics.median(startups[n]) for k, n in mine.items() if any(startups[n])},
+        "environment": environment(torch.device(run["device"])),
+    }
+    ratios = {"model_only_vs_torch": ips["model_only"] / best["model_only torch"]} if "torch" in engines else {}
+    if "extract" in ips:
+        ratios["extract_vs_model_only"] = ips["extract"] / ips["model_only"]
+        if "tutorial" in ips:
+            ratios["extract_vs_tutorial"] = ips["extract"] / ips["tutorial"]
+    result["ratios"] = ratios
+    return result
 
 
 COLUMNS = ("backbone", "device", "engine", "decoder", "precision", "compile", "batch", "images", "tutorial img/s",

@@ -1,6 +1,6 @@
 """Stage one: run the frozen backbone over every image once and stream the features into the cache,
 reusing the vectors of unchanged images from the previous cache. On CUDA, JPEGs are decoded and
-preprocessed on the GPU (pipeline.features.gpu_decoding); on CPU, PIL decodes them in DataLoader workers."""
+preprocessed on the GPU (pipeline.features.inputs.gpu_decoding); on CPU, PIL decodes them in DataLoader workers."""
 from __future__ import annotations
 
 import bisect
@@ -12,19 +12,19 @@ import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, Sample, write_manifest
-from pipeline.data.images import ImageFiles, batches_within, collate, worker_init
-from pipeline.features.backbones import Backbone, Embedder, Preprocessing, load_backbone
-from pipeline.features.engine import OnnxEmbedder, embedder, resolve_engine
-from pipeline.features.gpu_decoding import JpegDecoder, gpu_batches
-from pipeline.features.overlap import BackgroundWriter, Block
+from pipeline.features.backbones.loading import Backbone, load_backbone
+from pipeline.features.engines.onnx_runtime import OnnxEmbedder, embedder, resolve_engine
+from pipeline.features.engines.torch import Embedder
+from pipeline.features.inputs.gpu_decoding import JpegDecoder, gpu_batches
+from pipeline.features.inputs.overlap import BackgroundWriter, Block
+from pipeline.features.inputs.pil import channel_stats, cpu_batches
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
 from pipeline.runtime.errors import Interrupted, UserError, warn
@@ -71,37 +71,6 @@ class ExtractSummary:
         return out
 
 
-def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
-                known: Collection[str] = (), ends: Sequence[int] = ()):
-    """PIL decoding in DataLoader workers; yields batches in `collate`'s form, none across one of `ends`
-    (`batches_within`). Closing the generator stops the workers at once rather than when it is
-    garbage-collected."""
-    files = ImageFiles(root, samples, pre.transform(), known, shortest=pre.resize)
-    yield from DataLoader(files, batch_sampler=batches_within(len(samples), batch_size, ends),
-                          num_workers=workers, collate_fn=collate, worker_init_fn=worker_init())
-
-
-def channel_stats(dataset: Dataset, backbone: Backbone, batch_size: int = 64, workers: int = 0) -> dict:
-    """Per-channel mean and std of the training split's pixels in [0, 1], after resize and crop."""
-    samples = dataset.split("train")
-    pre = backbone.preprocessing
-    loader = DataLoader(ImageFiles(dataset.root, samples, pre.transform(normalise=False), shortest=pre.resize),
-                        batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init())
-    total, squares, pixels, images = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0, 0
-    for _, tensors, _ in loader:
-        if tensors is not None:
-            x = tensors.to(torch.float64)
-            total += x.sum(dim=(0, 2, 3))
-            squares += (x * x).sum(dim=(0, 2, 3))
-            pixels += x.shape[0] * x.shape[2] * x.shape[3]
-            images += x.shape[0]
-    if not images:
-        raise UserError("--compute-stats: the training split has no readable image")
-    mean = total / pixels
-    std = (squares / pixels - mean * mean).clamp(min=1e-12).sqrt()
-    return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()], "images": images}
-
-
 def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str | None]:
     """The vectors of the cache already at `out` (left open) when it was made the same way and is whole,
     else a note why not."""
@@ -112,7 +81,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
     except UserError as exc:
         return None, f"previous cache not reused: {exc}"
     try:
-        diffs = differences(old.attrs, {k: attrs[k] for k in FINGERPRINT_FIELDS})
+        diffs = differences(old.attrs, {k: attrs.get(k) for k in FINGERPRINT_FIELDS})
         if diffs:
             old.close()
             return None, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
@@ -122,91 +91,80 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
         return None, f"previous cache not reused: {exc}"
 
 
-def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | None = None, device: str = "auto",
-            dtype: str = "float16", workers: int | None = None, quiet: bool = False,
-            compute_stats: bool = False, reuse: bool = True, precision: str = "auto",
-            compile: bool = False, shard_of: Path | None = None, engine: str = "auto") -> ExtractSummary:
-    """Write one HDF5 cache with the features of every split of `dataset`.
+@dataclass
+class Plan:
+    """How a run computes its vectors, settled before any file is written: the device and what runs on it, the
+    batches, where images are decoded, and the cache's attributes."""
+    dataset: Dataset
+    backbone: Backbone
+    settings: ExtractSettings
+    device: torch.device
+    precision: str
+    batch_size: int
+    workers: int
+    decoder: JpegDecoder | None          # decoding and resizing as tensors (the GPU path); None: PIL in workers
+    attrs: dict
 
-    When `out` already holds a valid cache with the same fingerprint (and `reuse`), images whose
+    @property
+    def decoding(self) -> str:
+        return self.decoder.name if self.decoder else "PIL"
+
+    def batches(self, samples: list[Sample], known: Collection[str], ends: list[int]):
+        args = (self.dataset.root, samples, self.backbone.preprocessing, self.batch_size, self.workers)
+        return (gpu_batches(*args, self.device, known, self.decoder, ends) if self.decoder
+                else cpu_batches(*args, known, ends))
+
+
+def plan(dataset: Dataset, backbone: Backbone, s: ExtractSettings) -> Plan:
+    """The run `s` asks for; unusable settings (an engine the device cannot run) are refused here. The cache's
+    attributes record what changes a vector: the backbone, the stored type, and how it was computed (the
+    precision of the forward pass, and whether images went through PIL or the tensor path)."""
+    dev = resolve_device(s.device)
+    precision = resolve_precision(s.precision, dev)
+    resolve_engine(s.engine, dev, precision, s.compile)
+    workers = default_workers(dev) if s.workers is None else s.workers
+    batch_size = s.batch_size or default_batch_size(dev)
+    tensors = s.decoding == "tensor" or (s.decoding == "auto" and dev.type == "cuda")
+    decoder = JpegDecoder(dev) if tensors else None
+    stats = None
+    if s.compute_stats:
+        stats = channel_stats(dataset, backbone, batch_size, workers)
+        backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
+                                                           std=tuple(stats["std"])))
+    compute = {"precision": precision, "inputs": "tensor" if tensors else "PIL"}
+    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, s.dtype, stats, dataset.root, compute),
+                 plan=plan_digest(dataset, batch_size))
+    return Plan(dataset, backbone, s, dev, precision, batch_size, workers, decoder, attrs)
+
+
+def extract(dataset: Dataset, backbone: Backbone, out: Path, s: ExtractSettings, quiet: bool = False,
+            shard_of: Path | None = None) -> ExtractSummary:
+    """Write one HDF5 cache with the features of every split of `dataset`, run as `s` says (`plan`).
+
+    When `out` already holds a valid cache with the same fingerprint (and `s.reuse`), images whose
     bytes are unchanged (same SHA-256) take their vectors from it; only new or changed images run
     through the backbone. Labels, splits and removals follow `dataset`, so relabelled, moved and
     deleted images are handled. The new cache replaces the old one atomically.
-    `batch_size` None: `default_batch_size` of the device.
-    `precision` is the autocast type of the forward pass (the stored type is `dtype`); `compile`
-    runs the model through torch.compile. `engine` runs it through torch or ONNX Runtime
-    (pipeline.features.engine; 'auto': ONNX Runtime on a CPU). `shard_of` names the complete cache that `out`
-    is a shard of (pipeline.runtime.distributed): vectors are reused from it, and the shard may hold no training rows.
+    `shard_of` names the complete cache that `out` is a shard of (pipeline.runtime.distributed): vectors are
+    reused from it, and the shard may hold no training rows.
     A cache whose training images were all unusable is refused and not written.
 
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
     Callers that may run concurrently hold `output_lock(out)` (as `extract_folder` does)."""
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    resolve_engine(engine, dev, precision, compile)      # refused before any file is written
-    gpu_decode = dev.type == "cuda"
-    workers = default_workers(dev) if workers is None else workers
-    batch_size = batch_size or default_batch_size(dev)
-    decoder = JpegDecoder(dev) if gpu_decode else None
     start = time.perf_counter()
-    startup = None
-    stats = None
-    if compute_stats:
-        stats = channel_stats(dataset, backbone, batch_size, workers)
-        backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
-                                                           std=tuple(stats["std"])))
-    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, dtype, stats, dataset.root),
-                 plan=plan_digest(dataset, batch_size))
-    stored, note = previous_vectors(shard_of or out, attrs) if reuse else (None, None)
-    known = stored.where if stored else {}
-    notes = [*backbone.notes, *([note] if note else [])]
+    run = plan(dataset, backbone, s)
+    stored, note = previous_vectors(shard_of or out, run.attrs) if s.reuse else (None, None)
     with closing(stored) if stored else nullcontext():
         try:
-            writer = FeatureWriter(out, attrs, backbone.feature_dims, dtype)
+            writer = FeatureWriter(out, run.attrs, run.backbone.feature_dims, s.dtype)
         except OSError as exc:
             raise UserError(write_error(exc, out))
+        summary = ExtractSummary(Path(out), 0, writer.kept, reused=writer.kept, decoding=run.decoding,
+                                 notes=[*backbone.notes, *([note] if note else [])])
         background = BackgroundWriter(writer)
         try:
-            extracted = reused = writer.kept
-            if writer.progress:
-                notes.append(f"resumed an interrupted run: {extracted} images already in {writer.tmp}")
-            else:
-                writer.skip(list(dataset.skipped))
-            pre = backbone.preprocessing
-            embed, engine, engine_notes = embedder(backbone, dev, engine, precision, compile, batch_size)
-            notes += engine_notes
-            decoding = decoder.name if decoder else "PIL"
-            mode = (f"{dev}, {engine}, {decoding} decoding, {precision}"
-                    f"{', compiled' if compile else ''}, {workers} workers, batches of {batch_size}")
-            if not quiet:
-                tqdm.write(f"extract: {mode}")
-            with embed, \
-                    tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
-                bar.update(sum(writer.progress.values()))
-                # one loader for all splits, its batches cut at their ends: the workers run on from one
-                # split into the next instead of starting again
-                parts = [(split, dataset.split(split)[writer.progress.get(split, 0):]) for split in dataset.splits()]
-                samples = [sample for _, part in parts for sample in part]
-                ends = list(itertools.accumulate(len(part) for _, part in parts))
-                done = dict(writer.progress)
-                batches = (gpu_batches(dataset.root, samples, pre, batch_size, workers, dev, known, decoder, ends)
-                           if gpu_decode else cpu_batches(dataset.root, samples, pre, batch_size, workers, known, ends))
-                with closing(batches):   # on an error too: its workers and thread stop here
-                    for good, images, bad in batches:
-                        startup = startup or time.perf_counter() - start
-                        split = parts[bisect.bisect_right(ends, (good or bad)[0][0])][0]
-                        digests = [digest for _, digest in good]
-                        vectors = (_batch_vectors(digests, images, embed, backbone.feature_dims, stored)
-                                   if good else None)
-                        extracted += len(good)
-                        reused += len(good) - (0 if images is None else len(images))
-                        done[split] = done.get(split, 0) + len(good) + len(bad)
-                        background.append(Block(split, vectors, [samples[i].label for i, _ in good],
-                                                [samples[i].path for i, _ in good], digests,
-                                                [(samples[i].path, reason) for i, reason in bad], done[split]))
-                        bar.update(len(good) + len(bad))
-            background.close()
+            _run(run, writer, background, stored, summary, quiet, start)
             if not shard_of and not writer.rows("train"):
                 raise UserError(no_training_rows(writer.skipped, out))
             writer.commit(extract_seconds=time.perf_counter() - start)
@@ -223,9 +181,50 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, batch_size: int | N
             background.stop()
             writer.abort()
             raise
-    skipped = writer.skipped
-    return ExtractSummary(Path(out), extracted + len(skipped), extracted, skipped,
-                          time.perf_counter() - start, mode, reused, notes, startup or 0.0, decoding)
+    summary.skipped = writer.skipped
+    summary.found = summary.extracted + len(summary.skipped)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(run: Plan, writer: FeatureWriter, background: BackgroundWriter, stored: StoredVectors | None,
+         summary: ExtractSummary, quiet: bool, start: float) -> None:
+    """The loop: batches of images (those not written by an interrupted run) through the backbone, vectors of
+    known images from `stored`, each batch's rows to the background writer; `summary` counts as it goes."""
+    dataset, backbone, s = run.dataset, run.backbone, run.settings
+    if writer.progress:
+        summary.notes.append(f"resumed an interrupted run: {writer.kept} images already in {writer.tmp}")
+    else:
+        writer.skip(list(dataset.skipped))
+    embed, engine, engine_notes = embedder(backbone, run.device, s.engine, run.precision, s.compile, run.batch_size)
+    summary.notes += engine_notes
+    summary.device = (f"{run.device}, {engine}, {run.decoding} decoding, {run.precision}"
+                      f"{', compiled' if s.compile else ''}, {run.workers} workers, batches of {run.batch_size}")
+    if not quiet:
+        tqdm.write(f"extract: {summary.device}")
+    known = stored.where if stored else {}
+    with embed, tqdm(total=len(dataset.samples), unit="img", disable=quiet, desc=f"extract {backbone.name}") as bar:
+        bar.update(sum(writer.progress.values()))
+        # one loader for all splits, its batches cut at their ends: the workers run on from one
+        # split into the next instead of starting again
+        parts = [(split, dataset.split(split)[writer.progress.get(split, 0):]) for split in dataset.splits()]
+        samples = [sample for _, part in parts for sample in part]
+        ends = list(itertools.accumulate(len(part) for _, part in parts))
+        done = dict(writer.progress)
+        with closing(run.batches(samples, known, ends)) as batches:   # on an error too: its workers stop here
+            for good, images, bad in batches:
+                summary.startup_seconds = summary.startup_seconds or time.perf_counter() - start
+                split = parts[bisect.bisect_right(ends, (good or bad)[0][0])][0]
+                digests = [digest for _, digest in good]
+                vectors = _batch_vectors(digests, images, embed, backbone.feature_dims, stored) if good else None
+                summary.extracted += len(good)
+                summary.reused += len(good) - (0 if images is None else len(images))
+                done[split] = done.get(split, 0) + len(good) + len(bad)
+                background.append(Block(split, vectors, [samples[i].label for i, _ in good],
+                                        [samples[i].path for i, _ in good], digests,
+                                        [(samples[i].path, reason) for i, reason in bad], done[split]))
+                bar.update(len(good) + len(bad))
+    background.close()
 
 
 def write_error(exc: OSError, out: Path) -> str:
@@ -280,10 +279,9 @@ def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = Fals
     check_output(out, force)
     check_replaceable(manifest_path(out), "manifest")
     dataset = s.scan(Path(data))   # data problems before a download of weights
-    model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
+    model = load_backbone(s)
     with output_lock(out):
-        summary = extract(dataset, model, out, s.batch_size, s.device, s.dtype, s.workers, quiet, s.compute_stats,
-                          s.reuse, s.precision, s.compile, engine=s.engine)
+        summary = extract(dataset, model, out, s, quiet)
         write_manifest(dataset, manifest_path(out))
     warn_about(out)
     return summary

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.folders import Dataset, DatasetSettings, excluding
-from pipeline.features.registry import KNOWN, available
-from pipeline.runtime.devices import DEVICES, PRECISIONS
+from pipeline.features.backbones import available, family_of
+from pipeline.runtime.devices import PRECISIONS, device_setting
 from pipeline.runtime.settings import setting
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -15,7 +15,7 @@ BENCH_ENGINES = ("torch", "onnxruntime", "openvino")
 
 
 def _unknown_backbone(name: str) -> str | None:
-    if name in KNOWN or name.startswith("timm/"):
+    if family_of(name):
         return None
     return f"'{name}' is unknown; choose one of: {', '.join(available())}"
 
@@ -23,9 +23,8 @@ def _unknown_backbone(name: str) -> str | None:
 @dataclass
 class BackboneSettings:
     """Which network makes the features: shared by extract, finetune and bench."""
-    backbone: str = setting("efficientnet_lite0", "A backbone of the registry (efficientnet_lite0/1/2, "
-                                                  "torchvision's ResNets, ...: docs/backbones.md) or timm/<model>[.<tag>].",
-                            check=_unknown_backbone)
+    backbone: str = setting("efficientnet_lite0", f"A backbone of the registry: {', '.join(available())} "
+                                                  f"(docs/backbones.md).", check=_unknown_backbone)
     weights: str = setting("imagenet", "'imagenet' or 'pretrained' (bundled, the torch cache, or for timm models "
                                        "the Hugging Face hub cache), a path to a local .pth or .safetensors state "
                                        "dict (a classifier that does not fit is left out), or 'none' (random "
@@ -38,7 +37,7 @@ class RunSettings:
     """How the network runs over the images: shared by extract and bench."""
     batch_size: int | None = setting(None, "Images per forward pass; default: 256 on CUDA, 16 on a CPU (faster "
                                            "there than larger).", min=1, max=65536)
-    device: str = setting("auto", "auto picks CUDA when present.", choices=DEVICES)
+    device: str = device_setting()
     precision: str = setting("auto", "Compute type of the forward pass; auto: bfloat16 on CUDA, float32 on CPU.",
                              choices=PRECISIONS)
     compile: bool = setting(False, "Run the model through torch.compile (pays off on large datasets).")
@@ -65,6 +64,10 @@ class ExtractSettings(EngineSettings, RunSettings, BackboneSettings, DatasetSett
     compute_stats: bool = setting(False, "Normalise with the training split's per-channel mean/std instead of "
                                          "the backbone's.")
     tta: bool = setting(False, "Average the features of each image and its horizontal flip (twice the compute).")
+    decoding: str = setting("auto", "How images become tensors: pil (decoded and resized by PIL in the workers), "
+                                    "tensor (JPEGs decoded and resized as tensors on the device, the rest by PIL), "
+                                    "auto: tensor on CUDA, pil on a CPU. The cache records which.",
+                            choices=("auto", "pil", "tensor"))
     dtype: str = setting("float16", "Storage type of the feature vectors.", choices=("float16", "float32"))
     reuse: bool = setting(True, "Reuse vectors of unchanged images from the cache at --out when it was made "
                                 "the same way.")

@@ -12,7 +12,7 @@ import h5py
 import torch.distributed as dist
 
 from pipeline.data.folders import Dataset, write_manifest
-from pipeline.features.backbones import load_backbone
+from pipeline.features.backbones.loading import load_backbone
 from pipeline.features.extract import ExtractSummary, extract, manifest_path, no_training_rows, warn_about
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime import distributed
@@ -74,11 +74,10 @@ def extract_folder(data: Path, out: Path, s: ExtractSettings, quiet: bool = Fals
         check_output(out, force)   # all of this before any file is written
         check_replaceable(manifest_path(out), "manifest")
         dataset = s.scan(Path(data))   # data problems before a download of weights
-        model = load_backbone(s.backbone, s.weights, s.layer, s.image_size, s.tta)
+        model = load_backbone(s)
         with rank0_lock(out):
-            mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), s.batch_size, device, s.dtype,
-                           s.workers, quiet or r > 0, s.compute_stats, s.reuse, s.precision, s.compile,
-                           shard_of=out, engine=s.engine)
+            mine = extract(shard(dataset, r, n), model, shard_path(out, r, n), replace(s, device=str(device)),
+                           quiet or r > 0, shard_of=out)
             summaries = [None] * n
             dist.all_gather_object(summaries, mine)   # also the barrier: every shard is complete
             if r > 0:

@@ -74,7 +74,7 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A backbone as recorded: enough to load it again (`load_backbone`) and to tell caches apart."""
+    """A backbone as recorded: enough to load it again (`recorded_backbone`) and to tell caches apart."""
     name: str                        # registry name, or timm/<architecture>.<tag>
     weights: str                     # 'imagenet', 'pretrained', a path, or 'none'
     weights_sha256: str              # of the weights file loaded ('none' for random weights)

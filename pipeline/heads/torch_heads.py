@@ -26,6 +26,8 @@ class TorchHead(BaseEstimator, ClassifierMixin):
     def __init__(self, hidden: int = 0, depth: int = 1, dropout: float = 0.0, weight_decay: float = 1e-4,
                  lr: float | None = None, epochs: int = 200, batch_size: int = 256, patience: int = 10,
                  class_weight: str | None = None, seed: int = 0, device: str = "auto"):
+        """Why so many parameters: a scikit-learn estimator takes each hyperparameter as an argument of its
+        constructor (get_params, clone); they are the settings of torch_linear and torch_mlp."""
         self.hidden, self.depth, self.dropout = hidden, depth, dropout
         self.weight_decay, self.lr, self.epochs, self.batch_size = weight_decay, lr, epochs, batch_size
         self.patience, self.class_weight, self.seed, self.device = patience, class_weight, seed, device

@@ -18,7 +18,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small, runs_in_torch
+from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import UserError, warn
@@ -35,13 +35,14 @@ def _preprocessor(kind: str):
 def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | None = None, search: bool = False):
     """A fitted preprocessing+head pipeline; torch heads early-stop on (X_val, y_val) when given. `search`:
     the head's cheaper stand-in for scoring a candidate value, where it has one (`for_search`)."""
-    seeded = {"seed": s.seed} if "seed" in CLASSIFIERS[s.classifier].params else {}
+    spec = CLASSIFIERS[s.classifier]
+    seeded = {"seed": s.seed} if "seed" in spec.params else {}
     params = {**seeded, **s.params, **({"epochs": epochs} if epochs else {})}
     head = make_head(s.classifier, value, s.class_weight, **params)
     if search and hasattr(head, "for_search"):
         head = head.for_search()
     model = make_pipeline(_preprocessor(s.preprocess), head)
-    if getattr(model[-1], "early_stops", False):
+    if spec.early_stops:
         pre = model[0].fit(X)
         model[-1].fit(pre.transform(X), y, *((pre.transform(X_val), y_val) if X_val is not None else ()))
     else:
@@ -70,28 +71,6 @@ def _best(tried: dict[float, Trial], grid: tuple) -> float:
     """Highest score; ties go to the value nearest the middle of the grid on a log scale."""
     middle = np.sqrt(float(grid[0]) * float(grid[-1]))
     return max(tried, key=lambda v: (tried[v].score, -abs(np.log(v / middle))))
-
-
-def _beyond(classifier: str, tried: dict, best: float, limit: int) -> float | None:
-    """One step of the grid past the edge value `best`; None when `best` is not at an edge or the
-    grid cannot go further (one neighbour, or more neighbours than a fit's training images)."""
-    values = sorted(tried)
-    if best not in (values[0], values[-1]) or len(values) < 2:
-        return None
-    low = best == values[0]
-    ratio = values[1] / values[0] if low else values[-1] / values[-2]
-    if classifier != "knn":
-        return best / ratio if low else best * ratio
-    step = int(round(best * ratio)) | 1            # odd, as the grid's values are
-    return None if low or step > limit else float(step)
-
-
-def _refined(tried: dict, best: float) -> list[float]:
-    """Five log-spaced points between the best value's neighbours, those not tried yet."""
-    values = sorted(tried)
-    i = values.index(best)
-    lo, hi = values[max(i - 1, 0)], values[min(i + 1, len(values) - 1)]
-    return [float(v) for v in np.geomspace(lo, hi, 5) if not np.isclose(v, values).any()]
 
 
 def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
@@ -124,12 +103,11 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
     else:
         folds = [(X, y, X_val, y_val)]
     smallest_fit = min(len(f[1]) for f in folds)
+    spec = CLASSIFIERS[s.classifier]
     tried: dict[float, Trial] = {}
 
     def score(values):
-        for value in values:
-            if s.classifier == "knn" and value > smallest_fit:
-                continue   # more neighbours than training images
+        for value in spec.candidates(values, smallest_fit):
             scores, epochs = [], []
             for Xa, ya, Xb, yb in folds:
                 model = _fit(s, value, Xa, ya, Xb, yb, search=True)
@@ -137,11 +115,8 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
                 epochs.append(getattr(model[-1], "best_epoch_", None))
             tried[value] = Trial(float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
 
-    grid = CLASSIFIERS[s.classifier].grid
-    tuned = CLASSIFIERS[s.classifier].tuned
+    grid, tuned = spec.grid, spec.tuned
     score([float(s.value)] if s.value != "auto" else grid)
-    if not tried:
-        raise UserError(f"n_neighbors={s.value} is more than the {smallest_fit} training images a fit sees")
     warnings = []
     flat = len(tried) > 1 and len({trial.score for trial in tried.values()}) == 1
     if flat:
@@ -149,17 +124,16 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
                         f"kept {_best(tried, grid):g} from the middle of the grid and stopped")
     elif s.value == "auto":
         for _step in range(2):
-            step = _beyond(s.classifier, tried, _best(tried, grid), smallest_fit)
+            step = spec.beyond(tried, _best(tried, grid), smallest_fit)
             if step is None:
                 break
             score([step])
         edge = _best(tried, grid)
-        if _beyond(s.classifier, tried, edge, smallest_fit) is not None:
+        if spec.beyond(tried, edge, smallest_fit) is not None:
             warnings.append(f"{tuned}={edge:g} is at the edge of the values tried ({min(tried):g} to "
                             f"{max(tried):g}): a value beyond it may score better; set it in params.yaml "
                             f"(or --param) to try")
-        if s.classifier != "knn":
-            score(_refined(tried, edge))
+        score(spec.refined(tried, edge))
     best = _best(tried, grid)
     for message in warnings:
         warn(f"{s.classifier}: {message}")
@@ -189,7 +163,7 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
         evaluation = test
     else:
         X, y, evaluation = train_.features, train_.labels, val
-    with one_thread_if_small(X.size, runs_in_torch(s.classifier)):
+    with one_thread_if_small(X.size, CLASSIFIERS[s.classifier].in_torch):
         chosen = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
                   else select(s, train_.features, train_.labels))
         model = _fit(s, chosen.value, X, y, epochs=chosen.epochs)

@@ -13,15 +13,17 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.features.backbones import Backbone, load_backbone
+if TYPE_CHECKING:
+    from pipeline.features.backbones.loading import Backbone
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.reading import Field, read_json
 from pipeline.storage import modeldir
 from pipeline.storage.cache import check_trained_on
 
@@ -37,6 +39,7 @@ class Network(NamedTuple):
 
 class ModelDirectory:
     kind: ClassVar[modeldir.Kind]
+    what: ClassVar[str]          # the kind in a few words, for a legend
 
     def __init__(self, path: Path, info: dict):
         self.path, self.info = Path(path), info
@@ -64,13 +67,21 @@ class ModelDirectory:
 
     @property
     def scores(self) -> str:
-        """What its scores are: "probabilities", or "decision values" (linear_svm), which are not."""
+        """What its scores are: "probabilities", or "decision values" (e.g. a linear SVM's), which are not."""
         raise NotImplementedError
 
     @property
     def cache_fingerprint(self) -> str | None:
         """The feature cache the model was trained on; None for a model trained on images."""
         return None
+
+    @cached_property
+    def metrics(self) -> dict:
+        """metrics.json: the evaluation and the seconds the model took."""
+        path = self.path / "metrics.json"
+        if not path.is_file():
+            raise UserError(f"model directory {self.path} has no metrics.json")
+        return read_json(path, Field(dict))
 
     @cached_property
     def model(self):
@@ -93,6 +104,7 @@ class ModelDirectory:
 
 class FeatureModel(ModelDirectory):
     kind = modeldir.FEATURES
+    what = "feature cache + classifier (extraction included)"
 
     @property
     def approach(self) -> str:
@@ -118,16 +130,17 @@ class FeatureModel(ModelDirectory):
 
     def backbone(self) -> Backbone:
         """The backbone recorded in model.json, refusing weights other than those it was trained on."""
+        from pipeline.features.backbones.loading import recorded_backbone
         spec = self.backbone_spec
         check_trained_on(self.info.get("cache"), spec, self.info["fingerprint"], str(self.path / modeldir.INFO))
-        backbone = load_backbone(spec.name, spec.weights, spec.layer, spec.preprocessing.image_size, spec.tta)
+        backbone = recorded_backbone(spec)
         if backbone.weights_sha256 != spec.weights_sha256:
             raise UserError(f"weights {spec.weights} differ from those the model {self.path} was trained on "
                             f"(SHA-256 {backbone.weights_sha256[:12]} != {spec.weights_sha256[:12]})")
         return replace(backbone, preprocessing=spec.preprocessing)
 
     def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
-        from pipeline.features.engine import embedder
+        from pipeline.features.engines.onnx_runtime import embedder
         from pipeline.heads.train import scores_of
         backbone, head, n = self.backbone(), self.model, len(self.classes)
         embed, engine, notes = embedder(backbone, device, engine)
@@ -136,8 +149,8 @@ class FeatureModel(ModelDirectory):
         return lambda x: scores_of(head, embed(x)[backbone.layer], n)
 
     def network(self) -> Network:
-        """Backbone + feature preprocessing + head in torch (class probabilities, or decision values for
-        linear_svm); refused for heads that are not tensor operations (knn, rbf_svm)."""
+        """Backbone + feature preprocessing + head in torch (the scores `scorer` gives); refused for heads that
+        are not tensor operations (pipeline.heads.classifiers: their spec has no `to_torch`)."""
         from pipeline.models.networks import ImageClassifier, head_module
         head = head_module(self.model, len(self.classes), self.approach)
         backbone = self.backbone()
@@ -157,14 +170,12 @@ class _Probabilities(nn.Module):
 
 class FinetunedModel(ModelDirectory):
     kind = modeldir.FINETUNED
+    what = "fine-tune"
+    scores = PROBABILITIES      # a softmax over its logits
 
     @property
     def approach(self) -> str:
         return self.info.get("strategy", "finetuned")
-
-    @property
-    def scores(self) -> str:
-        return PROBABILITIES
 
     def _check(self, model) -> None:
         if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
@@ -191,10 +202,10 @@ class FinetunedModel(ModelDirectory):
         return Network(net, dict(self._classifier.backbone.named_modules()).get(layer))
 
 
-_CLASSES = {cls.kind.name: cls for cls in (FeatureModel, FinetunedModel)}
+KINDS = {cls.kind.name: cls for cls in (FeatureModel, FinetunedModel)}
 
 
 def open_model(path: Path) -> ModelDirectory:
     """The model directory at `path`, its files checked against the SHA-256 digests in its model.json."""
     info = modeldir.verify(path)
-    return _CLASSES[info["kind"]](path, info)
+    return KINDS[info["kind"]](path, info)

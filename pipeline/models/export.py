@@ -2,9 +2,9 @@
 
 The exported network maps a batch of preprocessed images [N, 3, H, W] (resized, centre-cropped and
 normalised as recorded in model.json: see docs/classifiers.md, "Export") to scores [N, classes], the same scores
-`pipeline predict` ranks: probabilities for fine-tuned models, logreg and the torch heads, decision values
-for linear_svm. Classifiers on cached features become the frozen backbone, the feature preprocessing and
-the head; heads that are not tensor operations (knn, rbf_svm) cannot be exported.
+`pipeline predict` ranks: probabilities for fine-tuned models and most heads, decision values for heads
+without them. Classifiers on cached features become the frozen backbone, the feature preprocessing and
+the head; heads that are not tensor operations (their spec has no `to_torch`) cannot be exported.
 
   .pt2   torch.export program: torch.export.load(path).module()(images)
   .onnx  ONNX graph with input `images` and output `scores`
@@ -48,11 +48,11 @@ def export(model_dir: Path, out: Path) -> Path:
 
 
 def _export_onnx(network: nn.Module, example: torch.Tensor, path: Path, meta: str) -> None:
-    """As the CPU engine exports (pipeline.features.engine): TensorFlow-style padding as constants that ONNX
+    """As the CPU engine exports (pipeline.features.engines.onnx_runtime): TensorFlow-style padding as constants that ONNX
     Runtime folds into the convolutions."""
     import onnx
 
-    from pipeline.features.engine import drop_empty_pad_inputs, static_same_padding
+    from pipeline.features.engines.onnx_runtime import drop_empty_pad_inputs, static_same_padding
     static_same_padding(network, example.shape[-1])
     # The TorchScript-based exporter: the torch.export-based one needs the extra onnxscript package.
     torch.onnx.export(network, (example,), str(path), input_names=["images"], output_names=["scores"],

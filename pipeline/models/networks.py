@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
 from torch import nn
 
-from pipeline.features.backbones import Backbone, FeatureHook, inference_model
-from pipeline.heads.torch_heads import TorchHead, TorchLogReg
-from pipeline.runtime.errors import UserError
+from pipeline.features.backbones.loading import Backbone
 
-TENSOR_HEADS = "logreg, torch_logreg, linear_svm, torch_linear and torch_mlp"   # what `head_module` builds
+from pipeline.features.engines.torch import FeatureHook, inference_model
+from pipeline.heads.classifiers import CLASSIFIERS
+from pipeline.runtime.errors import UserError
 
 
 class L2Normalize(nn.Module):
@@ -44,14 +42,6 @@ class ClassColumns(nn.Module):
         return full.index_copy(1, self.index, x)
 
 
-def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-        layer.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
-    return layer
-
-
 def _preprocessing(step) -> nn.Module:
     if isinstance(step, Normalizer) and step.norm == "l2":
         return L2Normalize()
@@ -65,23 +55,11 @@ def _preprocessing(step) -> nn.Module:
 def head_module(model, n_classes: int, name: str) -> nn.Module:
     """The fitted preprocessing + head pipeline as torch layers giving the scores `scores_of` gives."""
     pre, head = model[0], model[-1]
-    if isinstance(head, TorchHead):
-        layers, fill = [head.net_, nn.Softmax(dim=1)], 0.0
-    elif isinstance(head, LogisticRegression):
-        w, b = head.coef_, head.intercept_
-        if len(head.classes_) == 2:   # predict_proba = [1 - sigmoid(d), sigmoid(d)] = softmax([-d/2, d/2])
-            w, b = np.concatenate([-w, w]) / 2, np.concatenate([-b, b]) / 2
-        layers, fill = [_linear(w, b), nn.Softmax(dim=1)], 0.0
-    elif isinstance(head, TorchLogReg):   # a softmax over one column per class, binary included
-        layers, fill = [_linear(head.coef_, head.intercept_), nn.Softmax(dim=1)], 0.0
-    elif isinstance(head, LinearSVC):
-        w, b = head.coef_, head.intercept_
-        if len(head.classes_) == 2:   # decision values as head_scores gives them: [-d, d]
-            w, b = np.concatenate([-w, w]), np.concatenate([-b, b])
-        layers, fill = [_linear(w, b)], float("-inf")
-    else:
+    exportable = [n for n, spec in CLASSIFIERS.items() if spec.to_torch]
+    if name not in exportable:
         raise UserError(f"a {name} head is not made of tensor operations (needed to export it or for "
-                        f"Grad-CAM); {TENSOR_HEADS} are, and fine-tuned models")
+                        f"Grad-CAM); {', '.join(exportable[:-1])} and {exportable[-1]} are, and fine-tuned models")
+    layers, fill = CLASSIFIERS[name].to_torch(head)
     if len(head.classes_) < n_classes:
         layers.append(ClassColumns(head.classes_, n_classes, fill))
     return nn.Sequential(_preprocessing(pre), *layers).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.features.settings import EngineSettings
-from pipeline.runtime.devices import DEVICES
+from pipeline.runtime.devices import device_setting
 from pipeline.runtime.settings import setting
 
 
@@ -12,4 +12,4 @@ from pipeline.runtime.settings import setting
 class PredictSettings(EngineSettings):
     """Prediction with a model directory: how many classes per image, and where the network runs."""
     top_k: int = setting(5, "Classes to show per image.", min=1)
-    device: str = setting("auto", "auto picks CUDA when present.", choices=DEVICES)
+    device: str = device_setting()

@@ -13,12 +13,12 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.features.spec import BackboneSpec
 from pipeline.heads.metrics import accuracy_interval
+from pipeline.models.directory import KINDS, ModelDirectory, open_model
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.printing import shown as escaped
-from pipeline.runtime.reading import Field, read_json
-from pipeline.storage import modeldir
 
 
 def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -37,36 +37,32 @@ def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
     return out
 
 
-def _extractor(spec: dict) -> str:
+def _extractor(spec: BackboneSpec) -> str:
     """The backbone and the settings that change its vectors, e.g. 'efficientnet_lite0 224px tta'."""
-    size = spec.get("preprocessing", {}).get("image_size")
-    return " ".join([spec["backbone"], *([f"{size}px"] if size else []), *(["tta"] if spec.get("tta") else [])])
+    return " ".join([spec.name, f"{spec.preprocessing.image_size}px", *(["tta"] if spec.tta else [])])
 
 
 def _row(name: str, d: Path) -> dict:
-    info = modeldir.verify(d)   # model.json's facts are enough: no model is loaded
-    metrics_path = d / "metrics.json"
-    if not metrics_path.is_file():
-        raise UserError(f"model directory {d} has no metrics.json")
-    if not info.get("dataset"):
+    model: ModelDirectory = open_model(d)   # model.json's facts and metrics.json are enough: no model is loaded
+    m = model.metrics
+    if not model.info.get("dataset"):
         raise UserError(f"{d}/model.json records no dataset identity; train it again with this version")
-    m = read_json(metrics_path, Field(dict))
     if "val_score" not in m:
-        raise UserError(f"{metrics_path} records no val_score (the score its selection used); "
+        raise UserError(f"{d / 'metrics.json'} records no val_score (the score its selection used); "
                         f"train it again with this version")
-    cached = info["fingerprint"] is not None   # else trained on the images: no extraction to share
+    cached = model.cache_fingerprint is not None   # else trained on the images: no extraction to share
     extract = m.get("extract_seconds") if cached else None   # None also for a cache made without timing
     total = None if cached and extract is None else m["fit_seconds"] + (extract or 0.0)
     n_scored = m["n_val"] if m["selection"] == "val" else m["n_train"]   # k-fold scores every train image once
-    return {"name": name, "kind": info["kind"], "approach": info.get("classifier") or info.get("strategy"),
-            "extractor": _extractor(info["backbone"]), "selected": False,
+    return {"name": name, "kind": model.kind.name, "approach": model.approach,
+            "extractor": _extractor(model.backbone_spec), "selected": False,
             "val_score": m["val_score"], "val_interval": accuracy_interval(m["val_score"], n_scored),
             "selection": m["selection"], "n_val_scored": n_scored,
             "top1": m["top1"], "top1_interval": accuracy_interval(m["top1"], m["n_eval"]),
             "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
             "extract_seconds": extract, "train_seconds": m["fit_seconds"], "total_seconds": total,
             "swap_speedup": None, "eval_split": m["eval_split"], "n_eval": m["n_eval"],
-            **({"top5": m["top5"]} if "top5" in m else {}), "_data": (info["dataset"], m["eval_split"], m["n_eval"]),
+            **({"top5": m["top5"]} if "top5" in m else {}), "_data": (model.info["dataset"], m["eval_split"], m["n_eval"]),
             "_cached": cached, "_path": d}
 
 
@@ -185,9 +181,8 @@ def figure(table: list[dict]):
     fig, ax = plt.subplots(figsize=(10, 5))
     shown = [dict(r, name=escaped(r["name"])) for r in table   # a name's odd bytes would stop the font
              if r["total_seconds"] is not None]
-    kinds = {"features": ("o", "C0", "feature cache + classifier (extraction included)"),
-             "finetuned": ("s", "C1", "fine-tune")}
-    for kind, (marker, colour, label) in kinds.items():
+    for (kind, cls), marker, colour in zip(KINDS.items(), "os^D", ("C0", "C1", "C2", "C3")):
+        label = cls.what
         group = [r for r in shown if r["kind"] == kind]
         if not group:
             continue

@@ -5,11 +5,18 @@ import os
 from typing import TYPE_CHECKING
 
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.settings import setting
 
 if TYPE_CHECKING:
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_setting(on_cuda: str = ""):
+    """The `device` field of every stage's settings (and a torch head's `device`); `on_cuda` says what a stage
+    does differently there."""
+    return setting("auto", f"auto picks CUDA{on_cuda} when present.", choices=DEVICES)
 PRECISIONS = ("auto", "float32", "bfloat16")   # autocast type of a forward pass
 
 

@@ -51,7 +51,12 @@ from pipeline.runtime.files import check_replaceable, fresh_file
 from pipeline.runtime.reading import Field, parsed
 
 SCHEMA_VERSION = 3   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums
-FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions")
+FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions",
+                      "compute")
+# compute (JSON: the forward pass's precision, and inputs 'PIL' or 'tensor', decoded and resized as tensors) is
+# absent from caches written before it was recorded, and from those written without a backbone run: a cache
+# without it is read, and its vectors are never reused by a run that records it
+OPTIONAL = ("compute",)
 EXPECTABLE = ("backbone", "weights", "weights_sha256", "layer", "layers", "image_size", "tta", "dtype",
               "compute_stats", "fingerprint")
 STR = h5py.string_dtype("utf-8")
@@ -66,7 +71,7 @@ CHECKED = {"fletcher32": True}
 
 def fingerprint(attrs: dict) -> str:
     """Digest of everything that determines a feature vector."""
-    blob = json.dumps({k: attrs[k] for k in FINGERPRINT_FIELDS}, sort_keys=True)
+    blob = json.dumps({k: attrs[k] for k in FINGERPRINT_FIELDS if k in attrs or k not in OPTIONAL}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -105,13 +110,14 @@ def library_versions() -> dict:
 
 
 def cache_attrs(spec, classes: list[str], dtype: str, stats: dict | None = None,
-                data_root: Path | None = None) -> dict:
+                data_root: Path | None = None, compute: dict | None = None) -> dict:
     """The root attributes for a cache made with backbone `spec` (a features.spec.BackboneSpec, which
     writes its own attributes); `stats` are
     the training split's channel statistics when they replaced the backbone's normalisation.
     `data_root`, the image folder the paths are relative to, is recorded outside the fingerprint:
-    the same images moved elsewhere give the same vectors."""
-    attrs = {**spec.to_attrs(), "dtype": dtype, "versions": json.dumps(library_versions(), sort_keys=True)}
+    the same images moved elsewhere give the same vectors. `compute`: how the vectors were computed."""
+    attrs = {**spec.to_attrs(), "dtype": dtype, "versions": json.dumps(library_versions(), sort_keys=True),
+             **({"compute": json.dumps(compute, sort_keys=True)} if compute else {})}
     attrs["fingerprint"] = fingerprint(attrs)
     attrs.update(schema_version=SCHEMA_VERSION, classes=json.dumps(classes), compute_stats=stats is not None,
                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tool_version=__version__)
@@ -567,7 +573,8 @@ def _checked(path: Path, f: h5py.File) -> Cache:
         before = " (written before caches carried checksums)" if isinstance(version, int) and version < 3 else ""
         raise UserError(f"feature cache {path} has schema version {version}{before}, this tool reads "
                         f"{SCHEMA_VERSION}; re-run `pipeline extract`")
-    missing = [k for k in (*FINGERPRINT_FIELDS, "fingerprint", "classes", "digests", "checksum") if k not in attrs]
+    required = [k for k in FINGERPRINT_FIELDS if k not in OPTIONAL]
+    missing = [k for k in (*required, "fingerprint", "classes", "digests", "checksum") if k not in attrs]
     if missing:
         raise UserError(f"feature cache {path} lacks attributes {missing}")
     if fingerprint(attrs) != attrs["fingerprint"]:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from pipeline.data.folders import DatasetSettings
 from pipeline.features.settings import BackboneSettings
-from pipeline.runtime.devices import DEVICES
+from pipeline.runtime.devices import device_setting
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.settings import setting
 
@@ -39,7 +39,7 @@ class FinetuneSettings(BackboneSettings, DatasetSettings):
     flip: bool = setting(True, "Augment: random horizontal flip.")
     rotation: float = setting(0.0, "Augment: random rotation up to this many degrees.", min=0, max=180)
     color_jitter: float = setting(0.0, "Augment: brightness/contrast/saturation jitter strength.", min=0)
-    device: str = setting("auto", "auto picks CUDA (mixed precision, channels-last) when present.", choices=DEVICES)
+    device: str = device_setting(" (mixed precision, channels-last)")
     workers: int | None = setting(None, "DataLoader decoding workers; default: the CPU count, at most 8.",
                                   min=0, max=256)
     scale_lr: bool = setting(True, "Under torchrun: multiply --lr by the number of processes (linear scaling "

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from pipeline.data.folders import Dataset, dataset_digest
 from pipeline.data.images import ImageFiles, collate, worker_init
-from pipeline.features.backbones import Backbone, FeatureHook, Preprocessing, load_backbone
+from pipeline.features.backbones.loading import Backbone, Preprocessing, load_backbone, recorded_backbone
+from pipeline.features.engines.torch import FeatureHook
 from pipeline.features.spec import BackboneSpec
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.metrics import confusion_png, confusion_rows
@@ -44,7 +45,7 @@ from pipeline.storage import modeldir
 CROP_SCALE = (0.5, 1.0)   # area range of the random resized crop: small datasets suffer from harsher crops
 
 
-class Classifier(nn.Module):
+class FinetuneNetwork(nn.Module):
     """The registry backbone with a new linear head on its hooked global-pool output.
 
     The hook makes this work for any registry or timm model without knowing where its own
@@ -90,7 +91,7 @@ def frozen_stages(backbone: Backbone, s: FinetuneSettings) -> list[tuple[str, nn
     return all_stages[:n]
 
 
-def set_trainable(model: Classifier, frozen: list[tuple[str, nn.Module]], head_only: bool) -> None:
+def set_trainable(model: FinetuneNetwork, frozen: list[tuple[str, nn.Module]], head_only: bool) -> None:
     """Train mode and gradients for the trained parts; frozen parts stay in eval mode, so their
     batch-norm statistics stay those of pretraining."""
     model.train()
@@ -145,7 +146,8 @@ class Batches:
 
     def __init__(self, dataset: Dataset, split: str, transform, batch_size: int, workers: int, shuffle: bool,
                  seed: int, seen: dict, skipped: dict, sharded: bool = False, shortest: int | None = None):
-        """`sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
+        """Why so many parameters: the DataLoader's own options, and the records the batches keep (`seen`,
+        `skipped`). `sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
         when `shuffle`); `set_epoch` reshuffles it. `shortest`: see `pipeline.data.images.decode_image`."""
         self.samples = dataset.split(split)
         self.split, self.seen, self.skipped, self.seed = split, seen, skipped, seed
@@ -221,7 +223,7 @@ def evaluate(model: nn.Module, batches, loss_fn, dev: torch.device) -> tuple[flo
     return loss_fn(out, y).item(), (out.argmax(1) == y).float().mean().item(), out.numpy(), y.numpy()
 
 
-def make_optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.Optimizer:
+def make_optimizer(model: FinetuneNetwork, s: FinetuneSettings) -> torch.optim.Optimizer:
     """Two parameter groups: the head at `lr`, the backbone at `lr * backbone_lr_scale` (scratch: `lr`)."""
     scale = 1.0 if s.strategy == "scratch" else s.backbone_lr_scale
     groups = [{"params": list(model.head.parameters()), "lr": s.lr},
@@ -231,10 +233,10 @@ def make_optimizer(model: Classifier, s: FinetuneSettings) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
 
 
-def network(info: dict, state: dict) -> Classifier:
+def network(info: dict, state: dict) -> FinetuneNetwork:
     """Rebuild a fine-tuned model directory's network (model.json + state dict) in eval mode."""
     spec = BackboneSpec.from_dict(info["backbone"])
-    model = Classifier(load_backbone(spec.name, "none", spec.layer, spec.preprocessing.image_size),
+    model = FinetuneNetwork(recorded_backbone(spec, weights="none"),
                        len(info["classes"]))
     model.load_state_dict(state)
     return model.eval()
@@ -276,8 +278,11 @@ def write_history(history: list[dict], folder: Path, title: str) -> None:
 def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneSettings, dev: torch.device,
         name: str, quiet: bool, checkpoint: Path | None = None, resume: dict | None = None
         ) -> tuple[list[dict], dict, int]:
-    """Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
-    epoch by val accuracy (the first of equals) and that epoch's number. `model` is a Classifier or
+    """Why so long and why so many parameters: one epoch loop whose whole state (model, optimizer, scaler,
+    schedules, history, best epoch) a checkpoint captures after every epoch and `resume` restores, kept in one
+    place so that a resumed run repeats an uninterrupted one.
+    Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
+    epoch by val accuracy (the first of equals) and that epoch's number. `model` is a FinetuneNetwork or
     its DistributedDataParallel wrapper. `checkpoint`: a file rewritten after every epoch (on rank 0)
     with what `resume` needs to carry on after that epoch."""
     net = model.module if isinstance(model, DistributedDataParallel) else model
@@ -395,15 +400,17 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
 
 def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, checkpoint: bool,
               resume: Path | None) -> dict | None:
+    """Why so long: the fine-tune run from settings to model directory in the order its checks must come
+    (data, device, checkpoint, network, batches), then training and writing; each step is a call."""
     state = load_checkpoint(resume, s) if resume else None
     dataset = s.scan(Path(data))
     if "val" not in dataset.splits():
         raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
     dev = resolve_device(s.device)
-    backbone = load_backbone(s.backbone, "none" if s.strategy == "scratch" else s.weights, None, s.image_size)
+    backbone = load_backbone(replace(s, weights="none") if s.strategy == "scratch" else s)
     frozen = frozen_stages(backbone, s)
     torch.manual_seed(s.seed)
-    model = Classifier(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
+    model = FinetuneNetwork(backbone, len(dataset.classes)).to(dev, memory_format=torch.channels_last)  # faster on CPU too
     sharded = distributed.is_distributed()
     if sharded:   # DDP synchronises the parameters that require gradients when it wraps: all it may train
         set_trainable(model, frozen, head_only=False)

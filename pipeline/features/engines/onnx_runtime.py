@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.features.backbones import Backbone, Embedder, FeatureGraph
+from pipeline.features.backbones.loading import Backbone
+
+from pipeline.features.engines.torch import Embedder, FeatureGraph
 from pipeline.features.settings import ENGINES
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_regular, write_atomically
@@ -121,7 +123,7 @@ def static_same_padding(model: nn.Module, size: int) -> None:
     hooks = [m.register_forward_pre_hook(keep_shape) for m in model.modules() if type(m) is Conv2dSame]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+            model(torch.zeros(1, 3, size, size, device=next((p.device for p in model.parameters()), "cpu")))
     finally:
         for hook in hooks:
             hook.remove()

@@ -24,8 +24,8 @@ import torch
 
 from pipeline.data.folders import Sample
 from pipeline.data.images import FileItem, ImageError, SampleFiles, batches_within, decode_image, worker_init
-from pipeline.features.backbones import Preprocessing
-from pipeline.features.overlap import prefetched
+from pipeline.features.backbones.loading import Preprocessing
+from pipeline.features.inputs.overlap import prefetched
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
@@ -234,7 +234,8 @@ def to_8_bits(x: torch.Tensor) -> torch.Tensor:
 def gpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
                 device: torch.device, known: Collection[str] = (), decoder: JpegDecoder | None = None,
                 ends: Sequence[int] = ()):
-    """Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
+    """Why so many parameters: those of `inputs.pil.cpu_batches`, which it stands in for, and the device's.
+    Yield (good [(index, sha256)], normalised channels-last batch on `device` of the good images not
     in `known` (or None), [(index, reason)]) per batch, as `extract.collate` does, none across one of `ends`
     (`batches_within`). Two threads work ahead of the caller's model, each on a CUDA stream of its own: one
     decodes the next batches, the other resizes the batches decoded before (the decoders and the resize

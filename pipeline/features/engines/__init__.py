@@ -1,0 +1,1 @@
+"""What runs a backbone over batches of images: torch, ONNX Runtime, OpenVINO."""

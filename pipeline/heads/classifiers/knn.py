@@ -1,0 +1,39 @@
+"""k-nearest neighbours, distance-weighted (scikit-learn). Its grid counts neighbours: odd whole numbers, never
+more than the training rows a fit sees, stepped past the top only and not refined between values."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.heads.classifiers import AUTO, ClassifierSpec
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.settings import Rule
+
+
+def build(n_neighbors, class_weight=None):
+    if class_weight is not None:
+        raise UserError("classifier knn does not support class_weight")
+    from sklearn.neighbors import KNeighborsClassifier
+    return KNeighborsClassifier(n_neighbors=int(n_neighbors), weights="distance")
+
+
+@dataclass(frozen=True)
+class NeighbourCount(ClassifierSpec):
+    def candidates(self, values: list[float], n_fit: int) -> list[float]:
+        kept = [v for v in values if v <= n_fit]
+        if values and not kept:
+            raise UserError(f"n_neighbors={values[0]:g} is more than the {n_fit} training images a fit sees")
+        return kept
+
+    def beyond(self, tried: dict, best: float, n_fit: int) -> float | None:
+        values = sorted(tried)
+        if best != values[-1] or len(values) < 2:
+            return None
+        step = int(round(best * values[-1] / values[-2])) | 1     # odd, as the grid's values are
+        return None if step > n_fit else float(step)
+
+    def refined(self, tried: dict, best: float) -> list[float]:
+        return []
+
+
+SPEC = NeighbourCount("k-nearest neighbours", "n_neighbors", (AUTO | int, Rule("Neighbours that vote.", min=1)),
+                      (1, 3, 5, 9, 15, 25), build)
