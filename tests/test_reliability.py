@@ -298,7 +298,7 @@ def test_audit_settings_have_bounds_from_the_data(tmp_path, args, message):
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
 def test_a_cached_onnx_record_that_is_not_a_regular_file_is_not_read(tmp_path, kind):
-    from pipeline.features.engine import ExportCache
+    from pipeline.features.engines.onnx_runtime import ExportCache
     cache = ExportCache(tmp_path)
     key = {"backbone": "tiny", "v": 1}
     graph, record = cache.paths(key)
@@ -329,7 +329,7 @@ def damaged_weights(kind: str, good: bytes) -> bytes:
 def test_a_damaged_hub_weights_file_is_one_line(tmp_path, monkeypatch, kind):
     from huggingface_hub import constants
 
-    from pipeline.features.backbones import load_backbone
+    from pipeline.features.backbones.loading import build_backbone
     from pipeline.runtime.errors import UserError
     from tests.test_hub import MODEL, hub_cache
     weights = hub_cache(tmp_path / "hf", seed=0)
@@ -337,7 +337,7 @@ def test_a_damaged_hub_weights_file_is_one_line(tmp_path, monkeypatch, kind):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(UserError, match=f"weights file {re.escape(str(weights))}") as caught:
-        load_backbone(f"timm/{MODEL}", "pretrained")
+        build_backbone(f"timm/{MODEL}", "pretrained")
     assert "\n" not in str(caught.value)
 
 
