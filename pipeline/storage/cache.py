@@ -71,20 +71,21 @@ CHECKED = {"fletcher32": True}
 
 def fingerprint(attrs: dict) -> str:
     """Digest of everything that determines a feature vector."""
-    blob = json.dumps({k: attrs[k] for k in FINGERPRINT_FIELDS if k in attrs or k not in OPTIONAL}, sort_keys=True)
+    blob = json.dumps(fingerprinted(attrs), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def fingerprinted(attrs: dict) -> dict:
-    """The attributes the fingerprint digests, as model.json keeps them to tie a head to its backbone."""
-    return {k: attrs[k] for k in FINGERPRINT_FIELDS}
+    """The attributes the fingerprint digests, as model.json also keeps them to tie a head to its backbone."""
+    return {k: attrs[k] for k in FINGERPRINT_FIELDS if k in attrs or k not in OPTIONAL}
 
 
 def check_trained_on(fields, spec, recorded: str, where: str) -> None:
     """Refuse a model whose backbone `spec` (from model.json, at `where`) is not the one behind the cache
     it was trained on: `fields` (`fingerprinted`) must give the `recorded` fingerprint and name the same
     backbone, weights, layer, preprocessing and TTA as `spec`."""
-    if not isinstance(fields, dict) or set(fields) != set(FINGERPRINT_FIELDS):
+    if not isinstance(fields, dict) or not {k for k in FINGERPRINT_FIELDS if k not in OPTIONAL} <= set(fields) \
+            or not set(fields) <= set(FINGERPRINT_FIELDS):
         raise UserError(f"{where} does not record the feature cache its head was trained on ('cache'); "
                         f"train it again")
     if fingerprint(fields) != recorded:
