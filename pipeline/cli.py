@@ -1,9 +1,10 @@
-"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench|audit`. Parsing and
+"""Command line: `pipeline extract|train|predict|export|compare|finetune|visualize|bench|audit|select`. Parsing and
 calling only: the options of a stage are the fields of its settings object (pipeline.runtime.settings)."""
 from __future__ import annotations
 
 import csv
 import functools
+import importlib
 import inspect
 import json
 import sys
@@ -20,11 +21,14 @@ from pipeline.features.settings import BenchSettings, ExtractSettings
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, own_keys, with_params
 from pipeline.models.settings import PredictSettings
-from pipeline.runtime.errors import Interrupted, UserError, exit_with, quote, run_stage
+from pipeline import api
 from pipeline.runtime.devices import DEVICES, device_setting
-from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.errors import Interrupted, InputError, exit_with, quote, run_stage
+from pipeline.runtime.imports import heavy_imports, preload
 from pipeline.runtime.printing import say
-from pipeline.runtime.settings import alternatives, default, fields, from_options, option_name, rule, type_hints
+from pipeline.runtime.settings import (alternatives, default, fields, from_options, keywords, option_name, rule,
+                                       type_hints)
+from pipeline.selection.settings import SelectSettings
 
 
 class Command(TyperCommand):
@@ -132,21 +136,18 @@ def extract(
                                             "torchrun; each extracts a shard and rank 0 joins them.")] = 1,
 ):
     """Stage one: run the frozen backbone over every image once and cache the feature vectors."""
-    with heavy_imports():
-        from pipeline.features import sharded
-        from pipeline.runtime import distributed
+    preload("pipeline.features.extract")
+    from pipeline.features import sharded
+    from pipeline.runtime import distributed
     if nproc > 1:
         sharded.check_extract_options(settings)
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    with heavy_imports():
-        from pipeline.features.extract import extract_folder as single
-    extract_folder = sharded.extract_folder if distributed.is_distributed() else single
     try:
-        summary = extract_folder(data, out, settings, quiet, force)
+        cache = api.extract(data, out, force=force, quiet=quiet, **keywords(settings))
     except KeyboardInterrupt:   # before any image was written; later ones say how to resume
         raise Interrupted("interrupted before extraction began")
-    if summary:
-        _say(summary.lines(), quiet)
+    if cache:
+        _say(cache.summary.lines, quiet)
 
 
 def _check_cache(path: Path) -> None:
@@ -167,7 +168,7 @@ def _pairs(pairs: list[str], option: str) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise UserError(f"{option} expects KEY=VALUE, got {quote(pair)}")
+            raise InputError(f"{option} expects KEY=VALUE, got {quote(pair)}")
         out[key] = value
     return out
 
@@ -196,22 +197,25 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Replace a model directory already at --out.")] = False,
 ):
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
-    s = with_params(settings, _parse_params(param), lambda key: f"--param {key}")
+    params = _parse_params(param)
+    s = with_params(settings, params, lambda key: f"--param {key}")
     expected = {**_pairs(expect, "--expect"), **({"fingerprint": fingerprint} if fingerprint else {})}
     from pipeline.storage.modeldir import check_out
-    check_out(out, force)       # as `fit` checks first, before the seconds of its imports
+    check_out(out, force)       # as `train` checks first, before the seconds of its imports
     _check_cache(features)
     with heavy_imports():
         from pipeline.heads.classifiers import import_libraries
-        from pipeline.heads.train import train as fit
+        importlib.import_module("pipeline.heads.train")
         import_libraries(s.classifier)
+    common = {k: v for k, v in keywords(s).items() if k != "classifier"}
     try:
-        m = fit(features, out, s, expected, force)
+        model = api.train(features, s.classifier, out, force=force, expect=expected, **common, **params)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: training {s.classifier} on {features} stopped before {out} was written "
                           f"in full; run the same command again")
+    m = model.metrics
     _say([f"{s.classifier}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), "
-          f"chosen {m['hyperparameters']}, fit {m['fit_seconds']:.1f}s -> {out}"], quiet)
+          f"chosen {model.details['hyperparameters']}, fit {m['fit_seconds']:.1f}s -> {out}"], quiet)
 
 
 @app.command()
@@ -224,31 +228,29 @@ def predict(
 ):
     """Predict the top-k classes of new images with a trained model (backbone + head)."""
     _check_model(model_dir)
-    with heavy_imports():
-        from pipeline.models.predict import predict as run
-    results = run(model_dir, images, settings.top_k, settings.device, engine=settings.engine,
-                  log=lambda line: typer.echo(line, err=True))
+    preload("pipeline.models.predict")
+    results = api.load_model(model_dir).predict(images, settings.top_k, settings.device, settings.engine,
+                                                log=lambda line: typer.echo(line, err=True))
     if format is Format.json:
-        typer.echo(json.dumps(results, indent=2))
+        typer.echo(json.dumps([{"path": r.path, **({"error": r.skipped} if r.skipped else {
+            "scores": r.score_kind, "top": [{"class": c, "score": v} for c, v in zip(r.labels, r.scores)]})}
+            for r in results], indent=2))
     elif format is Format.csv:
         w = csv.writer(sys.stdout)
         w.writerow(["path", "rank", "class", "score", "scores", "error"])
         for r in results:
-            for rank, t in enumerate(r.get("top", []), 1):
-                w.writerow([r["path"], rank, t["class"], f"{t['score']:.4f}", r["scores"], ""])
-            if "error" in r:
-                w.writerow([r["path"], "", "", "", "", r["error"]])
+            for rank, (label, score) in enumerate(zip(r.labels, r.scores), 1):
+                w.writerow([r.path, rank, label, f"{score:.4f}", r.score_kind, ""])
+            if r.skipped:
+                w.writerow([r.path, "", "", "", "", r.skipped])
     else:
         for r in results:
-            shown = "  ".join(f"{t['class']} {t['score']:.3f}" for t in r.get("top", []))
-            if "error" in r:
-                say(f"{r['path']}: skipped ({r['error']})", err=False)
-            else:
-                note = "" if r["scores"] == "probabilities" else f"  ({r['scores']}, not probabilities)"
-                say(f"{r['path']}: {shown}{note}", err=False)
-    skipped = [r for r in results if "error" in r]
+            shown = "  ".join(f"{label} {score:.3f}" for label, score in zip(r.labels, r.scores))
+            note = "" if r.score_kind == "probabilities" else f"  ({r.score_kind}, not probabilities)"
+            say(f"{r.path}: skipped ({r.skipped})" if r.skipped else f"{r.path}: {shown}{note}", err=False)
+    skipped = [r for r in results if r.skipped]
     if skipped and format is not Format.table:
-        _say([f"skipped {r['path']}: {r['error']}" for r in skipped])
+        _say([f"skipped {r.path}: {r.skipped}" for r in skipped])
 
 
 @app.command()
@@ -273,9 +275,8 @@ def compare(
     """Write a table comparing trained models (compare.md, compare.json) and a plot of accuracy
     against compute time (compare.png)."""
     with heavy_imports():
-        from pipeline.report.compare import compare as run
         from pipeline.report.compare import markdown
-    for line in markdown(run(model_dirs, out)).splitlines():
+    for line in markdown(api.compare(model_dirs, out)).splitlines():
         say(line, err=False)
 
 
@@ -300,11 +301,12 @@ def finetune(
     from pipeline.runtime import distributed
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
-    with heavy_imports():
-        from pipeline.tuning.training import finetune as run
-    m = run(data, out, settings, quiet, checkpoint, resume, force)
-    if m is None:   # a torchrun rank other than 0
+    preload("pipeline.tuning.training")
+    model = api.finetune(data, out, force=force, quiet=quiet, checkpoint=checkpoint, resume=resume,
+                         **keywords(settings))
+    if model is None:   # a torchrun rank other than 0
         return
+    m = model.metrics
     _say([f"{settings.strategy}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
           f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"]
          + ([f"skipped {m['n_skipped']} files (reasons in {out / 'model.json'})"] if m["n_skipped"] else []), quiet)
@@ -362,13 +364,29 @@ def audit(
     """Check the data behind a cache: label issues, near-duplicates and leaks between splits, outliers, and
     how accuracy grows with the number of labels; writes a report page and CSV files."""
     _check_cache(features)
-    with heavy_imports():
-        from pipeline.auditing.run import audit as run
-    summary = run(features, out, settings, log=lambda line: _say([line], quiet))
-    page = out / "index.html"
+    preload("pipeline.auditing.run", "pipeline.report.audit_page")
+    result = api.audit(features, out, log=lambda line: _say([line], quiet), **keywords(settings))
+    summary, page = result.summary, result.page
     _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
           f"({summary['leak_groups']} across splits), {summary['outliers']} outliers in {summary['images']} "
           f"images -> {page}"], quiet)
+
+
+@app.command()
+@settings_options(SelectSettings)
+def select(
+    features: Annotated[Path, typer.Argument(help="Feature cache with an unlabelled pool (DATA/unlabeled/).")],
+    out: Annotated[Path, typer.Option(help="CSV of the picks in the order to label them: path, strategy, score, "
+                                           "cluster.")] = Path("picks.csv"),
+    settings: SelectSettings = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+):
+    """Pick the unlabelled images of the cache's pool to label next (move them into train/CLASS/, extract
+    again: their vectors are reused)."""
+    _check_cache(features)
+    preload("pipeline.selection.run")
+    rows = api.select(features, out, **keywords(settings))
+    _say([f"{len(rows)} images to label, picked by {rows[0]['strategy']} -> {out}"], quiet)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.runtime.errors import UserError, quote
+from pipeline.runtime.errors import InputError, quote
 from pipeline.runtime.files import read_regular
 from pipeline.runtime.settings import from_mapping, key_name
 
@@ -18,21 +18,21 @@ def read_params(section: str, path: Path = PARAMS) -> dict:
     """The mapping under `section` of the YAML file `path` ({} when absent)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist")
+        raise InputError(f"{path} does not exist")
     try:
         text = read_regular(path, PARAMS_LIMIT)
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         raw = yaml.safe_load(text.decode("utf-8")) or {}
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})")
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})")
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0][:200]}")
+        raise InputError(f"{path} is not valid YAML: {str(exc).splitlines()[0][:200]}")
     if not isinstance(raw, dict):
-        raise UserError(f"{path} must be a mapping of sections, got {quote(raw)}")
+        raise InputError(f"{path} must be a mapping of sections, got {quote(raw)}")
     if not isinstance(raw.get(section) or {}, dict):
-        raise UserError(f"{path}: '{section}' must be a mapping, got {quote(raw[section])}")
+        raise InputError(f"{path}: '{section}' must be a mapping, got {quote(raw[section])}")
     return raw.get(section) or {}
 
 
@@ -47,10 +47,10 @@ def sweep_settings(cls, section: str, sweep: str, name: str, path: Path = PARAMS
     run changes) on top, e.g. extractor `lite0_224` of `extractors` over `extract`."""
     runs = read_params(sweep, path)
     if name not in runs:
-        raise UserError(f"{path}: {sweep} has no '{key_name(name)}'; it has: {', '.join(map(str, runs)) or 'none'}")
+        raise InputError(f"{path}: {sweep} has no '{key_name(name)}'; it has: {', '.join(map(str, runs)) or 'none'}")
     own = runs[name] or {}
     if not isinstance(own, dict):
-        raise UserError(f"{path}: {sweep}.{name} must be a mapping of {section} settings, got {quote(own)}")
+        raise InputError(f"{path}: {sweep}.{name} must be a mapping of {section} settings, got {quote(own)}")
     base = read_params(section, path)
     from_mapping(cls, base, section)
     return from_mapping(cls, {**base, **own}, f"{sweep}.{name}")

@@ -2,13 +2,13 @@
 import sys
 from pathlib import Path
 
-from pipeline.report.compare import compare
 from pipeline.runtime.errors import run_stage
 
 
 def main():
+    import pipeline.report.compare   # what pipeline.compare runs
     out = Path(sys.argv[1])
-    table = compare([Path(d) for d in sys.argv[2:]], out)
+    table = pipeline.compare(sys.argv[2:], out)
     best = table[0]
     print(f"compare: {len(table)} models ranked by their selection score -> {out / 'compare.md'}; selected "
           f"{best['name']}: {best['val_score']:.3f} ({best['selection']}), {best['top1']:.3f} on {best['eval_split']}")

@@ -1,6 +1,5 @@
 """DVC stage `train@NAME`: python stages/train.py NAME FEATURES OUT_DIR (settings: params.yaml `train.NAME`)"""
 import sys
-from pathlib import Path
 
 from pipeline.config import read_params
 from pipeline.heads.settings import train_settings
@@ -9,14 +8,16 @@ from pipeline.runtime.imports import heavy_imports
 
 
 def main():
-    name, features, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    s = train_settings(name, read_params("train").get(name))
+    name, features, out = sys.argv[1:4]
+    raw = read_params("train").get(name) or {}
+    train_settings(name, raw)   # refused here, naming the key of params.yaml
     with heavy_imports():   # torch and sklearn load once the settings are accepted
         from pipeline.heads.classifiers import import_libraries
-        from pipeline.heads.train import train
-        import_libraries(s.classifier)
-    m = train(features, out, s)
-    print(f"{name}: top-1 {m['top1']:.3f} on {m['eval_split']}, chosen {m['hyperparameters']}, "
+        import pipeline.heads.train   # what pipeline.train runs
+        import_libraries(name)
+    model = pipeline.train(features, name, out, **raw)
+    m = model.metrics
+    print(f"{name}: top-1 {m['top1']:.3f} on {m['eval_split']}, chosen {model.details['hyperparameters']}, "
           f"fit {m['fit_seconds']:.1f}s")
 
 

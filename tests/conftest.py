@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny generated image folders and the real command line in a subprocess."""
+"""Shared test helpers: tiny generated image folders, and the command line in this process or in one of its own."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +16,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 from PIL import Image
-
-from tests.warm_interpreter import WarmInterpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
@@ -111,41 +109,39 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
-_warm: list[WarmInterpreter] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def warm_interpreter(onnx_export_cache, tmp_path_factory):
-    """One warm interpreter per test process (tests/warm_interpreter.py), unless FRESH_CLI=1 asks for a
-    fresh interpreter per command."""
-    if os.environ.get("FRESH_CLI") != "1":
-        _warm.append(WarmInterpreter(dict(os.environ, PYTHONPATH=str(ROOT)), tmp_path_factory.mktemp("warm")))
-    yield
-    while _warm:
-        _warm.pop().close()
-
-
 def run_cli(*args, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline ARGS` in a process of its own, with this checkout first on the path."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    argv = list(map(str, args))
-    if _warm and _warm[0].can_run(env):
-        proc = _warm[0].run(argv, env, cwd, timeout=600)
-    else:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=600)
+    """Run `python -m pipeline ARGS` in a process of its own, with this checkout first on the path: for the
+    tests in which the process matters (signals, torchrun, what a start-up imports); the others use
+    `cli_in_process`."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
 
 
-def cli_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli_in_process(*args, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the command line's entry point (`pipeline.cli.main`) in this process, with its parsing, error
-    contract and output as in a process of its own but without the start-up: for tests of what a command
-    refuses. Returns the exit code and the captured stdout and stderr."""
-    import io
+    contract and output as in a process of its own but without the start-up: for every test in which the
+    process itself does not matter. Returns the exit code and the captured stdout and stderr."""
     from pipeline import cli
-    argv = ["pipeline", *map(str, args)]
+    return _in_process(cli.main, ["pipeline", *map(str, args)], cwd, check)
+
+
+def stage_in_process(stage: str, cwd: Path, *args, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the DVC stage script stages/STAGE (e.g. "train.py") in this process, as `cli_in_process` runs
+    the command line."""
+    import runpy
+    script = ROOT / "stages" / stage
+    return _in_process(lambda: runpy.run_path(str(script), run_name="__main__"), [str(script), *map(str, args)],
+                       cwd, check)
+
+
+def _in_process(main, argv: list[str], cwd: Path | None, check: bool) -> subprocess.CompletedProcess:
+    """`main()` with `argv` as sys.argv, in `cwd`, its exit code and output captured. The garbage collector,
+    which a command turns off until its imports are done, is on again afterwards."""
+    import gc
+    import io
     out, err = io.StringIO(), io.StringIO()
     before = (sys.argv, Path.cwd())
     code = 0
@@ -154,12 +150,15 @@ def cli_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedProces
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
+            main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = before[0]
         os.chdir(before[1])
+        gc.enable()
+    if check and code != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({code}):\n{err.getvalue()}")
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
@@ -185,7 +184,7 @@ def small_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cache")
     images = make_image_folder(root / "images")
     out = root / "features.h5"
-    run_cli("extract", images, "--out", out, "--image-size", 64, "--workers", 0, "--quiet", check=True)
+    cli_in_process("extract", images, "--out", out, "--image-size", 64, "--workers", 0, "--quiet", check=True)
     return out
 
 

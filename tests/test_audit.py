@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.auditing import neighbours
+from pipeline.auditing import neighbours, pixels
 from pipeline.auditing.label_issues import find_label_issues, l2_normalised, out_of_fold_probabilities
 from pipeline.auditing.learning_curve import counts_up_to, learning_curve
 from pipeline.auditing.run import audit
 from pipeline.auditing.settings import AuditSettings
 from pipeline.storage.cache import open_cache
-from tests.conftest import make_image_folder, run_cli, synthetic_cache
+from tests.conftest import cli_in_process, make_image_folder, synthetic_cache
 
 COLUMNS = {"label_issues.csv": ["path", "split", "given", "suggested", "score"],
-           "duplicates.csv": ["group", "path", "split", "similarity", "leak", "found_by"],
-           "outliers.csv": ["path", "split", "label", "score", "score_in_class", "score_overall"],
+           "duplicates.csv": ["group", "path", "split", "similarity", "pixel_correlation", "leak", "found_by"],
+           "outliers.csv": ["path", "split", "label", "score", "flagged", "score_in_class", "score_overall",
+                            "distance_to_classes"],
            "learning_curve.csv": ["head", "per_class", "mean", "std", "runs"]}
 
 
@@ -125,7 +126,11 @@ def test_audit_finds_what_was_planted_and_writes_the_contract(tmp_path: Path):
     assert pairs == planted["leaks"]
     assert all(r["leak"] == "true" and float(r["similarity"]) >= AuditSettings().duplicate_threshold
                for r in files["duplicates.csv"])
-    assert files["outliers.csv"][0]["path"] == planted["outlier"]
+    ranking = files["outliers.csv"]          # every image, most unusual first, the flagged ones on top
+    assert ranking[0]["path"] == planted["outlier"] and ranking[0]["flagged"] == "true" and len(ranking) == 240
+    scores = [float(r["score"]) for r in ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert [r["flagged"] == "true" for r in ranking] == [v >= AuditSettings.outlier_cut for v in scores]
     curve = files["learning_curve.csv"]
     with open_cache(cache) as written:
         largest = np.bincount(written.read("train").labels).max()   # all images of the largest class
@@ -135,14 +140,16 @@ def test_audit_finds_what_was_planted_and_writes_the_contract(tmp_path: Path):
     assert json.loads((tmp_path / "report" / "summary.json").read_text()) == summary
     assert summary["splits"] == {"train": 160, "val": 40, "test": 40} and summary["images"] == 240
     assert (summary["label_issues"], summary["duplicate_groups"], summary["leak_groups"]) == (len(issues), 2, 2)
-    assert summary["outliers"] == len(files["outliers.csv"]) and summary["data_root"] is None
+    assert summary["outliers"] == sum(r["flagged"] == "true" for r in ranking) and summary["data_root"] is None
+    classifier = summary["label_issue_classifier"]
+    assert 0.9 < classifier["out_of_fold_accuracy"] <= 1 and 0 <= classifier["calibration_error"] < 0.2
     assert summary["settings"]["duplicate_threshold"] == AuditSettings.duplicate_threshold
 
 
 @pytest.mark.slow
 def test_audit_command_writes_the_page(tmp_path: Path):
     cache, _ = planted_cache(tmp_path / "features.h5")
-    proc = run_cli("audit", cache, "--out", tmp_path / "report", "--folds", 3, "--seeds", 1, check=True)
+    proc = cli_in_process("audit", cache, "--out", tmp_path / "report", "--folds", 3, "--seeds", 1, check=True)
     assert "2 near-duplicate groups (2 across splits)" in proc.stderr
     for name in (*COLUMNS, "summary.json", "learning_curve.png", "index.html"):
         assert (tmp_path / "report" / name).is_file()
@@ -156,7 +163,7 @@ def test_audit_command_writes_the_page(tmp_path: Path):
 def test_audit_command_refuses_bad_input_with_one_line(tmp_path: Path, args, message):
     cache, _ = planted_cache(tmp_path / "features.h5")
     args = [cache if a == "CACHE" else a for a in args]
-    proc = run_cli("audit", *args, "--out", tmp_path / "report", cwd=tmp_path)
+    proc = cli_in_process("audit", *args, "--out", tmp_path / "report", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == message
     assert not (tmp_path / "report").exists()
 
@@ -168,7 +175,7 @@ def test_extract_leaves_out_the_images_an_exclude_list_names(tmp_path: Path):
     listed.write_text("path,split,given\ntrain/red/train_0.png,train,red\nval/blue/val_1.png,val,blue\n"
                       "train/red/gone.png,train,red\n")
     out = tmp_path / "features.h5"
-    proc = run_cli("extract", images, "--out", out, "--exclude", listed, "--image-size", 32, "--workers", 0,
+    proc = cli_in_process("extract", images, "--out", out, "--exclude", listed, "--image-size", 32, "--workers", 0,
                    "--quiet", check=True)
     assert "warning: 1 paths of label_issues.csv are not among the images" in proc.stderr
     with open_cache(out) as cache:
@@ -177,7 +184,7 @@ def test_extract_leaves_out_the_images_an_exclude_list_names(tmp_path: Path):
     assert len(kept) == 16 and "train/red/train_0.png" not in kept
 
     listed.write_text("file\ntrain/red/train_0.png\n")
-    proc = run_cli("extract", images, "--out", tmp_path / "other.h5", "--exclude", listed)
+    proc = cli_in_process("extract", images, "--out", tmp_path / "other.h5", "--exclude", listed)
     assert proc.returncode == 2 and proc.stderr.strip() == (f"error: {listed} has no 'path' column "
                                                             f"(columns: file)")
     assert not (tmp_path / "other.h5").exists()
@@ -229,3 +236,52 @@ def test_pairs_under_the_threshold_are_near_duplicates_when_their_pixels_match(t
     _, rows = read_csv(tmp_path / "report" / "duplicates.csv")
     assert not {"train/0.png", "val/0.png"} & {r["path"] for r in rows}
     assert summary["pixel_check"]["skipped"] == f"data folder {root.resolve()} not reachable"
+
+
+def test_aligned_pixels_match_cropped_copies_and_not_look_alikes():
+    """Copies cut from a corner or a side, rescaled, re-encoded at JPEG quality 30-50 or mirrored correlate
+    from the pixel match once aligned; two handwritten 1s and the two lower quadrants of a photo do not."""
+    import skimage.data
+    from sklearn.datasets import load_digits
+
+    from benchmarks.audit import _corner_crop, _jpeg, _scaled, _side_crop, digit_image
+    photo = Image.fromarray(skimage.data.astronaut())
+    copies = [_jpeg(_corner_crop(photo, 0.08, 3), 35), _side_crop(_scaled(photo, 0.6), 0.1, 0),
+              ImageOps.mirror(_corner_crop(photo, 0.05, 0)), _jpeg(_scaled(_corner_crop(photo, 0.03, 1), 0.7), 50)]
+    digits = load_digits()
+    ones = [digit_image(x) for x in digits.images[digits.target == 1][:2]]
+    w, h = photo.size
+    quadrants = [photo.crop((0, h // 2, w // 2, h)), photo.crop((w // 2, h // 2, w, h))]
+    thumb = pixels.thumbnail
+    same = pixels.aligned_correlation(np.stack([thumb(photo)] * len(copies)), np.stack([thumb(c) for c in copies]))
+    assert np.all(same >= AuditSettings.pixel_match), same
+    distinct = pixels.aligned_correlation(np.stack([thumb(ones[0]), thumb(quadrants[0])]),
+                                          np.stack([thumb(ones[1]), thumb(quadrants[1])]))
+    assert np.all(distinct < AuditSettings.pixel_match), distinct
+
+
+@pytest.fixture(scope="module")
+def digits_report(tmp_path_factory) -> tuple[Path, dict]:
+    """The audit of scikit-learn's 1,797 handwritten digits written as 64 px PNGs (EfficientNet-Lite0 at
+    64 px): real images whose labels are nearly all right and of which no two are copies."""
+    from benchmarks.audit import write_digits
+    from pipeline.features.extract import extract_folder
+    from pipeline.features.settings import ExtractSettings
+    root = tmp_path_factory.mktemp("digits")
+    images = write_digits(root / "images")
+    extract_folder(images, root / "features.h5", ExtractSettings(image_size=64, workers=0), quiet=True)
+    summary = audit(root / "features.h5", root / "report", AuditSettings(seeds=1))
+    return root / "report", summary
+
+
+@pytest.mark.slow
+def test_clean_digits_give_few_duplicates_and_say_how_far_labels_can_be_judged(digits_report):
+    report, summary = digits_report
+    _, duplicates = read_csv(report / "duplicates.csv")
+    assert summary["images"] == 1797 and len(duplicates) <= 0.01 * 1797, duplicates
+    _, ranking = read_csv(report / "outliers.csv")
+    assert len(ranking) == 1797
+    classifier = summary["label_issue_classifier"]
+    assert classifier["judged"] == (classifier["accuracy_on_unlisted"] >= classifier["minimum_accuracy"]
+                                    and classifier["calibration_error"] <= classifier["maximum_calibration_error"])
+    assert classifier["accuracy_on_unlisted"] >= classifier["out_of_fold_accuracy"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.report.audit_page import COLUMNS, ROWS_SHOWN, write_page
-from pipeline.runtime.errors import UserError
+from pipeline.report.audit_page import COLUMNS, OUTLIERS_BELOW, ROWS_SHOWN, write_page
+from pipeline.runtime.errors import InputError
 from tests.browser import Elements, dump_dom, needs_chromium
 from tests.conftest import make_image_folder
 
@@ -26,9 +26,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def audit_folder(tmp_path: Path, data_root: Path | None, label_rows: int = 3) -> Path:
+def audit_folder(tmp_path: Path, data_root: Path | None, label_rows: int = 3, judged: bool = True,
+                 ranked: int = 0) -> Path:
     """An audit folder per the file contract, about the images of make_image_folder plus a hostile name and
-    an undecodable file."""
+    an undecodable file; `judged`: whether the classifier behind the label issues is good enough to call them
+    errors; `ranked`: unflagged images after the two flagged outliers."""
     out = tmp_path / "audit"
     out.mkdir()
     images = [f"train/{c}/train_{i}.png" for c in ("red", "green") for i in range(2)]
@@ -38,18 +40,23 @@ def audit_folder(tmp_path: Path, data_root: Path | None, label_rows: int = 3) ->
               + [{"path": "train/red/broken.png", "split": "train", "given": "red", "suggested": "blue",
                   "score": 0.1}])
     write_csv(out / "duplicates.csv", [
-        {"group": 0, "path": images[0], "split": "train", "similarity": 1.0, "leak": "true",
-         "found_by": "features"},
-        {"group": 0, "path": f"val/red/{HOSTILE}", "split": "val", "similarity": 0.97, "leak": "true",
-         "found_by": "features"},
-        {"group": 1, "path": images[1], "split": "train", "similarity": 0.82, "leak": "false",
-         "found_by": "pixels"},
-        {"group": 1, "path": images[2], "split": "train", "similarity": 0.82, "leak": "false",
-         "found_by": "pixels"}])
-    write_csv(out / "outliers.csv", [{"path": images[3], "split": "test", "label": "green", "score": 0.8,
-                                      "score_in_class": 0.7, "score_overall": 0.6},
-                                     {"path": "../outside.png", "split": "test", "label": "green", "score": 0.5,
-                                      "score_in_class": 0.4, "score_overall": 0.3}])
+        {"group": 0, "path": images[0], "split": "train", "similarity": 1.0, "pixel_correlation": "",
+         "leak": "true", "found_by": "features"},
+        {"group": 0, "path": f"val/red/{HOSTILE}", "split": "val", "similarity": 0.97, "pixel_correlation": "",
+         "leak": "true", "found_by": "features"},
+        {"group": 1, "path": images[1], "split": "train", "similarity": 0.82, "pixel_correlation": 0.991,
+         "leak": "false", "found_by": "pixels"},
+        {"group": 1, "path": images[2], "split": "train", "similarity": 0.82, "pixel_correlation": 0.991,
+         "leak": "false", "found_by": "pixels"}])
+    write_csv(out / "outliers.csv", [{"path": images[3], "split": "test", "label": "green", "score": 2.8,
+                                      "flagged": "true", "score_in_class": 0.7, "score_overall": 0.6,
+                                      "distance_to_classes": 0.5},
+                                     {"path": "../outside.png", "split": "test", "label": "green", "score": 2.5,
+                                      "flagged": "true", "score_in_class": 0.4, "score_overall": 0.3,
+                                      "distance_to_classes": 0.5}]
+              + [{"path": f"unflagged_{i}.png", "split": "train", "label": "red", "score": 1.5 - i / ranked,
+                  "flagged": "false", "score_in_class": 0.2, "score_overall": 0.2, "distance_to_classes": 0.2}
+                 for i in range(ranked)])
     write_csv(out / "learning_curve.csv", [{"head": "logreg", "per_class": n, "mean": 0.5 + n / 20, "std": 0.01,
                                             "runs": 3} for n in (1, 2, 5, 8)])
     Image.new("RGB", (320, 200), (200, 220, 255)).save(out / "learning_curve.png")
@@ -57,7 +64,11 @@ def audit_folder(tmp_path: Path, data_root: Path | None, label_rows: int = 3) ->
         "cache": "features.h5", "data_root": str(data_root) if data_root else "/nowhere/images",
         "images": len(images), "splits": {"train": 24, "val": 12}, "classes": ["red", "green", HOSTILE_LABEL],
         "label_issues": label_rows + 1, "duplicate_groups": 2, "leak_groups": 1, "outliers": 2,
-        "settings": {"folds": 5, "threshold": 0.95}}))
+        "label_issue_classifier": {"out_of_fold_accuracy": 0.97 if judged else 0.8,
+                                   "accuracy_on_unlisted": 0.98 if judged else 0.85, "calibration_error": 0.03,
+                                   "judged": judged, "minimum_accuracy": 0.9, "maximum_calibration_error": 0.15},
+        "settings": {"folds": 5, "duplicate_threshold": 0.88, "pixel_check_from": 0.6, "pixel_match": 0.98},
+        "pixel_check": {"skipped": None}}))
     return out
 
 
@@ -85,7 +96,7 @@ def test_page_escapes_user_data_and_loads_nothing_from_the_network(tmp_path, dat
             assert thumb.format == "JPEG" and max(thumb.size) <= 96
     assert "cannot decode" in page or "not a recognised image" in page     # broken.png: a placeholder
     assert "path outside the data folder" in page                          # ../outside.png is not read
-    assert page.count("0.82 · pixels") == 2 and "0.97 · pixels" not in page  # what joined each group
+    assert page.count("0.82 · 0.991 · pixels") == 2 and "0.97 · pixels" not in page  # what joined each group
     hrefs = {a["href"] for a in elements.all("a")}
     assert set(COLUMNS) <= hrefs and (data_root / "val" / "red" / HOSTILE).as_uri() in hrefs
 
@@ -108,15 +119,34 @@ def test_thousands_of_rows_show_the_first_ones_and_link_the_csv(tmp_path):
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(0.9)
 
 
+def test_each_section_says_how_far_to_trust_it(tmp_path):
+    """A weak classifier's list is not called label errors; the outliers shown are the flagged ones and the
+    next OUTLIERS_BELOW of the ranking."""
+    page = write_page(audit_folder(tmp_path, None, judged=False, ranked=50)).read_text(encoding="utf-8")
+    labels = page.split('id="label_issues"')[1].split("<h2")[0]
+    assert "Images the classifier doubts" in page and "Possible label errors" not in page
+    assert "80.0% of the given labels" in labels and "too weak to judge labels" in labels
+    outliers = page.split('id="outliers"')[1].split("<h2")[0]
+    assert f"{2 + OUTLIERS_BELOW} of {2 + 50} images shown" in outliers and "2 images flagged" in outliers
+    assert f"unflagged_{OUTLIERS_BELOW - 1}.png" in outliers and f"unflagged_{OUTLIERS_BELOW}.png" not in outliers
+    duplicates = page.split('id="duplicates"')[1].split("<h2")[0]
+    assert "How far to trust it" in duplicates and "0.98 once aligned" in duplicates
+
+    (tmp_path / "judged").mkdir()
+    page = write_page(audit_folder(tmp_path / "judged", None)).read_text(encoding="utf-8")
+    assert "Possible label errors" in page and "97.0% of the given labels" in page
+    assert "too weak" not in page
+
+
 def test_files_without_the_contract_fields_are_refused(tmp_path):
     out = audit_folder(tmp_path, None)
     (out / "outliers.csv").write_text("path,score\na.png,0.5\n")
-    with pytest.raises(UserError, match="outliers.csv lacks the column.*split"):
+    with pytest.raises(InputError, match="outliers.csv lacks the column.*split"):
         write_page(out)
     summary = json.loads((out / "summary.json").read_text())
     del summary["classes"]
     (out / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(UserError, match="summary.json lacks classes"):
+    with pytest.raises(InputError, match="summary.json lacks classes"):
         write_page(out)
     assert not (out / "index.html").exists()
 

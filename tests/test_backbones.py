@@ -12,8 +12,8 @@ import torch
 from pipeline.features.backbones import KNOWN
 from pipeline.features.backbones.loading import build_backbone
 from pipeline.features.engines.torch import Embedder
-from pipeline.runtime.errors import UserError
-from tests.conftest import ROOT, run_cli
+from pipeline.runtime.errors import InputError
+from tests.conftest import ROOT, cli_in_process
 
 
 def test_vgg16_hooks_the_penultimate_layer_and_offers_avgpool_flattened():
@@ -58,7 +58,7 @@ def test_registry_feature_dims_match_the_hooked_layers():
 
 
 def test_unknown_layer_names_the_modules():
-    with pytest.raises(UserError, match="has no layer 'nope'; its top-level modules are: conv1, bn1"):
+    with pytest.raises(InputError, match="has no layer 'nope'; its top-level modules are: conv1, bn1"):
         build_backbone("resnet18", "none", "nope")
 
 
@@ -86,7 +86,7 @@ def test_weights_file_missing_backbone_keys_is_an_error(tmp_path: Path):
     del state["layer4.1.conv2.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(UserError, match=r"do not fit resnet18: 1 backbone keys missing \(e.g. \['layer4.1.conv2"):
+    with pytest.raises(InputError, match=r"do not fit resnet18: 1 backbone keys missing \(e.g. \['layer4.1.conv2"):
         build_backbone("resnet18", str(tmp_path / "partial.pth"))
 
 
@@ -100,7 +100,7 @@ def test_weights_file_extra_keys_are_noted(tmp_path: Path):
 
 def test_weights_file_of_another_architecture_is_an_error(tmp_path: Path):
     torch.save(build_backbone("resnet50", "none").model.state_dict(), tmp_path / "resnet50.pth")
-    with pytest.raises(UserError, match=r"do not fit resnet18: 0 backbone keys missing \(e.g. \[\]\), [1-9]\d* of "
+    with pytest.raises(InputError, match=r"do not fit resnet18: 0 backbone keys missing \(e.g. \[\]\), [1-9]\d* of "
                                         r"another shape \(e.g. \['layer1.0.conv1.weight'"):
         build_backbone("resnet18", str(tmp_path / "resnet50.pth"))
 
@@ -122,7 +122,7 @@ def test_imagenet_weights_offline_is_one_clear_line(tmp_path: Path, image_folder
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    proc = run_cli("extract", image_folder, "--out", tmp_path / "f.h5", "--backbone", "resnet18",
+    proc = cli_in_process("extract", image_folder, "--out", tmp_path / "f.h5", "--backbone", "resnet18",
                    "--weights", "imagenet", "--workers", 0, "--quiet")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -164,13 +164,13 @@ def test_a_vit_takes_another_image_size_through_timm_dynamic_size():
     with torch.inference_mode():
         expected = resampled.forward_head(resampled.forward_features(x), pre_logits=True).numpy()
     np.testing.assert_allclose(_features(backbone, x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match=r"backbone timm/test_vit.r160_in1k cannot take 97x97 images \(Input height "
+    with pytest.raises(InputError, match=r"backbone timm/test_vit.r160_in1k cannot take 97x97 images \(Input height "
                                         r"\(97\) should be divisible by patch size \(16\)\); choose another"):
         build_backbone("timm/test_vit", "none", image_size=97)
 
 
 def test_unknown_timm_model_is_one_clear_error():
-    with pytest.raises(UserError, match="unknown timm model 'convnext_nope'"):
+    with pytest.raises(InputError, match="unknown timm model 'convnext_nope'"):
         build_backbone("timm/convnext_nope", "none")
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, make_image_folder, run_cli
+from tests.conftest import ROOT, cli_in_process, make_image_folder
 
 
 def one_line_error(proc) -> str:
@@ -17,21 +17,21 @@ def one_line_error(proc) -> str:
 
 
 def test_missing_data_folder(tmp_path):
-    line = one_line_error(run_cli("extract", tmp_path / "nope", "--out", tmp_path / "f.h5"))
+    line = one_line_error(cli_in_process("extract", tmp_path / "nope", "--out", tmp_path / "f.h5"))
     assert str(tmp_path / "nope") in line and "does not exist" in line
 
 
 def test_folder_without_class_folders(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.png").write_bytes(b"")
-    line = one_line_error(run_cli("extract", tmp_path / "flat", "--out", tmp_path / "f.h5"))
+    line = one_line_error(cli_in_process("extract", tmp_path / "flat", "--out", tmp_path / "f.h5"))
     assert "no class folders" in line
 
 
 def test_class_without_images(tmp_path):
     images = make_image_folder(tmp_path / "images", {"train": 2}, split_folders=False)
     (images / "empty_class").mkdir()
-    line = one_line_error(run_cli("extract", images, "--out", tmp_path / "f.h5"))
+    line = one_line_error(cli_in_process("extract", images, "--out", tmp_path / "f.h5"))
     assert "empty_class" in line and "no images" in line
     assert not (tmp_path / "f.h5").exists()
 
@@ -42,11 +42,11 @@ def test_class_without_images(tmp_path):
 ])
 def test_bad_backbone_settings(tmp_path, args, words):
     images = make_image_folder(tmp_path / "images", {"train": 1, "val": 1})
-    assert words in one_line_error(run_cli("extract", images, "--out", tmp_path / "f.h5", *args))
+    assert words in one_line_error(cli_in_process("extract", images, "--out", tmp_path / "f.h5", *args))
 
 
 def test_train_on_missing_cache(tmp_path):
-    line = one_line_error(run_cli("train", tmp_path / "none.h5", "--out", tmp_path / "m"))
+    line = one_line_error(cli_in_process("train", tmp_path / "none.h5", "--out", tmp_path / "m"))
     assert "does not exist" in line
 
 
@@ -65,14 +65,14 @@ def test_a_missing_cache_or_model_is_refused_before_torch_or_sklearn_load(tmp_pa
 
 
 def test_train_with_unknown_classifier(small_cache, tmp_path):
-    line = one_line_error(run_cli("train", small_cache, "--classifier", "forest", "--out", tmp_path / "m"))
+    line = one_line_error(cli_in_process("train", small_cache, "--classifier", "forest", "--out", tmp_path / "m"))
     assert "--classifier" in line and "'forest' is not one of" in line and "'torch_mlp'" in line
 
 
 def test_corrupt_cache_is_refused(small_cache, tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(small_cache.read_bytes()[:4096])
-    assert "bad.h5" in one_line_error(run_cli("train", bad, "--out", tmp_path / "m"))
+    assert "bad.h5" in one_line_error(cli_in_process("train", bad, "--out", tmp_path / "m"))
 
 
 @pytest.mark.parametrize("args, words", [
@@ -90,7 +90,7 @@ def test_corrupt_cache_is_refused(small_cache, tmp_path):
 def test_numbers_out_of_range_are_refused_before_any_work(small_cache, tmp_path, args, words):
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
     fill = {"images": images, "cache": small_cache, "tmp": tmp_path}
-    line = one_line_error(run_cli(*(str(a).format(**fill) for a in args)))
+    line = one_line_error(cli_in_process(*(str(a).format(**fill) for a in args)))
     assert words in line
     assert not {p.name for p in tmp_path.iterdir()} - {"images"}     # nothing written
 
@@ -99,14 +99,14 @@ def test_out_of_range_settings_of_stage_two_and_visualize(small_cache, tmp_path)
     from pipeline.heads.settings import train_settings
     from pipeline.heads.train import train
     from pipeline.models.visualize import visualize
-    from pipeline.runtime.errors import UserError
-    with pytest.raises(UserError, match="cv_folds must be at least 2, got 1"):
+    from pipeline.runtime.errors import InputError
+    with pytest.raises(InputError, match="cv_folds must be at least 2, got 1"):
         train_settings("logreg", {"cv_folds": 1})
-    with pytest.raises(UserError, match="dropout must be below 1, got 1.0"):
+    with pytest.raises(InputError, match="dropout must be below 1, got 1.0"):
         train(small_cache, tmp_path / "m", train_settings("torch_mlp", {"weight_decay": 0.1, "dropout": 1.0}))
-    with pytest.raises(UserError, match="gamma must be a positive number, 'scale' or 'auto'"):
+    with pytest.raises(InputError, match="gamma must be a positive number, 'scale' or 'auto'"):
         train(small_cache, tmp_path / "m", train_settings("rbf_svm", {"C": 1.0, "gamma": "huge"}))
-    with pytest.raises(UserError, match="limit must be at least 1, got 0"):
+    with pytest.raises(InputError, match="limit must be at least 1, got 0"):
         visualize(tmp_path / "m", [tmp_path], tmp_path / "visual", limit=0)
     assert not (tmp_path / "m").exists()
 
@@ -122,7 +122,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(small_cache, tmp_path
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("a file where a folder is needed")
     fill = {"images": images, "cache": small_cache, "tmp": tmp_path}
-    line = one_line_error(run_cli(*(str(a).format(**fill) for a in args)))
+    line = one_line_error(cli_in_process(*(str(a).format(**fill) for a in args)))
     assert words.format(**fill) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "images"]
     assert not list((tmp_path / "folder").iterdir())
@@ -134,7 +134,7 @@ def test_a_folder_whose_training_images_are_all_unusable_leaves_the_previous_cac
         path.write_bytes(b"\x89PNG but truncated")
     out = tmp_path / "f.h5"
     out.write_bytes(small_cache.read_bytes())
-    line = one_line_error(run_cli("extract", images, "--out", out, "--image-size", 32, "--quiet"))
+    line = one_line_error(cli_in_process("extract", images, "--out", out, "--image-size", 32, "--quiet"))
     assert line.startswith("error: no training image could be used (") and "train/" in line
     assert line.endswith(f"{out} is left as it was")
     assert out.read_bytes() == small_cache.read_bytes()
@@ -149,6 +149,6 @@ def test_a_folder_whose_training_images_are_all_unusable_leaves_the_previous_cac
 def test_cuda_without_a_gpu_is_the_same_error_everywhere(small_cache, tmp_path, args):
     images = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
     fill = {"images": images, "cache": small_cache, "tmp": tmp_path}
-    line = one_line_error(run_cli(*(str(a).format(**fill) for a in args)))
+    line = one_line_error(cli_in_process(*(str(a).format(**fill) for a in args)))
     assert line == "error: device cuda was asked for, but torch sees no CUDA GPU"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]   # refused before writing anything

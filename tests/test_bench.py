@@ -11,7 +11,7 @@ import sys
 import h5py
 import pytest
 
-from tests.conftest import ROOT, make_image_folder, run_cli
+from tests.conftest import ROOT, cli_in_process, make_image_folder
 
 FEATURE_DIM = 25088   # vgg16's flattened conv features: 100 kB per image, so holding them would show
 
@@ -59,7 +59,7 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
 def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     images = make_image_folder(tmp_path / "images", {"train": 6}, classes=("red", "blue"), ext=".jpg")
     out = tmp_path / "bench.json"
-    proc = run_cli("bench", images, "--out", out, "--image-size", 32, "--batch-size", 4, "--repeats", 1,
+    proc = cli_in_process("bench", images, "--out", out, "--image-size", 32, "--batch-size", 4, "--repeats", 1,
                    "--device", "cpu", "--workers", 0, "--tutorial-images", 4, check=True)
     rows = json.loads(out.read_text())
     assert [r["engine"] for r in rows] == ["torch", "onnxruntime"]     # side by side on a CPU

@@ -15,9 +15,9 @@ from pipeline.features.backbones.loading import build_backbone
 from pipeline.features.extract import extract
 from pipeline.features.settings import ExtractSettings
 from pipeline.heads.train import TrainSettings, train
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import check_expected, open_cache
-from tests.conftest import COLOURS, embedder_calls, make_image_folder, run_cli, synthetic_cache, tiny_image
+from tests.conftest import COLOURS, cli_in_process, embedder_calls, make_image_folder, synthetic_cache, tiny_image
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_several_layers_in_one_file(tmp_path: Path, lite0):
     for split in ("train", "val"):
         np.testing.assert_allclose(cache.read(split, "global_pool").features, plain.read(split).features,
                                    atol=2e-3)
-    with pytest.raises(UserError, match="has no features of layer 'head'; it has blocks.5, global_pool"):
+    with pytest.raises(InputError, match="has no features of layer 'head'; it has blocks.5, global_pool"):
         cache.read("train", "head")
 
 
@@ -175,19 +175,19 @@ def test_expected_fields_are_checked_and_named(small_cache: Path, tmp_path: Path
     cache = open_cache(small_cache)
     check_expected(cache, {"backbone": "efficientnet_lite0", "image_size": "64", "tta": "false",
                            "fingerprint": cache.attrs["fingerprint"][:12]})
-    with pytest.raises(UserError, match=r"\(cache != expected\): backbone: efficientnet_lite0 != resnet18; "
+    with pytest.raises(InputError, match=r"\(cache != expected\): backbone: efficientnet_lite0 != resnet18; "
                                         r"tta: false != true$"):
         check_expected(cache, {"backbone": "resnet18", "image_size": 64, "tta": True})
-    with pytest.raises(UserError, match=f"fingerprint: {cache.attrs['fingerprint'][:8]} != 00000000"):
+    with pytest.raises(InputError, match=f"fingerprint: {cache.attrs['fingerprint'][:8]} != 00000000"):
         check_expected(cache, {"fingerprint": "00000000"})
-    with pytest.raises(UserError, match="cannot expect 'colour'"):
+    with pytest.raises(InputError, match="cannot expect 'colour'"):
         check_expected(cache, {"colour": "red"})
     metrics = train(small_cache, tmp_path / "model", TrainSettings("logreg"), {"backbone": "efficientnet_lite0"})
     assert metrics["n_train"] > 0
 
 
 def test_train_command_refuses_a_cache_made_otherwise(small_cache: Path, tmp_path: Path):
-    proc = run_cli("train", small_cache, "--out", tmp_path / "model", "--expect", "backbone=resnet18",
+    proc = cli_in_process("train", small_cache, "--out", tmp_path / "model", "--expect", "backbone=resnet18",
                    "--expect", "image_size=64")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"error: feature cache {small_cache} was made otherwise than expected "
@@ -200,7 +200,7 @@ def test_extract_command_reports_reuse_and_records_the_data_folder(small_cache: 
     out = tmp_path / "features.h5"
     shutil.copy(small_cache, out)
     shutil.copytree(small_cache.parent / "images", tmp_path / "moved")
-    proc = run_cli("extract", "moved", "--out", out, "--image-size", 64, "--workers", 0, cwd=tmp_path, check=True)
+    proc = cli_in_process("extract", "moved", "--out", out, "--image-size", 64, "--workers", 0, cwd=tmp_path, check=True)
     assert "extracted 48 + skipped 0 = found 48 images (0 computed, 48 reused)" in proc.stderr
     assert open_cache(out).data_root == str(tmp_path / "moved")   # absolute; not in the fingerprint
 
@@ -212,7 +212,7 @@ def test_a_cache_without_a_recorded_data_folder_reads_as_none(tmp_path: Path):
 
 
 def test_extract_help_documents_every_option():
-    text = run_cli("extract", "--help", check=True).stdout
+    text = cli_in_process("extract", "--help", check=True).stdout
     for option in ("--labels", "--id-column", "--label-column", "--exclude", "--backbone", "--weights", "--layer",
                    "--image-size", "--compute-stats", "--tta", "--batch-size", "--device", "--dtype", "--workers",
                    "--val-fraction", "--test-fraction", "--seed", "--reuse", "--no-reuse", "--quiet"):
@@ -225,7 +225,7 @@ def test_extract_params_accept_the_new_settings():
                                        "layer": ["blocks.5", "global_pool"], "tta": True, "reuse": False}, "extract")
     assert (p.labels, p.id_column, p.layer, p.compute_stats, p.tta, p.reuse) == \
         ("labels.csv", "id", ["blocks.5", "global_pool"], True, True, False)
-    with pytest.raises(UserError, match="extract.tta must be true or false, got 'yes'"):
+    with pytest.raises(InputError, match="extract.tta must be true or false, got 'yes'"):
         from_mapping(ExtractSettings, {"tta": "yes"}, "extract")
-    with pytest.raises(UserError, match="extract.image_size must be an integer or null, got True"):
+    with pytest.raises(InputError, match="extract.image_size must be an integer or null, got True"):
         from_mapping(ExtractSettings, {"image_size": True}, "extract")

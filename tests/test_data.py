@@ -13,9 +13,9 @@ from PIL import Image
 
 from pipeline.data.folders import scan, write_manifest
 from pipeline.data.images import MAX_FILE_BYTES, ImageError, batches_within, read_image
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import open_cache
-from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, cli_in_process, make_image_folder, tiny_image
 
 
 def test_split_folders_give_the_splits(image_folder: Path):
@@ -123,7 +123,7 @@ def test_labels_csv_missing_column_is_one_clear_error(tmp_path: Path, header, op
     root = tmp_path / "train"
     labels = _flat_folder(root, 2)
     csv_path = _write_csv(tmp_path / "labels.csv", header, [[k, v] for k, v in labels.items()])
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(InputError, match=message):
         scan(root, labels=csv_path, **options)
 
 
@@ -131,7 +131,7 @@ def test_labels_csv_contradicting_itself_is_an_error(tmp_path: Path):
     root = tmp_path / "train"
     labels = _flat_folder(root, 2)
     rows = [[k, v] for k, v in labels.items()] + [["r000.jpg", "blue"]]
-    with pytest.raises(UserError, match=r"two labels: 'red' \(line 2\) and 'blue'"):
+    with pytest.raises(InputError, match=r"two labels: 'red' \(line 2\) and 'blue'"):
         scan(root, labels=_write_csv(tmp_path / "labels.csv", ["id", "breed"], rows))
 
 
@@ -140,7 +140,7 @@ def test_extract_command_reads_a_labels_csv(tmp_path: Path):
     labels = _flat_folder(root, 4)
     csv_path = _write_csv(tmp_path / "labels.csv", ["id", "breed"], [[k, v] for k, v in labels.items()])
     out = tmp_path / "features.h5"
-    run_cli("extract", root, "--labels", csv_path, "--out", out, "--image-size", 64, "--workers", 0, check=True)
+    cli_in_process("extract", root, "--labels", csv_path, "--out", out, "--image-size", 64, "--workers", 0, check=True)
     cache = open_cache(out)
     assert cache.classes == sorted(COLOURS)
     read = [cache.read(s) for s in cache.splits]
@@ -247,11 +247,11 @@ def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path):
 def test_a_class_or_data_folder_whose_name_is_not_utf8_is_named_in_one_error(tmp_path: Path):
     root = make_image_folder(tmp_path / "images", {"train": 2}, split_folders=False)
     (root / "red").rename(root / os.fsdecode(b"r\xe9d"))
-    with pytest.raises(UserError, match=r"r\\xe9d: its name is not valid UTF-8; rename it"):
+    with pytest.raises(InputError, match=r"r\\xe9d: its name is not valid UTF-8; rename it"):
         scan(root)
     (root / os.fsdecode(b"r\xe9d")).rename(root / "red")
     renamed = root.rename(tmp_path / os.fsdecode(b"im\xe1ges"))
-    with pytest.raises(UserError, match=r"im\\xe1ges: its path is not valid UTF-8; rename it"):
+    with pytest.raises(InputError, match=r"im\\xe1ges: its path is not valid UTF-8; rename it"):
         scan(renamed)
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.runtime.errors import UserError
-from tests.conftest import COLOURS, ROOT, interrupt_when_written, make_image_folder, run_cli, tiny_image
+from pipeline.runtime.errors import InputError
+from tests.conftest import COLOURS, ROOT, cli_in_process, interrupt_when_written, make_image_folder, run_cli, tiny_image
 
 SMALL = ("--image-size", 64, "--workers", 0)
 
@@ -53,7 +53,7 @@ def test_two_process_extraction_equals_one_process_and_reuses(tmp_path):
     (images / "train" / "red" / "broken.png").write_bytes(b"not a png")
     (images / "train" / "red" / "notes.txt").write_text("not an image")
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
-    run_cli("extract", images, "--out", one, *SMALL, "--dtype", "float32", "--quiet", check=True)
+    cli_in_process("extract", images, "--out", one, *SMALL, "--dtype", "float32", "--quiet", check=True)
     torchrun("extract", images, "--out", two, *SMALL, "--dtype", "float32", "--quiet")
 
     a, b = rows(one), rows(two)
@@ -106,10 +106,10 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["n_train"] == 18 and metrics["n_val"] == 6
 
-    other = run_cli(*settings[:-1], "--epochs", 4, "--resume", checkpoint)   # one process: lr unscaled too
+    other = cli_in_process(*settings[:-1], "--epochs", 4, "--resume", checkpoint)   # one process: lr unscaled too
     assert other.returncode == 2 and "epochs: 3 != 4; lr: 0.02 != 0.01" in other.stderr
 
-    predicted = run_cli("predict", out, images / "test" / "red", "--format", "csv", "--top-k", 1, check=True)
+    predicted = cli_in_process("predict", out, images / "test" / "red", "--format", "csv", "--top-k", 1, check=True)
     table = list(csv.DictReader(predicted.stdout.splitlines()))
     assert [Path(r["path"]).name for r in table] == ["test_0.png", "test_1.png"]
     assert all(r["class"] in COLOURS and not r["error"] for r in table)
@@ -153,7 +153,7 @@ def test_shards_concatenate_to_the_single_process_file_even_when_some_are_empty(
         extract(shard(dataset, r, 4), backbone, path, settings, quiet=True, shard_of=out)
     with h5py.File(shards[3], "r+") as f:
         f["val/features"][0, 0] += 1
-    with pytest.raises(UserError, match=f"^{shards[3]}: val/features does not match the digest recorded"):
+    with pytest.raises(InputError, match=f"^{shards[3]}: val/features does not match the digest recorded"):
         concatenate(dataset, shards, out)
     assert out.read_bytes() == joined and not any(p.exists() for p in shards)
 

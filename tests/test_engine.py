@@ -14,7 +14,7 @@ from pipeline.features.engines import onnx_runtime as engine
 from pipeline.features.backbones.loading import Backbone, Preprocessing, build_backbone
 from pipeline.features.engines.torch import Embedder
 from pipeline.features.engines.onnx_runtime import ExportCache, embedder, onnx_embedder
-from tests.conftest import make_image_folder, run_cli
+from tests.conftest import cli_in_process, make_image_folder
 
 
 def assert_same_vectors(backbone: Backbone, images: torch.Tensor) -> None:
@@ -169,7 +169,7 @@ def test_extract_runs_onnxruntime_on_a_cpu_with_the_torch_vectors(tmp_path, monk
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     data = make_image_folder(tmp_path / "images", {"train": 3, "val": 1})
     common = ["--image-size", 48, "--dtype", "float32", "--device", "cpu", "--no-reuse", "--tta"]
-    runs = {engine_name: run_cli("extract", data, "--out", tmp_path / f"{engine_name}.h5", *common,
+    runs = {engine_name: cli_in_process("extract", data, "--out", tmp_path / f"{engine_name}.h5", *common,
                                  "--engine", engine_name, check=True)
             for engine_name in ("auto", "torch", "onnxruntime")}
     assert "images/s on cpu, onnxruntime, PIL decoding" in runs["auto"].stderr
@@ -185,7 +185,7 @@ def test_extract_runs_onnxruntime_on_a_cpu_with_the_torch_vectors(tmp_path, monk
 
 def test_onnxruntime_on_cuda_or_in_bfloat16_is_refused_before_writing(tmp_path):
     data = make_image_folder(tmp_path / "images", {"train": 2, "val": 1})
-    proc = run_cli("extract", data, "--out", tmp_path / "f.h5", "--engine", "onnxruntime", "--device", "cpu",
+    proc = cli_in_process("extract", data, "--out", tmp_path / "f.h5", "--engine", "onnxruntime", "--device", "cpu",
                    "--precision", "bfloat16")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --engine onnxruntime")
     assert list(tmp_path.iterdir()) == [tmp_path / "images"]

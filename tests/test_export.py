@@ -16,10 +16,10 @@ from pipeline.heads.train import scores_of, train
 from pipeline.models.export import export
 from pipeline.models.networks import head_module
 from pipeline.models.predict import predict
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage import modeldir
 from pipeline.storage.cache import open_cache
-from tests.conftest import COLOURS, run_cli, synthetic_cache, tiny_image
+from tests.conftest import COLOURS, cli_in_process, synthetic_cache, tiny_image
 
 FIXED = {"logreg": {"C": 1.0}, "torch_logreg": {"C": 1.0}, "linear_svm": {"C": 1.0},
          "torch_linear": {"weight_decay": 1e-3, "epochs": 10},
@@ -95,12 +95,12 @@ def test_exported_model_ranks_images_as_predict_does(small_cache, images, tmp_pa
 
 def test_heads_without_a_tensor_form_are_refused(small_cache, tmp_path):
     train(small_cache, tmp_path / "knn", train_settings("knn", {"n_neighbors": 3}))
-    proc = run_cli("export", tmp_path / "knn", "--out", tmp_path / "knn.pt2")
+    proc = cli_in_process("export", tmp_path / "knn", "--out", tmp_path / "knn.pt2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: a knn head is not made of tensor operations")
     assert not (tmp_path / "knn.pt2").exists()
     train(small_cache, tmp_path / "rbf", train_settings("rbf_svm", {"C": 1.0}))
-    with pytest.raises(UserError, match="a rbf_svm head is not made of tensor operations"):
+    with pytest.raises(InputError, match="a rbf_svm head is not made of tensor operations"):
         export(tmp_path / "rbf", tmp_path / "rbf.onnx")
-    with pytest.raises(UserError, match="must end in .pt2 or .onnx"):
+    with pytest.raises(InputError, match="must end in .pt2 or .onnx"):
         export(tmp_path / "rbf", tmp_path / "model.pt")

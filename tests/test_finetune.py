@@ -13,10 +13,10 @@ import torch
 from pipeline.features.backbones.loading import build_backbone
 from pipeline.tuning.training import FinetuneSettings, PlateauSchedule, finetune, stages
 from pipeline.models.predict import predict
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import from_mapping
 from pipeline.storage import modeldir
-from tests.conftest import interrupt_when_written, make_image_folder, run_cli
+from tests.conftest import cli_in_process, interrupt_when_written, make_image_folder
 
 TINY = {"image_size": 64, "batch_size": 12, "workers": 0, "device": "cpu"}
 
@@ -61,14 +61,14 @@ def test_strategy_trains_what_it_says_and_freezes_the_rest(images, tmp_path, str
 @pytest.mark.slow
 def test_full_strategy_from_the_command_line_then_visualize(images, tmp_path):
     out = tmp_path / "full"
-    run_cli("finetune", images, "--out", out, "--strategy", "full", "--epochs", 2, "--head-epochs", 1,
+    cli_in_process("finetune", images, "--out", out, "--strategy", "full", "--epochs", 2, "--head-epochs", 1,
             "--image-size", 64, "--batch-size", 12, "--workers", 0, "--rotation", 10, "--color-jitter", 0.2,
             "--optimizer", "adamw", "--lr", 0.001, "--quiet", check=True)
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [r["phase"] for r in rows] == ["head", "full"]
     assert all(float(r["images_per_second"]) > 0 and float(r["epoch_seconds"]) > 0 for r in rows)
     assert (out / "curves.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
-    run_cli("visualize", out, images / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",
+    cli_in_process("visualize", out, images / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",
             check=True)
     assert (tmp_path / "visual" / "predictions.png").stat().st_size > 0
     assert (tmp_path / "visual" / "gradcam.png").stat().st_size > 0
@@ -105,7 +105,7 @@ def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(images, tmp_pa
     every epoch's losses and the final weights equal those of a run that was never stopped."""
     common = ("finetune", images, "--strategy", "full", "--epochs", 3, "--image-size", 64, "--batch-size", 4,
               "--workers", 0, "--device", "cpu", "--quiet", "--checkpoint")
-    run_cli(*common, "--out", tmp_path / "whole", check=True)
+    cli_in_process(*common, "--out", tmp_path / "whole", check=True)
     part = tmp_path / "part"
     stopped = interrupt_when_written([sys.executable, "-m", "pipeline", *common, "--out", part],
                                      part / "checkpoint.pt", signal.SIGINT)
@@ -113,7 +113,7 @@ def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(images, tmp_pa
     assert stopped.stderr.splitlines() == [f"interrupted: fine-tuning stopped; {part / 'checkpoint.pt'} holds the "
                                            f"last finished epoch: run the same command with --resume "
                                            f"{part / 'checkpoint.pt'} to carry on"]
-    run_cli(*common, "--out", part, "--resume", part / "checkpoint.pt", check=True)
+    cli_in_process(*common, "--out", part, "--resume", part / "checkpoint.pt", check=True)
     histories = [list(csv.DictReader(open(d / "history.csv"))) for d in (tmp_path / "whole", part)]
     losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in h] for h in histories]
     assert losses[0] == losses[1] and len(losses[0]) == 3
@@ -138,10 +138,10 @@ def test_plateau_schedule_decays_then_stops():
 
 
 def test_bad_settings_are_one_line_errors(images, tmp_path):
-    proc = run_cli("finetune", images, "--out", tmp_path / "x", "--strategy", "full", "--freeze", 3)
+    proc = cli_in_process("finetune", images, "--out", tmp_path / "x", "--strategy", "full", "--freeze", 3)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: freeze applies to the partial strategy only, not to full"]
-    with pytest.raises(UserError, match="freeze must be between 1 and"):
+    with pytest.raises(InputError, match="freeze must be between 1 and"):
         finetune(images, tmp_path / "y", FinetuneSettings(strategy="partial", freeze=99, epochs=1, **TINY))
 
 
@@ -150,5 +150,5 @@ def test_params_section_is_checked_key_by_key():
     for raw, message in (({"strategy": "ful"}, "finetune.ft.strategy must be one of full, partial"),
                          ({"epoch": 2}, "finetune.ft.epoch is not a setting"),
                          ({"flip": "yes"}, "finetune.ft.flip must be true or false")):
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(InputError, match=message):
             from_mapping(FinetuneSettings, raw, "finetune.ft")

@@ -16,7 +16,7 @@ from pipeline.heads.settings import train_settings
 from pipeline.heads.train import train
 from pipeline.models.directory import open_model
 from pipeline.models.visualize import gradcam_maps
-from tests.conftest import COLOURS, run_cli
+from tests.conftest import COLOURS, cli_in_process
 
 SIZE, SQUARE = 256, 64
 
@@ -72,13 +72,13 @@ def test_the_heat_map_of_a_classifier_on_cached_features_covers_the_square(squar
 @pytest.mark.slow
 def test_gradcam_from_the_command_line_and_heads_without_a_tensor_form(squares, logreg, tmp_path):
     root, _ = squares
-    proc = run_cli("visualize", logreg, root / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",
+    proc = cli_in_process("visualize", logreg, root / "test", "--out", tmp_path / "visual", "--gradcam", "--device", "cpu",
                    check=True)
     assert "Grad-CAM of the same 12 images" in proc.stderr
     assert Image.open(tmp_path / "visual" / "gradcam.png").size[0] > 500
     knn = tmp_path / "knn"
     train(logreg.parent / "f.h5", knn, train_settings("knn", {"n_neighbors": 3}))
-    proc = run_cli("visualize", knn, root / "test", "--out", tmp_path / "knn_visual", "--gradcam")
+    proc = cli_in_process("visualize", knn, root / "test", "--out", tmp_path / "knn_visual", "--gradcam")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: a knn head is not made of tensor operations") and "Grad-CAM" in proc.stderr
     assert not (tmp_path / "knn_visual").exists()   # refused before anything was written

@@ -14,7 +14,7 @@ from pipeline.heads.classifiers import (
     runs_in_torch,
 )
 from pipeline.heads.torch_heads import TorchHead
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 
 def blobs(counts, seed=0, dim=16):
@@ -107,15 +107,15 @@ def test_balanced_class_weight_favours_the_rare_class(name):
 
 
 def test_bad_settings_are_user_errors():
-    with pytest.raises(UserError, match="unknown classifier 'svm'"):
+    with pytest.raises(InputError, match="unknown classifier 'svm'"):
         make_head("svm", 1.0)
-    with pytest.raises(UserError, match="has no parameter 'hidden'"):
+    with pytest.raises(InputError, match="has no parameter 'hidden'"):
         make_head("logreg", 1.0, hidden=3)
-    with pytest.raises(UserError, match="knn does not support class_weight"):
+    with pytest.raises(InputError, match="knn does not support class_weight"):
         make_head("knn", 3, "balanced")
-    with pytest.raises(UserError, match="class_weight must be 'balanced'"):
+    with pytest.raises(InputError, match="class_weight must be 'balanced'"):
         make_head("logreg", 1.0, "auto")
-    with pytest.raises(UserError, match="device must be auto, cpu or cuda"):
+    with pytest.raises(InputError, match="device must be auto, cpu or cuda"):
         make_head("torch_linear", 1e-3, device="tpu").fit(*blobs([3, 3]))
     for spec in CLASSIFIERS.values():
         assert list(spec.grid) == sorted(spec.grid)

@@ -6,8 +6,6 @@ import io
 import os
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COLOURS, ROOT, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, cli_in_process, make_image_folder, stage_in_process, tiny_image
 from tests.test_bad_input import one_line_error
 
 
@@ -93,7 +91,7 @@ def hostile_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
     root = hostile_folder(tmp)
     out = tmp / "features.h5"
-    proc = run_cli("extract", root, "--out", out, "--image-size", 64, "--workers", 0, "--dtype", "float32")
+    proc = cli_in_process("extract", root, "--out", out, "--image-size", 64, "--workers", 0, "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     with h5py.File(out, "r") as f:
         rows = {p.decode(): (split, f[split]["features"][i], f[split]["sha256"][i].decode())
@@ -163,7 +161,7 @@ def test_summary_counts_every_file_and_warnings_are_single_lines(hostile_run):
 
 def test_one_class_is_an_error(tmp_path):
     root = make_image_folder(tmp_path / "images", {"train": 2}, classes=("red",), split_folders=False)
-    line = one_line_error(run_cli("extract", root, "--out", tmp_path / "f.h5", "--workers", 0))
+    line = one_line_error(cli_in_process("extract", root, "--out", tmp_path / "f.h5", "--workers", 0))
     assert "only one class ('red')" in line and not (tmp_path / "f.h5").exists()
 
 
@@ -179,7 +177,7 @@ def test_labels_csv_problems(tmp_path):
     rows += ["typo,dgo", "3,dog", "ghost,cat"]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "f.h5"
-    proc = run_cli("extract", root, "--labels", tmp_path / "labels.csv", "--out", out, "--image-size", 64,
+    proc = cli_in_process("extract", root, "--labels", tmp_path / "labels.csv", "--out", out, "--image-size", 64,
                    "--workers", 0)
     assert proc.returncode == 0, proc.stderr
     assert "warning: labels.csv: label 'dgo' has a single image; a typo of 'dog'?" in proc.stderr.splitlines()
@@ -188,14 +186,8 @@ def test_labels_csv_problems(tmp_path):
     assert skipped["3.png"] == "labels.csv line 15 repeats line 5"
     assert "ghost" in skipped and "has no such image" in skipped["ghost"]
     (tmp_path / "bad.csv").write_text("file,label\n0,cat\n")
-    line = one_line_error(run_cli("extract", root, "--labels", tmp_path / "bad.csv", "--out", out))
+    line = one_line_error(cli_in_process("extract", root, "--labels", tmp_path / "bad.csv", "--out", out))
     assert "has no column 'id'" in line and "file, label" in line
-
-
-def run_stage(stage: str, cwd: Path, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / stage), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("params, words", [
@@ -208,11 +200,11 @@ def run_stage(stage: str, cwd: Path, *args) -> subprocess.CompletedProcess:
 ])
 def test_bad_extract_params(tmp_path, params, words):
     (tmp_path / "params.yaml").write_text(params if "extractors" in params else params + "extractors:\n  x: {}\n")
-    line = one_line_error(run_stage("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5"))
+    line = one_line_error(stage_in_process("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5"))
     assert all(w in line for w in words), line
 
 
 def test_unknown_classifier_in_params(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  forest:\n    C: auto\n")
-    line = one_line_error(run_stage("train.py", tmp_path, "forest", tmp_path / "features.h5", tmp_path / "m"))
+    line = one_line_error(stage_in_process("train.py", tmp_path, "forest", tmp_path / "features.h5", tmp_path / "m"))
     assert "params.yaml: train.forest: unknown classifier 'forest'" in line and "logreg" in line

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.runtime import files
 from pipeline.runtime.files import output_lock
-from tests.conftest import ROOT, make_image_folder, run_cli
+from tests.conftest import ROOT, cli_in_process, make_image_folder
 from tests.test_bad_input import one_line_error
 from tests.test_interrupts import limit_file_size
 
@@ -33,7 +33,7 @@ def written_beside(folder: Path) -> set[str]:
 def test_a_file_that_is_not_a_cache_is_not_replaced_without_force(images, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("id,label\n1,a\n")
-    line = one_line_error(run_cli("extract", images, "--out", labels, *OPTIONS))
+    line = one_line_error(cli_in_process("extract", images, "--out", labels, *OPTIONS))
     assert line == (f"error: --out {labels} exists and is not a feature cache; refusing to replace it "
                     f"(name another file, or pass --force)")
     assert labels.read_text() == "id,label\n1,a\n"
@@ -57,7 +57,7 @@ def test_a_device_or_fifo_as_out_is_refused_even_with_force(images, tmp_path, ma
     out = tmp_path / "node"
     make(out)
     kind = stat.S_IFMT(os.lstat(out).st_mode)
-    line = one_line_error(run_cli("extract", images, "--out", out, "--force", *OPTIONS))
+    line = one_line_error(cli_in_process("extract", images, "--out", out, "--force", *OPTIONS))
     if stat.S_ISFIFO(kind):
         words = "is a FIFO; name a regular file"
     assert line == f"error: --out {out} {words}"
@@ -66,7 +66,7 @@ def test_a_device_or_fifo_as_out_is_refused_even_with_force(images, tmp_path, ma
 
 def test_a_manifest_path_that_cannot_be_replaced_is_refused_before_extracting(images, tmp_path):
     (tmp_path / "f.manifest.csv").mkdir()
-    line = one_line_error(run_cli("extract", images, "--out", tmp_path / "f.h5", *OPTIONS))
+    line = one_line_error(cli_in_process("extract", images, "--out", tmp_path / "f.h5", *OPTIONS))
     assert line == f"error: manifest {tmp_path / 'f.manifest.csv'} is a folder; name a regular file"
     assert written_beside(tmp_path) == {"f.manifest.csv"}
 
@@ -80,7 +80,7 @@ def test_links_planted_beside_out_are_replaced_not_followed(images, tmp_path):
     for name, victim in victims.items():
         victim.write_text("precious")
         (tmp_path / name).symlink_to(victim)
-    run_cli("extract", images, "--out", out, "--force", *OPTIONS, check=True)
+    cli_in_process("extract", images, "--out", out, "--force", *OPTIONS, check=True)
     assert all(victim.read_text() == "precious" for victim in victims.values())
     assert h5py.is_hdf5(out) and not (tmp_path / "photo.jpg.tmp").exists()
     manifest = tmp_path / "photo.manifest.csv"
@@ -92,7 +92,7 @@ def test_a_link_planted_as_the_lock_is_refused(images, tmp_path):
     out, victim = tmp_path / "f.h5", tmp_path / "victim"
     victim.write_text("precious")
     Path(f"{out}.lock").symlink_to(victim)
-    line = one_line_error(run_cli("extract", images, "--out", out, *OPTIONS))
+    line = one_line_error(cli_in_process("extract", images, "--out", out, *OPTIONS))
     assert line == f"error: lock file {out}.lock is a symbolic link; refusing to use it (remove it)"
     assert victim.read_text() == "precious" and written_beside(tmp_path) == {"f.h5.lock", "victim"}
 

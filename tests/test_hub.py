@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.features.backbones.loading import build_backbone
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import cache_attrs, open_cache
 from tests.conftest import run_cli
 
@@ -107,5 +107,5 @@ def test_a_safetensors_file_is_accepted_as_weights_path(tmp_path: Path):
 
 
 def test_unknown_tag_names_the_known_ones():
-    with pytest.raises(UserError, match=r"timm model test_vit has no pretrained tag 'nope'; its tags are: r160_in1k"):
+    with pytest.raises(InputError, match=r"timm model test_vit has no pretrained tag 'nope'; its tags are: r160_in1k"):
         build_backbone("timm/test_vit.nope", "none")

@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage.cache import StoredVectors, open_cache, seal
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from tests.test_bad_input import one_line_error
 
 
@@ -41,7 +41,7 @@ def test_train_refuses_a_damaged_cache(small_cache, tmp_path, damage, words):
     shutil.copy(small_cache, bad)
     with h5py.File(bad, "r+") as f:
         damage(f)
-    line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m"))
+    line = one_line_error(cli_in_process("train", bad, "--out", tmp_path / "m"))
     assert f"feature cache {bad}" in line and words in line
     assert not (tmp_path / "m").exists()
 
@@ -49,7 +49,7 @@ def test_train_refuses_a_damaged_cache(small_cache, tmp_path, damage, words):
 @pytest.fixture(scope="module")
 def model_dir(small_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "logreg"
-    run_cli("train", small_cache, "--classifier", "logreg", "--param", "C=1", "--out", out, "--quiet", check=True)
+    cli_in_process("train", small_cache, "--classifier", "logreg", "--param", "C=1", "--out", out, "--quiet", check=True)
     return out
 
 
@@ -62,20 +62,20 @@ def damaged_copy(model_dir: Path, tmp_path: Path, edit) -> Path:
 
 def test_predict_refuses_an_edited_head(model_dir, tmp_path, small_cache):
     bad = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(head.read_bytes() + b"\0"))
-    line = one_line_error(run_cli("predict", bad, small_cache.parent / "images"))
+    line = one_line_error(cli_in_process("predict", bad, small_cache.parent / "images"))
     assert line == f"error: {bad / 'head.joblib'} does not match the SHA-256 recorded in model.json; refusing to load it"
 
 
 def test_compare_refuses_an_edited_head(model_dir, tmp_path):
     edited = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(b"not a pickle"))
-    line = one_line_error(run_cli("compare", model_dir, edited, "--out", tmp_path / "reports"))
+    line = one_line_error(cli_in_process("compare", model_dir, edited, "--out", tmp_path / "reports"))
     assert line == f"error: {edited / 'head.joblib'} does not match the SHA-256 recorded in model.json; refusing to load it"
     assert not (tmp_path / "reports").exists()
 
 
 def test_predict_refuses_a_missing_head(model_dir, tmp_path, small_cache):
     missing = damaged_copy(model_dir, tmp_path, Path.unlink)
-    line = one_line_error(run_cli("predict", missing, small_cache.parent / "images"))
+    line = one_line_error(cli_in_process("predict", missing, small_cache.parent / "images"))
     assert line == f"error: model directory {missing} lacks head.joblib"
 
 
@@ -113,8 +113,8 @@ def test_a_flipped_bit_in_the_data_is_refused_by_its_checksum(small_cache, tmp_p
     shutil.copy(small_cache, bad)
     offset, size = chunk_offset(bad, name)
     flip_bit(bad, offset + size // 3, 5)
-    line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m")) if name == "train/features" else None
-    with pytest.raises(UserError, match=f"feature cache {bad}: {name} cannot be read, the file is damaged"):
+    line = one_line_error(cli_in_process("train", bad, "--out", tmp_path / "m")) if name == "train/features" else None
+    with pytest.raises(InputError, match=f"feature cache {bad}: {name} cannot be read, the file is damaged"):
         load_all(bad)
     if line:
         assert line.startswith(f"error: feature cache {bad}: {name} cannot be read, the file is damaged (")
@@ -135,7 +135,7 @@ def test_random_bit_flips_are_refused_or_change_nothing(small_cache, tmp_path):
         (tmp_path / "f.h5").write_bytes(bytes(bad))
         try:
             got = load_all(tmp_path / "f.h5")
-        except UserError:
+        except InputError:
             outcomes["refused"] += 1
             continue
         assert same(got, reference), f"a flip at byte {offset} changed the data silently"
@@ -160,7 +160,7 @@ def test_a_column_rewritten_through_hdf5_is_refused_by_its_digest(small_cache, t
     shutil.copy(small_cache, bad)
     with h5py.File(bad, "r+") as f:
         rotate_sha256(f)
-    line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m"))
+    line = one_line_error(cli_in_process("train", bad, "--out", tmp_path / "m"))
     assert line == (f"error: feature cache {bad}: train/sha256 does not match the digest recorded when it was "
                     f"written (damaged or edited); re-run `pipeline extract`")
 
@@ -214,7 +214,7 @@ def old_schema(f):
     (replace_features((4, 7)), "val/features must be [rows, "),
     (nan_row, "1 rows of test hold features that are not finite (NaN or inf)"),
     (empty_split, "split 'val' has no rows"),
-    (old_schema, "has schema version 2 (written before caches carried checksums), this tool reads 3"),
+    (old_schema, "has schema version 2 (written before caches carried checksums), this tool reads 3 and 4"),
 ])
 def test_wrong_values_with_valid_checksums_are_one_error_line(small_cache, tmp_path, edit, words):
     bad = tmp_path / "features.h5"
@@ -222,7 +222,7 @@ def test_wrong_values_with_valid_checksums_are_one_error_line(small_cache, tmp_p
     with h5py.File(bad, "r+") as f:
         edit(f)
     restamp(bad)
-    with pytest.raises(UserError, match=re.escape(words)):
+    with pytest.raises(InputError, match=re.escape(words)):
         load_all(bad)
 
 
@@ -232,7 +232,7 @@ def test_bad_labels_through_the_command_line(small_cache, tmp_path):
     with h5py.File(bad, "r+") as f:
         write_labels(-1)(f)
     restamp(bad)
-    line = one_line_error(run_cli("train", bad, "--out", tmp_path / "m"))
+    line = one_line_error(cli_in_process("train", bad, "--out", tmp_path / "m"))
     assert line == f"error: feature cache {bad}: train has labels outside its 3 classes (e.g. -1)"
 
 

@@ -15,7 +15,7 @@ import yaml
 from tests.conftest import ROOT
 
 # lowest first: a subpackage may import its own layer and those before it; cli and config sit on top
-LAYERS = ("runtime", "data", "storage", "features", "heads", "tuning", "models", "auditing", "report")
+LAYERS = ("runtime", "data", "storage", "features", "heads", "tuning", "models", "auditing", "selection", "report")
 
 
 def imported_names(path: Path) -> set[str]:

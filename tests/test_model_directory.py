@@ -24,8 +24,8 @@ from pipeline.models.directory import open_model
 from pipeline.models.export import export
 from pipeline.models.predict import predict
 from pipeline.models.visualize import sample
-from pipeline.runtime.errors import UserError
-from tests.conftest import COLOURS, ROOT, make_image_folder, run_cli, synthetic_cache, tiny_image
+from pipeline.runtime.errors import InputError
+from tests.conftest import COLOURS, ROOT, cli_in_process, make_image_folder, synthetic_cache, tiny_image
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,13 @@ def photo(tmp_path_factory) -> Path:
 
 def documented_export_snippet() -> str:
     text = (ROOT / "docs" / "classifiers.md").read_text()
-    return re.search(r"\*\*Export\.\*\*.*?```python\n(.*?)```", text, re.S).group(1)
+    return re.search(r"\*\*Export\.\*\*.*?```python no-run\n(.*?)```", text, re.S).group(1)
 
 
 @pytest.mark.slow
 def test_a_fine_tuned_model_exports_and_the_documented_recipe_runs_it_on_a_new_image(finetuned, photo, tmp_path,
                                                                                   monkeypatch):
-    proc = run_cli("export", finetuned, "--out", tmp_path / "model.pt2")
+    proc = cli_in_process("export", finetuned, "--out", tmp_path / "model.pt2")
     assert proc.returncode == 0, proc.stderr
     (tmp_path / "photo.jpg").symlink_to(photo)   # the recipe's file names
     monkeypatch.chdir(tmp_path)
@@ -73,7 +73,7 @@ def test_a_fine_tuned_model_exports_and_the_documented_recipe_runs_it_on_a_new_i
 
 
 def test_visualize_and_gradcam_show_the_same_images_of_a_fine_tuned_model(finetuned, images, tmp_path):
-    proc = run_cli("visualize", finetuned, images / "test", images / "val", "--limit", 5, "--gradcam",
+    proc = cli_in_process("visualize", finetuned, images / "test", images / "val", "--limit", 5, "--gradcam",
                    "--out", tmp_path / "v", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "5 images" in proc.stderr and "Grad-CAM of the same 5 images" in proc.stderr
@@ -96,7 +96,7 @@ def test_the_sample_is_exactly_limit_readable_images_spread_over_the_folder(tmp_
 
 def test_gradcam_of_a_knn_model_is_refused_before_anything_is_written(small_cache, tmp_path):
     train(small_cache, tmp_path / "knn", train_settings("knn", {"n_neighbors": 3}))
-    proc = run_cli("visualize", tmp_path / "knn", small_cache.parent / "images" / "test", "--gradcam",
+    proc = cli_in_process("visualize", tmp_path / "knn", small_cache.parent / "images" / "test", "--gradcam",
                    "--out", tmp_path / "v")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "knn" in proc.stderr
     assert not (tmp_path / "v").exists()
@@ -106,37 +106,37 @@ def test_gradcam_of_a_knn_model_is_refused_before_anything_is_written(small_cach
 def test_decision_values_are_labelled_in_every_format(small_cache, photo, tmp_path):
     svm = tmp_path / "svm"
     train(small_cache, svm, train_settings("linear_svm", {"C": 1.0}))
-    result = json.loads(run_cli("predict", svm, photo, "--format", "json", check=True).stdout)[0]
+    result = json.loads(cli_in_process("predict", svm, photo, "--format", "json", check=True).stdout)[0]
     assert result["scores"] == "decision values"
-    rows = run_cli("predict", svm, photo, "--format", "csv", "--top-k", 2, check=True).stdout.splitlines()
+    rows = cli_in_process("predict", svm, photo, "--format", "csv", "--top-k", 2, check=True).stdout.splitlines()
     assert rows[0].split(",")[4] == "scores" and rows[1].split(",")[4] == "decision values"
-    line = run_cli("predict", svm, photo, check=True).stdout.strip()
+    line = cli_in_process("predict", svm, photo, check=True).stdout.strip()
     assert line.endswith("(decision values, not probabilities)")
 
 
 @pytest.mark.slow
 def test_an_existing_model_directory_is_replaced_only_with_force(small_cache, tmp_path):
     out = tmp_path / "model"
-    run_cli("train", small_cache, "--out", out, "--param", "C=1", check=True)
+    cli_in_process("train", small_cache, "--out", out, "--param", "C=1", check=True)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     other = synthetic_cache(tmp_path / "other.h5", {s: (np.eye(4, 8, dtype=np.float32) + i, np.arange(4) % 2)
                                                      for i, s in enumerate(("train", "val"))}, ["a", "b"])
-    proc = run_cli("train", other, "--out", out, "--classifier", "knn", "--param", "n_neighbors=1")
+    proc = cli_in_process("train", other, "--out", out, "--classifier", "knn", "--param", "n_neighbors=1")
     assert proc.returncode == 2 and proc.stderr == (f"error: --out {out} already holds a model directory; pass "
                                                     f"--force to replace it or choose another --out\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    run_cli("train", other, "--out", out, "--classifier", "knn", "--param", "n_neighbors=1", "--force", check=True)
+    cli_in_process("train", other, "--out", out, "--classifier", "knn", "--param", "n_neighbors=1", "--force", check=True)
     assert open_model(out).approach == "knn" and open_model(out).classes == ["a", "b"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]   # no temporary folder left
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    proc = run_cli("train", small_cache, "--out", tmp_path / "notes", "--force")
+    proc = cli_in_process("train", small_cache, "--out", tmp_path / "notes", "--force")
     assert proc.returncode == 2 and "todo.txt" in proc.stderr and (tmp_path / "notes" / "todo.txt").exists()
 
     cached = tmp_path / "cached"
-    run_cli("train", small_cache, "--out", cached, "--param", "C=1", check=True)
-    proc = run_cli("compare", out, cached, "--out", tmp_path / "reports")
+    cli_in_process("train", small_cache, "--out", cached, "--param", "C=1", check=True)
+    proc = cli_in_process("compare", out, cached, "--out", tmp_path / "reports")
     assert proc.returncode == 2 and f"cannot compare {cached} with {out}:" in proc.stderr
 
 
@@ -150,7 +150,7 @@ def _limited(size: int):
 def test_a_failed_write_keeps_the_previous_model_directory(small_cache, tmp_path):
     """A real limit on file sizes (RLIMIT_FSIZE) in the training process, as a full disk would do."""
     out = tmp_path / "model"
-    run_cli("train", small_cache, "--out", out, "--param", "C=1", check=True)
+    cli_in_process("train", small_cache, "--out", out, "--param", "C=1", check=True)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "train", str(small_cache), "--out", str(out),
                            "--param", "C=10", "--force"], env=dict(os.environ, PYTHONPATH=str(ROOT)),
@@ -174,7 +174,7 @@ def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache,
     shutil.copytree(finetuned, code)
     torch.save({"head.weight": Fraction(1, 3)}, code / "weights.pt")   # a pickle of more than tensors
     _edit_info(code, files={"weights.pt": sha256_file(code / "weights.pt")})
-    proc = run_cli("predict", code, photo)
+    proc = cli_in_process("predict", code, photo)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: {code / 'weights.pt'} cannot be read as a finetuned model")
 
@@ -182,18 +182,18 @@ def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache,
         bad = tmp_path / f"files_{files}"
         shutil.copytree(finetuned, bad)
         _edit_info(bad, files=files)
-        proc = run_cli("predict", bad, photo)
+        proc = cli_in_process("predict", bad, photo)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "'files' must be a dict" in proc.stderr
 
     short = tmp_path / "short_ft"
     shutil.copytree(finetuned, short)
     _edit_info(short, classes=["blue", "green"])
-    with pytest.raises(UserError, match=f"{short / 'weights.pt'} does not fit the network"):
+    with pytest.raises(InputError, match=f"{short / 'weights.pt'} does not fit the network"):
         open_model(short).scorer(torch.device("cpu"))
     head = tmp_path / "short_head"
     train(small_cache, head, train_settings("logreg", {"C": 1.0}))
     _edit_info(head, classes=["blue", "green"])
-    proc = run_cli("predict", head, photo)
+    proc = cli_in_process("predict", head, photo)
     assert proc.returncode == 2 and proc.stderr == (f"error: {head / 'head.joblib'} predicts class indices 0..2 but "
                                                     f"{head / 'model.json'} lists 2 classes\n")
 

@@ -13,10 +13,10 @@ import pytest
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
 from pipeline.models.predict import predict
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.storage import modeldir
 from pipeline.storage.cache import open_cache
-from tests.conftest import COLOURS, run_cli, tiny_image
+from tests.conftest import COLOURS, cli_in_process, tiny_image
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def true_class(path: str) -> str:
 
 
 def test_json_lists_top_k_in_order_and_skips_unreadable_files(model, new_images):
-    proc = run_cli("predict", model, new_images, "--top-k", 3, "--format", "json", check=True)
+    proc = cli_in_process("predict", model, new_images, "--top-k", 3, "--format", "json", check=True)
     results = {Path(r["path"]).name: r for r in json.loads(proc.stdout)}
     unusable = {"truncated.png", "empty.jpg", "report.pdf", "pipe.png"}
     assert set(results) == {f"{c}_{i}.png" for c in COLOURS for i in range(2)} | unusable
@@ -63,14 +63,14 @@ def test_json_lists_top_k_in_order_and_skips_unreadable_files(model, new_images)
 
 
 def test_a_fifo_or_device_given_by_name_is_reported_not_read(model, new_images):
-    proc = run_cli("predict", model, new_images / "pipe.png", "/dev/zero", new_images / "red_0.png", check=True)
+    proc = cli_in_process("predict", model, new_images / "pipe.png", "/dev/zero", new_images / "red_0.png", check=True)
     assert proc.stdout.splitlines()[:2] == [f"{new_images / 'pipe.png'}: skipped (unreadable: a FIFO, not a regular file)",
                                             "/dev/zero: skipped (unreadable: a character device, not a regular file)"]
 
 
 @pytest.mark.slow
 def test_csv_and_table(model, new_images):
-    proc = run_cli("predict", model, new_images / "red_0.png", new_images / "empty.jpg", "--top-k", 2,
+    proc = cli_in_process("predict", model, new_images / "red_0.png", new_images / "empty.jpg", "--top-k", 2,
                    "--format", "csv", check=True)
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [(Path(r["path"]).name, r["rank"]) for r in rows] == [("red_0.png", "1"), ("red_0.png", "2"),
@@ -78,7 +78,7 @@ def test_csv_and_table(model, new_images):
     assert rows[0]["class"] == "red" and float(rows[0]["score"]) >= float(rows[1]["score"])
     assert rows[2]["error"] == "empty file"
 
-    proc = run_cli("predict", model, new_images / "blue_1.png", new_images / "empty.jpg", "--top-k", 1,
+    proc = cli_in_process("predict", model, new_images / "blue_1.png", new_images / "empty.jpg", "--top-k", 1,
                    check=True)
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith(f"{new_images / 'blue_1.png'}: blue ") and len(lines[0].split()) == 3
@@ -126,7 +126,7 @@ def test_mismatched_model_directory_is_refused(model, tmp_path, tamper, message)
     bad = tmp_path / "bad"
     shutil.copytree(model, bad)
     tamper(bad)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(InputError, match=message):
         modeldir.load(bad)
 
 
@@ -134,7 +134,7 @@ def test_edited_head_is_refused_by_the_command_line(model, new_images, tmp_path)
     bad = tmp_path / "bad"
     shutil.copytree(model, bad)
     tamper_head(bad)
-    proc = run_cli("predict", bad, new_images / "red_0.png")
+    proc = cli_in_process("predict", bad, new_images / "red_0.png")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"error: {bad / 'head.joblib'} does not match the SHA-256 recorded in "
                                    f"model.json; refusing to load it")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pipeline
 from pipeline.runtime import errors
 from pipeline.runtime.files import MANIFEST, OutputError, staged_folder, write_atomically
 from pipeline.runtime.printing import say, shown
@@ -330,13 +331,12 @@ def test_a_damaged_hub_weights_file_is_one_line(tmp_path, monkeypatch, kind):
     from huggingface_hub import constants
 
     from pipeline.features.backbones.loading import build_backbone
-    from pipeline.runtime.errors import UserError
     from tests.test_hub import MODEL, hub_cache
     weights = hub_cache(tmp_path / "hf", seed=0)
     weights.write_bytes(damaged_weights(kind, weights.read_bytes()))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(UserError, match=f"weights file {re.escape(str(weights))}") as caught:
+    with pytest.raises(pipeline.InputError, match=f"weights file {re.escape(str(weights))}") as caught:
         build_backbone(f"timm/{MODEL}", "pretrained")
     assert "\n" not in str(caught.value)
 
@@ -360,7 +360,7 @@ def test_an_edited_model_json_is_one_line(tmp_path, change, message):
     (model / "model.json").write_text(json.dumps(info))
     line = one_line_error(cli_in_process("predict", model, tmp_path))
     assert line == f"error: {model / 'model.json'}: backbone.preprocessing: {message}"
-    with pytest.raises(errors.UserError):
+    with pytest.raises(pipeline.InputError):
         read_info(model)
 
 
@@ -414,7 +414,7 @@ def test_params_yaml_that_is_not_a_small_regular_file_is_one_line(tmp_path, kind
         params.symlink_to("/dev/zero")
     else:
         params.write_text("audit:\n  folds: 3\n" + "#" * (2 << 20))
-    with pytest.raises(errors.UserError, match=f"cannot read {re.escape(str(params))}: "):
+    with pytest.raises(pipeline.InputError, match=f"cannot read {re.escape(str(params))}: "):
         stage_settings(AuditSettings, "audit", path=params)
 
 

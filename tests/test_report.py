@@ -14,8 +14,8 @@ from pipeline.tuning.training import FinetuneSettings, finetune
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import train
 from pipeline.report.compare import figure, markdown, rows
-from pipeline.runtime.errors import UserError
-from tests.conftest import run_cli, synthetic_cache
+from pipeline.runtime.errors import InputError
+from tests.conftest import cli_in_process, synthetic_cache
 
 TINY = FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0, device="cpu")
 
@@ -24,13 +24,13 @@ TINY = FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12,
 def models(small_cache, tmp_path_factory) -> Path:
     """models/logreg on the shared cache and models/ft_head fine-tuned on the same images."""
     root = tmp_path_factory.mktemp("models")
-    run_cli("train", small_cache, "--classifier", "logreg", "--out", root / "logreg", "--quiet", check=True)
+    cli_in_process("train", small_cache, "--classifier", "logreg", "--out", root / "logreg", "--quiet", check=True)
     finetune(small_cache.parent / "images", root / "ft_head", TINY, quiet=True)
     return root
 
 
 def test_compare_puts_classifiers_and_fine_tunes_in_one_table(models, tmp_path):
-    proc = run_cli("compare", models, "--out", tmp_path, check=True)
+    proc = cli_in_process("compare", models, "--out", tmp_path, check=True)
     table = json.loads((tmp_path / "compare.json").read_text())
     by_name = {r["name"]: r for r in table}
     assert set(by_name) == {"logreg", "ft_head"}
@@ -51,7 +51,7 @@ def test_compare_puts_classifiers_and_fine_tunes_in_one_table(models, tmp_path):
 
 
 def test_without_a_fine_tune_run_there_is_no_swap_column(models, tmp_path):
-    header = run_cli("compare", models / "logreg", "--out", tmp_path, check=True).stdout.splitlines()[0]
+    header = cli_in_process("compare", models / "logreg", "--out", tmp_path, check=True).stdout.splitlines()[0]
     assert header.endswith("| test top-1 (95% CI) | balanced acc. | macro F1 | extraction s | train s | total s |")
 
 
@@ -61,7 +61,7 @@ def test_compare_refuses_runs_on_different_datasets(models, small_cache, tmp_pat
     (other / "train" / "red" / "train_0.png").unlink()      # one training image fewer: another dataset
     finetune(other, tmp_path / "ft_other", TINY, quiet=True)
     for other_run in ([models / "logreg", tmp_path / "ft_other"], [models / "ft_head", tmp_path / "ft_other"]):
-        with pytest.raises(UserError, match="different data"):
+        with pytest.raises(InputError, match="different data"):
             rows(other_run)
 
 

@@ -19,13 +19,15 @@ from pipeline.auditing.settings import AuditSettings
 from pipeline.features.settings import BenchSettings, ExtractSettings
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads.settings import CLASSIFIERS, TrainSettings, train_settings
-from pipeline.runtime.errors import UserError, quote
+from pipeline.runtime.errors import InputError, quote
 from pipeline.runtime.settings import fields, option_name, rule
-from tests.conftest import COLOURS, ROOT, run_cli, tiny_image
+from pipeline.selection.settings import SelectSettings
+from tests.conftest import COLOURS, ROOT, cli_in_process, stage_in_process, tiny_image
 
 COMMANDS = {"extract": ExtractSettings, "train": TrainSettings, "finetune": FinetuneSettings, "bench": BenchSettings,
-            "audit": AuditSettings}
-SECTIONS = {"extract": ExtractSettings, "finetune.<run>": FinetuneSettings, "audit": AuditSettings}
+            "audit": AuditSettings, "select": SelectSettings}
+SECTIONS = {"extract": ExtractSettings, "finetune.<run>": FinetuneSettings, "audit": AuditSettings,
+            "select": SelectSettings}
 
 
 def squeezed(text: str) -> str:
@@ -35,7 +37,7 @@ def squeezed(text: str) -> str:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_lists_every_setting_with_its_doc_and_flags_as_flags(command):
-    text = run_cli(command, "--help", check=True).stdout
+    text = cli_in_process(command, "--help", check=True).stdout
     for f in fields(COMMANDS[command]):
         r = rule(f)
         assert r.option and option_name(f.name) in text and squeezed(r.doc) in squeezed(text), f.name
@@ -87,7 +89,7 @@ def test_documented_classifier_table_matches_the_registry():
      "--param gamma is not a setting of knn; allowed: n_neighbors"),
 ])
 def test_every_bad_invocation_is_one_error_line(tmp_path, args, words):
-    proc = run_cli(*args, cwd=tmp_path)
+    proc = cli_in_process(*args, cwd=tmp_path)
     assert proc.returncode == 2 and not proc.stdout, proc
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert words in proc.stderr and not re.search("[╭│╰]", proc.stderr)
@@ -96,7 +98,7 @@ def test_every_bad_invocation_is_one_error_line(tmp_path, args, words):
 
 def test_allowed_keys_are_listed_once():
     for name, raw in (("rbf_svm", {"gama": 2}), ("logreg", {"gamma": 2}), ("torch_mlp", {"hiden": 2})):
-        with pytest.raises(UserError) as caught:
+        with pytest.raises(InputError) as caught:
             train_settings(name, raw)
         allowed = str(caught.value).split("allowed: ")[1].split(", ")
         assert len(allowed) == len(set(allowed)) and allowed.count("seed") == 1, caught.value
@@ -147,14 +149,14 @@ def test_bad_params_values_are_one_line_naming_the_key(tmp_path, stage, params, 
     args = {"train.py": ("torch_mlp", tmp_path / "f.h5", tmp_path / "m"),
             "finetune.py": ("torch_mlp", tmp_path / "images", tmp_path / "m"),
             "extract.py": ("x", tmp_path / "images", tmp_path / "f.h5")}[stage]
-    proc = run_stage(stage, tmp_path, *args)
+    proc = stage_in_process(stage, tmp_path, *args)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: params.yaml: {words}"], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "params.yaml").write_bytes("extract:\n  labels: caf\u00e9.csv\n".encode("latin-1"))
-    proc = run_stage("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5")
+    proc = stage_in_process("extract.py", tmp_path, "x", tmp_path / "images", tmp_path / "f.h5")
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "error: params.yaml is not UTF-8 text (byte 22: b'\\xe9')"], proc.stderr
 
@@ -175,7 +177,7 @@ def labelled_folder(root: Path, per_class: int = 6) -> Path:
 def test_finetune_and_bench_take_a_labels_file(tmp_path):
     data = labelled_folder(tmp_path / "data")
     labels = ("--labels", data / "labels.csv", "--id-column", "name", "--label-column", "colour")
-    run_cli("finetune", data, *labels, "--out", tmp_path / "ft", "--strategy", "head", "--epochs", 1,
+    cli_in_process("finetune", data, *labels, "--out", tmp_path / "ft", "--strategy", "head", "--epochs", 1,
             "--image-size", 32, "--batch-size", 6, "--workers", 0, "--device", "cpu", "--val-fraction", 0.2,
             "--quiet", check=True)
     info = json.loads((tmp_path / "ft" / "model.json").read_text())
@@ -183,11 +185,11 @@ def test_finetune_and_bench_take_a_labels_file(tmp_path):
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     details = json.loads((tmp_path / "ft" / "details.json").read_text())
     assert metrics["n_eval"] > 0 and details["hyperparameters"]["labels"] == str(data / "labels.csv")
-    proc = run_cli("bench", data, *labels, "--out", tmp_path / "bench.json", "--image-size", 32, "--batch-size", 4,
+    proc = cli_in_process("bench", data, *labels, "--out", tmp_path / "bench.json", "--image-size", 32, "--batch-size", 4,
                    "--repeats", 1, "--no-tutorial", "--images", 8, "--workers", 0, "--device", "cpu", check=True)
     rows = json.loads((tmp_path / "bench.json").read_text())     # one row per engine
     assert rows and all(row["images"] == 8 for row in rows), proc.stderr
-    wrong = run_cli("bench", data, "--labels", data / "labels.csv", "--repeats", 1)   # no column 'breed'/'label'
+    wrong = cli_in_process("bench", data, "--labels", data / "labels.csv", "--repeats", 1)   # no column 'breed'/'label'
     assert wrong.returncode == 2 and "labels.csv" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
 
 

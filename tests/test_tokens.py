@@ -9,7 +9,7 @@ import torch
 from pipeline.features.backbones.loading import build_backbone
 
 from pipeline.features.engines.torch import Embedder
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 
 def features(backbone, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -55,7 +55,7 @@ def test_patch_mean_leaves_register_tokens_out_and_class_features_need_a_class_t
         tokens = model.forward_features(x)
     np.testing.assert_allclose(features(backbone, x)["patch_mean"], tokens[:, 1:].mean(1).numpy(),
                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match=r"backbone timm/test_vit2.r160_in1k has no token feature 'cls_token'; "
+    with pytest.raises(InputError, match=r"backbone timm/test_vit2.r160_in1k has no token feature 'cls_token'; "
                                         r"it offers: patch_mean$"):
         build_backbone("timm/test_vit2", "none", ["cls_token"])
 
@@ -68,8 +68,8 @@ def test_token_features_at_another_image_size_and_their_limits():
     assert tokens.shape[1] == 1 + 36
     np.testing.assert_allclose(features(backbone, x)["cls_patch_mean"],
                                torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).numpy(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match=r"has 6 blocks, fewer than the 7 of 'cls_last7'"):
+    with pytest.raises(InputError, match=r"has 6 blocks, fewer than the 7 of 'cls_last7'"):
         build_backbone("timm/test_vit", "none", ["cls_last7"])
-    with pytest.raises(UserError, match=r"backbone resnet18 has no token feature 'cls_token'; "
+    with pytest.raises(InputError, match=r"backbone resnet18 has no token feature 'cls_token'; "
                                         r"it offers: none \(not a vision transformer\)"):
         build_backbone("resnet18", "none", ["cls_token"])

@@ -9,7 +9,7 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.heads.torch_heads import TorchLogReg
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -24,7 +24,7 @@ def test_matches_sklearn_logistic_regression(precision):
 
 
 def test_trains_from_the_command_line(small_cache, tmp_path):
-    run_cli("train", small_cache, "--classifier", "torch_logreg", "--out", tmp_path / "m", check=True)
+    cli_in_process("train", small_cache, "--classifier", "torch_logreg", "--out", tmp_path / "m", check=True)
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     details = json.loads((tmp_path / "m" / "details.json").read_text())
     assert metrics["top1"] > 0.9 and "C" in details["hyperparameters"]

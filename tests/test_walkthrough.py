@@ -9,7 +9,7 @@ import torch
 from pipeline.data.images import read_image
 from pipeline.features.backbones.loading import build_backbone
 from pipeline.storage.cache import open_cache
-from tests.conftest import COLOURS, make_image_folder, run_cli, tiny_image
+from tests.conftest import COLOURS, cli_in_process, make_image_folder, tiny_image
 
 
 def test_cache_follows_the_schema(small_cache):
@@ -43,7 +43,7 @@ def test_cached_vectors_equal_the_hooked_global_pool(small_cache):
 @pytest.mark.parametrize("classifier", ["logreg", "linear_svm", "torch_linear"])
 def test_classifiers_train_on_the_cache_alone(small_cache, tmp_path, classifier):
     out = tmp_path / classifier
-    proc = run_cli("train", small_cache, "--classifier", classifier, "--out", out, check=True)
+    proc = cli_in_process("train", small_cache, "--classifier", classifier, "--out", out, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_split"] == "test" and metrics["n_eval"] == 12 and metrics["n_train"] == 24
     assert metrics["top1"] >= 0.9, proc.stderr       # colours are trivially separable for ImageNet features
@@ -55,16 +55,16 @@ def test_classifiers_train_on_the_cache_alone(small_cache, tmp_path, classifier)
 @pytest.mark.slow
 def test_predict_and_compare(small_cache, tmp_path):
     model = tmp_path / "logreg"
-    run_cli("train", small_cache, "--out", model, "--param", "C=10", check=True)
+    cli_in_process("train", small_cache, "--out", model, "--param", "C=10", check=True)
     new = tmp_path / "new"
     new.mkdir()
     tiny_image(COLOURS["blue"], 999).save(new / "blue.png")
     (new / "broken.jpg").write_bytes(b"not an image")
-    proc = run_cli("predict", model, new, "--format", "json", "--top-k", "2", check=True)
+    proc = cli_in_process("predict", model, new, "--format", "json", "--top-k", "2", check=True)
     results = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads(proc.stdout)}
     assert results["blue.png"]["top"][0]["class"] == "blue" and len(results["blue.png"]["top"]) == 2
     assert "error" in results["broken.jpg"] and "skipped" in proc.stderr
-    proc = run_cli("compare", model, "--out", tmp_path / "reports", check=True)
+    proc = cli_in_process("compare", model, "--out", tmp_path / "reports", check=True)
     assert "| logreg |" in proc.stdout
     assert json.loads((tmp_path / "reports" / "compare.json").read_text())[0]["name"] == "logreg"
 
@@ -75,7 +75,7 @@ def test_unreadable_file_is_skipped_and_recorded(tmp_path):
     (images / "train" / "red" / "notes.jpg").write_text("hello")
     (images / "val" / "blue" / "readme.txt").write_text("hello")
     out = tmp_path / "f.h5"
-    proc = run_cli("extract", images, "--out", out, "--image-size", 64, "--workers", 0, check=True)
+    proc = cli_in_process("extract", images, "--out", out, "--image-size", 64, "--workers", 0, check=True)
     assert "extracted 15 + skipped 3 = found 18" in proc.stderr
     with h5py.File(out) as f:
         skipped = {p.decode(): r.decode() for p, r in f["skipped"][:]}

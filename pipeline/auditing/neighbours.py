@@ -119,9 +119,10 @@ class Pairs:
     b: np.ndarray
     similarity: np.ndarray   # cosine similarity of the two vectors
     by_pixels: np.ndarray    # kept for its pixels (pipeline.auditing.pixels), not its similarity
+    correlation: np.ndarray  # aligned pixel correlation of the two images, NaN where not compared
 
     def subset(self, keep: np.ndarray) -> "Pairs":
-        return Pairs(self.a[keep], self.b[keep], self.similarity[keep], self.by_pixels[keep])
+        return Pairs(self.a[keep], self.b[keep], self.similarity[keep], self.by_pixels[keep], self.correlation[keep])
 
 
 def neighbour_pairs(sims: np.ndarray, idx: np.ndarray, floor: float) -> Pairs:
@@ -131,7 +132,8 @@ def neighbour_pairs(sims: np.ndarray, idx: np.ndarray, floor: float) -> Pairs:
     ends, first = np.unique(ends, axis=0, return_index=True)
     similarity = sims[rows, slots][first]
     order = np.argsort(-similarity, kind="stable")
-    return Pairs(ends[order, 0], ends[order, 1], similarity[order], np.zeros(len(order), bool))
+    return Pairs(ends[order, 0], ends[order, 1], similarity[order], np.zeros(len(order), bool),
+                 np.full(len(order), np.nan))
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Duplicates:
     group: np.ndarray        # [M] group id of each row in a group, groups with a leak first
     rows: np.ndarray         # [M] image index
     similarity: np.ndarray   # [M] highest cosine similarity to another member
+    correlation: np.ndarray  # [M] highest aligned pixel correlation to another member (NaN: none compared)
     leak: np.ndarray         # [M] the row's group spans two splits
     by_pixels: np.ndarray    # [M] joined only by pairs kept for their pixels
 
@@ -149,13 +152,18 @@ def duplicate_groups(pairs: Pairs, splits: np.ndarray) -> Duplicates:
     best = np.full(n, -np.inf)
     np.maximum.at(best, pairs.a, pairs.similarity)
     np.maximum.at(best, pairs.b, pairs.similarity)
+    correlation = np.full(n, -np.inf)
+    compared = np.where(np.isnan(pairs.correlation), -np.inf, pairs.correlation)
+    np.maximum.at(correlation, pairs.a, compared)
+    np.maximum.at(correlation, pairs.b, compared)
+    correlation[np.isneginf(correlation)] = np.nan
     by_features = np.zeros(n, bool)
     by_features[pairs.a[~pairs.by_pixels]] = by_features[pairs.b[~pairs.by_pixels]] = True
     graph = coo_matrix((np.ones(len(pairs.a)), (pairs.a, pairs.b)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     rows = np.flatnonzero(best > -np.inf)
     if not len(rows):
-        return Duplicates(*(np.empty(0, t) for t in (int, int, float, bool, bool)))
+        return Duplicates(*(np.empty(0, t) for t in (int, int, float, float, bool, bool)))
     comp = component[rows]
     leaky = {c for c in np.unique(comp) if len(set(splits[rows[comp == c]])) > 1}
     strongest = {c: best[rows[comp == c]].max() for c in np.unique(comp)}
@@ -164,7 +172,8 @@ def duplicate_groups(pairs: Pairs, splits: np.ndarray) -> Duplicates:
     group = np.array([number[c] for c in comp])
     order = np.lexsort((-best[rows], group))
     rows, group = rows[order], group[order]
-    return Duplicates(group, rows, best[rows], np.array([c in leaky for c in component[rows]]), ~by_features[rows])
+    return Duplicates(group, rows, best[rows], correlation[rows], np.array([c in leaky for c in component[rows]]),
+                      ~by_features[rows])
 
 
 def isolation(sims: np.ndarray) -> np.ndarray:

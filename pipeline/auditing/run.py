@@ -1,12 +1,14 @@
 """`pipeline audit`: every finding on one feature cache, written as CSV files, a plot and summary.json.
 
 out_dir/label_issues.csv    path, split, given, suggested, score (most likely error first; score in [0, 1])
-out_dir/duplicates.csv      group, path, split, similarity, leak, found_by (groups spanning two splits first)
-out_dir/outliers.csv        path, split, label, score, score_in_class, score_overall (most unusual first)
+out_dir/duplicates.csv      group, path, split, similarity, pixel_correlation, leak, found_by (groups spanning
+                            two splits first)
+out_dir/outliers.csv        path, split, label, score, flagged, score_in_class, score_overall,
+                            distance_to_classes: every image, most unusual first
 out_dir/learning_curve.csv  head, per_class, mean, std, runs (accuracy on the evaluation split)
 out_dir/learning_curve.png
 out_dir/summary.json        counts, classes, splits, the cache, its data folder and the settings
-out_dir/index.html, thumbs/ the report page (pipeline.report.audit_page)
+out_dir/index.html, thumbs/ the report page, where the caller passes `page` (pipeline.report.audit_page)
 Paths are relative to the data folder, as the cache stores them. Nothing is written before every
 finding is computed; then the whole folder is written beside `out_dir` and renamed over it
 (`files.staged_folder`), so a previous report stays whole until the new one is, and a folder holding
@@ -24,10 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.auditing import label_issues, learning_curve, neighbours, pixels
+from pipeline.auditing import label_issues, learning_curve, neighbours, outliers, pixels
 from pipeline.auditing.settings import AuditSettings
-from pipeline.report.audit_page import write_page
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import check_owned, staged_folder, write_atomically
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import open_cache
@@ -51,8 +52,10 @@ def read_images(cache) -> Images:
 
 
 def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
-          log: Callable[[str], None] = lambda line: None) -> dict:
+          log: Callable[[str], None] = lambda line: None, page: Callable[[Path], object] | None = None) -> dict:
     """Compute every finding of the cache at `cache_path`, then write them to `out_dir`; returns the summary.
+    `page` writes the report page into the folder before it replaces `out_dir` (`report.audit_page.write_page`,
+    given by the caller: the report layer sits above this one).
     Why so long: the findings are computed in one pass over one read of the cache, each a call, and their
     results are written together so that a failure leaves `out_dir` as it was."""
     s = s or AuditSettings()
@@ -63,16 +66,19 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
         images = read_images(cache)
         classes, splits, data_root = cache.classes, cache.splits, cache.data_root
     if s.neighbours >= len(images.labels):
-        raise UserError(f"--neighbours must be below the number of images ({len(images.labels)}), got {s.neighbours}")
+        raise InputError(f"--neighbours must be below the number of images ({len(images.labels)}), got {s.neighbours}")
     if np.bincount(images.labels).max() < 2:
-        raise UserError(f"feature cache {cache_path} has no class with two images; nothing to audit")
+        raise InputError(f"feature cache {cache_path} has no class with two images; nothing to audit")
 
     start = time.perf_counter()
     probabilities = label_issues.out_of_fold_probabilities(images.features, images.labels, len(classes), s.folds,
                                                            s.C, s.seed)
-    issues = label_issues.find_label_issues(probabilities, images.labels)
+    issues = label_issues.find_label_issues(probabilities, images.labels, s.issue_score)
+    trust = label_issues.trust(issues, images.labels)
     log(f"label issues: {len(issues.rows)} of {len(images.labels)} images, {s.folds}-fold out-of-fold "
-        f"probabilities in {time.perf_counter() - start:.1f}s")
+        f"probabilities in {time.perf_counter() - start:.1f}s; out-of-fold accuracy {trust.accuracy:.3f}, "
+        f"calibration error {trust.calibration_error:.3f}"
+        + ("" if trust.judged else ": too weak a classifier to call them label errors"))
 
     start = time.perf_counter()
     search = {"exact_up_to": s.exact_up_to, "seed": s.seed}
@@ -81,16 +87,12 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     pairs, pixel_check = pixels.confirm(pairs, s.duplicate_threshold, s.pixel_match,
                                         pixels.PixelCheck(data_root, images.paths))
     duplicates = neighbours.duplicate_groups(pairs, images.splits)
-    sims, _ = neighbours.knn(images.features, s.neighbours, **search)
-    class_sims, _ = neighbours.knn_within(images.features, images.labels, s.neighbours, **search)
-    overall, in_class = neighbours.isolation(sims), neighbours.isolation(class_sims)
-    with np.errstate(invalid="ignore"):
-        outlier_score = np.nanmean([overall / np.nanmedian(overall), in_class / np.nanmedian(in_class)], axis=0)
-    outliers = np.flatnonzero(outlier_score >= s.outlier_cut)
-    outliers = outliers[np.argsort(-outlier_score[outliers], kind="stable")]
+    unusual = outliers.scores(images.features, images.labels, s.neighbours, **search)
+    ranking = unusual.ranking()
+    flagged = unusual.score[ranking] >= s.outlier_cut
     leak_groups = len(set(duplicates.group[duplicates.leak]))
     log(f"neighbours: {len(set(duplicates.group))} near-duplicate groups ({leak_groups} across splits), "
-        f"{len(outliers)} outliers in {time.perf_counter() - start:.1f}s; " + _pixel_line(pixel_check))
+        f"{int(flagged.sum())} outliers in {time.perf_counter() - start:.1f}s; " + _pixel_line(pixel_check))
 
     start = time.perf_counter()
     eval_split = next((split for split in ("test", "val") if split in splits), None)
@@ -106,33 +108,39 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     given = np.array(classes, dtype=object)
     summary = {"cache": str(cache_path), "data_root": data_root, "images": len(images.labels),
                "splits": {split: int((images.splits == split).sum()) for split in splits},
-               "classes": classes, "label_issues": len(issues.rows), "duplicate_groups": len(set(duplicates.group)),
-               "leak_groups": leak_groups, "pixel_check": pixel_check, "outliers": len(outliers),
+               "classes": classes, "label_issues": len(issues.rows), "label_issue_classifier": trust.as_dict(),
+               "duplicate_groups": len(set(duplicates.group)), "leak_groups": leak_groups,
+               "pixel_check": pixel_check, "outliers": int(flagged.sum()),
                "settings": {**asdict(s), "eval_split": eval_split,
                             "learning_curve_heads": list(learning_curve.HEADS)}}
     with staged_folder(out_dir, "audit report") as folder:
-        _write_report(folder, images, issues, duplicates, outliers, (outlier_score, in_class, overall),
-                      (points, eval_split), given)
+        _write_report(folder, images, issues, duplicates, (unusual, ranking, flagged), (points, eval_split), given)
         write_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
-        write_page(folder)
+        if page:
+            page(folder)
     return summary
 
 
-def _write_report(folder: Path, images: Images, issues, duplicates, outliers: np.ndarray, scores: tuple,
-                  curve: tuple[list, str | None], given: np.ndarray) -> None:
-    """The CSVs and the learning curve's plot. `scores`: (outlier score, in class, overall) of every row;
-    `curve`: the learning curve's points and the split they were measured on."""
+def _write_report(folder: Path, images: Images, issues, duplicates, ranked: tuple, curve: tuple[list, str | None],
+                  given: np.ndarray) -> None:
+    """The CSVs and the learning curve's plot. `ranked`: the outlier scores of every row, their ranking and which
+    ranked rows are flagged; `curve`: the learning curve's points and the split they were measured on."""
+    unusual, ranking, flagged = ranked
     points, eval_split = curve
     _write(folder / "label_issues.csv", ["path", "split", "given", "suggested", "score"],
            zip(images.paths[issues.rows], images.splits[issues.rows], given[images.labels[issues.rows]],
                given[issues.suggested[issues.rows]], _rounded(issues.score[issues.rows])))
     rows = duplicates.rows
-    _write(folder / "duplicates.csv", ["group", "path", "split", "similarity", "leak", "found_by"],
+    _write(folder / "duplicates.csv", ["group", "path", "split", "similarity", "pixel_correlation", "leak",
+                                       "found_by"],
            zip(duplicates.group, images.paths[rows], images.splits[rows], _rounded(duplicates.similarity),
-               np.where(duplicates.leak, "true", "false"), np.where(duplicates.by_pixels, "pixels", "features")))
-    _write(folder / "outliers.csv", ["path", "split", "label", "score", "score_in_class", "score_overall"],
-           zip(images.paths[outliers], images.splits[outliers], given[images.labels[outliers]],
-               *(_rounded(v[outliers]) for v in scores)))
+               _rounded(duplicates.correlation), np.where(duplicates.leak, "true", "false"),
+               np.where(duplicates.by_pixels, "pixels", "features")))
+    _write(folder / "outliers.csv", ["path", "split", "label", "score", "flagged", "score_in_class",
+                                     "score_overall", "distance_to_classes"],
+           zip(images.paths[ranking], images.splits[ranking], given[images.labels[ranking]],
+               _rounded(unusual.score[ranking]), np.where(flagged, "true", "false"),
+               *(_rounded(v[ranking]) for v in (unusual.in_class, unusual.overall, unusual.no_content))))
     _write(folder / "learning_curve.csv", ["head", "per_class", "mean", "std", "runs"],
            ((p.head, p.per_class, f"{p.mean:.4f}", f"{p.std:.4f}", p.runs) for p in points))
     learning_curve.plot(points, eval_split or "no evaluation split", folder / "learning_curve.png")

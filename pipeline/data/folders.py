@@ -7,6 +7,11 @@ Layouts:
   ROOT/* + labels.csv               an id-or-path column and a label column (`scan(..., labels=CSV)`);
                                     seeded stratified split as for class folders
 
+The unlabelled pool (split POOL, label -1): ROOT/unlabeled/ at any depth beside the split folders, or with
+`pool=True` the rows of a labels file whose label is empty. With a pool, train may be missing or empty
+(a cold start): the classes are the union of the labelled splits' class folders, a class without images is
+a warning, and a class with fewer than MIN_TO_CUT training images is kept whole in train (no val cut).
+
 Nothing is dropped silently: files that are not images, images the CSV does not list, CSV rows whose
 image is missing, rows without a label and repeated rows are recorded in `Dataset.skipped` with the
 reason. A repeated id with a *different* label is an error: the CSV contradicts itself.
@@ -22,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.runtime.errors import UserError, warn
+from pipeline.runtime.errors import InputError, warn
 from pipeline.runtime.files import write_atomically
 from pipeline.runtime.settings import setting
 
@@ -33,6 +38,9 @@ IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 
 
 SPLITS = ("train", "val", "test")
+POOL = "pool"                 # the unlabelled images: a group of the cache beside the splits
+POOL_FOLDER = "unlabeled"     # ROOT/unlabeled/ holds them in the split-folder layout
+MIN_TO_CUT = 5                # with a pool, a class with fewer training images gives none to val
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,13 @@ class Dataset:
         return [s for s in self.samples if s.split == name]
 
     def splits(self) -> list[str]:
+        """The labelled splits present."""
         present = {s.split for s in self.samples}
         return [s for s in SPLITS if s in present]
+
+    def groups(self) -> list[str]:
+        """The labelled splits present, then the pool if there is one: the groups of the cache."""
+        return self.splits() + ([POOL] if self.split(POOL) else [])
 
 
 @dataclass
@@ -75,12 +88,12 @@ class DatasetSettings:
 
     def check(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:
-            raise UserError(f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + "
+            raise InputError(f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + "
                             f"{self.test_fraction}")
 
-    def scan(self, root: Path) -> Dataset:
+    def scan(self, root: Path, pool: bool = False) -> Dataset:
         return scan(root, self.val_fraction, self.test_fraction, self.seed, self.labels, self.id_column,
-                    self.label_column)
+                    self.label_column, pool)
 
 
 def _visible(name: str) -> bool:
@@ -91,7 +104,7 @@ def _class_dirs(folder: Path) -> list[Path]:
     dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
     for p in dirs:
         if not _utf8(p.name):
-            raise UserError(f"folder {printable(str(p))}: its name is not valid UTF-8; rename it")
+            raise InputError(f"folder {printable(str(p))}: its name is not valid UTF-8; rename it")
     return dirs
 
 
@@ -169,7 +182,7 @@ def find_images(inputs: list[Path]) -> list[tuple[Path, str | None]]:
         elif p.exists() or p.is_symlink():
             out.append((p, None))
         else:
-            raise UserError(f"{p} does not exist")
+            raise InputError(f"{p} does not exist")
     return out
 
 
@@ -177,43 +190,44 @@ DEFAULT_LABEL_COLUMNS = ("breed", "label")
 
 
 def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
-         labels: Path | None = None, id_column: str = "id", label_column: str | None = None) -> Dataset:
+         labels: Path | None = None, id_column: str = "id", label_column: str | None = None,
+         pool: bool = False) -> Dataset:
     """Find the images under `root` and assign each a class and a split.
 
     With `labels` (a CSV file) the classes come from its `label_column` (default: 'breed', else
     'label') and each row names its image by `id_column`: a path relative to `root`, with or
-    without the file extension.
+    without the file extension; with `pool`, rows with an empty label go to the pool.
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist")
+        raise InputError(f"data folder {root} does not exist")
     if not _utf8(str(root.resolve())):   # the cache records it as text
-        raise UserError(f"data folder {printable(str(root.resolve()))}: its path is not valid UTF-8; rename it")
+        raise InputError(f"data folder {printable(str(root.resolve()))}: its path is not valid UTF-8; rename it")
     if labels is not None:
         return _checked(_scan_labels(root, Path(labels), id_column, label_column, val_fraction,
-                                     test_fraction, seed))
+                                     test_fraction, seed, pool))
     top = _class_dirs(root)
     skipped: list[tuple[str, str]] = []
-    if top and {p.name for p in top} <= set(SPLITS) and (root / "train").is_dir():
-        classes = [p.name for p in _class_dirs(root / "train")]
-        if not classes:
-            raise UserError(f"{root / 'train'} has no class folders")
+    names = {p.name for p in top}
+    if top and names <= {*SPLITS, POOL_FOLDER} and names & {"train", POOL_FOLDER}:
+        pool_dir = root / POOL_FOLDER
+        unlabelled = [Sample(f, -1, POOL) for f in _files(pool_dir, root, skipped)] if pool_dir.is_dir() else []
+        classes = _split_classes(root, bool(unlabelled))
         samples = []
         for split in SPLITS:
             if not (root / split).is_dir():
                 continue
             for class_dir in _class_dirs(root / split):
-                if class_dir.name not in classes:
-                    raise UserError(f"class folder {class_dir} has no counterpart in {root / 'train'}")
                 samples += [Sample(f, classes.index(class_dir.name), split)
                             for f in _files(class_dir, root, skipped)]
+        samples += unlabelled
         if not (root / "val").is_dir():
             samples = _split_train(root, classes, samples, val_fraction,
                                    0.0 if (root / "test").is_dir() else test_fraction, seed)
         layout = "split-folders"
     else:
         if not top:
-            raise UserError(f"data folder {root} has no class folders (expected ROOT/CLASS/* "
+            raise InputError(f"data folder {root} has no class folders (expected ROOT/CLASS/* "
                             f"or ROOT/train/CLASS/*, or pass --labels labels.csv)")
         classes = [p.name for p in top]
         per_class = {i: _files(d, root, skipped) for i, d in enumerate(top)}
@@ -222,30 +236,52 @@ def scan(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, se
     return _checked(Dataset(root, classes, samples, layout, skipped))
 
 
+def _split_classes(root: Path, pool: bool) -> list[str]:
+    """The classes of the split-folder layout: train's class folders; with a pool, the union of every
+    labelled split's (a cold start may have no train folder yet, or empty class folders)."""
+    if not pool:
+        if not (root / "train").is_dir():
+            raise InputError(f"{root} has no train folder (and no {POOL_FOLDER} folder)")
+        classes = [p.name for p in _class_dirs(root / "train")]
+        if not classes:
+            raise InputError(f"{root / 'train'} has no class folders")
+        for split in SPLITS[1:]:
+            for class_dir in _class_dirs(root / split) if (root / split).is_dir() else []:
+                if class_dir.name not in classes:
+                    raise InputError(f"class folder {class_dir} has no counterpart in {root / 'train'}")
+        return classes
+    return sorted({p.name for split in SPLITS if (root / split).is_dir() for p in _class_dirs(root / split)})
+
+
 def _split_train(root: Path, classes: list[str], samples: list[Sample], val_fraction: float,
                  test_fraction: float, seed: int) -> list[Sample]:
     """Split folders without val: cut val (and test, by a nonzero `test_fraction`) out of train; nothing
-    to cut (and no warning) when both fractions are 0."""
-    if not val_fraction and not test_fraction:
+    to cut (and no warning) when both fractions are 0 or train is empty."""
+    per_class: dict[int, list[str]] = {i: [] for i in range(len(classes))}
+    for s in samples:
+        if s.split == "train":
+            per_class[s.label].append(s.path)
+    if not val_fraction and not test_fraction or not any(per_class.values()):
         return samples
     cut = "val and test" if test_fraction else "val"
     warn(f"{root} has no val folder; taking {cut} from train by a seeded stratified split "
          f"(val fraction {val_fraction:g}" + (f", test fraction {test_fraction:g}" if test_fraction else "") +
          "; see the manifest)")
-    per_class: dict[int, list[str]] = {i: [] for i in range(len(classes))}
-    for s in samples:
-        if s.split == "train":
-            per_class[s.label].append(s.path)
     rest = [s for s in samples if s.split != "train"]
-    return _in_split_order(rest + stratified_split(per_class, val_fraction, test_fraction, seed))
+    return _in_split_order(rest + stratified_split(per_class, val_fraction, test_fraction, seed,
+                                                   classes if any(s.split == POOL for s in rest) else None))
 
 
 def _checked(dataset: Dataset) -> Dataset:
+    """Every class has images and there are two classes at least; with a pool, only warnings (a cold start)."""
+    pool = bool(dataset.split(POOL))
     for i, name in enumerate(dataset.classes):
         if not any(s.label == i for s in dataset.samples):
-            raise UserError(f"class '{name}' in {dataset.root} has no images")
-    if len(dataset.classes) < 2:
-        raise UserError(f"data folder {dataset.root} has only one class ('{dataset.classes[0]}'); "
+            if not pool:
+                raise InputError(f"class '{name}' in {dataset.root} has no images")
+            warn(f"class '{name}' has no labelled image yet")
+    if len(dataset.classes) < 2 and not pool:
+        raise InputError(f"data folder {dataset.root} has only one class ('{dataset.classes[0]}'); "
                         f"need at least two")
     return dataset
 
@@ -258,7 +294,7 @@ def excluding(dataset: Dataset, exclude: Path) -> Dataset:
     with _csv_reader(exclude, "exclude list") as reader:
         columns = reader.fieldnames or []
         if "path" not in columns:
-            raise UserError(f"{exclude} has no 'path' column (columns: {', '.join(columns) or 'none'})")
+            raise InputError(f"{exclude} has no 'path' column (columns: {', '.join(columns) or 'none'})")
         listed = {(row["path"] or "").strip().replace("\\", "/").removeprefix("./") for row in reader} - {""}
     unknown = listed - {s.path for s in dataset.samples}
     if unknown:
@@ -274,15 +310,15 @@ def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> li
     with _csv_reader(path, "labels file") as reader:
         columns = reader.fieldnames or []
         if id_column not in columns:
-            raise UserError(f"{path} has no column '{id_column}' (columns: {', '.join(columns) or 'none'}); "
+            raise InputError(f"{path} has no column '{id_column}' (columns: {', '.join(columns) or 'none'}); "
                             f"name the image column with --id-column")
         if label_column is None:
             label_column = next((c for c in DEFAULT_LABEL_COLUMNS if c in columns), None)
             if label_column is None:
-                raise UserError(f"{path} has neither a 'breed' nor a 'label' column (columns: "
+                raise InputError(f"{path} has neither a 'breed' nor a 'label' column (columns: "
                                 f"{', '.join(columns)}); name the label column with --label-column")
         elif label_column not in columns:
-            raise UserError(f"{path} has no column '{label_column}' (columns: {', '.join(columns)}); "
+            raise InputError(f"{path} has no column '{label_column}' (columns: {', '.join(columns)}); "
                             f"name the label column with --label-column")
         return [(reader.line_num, (row[id_column] or "").strip(), (row[label_column] or "").strip())
                 for row in reader]
@@ -293,19 +329,19 @@ def _csv_reader(path: Path, what: str):
     """A DictReader over the CSV file at `path`: a missing file, or text that is not UTF-8 or not CSV (also
     when found while its rows are read), is one error line."""
     if not path.is_file():
-        raise UserError(f"{what} {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             yield csv.DictReader(f, strict=True)   # an unterminated quote is an error, not one huge cell
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path} is not a readable CSV file: {exc}")
+        raise InputError(f"{path} is not a readable CSV file: {exc}")
 
 
 def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str | None,
-                 val_fraction: float, test_fraction: float, seed: int) -> Dataset:
+                 val_fraction: float, test_fraction: float, seed: int, pool: bool = False) -> Dataset:
     rows = _read_label_rows(csv_path, id_column, label_column)
     if not rows:
-        raise UserError(f"{csv_path} lists no images")
+        raise InputError(f"{csv_path} lists no images")
     found: list[tuple[str, str]] = []
     images = _files(root, root, found)
     labels_file = csv_path.resolve()
@@ -316,6 +352,7 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
         by_stem.setdefault(f.rsplit(".", 1)[0], []).append(f)
     name = csv_path.name
     chosen: dict[str, tuple[int, str]] = {}   # image path -> (line, label)
+    unlabelled: dict[str, int] = {}            # image path -> line, with `pool`
     for line, id_, label in rows:
         key = id_.replace("\\", "/").removeprefix("./")
         matches = [key] if key in known else by_stem.get(key, [])
@@ -325,26 +362,30 @@ def _scan_labels(root: Path, csv_path: Path, id_column: str, label_column: str |
             skipped.append((id_, f"{name} line {line} lists it, but {root} has no such image"))
         elif len(matches) > 1:
             skipped.append((id_, f"{name} line {line} is ambiguous: {', '.join(matches)}"))
+        elif not label and pool:
+            unlabelled.setdefault(matches[0], line)
         elif not label:
             skipped.append((matches[0], f"{name} line {line} has no label"))
         elif matches[0] in chosen:
             first, first_label = chosen[matches[0]]
             if first_label != label:
-                raise UserError(f"{name} gives {matches[0]} two labels: '{first_label}' (line {first}) "
+                raise InputError(f"{name} gives {matches[0]} two labels: '{first_label}' (line {first}) "
                                 f"and '{label}' (line {line})")
             skipped.append((matches[0], f"{name} line {line} repeats line {first}"))
         else:
             chosen[matches[0]] = (line, label)
-    skipped += [(f, f"not listed in {name}") for f in images if f not in chosen]
-    if not chosen:
-        raise UserError(f"no row of {csv_path} names an image in {root}")
+    unlabelled = {f: line for f, line in unlabelled.items() if f not in chosen}   # a label elsewhere wins
+    skipped += [(f, f"not listed in {name}") for f in images if f not in chosen and f not in unlabelled]
+    if not chosen and not unlabelled:
+        raise InputError(f"no row of {csv_path} names an image in {root}")
     classes = sorted({label for _, label in chosen.values()})
     _warn_singletons([label for _, label in chosen.values()], name)
     index = {c: i for i, c in enumerate(classes)}
     per_class: dict[int, list[str]] = {i: [] for i in index.values()}
     for path, (_, label) in chosen.items():
         per_class[index[label]].append(path)
-    samples = stratified_split(per_class, val_fraction, test_fraction, seed)
+    samples = stratified_split(per_class, val_fraction, test_fraction, seed, classes if unlabelled else None)
+    samples += [Sample(f, -1, POOL) for f in sorted(unlabelled)]
     return Dataset(root, classes, samples, "labels-csv", skipped)
 
 
@@ -357,26 +398,34 @@ def _warn_singletons(labels: list[str], name: str) -> None:
 
 
 def stratified_split(per_class: dict[int, list[str]], val_fraction: float, test_fraction: float,
-                     seed: int) -> list[Sample]:
+                     seed: int, early: list[str] | None = None) -> list[Sample]:
     """Order each class by a seeded hash of the paths and cut it into test/val/train by the fractions.
 
     Unlike a shuffled list, the hash order of the existing images does not change when images are
-    added or removed, so only images at the cuts can change split: a grown dataset keeps its test set."""
+    added or removed, so only images at the cuts can change split: a grown dataset keeps its test set.
+    `early` (the class names, given while a pool is being labelled): a class with fewer than MIN_TO_CUT
+    images is kept whole in train, said in one warning line."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"split fractions must be in [0, 1) with val + test < 1, "
+        raise InputError(f"split fractions must be in [0, 1) with val + test < 1, "
                         f"got val={val_fraction}, test={test_fraction}")
+    few = [label for label, files in per_class.items() if early is not None and 0 < len(files) < MIN_TO_CUT]
+    if few:
+        warn(f"fewer than {MIN_TO_CUT} labelled images, all kept in train (none cut for val or test): "
+             f"{', '.join(early[i] for i in few)}")
     samples = []
     for label, files in per_class.items():
         files = sorted(files, key=lambda f: hashlib.sha256(f"{seed}:{f}".encode()).digest())
         n_test, n_val = round(len(files) * test_fraction), round(len(files) * val_fraction)
+        if label in few:
+            n_test = n_val = 0
         cut = {"test": files[:n_test], "val": files[n_test:n_test + n_val], "train": files[n_test + n_val:]}
         samples += [Sample(f, label, split) for split, part in cut.items() for f in part]
     return _in_split_order(samples)
 
 
 def _in_split_order(samples: list[Sample]) -> list[Sample]:
-    """Train, val, test, each by path: the order split folders are scanned in."""
-    return sorted(samples, key=lambda s: (SPLITS.index(s.split), s.path))
+    """Train, val, test, then the pool, each by path: the order split folders are scanned in."""
+    return sorted(samples, key=lambda s: ((*SPLITS, POOL).index(s.split), s.path))
 
 
 def write_manifest(dataset: Dataset, path: Path) -> None:
@@ -385,7 +434,7 @@ def write_manifest(dataset: Dataset, path: Path) -> None:
     writer = csv.writer(text)
     writer.writerow(["path", "label", "split"])
     for s in dataset.samples:
-        writer.writerow([s.path, dataset.classes[s.label], s.split])
+        writer.writerow([s.path, dataset.classes[s.label] if s.split != POOL else "", s.split])
     write_atomically(path, text.getvalue())
 
 

@@ -16,9 +16,9 @@ from typing import Callable, Collection
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
-from pipeline.data.folders import Dataset, Sample, write_manifest
+from pipeline.data.folders import POOL, Dataset, Sample, write_manifest
 from pipeline.features.backbones.loading import Backbone, load_backbone
 from pipeline.features.engines.onnx_runtime import OnnxEmbedder, embedder, resolve_engine
 from pipeline.features.engines.torch import Embedder
@@ -27,7 +27,7 @@ from pipeline.features.inputs.overlap import BackgroundWriter, Block
 from pipeline.features.inputs.pil import channel_stats, cpu_batches
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime.devices import default_batch_size, default_workers, resolve_device, resolve_precision
-from pipeline.runtime.errors import Interrupted, UserError, warn
+from pipeline.runtime.errors import Interrupted, InputError, warn
 from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import (
@@ -78,7 +78,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
         return None, None
     try:
         old = open_cache(out)
-    except UserError as exc:
+    except InputError as exc:
         return None, f"previous cache not reused: {exc}"
     try:
         diffs = differences(old.attrs, {k: attrs.get(k) for k in FINGERPRINT_FIELDS})
@@ -86,7 +86,7 @@ def previous_vectors(out: Path, attrs: dict) -> tuple[StoredVectors | None, str 
             old.close()
             return None, f"previous cache not reused, made otherwise: {'; '.join(diffs)}"
         return StoredVectors(old), None
-    except UserError as exc:
+    except InputError as exc:
         old.close()
         return None, f"previous cache not reused: {exc}"
 
@@ -147,7 +147,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, s: ExtractSettings,
     deleted images are handled. The new cache replaces the old one atomically.
     `shard_of` names the complete cache that `out` is a shard of (pipeline.runtime.distributed): vectors are
     reused from it, and the shard may hold no training rows.
-    A cache whose training images were all unusable is refused and not written.
+    A cache whose training images were all unusable is refused and not written, unless it has a pool.
 
     Progress is checkpointed in `<out>.tmp` as rows are written: a run that was killed or stopped
     with Ctrl-C continues where it stopped when started again with the same data and settings.
@@ -159,14 +159,14 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, s: ExtractSettings,
         try:
             writer = FeatureWriter(out, run.attrs, run.backbone.feature_dims, s.dtype)
         except OSError as exc:
-            raise UserError(write_error(exc, out))
+            raise InputError(write_error(exc, out))
         summary = ExtractSummary(Path(out), 0, writer.kept, reused=writer.kept, decoding=run.decoding,
                                  notes=[*backbone.notes, *([note] if note else [])])
         background = BackgroundWriter(writer)
         try:
             _run(run, writer, background, stored, summary, quiet, start)
-            if not shard_of and not writer.rows("train"):
-                raise UserError(no_training_rows(writer.skipped, out))
+            if not shard_of and not writer.rows("train") and not writer.rows(POOL):
+                raise InputError(no_training_rows(writer.skipped, out))
             writer.commit(extract_seconds=time.perf_counter() - start)
         except KeyboardInterrupt:
             background.stop()
@@ -176,7 +176,7 @@ def extract(dataset: Dataset, backbone: Backbone, out: Path, s: ExtractSettings,
         except OSError as exc:
             background.stop()
             writer.abort()
-            raise UserError(write_error(exc, out))
+            raise InputError(write_error(exc, out))
         except BaseException:
             background.stop()
             writer.abort()
@@ -207,7 +207,7 @@ def _run(run: Plan, writer: FeatureWriter, background: BackgroundWriter, stored:
         bar.update(sum(writer.progress.values()))
         # one loader for all splits, its batches cut at their ends: the workers run on from one
         # split into the next instead of starting again
-        parts = [(split, dataset.split(split)[writer.progress.get(split, 0):]) for split in dataset.splits()]
+        parts = [(split, dataset.split(split)[writer.progress.get(split, 0):]) for split in dataset.groups()]
         samples = [sample for _, part in parts for sample in part]
         ends = list(itertools.accumulate(len(part) for _, part in parts))
         done = dict(writer.progress)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 # The files timm reads from a hub repository, in its order: safetensors first, the pickle as a fallback.
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -21,12 +21,12 @@ def pretrained_name(model_name: str) -> str:
     from timm.models import get_pretrained_cfg, split_model_name_tag
     architecture, tag = split_model_name_tag(model_name)
     if not timm.is_model(architecture):
-        raise UserError(f"unknown timm model '{architecture}'; see timm.list_models()")
+        raise InputError(f"unknown timm model '{architecture}'; see timm.list_models()")
     try:
         cfg = get_pretrained_cfg(model_name)
     except RuntimeError:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{architecture}.*")]
-        raise UserError(f"timm model {architecture} has no pretrained tag '{tag}'; "
+        raise InputError(f"timm model {architecture} has no pretrained tag '{tag}'; "
                         f"its tags are: {', '.join(tags) or 'none'}")
     has_weights = cfg is not None and bool(cfg.hf_hub_id or cfg.url)
     return f"{architecture}.{cfg.tag}" if has_weights and cfg.tag else architecture
@@ -40,7 +40,7 @@ def hub_weights(model_name: str) -> Path:
     from timm.models import get_pretrained_cfg
     cfg = get_pretrained_cfg(model_name)
     if cfg is None or not cfg.hf_hub_id:
-        raise UserError(f"timm/{model_name} has no pretrained weights on the Hugging Face hub; "
+        raise InputError(f"timm/{model_name} has no pretrained weights on the Hugging Face hub; "
                         f"pass --weights PATH to a local .safetensors or .pth file, or --weights none")
     repo, _, revision = cfg.hf_hub_id.partition("@")
     files = _files(cfg.hf_hub_filename)
@@ -55,13 +55,13 @@ def hub_weights(model_name: str) -> Path:
             continue              # the repository has no such file: timm falls back to the next
         except (HfHubHTTPError, OSError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-            raise UserError(f"cannot fetch {filename} of Hugging Face repository {repo} ({reason}); "
+            raise InputError(f"cannot fetch {filename} of Hugging Face repository {repo} ({reason}); "
                             f"pass --weights PATH to a local .safetensors or .pth file")
     if not unreachable:
-        raise UserError(f"Hugging Face repository {repo} has none of {', '.join(files)}; "
+        raise InputError(f"Hugging Face repository {repo} has none of {', '.join(files)}; "
                         f"pass --weights PATH to a local .safetensors or .pth file")
     offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-    raise UserError(f"timm/{model_name}: {files[0]} of Hugging Face repository {repo} is not in the cache "
+    raise InputError(f"timm/{model_name}: {files[0]} of Hugging Face repository {repo} is not in the cache "
                     f"({os.path.join(constants.HF_HUB_CACHE, 'models--' + repo.replace('/', '--'))}) and {offline}; "
                     f"run once with network to download it, or pass --weights PATH to a local copy")
 

@@ -74,9 +74,12 @@ class ExtractSettings(EngineSettings, RunSettings, BackboneSettings, DatasetSett
     exclude: str | None = setting(None, "CSV whose 'path' column names images to leave out (relative to the data "
                                         "folder), e.g. an edited copy of an audit report; they are listed as "
                                         "skipped, 'excluded'.")
+    pool: bool = setting(False, "With --labels: images whose row has an empty label go to the unlabelled pool "
+                                "(for `pipeline select`) instead of being skipped. Split folders take the pool "
+                                "from ROOT/unlabeled/.")
 
     def scan(self, root: Path) -> Dataset:
-        dataset = super().scan(root)
+        dataset = super().scan(root, self.pool)
         return excluding(dataset, Path(self.exclude)) if self.exclude else dataset
 
 

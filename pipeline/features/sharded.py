@@ -11,12 +11,12 @@ from pathlib import Path
 import h5py
 import torch.distributed as dist
 
-from pipeline.data.folders import Dataset, write_manifest
+from pipeline.data.folders import POOL, Dataset, write_manifest
 from pipeline.features.backbones.loading import load_backbone
 from pipeline.features.extract import ExtractSummary, extract, manifest_path, no_training_rows, warn_about
 from pipeline.features.settings import ExtractSettings
 from pipeline.runtime import distributed
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import check_replaceable, output_lock
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import FeatureWriter, check_output, features_name, verify_sealed
@@ -28,7 +28,7 @@ def check_extract_options(s: ExtractSettings) -> None:
     """What every rank would refuse alike, refused once before launching."""
     validate(s)
     if s.compute_stats:
-        raise UserError("--compute-stats needs the whole training split in one process; "
+        raise InputError("--compute-stats needs the whole training split in one process; "
                         "run it without torchrun or --nproc")
 
 
@@ -41,18 +41,18 @@ def rank0_lock(out: Path):
         if distributed.rank() == 0:
             try:
                 stack.enter_context(output_lock(out))
-            except UserError as exc:
+            except InputError as exc:
                 refusal = [str(exc)]
         dist.broadcast_object_list(refusal, src=0)
         if refusal[0]:
-            raise UserError(refusal[0])
+            raise InputError(refusal[0])
         yield
 
 
 def shard(dataset: Dataset, r: int, n: int) -> Dataset:
     """Rank r's samples of n: a contiguous block, balanced by count, of every split."""
     samples = []
-    for split in dataset.splits():
+    for split in dataset.groups():
         rows = dataset.split(split)
         samples += rows[r * len(rows) // n:(r + 1) * len(rows) // n]
     return replace(dataset, samples=samples, skipped=[])
@@ -105,15 +105,15 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
         order = {s.path: i for i, s in enumerate(s for split in dataset.splits() for s in dataset.split(split))}
         bad = [(p.decode(), reason.decode()) for f in files for p, reason in f["skipped"][:]]
         skipped = [*dataset.skipped, *sorted(bad, key=lambda item: order[item[0]])]
-        trained = [f for f in files if "train" in f and f["train"]["labels"].shape[0]]
+        trained = [f for f in files if any(g in f and f[g]["sha256"].shape[0] for g in ("train", POOL))]
         if not trained:
-            raise UserError(no_training_rows(skipped, out))
+            raise InputError(no_training_rows(skipped, out))
         first = files[0]
         layers = json.loads(first.attrs["layers"])   # a shard this run wrote, opened through open_cache
-        dims = {layer: trained[0]["train"][features_name(layer, layers)].shape[1] for layer in layers}
+        dims = {layer: trained[0]["train" if "train" in trained[0] else POOL][features_name(layer, layers)].shape[1] for layer in layers}
         writer = FeatureWriter(out, dict(first.attrs), dims, first.attrs["dtype"])
         try:
-            for split in dataset.splits():
+            for split in dataset.groups():
                 for f in files:
                     if split in f:
                         copy_rows(f[split], split, layers, writer)
@@ -131,8 +131,8 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
 
 
 def copy_rows(group: h5py.Group, split: str, layers: list[str], writer: FeatureWriter) -> None:
-    total = group["labels"].shape[0]
+    total = group["sha256"].shape[0]
     for a in range(0, total, MERGE_ROWS):
         b = min(total, a + MERGE_ROWS)
         writer.append(split, {layer: group[features_name(layer, layers)][a:b] for layer in layers},
-                      group["labels"][a:b], list(group["paths"].asstr()[a:b]), group["sha256"][a:b])
+                      group["labels"][a:b] if split != POOL else [], list(group["paths"].asstr()[a:b]), group["sha256"][a:b])

@@ -9,15 +9,7 @@ from dataclasses import asdict, dataclass
 from PIL import Image
 
 from pipeline.runtime.reading import Field, checked, parsed
-
-_NUMBER = (int, float)
-LAYERS = Field(list, items=Field(str))
-PREPROCESSING = {   # as a cache's transform attribute and model.json record it
-    "image_size": Field(int, min=1, max=8192), "resize": Field(int, min=1, max=16384),
-    "interpolation": Field(str, choices=("bilinear", "bicubic")),
-    "mean": Field((list, tuple), length=3, items=Field(_NUMBER, min=-1e3, max=1e3)),
-    "std": Field((list, tuple), length=3, items=Field(_NUMBER, above=0, max=1e3)),
-}
+from pipeline.storage.records import LAYERS, PREPROCESSING
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 NAMES = ("cls_token", "patch_mean", "cls_patch_mean", "cls_last<N>")
 PATTERN = re.compile(r"cls_token|patch_mean|cls_patch_mean|cls_last([1-9]\d*)")
@@ -37,17 +37,17 @@ def available(model: nn.Module) -> list[str]:
 
 
 def sources(model: nn.Module, layer: str, backbone: str) -> list[str]:
-    """The modules whose outputs `layer` is computed from; a UserError when `model` does not offer it."""
+    """The modules whose outputs `layer` is computed from; an InputError when `model` does not offer it."""
     offered = available(model)
     match = PATTERN.fullmatch(layer)
     if not (layer in offered or (match.group(1) and "cls_last<N>" in offered)):
-        raise UserError(f"backbone {backbone} has no token feature '{layer}'; "
+        raise InputError(f"backbone {backbone} has no token feature '{layer}'; "
                         f"it offers: {', '.join(offered) or 'none (not a vision transformer)'}")
     if not match.group(1):
         return ["norm"]
     n, depth = int(match.group(1)), len(model.blocks)
     if n > depth:
-        raise UserError(f"backbone {backbone} has {depth} blocks, fewer than the {n} of '{layer}'")
+        raise InputError(f"backbone {backbone} has {depth} blocks, fewer than the {n} of '{layer}'")
     return [f"blocks.{i}" for i in range(depth - n, depth)]
 
 

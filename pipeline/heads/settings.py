@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from pipeline.heads.classifiers import CLASSIFIERS
-from pipeline.runtime.errors import UserError, quote
+from pipeline.runtime.errors import InputError, quote
 from pipeline.runtime.settings import check_value, fields, from_mapping, key_name, setting
 
 
@@ -39,7 +39,7 @@ def with_params(s: TrainSettings, raw: dict, label) -> TrainSettings:
     tuned, *own = own_keys(s.classifier)
     for key in raw:
         if key not in (tuned, *own):
-            raise UserError(f"{label(key_name(key))} is not a setting of {s.classifier}; "
+            raise InputError(f"{label(key_name(key))} is not a setting of {s.classifier}; "
                             f"allowed: {', '.join((tuned, *own))}")
     value = check_value(label(tuned), raw.get(tuned, "auto"), *spec.tuned_rule)
     params = {key: check_value(label(key), raw[key], *spec.params[key]) for key in own if key in raw}
@@ -49,17 +49,17 @@ def with_params(s: TrainSettings, raw: dict, label) -> TrainSettings:
 def train_settings(name: str, raw: dict | None) -> TrainSettings:
     """The settings of params.yaml `train.<name>`: the key names the classifier."""
     if name not in CLASSIFIERS:
-        raise UserError(f"params.yaml: train.{name}: unknown classifier '{name}'; "
+        raise InputError(f"params.yaml: train.{name}: unknown classifier '{name}'; "
                         f"choose one of: {', '.join(CLASSIFIERS)}")
     raw = raw or {}
     if not isinstance(raw, dict):
-        raise UserError(f"params.yaml: train.{name} must be a mapping of settings, got {quote(raw)}")
+        raise InputError(f"params.yaml: train.{name} must be a mapping of settings, got {quote(raw)}")
     common = [f.name for f in fields(TrainSettings) if f.name != "classifier"]
     spec = CLASSIFIERS[name]
     allowed = list(dict.fromkeys((spec.tuned, *common, *spec.params)))
     for key in raw:
         if key not in allowed:
-            raise UserError(f"params.yaml: train.{name}.{key_name(key)} is not a "
+            raise InputError(f"params.yaml: train.{name}.{key_name(key)} is not a "
                             f"setting of {name}; allowed: {', '.join(allowed)}")
     s = from_mapping(TrainSettings, {"classifier": name, **{k: v for k, v in raw.items() if k in common}},
                      f"train.{name}")

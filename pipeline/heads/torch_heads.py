@@ -15,7 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from pipeline.runtime.devices import resolve_device
-from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.errors import InputError, check_minimums
 
 
 class TorchHead(BaseEstimator, ClassifierMixin):
@@ -54,7 +54,7 @@ class TorchHead(BaseEstimator, ClassifierMixin):
         check_minimums({"hidden": 0, "depth": 1, "dropout": 0, "weight_decay": 0, "epochs": 1, "batch_size": 1,
                         "patience": 1}, vars(self))
         if not (self.lr is None or self.lr > 0) or not self.dropout < 1:
-            raise UserError(f"torch heads need lr > 0 and dropout < 1, got lr={self.lr}, dropout={self.dropout}")
+            raise InputError(f"torch heads need lr > 0 and dropout < 1, got lr={self.lr}, dropout={self.dropout}")
         torch.manual_seed(self.seed)
         dev = resolve_device(self.device)
         self.classes_ = np.unique(y)
@@ -139,7 +139,7 @@ class TorchLogReg(BaseEstimator, ClassifierMixin):
 
     def _dtype(self, dev: torch.device) -> torch.dtype:
         if self.precision not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
+            raise InputError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
         if self.precision == "auto":
             return torch.bfloat16 if dev.type == "cpu" and _cpu_has_bfloat16() else torch.float32
         return getattr(torch, self.precision)

@@ -21,14 +21,14 @@ from pipeline.features.spec import BackboneSpec
 from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
 from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
-from pipeline.runtime.errors import UserError, warn
+from pipeline.runtime.errors import InputError, warn
 from pipeline.storage import modeldir
 from pipeline.storage.cache import check_expected, fingerprinted, open_cache
 
 
 def _preprocessor(kind: str):
     if kind not in PREPROCESSING:
-        raise UserError(f"preprocess must be one of {', '.join(PREPROCESSING)}, got {kind!r}")
+        raise InputError(f"preprocess must be one of {', '.join(PREPROCESSING)}, got {kind!r}")
     return {"l2": Normalizer(), "standardize": StandardScaler(), "none": FunctionTransformer()}[kind]
 
 
@@ -49,7 +49,7 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
         try:
             model.fit(X, y)
         except InvalidParameterError as exc:   # sklearn's own check of a setting, e.g. gamma='huge'
-            raise UserError(str(exc))
+            raise InputError(str(exc))
     return model
 
 
@@ -78,8 +78,18 @@ def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
     counts = np.bincount(y)
     k = int(min(s.cv_folds, counts[counts > 0].min()))
     if k < 2:
-        raise UserError("cannot cross-validate: some class has fewer than 2 training images")
+        raise InputError("cannot cross-validate: some class has fewer than 2 training images")
     return k
+
+
+def selection_folds(s: TrainSettings, X, y, X_val=None, y_val=None) -> list[tuple]:
+    """(X_fit, y_fit, X_score, y_score) of each fold a candidate is scored on: (X, y) against the val set,
+    or stratified k-fold on (X, y) when there is none."""
+    if X_val is not None:
+        return [(X, y, X_val, y_val)]
+    k = cv_folds(s, y)
+    folds = StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)
+    return [(X[tr], y[tr], X[va], y[va]) for tr, va in folds]
 
 
 @dataclass
@@ -96,12 +106,7 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
     """Score each candidate on (X_val, y_val), or by stratified k-fold on (X, y) when there is no val
     set: the coarse grid; if every value scores the same, stop there; if the best is at an edge, step
     past it (twice at most); then a finer grid around the best."""
-    if X_val is None:
-        k = cv_folds(s, y)
-        folds = [(X[tr], y[tr], X[va], y[va])
-                 for tr, va in StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)]
-    else:
-        folds = [(X, y, X_val, y_val)]
+    folds = selection_folds(s, X, y, X_val, y_val)
     smallest_fit = min(len(f[1]) for f in folds)
     spec = CLASSIFIERS[s.classifier]
     tried: dict[float, Trial] = {}
@@ -141,16 +146,48 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
                      tried[best].epochs, warnings)
 
 
-def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None,
-          force: bool = False) -> dict:
-    """Fit classifier `s.classifier` on a feature cache and write a model directory (replacing one already
-    at `out_dir` only with `force`). `expected` ({field: value}, e.g. {"backbone": "resnet18"}) makes it
-    refuse a cache made otherwise."""
-    modeldir.check_out(out_dir, force)
+class ZooHead:
+    """A classifier of the zoo (`CLASSIFIERS`) as `fit_head` uses it; pipeline.heads.estimator gives a
+    scikit-learn estimator of the user's the same surface."""
+
+    def __init__(self, s: TrainSettings):
+        self.name, self.tuned = s.classifier, CLASSIFIERS[s.classifier].tuned
+        self.in_torch = CLASSIFIERS[s.classifier].in_torch
+
+    def select(self, s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
+        return select(s, X, y, X_val, y_val)
+
+    def refit(self, s: TrainSettings, chosen: Selection, X, y):
+        return _fit(s, chosen.value, X, y, epochs=chosen.epochs)
+
+    def hyperparameters(self, s: TrainSettings, chosen: Selection) -> dict:
+        return {**s.params, self.tuned: chosen.value, **({"epochs": chosen.epochs} if chosen.epochs else {})}
+
+    def search(self, chosen: Selection) -> dict:
+        return {"hyperparameter": self.tuned, "scores": {f"{v:g}": sc for v, sc in chosen.scores.items()},
+                "warnings": chosen.warnings}
+
+
+@dataclass
+class Trained:
+    """A fitted head and everything its model directory records, before it is written (`save`)."""
+    model: object              # the fitted preprocessing + classifier pipeline
+    info: dict                 # model.json, less what writing it adds
+    metrics: dict
+    labels: np.ndarray         # the evaluation split's labels and the predicted ones, for the confusion matrix
+    predicted: np.ndarray
+
+
+def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, head=None) -> Trained:
+    """Fit `head` (default: classifier `s.classifier` of the zoo) on a feature cache by the protocol above.
+    `expected` ({field: value}, e.g. {"backbone": "resnet18"}) makes it refuse a cache made otherwise."""
+    head = head or ZooHead(s)
     with open_cache(cache_path) as cache:   # everything from this one file, even if it is replaced meanwhile
         check_expected(cache, expected or {})
-        if "val" not in cache.splits:
-            raise UserError(f"feature cache {cache_path} has no val split; stage two needs train and val")
+        if not {"train", "val"} <= set(cache.splits):
+            missing = " and ".join(sorted({"train", "val"} - set(cache.splits), reverse=True))
+            raise InputError(f"feature cache {cache_path} has no {missing} split; stage two needs train and val"
+                            + (" (label images of the pool first: docs/select.md)" if cache.has_pool else ""))
         has_test = "test" in cache.splits
         train_, val = cache.read("train"), cache.read("val")
         test = cache.read("test") if has_test else None
@@ -163,39 +200,50 @@ def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | No
         evaluation = test
     else:
         X, y, evaluation = train_.features, train_.labels, val
-    with one_thread_if_small(X.size, CLASSIFIERS[s.classifier].in_torch):
-        chosen = (select(s, train_.features, train_.labels, val.features, val.labels) if has_test
-                  else select(s, train_.features, train_.labels))
-        model = _fit(s, chosen.value, X, y, epochs=chosen.epochs)
+    with one_thread_if_small(X.size, head.in_torch):
+        chosen = (head.select(s, train_.features, train_.labels, val.features, val.labels) if has_test
+                  else head.select(s, train_.features, train_.labels))
+        model = head.refit(s, chosen, X, y)
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
     scores = scores_of(model, evaluation.features, len(cache.classes))
     predict_seconds = time.perf_counter() - t
     metrics = evaluate(evaluation.labels, scores, cache.classes, has_probabilities(model[-1]))
-    tuned = CLASSIFIERS[s.classifier].tuned
     metrics.update(val_score=chosen.score,
                    selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold cv on train",
                    eval_split=eval_split, n_train=len(train_.labels), n_val=len(val.labels),
                    n_test=len(evaluation.labels) if has_test else 0, n_eval=len(evaluation.labels),
                    fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                    extract_seconds=cache.attrs.get("extract_seconds"),
-                   hyperparameters={**s.params, tuned: chosen.value,
-                                    **({"epochs": chosen.epochs} if chosen.epochs else {}),
-                                    "preprocess": s.preprocess, "class_weight": s.class_weight},
-                   search={"hyperparameter": tuned, "scores": {f"{v:g}": sc for v, sc in chosen.scores.items()},
-                           "warnings": chosen.warnings})
-    info = {"classifier": s.classifier, "classes": cache.classes,
+                   hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess,
+                                    "class_weight": s.class_weight},
+                   search=head.search(chosen))
+    info = {"classifier": head.name, "classes": cache.classes,
             "backbone": model_spec(cache.attrs).to_dict(),
             "fingerprint": cache.attrs["fingerprint"], "cache": fingerprinted(cache.attrs),
             "feature_preprocessing": s.preprocess,
             "dataset": dataset}
-    y_pred = scores.argmax(1)
+    return Trained(model, info, metrics, evaluation.labels, scores.argmax(1))
+
+
+def save(trained: Trained, out_dir: Path) -> None:
+    """Write the model directory of `trained` at `out_dir` (`modeldir.check_out` it first)."""
+    m = trained.metrics
     with modeldir.staged(out_dir) as folder:
-        modeldir.write(folder, modeldir.FEATURES, model, info, metrics,
-                       confusion_rows(evaluation.labels, y_pred, cache.classes))
-        confusion_png(evaluation.labels, y_pred, cache.classes, folder / "confusion.png",
-                      f"{s.classifier} on {eval_split}: top-1 {metrics['top1']:.3f}")
-    return metrics
+        modeldir.write(folder, modeldir.FEATURES, trained.model, trained.info, m,
+                       confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
+        confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
+                      f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")
+
+
+def train(cache_path: Path, out_dir: Path, s: TrainSettings, expected: dict | None = None,
+          force: bool = False) -> dict:
+    """Fit classifier `s.classifier` on a feature cache and write a model directory (replacing one already
+    at `out_dir` only with `force`); returns its metrics."""
+    modeldir.check_out(out_dir, force)
+    trained = fit_head(cache_path, s, expected)
+    save(trained, out_dir)
+    return trained.metrics
 
 
 def model_spec(attrs: dict) -> BackboneSpec:

@@ -22,7 +22,7 @@ from torch import nn
 if TYPE_CHECKING:
     from pipeline.features.backbones.loading import Backbone
 from pipeline.features.spec import BackboneSpec, Preprocessing
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.reading import Field, read_json
 from pipeline.storage import modeldir
 from pipeline.storage.cache import check_trained_on
@@ -53,7 +53,7 @@ class ModelDirectory:
         try:
             return BackboneSpec.from_dict(self.info["backbone"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{self.path / modeldir.INFO}: the backbone spec is malformed ({exc!r})")
+            raise InputError(f"{self.path / modeldir.INFO}: the backbone spec is malformed ({exc!r})")
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -80,7 +80,7 @@ class ModelDirectory:
         """metrics.json: the evaluation and the seconds the model took."""
         path = self.path / "metrics.json"
         if not path.is_file():
-            raise UserError(f"model directory {self.path} has no metrics.json")
+            raise InputError(f"model directory {self.path} has no metrics.json")
         return read_json(path, Field(dict))
 
     @cached_property
@@ -122,10 +122,10 @@ class FeatureModel(ModelDirectory):
     def _check(self, model) -> None:
         path = self.path / self.kind.model_file
         if not hasattr(model, "steps") or len(model.steps) < 2 or not hasattr(model[-1], "classes_"):
-            raise UserError(f"{path} holds a {type(model).__name__}, not a fitted preprocessing + classifier")
+            raise InputError(f"{path} holds a {type(model).__name__}, not a fitted preprocessing + classifier")
         seen = np.asarray(model[-1].classes_)
         if seen.dtype.kind not in "iu" or seen.min() < 0 or seen.max() >= len(self.classes):
-            raise UserError(f"{path} predicts class indices {seen.min()}..{seen.max()} but "
+            raise InputError(f"{path} predicts class indices {seen.min()}..{seen.max()} but "
                             f"{self.path / modeldir.INFO} lists {len(self.classes)} classes")
 
     def backbone(self) -> Backbone:
@@ -135,7 +135,7 @@ class FeatureModel(ModelDirectory):
         check_trained_on(self.info.get("cache"), spec, self.info["fingerprint"], str(self.path / modeldir.INFO))
         backbone = recorded_backbone(spec)
         if backbone.weights_sha256 != spec.weights_sha256:
-            raise UserError(f"weights {spec.weights} differ from those the model {self.path} was trained on "
+            raise InputError(f"weights {spec.weights} differ from those the model {self.path} was trained on "
                             f"(SHA-256 {backbone.weights_sha256[:12]} != {spec.weights_sha256[:12]})")
         return replace(backbone, preprocessing=spec.preprocessing)
 
@@ -179,7 +179,7 @@ class FinetunedModel(ModelDirectory):
 
     def _check(self, model) -> None:
         if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
-            raise UserError(f"{self.path / self.kind.model_file} is not a state dict of tensors")
+            raise InputError(f"{self.path / self.kind.model_file} is not a state dict of tensors")
 
     @cached_property
     def _classifier(self) -> nn.Module:
@@ -188,7 +188,7 @@ class FinetunedModel(ModelDirectory):
         try:
             return network(self.info, self.model)
         except RuntimeError as exc:   # load_state_dict: missing or unexpected keys, other shapes
-            raise UserError(f"{self.path / self.kind.model_file} does not fit the network "
+            raise InputError(f"{self.path / self.kind.model_file} does not fit the network "
                             f"{self.path / modeldir.INFO} describes ({len(self.classes)} classes): "
                             f"{' '.join(str(exc).split())[:300]}")
 

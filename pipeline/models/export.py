@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.models.directory import open_model
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import replaced_atomically
 
 FORMATS = (".pt2", ".onnx")
@@ -29,7 +29,7 @@ def export(model_dir: Path, out: Path) -> Path:
     """Write `out` (.pt2 or .onnx) holding the network of `model_dir`, from images to scores."""
     out = Path(out)
     if out.suffix not in FORMATS:
-        raise UserError(f"--out must end in {' or '.join(FORMATS)}, got {out.name}")
+        raise InputError(f"--out must end in {' or '.join(FORMATS)}, got {out.name}")
     model = open_model(model_dir)
     network = model.network().module
     size = model.preprocessing.image_size

@@ -11,7 +11,7 @@ from pipeline.features.backbones.loading import Backbone
 
 from pipeline.features.engines.torch import FeatureHook, inference_model
 from pipeline.heads.classifiers import CLASSIFIERS
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 
 class L2Normalize(nn.Module):
@@ -49,7 +49,7 @@ def _preprocessing(step) -> nn.Module:
         return Standardize(step.mean_, step.scale_)
     if isinstance(step, FunctionTransformer) and step.func is None:
         return nn.Identity()
-    raise UserError(f"feature preprocessing {step!r} cannot be exported")
+    raise InputError(f"feature preprocessing {step!r} cannot be exported")
 
 
 def head_module(model, n_classes: int, name: str) -> nn.Module:
@@ -57,7 +57,7 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
     pre, head = model[0], model[-1]
     exportable = [n for n, spec in CLASSIFIERS.items() if spec.to_torch]
     if name not in exportable:
-        raise UserError(f"a {name} head is not made of tensor operations (needed to export it or for "
+        raise InputError(f"a {name} head is not made of tensor operations (needed to export it or for "
                         f"Grad-CAM); {', '.join(exportable[:-1])} and {exportable[-1]} are, and fine-tuned models")
     layers, fill = CLASSIFIERS[name].to_torch(head)
     if len(head.classes_) < n_classes:

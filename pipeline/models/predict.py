@@ -8,9 +8,9 @@ import torch
 
 from pipeline.data.folders import find_images, printable
 from pipeline.data.images import ImageError, read_image
-from pipeline.models.directory import open_model
+from pipeline.models.directory import ModelDirectory, open_model
 from pipeline.runtime.devices import resolve_device
-from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.errors import InputError, check_minimums
 
 
 def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "auto",
@@ -19,10 +19,16 @@ def predict(model_dir: Path, inputs: list[Path], top_k: int = 5, device: str = "
     or {path, error} (also for the files of a folder that are not images, as `extract` reports them).
     `engine` and `log` as for `ModelDirectory.scorer`."""
     check_minimums({"top_k": 1}, {"top_k": top_k})
-    model = open_model(model_dir)
+    return predict_images(open_model(model_dir), inputs, top_k, device, batch_size, engine, log)
+
+
+def predict_images(model: ModelDirectory, inputs: list[Path], top_k: int = 5, device: str = "auto",
+                   batch_size: int = 32, engine: str = "auto", log=None) -> list[dict]:
+    """`predict` with a model already open."""
+    check_minimums({"top_k": 1}, {"top_k": top_k})
     files = find_images(inputs)
     if not any(reason is None for _, reason in files):
-        raise UserError(f"no image files in {', '.join(map(str, inputs))}")
+        raise InputError(f"no image files in {', '.join(map(str, inputs))}")
     pre = model.preprocessing
     transform = pre.transform()
     score = model.scorer(resolve_device(device), engine, log)

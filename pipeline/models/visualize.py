@@ -15,7 +15,7 @@ from pipeline.data.folders import find_images
 from pipeline.data.images import ImageError, read_image
 from pipeline.models.directory import ModelDirectory, Network, open_model
 from pipeline.runtime.devices import resolve_device
-from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.errors import InputError, check_minimums
 from pipeline.runtime.files import check_owned, staged_folder
 
 BATCH = 8   # images per forward (and, for Grad-CAM, backward) pass
@@ -105,7 +105,7 @@ def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tens
         handle.remove()
     fmap = kept["fmap"]
     if fmap.dim() != 4:
-        raise UserError(f"Grad-CAM needs a spatial feature map entering the feature layer, found shape "
+        raise InputError(f"Grad-CAM needs a spatial feature map entering the feature layer, found shape "
                         f"{tuple(fmap.shape)}")
     predicted = scores.argmax(1)
     grads, = torch.autograd.grad(scores.gather(1, predicted[:, None]).sum(), fmap)
@@ -149,12 +149,12 @@ def visualize(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24, g
     dev = resolve_device(device)
     network = model.network() if gradcam else None
     if network is not None and network.feature_layer is None:
-        raise UserError(f"Grad-CAM needs a spatial feature map; the features of {model_dir} are the "
+        raise InputError(f"Grad-CAM needs a spatial feature map; the features of {model_dir} are the "
                         f"transformer tokens {model.backbone_spec.layer}")
     shown = sample([path for path, reason in find_images(inputs) if reason is None], limit,
                    model.preprocessing.resize)
     if not shown:
-        raise UserError(f"no readable image in {', '.join(map(str, inputs))}")
+        raise InputError(f"no readable image in {', '.join(map(str, inputs))}")
     with staged_folder(out, "visualization") as folder:   # written whole; the grids save into the fresh folder
         wrong = prediction_grid(model, shown, folder / "predictions.png", dev)
         if network is not None:

@@ -16,18 +16,20 @@ from html import escape
 from pathlib import Path
 
 from pipeline.data.images import ImageError, file_under, read_image
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import write_atomically
 from pipeline.runtime.reading import Field, read_json
 
 ROWS_SHOWN = 100      # rows per table (duplicate groups for duplicates.csv); the CSVs hold all of them
+OUTLIERS_BELOW = 20   # images shown after the flagged outliers, the next in the ranking
 MEMBERS_SHOWN = 12    # images shown per duplicate group
 THUMB_SIZE = 96       # longest side of a thumbnail, in pixels
 
 COLUMNS = {
     "label_issues.csv": ("path", "split", "given", "suggested", "score"),
-    "duplicates.csv": ("group", "path", "split", "similarity", "leak", "found_by"),
-    "outliers.csv": ("path", "split", "label", "score", "score_in_class", "score_overall"),
+    "duplicates.csv": ("group", "path", "split", "similarity", "pixel_correlation", "leak", "found_by"),
+    "outliers.csv": ("path", "split", "label", "score", "flagged", "score_in_class", "score_overall",
+                     "distance_to_classes"),
     "learning_curve.csv": ("head", "per_class", "mean", "std", "runs"),
 }
 SUMMARY_KEYS = ("cache", "data_root", "images", "splits", "classes", "label_issues", "duplicate_groups",
@@ -56,12 +58,12 @@ def write_page(out_dir: Path) -> Path:
     summary = read_json(summary_path, Field(dict))
     missing = [key for key in SUMMARY_KEYS if key not in summary]
     if missing:
-        raise UserError(f"{summary_path} lacks {', '.join(missing)}")
+        raise InputError(f"{summary_path} lacks {', '.join(missing)}")
     tables = {name: _read_csv(out_dir / name, columns) for name, columns in COLUMNS.items()}
     thumbs = Thumbnails(summary["data_root"], out_dir / "thumbs")
     body = [_header(summary, thumbs),
-            _label_issues(tables["label_issues.csv"], thumbs),
-            _duplicates(tables["duplicates.csv"], thumbs),
+            _label_issues(tables["label_issues.csv"], thumbs, summary.get("label_issue_classifier")),
+            _duplicates(tables["duplicates.csv"], thumbs, summary),
             _outliers(tables["outliers.csv"], thumbs),
             _learning_curve(tables["learning_curve.csv"], (out_dir / "learning_curve.png").is_file())]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Data audit</title>\n'
@@ -79,7 +81,7 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict] | None:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or ())]
         if missing:
-            raise UserError(f"{path} lacks the column(s) {', '.join(missing)}")
+            raise InputError(f"{path} lacks the column(s) {', '.join(missing)}")
         return list(reader)
 
 
@@ -119,7 +121,7 @@ class Thumbnails:
             return _placeholder(str(exc))
         image.thumbnail((THUMB_SIZE, THUMB_SIZE))
         if self.folder.is_symlink():
-            raise UserError(f"{self.folder} is a symbolic link; refusing to write thumbnails through it")
+            raise InputError(f"{self.folder} is a symbolic link; refusing to write thumbnails through it")
         self.folder.mkdir(exist_ok=True)
         name = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".jpg"
         jpeg = io.BytesIO()
@@ -164,11 +166,13 @@ def _header(summary: dict, thumbs: Thumbnails) -> str:
             f"Click a thumbnail for the original image.</p>")
 
 
-def _section(title: str, file: str, rows: list | None, what: str, explain: str) -> str:
+def _section(title: str, file: str, rows: list | None, what: str, explain: str, shown: int | None = None) -> str:
+    """The heading and explanation of a table, and how many of its rows are shown (the first ROWS_SHOWN
+    unless `shown` says)."""
     head = f'<h2 id="{file.split(".")[0]}">{title}</h2>\n<p>{explain}</p>\n'
     if rows is None:
         return head + f'<p class="note">{file} is not in this folder.</p>'
-    shown = min(len(rows), ROWS_SHOWN)
+    shown = min(len(rows), ROWS_SHOWN) if shown is None else shown
     return head + f'<p>{shown:,} of {len(rows):,} {what} shown; all in <a href="{file}">{file}</a>.</p>\n'
 
 
@@ -188,10 +192,13 @@ def _number(value: str) -> str:
         return _text(value, "num")
 
 
-def _label_issues(rows: list[dict] | None, thumbs: Thumbnails) -> str:
-    out = _section("Possible label errors", "label_issues.csv", rows, "images",
-                   "Images whose given label the out-of-fold predictions doubt, most likely error first. "
+def _label_issues(rows: list[dict] | None, thumbs: Thumbnails, classifier: dict | None) -> str:
+    judged = bool(classifier and classifier["judged"])
+    title = "Possible label errors" if judged else "Images the classifier doubts"
+    out = _section(title, "label_issues.csv", rows, "images",
+                   "Images whose given label the out-of-fold predictions doubt, most doubtful first. "
                    "Score: 1 minus the predicted probability of the given label.")
+    out += f'<p class="note">{_label_trust(classifier)}</p>\n'
     if not rows:
         return out
     return out + _table(("image", "path", "split", "given", "suggested", "score"), [
@@ -199,16 +206,44 @@ def _label_issues(rows: list[dict] | None, thumbs: Thumbnails) -> str:
          _text(r["suggested"]), _number(r["score"])] for r in rows[:ROWS_SHOWN]])
 
 
-def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
+def _label_trust(classifier: dict | None) -> str:
+    """How far the list can be taken for label errors, from the figures of the classifier behind it."""
+    if not classifier:
+        return "This report does not record how good the classifier behind this list is: judge each image yourself."
+    figures = (f"The classifier behind this list, tried on images it did not see, agrees with "
+               f"{classifier['out_of_fold_accuracy']:.1%} of the given labels and with "
+               f"{classifier['accuracy_on_unlisted']:.1%} of those it does not list, with a calibration error of "
+               f"{classifier['calibration_error']:.3f}. ")
+    if classifier["judged"]:
+        return figures + ("On benchmarks with 5% of the labels flipped, a classifier this good listed mostly "
+                          "wrong labels, the likeliest first; check each before relabelling.")
+    return figures + (f"That is too weak to judge labels (it takes at least {classifier['minimum_accuracy']:.0%} "
+                      f"on the unlisted images and a calibration error of at most "
+                      f"{classifier['maximum_calibration_error']}): these are images the classifier finds hard, "
+                      "not label errors. Fix the features first (a larger image size, another backbone).")
+
+
+def _duplicates(rows: list[dict] | None, thumbs: Thumbnails, summary: dict) -> str:
     groups: dict[str, list[dict]] = {}
     for r in rows or []:
         groups.setdefault(r["group"], []).append(r)
     shown = None if rows is None else list(groups)
+    settings, check = summary["settings"], summary.get("pixel_check") or {}
+    pixels = (f"and pairs from a similarity of {escape(str(settings.get('pixel_check_from')))} whose pixels "
+              f"correlate at least {escape(str(settings.get('pixel_match')))} once aligned (a crop of up to 12% "
+              "from any side, a rescale or a mirror undone): 'pixels' marks an image joined only that way"
+              if not check.get("skipped") else f"(pixels not compared: {escape(str(check['skipped']))})")
     out = _section("Near-duplicates and split leaks", "duplicates.csv", shown, "groups",
-                   "Groups of nearly identical images, groups that span two splits (leaks) first. "
-                   "Similarity: an image's highest cosine similarity to another of its group; "
-                   "'pixels' marks an image joined by its pixels, its vector being less similar. Up to "
-                   f"{MEMBERS_SHOWN} images per group are shown.")
+                   "Groups of nearly identical images, groups that span two splits (leaks) first. Found from "
+                   f"a cosine similarity of the standardised vectors of "
+                   f"{escape(str(settings.get('duplicate_threshold')))}, "
+                   f"{pixels}. Under each image: its split, its highest similarity and pixel correlation to "
+                   f"another of its group. Up to {MEMBERS_SHOWN} images per group are shown.")
+    out += ('<p class="note">How far to trust it: with these settings, on photos with planted copies (re-encoded, '
+            "resized, cropped from a corner or a side, mirrored, colour-shifted) among look-alike images "
+            "(trousers, handwritten digits, quadrants of one photo), most copies are found and few pairs join "
+            "distinct images (benchmarks/RESULTS.md). Very simple images (strokes, silhouettes) can still join "
+            "look-alikes: look at the thumbnails before deleting.</p>\n")
     if not groups:
         return out
     ordered = sorted(groups.values(), key=lambda g: g[0]["leak"].strip().lower() != "true")
@@ -217,25 +252,36 @@ def _duplicates(rows: list[dict] | None, thumbs: Thumbnails) -> str:
         leak = members[0]["leak"].strip().lower() == "true"
         figures = "".join(f"<figure>{thumbs.cell(m['path'])}<figcaption>{escape(m['path'])}<br>"
                           f"{escape(m['split'])} · {escape(m['similarity'])}"
+                          f"{' · ' + escape(m['pixel_correlation']) if m['pixel_correlation'] else ''}"
                           f"{' · pixels' if m['found_by'] == 'pixels' else ''}</figcaption></figure>"
                           for m in members[:MEMBERS_SHOWN])
         more = f"<p>and {len(members) - MEMBERS_SHOWN:,} more</p>" if len(members) > MEMBERS_SHOWN else ""
         table.append([_text(members[0]["group"], "num"),
                       '<td class="leak">leak</td>' if leak else "<td></td>",
                       f'<td><div class="members">{figures}</div>{more}</td>'])
-    return out + _table(("group", "", "images: path, split, similarity"), table)
+    return out + _table(("group", "", "images: path, split, similarity, pixel correlation"), table)
 
 
 def _outliers(rows: list[dict] | None, thumbs: Thumbnails) -> str:
+    flagged = sum(r["flagged"].strip().lower() == "true" for r in rows or [])
+    shown = (rows or [])[:min(flagged, ROWS_SHOWN)] + (rows or [])[flagged:flagged + OUTLIERS_BELOW]
     out = _section("Outliers", "outliers.csv", rows, "images",
-                   "Images far from their nearest neighbours, most unusual first. Distance: the mean cosine "
-                   "distance to the k nearest neighbours, within the image's class and among all images; score: "
-                   "the two over the median image's, averaged (1 is typical).")
+                    "Every image ranked, most unusual first: the flagged ones (score from --outlier-cut) and the "
+                    f"next {OUTLIERS_BELOW}. Distances (cosine): the mean to the k nearest neighbours within the "
+                    "image's class and among all images, and to the nearest class centre; score: the three over "
+                    "the median image's, averaged (1 is typical).", len(shown))
+    out += (f'<p class="note">How far to trust it: {flagged:,} images flagged. Images that show no object of any '
+            "class (flat frames, noise, gradients, text, placeholders, blank scans) rank at the top on the "
+            "benchmarks; further down, a high score means rare, not wrong: rare poses and backgrounds are "
+            "worth keeping.</p>\n")
     if not rows:
         return out
-    return out + _table(("image", "path", "split", "label", "score", "distance in class", "distance overall"), [
+    return out + _table(("image", "path", "split", "label", "score", "flagged", "distance in class",
+                         "distance overall", "distance to classes"), [
         [f"<td>{thumbs.cell(r['path'])}</td>", _text(r["path"], "path"), _text(r["split"]), _text(r["label"]),
-         _number(r["score"]), _number(r["score_in_class"]), _number(r["score_overall"])] for r in rows[:ROWS_SHOWN]])
+         _number(r["score"]), _text("yes" if r["flagged"].strip().lower() == "true" else ""),
+         _number(r["score_in_class"]), _number(r["score_overall"]), _number(r["distance_to_classes"])]
+        for r in shown])
 
 
 def _learning_curve(rows: list[dict] | None, has_plot: bool) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.features.spec import BackboneSpec
 from pipeline.heads.metrics import accuracy_interval
 from pipeline.models.directory import KINDS, ModelDirectory, open_model
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.printing import shown as escaped
 
@@ -32,7 +32,7 @@ def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
         else:
             found = sorted(f.parent for f in p.rglob("model.json"))
             if not found:
-                raise UserError(f"{p} is neither a model directory nor a folder of them")
+                raise InputError(f"{p} is neither a model directory nor a folder of them")
             out += [(d.relative_to(p).as_posix(), d) for d in found]
     return out
 
@@ -46,9 +46,9 @@ def _row(name: str, d: Path) -> dict:
     model: ModelDirectory = open_model(d)   # model.json's facts and metrics.json are enough: no model is loaded
     m = model.metrics
     if not model.info.get("dataset"):
-        raise UserError(f"{d}/model.json records no dataset identity; train it again with this version")
+        raise InputError(f"{d}/model.json records no dataset identity; train it again with this version")
     if "val_score" not in m:
-        raise UserError(f"{d / 'metrics.json'} records no val_score (the score its selection used); "
+        raise InputError(f"{d / 'metrics.json'} records no val_score (the score its selection used); "
                         f"train it again with this version")
     cached = model.cache_fingerprint is not None   # else trained on the images: no extraction to share
     extract = m.get("extract_seconds") if cached else None   # None also for a cache made without timing
@@ -73,7 +73,7 @@ def rows(dirs: list[Path]) -> list[dict]:
     for name, d in model_dirs(dirs):
         row = _row(name, d)
         if out and row["_data"] != out[0]["_data"]:
-            raise UserError(f"cannot compare {d} with {out[0]['_path']}: they were trained or evaluated on "
+            raise InputError(f"cannot compare {d} with {out[0]['_path']}: they were trained or evaluated on "
                             f"different data (dataset identity, eval split or its size differ)")
         out.append(row)
     finetuned = [r["train_seconds"] for r in out if not r["_cached"]]
@@ -214,7 +214,7 @@ def compare(model_dirs: list[Path], out: Path) -> list[dict]:
     """Write compare.md, compare.json and compare.png to the folder `out`, each replaced whole (a folder
     shared with other reports, such as reports/, so not replaced as one)."""
     if not model_dirs:
-        raise UserError("compare needs at least one model directory")
+        raise InputError("compare needs at least one model directory")
     table = rows(model_dirs)
     import matplotlib.pyplot as plt
     fig = figure(table)

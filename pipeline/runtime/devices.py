@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import setting
 
 if TYPE_CHECKING:
@@ -22,15 +22,15 @@ PRECISIONS = ("auto", "float32", "bfloat16")   # autocast type of a forward pass
 
 def resolve_device(device: str) -> torch.device:
     """The one reading of a device setting, for every command: 'auto' is CUDA when torch sees a GPU, else
-    the CPU; 'cuda' (or 'cuda:N', as torchrun ranks get) without a GPU, or any other name, is a UserError."""
+    the CPU; 'cuda' (or 'cuda:N', as torchrun ranks get) without a GPU, or any other name, is an InputError."""
     import torch  # here, not above: the settings that name devices load without torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind, _, index = str(device).partition(":")
     if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
-        raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} was asked for, but torch sees no CUDA GPU")
+        raise InputError(f"device {device} was asked for, but torch sees no CUDA GPU")
     return torch.device(device)
 
 

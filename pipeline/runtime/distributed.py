@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.runtime.devices import resolve_device
-from pipeline.runtime.errors import EXIT_CODE_DIR, UserError
+from pipeline.runtime.errors import EXIT_CODE_DIR, InputError
 from pipeline.runtime.printing import say
 
 
@@ -72,7 +72,7 @@ def launch(nproc: int, args: list[str]) -> int:
     the ranks' own exit code (2 for an error, 130 when interrupted) where torchrun's is 1. Each distinct
     error line of the ranks is printed once, in place of torchrun's multi-page failure report."""
     if is_distributed():
-        raise UserError("--nproc launches torchrun itself; leave it out when running under torchrun")
+        raise InputError("--nproc launches torchrun itself; leave it out when running under torchrun")
     command = [sys.executable, "-m", "pipeline.runtime.distributed", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "pipeline", *args]
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // nproc))

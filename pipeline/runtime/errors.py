@@ -1,4 +1,4 @@
-"""Errors the command line turns into one clear line and exit code 2; warnings as single lines."""
+"""Errors the API raises and the command line turns into one clear line and exit code 2; warnings as single lines."""
 import json
 import os
 import reprlib
@@ -12,8 +12,9 @@ from pipeline.runtime.printing import say, warnings_summarised
 EXIT_CODE_DIR = "PIPELINE_EXIT_CODE_DIR"   # set by `--nproc`: each torchrun rank leaves its exit code there
 
 
-class UserError(Exception):
-    """Bad input or settings: the message alone tells the user what to fix."""
+class InputError(ValueError):
+    """Bad input or settings: the message alone tells the user what to fix (`pipeline.InputError`; the
+    command line prints it as `error: MESSAGE` and exits with code 2)."""
 
 
 _SHORT = reprlib.Repr()
@@ -33,11 +34,11 @@ class Interrupted(Exception):
 
 
 def check_minimums(minimums: dict, values: dict) -> None:
-    """A UserError naming the first setting below its minimum; None (a default) passes."""
+    """An InputError naming the first setting below its minimum; None (a default) passes."""
     for key, low in minimums.items():
         value = values.get(key)
         if value is not None and not isinstance(value, bool) and value < low:
-            raise UserError(f"{key} must be at least {low}, got {value}")
+            raise InputError(f"{key} must be at least {low}, got {value}")
 
 
 def warn(message: str) -> None:
@@ -60,7 +61,7 @@ def exit_with(code: int, message: str = "") -> NoReturn:
 
 
 def run_stage(fn) -> None:
-    """Run `fn` with the command line's error contract: a UserError, or a file the system refuses (no
+    """Run `fn` with the command line's error contract: an InputError, or a file the system refuses (no
     permission, a file where a folder is needed), is one line and exit code 2; an interrupted run says
     what stopped (and how to resume, where it can) and exits with 130. Every line is escaped, and library
     warnings are summarised (`printing`)."""
@@ -68,7 +69,7 @@ def run_stage(fn) -> None:
     try:
         with warnings_summarised():
             fn()
-    except UserError as exc:
+    except InputError as exc:
         exit_with(2, f"error: {exc}")
     except OSError as exc:
         if exc.filename is None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 
 def sha256_file(path: Path) -> str:
@@ -70,9 +70,9 @@ def check_replaceable(path: Path, what: str) -> None:
     except (FileNotFoundError, NotADirectoryError):   # nothing there (creating it fails with its own reason)
         return
     except OSError as exc:
-        raise UserError(f"{what} {path} cannot be checked: {exc.strerror}")
+        raise InputError(f"{what} {path} cannot be checked: {exc.strerror}")
     if not stat.S_ISREG(mode):
-        raise UserError(f"{what} {path} is {kind_of(mode)}; name a regular file")
+        raise InputError(f"{what} {path} is {kind_of(mode)}; name a regular file")
 
 
 def fresh_file(path: Path) -> None:
@@ -83,11 +83,11 @@ def fresh_file(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(mode):
-        raise UserError(f"{path} is a folder; remove it")
+        raise InputError(f"{path} is a folder; remove it")
     os.unlink(path)
 
 
-class OutputError(UserError):
+class OutputError(InputError):
     """A write the system refused (no space, no permission, a read-only file system); `reason` says which."""
 
     def __init__(self, message: str, reason: str):
@@ -114,7 +114,7 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     """A fresh temporary file beside `path` (created with O_EXCL, so nothing planted at its name is
     followed) for the block to write, by name if a library insists; when the block ends it is synced and
     renamed over `path`. On any error it is removed and `path` is left as it was; a write the system
-    refuses (a full disk, no permission, a read-only file system) is a UserError naming `path`."""
+    refuses (a full disk, no permission, a read-only file system) is an InputError naming `path`."""
     path = Path(path)
     check_replaceable(path, "output")
     tmp = None
@@ -151,7 +151,7 @@ def staged_folder(out_dir: Path, what: str, owned: bool = True) -> Iterator[Path
     """A fresh temporary folder beside `out_dir` for the block to write a whole folder into (a report, a
     model directory). When the block ends it replaces `out_dir` by renaming, so `out_dir` is the old
     folder or the whole new one; on any error it is removed and `out_dir` is left as it was. A write the
-    system refuses is a UserError naming `out_dir`.
+    system refuses is an InputError naming `out_dir`.
 
     `owned`: the new folder gets a manifest of its files, and an existing `out_dir` is replaced only when
     its own manifest lists everything in it (`check_owned`): a command never deletes what it did not
@@ -199,7 +199,7 @@ def check_owned(out_dir: Path, what: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(mode):
-        raise UserError(f"--out {out_dir} is {kind_of(mode) if not stat.S_ISREG(mode) else 'a file'}; "
+        raise InputError(f"--out {out_dir} is {kind_of(mode) if not stat.S_ISREG(mode) else 'a file'}; "
                         f"name a folder for the {what}")
     try:
         listed = set(read_regular(out_dir / MANIFEST, 1 << 20, follow=False)
@@ -207,11 +207,11 @@ def check_owned(out_dir: Path, what: str) -> None:
     except FileNotFoundError:
         listed = set()
     except OSError as exc:
-        raise UserError(f"{out_dir / MANIFEST} cannot be read: {exc.strerror}; move {out_dir} away")
+        raise InputError(f"{out_dir / MANIFEST} cannot be read: {exc.strerror}; move {out_dir} away")
     foreign = sorted(name for name in _files_under(out_dir, links=True) if name != MANIFEST and
                      (name not in listed or not stat.S_ISREG(os.lstat(out_dir / name).st_mode)))
     if foreign:
-        raise UserError(f"--out {out_dir} holds files this {what} did not write ({', '.join(foreign[:3])}"
+        raise InputError(f"--out {out_dir} holds files this {what} did not write ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another --out")
 
 
@@ -248,7 +248,7 @@ def output_lock(target: Path):
             fd = open_regular(path, os.O_RDWR | os.O_CREAT, follow=False)
         except OSError as exc:
             reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-            raise UserError(f"lock file {path} is {reason}; refusing to use it (remove it)")
+            raise InputError(f"lock file {path} is {reason}; refusing to use it (remove it)")
         f = open(fd, "r+")
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -256,7 +256,7 @@ def output_lock(target: Path):
             f.seek(0)
             holder = f.read(32).strip() or "?"
             f.close()
-            raise UserError(f"{target} is being written by another run (pid {holder}, lock {path}); "
+            raise InputError(f"{target} is being written by another run (pid {holder}, lock {path}); "
                             f"wait for it to finish")
         if still_named(path, fd):
             break

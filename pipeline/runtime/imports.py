@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 
 
 def collect_after_imports() -> None:
@@ -23,3 +24,11 @@ def heavy_imports():
     finally:
         gc.freeze()
         gc.enable()
+
+
+def preload(*modules: str) -> None:
+    """Import the modules that do a command's work (by name) within `heavy_imports`; the API functions the
+    command then calls import them where they are used."""
+    with heavy_imports():
+        for name in modules:
+            importlib.import_module(name)

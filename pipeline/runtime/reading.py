@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from pipeline.runtime.errors import UserError, quote
+from pipeline.runtime.errors import InputError, quote
 
 
 @dataclass(frozen=True)
@@ -44,28 +44,28 @@ class Field:
 
 
 def checked(data, schema: dict[str, Field], where: str) -> dict:
-    """`data` if it is an object holding every field of `schema` in its form; else a UserError naming
+    """`data` if it is an object holding every field of `schema` in its form; else an InputError naming
     `where` (the file, and the attribute or key within it) and the first field that is not."""
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be an object, got {type(data).__name__}")
+        raise InputError(f"{where} must be an object, got {type(data).__name__}")
     for key, field in schema.items():
         if key not in data:
-            raise UserError(f"{where} lacks '{key}'")
+            raise InputError(f"{where} lacks '{key}'")
         why = field.problem(data[key])
         if why:
-            raise UserError(f"{where}: '{key}' {why}")
+            raise InputError(f"{where}: '{key}' {why}")
     return data
 
 
 def parsed(text, field: Field, where: str):
-    """The JSON value in `text` (str or bytes) if it has the form `field`; else a UserError naming `where`."""
+    """The JSON value in `text` (str or bytes) if it has the form `field`; else an InputError naming `where`."""
     try:
         value = json.loads(text)
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{where} is not valid JSON: {str(exc)[:120]}") from None
+        raise InputError(f"{where} is not valid JSON: {str(exc)[:120]}") from None
     why = field.problem(value)
     if why:
-        raise UserError(f"{where} {why}")
+        raise InputError(f"{where} {why}")
     return value
 
 
@@ -73,7 +73,7 @@ SAFETENSORS_HEADER_LIMIT = 100 << 20   # bytes of a .safetensors header (the for
 
 
 def check_safetensors(path) -> None:
-    """Refuse (one UserError naming `path`) a .safetensors file whose layout is not the format's: an
+    """Refuse (one InputError naming `path`) a .safetensors file whose layout is not the format's: an
     8-byte little-endian header length, a JSON object of tensors {dtype, shape, data_offsets} whose
     offsets lie within the file. Read without blocking and without loading any tensor."""
     from pipeline.runtime.files import open_regular
@@ -84,18 +84,18 @@ def check_safetensors(path) -> None:
             head = f.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 0 < length <= min(SAFETENSORS_HEADER_LIMIT, size - 8):
-                raise UserError(f"{where} is not a safetensors file: {size} bytes, header length "
+                raise InputError(f"{where} is not a safetensors file: {size} bytes, header length "
                                 f"{length if length >= 0 else 'missing'}")
             header = f.read(length)
     except OSError as exc:
-        raise UserError(f"cannot read {where}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {where}: {exc.strerror or exc}") from None
     tensors = parsed(header, Field(dict, items=Field(dict)), f"{where}: the header")
     tensors.pop("__metadata__", None)
     for name, tensor in tensors.items():
         checked(tensor, TENSOR, f"{where}: tensor {quote(name)}")
         start, end = tensor["data_offsets"]
         if not start <= end <= size - 8 - length:
-            raise UserError(f"{where} is truncated: tensor {quote(name)} ends at byte {end} of "
+            raise InputError(f"{where} is truncated: tensor {quote(name)} ends at byte {end} of "
                             f"{size - 8 - length}")
 
 
@@ -108,11 +108,11 @@ JSON_LIMIT = 64 << 20   # bytes of a JSON file a command reads (model.json, metr
 
 def read_json(path, field: Field, what: str = ""):
     """The JSON value in the file `path`, read without blocking and only if it is a regular file of at most
-    JSON_LIMIT bytes, with the form `field`; else a UserError naming `path` (and `what` it is)."""
+    JSON_LIMIT bytes, with the form `field`; else an InputError naming `path` (and `what` it is)."""
     from pipeline.runtime.files import read_regular
     where = f"{what} {path}".strip()
     try:
         text = read_regular(path, JSON_LIMIT)
     except OSError as exc:
-        raise UserError(f"cannot read {where}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {where}: {exc.strerror or exc}") from None
     return parsed(text, field, where)

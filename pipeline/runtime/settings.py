@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pipeline.runtime.errors import UserError, quote
+from pipeline.runtime.errors import InputError, quote
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ def rule(f: dataclasses.Field) -> Rule:
 
 def fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "rule" in f.metadata]
+
+
+def keywords(settings) -> dict:
+    """The fields of a settings object as keywords of the Python API (pipeline.api)."""
+    return {f.name: getattr(settings, f.name) for f in fields(type(settings))}
 
 
 def default(f: dataclasses.Field):
@@ -104,34 +109,34 @@ def _as(kind, value):
 
 
 def check_value(label: str, value, hint, r: Rule):
-    """`value` checked against the type `hint` and the rule `r`; a UserError naming `label` otherwise."""
+    """`value` checked against the type `hint` and the rule `r`; an InputError naming `label` otherwise."""
     kinds, given = alternatives(hint), value
     for kind in kinds:
         converted = _as(kind, value)
         if converted is not None or kind is type(None) and value is None:
             break
     else:
-        raise UserError(f"{label} must be {' or '.join(map(_type_name, kinds))}, got {quote(value)}")
+        raise InputError(f"{label} must be {' or '.join(map(_type_name, kinds))}, got {quote(value)}")
     value = converted
     if isinstance(value, list) and r.choices is not None:
         for item in value:
             if item not in r.choices:
-                raise UserError(f"{label} takes {', '.join(map(str, r.choices))}, got {quote(item)}")
+                raise InputError(f"{label} takes {', '.join(map(str, r.choices))}, got {quote(item)}")
     if value is None or isinstance(value, (bool, list, Path)):
         return value
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{label} must be a finite number, got {quote(value)}")
+        raise InputError(f"{label} must be a finite number, got {quote(value)}")
     if r.choices is not None and value not in r.choices:
-        raise UserError(f"{label} must be one of {', '.join(map(str, r.choices))}, got {quote(value)}")
+        raise InputError(f"{label} must be one of {', '.join(map(str, r.choices))}, got {quote(value)}")
     broken = [f"{word} {_number(bound)}" for word, bound, ok in (
         ("at least", r.min, lambda: value >= r.min), ("above", r.above, lambda: value > r.above),
         ("at most", r.max, lambda: value <= r.max), ("below", r.below, lambda: value < r.below))
         if bound is not None and isinstance(value, (int, float)) and not ok()]
     if broken:
-        raise UserError(f"{label} must be {' and '.join(broken)}, got {quote(given)}")
+        raise InputError(f"{label} must be {' and '.join(broken)}, got {quote(given)}")
     reason = r.check(value) if r.check else None
     if reason:
-        raise UserError(f"{label} {reason}")
+        raise InputError(f"{label} {reason}")
     return value
 
 
@@ -145,7 +150,7 @@ def validate(settings, label: Callable[[str], str] = str):
     for f in fields(type(settings)):   # the further checks last: some are slow (the backbone's loads torch)
         reason = rule(f).check(values[f.name]) if rule(f).check and values[f.name] is not None else None
         if reason:
-            raise UserError(f"{label(f.name)} {reason}")
+            raise InputError(f"{label(f.name)} {reason}")
     settings = dataclasses.replace(settings, **values)
     for klass in reversed(type(settings).__mro__):
         if "check" in vars(klass):
@@ -159,11 +164,11 @@ def from_mapping(cls, raw, where: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"params.yaml: {where} must be a mapping of settings, got {quote(raw)}")
+        raise InputError(f"params.yaml: {where} must be a mapping of settings, got {quote(raw)}")
     allowed = [f.name for f in fields(cls)]
     for key in raw:
         if key not in allowed:
-            raise UserError(f"params.yaml: {where}.{key_name(key)} is not a setting; allowed: {', '.join(allowed)}")
+            raise InputError(f"params.yaml: {where}.{key_name(key)} is not a setting; allowed: {', '.join(allowed)}")
     return validate(cls(**raw), lambda name: f"params.yaml: {where}.{name}")
 
 

@@ -12,6 +12,9 @@ Layout (readable with plain h5py):
   /<split>/labels   [N] int64
   /<split>/paths    [N] utf-8 str, relative to the data root
   /<split>/sha256   [N] 64-char str of the image bytes: the key for incremental reuse
+  /pool/...         the unlabelled images (data.folders.POOL), as a split without labels: features (and
+                    features@<layer>), paths, sha256. With a pool, train may be absent (a cold start)
+                    and the class list shorter than two.
   /skipped          table of (path, reason)
 
 While being written, `<out>.tmp` also carries `plan` (digest of the samples to write) and
@@ -44,13 +47,14 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
-from pipeline.data.folders import dataset_digest
-from pipeline.features.spec import Preprocessing
-from pipeline.runtime.errors import UserError
+from pipeline.data.folders import POOL, SPLITS, dataset_digest
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import check_replaceable, fresh_file
-from pipeline.runtime.reading import Field, parsed
+from pipeline.runtime.reading import Field, checked, parsed
+from pipeline.storage.records import LAYERS, PREPROCESSING
 
-SCHEMA_VERSION = 3   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums
+SCHEMA_VERSION = 4   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums; 4: pool
+READABLE = (3, 4)    # a cache of schema 3 is one of 4 without a pool
 FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions",
                       "compute")
 # compute (JSON: the forward pass's precision, and inputs 'PIL' or 'tensor', decoded and resized as tensors) is
@@ -86,17 +90,17 @@ def check_trained_on(fields, spec, recorded: str, where: str) -> None:
     backbone, weights, layer, preprocessing and TTA as `spec`."""
     if not isinstance(fields, dict) or not {k for k in FINGERPRINT_FIELDS if k not in OPTIONAL} <= set(fields) \
             or not set(fields) <= set(FINGERPRINT_FIELDS):
-        raise UserError(f"{where} does not record the feature cache its head was trained on ('cache'); "
+        raise InputError(f"{where} does not record the feature cache its head was trained on ('cache'); "
                         f"train it again")
     if fingerprint(fields) != recorded:
-        raise UserError(f"{where}: 'cache' does not give the recorded fingerprint (edited); train it again")
+        raise InputError(f"{where}: 'cache' does not give the recorded fingerprint (edited); train it again")
     try:
         transform = json.loads(fields["transform"])   # garbage reads as a mismatch below
     except (TypeError, ValueError):
         transform = None
     trained = (fields["backbone"], fields["weights_sha256"], fields["layer"], bool(fields["tta"]), transform)
     if trained != (spec.name, spec.weights_sha256, spec.layer, bool(spec.tta), spec.preprocessing.to_dict()):
-        raise UserError(f"{where}: the backbone {spec.name} (weights SHA-256 {spec.weights_sha256[:12]}) is not "
+        raise InputError(f"{where}: the backbone {spec.name} (weights SHA-256 {spec.weights_sha256[:12]}) is not "
                         f"the one the head was trained on ({fields['backbone']}, "
                         f"{str(fields['weights_sha256'])[:12]}); refusing to predict with it")
 
@@ -174,10 +178,10 @@ def check_expected(cache: "Cache", expected: dict) -> None:
     """Refuse a cache made other than as expected, naming each differing field."""
     unknown = [k for k in expected if k not in EXPECTABLE]
     if unknown:
-        raise UserError(f"cannot expect '{unknown[0]}' of a feature cache; choose from {', '.join(EXPECTABLE)}")
+        raise InputError(f"cannot expect '{unknown[0]}' of a feature cache; choose from {', '.join(EXPECTABLE)}")
     diffs = differences(cache.attrs, expected)
     if diffs:
-        raise UserError(f"feature cache {cache.path} was made otherwise than expected "
+        raise InputError(f"feature cache {cache.path} was made otherwise than expected "
                         f"(cache != expected): {'; '.join(diffs)}")
 
 
@@ -224,7 +228,7 @@ class FeatureWriter:
             if not all(f.attrs.get(k) == attrs[k] for k in ("fingerprint", "plan")) or "progress" not in f.attrs:
                 raise ValueError("another plan")
             progress = json.loads(f.attrs["progress"])   # this tool's checkpoint; damage starts afresh below
-            for split in ("train", "val", "test"):   # rows written after the checkpoint go, even a new split's
+            for split in (*SPLITS, POOL):   # rows written after the checkpoint go, even a new split's
                 for dataset in (f[split].values() if split in f else ()):
                     dataset.resize(progress["rows"].get(split, 0), axis=0)
             f["skipped"].resize(progress["skipped"], axis=0)
@@ -242,18 +246,21 @@ class FeatureWriter:
             rows = max(1, min(1024, (1 << 20) // (dim * self.dtype.itemsize)))
             g.create_dataset(features_name(layer, list(self.dims)), (0, dim), self.dtype, maxshape=(None, dim),
                              chunks=(rows, dim), **CHECKED)
-        g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,), **CHECKED)
+        if split != POOL:
+            g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,), **CHECKED)
         g.create_dataset("paths", (0,), STR, maxshape=(None,), chunks=(4096,))
         g.create_dataset("sha256", (0,), "S64", maxshape=(None,), chunks=(4096,), **CHECKED)
         return g
 
     def append(self, split: str, features: dict[str, np.ndarray], labels, paths, sha256) -> None:
-        """Rows of one split: `features` maps each layer to its [k, D] vectors."""
+        """Rows of one split: `features` maps each layer to its [k, D] vectors (`labels` are not stored for
+        the pool)."""
         g = self._group(split)
-        n, k = g["labels"].shape[0], len(labels)
+        n, k = g["sha256"].shape[0], len(sha256)
         columns = [(features_name(layer, list(self.dims)), features[layer].astype(self.dtype)) for layer in self.dims]
-        for name, rows in (*columns, ("labels", np.asarray(labels, np.int64)), ("paths", list(paths)),
-                           ("sha256", np.array(sha256, "S64"))):
+        if split != POOL:
+            columns.append(("labels", np.asarray(labels, np.int64)))
+        for name, rows in (*columns, ("paths", list(paths)), ("sha256", np.array(sha256, "S64"))):
             g[name].resize(n + k, axis=0)
             g[name][n:] = rows
 
@@ -269,7 +276,7 @@ class FeatureWriter:
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(self.tmp)) from exc
 
     def rows(self, split: str) -> int:
-        return self.file[split]["labels"].shape[0] if split in self.file else 0
+        return self.file[split]["sha256"].shape[0] if split in self.file else 0
 
     def skip(self, rows: list[tuple[str, str]]) -> None:
         """Record skipped files as (path, reason) rows, all in one write."""
@@ -283,7 +290,7 @@ class FeatureWriter:
     def checkpoint(self, split: str, samples_done: int) -> None:
         """Make everything written so far durable and resumable: `samples_done` of `split` are in."""
         self.progress[split] = samples_done
-        rows = {s: self.file[s]["labels"].shape[0] for s in ("train", "val", "test") if s in self.file}
+        rows = {s: self.rows(s) for s in (*SPLITS, POOL) if s in self.file}
         self.file.attrs["progress"] = json.dumps({"samples": self.progress, "rows": rows,
                                                   "skipped": len(self.skipped)})
         self.flush()
@@ -330,10 +337,10 @@ def check_output(out: Path, force: bool = False) -> None:
     (a CSV, a photo: replacing it would lose it) unless `force`. Nothing is written here."""
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name the cache file, e.g. {out / 'features.h5'}")
+        raise InputError(f"--out {out} is a folder; name the cache file, e.g. {out / 'features.h5'}")
     check_replaceable(out, "--out")
     if out.exists() and not force and not is_feature_cache(out):
-        raise UserError(f"--out {out} exists and is not a feature cache; refusing to replace it "
+        raise InputError(f"--out {out} exists and is not a feature cache; refusing to replace it "
                         f"(name another file, or pass --force)")
 
 
@@ -378,7 +385,7 @@ def verify_sealed(f: h5py.File, path: Path) -> None:
     f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
     for name in sorted(set(names) | set(digests)):
         if name not in names or column_digest(f[name]) != digests.get(name):
-            raise UserError(f"{path}: {name} does not match the digest recorded when it was written "
+            raise InputError(f"{path}: {name} does not match the digest recorded when it was written "
                             f"(damaged or edited)")
 
 
@@ -427,6 +434,10 @@ class Cache:
     def layers(self) -> list[str]:
         return json.loads(self.attrs["layers"])   # checked by _checked
 
+    @property
+    def has_pool(self) -> bool:
+        return POOL in self.file
+
     def column(self, split: str, name: str) -> np.ndarray:
         """One dataset of a split, verified (HDF5's Fletcher-32 per chunk, then the recorded digest)."""
         def whole(dataset):
@@ -440,32 +451,34 @@ class Cache:
         try:
             value, digest = read(self.file[split][name])
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise UserError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
+            raise InputError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
                             f"({str(exc).splitlines()[0]}); re-run `pipeline extract`")
         if digest != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):   # checked by _checked
-            raise UserError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
+            raise InputError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
                             f"when it was written (damaged or edited); re-run `pipeline extract`")
         return value
 
     def read(self, split: str, layer: str | None = None) -> Split:
-        """One split's rows; `layer` picks a further feature set (default: the first layer's). Refuses
-        features that are not finite and labels outside the class list."""
+        """One split's rows, or the pool's (labels -1); `layer` picks a further feature set (default: the first
+        layer's). Refuses features that are not finite and labels outside the class list."""
         if layer is not None and layer not in self.layers:
-            raise UserError(f"feature cache {self.path} has no features of layer '{layer}'; "
+            raise InputError(f"feature cache {self.path} has no features of layer '{layer}'; "
                             f"it has {', '.join(self.layers)}")
         features = self.column(split, features_name(layer or self.layers[0], self.layers)).astype(np.float32)
-        labels, paths = self.column(split, "labels"), [p.decode() for p in self.column(split, "paths")]
+        paths = [p.decode() for p in self.column(split, "paths")]
+        labels = np.full(len(paths), -1) if split == POOL else self.column(split, "labels")
         bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
         if len(bad):
-            raise UserError(f"feature cache {self.path}: {len(bad)} rows of {split} hold features that are not "
+            raise InputError(f"feature cache {self.path}: {len(bad)} rows of {split} hold features that are not "
                             f"finite (NaN or inf), e.g. {paths[bad[0]]}; re-run `pipeline extract`")
-        self._check_labels(split, labels)
+        if split != POOL:
+            self._check_labels(split, labels)
         return Split(features, labels, paths, [s.decode() for s in self.column(split, "sha256")])
 
     def _check_labels(self, split: str, labels: np.ndarray) -> None:
         outside = labels[(labels < 0) | (labels >= len(self.classes))]
         if len(outside):
-            raise UserError(f"feature cache {self.path}: {split} has labels outside its {len(self.classes)} "
+            raise InputError(f"feature cache {self.path}: {split} has labels outside its {len(self.classes)} "
                             f"classes (e.g. {outside[0]})")
 
     def finite_rows(self, split: str, name: str) -> np.ndarray:
@@ -498,7 +511,7 @@ class StoredVectors:
     def __init__(self, cache: Cache):
         self.cache = cache
         self.where: dict[str, tuple[str, int]] = {}
-        for split in cache.splits:
+        for split in cache.splits + ([POOL] if cache.has_pool else []):   # pool vectors serve images labelled since
             finite = np.logical_and.reduce([cache.finite_rows(split, features_name(layer, cache.layers))
                                             for layer in cache.layers])
             digests = cache.column(split, "sha256")
@@ -518,7 +531,7 @@ class StoredVectors:
                 try:
                     out[layer][mine] = self.cache.file[split][name][rows][back]
                 except (OSError, RuntimeError) as exc:
-                    raise UserError(f"feature cache {self.cache.path}: {split}/{name} cannot be read, the file "
+                    raise InputError(f"feature cache {self.cache.path}: {split}/{name} cannot be read, the file "
                                     f"is damaged ({str(exc).splitlines()[0]}); delete it and run again")
         return out
 
@@ -550,19 +563,19 @@ def open_cache(path: Path) -> Cache:
     checked as it is read (`Cache.column`). Close it after use (or use it in a `with` block)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"feature cache {path} does not exist; run `pipeline extract` first")
+        raise InputError(f"feature cache {path} does not exist; run `pipeline extract` first")
     check_replaceable(path, "feature cache")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise UserError(f"feature cache {path} is not a readable HDF5 file ({exc})")
+        raise InputError(f"feature cache {path} is not a readable HDF5 file ({exc})")
     try:
         return _checked(path, f)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         f.close()
-        raise UserError(f"feature cache {path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+        raise InputError(f"feature cache {path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                         f"re-run `pipeline extract`")
-    except UserError:
+    except InputError:
         f.close()
         raise
 
@@ -570,59 +583,60 @@ def open_cache(path: Path) -> Cache:
 def _checked(path: Path, f: h5py.File) -> Cache:
     attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE:
         before = " (written before caches carried checksums)" if isinstance(version, int) and version < 3 else ""
-        raise UserError(f"feature cache {path} has schema version {version}{before}, this tool reads "
-                        f"{SCHEMA_VERSION}; re-run `pipeline extract`")
+        raise InputError(f"feature cache {path} has schema version {version}{before}, this tool reads "
+                        f"{' and '.join(map(str, READABLE))}; re-run `pipeline extract`")
     required = [k for k in FINGERPRINT_FIELDS if k not in OPTIONAL]
     missing = [k for k in (*required, "fingerprint", "classes", "digests", "checksum") if k not in attrs]
     if missing:
-        raise UserError(f"feature cache {path} lacks attributes {missing}")
+        raise InputError(f"feature cache {path} lacks attributes {missing}")
     if fingerprint(attrs) != attrs["fingerprint"]:
-        raise UserError(f"feature cache {path}: fingerprint does not match its attributes")
+        raise InputError(f"feature cache {path}: fingerprint does not match its attributes")
     if attrs_checksum(attrs) != attrs["checksum"]:
-        raise UserError(f"feature cache {path}: its attributes do not match their checksum (damaged or edited); "
+        raise InputError(f"feature cache {path}: its attributes do not match their checksum (damaged or edited); "
                         f"re-run `pipeline extract`")
     where = f"feature cache {path}: attribute"
-    Preprocessing.from_dict(parsed(attrs["transform"], Field(dict), f"{where} transform"), f"{where} transform")
+    checked(parsed(attrs["transform"], Field(dict), f"{where} transform"), PREPROCESSING, f"{where} transform")
     parsed(attrs["digests"], Field(dict, items=Field(str)), f"{where} digests")
-    parsed(attrs["layers"], Field(list, items=Field(str)), f"{where} layers")
+    parsed(attrs["layers"], LAYERS, f"{where} layers")
     classes = json.loads(attrs["classes"])   # checked by _checked
-    if (not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes)
+    pool = POOL in f
+    if (not isinstance(classes, list) or len(classes) < (0 if pool else 2) or len(set(map(str, classes))) != len(classes)
             or not all(isinstance(c, str) and c for c in classes)):
-        raise UserError(f"feature cache {path}: attribute classes must be a list of at least two distinct "
+        raise InputError(f"feature cache {path}: attribute classes must be a list of at least two distinct "
                         f"names, got {str(attrs['classes'])[:80]}")
-    splits = [s for s in ("train", "val", "test") if s in f]
-    if "train" not in splits:
-        raise UserError(f"feature cache {path} has no train split")
+    splits = [s for s in SPLITS if s in f]
+    if "train" not in splits and not pool:
+        raise InputError(f"feature cache {path} has no train split")
     layers = json.loads(attrs["layers"])   # checked by _checked
     widths: dict[str, int] = {}
-    for s in splits:
+    for s in splits + ([POOL] if pool else []):
         features = [features_name(layer, layers) for layer in layers]
-        names = (*features, "labels", "paths", "sha256")
+        names = (*features, *["labels"] * (s != POOL), "paths", "sha256")
         absent = [n for n in names if n not in f[s]]
         if absent:
-            raise UserError(f"feature cache {path}: split '{s}' lacks datasets {absent}")
-        unchecked = [n for n in (*features, "labels", "sha256") if not f[s][n].fletcher32]
+            raise InputError(f"feature cache {path}: split '{s}' lacks datasets {absent}")
+        unchecked = [n for n in names if n != "paths" and not f[s][n].fletcher32]
         if unchecked:
-            raise UserError(f"feature cache {path}: split '{s}' datasets {unchecked} carry no checksums")
+            raise InputError(f"feature cache {path}: split '{s}' datasets {unchecked} carry no checksums")
         for n in features:
             ds = f[s][n]
             if ds.ndim != 2 or ds.dtype.kind != "f" or widths.setdefault(n, ds.shape[1]) != ds.shape[1]:
-                raise UserError(f"feature cache {path}: {s}/{n} must be [rows, {widths.get(n, 'D')}] floats, "
+                raise InputError(f"feature cache {path}: {s}/{n} must be [rows, {widths.get(n, 'D')}] floats, "
                                 f"is {list(ds.shape)} {ds.dtype}")
-        for n, kind in (("labels", "iu"), ("paths", "O"), ("sha256", "S")):
+        for n, kind in (("labels", "iu"), ("paths", "O"), ("sha256", "S"))[s == POOL:]:
             if f[s][n].ndim != 1 or f[s][n].dtype.kind not in kind:
-                raise UserError(f"feature cache {path}: {s}/{n} must be one column of "
+                raise InputError(f"feature cache {path}: {s}/{n} must be one column of "
                                 f"{'integers' if n == 'labels' else 'text'}, is {f[s][n].dtype} {list(f[s][n].shape)}")
         counts = {n: f[s][n].shape[0] for n in names}
         if len(set(counts.values())) != 1:
-            raise UserError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
-        if not counts["labels"]:
-            raise UserError(f"feature cache {path}: split '{s}' has no rows")
-    rows = sum(f[s]["labels"].shape[0] for s in splits)
-    if len(classes) > rows:   # every class has an image: more names than rows is damage, not data
-        raise UserError(f"feature cache {path} lists {len(classes):,} classes but holds {rows:,} images "
+            raise InputError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
+        if not counts["sha256"]:
+            raise InputError(f"feature cache {path}: split '{s}' has no rows")
+    rows = sum(f[s]["sha256"].shape[0] for s in splits + ([POOL] if pool else []))
+    if len(classes) > rows:   # more class names than images, labelled or pooled, is damage, not data
+        raise InputError(f"feature cache {path} lists {len(classes):,} classes but holds {rows:,} images "
                         f"(damaged or edited); re-run `pipeline extract`")
     skipped = [(_str(p), _str(r)) for p, r in f["skipped"][:]] if "skipped" in f else []
     return Cache(path, f, attrs, classes, splits, skipped)

@@ -22,10 +22,10 @@ from typing import Callable
 
 import joblib
 
-from pipeline.features.spec import Preprocessing
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import sha256_file, staged_folder, write_atomically
 from pipeline.runtime.reading import Field, checked, read_json
+from pipeline.storage.records import PREPROCESSING
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class")   # metrics that go to details.json
@@ -63,18 +63,18 @@ def check_out(out_dir: Path, force: bool = False, managed: tuple[str, ...] = ())
     out_dir = Path(out_dir)
     blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise UserError(f"--out {out_dir}: {blocker} is a file, not a folder")
+        raise InputError(f"--out {out_dir}: {blocker} is a file, not a folder")
     if not out_dir.is_dir():
         return
     if (out_dir / INFO).exists():
         if not force:
-            raise UserError(f"--out {out_dir} already holds a model directory; pass --force to replace it "
+            raise InputError(f"--out {out_dir} already holds a model directory; pass --force to replace it "
                             f"or choose another --out")
         return
     # DVC keeps a .gitignore in the folder of the outputs it caches; it writes it again after the stage
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in (*managed, ".gitignore"))
     if others:
-        raise UserError(f"--out {out_dir} is a folder of other files ({', '.join(others[:3])}"
+        raise InputError(f"--out {out_dir} is a folder of other files ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}), not a model directory; choose a new or empty folder")
 
 
@@ -109,24 +109,24 @@ def read_info(model_dir: Path) -> dict:
     """model.json, refused (naming its path) when it lacks a field or a field has the wrong form."""
     path = Path(model_dir) / INFO
     if not path.is_file():
-        raise UserError(f"{model_dir} is not a model directory (no {INFO})")
+        raise InputError(f"{model_dir} is not a model directory (no {INFO})")
     info = read_json(path, Field(dict))
     missing = [k for k in (*_FIELDS, "fingerprint") if k not in info]
     if missing:
-        raise UserError(f"{path} lacks keys {missing}")
+        raise InputError(f"{path} lacks keys {missing}")
     for key, form in _FIELDS.items():
         if not isinstance(info[key], form):
-            raise UserError(f"{path}: '{key}' must be a {form.__name__}, got {type(info[key]).__name__}")
+            raise InputError(f"{path}: '{key}' must be a {form.__name__}, got {type(info[key]).__name__}")
     backbone = checked(info["backbone"], BACKBONE, f"{path}: backbone")
-    Preprocessing.from_dict(backbone["preprocessing"], f"{path}: backbone.preprocessing")
+    checked(backbone["preprocessing"], PREPROCESSING, f"{path}: backbone.preprocessing")
     if info["kind"] not in KINDS:
-        raise UserError(f"{path}: unknown kind {info['kind']!r}; expected one of {', '.join(KINDS)}")
+        raise InputError(f"{path}: unknown kind {info['kind']!r}; expected one of {', '.join(KINDS)}")
     if len(info["classes"]) < 2 or not all(isinstance(c, str) for c in info["classes"]):
-        raise UserError(f"{path}: 'classes' must list at least two class names")
+        raise InputError(f"{path}: 'classes' must list at least two class names")
     bad = [name for name, digest in info["files"].items()
            if Path(name).name != name or not isinstance(digest, str) or not _SHA256.fullmatch(digest)]
     if bad:
-        raise UserError(f"{path}: 'files' must map file names in the folder to SHA-256 digests; "
+        raise InputError(f"{path}: 'files' must map file names in the folder to SHA-256 digests; "
                         f"{bad[0]!r} does not")
     return info
 
@@ -136,13 +136,13 @@ def verify(model_dir: Path) -> dict:
     info = read_info(model_dir)
     model_file = KINDS[info["kind"]].model_file
     if model_file not in info["files"]:
-        raise UserError(f"{Path(model_dir) / INFO} records no SHA-256 for {model_file}; refusing to load it")
+        raise InputError(f"{Path(model_dir) / INFO} records no SHA-256 for {model_file}; refusing to load it")
     for name, digest in info["files"].items():
         path = Path(model_dir) / name
         if not path.is_file():
-            raise UserError(f"model directory {model_dir} lacks {name}")
+            raise InputError(f"model directory {model_dir} lacks {name}")
         if sha256_file(path) != digest:
-            raise UserError(f"{path} does not match the SHA-256 recorded in {INFO}; refusing to load it")
+            raise InputError(f"{path} does not match the SHA-256 recorded in {INFO}; refusing to load it")
     return info
 
 
@@ -153,7 +153,7 @@ def read_model(model_dir: Path, kind: Kind):
         return kind.load(path)
     except Exception as exc:   # a foreign or truncated file; for weights.pt, one that carries code
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise UserError(f"{path} cannot be read as a {kind.name} model: {reason}")
+        raise InputError(f"{path} cannot be read as a {kind.name} model: {reason}")
 
 
 def load(model_dir: Path) -> tuple[dict, object]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pipeline.data.folders import DatasetSettings
 from pipeline.features.settings import BackboneSettings
 from pipeline.runtime.devices import device_setting
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import setting
 
 STRATEGIES = ("full", "partial", "head", "scratch")
@@ -47,9 +47,9 @@ class FinetuneSettings(BackboneSettings, DatasetSettings):
 
     def check(self) -> None:
         if self.head_epochs >= self.epochs:
-            raise UserError(f"finetune needs head_epochs < epochs, got epochs={self.epochs}, "
+            raise InputError(f"finetune needs head_epochs < epochs, got epochs={self.epochs}, "
                             f"head_epochs={self.head_epochs}")
         if self.head_epochs and self.strategy == "head":
-            raise UserError("head_epochs (two-phase) applies to full, partial and scratch, not to head")
+            raise InputError("head_epochs (two-phase) applies to full, partial and scratch, not to head")
         if self.freeze is not None and self.strategy != "partial":
-            raise UserError(f"freeze applies to the partial strategy only, not to {self.strategy}")
+            raise InputError(f"freeze applies to the partial strategy only, not to {self.strategy}")

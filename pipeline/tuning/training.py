@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from pipeline.data.folders import Dataset, dataset_digest
 from pipeline.data.images import ImageFiles, collate, worker_init
@@ -37,7 +37,7 @@ from pipeline.heads.metrics import confusion_png, confusion_rows
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import default_workers, resolve_device
-from pipeline.runtime.errors import Interrupted, UserError
+from pipeline.runtime.errors import Interrupted, InputError
 from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.settings import validate
 from pipeline.storage import modeldir
@@ -86,7 +86,7 @@ def frozen_stages(backbone: Backbone, s: FinetuneSettings) -> list[tuple[str, nn
         return []
     n = len(all_stages) // 2 if s.freeze is None else s.freeze
     if not 0 < n < len(all_stages):
-        raise UserError(f"freeze must be between 1 and {len(all_stages) - 1} for {backbone.name} "
+        raise InputError(f"freeze must be between 1 and {len(all_stages) - 1} for {backbone.name} "
                         f"({len(all_stages)} stages: {', '.join(name for name, _ in all_stages)}), got {n}")
     return all_stages[:n]
 
@@ -218,7 +218,7 @@ def evaluate(model: nn.Module, batches, loss_fn, dev: torch.device) -> tuple[flo
             logits.append(model(_to(images, dev)).float().cpu())
         labels.append(y)
     if not logits:
-        raise UserError(f"no usable image in the {batches.split} split")
+        raise InputError(f"no usable image in the {batches.split} split")
     out, y = torch.cat(logits), torch.cat(labels)
     return loss_fn(out, y).item(), (out.argmax(1) == y).float().mean().item(), out.numpy(), y.numpy()
 
@@ -355,17 +355,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, s: FinetuneSettings) -> dict:
     """A checkpoint written by `fit`, refused when it was made with other settings."""
     if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise InputError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # any unreadable or foreign file
-        raise UserError(f"checkpoint {path} is not a readable fine-tuning checkpoint ({exc})")
+        raise InputError(f"checkpoint {path} is not a readable fine-tuning checkpoint ({exc})")
     if not isinstance(state, dict) or "settings" not in state:
-        raise UserError(f"checkpoint {path} is not a fine-tuning checkpoint")
+        raise InputError(f"checkpoint {path} is not a fine-tuning checkpoint")
     diffs = [f"{k}: {v} != {getattr(s, k, None)}" for k, v in state["settings"].items()
              if k not in RESUME_MAY_CHANGE and v != getattr(s, k, None)]
     if diffs:
-        raise UserError(f"checkpoint {path} was made with other settings (checkpoint != now): {'; '.join(diffs)}")
+        raise InputError(f"checkpoint {path} was made with other settings (checkpoint != now): {'; '.join(diffs)}")
     return state
 
 
@@ -405,7 +405,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     state = load_checkpoint(resume, s) if resume else None
     dataset = s.scan(Path(data))
     if "val" not in dataset.splits():
-        raise UserError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
+        raise InputError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
     dev = resolve_device(s.device)
     backbone = load_backbone(replace(s, weights="none") if s.strategy == "scratch" else s)
     frozen = frozen_stages(backbone, s)

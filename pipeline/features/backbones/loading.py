@@ -17,7 +17,7 @@ from pipeline.features import tokens
 from pipeline.features.backbones import Entry, available, family_of
 from pipeline.features.settings import BackboneSettings
 from pipeline.features.spec import BackboneSpec, Preprocessing
-from pipeline.runtime.errors import UserError, check_minimums
+from pipeline.runtime.errors import InputError, check_minimums
 from pipeline.runtime.files import sha256_file
 
 PRETRAINED = ("imagenet", "pretrained")   # the two spellings of a backbone's own pretrained weights
@@ -56,7 +56,7 @@ def canonical_name(name: str) -> str:
     `timm/resnet50.a1_in1k`), after its family (pipeline.features.backbones) accepts it."""
     family = family_of(name)
     if family is None:
-        raise UserError(f"unknown backbone '{name}'; choose one of: {', '.join(available())}")
+        raise InputError(f"unknown backbone '{name}'; choose one of: {', '.join(available())}")
     return family.canonical(name)
 
 
@@ -73,10 +73,10 @@ def _read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read weights file {path}: {exc.__class__.__name__}: {exc}".splitlines()[0])
+        raise InputError(f"cannot read weights file {path}: {exc.__class__.__name__}: {exc}".splitlines()[0])
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+        raise InputError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
     if state and all(k.startswith("module.") for k in state):   # saved from DataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
@@ -102,7 +102,7 @@ def _load_state_dict(model: nn.Module, path: Path, name: str, classifier: str) -
     missing = [k for k in own if k not in state and not in_head(k)]
     misfit = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or misfit:
-        raise UserError(f"weights {path} do not fit {name}: {len(missing)} backbone keys missing "
+        raise InputError(f"weights {path} do not fit {name}: {len(missing)} backbone keys missing "
                         f"(e.g. {missing[:3]}), {len(misfit)} of another shape (e.g. {misfit[:3]})")
     unexpected = [k for k in state if k not in own]
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
@@ -146,7 +146,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
     notes: list[str] = []
     if entry.imagenet_weights is None:   # a network without weights
         if weights not in (*PRETRAINED, "none"):
-            raise UserError(f"backbone {name} has no weights to load; leave --weights out")
+            raise InputError(f"backbone {name} has no weights to load; leave --weights out")
         weights = "none"
     if weights == "none":
         torch.manual_seed(0)
@@ -157,7 +157,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
             weights = family_of(name).pretrained or weights
         path = entry.imagenet_weights() if pretrained else Path(weights)
         if not path.is_file():
-            raise UserError(f"weights file {path} does not exist")
+            raise InputError(f"weights file {path} does not exist")
         if pretrained and entry.load_pretrained is not None:
             model = entry.load_pretrained(path)
         else:
@@ -172,7 +172,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str = "imagenet",
             tokens.sources(model, chosen, name)
         elif chosen not in modules:
             offered = tokens.available(model)
-            raise UserError(f"backbone {name} has no layer '{chosen}'; its top-level modules are: "
+            raise InputError(f"backbone {name} has no layer '{chosen}'; its top-level modules are: "
                             f"{', '.join(n for n, _ in model.named_children())}"
                             + (f"; its token features: {', '.join(offered)}" if offered else ""))
     pre = entry.preprocessing if image_size is None else entry.preprocessing.with_size(image_size)
@@ -193,7 +193,7 @@ def _check_input_size(model: nn.Module, name: str, size: int) -> None:
             model(torch.zeros(1, 3, size, size))
     except (RuntimeError, AssertionError, ValueError) as exc:
         reason = str(exc).splitlines()[0].rstrip(".")
-        raise UserError(f"backbone {name} cannot take {size}x{size} images ({reason}); "
+        raise InputError(f"backbone {name} cannot take {size}x{size} images ({reason}); "
                         f"choose another --image-size or leave it out")
 
 

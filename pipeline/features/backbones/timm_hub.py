@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.features.backbones import Entry, Family
 from pipeline.features.spec import Preprocessing
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,7 +47,7 @@ def _entry(model_name: str, image_size: int | None) -> Entry:
         try:
             return timm.create_model(model_name, pretrained=True, **overlay, **resized)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"weights {path} do not fit timm/{model_name}: {str(exc).splitlines()[0]}")
+            raise InputError(f"weights {path} do not fit timm/{model_name}: {str(exc).splitlines()[0]}")
     layer, dim = _classifier_input(probe, size)
     return Entry(lambda: timm.create_model(model_name, pretrained=False, **resized),
                  lambda: hub_weights(model_name), layer, dim,

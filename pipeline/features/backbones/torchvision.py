@@ -6,7 +6,7 @@ from typing import Callable
 
 from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, Entry, Family, Known
 from pipeline.features.spec import Preprocessing
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 KNOWN = {
     "resnet18": Known("avgpool", 512, "fc"),
@@ -33,7 +33,7 @@ def _weights(name: str) -> Callable[[], Path]:
                 torch.hub.download_url_to_file(url, str(cached), progress=False)
             except Exception as exc:
                 reason = str(getattr(exc, "reason", exc)).splitlines()[0]
-                raise UserError(f"cannot download ImageNet weights for {name} ({reason}); download {url} "
+                raise InputError(f"cannot download ImageNet weights for {name} ({reason}); download {url} "
                                 f"on a machine with network, then pass --weights PATH or copy it to {cached}")
         return cached
     return fetch

@@ -31,7 +31,7 @@ from pipeline.features.backbones.loading import Backbone
 
 from pipeline.features.engines.torch import Embedder, FeatureGraph
 from pipeline.features.settings import ENGINES
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import read_regular, write_atomically
 
 OPSET = 17
@@ -44,12 +44,12 @@ RECORD_LIMIT = 64 << 20     # bytes of the JSON record beside it
 def resolve_engine(engine: str, device: torch.device, precision: str = "float32", compile: bool = False) -> str:
     """'auto': ONNX Runtime for float32 on a CPU without torch.compile, else torch."""
     if engine not in ENGINES:
-        raise UserError(f"unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}")
+        raise InputError(f"unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}")
     onnx_fits = device.type == "cpu" and precision == "float32" and not compile
     if engine == "auto":
         return "onnxruntime" if onnx_fits else "torch"
     if engine == "onnxruntime" and not onnx_fits:
-        raise UserError(f"--engine onnxruntime runs float32 on the CPU, without --compile "
+        raise InputError(f"--engine onnxruntime runs float32 on the CPU, without --compile "
                         f"(got device {device.type}, precision {precision}{', compile' if compile else ''})")
     return engine
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from pipeline.data.folders import Dataset, Sample
 from pipeline.data.images import ImageFiles, batches_within, collate, worker_init
 from pipeline.features.spec import Preprocessing
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 
 def cpu_batches(root: Path, samples: list[Sample], pre: Preprocessing, batch_size: int, workers: int,
                 known: Collection[str] = (), ends: Sequence[int] = ()):
@@ -37,7 +37,7 @@ def channel_stats(dataset: Dataset, backbone, batch_size: int = 64, workers: int
             pixels += x.shape[0] * x.shape[2] * x.shape[3]
             images += x.shape[0]
     if not images:
-        raise UserError("--compute-stats: the training split has no readable image")
+        raise InputError("--compute-stats: the training split has no readable image")
     mean = total / pixels
     std = (squares / pixels - mean * mean).clamp(min=1e-12).sqrt()
     return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()], "images": images}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 from pipeline.runtime.devices import device_setting
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import Rule, rule
 
 SMALL_PROBLEM = 4_000_000   # training values (rows x features) up to which a head trains on one CPU thread
@@ -95,7 +95,7 @@ def _registry() -> dict[str, ClassifierSpec]:
 
 def spec_of(name: str) -> ClassifierSpec:
     if name not in CLASSIFIERS:
-        raise UserError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
+        raise InputError(f"unknown classifier '{name}'; choose one of: {', '.join(CLASSIFIERS)}")
     return CLASSIFIERS[name]
 
 
@@ -156,10 +156,10 @@ def make_head(name: str, value, class_weight: str | None = None, **params):
     spec = spec_of(name)
     unknown = set(params) - set(spec.params)
     if unknown:
-        raise UserError(f"classifier {name} has no parameter {sorted(unknown)[0]!r}; "
+        raise InputError(f"classifier {name} has no parameter {sorted(unknown)[0]!r}; "
                         f"it takes: {', '.join((spec.tuned, 'class_weight', *spec.params))}")
     if class_weight not in (None, "balanced"):
-        raise UserError(f"class_weight must be 'balanced' or empty, got {class_weight!r}")
+        raise InputError(f"class_weight must be 'balanced' or empty, got {class_weight!r}")
     return spec.build(value, class_weight=class_weight, **params)
 
 

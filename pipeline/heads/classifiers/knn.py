@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.heads.classifiers import AUTO, ClassifierSpec
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import Rule
 
 
 def build(n_neighbors, class_weight=None):
     if class_weight is not None:
-        raise UserError("classifier knn does not support class_weight")
+        raise InputError("classifier knn does not support class_weight")
     from sklearn.neighbors import KNeighborsClassifier
     return KNeighborsClassifier(n_neighbors=int(n_neighbors), weights="distance")
 
@@ -21,7 +21,7 @@ class NeighbourCount(ClassifierSpec):
     def candidates(self, values: list[float], n_fit: int) -> list[float]:
         kept = [v for v in values if v <= n_fit]
         if values and not kept:
-            raise UserError(f"n_neighbors={values[0]:g} is more than the {n_fit} training images a fit sees")
+            raise InputError(f"n_neighbors={values[0]:g} is more than the {n_fit} training images a fit sees")
         return kept
 
     def beyond(self, tried: dict, best: float, n_fit: int) -> float | None:

@@ -1,0 +1,1 @@
+"""Which unlabelled images of the cache's pool to label next."""
