@@ -286,6 +286,23 @@ def test_a_cache_with_edited_attributes_is_one_line(tmp_path, attrs, message):
         assert message in line and not (tmp_path / command).exists()
 
 
+def test_a_cold_start_cache_counts_its_pool_against_its_classes(tmp_path):
+    """A cache of a pool alone names classes it has no labelled image of yet; more names than images is damage."""
+    import h5py
+
+    from pipeline.storage.cache import attrs_checksum, fingerprint, open_cache
+    from tests.test_select import pooled_cache
+    cache, _ = pooled_cache(tmp_path / "f.h5", labelled=0, pool=12, classes=3)
+    with open_cache(cache) as opened:
+        assert opened.classes == ["c0", "c1", "c2"] and opened.splits == []
+    with h5py.File(cache, "r+") as f:
+        f.attrs["classes"] = json.dumps([f"c{i}" for i in range(13)])
+        f.attrs["fingerprint"] = fingerprint({k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()})
+        f.attrs["checksum"] = attrs_checksum(f.attrs)
+    with pytest.raises(pipeline.InputError, match="lists 13 classes but holds 12 images"):
+        open_cache(cache)
+
+
 @pytest.mark.parametrize("args, message", [
     (("--neighbours", 100000000), "--neighbours must be at most 1,000, got 100000000"),
     (("--neighbours", 32), "--neighbours must be below the number of images (32), got 32"),
