@@ -102,6 +102,16 @@ def test_a_new_audit_replaces_its_own_report_whole(cache, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
 
 
+
+def test_the_api_audit_writes_the_owned_report_only_where_told(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    held = pipeline.audit(cache, folds=2, seeds=1)
+    assert held.page is None and held.outliers and list((tmp_path / "scratch").iterdir()) == []
+    written = pipeline.audit(cache, tmp_path / "report", folds=2, seeds=1)
+    assert written.page == tmp_path / "report" / "index.html" and written.page.is_file()
+    assert written.outliers == held.outliers and "index.html" in (tmp_path / "report" / MANIFEST).read_text()
+
 @contextmanager
 def file_size_limit(size: int):
     """A real OS limit on the size of any file this process writes (EFBIG, as a full disk fails writes with
