@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.reading import Field, read_json
 from pipeline.runtime.settings import fields, validate
 
 
@@ -74,7 +75,8 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{split} {n}" for split, n in self.rows.items())
-        made = f"{self.attrs.get('backbone')} {json.loads(self.attrs['transform']).get('image_size', '?')}px"
+        transform = json.loads(self.attrs["transform"])   # its form checked when the cache was opened
+        made = f"{self.attrs.get('backbone')} {transform.get('image_size', '?')}px"
         return f"FeatureCache('{self.path}': {len(self.classes)} classes, rows {rows}; {made}, layers {self.layers})"
 
 
@@ -132,10 +134,7 @@ class Model:
             self.metrics = {k: v for k, v in trained.metrics.items() if k not in modeldir.DETAILS}
             return
         self.path, self.info = Path(path), modeldir.verify(path)
-        try:
-            self.metrics = json.loads((self.path / "metrics.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"model directory {path}: metrics.json cannot be read ({exc})") from None
+        self.metrics = read_json(self.path / "metrics.json", Field(dict))
 
     @property
     def classes(self) -> list[str]:
@@ -147,10 +146,7 @@ class Model:
         from pipeline.storage import modeldir
         if self._trained is not None:
             return {k: self._trained.metrics[k] for k in modeldir.DETAILS if k in self._trained.metrics}
-        try:
-            return json.loads((self.path / "details.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"model directory {self.path}: details.json cannot be read ({exc})") from None
+        return read_json(self.path / "details.json", Field(dict))
 
     @property
     def approach(self) -> str:
@@ -309,9 +305,9 @@ def audit(cache, out=None, *, log=None, **settings) -> AuditResult:
     from pipeline.auditing.run import audit as run
     from pipeline.report.audit_page import write_page
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(out) if out is not None else Path(scratch)
-        summary = run(path, folder, s, log=log or (lambda line: None))
-        page = write_page(folder) if out is not None else None
+        folder = Path(out) if out is not None else Path(scratch) / "report"
+        summary = run(path, folder, s, log=log or (lambda line: None), page=write_page if out is not None else None)
+        page = folder / "index.html" if out is not None else None
         tables = {name: _rows(folder / f"{name}.csv")
                   for name in ("label_issues", "duplicates", "outliers", "learning_curve")}
     return AuditResult(**tables, summary=summary, page=page)
@@ -333,7 +329,7 @@ def select(cache, out=None, **settings) -> list[dict]:
 
 
 def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:   # paths as the cache keeps them
         return list(csv.DictReader(f))
 
 

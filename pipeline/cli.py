@@ -25,6 +25,7 @@ from pipeline import api
 from pipeline.runtime.devices import DEVICES, device_setting
 from pipeline.runtime.errors import Interrupted, InputError, exit_with, quote, run_stage
 from pipeline.runtime.imports import heavy_imports, preload
+from pipeline.runtime.printing import say
 from pipeline.runtime.settings import (alternatives, default, fields, from_options, keywords, option_name, rule,
                                        type_hints)
 from pipeline.selection.settings import SelectSettings
@@ -116,7 +117,7 @@ class Format(str, Enum):
 def _say(lines, quiet: bool = False) -> None:
     if not quiet:
         for line in lines:
-            typer.echo(line, err=True)
+            say(line)
 
 
 @app.command()
@@ -250,7 +251,7 @@ def predict(
             note = "" if r.score_kind == "probabilities" else f"  ({r.score_kind}, not probabilities)"
             if r.familiar is False:
                 note += f"  (unfamiliar: novelty {r.novelty:.3f}, unlike the training images)"
-            typer.echo(f"{r.path}: skipped ({r.skipped})" if r.skipped else f"{r.path}: {shown}{note}")
+            say(f"{r.path}: skipped ({r.skipped})" if r.skipped else f"{r.path}: {shown}{note}", err=False)
     skipped = [r for r in results if r.skipped]
     if skipped and format is not Format.table:
         _say([f"skipped {r.path}: {r.skipped}" for r in skipped])
@@ -279,7 +280,8 @@ def compare(
     against compute time (compare.png)."""
     with heavy_imports():
         from pipeline.report.compare import markdown
-    typer.echo(markdown(api.compare(model_dirs, out)), nl=False)
+    for line in markdown(api.compare(model_dirs, out)).splitlines():
+        say(line, err=False)
 
 
 @app.command()

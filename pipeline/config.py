@@ -7,18 +7,24 @@ from pathlib import Path
 import yaml
 
 from pipeline.runtime.errors import InputError, quote
+from pipeline.runtime.files import read_regular
 from pipeline.runtime.settings import from_mapping, key_name
 
 PARAMS = Path("params.yaml")
+PARAMS_LIMIT = 1 << 20   # bytes: a settings file, read without blocking and only if regular
 
 
 def read_params(section: str, path: Path = PARAMS) -> dict:
     """The mapping under `section` of the YAML file `path` ({} when absent)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        text = read_regular(path, PARAMS_LIMIT)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text.decode("utf-8")) or {}
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})")
     except yaml.YAMLError as exc:

@@ -5,6 +5,7 @@ from pipeline.auditing.settings import AuditSettings
 from pipeline.config import stage_settings
 from pipeline.runtime.errors import run_stage
 from pipeline.runtime.imports import heavy_imports
+from pipeline.runtime.printing import say
 from pipeline.runtime.settings import keywords
 
 
@@ -14,10 +15,10 @@ def main():
     with heavy_imports():   # torch loads once the settings are accepted; what pipeline.audit runs
         import pipeline.auditing.run
         import pipeline.report.audit_page
-    result = pipeline.audit(features, out, log=print, **keywords(s))
+    result = pipeline.audit(features, out, log=say, **keywords(s))
     summary = result.summary
-    print(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
-          f"({summary['leak_groups']} across splits), {summary['outliers']} outliers -> {result.page}")
+    say(f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
+        f"({summary['leak_groups']} across splits), {summary['outliers']} outliers -> {result.page}")
 
 
 run_stage(main)

@@ -68,10 +68,12 @@ def test_an_extractor_sweep_reruns_only_what_changed_and_selects_by_val(tmp_path
     assert first == {"prepare", "extract@small", "extract@large", "finetune@ft_head", "compare", "audit@small",
                      "audit@large", *(f"train@{m}" for m in models)}
     shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True)
-    audited = next(iter(json.loads(shown.stdout).values()))["data"]["reports/audit/small/summary.json"]["data"]
-    summary = json.loads((repo / "reports" / "audit" / "small" / "summary.json").read_text())
-    assert audited["images"] == 36 and {k: audited[k] for k in ("label_issues", "leak_groups", "outliers")} == \
-        {k: summary[k] for k in ("label_issues", "leak_groups", "outliers")}
+    scores = next(iter(json.loads(shown.stdout).values()))["data"]["models/small/logreg/scores.json"]["data"]
+    metrics = json.loads((repo / "models" / "small" / "logreg" / "metrics.json").read_text())
+    assert scores == {k: metrics[k] for k in ("top1", "balanced_accuracy", "macro_f1", "val_score")}
+    table = sh("dvc", "metrics", "show", cwd=repo, env=env)
+    assert max(map(len, table.splitlines())) <= 120, table   # four scores a model; the audit's are no metric
+    assert json.loads((repo / "reports" / "audit" / "small" / "summary.json").read_text())["images"] == 36
     assert (repo / "reports" / "audit" / "small" / "index.html").is_file()
     rows = json.loads((repo / "reports" / "compare.json").read_text())
     assert sorted(r["name"] for r in rows) == ["ft_head", "large/knn", "large/logreg", "small/knn", "small/logreg"]

@@ -205,7 +205,8 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
     shown = json.loads(dvc("metrics", "show", "--json"))
     metrics = next(iter(shown.values()))["data"]
     written = json.loads((repo / "models" / "x" / "logreg" / "metrics.json").read_text())
-    assert metrics["models/x/logreg/metrics.json"]["data"] == written
+    assert metrics["models/x/logreg/scores.json"]["data"] == {k: written[k] for k in
+                                                              ("top1", "balanced_accuracy", "macro_f1", "val_score")}
     assert set(written) == {*DESIGN_KEYS, "val_score", "selection", "n_val", "n_test", "predict_seconds",
                             "extract_seconds", "log_loss", "ece", "ece_uncalibrated"}   # one value each; no top5
                                                                                    # with 3 classes
@@ -213,7 +214,7 @@ def test_dvc_shows_metrics_and_confusion_plots(small_cache, tmp_path):
     assert details["hyperparameters"]["C"] > 0 and details["per_class"]["red"]["support"] == 4
     assert details["search"]["hyperparameter"] == "C" and "0.01" in details["search"]["scores"]
     table = dvc("metrics", "show")
-    assert "models/x/logreg/metrics.json" in table and "top1" in table
+    assert "models/x/logreg/scores.json" in table and "top1" in table and max(map(len, table.splitlines())) <= 120
 
     plots = json.loads(dvc("plots", "show", "--json"))
     rows = [r for p in plots["data"]["models/x/logreg/confusion.json"] for r in p["content"]["data"]["values"]]

@@ -8,12 +8,16 @@ out_dir/outliers.csv        path, split, label, score, flagged, score_in_class, 
 out_dir/learning_curve.csv  head, per_class, mean, std, runs (accuracy on the evaluation split)
 out_dir/learning_curve.png
 out_dir/summary.json        counts, classes, splits, the cache, its data folder and the settings
+out_dir/index.html, thumbs/ the report page, where the caller passes `page` (pipeline.report.audit_page)
 Paths are relative to the data folder, as the cache stores them. Nothing is written before every
-finding is computed.
+finding is computed; then the whole folder is written beside `out_dir` and renamed over it
+(`files.staged_folder`), so a previous report stays whole until the new one is, and a folder holding
+files the audit did not write is refused before any work.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +29,7 @@ import numpy as np
 from pipeline.auditing import label_issues, learning_curve, neighbours, outliers, pixels
 from pipeline.auditing.settings import AuditSettings
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.files import check_owned, staged_folder, write_atomically
 from pipeline.runtime.settings import validate
 from pipeline.storage.cache import open_cache
 
@@ -47,18 +52,21 @@ def read_images(cache) -> Images:
 
 
 def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
-          log: Callable[[str], None] = lambda line: None) -> dict:
+          log: Callable[[str], None] = lambda line: None, page: Callable[[Path], object] | None = None) -> dict:
     """Compute every finding of the cache at `cache_path`, then write them to `out_dir`; returns the summary.
+    `page` writes the report page into the folder before it replaces `out_dir` (`report.audit_page.write_page`,
+    given by the caller: the report layer sits above this one).
     Why so long: the findings are computed in one pass over one read of the cache, each a call, and their
     results are written together so that a failure leaves `out_dir` as it was."""
     s = s or AuditSettings()
     s = validate(s)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file; name a folder for the report")
+    check_owned(out_dir, "audit report")
     with open_cache(cache_path) as cache:
         images = read_images(cache)
         classes, splits, data_root = cache.classes, cache.splits, cache.data_root
+    if s.neighbours >= len(images.labels):
+        raise InputError(f"--neighbours must be below the number of images ({len(images.labels)}), got {s.neighbours}")
     if np.bincount(images.labels).max() < 2:
         raise InputError(f"feature cache {cache_path} has no class with two images; nothing to audit")
 
@@ -97,25 +105,7 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     log(f"learning curve: {len(points)} points" + (f" on {eval_split}" if eval_split else ", no val or test split")
         + f" in {time.perf_counter() - start:.1f}s")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     given = np.array(classes, dtype=object)
-    _write(out_dir / "label_issues.csv", ["path", "split", "given", "suggested", "score"],
-           zip(images.paths[issues.rows], images.splits[issues.rows], given[images.labels[issues.rows]],
-               given[issues.suggested[issues.rows]], _rounded(issues.score[issues.rows])))
-    rows = duplicates.rows
-    _write(out_dir / "duplicates.csv", ["group", "path", "split", "similarity", "pixel_correlation", "leak",
-                                        "found_by"],
-           zip(duplicates.group, images.paths[rows], images.splits[rows], _rounded(duplicates.similarity),
-               _rounded(duplicates.correlation), np.where(duplicates.leak, "true", "false"),
-               np.where(duplicates.by_pixels, "pixels", "features")))
-    _write(out_dir / "outliers.csv", ["path", "split", "label", "score", "flagged", "score_in_class",
-                                      "score_overall", "distance_to_classes"],
-           zip(images.paths[ranking], images.splits[ranking], given[images.labels[ranking]],
-               _rounded(unusual.score[ranking]), np.where(flagged, "true", "false"),
-               *(_rounded(v[ranking]) for v in (unusual.in_class, unusual.overall, unusual.no_content))))
-    _write(out_dir / "learning_curve.csv", ["head", "per_class", "mean", "std", "runs"],
-           ((p.head, p.per_class, f"{p.mean:.4f}", f"{p.std:.4f}", p.runs) for p in points))
-    learning_curve.plot(points, eval_split or "no evaluation split", out_dir / "learning_curve.png")
     summary = {"cache": str(cache_path), "data_root": data_root, "images": len(images.labels),
                "splits": {split: int((images.splits == split).sum()) for split in splits},
                "classes": classes, "label_issues": len(issues.rows), "label_issue_classifier": trust.as_dict(),
@@ -123,8 +113,37 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
                "pixel_check": pixel_check, "outliers": int(flagged.sum()),
                "settings": {**asdict(s), "eval_split": eval_split,
                             "learning_curve_heads": list(learning_curve.HEADS)}}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with staged_folder(out_dir, "audit report") as folder:
+        _write_report(folder, images, issues, duplicates, (unusual, ranking, flagged), (points, eval_split), given)
+        write_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if page:
+            page(folder)
     return summary
+
+
+def _write_report(folder: Path, images: Images, issues, duplicates, ranked: tuple, curve: tuple[list, str | None],
+                  given: np.ndarray) -> None:
+    """The CSVs and the learning curve's plot. `ranked`: the outlier scores of every row, their ranking and which
+    ranked rows are flagged; `curve`: the learning curve's points and the split they were measured on."""
+    unusual, ranking, flagged = ranked
+    points, eval_split = curve
+    _write(folder / "label_issues.csv", ["path", "split", "given", "suggested", "score"],
+           zip(images.paths[issues.rows], images.splits[issues.rows], given[images.labels[issues.rows]],
+               given[issues.suggested[issues.rows]], _rounded(issues.score[issues.rows])))
+    rows = duplicates.rows
+    _write(folder / "duplicates.csv", ["group", "path", "split", "similarity", "pixel_correlation", "leak",
+                                       "found_by"],
+           zip(duplicates.group, images.paths[rows], images.splits[rows], _rounded(duplicates.similarity),
+               _rounded(duplicates.correlation), np.where(duplicates.leak, "true", "false"),
+               np.where(duplicates.by_pixels, "pixels", "features")))
+    _write(folder / "outliers.csv", ["path", "split", "label", "score", "flagged", "score_in_class",
+                                     "score_overall", "distance_to_classes"],
+           zip(images.paths[ranking], images.splits[ranking], given[images.labels[ranking]],
+               _rounded(unusual.score[ranking]), np.where(flagged, "true", "false"),
+               *(_rounded(v[ranking]) for v in (unusual.in_class, unusual.overall, unusual.no_content))))
+    _write(folder / "learning_curve.csv", ["head", "per_class", "mean", "std", "runs"],
+           ((p.head, p.per_class, f"{p.mean:.4f}", f"{p.std:.4f}", p.runs) for p in points))
+    learning_curve.plot(points, eval_split or "no evaluation split", folder / "learning_curve.png")
 
 
 def _pixel_line(check: dict) -> str:
@@ -141,7 +160,8 @@ def _rounded(values: np.ndarray) -> list[str]:
 
 
 def _write(path: Path, header: list[str], rows) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_atomically(path, text.getvalue())

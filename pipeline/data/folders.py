@@ -332,7 +332,7 @@ def _csv_reader(path: Path, what: str):
         raise InputError(f"{what} {path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            yield csv.DictReader(f)
+            yield csv.DictReader(f, strict=True)   # an unterminated quote is an error, not one huge cell
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path} is not a readable CSV file: {exc}")
 

@@ -37,6 +37,7 @@ from pipeline.features.extract import extract
 from pipeline.features.settings import BenchSettings, ExtractSettings, RunSettings
 from pipeline.features.spec import Preprocessing
 from pipeline.runtime.devices import default_batch_size, resolve_device, resolve_precision
+from pipeline.runtime.files import write_atomically
 from pipeline.runtime.settings import fields, validate
 from pipeline.storage.cache import library_versions
 
@@ -235,5 +236,4 @@ def table(results: list[dict]) -> str:
 
 
 def write_json(result: dict | list, path: Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    write_atomically(Path(path), json.dumps(result, indent=2) + "\n")

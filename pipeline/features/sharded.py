@@ -109,7 +109,7 @@ def concatenate(dataset: Dataset, shards: list[Path], out: Path, **attrs) -> lis
         if not trained:
             raise InputError(no_training_rows(skipped, out))
         first = files[0]
-        layers = json.loads(first.attrs["layers"])
+        layers = json.loads(first.attrs["layers"])   # a shard this run wrote, opened through open_cache
         dims = {layer: trained[0]["train" if "train" in trained[0] else POOL][features_name(layer, layers)].shape[1] for layer in layers}
         writer = FeatureWriter(out, dict(first.attrs), dims, first.attrs["dtype"])
         try:

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
+from pipeline.runtime.reading import Field, checked, parsed
+from pipeline.storage.records import LAYERS, PREPROCESSING
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -22,7 +25,9 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict, where: str = "preprocessing") -> "Preprocessing":
+        """The recipe `d` records, refused (naming `where` and the field) unless it has `PREPROCESSING`'s form."""
+        checked(d, PREPROCESSING, where)
         return cls(d["image_size"], d["resize"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]))
 
     def with_size(self, image_size: int) -> "Preprocessing":
@@ -82,8 +87,11 @@ class BackboneSpec:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "BackboneSpec":
-        return cls(attrs["backbone"], attrs["weights"], attrs["weights_sha256"], tuple(json.loads(attrs["layers"])),
-                   Preprocessing.from_dict(json.loads(attrs["transform"])), bool(attrs["tta"]))
+        where = "feature cache attribute"
+        layers = tuple(parsed(attrs["layers"], LAYERS, f"{where} layers"))
+        transform = parsed(attrs["transform"], Field(dict), f"{where} transform")
+        return cls(attrs["backbone"], attrs["weights"], attrs["weights_sha256"], layers,
+                   Preprocessing.from_dict(transform, f"{where} transform"), bool(attrs["tta"]))
 
     def to_dict(self) -> dict:
         """The form model.json keeps."""

@@ -25,7 +25,7 @@ from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import InputError, warn
 from pipeline.storage import modeldir
-from pipeline.storage.cache import check_expected, open_cache
+from pipeline.storage.cache import check_expected, fingerprinted, open_cache
 
 
 def _preprocessor(kind: str):
@@ -229,8 +229,9 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
                    search=head.search(chosen))
     info = {"classifier": head.name, "classes": cache.classes,
             "backbone": model_spec(cache.attrs).to_dict(),
-            "fingerprint": cache.attrs["fingerprint"], "feature_preprocessing": s.preprocess,
-            "dataset": dataset, **({"calibration": temperature.to_dict()} if temperature else {})}
+            "fingerprint": cache.attrs["fingerprint"], "cache": fingerprinted(cache.attrs),
+            "feature_preprocessing": s.preprocess, "dataset": dataset,
+            **({"calibration": temperature.to_dict()} if temperature else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
     return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity)

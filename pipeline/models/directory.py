@@ -10,7 +10,6 @@ their SHA-256 first (pipeline.storage.modeldir) and reads the model file only wh
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +23,9 @@ if TYPE_CHECKING:
     from pipeline.features.backbones.loading import Backbone
 from pipeline.features.spec import BackboneSpec, Preprocessing
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.reading import Field, read_json
 from pipeline.storage import modeldir
+from pipeline.storage.cache import check_trained_on
 
 PROBABILITIES = "probabilities"
 Scorer = Callable[[torch.Tensor], np.ndarray]   # normalised images [N, 3, H, W] -> scores [N, classes]
@@ -80,10 +81,7 @@ class ModelDirectory:
         path = self.path / "metrics.json"
         if not path.is_file():
             raise InputError(f"model directory {self.path} has no metrics.json")
-        try:
-            return json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path} is not valid JSON: {exc}")
+        return read_json(path, Field(dict))
 
     @cached_property
     def model(self):
@@ -169,6 +167,7 @@ class FeatureModel(ModelDirectory):
         """The backbone recorded in model.json, refusing weights other than those it was trained on."""
         from pipeline.features.backbones.loading import recorded_backbone
         spec = self.backbone_spec
+        check_trained_on(self.info.get("cache"), spec, self.info["fingerprint"], str(self.path / modeldir.INFO))
         backbone = recorded_backbone(spec)
         if backbone.weights_sha256 != spec.weights_sha256:
             raise InputError(f"weights {spec.weights} differ from those the model {self.path} was trained on "

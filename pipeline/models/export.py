@@ -13,7 +13,6 @@ Both carry classes and the image preprocessing recipe as metadata (`model.json`)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from pipeline.models.directory import open_model
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.files import replaced_atomically
 
 FORMATS = (".pt2", ".onnx")
 
@@ -37,19 +37,13 @@ def export(model_dir: Path, out: Path) -> Path:
     meta = json.dumps({"classes": model.classes, "approach": model.approach, "scores": model.scores,
                        "preprocessing": model.preprocessing.to_dict(),
                        "fingerprint": model.cache_fingerprint})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.stem}.tmp{out.suffix}")
-    try:
-        with torch.no_grad():
-            if out.suffix == ".pt2":
-                program = torch.export.export(network, (example,),
-                                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-                torch.export.save(program, tmp, extra_files={"model.json": meta})
-            else:
-                _export_onnx(network, example, tmp, meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced_atomically(out) as tmp, torch.no_grad():
+        if out.suffix == ".pt2":
+            program = torch.export.export(network, (example,),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            torch.export.save(program, tmp, extra_files={"model.json": meta})
+        else:
+            _export_onnx(network, example, tmp, meta)
     return out
 
 

@@ -16,6 +16,7 @@ from pipeline.data.images import ImageError, read_image
 from pipeline.models.directory import ModelDirectory, Network, open_model
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import InputError, check_minimums
+from pipeline.runtime.files import check_owned, staged_folder
 
 BATCH = 8   # images per forward (and, for Grad-CAM, backward) pass
 
@@ -143,6 +144,7 @@ def visualize(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24, g
     """predictions.png and, with `gradcam`, gradcam.png of the same images in folder `out`. Everything is
     checked (model, Grad-CAM's network, readable images) before anything is written."""
     check_minimums({"limit": 1}, {"limit": limit})
+    check_owned(out, "visualization")
     model = open_model(model_dir)
     dev = resolve_device(device)
     network = model.network() if gradcam else None
@@ -153,9 +155,8 @@ def visualize(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24, g
                    model.preprocessing.resize)
     if not shown:
         raise InputError(f"no readable image in {', '.join(map(str, inputs))}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    wrong = prediction_grid(model, shown, out / "predictions.png", dev)
-    if network is not None:
-        gradcam_grid(model, network, shown, out / "gradcam.png", dev)
+    with staged_folder(out, "visualization") as folder:   # written whole; the grids save into the fresh folder
+        wrong = prediction_grid(model, shown, folder / "predictions.png", dev)
+        if network is not None:
+            gradcam_grid(model, network, shown, folder / "gradcam.png", dev)
     return {"shown": len(shown), "wrong": wrong}

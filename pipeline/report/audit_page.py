@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
-import os
 from html import escape
 from pathlib import Path
 
 from pipeline.data.images import ImageError, file_under, read_image
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.files import write_atomically
+from pipeline.runtime.reading import Field, read_json
 
 ROWS_SHOWN = 100      # rows per table (duplicate groups for duplicates.csv); the CSVs hold all of them
 OUTLIERS_BELOW = 20   # images shown after the flagged outliers, the next in the ranking
@@ -53,10 +55,7 @@ def write_page(out_dir: Path) -> Path:
     """Write out_dir/index.html (and out_dir/thumbs/) from the audit's files in out_dir; return its path."""
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {summary_path}: {exc}") from None
+    summary = read_json(summary_path, Field(dict))
     missing = [key for key in SUMMARY_KEYS if key not in summary]
     if missing:
         raise InputError(f"{summary_path} lacks {', '.join(missing)}")
@@ -67,13 +66,10 @@ def write_page(out_dir: Path) -> Path:
             _duplicates(tables["duplicates.csv"], thumbs, summary),
             _outliers(tables["outliers.csv"], thumbs),
             _learning_curve(tables["learning_curve.csv"], (out_dir / "learning_curve.png").is_file())]
-    thumbs.remove_unused()
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Data audit</title>\n'
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
     index = out_dir / "index.html"
-    partial = out_dir / "index.html.tmp"
-    partial.write_text(page, encoding="utf-8")
-    os.replace(partial, index)
+    write_atomically(index, page)
     return index
 
 
@@ -81,7 +77,7 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict] | None:
     """The rows of one of the audit's CSVs; None when the file is not there."""
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:   # names as the cache keeps them
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or ())]
         if missing:
@@ -89,16 +85,23 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict] | None:
         return list(reader)
 
 
+# Folders of the system, not of a user's images: a cache naming one (or a folder under the first few) as its
+# data folder gets no thumbnails, so a doctored cache cannot copy images from anywhere on the machine.
+SYSTEM_FOLDERS = tuple(map(Path, ("/etc", "/proc", "/sys", "/dev", "/boot", "/root", "/run")))
+SYSTEM_ROOTS = tuple(map(Path, ("/", "/bin", "/sbin", "/lib", "/lib64", "/usr", "/var", "/opt", "/srv", "/home",
+                                "/tmp", "/mnt", "/media")))
+
+
 class Thumbnails:
     """Small JPEGs of the images under the data root, made once per path, named by a digest of the path
-    (never by the user's file name)."""
+    (never by the user's file name). Only files under a data root that is not a system folder are shown,
+    and never through a link that leads out of it."""
 
     def __init__(self, data_root: str | None, folder: Path):
         self.root = Path(data_root).resolve() if data_root else None
-        self.reachable = self.root is not None and self.root.is_dir()
+        self.reachable = self.root is not None and self.root.is_dir() and not system_folder(self.root)
         self.folder = folder
         self.made: dict[str, str] = {}   # path -> cell HTML
-        self.files: set[str] = set()     # thumbnail file names this page uses
 
     def cell(self, rel: str) -> str:
         """A thumbnail linked to the original image, or a grey box with the reason it cannot be shown."""
@@ -110,23 +113,27 @@ class Thumbnails:
         if not self.reachable:
             return _placeholder("images not reachable")
         try:
-            source = file_under(self.root, rel)
+            source = file_under(self.root, rel).resolve()
+            if not source.is_relative_to(self.root):
+                raise ImageError("a link out of the data folder")
             image, _ = read_image(source, shortest=THUMB_SIZE)
-        except ImageError as exc:
+        except (ImageError, OSError) as exc:
             return _placeholder(str(exc))
         image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        if self.folder.is_symlink():
+            raise InputError(f"{self.folder} is a symbolic link; refusing to write thumbnails through it")
         self.folder.mkdir(exist_ok=True)
         name = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".jpg"
-        image.save(self.folder / name, "JPEG", quality=85)
-        self.files.add(name)
+        jpeg = io.BytesIO()
+        image.save(jpeg, "JPEG", quality=85)
+        write_atomically(self.folder / name, jpeg.getvalue())
         return (f'<a class="thumb" href="{escape(source.as_uri())}">'
                 f'<img src="thumbs/{name}" alt="{escape(rel)}"></a>')
 
-    def remove_unused(self) -> None:
-        """Delete thumbnails of an earlier page that this one no longer shows."""
-        for old in self.folder.glob("*.jpg"):
-            if old.name not in self.files:
-                old.unlink()
+
+def system_folder(root: Path) -> bool:
+    """Whether `root` (resolved) is a folder of the system rather than one of images."""
+    return root in SYSTEM_ROOTS or any(root.is_relative_to(folder) for folder in SYSTEM_FOLDERS)
 
 
 def _placeholder(reason: str) -> str:
@@ -148,7 +155,9 @@ def _header(summary: dict, thumbs: Thumbnails) -> str:
     settings = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(json.dumps(v))}</td></tr>"
                        for k, v in summary["settings"].items())
     root = summary["data_root"]
-    where = f"{escape(str(root))} is not a folder on this machine" if root else "the cache names no data folder"
+    where = ("the cache names no data folder" if not root else
+             f"{escape(str(root))} is a system folder, not one of images" if thumbs.root and system_folder(thumbs.root)
+             else f"{escape(str(root))} is not a folder on this machine")
     note = "" if thumbs.reachable else \
         f'<p class="note">The images are not reachable: {where}. The tables list their paths without thumbnails.</p>'
     return (f"<h1>Data audit</h1>\n{note}<table>{rows}</table>\n"

@@ -17,6 +17,8 @@ from pipeline.features.spec import BackboneSpec
 from pipeline.heads.metrics import accuracy_interval
 from pipeline.models.directory import KINDS, ModelDirectory, open_model
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.files import replaced_atomically, write_atomically
+from pipeline.runtime.printing import shown as escaped
 
 
 def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -179,7 +181,8 @@ def figure(table: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 5))
-    shown = [r for r in table if r["total_seconds"] is not None]
+    shown = [dict(r, name=escaped(r["name"])) for r in table   # a name's odd bytes would stop the font
+             if r["total_seconds"] is not None]
     for (kind, cls), marker, colour in zip(KINDS.items(), "os^D", ("C0", "C1", "C2", "C3")):
         label = cls.what
         group = [r for r in shown if r["kind"] == kind]
@@ -210,16 +213,17 @@ def figure(table: list[dict]):
 
 
 def compare(model_dirs: list[Path], out: Path) -> list[dict]:
-    """Write compare.md, compare.json and compare.png to `out`."""
+    """Write compare.md, compare.json and compare.png to the folder `out`, each replaced whole (a folder
+    shared with other reports, such as reports/, so not replaced as one)."""
     if not model_dirs:
         raise InputError("compare needs at least one model directory")
     table = rows(model_dirs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out / "compare.md").write_text(markdown(table))
     import matplotlib.pyplot as plt
     fig = figure(table)
-    fig.savefig(out / "compare.png", dpi=100)
+    out = Path(out)
+    write_atomically(out / "compare.json", json.dumps(table, indent=2) + "\n")
+    write_atomically(out / "compare.md", markdown(table))
+    with replaced_atomically(out / "compare.png") as png:
+        fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
     return table

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from pipeline.runtime.devices import resolve_device
 from pipeline.runtime.errors import EXIT_CODE_DIR, InputError
+from pipeline.runtime.printing import say
 
 
 def rank() -> int:
@@ -77,9 +78,9 @@ def launch(nproc: int, args: list[str]) -> int:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // nproc))
     with tempfile.TemporaryDirectory() as codes:
         code = subprocess.call(command, env={**os.environ, EXIT_CODE_DIR: codes, "OMP_NUM_THREADS": threads})
-        reports = [json.loads(p.read_text()) for p in sorted(Path(codes).iterdir())]
+        reports = [json.loads(p.read_text()) for p in sorted(Path(codes).iterdir())]   # the ranks', in our temp dir
     for message in dict.fromkeys(r["message"] for r in reports if r["message"]):
-        print(message, file=sys.stderr)
+        say(message)
     ranks = {r["code"] for r in reports}
     return code if code == 0 else 2 if 2 in ranks else 130 if 130 in ranks else code
 
@@ -101,7 +102,7 @@ def quiet_torchrun(argv: list[str]) -> None:
     except ChildFailedError as exc:
         for failed_rank, failure in sorted(unexplained_failures(exc.failures).items()):
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            print(f"error: rank {failed_rank} stopped with {how}", file=sys.stderr)
+            say(f"error: rank {failed_rank} stopped with {how}")
         sys.exit(1)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipeline.runtime.imports import collect_after_imports
+from pipeline.runtime.printing import say, warnings_summarised
 
 EXIT_CODE_DIR = "PIPELINE_EXIT_CODE_DIR"   # set by `--nproc`: each torchrun rank leaves its exit code there
 
@@ -44,7 +45,7 @@ def warn(message: str) -> None:
     """A problem worth knowing that does not stop the run: one stderr line prefixed 'warning:'. Under
     torchrun only rank 0 prints it: the warnings are about the data, which every rank reads alike."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        say(f"warning: {message}")
 
 
 def exit_with(code: int, message: str = "") -> NoReturn:
@@ -53,19 +54,21 @@ def exit_with(code: int, message: str = "") -> NoReturn:
     folder = os.environ.get(EXIT_CODE_DIR)
     if folder:
         report = Path(folder, f"rank{int(os.environ.get('RANK', 0)):05d}")
-        report.write_text(json.dumps({"code": code, "message": message}))
+        report.write_text(json.dumps({"code": code, "message": message}))   # a fresh file the launcher made room for
     elif message:
-        print(message, file=sys.stderr, flush=True)
+        say(message)
     sys.exit(code)
 
 
 def run_stage(fn) -> None:
     """Run `fn` with the command line's error contract: an InputError, or a file the system refuses (no
     permission, a file where a folder is needed), is one line and exit code 2; an interrupted run says
-    what stopped (and how to resume, where it can) and exits with 130."""
+    what stopped (and how to resume, where it can) and exits with 130. Every line is escaped, and library
+    warnings are summarised (`printing`)."""
     collect_after_imports()
     try:
-        fn()
+        with warnings_summarised():
+            fn()
     except InputError as exc:
         exit_with(2, f"error: {exc}")
     except OSError as exc:

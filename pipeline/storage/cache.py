@@ -50,6 +50,8 @@ from pipeline import __version__
 from pipeline.data.folders import POOL, SPLITS, dataset_digest
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import check_replaceable, fresh_file
+from pipeline.runtime.reading import Field, checked, parsed
+from pipeline.storage.records import LAYERS, PREPROCESSING
 
 SCHEMA_VERSION = 4   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums; 4: pool
 READABLE = (3, 4)    # a cache of schema 3 is one of 4 without a pool
@@ -73,8 +75,34 @@ CHECKED = {"fletcher32": True}
 
 def fingerprint(attrs: dict) -> str:
     """Digest of everything that determines a feature vector."""
-    blob = json.dumps({k: attrs[k] for k in FINGERPRINT_FIELDS if k in attrs or k not in OPTIONAL}, sort_keys=True)
+    blob = json.dumps(fingerprinted(attrs), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprinted(attrs: dict) -> dict:
+    """The attributes the fingerprint digests, as model.json also keeps them to tie a head to its backbone."""
+    return {k: attrs[k] for k in FINGERPRINT_FIELDS if k in attrs or k not in OPTIONAL}
+
+
+def check_trained_on(fields, spec, recorded: str, where: str) -> None:
+    """Refuse a model whose backbone `spec` (from model.json, at `where`) is not the one behind the cache
+    it was trained on: `fields` (`fingerprinted`) must give the `recorded` fingerprint and name the same
+    backbone, weights, layer, preprocessing and TTA as `spec`."""
+    if not isinstance(fields, dict) or not {k for k in FINGERPRINT_FIELDS if k not in OPTIONAL} <= set(fields) \
+            or not set(fields) <= set(FINGERPRINT_FIELDS):
+        raise InputError(f"{where} does not record the feature cache its head was trained on ('cache'); "
+                        f"train it again")
+    if fingerprint(fields) != recorded:
+        raise InputError(f"{where}: 'cache' does not give the recorded fingerprint (edited); train it again")
+    try:
+        transform = json.loads(fields["transform"])   # garbage reads as a mismatch below
+    except (TypeError, ValueError):
+        transform = None
+    trained = (fields["backbone"], fields["weights_sha256"], fields["layer"], bool(fields["tta"]), transform)
+    if trained != (spec.name, spec.weights_sha256, spec.layer, bool(spec.tta), spec.preprocessing.to_dict()):
+        raise InputError(f"{where}: the backbone {spec.name} (weights SHA-256 {spec.weights_sha256[:12]}) is not "
+                        f"the one the head was trained on ({fields['backbone']}, "
+                        f"{str(fields['weights_sha256'])[:12]}); refusing to predict with it")
 
 
 def library_versions() -> dict:
@@ -114,7 +142,7 @@ def _unpacked(value):
     """A JSON-valued attribute as the value it encodes; others as they are."""
     if isinstance(value, str) and value[:1] in "[{":
         try:
-            return json.loads(value)
+            return json.loads(value)   # only compared with what is expected; not JSON stays text
         except json.JSONDecodeError:
             pass
     return value
@@ -199,12 +227,12 @@ class FeatureWriter:
         try:
             if not all(f.attrs.get(k) == attrs[k] for k in ("fingerprint", "plan")) or "progress" not in f.attrs:
                 raise ValueError("another plan")
-            progress = json.loads(f.attrs["progress"])
+            progress = json.loads(f.attrs["progress"])   # this tool's checkpoint; damage starts afresh below
             for split in (*SPLITS, POOL):   # rows written after the checkpoint go, even a new split's
                 for dataset in (f[split].values() if split in f else ()):
                     dataset.resize(progress["rows"].get(split, 0), axis=0)
             f["skipped"].resize(progress["skipped"], axis=0)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError, AttributeError):
             f.close()
             return None
         self.progress, self.kept = progress["samples"], sum(progress["rows"].values())
@@ -352,7 +380,7 @@ def seal(f: h5py.File) -> None:
 
 def verify_sealed(f: h5py.File, path: Path) -> None:
     """Check every dataset of a sealed file against its recorded digest, block by block (flat memory)."""
-    digests = json.loads(f.attrs["digests"])
+    digests = json.loads(f.attrs["digests"])   # a shard this run wrote and sealed
     names: list[str] = []
     f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
     for name in sorted(set(names) | set(digests)):
@@ -404,7 +432,7 @@ class Cache:
 
     @property
     def layers(self) -> list[str]:
-        return json.loads(self.attrs["layers"])
+        return json.loads(self.attrs["layers"])   # checked by _checked
 
     @property
     def has_pool(self) -> bool:
@@ -425,7 +453,7 @@ class Cache:
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise InputError(f"feature cache {self.path}: {split}/{name} cannot be read, the file is damaged "
                             f"({str(exc).splitlines()[0]}); re-run `pipeline extract`")
-        if digest != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):
+        if digest != json.loads(self.attrs["digests"]).get(f"{split}/{name}"):   # checked by _checked
             raise InputError(f"feature cache {self.path}: {split}/{name} does not match the digest recorded "
                             f"when it was written (damaged or edited); re-run `pipeline extract`")
         return value
@@ -568,7 +596,11 @@ def _checked(path: Path, f: h5py.File) -> Cache:
     if attrs_checksum(attrs) != attrs["checksum"]:
         raise InputError(f"feature cache {path}: its attributes do not match their checksum (damaged or edited); "
                         f"re-run `pipeline extract`")
-    classes = json.loads(attrs["classes"])
+    where = f"feature cache {path}: attribute"
+    checked(parsed(attrs["transform"], Field(dict), f"{where} transform"), PREPROCESSING, f"{where} transform")
+    parsed(attrs["digests"], Field(dict, items=Field(str)), f"{where} digests")
+    parsed(attrs["layers"], LAYERS, f"{where} layers")
+    classes = json.loads(attrs["classes"])   # checked by _checked
     pool = POOL in f
     if (not isinstance(classes, list) or len(classes) < (0 if pool else 2) or len(set(map(str, classes))) != len(classes)
             or not all(isinstance(c, str) and c for c in classes)):
@@ -577,7 +609,7 @@ def _checked(path: Path, f: h5py.File) -> Cache:
     splits = [s for s in SPLITS if s in f]
     if "train" not in splits and not pool:
         raise InputError(f"feature cache {path} has no train split")
-    layers = json.loads(attrs["layers"])
+    layers = json.loads(attrs["layers"])   # checked by _checked
     widths: dict[str, int] = {}
     for s in splits + ([POOL] if pool else []):
         features = [features_name(layer, layers) for layer in layers]
@@ -602,5 +634,9 @@ def _checked(path: Path, f: h5py.File) -> Cache:
             raise InputError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
         if not counts["sha256"]:
             raise InputError(f"feature cache {path}: split '{s}' has no rows")
+    rows = sum(f[s]["sha256"].shape[0] for s in splits + ([POOL] if pool else []))
+    if len(classes) > rows:   # more class names than images, labelled or pooled, is damage, not data
+        raise InputError(f"feature cache {path} lists {len(classes):,} classes but holds {rows:,} images "
+                        f"(damaged or edited); re-run `pipeline extract`")
     skipped = [(_str(p), _str(r)) for p, r in f["skipped"][:]] if "skipped" in f else []
     return Cache(path, f, attrs, classes, splits, skipped)

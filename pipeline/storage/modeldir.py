@@ -5,7 +5,8 @@ written to a temporary sibling folder and renamed into place when complete.
   head.joblib    kind "features": the fitted preprocessing + classifier (a pickle: load only
                  directories you trust)
   weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
-  metrics.json   the headline metrics, one value each, for `dvc metrics show`
+  metrics.json   the headline metrics, one value each (accuracy, timings, counts), for `pipeline compare`
+  scores.json    four of them (SCORES), for `dvc metrics show`: its table stays within a terminal's width
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall,
                  the reliability table of the scores
   familiarity.npz  kind "features": the training vectors new images are compared with (float16 arrays)
@@ -15,23 +16,22 @@ What each kind does with its file is `pipeline.models.directory`'s business.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import joblib
 
 from pipeline.runtime.errors import InputError
-from pipeline.runtime.files import sha256_file
+from pipeline.runtime.files import sha256_file, staged_folder, write_atomically
+from pipeline.runtime.reading import Field, checked, read_json
+from pipeline.storage.records import PREPROCESSING
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class", "reliability")   # metrics that go to details.json
+SCORES = ("top1", "balanced_accuracy", "macro_f1", "val_score")   # metrics that scores.json repeats
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -80,55 +80,32 @@ def check_out(out_dir: Path, force: bool = False, managed: tuple[str, ...] = ())
                         f"{', ...' if len(others) > 3 else ''}), not a model directory; choose a new or empty folder")
 
 
-@contextlib.contextmanager
-def staged(out_dir: Path) -> Iterator[Path]:
-    """A fresh temporary folder beside `out_dir` to write the model directory into. When the block ends
-    it replaces `out_dir` (by renaming); on any error it is removed and `out_dir` is left as it was. A
-    write the system refuses (a full disk, a file size limit) becomes one error line naming `out_dir`."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        yield tmp
-        _replace(tmp, out_dir)
-    except OSError as exc:
-        raise InputError(f"cannot write model directory {out_dir}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace(new: Path, out_dir: Path) -> None:
-    """Rename `new` to `out_dir`; an existing `out_dir` is moved aside first and deleted afterwards."""
-    try:
-        os.rename(new, out_dir)   # replaces a missing or empty folder at once
-        return
-    except OSError as exc:
-        if not out_dir.is_dir() or not any(out_dir.iterdir()):
-            raise exc
-    old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
-    os.rename(out_dir, old)
-    os.rename(new, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def staged(out_dir: Path):
+    """A fresh temporary folder beside `out_dir` to write the model directory into, renamed over `out_dir`
+    when complete (see `files.staged_folder`); `check_out` has decided that an existing `out_dir` may go."""
+    return staged_folder(out_dir, "model directory", owned=False)
 
 
 def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion: list[dict]) -> None:
-    """Write the model file of `kind`, metrics.json (headline) and details.json (`DETAILS`), confusion.json
+    """Write the model file of `kind`, metrics.json (headline), scores.json (`SCORES`) and details.json
+    (`DETAILS`), confusion.json
     and model.json (with the model file's SHA-256) into `folder`, normally the one `staged` gives."""
     folder = Path(folder)
     kind.dump(model, folder / kind.model_file)
     headline = {k: v for k, v in metrics.items() if k not in DETAILS}
-    (folder / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    write_atomically(folder / "metrics.json", json.dumps(headline, indent=2) + "\n")
+    write_atomically(folder / "scores.json", json.dumps({k: metrics[k] for k in SCORES if k in metrics}) + "\n")
     details = {k: metrics[k] for k in DETAILS if k in metrics}
-    (folder / "details.json").write_text(json.dumps(details, indent=2) + "\n")
-    (folder / "confusion.json").write_text(json.dumps(confusion) + "\n")
+    write_atomically(folder / "details.json", json.dumps(details, indent=2) + "\n")
+    write_atomically(folder / "confusion.json", json.dumps(confusion) + "\n")
     info = dict(info, kind=kind.name, files={**info.get("files", {}),   # any the caller wrote, digested
                                              kind.model_file: sha256_file(folder / kind.model_file)})
-    (folder / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_atomically(folder / INFO, json.dumps(info, indent=2) + "\n")
 
 
 _FIELDS = {"kind": str, "classes": list, "backbone": dict, "files": dict}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+BACKBONE = {"backbone": Field(str), "weights": Field(str), "weights_sha256": Field(str), "preprocessing": Field(dict)}
 
 
 def read_info(model_dir: Path) -> dict:
@@ -136,18 +113,15 @@ def read_info(model_dir: Path) -> dict:
     path = Path(model_dir) / INFO
     if not path.is_file():
         raise InputError(f"{model_dir} is not a model directory (no {INFO})")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}")
-    if not isinstance(info, dict):
-        raise InputError(f"{path} holds a {type(info).__name__}, not an object")
+    info = read_json(path, Field(dict))
     missing = [k for k in (*_FIELDS, "fingerprint") if k not in info]
     if missing:
         raise InputError(f"{path} lacks keys {missing}")
     for key, form in _FIELDS.items():
         if not isinstance(info[key], form):
             raise InputError(f"{path}: '{key}' must be a {form.__name__}, got {type(info[key]).__name__}")
+    backbone = checked(info["backbone"], BACKBONE, f"{path}: backbone")
+    checked(backbone["preprocessing"], PREPROCESSING, f"{path}: backbone.preprocessing")
     if info["kind"] not in KINDS:
         raise InputError(f"{path}: unknown kind {info['kind']!r}; expected one of {', '.join(KINDS)}")
     if len(info["classes"]) < 2 or not all(isinstance(c, str) for c in info["classes"]):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import os
 import time
@@ -37,6 +38,7 @@ from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import default_workers, resolve_device
 from pipeline.runtime.errors import Interrupted, InputError
+from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.settings import validate
 from pipeline.storage import modeldir
 
@@ -262,10 +264,11 @@ def curves(history: list[dict], title: str):
 
 def write_history(history: list[dict], folder: Path, title: str) -> None:
     """history.csv (one row per epoch, for `dvc plots`) and curves.png."""
-    with open(folder / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomically(folder / "history.csv", text.getvalue())
     import matplotlib.pyplot as plt
     fig = curves(history, title)
     fig.savefig(folder / "curves.png", dpi=100)
@@ -345,9 +348,8 @@ RESUME_MAY_CHANGE = ("device", "workers")
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` (tensors, numbers, strings: loadable with weights_only) atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, s: FinetuneSettings) -> dict:

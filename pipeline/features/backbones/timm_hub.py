@@ -32,6 +32,7 @@ def _entry(model_name: str, image_size: int | None) -> Entry:
     import timm
 
     from pipeline.features.hub import hub_weights
+    from pipeline.runtime.reading import check_safetensors
     probe = timm.create_model(model_name, pretrained=False)
     cfg = timm.data.resolve_data_config({}, model=probe)
     size = cfg["input_size"][-1]
@@ -41,6 +42,8 @@ def _entry(model_name: str, image_size: int | None) -> Entry:
     def load_pretrained(path: Path) -> nn.Module:
         # the very file hashed; weights in a foreign format (custom_load: JAX .npz...) go timm's own way to it
         overlay = {} if probe.pretrained_cfg.get("custom_load") else {"pretrained_cfg_overlay": {"file": str(path)}}
+        if path.suffix == ".safetensors":
+            check_safetensors(path)   # damage is one line here, not a traceback from inside timm
         try:
             return timm.create_model(model_name, pretrained=True, **overlay, **resized)
         except (RuntimeError, ValueError, KeyError) as exc:

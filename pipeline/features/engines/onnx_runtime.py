@@ -15,8 +15,8 @@ import io
 import json
 import os
 import re
+import secrets
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,10 +32,13 @@ from pipeline.features.backbones.loading import Backbone
 from pipeline.features.engines.torch import Embedder, FeatureGraph
 from pipeline.features.settings import ENGINES
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.files import read_regular, write_atomically
 
 OPSET = 17
 GRAPH_VERSION = 2        # of what `export` writes: a change makes earlier exports stale
 TOLERANCE = 1e-4         # of the largest value of each output, the rule `folding.folded` checks by
+GRAPH_LIMIT = 2 << 30       # bytes of a cached ONNX graph (protobuf's own limit)
+RECORD_LIMIT = 64 << 20     # bytes of the JSON record beside it
 
 
 def resolve_engine(engine: str, device: torch.device, precision: str = "float32", compile: bool = False) -> str:
@@ -138,7 +141,7 @@ def silenced():
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     try:
-        with open(os.devnull, "w") as null:
+        with open(os.devnull, "w") as null:   # to silence a library's own prints; no file of the user's
             os.dup2(null.fileno(), 1)
             os.dup2(null.fileno(), 2)
             yield
@@ -193,20 +196,20 @@ def session(model: bytes, threads: int):
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def check_batch(size: int) -> torch.Tensor:
+def check_batch(size: int, seed: int = 0) -> torch.Tensor:
     """The random batch of two on which an export is compared with torch."""
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def torch_reference(backbone: Backbone) -> dict[str, np.ndarray]:
+def torch_reference(backbone: Backbone, seed: int = 0) -> dict[str, np.ndarray]:
     """Torch's vectors (the torch engine's, folded network included) for `check_batch`."""
     with Embedder(backbone) as torch_embed:
-        return torch_embed(check_batch(backbone.preprocessing.image_size))
+        return torch_embed(check_batch(backbone.preprocessing.image_size, seed))
 
 
-def mismatch(onnx_embed: OnnxEmbedder, reference: dict[str, np.ndarray], size: int) -> str | None:
+def mismatch(onnx_embed: OnnxEmbedder, reference: dict[str, np.ndarray], size: int, seed: int = 0) -> str | None:
     """Why the ONNX outputs on `check_batch` differ from torch's `reference`, or None when they agree."""
-    got = onnx_embed(check_batch(size))
+    got = onnx_embed(check_batch(size, seed))
     for layer, want in reference.items():
         scale = max(float(np.abs(want).max()), 1e-12)
         worst = float(np.abs(got[layer] - want).max()) / scale if got[layer].shape == want.shape else np.inf
@@ -234,11 +237,11 @@ class ExportCache:
         graph, record = self.paths(key)
         if not graph.exists() and not record.exists():
             return None, None, None
-        try:
-            kept = json.loads(record.read_text())
-            model = graph.read_bytes()
+        try:   # read_regular: a FIFO or a link to /dev/zero in their place is refused, not read
+            kept = json.loads(read_regular(record, RECORD_LIMIT))   # any other form: not used, exported anew
+            model = read_regular(graph, GRAPH_LIMIT)
             reference = {layer: _array(value) for layer, value in kept["reference"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return None, None, f"unreadable: {_first_line(exc)}"
         if kept.get("key") != key:
             return None, None, "its record names another key"
@@ -249,26 +252,16 @@ class ExportCache:
     def save(self, key: dict, model: bytes, reference: dict[str, np.ndarray]) -> Path:
         graph, record = self.paths(key)
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(graph, model)
+        write_atomically(graph, model)
         kept = {"key": key, "sha256": hashlib.sha256(model).hexdigest(),
                 "reference": {layer: {"shape": list(v.shape), "float32": base64.b64encode(
                     np.ascontiguousarray(v, np.float32).tobytes()).decode()} for layer, v in reference.items()}}
-        _write_atomically(record, json.dumps(kept, indent=1).encode())
+        write_atomically(record, json.dumps(kept, indent=1))
         return graph
 
 
 def _array(value: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(value["float32"], validate=True), np.float32).reshape(value["shape"])
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def onnx_embedder(backbone: Backbone, threads: int | None = None,
@@ -278,9 +271,10 @@ def onnx_embedder(backbone: Backbone, threads: int | None = None,
     cache = cache or ExportCache()
     key, notes = export_key(backbone), []
     threads = threads or onnxruntime_threads()
-    cached, reference, why = cache.load(key)
-    if cached is not None:
-        embed, why = _checked(cached, reference, backbone, threads)
+    cached, _, why = cache.load(key)
+    if cached is not None:   # against a fresh torch run on a batch never seen before, not the vectors kept beside it
+        seed = secrets.randbits(31)
+        embed, why = _checked(cached, torch_reference(backbone, seed), backbone, threads, seed)
         if embed:
             return embed, notes
     if why:
@@ -302,10 +296,10 @@ def onnx_embedder(backbone: Backbone, threads: int | None = None,
 
 
 def _checked(model: bytes, reference: dict[str, np.ndarray], backbone: Backbone,
-             threads: int) -> tuple[OnnxEmbedder | None, str | None]:
+             threads: int, seed: int = 0) -> tuple[OnnxEmbedder | None, str | None]:
     try:
         embed = OnnxEmbedder(session(model, threads), backbone.layers, backbone.tta)
-        why = mismatch(embed, reference, backbone.preprocessing.image_size)
+        why = mismatch(embed, reference, backbone.preprocessing.image_size, seed)
     except Exception as exc:
         return None, f"cannot run it: {_first_line(exc)}"
     return (None, why) if why else (embed, None)

@@ -285,7 +285,7 @@ def _native_stderr_silenced():
     nvTIFF: this project decodes JPEGs only), which is noise for users."""
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as null:
+        with open(os.devnull, "w") as null:   # to silence a library's own prints; no file of the user's
             os.dup2(null.fileno(), 2)
             yield
     finally:
