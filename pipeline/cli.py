@@ -108,6 +108,10 @@ def settings_options(cls):
 Device = Enum("Device", {name: name for name in DEVICES}, type=str)   # visualize's --device
 
 
+FeatureCachePath = Annotated[Path, typer.Argument(help="Feature cache written by `pipeline extract`.")]
+QuietSummary = Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")]
+
+
 class Format(str, Enum):
     table = "table"
     json = "json"
@@ -181,7 +185,7 @@ def _parse_params(pairs: list[str]) -> dict:
 @app.command()
 @settings_options(TrainSettings)
 def train(
-    features: Annotated[Path, typer.Argument(help="Feature cache written by `pipeline extract`.")],
+    features: FeatureCachePath,
     out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("model"),
     settings: TrainSettings = None,
     param: Annotated[list[str], typer.Option(metavar="KEY=VALUE", help="KEY=VALUE, repeatable: the tuned value (fixed instead of "
@@ -193,7 +197,7 @@ def train(
     expect: Annotated[list[str], typer.Option(metavar="FIELD=VALUE", help="FIELD=VALUE the cache must have been made with, "
                                                    "repeatable, e.g. backbone=resnet18, image_size=224, "
                                                    "tta=true; a difference is refused and named.")] = [],
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+    quiet: QuietSummary = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a model directory already at --out.")] = False,
 ):
     """Stage two: fit a classifier on cached features, choosing its hyperparameter on val."""
@@ -359,7 +363,7 @@ def bench(
 @app.command()
 @settings_options(AuditSettings)
 def audit(
-    features: Annotated[Path, typer.Argument(help="Feature cache written by `pipeline extract`.")],
+    features: FeatureCachePath,
     out: Annotated[Path, typer.Option(help="Folder for the report: index.html, the CSVs, learning_curve.png "
                                            "and summary.json.")] = Path("reports/audit"),
     settings: AuditSettings = None,
@@ -383,7 +387,7 @@ def select(
     out: Annotated[Path, typer.Option(help="CSV of the picks in the order to label them: path, strategy, score, "
                                            "cluster.")] = Path("picks.csv"),
     settings: SelectSettings = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+    quiet: QuietSummary = False,
 ):
     """Pick the unlabelled images of the cache's pool to label next (move them into train/CLASS/, extract
     again: their vectors are reused)."""

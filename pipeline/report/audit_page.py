@@ -141,10 +141,12 @@ def _placeholder(reason: str) -> str:
 
 
 def _header(summary: dict, thumbs: Thumbnails) -> str:
+    judged = (summary.get("label_issue_classifier") or {}).get("judged")
+    issues = "possible label errors" if judged else "images the classifier doubts"
     splits = ", ".join(f"{escape(str(s))} {n:,}" for s, n in summary["splits"].items())
     counts = [("images", f"{summary['images']:,} ({splits})"),
               ("classes", f"{len(summary['classes'])}: " + ", ".join(escape(str(c)) for c in summary["classes"])),
-              ('<a href="#label_issues">possible label errors</a>', f"{summary['label_issues']:,}"),
+              (f'<a href="#label_issues">{issues}</a>', f"{summary['label_issues']:,}"),
               ('<a href="#duplicates">near-duplicate groups</a>',
                f"{summary['duplicate_groups']:,}, {summary['leak_groups']:,} of them across splits"),
               ('<a href="#outliers">outliers</a>', f"{summary['outliers']:,}"),
