@@ -1,7 +1,7 @@
 """A trained model directory as one object, one class per kind; callers never ask which kind they hold.
 
   FeatureModel    a classifier on cached features (`pipeline train`): the backbone recorded in model.json,
-                  then head.joblib
+                  then head.safetensors (arrays and JSON)
   FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.pt
 
 Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images, and itself

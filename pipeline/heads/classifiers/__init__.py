@@ -57,6 +57,7 @@ class ClassifierSpec:
     to_torch: Callable | None = None  # fitted head -> (torch layers, fill of unseen classes): export, Grad-CAM
     early_stops: bool = False         # fit(X, y, X_val, y_val) stops when the val loss stops falling
     floor: float = 1e-6               # calibration clips its probabilities here before the log
+    stored: object = None             # how its fitted head is kept as arrays + JSON (pipeline.heads.stored.Stored)
     name: str = ""                    # the module's name, set by the registry
 
     @property
