@@ -23,6 +23,7 @@ from pipeline.heads.classifiers import CLASSIFIERS, make_head
 from pipeline.heads.train import PREPROCESSING, _preprocessor, scores_of
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import sha256_file
+from pipeline.storage import modeldir
 from pipeline.storage.cache import StoredVectors, open_cache, seal
 from tests.conftest import cli_in_process
 from tests.test_bad_input import one_line_error
@@ -345,8 +346,9 @@ def test_every_head_stored_and_loaded_gives_the_same_scores(small_cache, tmp_pat
     fixed = {"epochs": 5} if spec.early_stops else {}
     for preprocess in PREPROCESSING:
         fitted = make_pipeline(_preprocessor(preprocess), make_head(classifier, spec.grid[0], **fixed)).fit(X, y)
-        stored.dump(fitted, classifier, tmp_path / stored.FILE)
-        loaded = stored.load(tmp_path / stored.FILE)
+        path = tmp_path / modeldir.FEATURES.model_file
+        modeldir.FEATURES.dump(stored.state(fitted, classifier), path, {})
+        loaded = stored.restored(*modeldir.FEATURES.load(path))
         np.testing.assert_allclose(scores_of(loaded, X_test, 3), scores_of(fitted, X_test, 3), atol=1e-6, rtol=0)
         assert (loaded.predict(X_test) == fitted.predict(X_test)).all()
-        assert not is_pickle((tmp_path / stored.FILE).read_bytes())
+        assert not is_pickle(path.read_bytes())

@@ -176,7 +176,7 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     model = tmp_path / "logreg"
     train(out, model, train_settings("logreg", {"C": 10, "calibration": "none"}))   # the head's own scores
     results = predict(model, paths, top_k=2, device="cpu")
-    expected = scores_of(modeldir.load(model)[1], val.features, 2)
+    expected = scores_of(open_model(model).model, val.features, 2)
     for r, row in zip(results, expected):
         got = {t["class"]: t["score"] for t in r["top"]}
         np.testing.assert_allclose([got[c] for c in open_cache(out).classes], row, atol=1e-5)

@@ -1,20 +1,15 @@
-"""A fitted preprocessing + head as arrays and JSON, with no pickle (head.safetensors): the arrays are the
-file's tensors, the classifier's name and settings its JSON metadata. Each classifier says how its fitted
-head becomes arrays and settings and back (`ClassifierSpec.stored`); the classes rebuilt are fixed by that
-code, never named by the file, so reading a file runs nothing it holds."""
+"""A fitted preprocessing + head as arrays and JSON, with no pickle: what a model directory's head.safetensors
+holds (pipeline.storage.modeldir), the arrays as its tensors, the classifier's name and settings as JSON.
+Each classifier says how its fitted head becomes arrays and settings and back (`ClassifierSpec.stored`);
+the classes rebuilt are fixed by that code, never named by the file, so reading one runs nothing it holds."""
 from __future__ import annotations
 
-import json
 from importlib import import_module
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from pipeline.runtime.errors import InputError
-
-FILE = "head.safetensors"
-PICKLED = "head.joblib"   # the file model directories held before: refused, never read
 
 
 class Stored(NamedTuple):
@@ -60,34 +55,26 @@ def _preprocessors() -> dict:
     return {kind: type(_preprocessor(kind)) for kind in PREPROCESSING}
 
 
-def dump(model, classifier: str, path: Path) -> None:
-    """Write the fitted pipeline (preprocessing, head) of zoo classifier `classifier` to `path`; refuse a
-    head of another kind (`check_storable`)."""
-    from safetensors.numpy import save_file
+def state(model, classifier: str) -> tuple[dict, dict]:
+    """(arrays, settings as JSON) of the fitted pipeline (preprocessing, head) of zoo classifier `classifier`,
+    as `modeldir.FEATURES` writes them; a head of another kind is refused (`check_storable`)."""
     spec = check_storable(classifier)
     kind = next(k for k, cls in _preprocessors().items() if type(model[0]) is cls)
     pre_arrays, pre_settings = attributes(model[0])
     head_arrays, head_settings = spec.stored.state(model[-1])
     arrays = {**{f"preprocess.{k}": v for k, v in pre_arrays.items()},
               **{f"head.{k}": v for k, v in head_arrays.items()}}
-    meta = {"classifier": classifier, "preprocess": kind, "preprocess_settings": json.dumps(pre_settings),
-            "head_settings": json.dumps(head_settings)}
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata=meta)
+    return arrays, {"classifier": classifier, "preprocess": kind, "preprocess_settings": pre_settings,
+                    "head_settings": head_settings}
 
 
-def load(path: Path):
-    """The fitted pipeline `dump` wrote at `path`."""
-    from safetensors import safe_open
+def restored(arrays: dict, settings: dict):
+    """The fitted pipeline `state` gave (arrays, settings) of."""
     from sklearn.pipeline import make_pipeline
-    if Path(path).name == PICKLED:
-        raise InputError(refused_pickle(Path(path).parent))
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
-        arrays = {name: f.get_tensor(name) for name in f.keys()}
-    spec = check_storable(meta.get("classifier", ""))
-    cls = _preprocessors()[meta["preprocess"]]
-    pre = rebuilt(cls, _parts("preprocess.", arrays), json.loads(meta["preprocess_settings"]))
-    return make_pipeline(pre, spec.stored.restore(_parts("head.", arrays), json.loads(meta["head_settings"])))
+    spec = check_storable(settings["classifier"])
+    pre = rebuilt(_preprocessors()[settings["preprocess"]], _parts("preprocess.", arrays),
+                  settings["preprocess_settings"])
+    return make_pipeline(pre, spec.stored.restore(_parts("head.", arrays), settings["head_settings"]))
 
 
 def check_storable(classifier: str):
@@ -98,8 +85,3 @@ def check_storable(classifier: str):
         raise InputError(f"a {classifier or 'head'} cannot be saved: a model directory keeps only the zoo's "
                          f"classifiers ({', '.join(CLASSIFIERS)}), as arrays and JSON, never as a pickle")
     return CLASSIFIERS[classifier]
-
-
-def refused_pickle(model_dir: Path) -> str:
-    return (f"{model_dir} holds {PICKLED}, a pickle, which this version never loads; train it again with the "
-            f"same `pipeline train` command to write {FILE}")

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.heads.stored import PICKLED, refused_pickle
+import numpy as np
+
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import sha256_file, staged_folder, write_atomically
 from pipeline.runtime.reading import Field, checked, read_json
@@ -52,17 +53,21 @@ class Kind:
     load: Callable[[Path], object]
 
 
-def _head_dump(model, path: Path, info: dict) -> None:
-    from pipeline.heads import stored
-    stored.dump(model, info["classifier"], path)
+def _arrays_save(content: tuple[dict, dict], path: Path, info: dict) -> None:
+    from safetensors.numpy import save_file
+    arrays, settings = content
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in settings.items()})
 
 
-def _head_load(path: Path):
-    from pipeline.heads import stored
-    return stored.load(path)
+def _arrays_load(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
 
 
-FEATURES = Kind("features", "head.safetensors", _head_dump, _head_load)
+FEATURES = Kind("features", "head.safetensors", _arrays_save, _arrays_load)   # (arrays, JSON): pipeline.heads.stored
+PICKLED = "head.joblib"   # the head file of earlier versions, a pickle: refused, never read
 FINETUNED = Kind("finetuned", "weights.pt", _torch_save, _torch_load)
 KINDS = {kind.name: kind for kind in (FEATURES, FINETUNED)}
 
@@ -143,6 +148,11 @@ def read_info(model_dir: Path) -> dict:
     return info
 
 
+def refused_pickle(model_dir: Path) -> str:
+    return (f"{model_dir} holds {PICKLED}, a pickle, which this version never loads; train it again with the "
+            f"same `pipeline train` command to write {FEATURES.model_file}")
+
+
 def verify(model_dir: Path) -> dict:
     """model.json, after checking every file it lists against its recorded SHA-256."""
     info = read_info(model_dir)
@@ -161,7 +171,7 @@ def verify(model_dir: Path) -> dict:
 
 
 def read_model(model_dir: Path, kind: Kind):
-    """The model file of `kind` in `model_dir` (a fitted head or a state dict); `verify` it first."""
+    """The model file of `kind` in `model_dir` (a head's arrays and settings, or a state dict); `verify` it first."""
     path = Path(model_dir) / kind.model_file
     try:
         return kind.load(path)
