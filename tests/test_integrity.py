@@ -73,13 +73,15 @@ def damaged_copy(model_dir: Path, tmp_path: Path, edit) -> Path:
 def test_predict_refuses_an_edited_head(model_dir, tmp_path, small_cache):
     bad = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(head.read_bytes() + b"\0"))
     line = one_line_error(cli_in_process("predict", bad, small_cache.parent / "images"))
-    assert line == f"error: {bad / 'head.safetensors'} does not match the SHA-256 recorded in model.json; refusing to load it"
+    assert line == (f"error: {bad / 'head.safetensors'} does not match the SHA-256 recorded in model.json; "
+                    f"refusing to load it")
 
 
 def test_compare_refuses_an_edited_head(model_dir, tmp_path):
     edited = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(b"not a head"))
     line = one_line_error(cli_in_process("compare", model_dir, edited, "--out", tmp_path / "reports"))
-    assert line == f"error: {edited / 'head.safetensors'} does not match the SHA-256 recorded in model.json; refusing to load it"
+    assert line == (f"error: {edited / 'head.safetensors'} does not match the SHA-256 recorded in model.json; "
+                    f"refusing to load it")
     assert not (tmp_path / "reports").exists()
 
 

@@ -63,7 +63,8 @@ def _arrays_save(content: tuple[dict, dict], path: Path, info: dict) -> None:
 def _arrays_load(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
     with safe_open(str(path), "np") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}, {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        arrays, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    return arrays, {k: json.loads(v) for k, v in metadata.items()}   # the file's header, not a file: no read_json
 
 
 FEATURES = Kind("features", "head.safetensors", _arrays_save, _arrays_load)   # (arrays, JSON): pipeline.heads.stored
