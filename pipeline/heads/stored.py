@@ -46,7 +46,8 @@ def plain(module: str, name: str) -> Stored:
     return Stored(attributes, lambda arrays, settings: rebuilt(getattr(import_module(module), name), arrays, settings))
 
 
-def _parts(prefix: str, arrays: dict) -> dict:
+def part(prefix: str, arrays: dict) -> dict:
+    """The arrays named `prefix`..., without it."""
     return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
 
 
@@ -72,9 +73,9 @@ def restored(arrays: dict, settings: dict):
     """The fitted pipeline `state` gave (arrays, settings) of."""
     from sklearn.pipeline import make_pipeline
     spec = check_storable(settings["classifier"])
-    pre = rebuilt(_preprocessors()[settings["preprocess"]], _parts("preprocess.", arrays),
+    pre = rebuilt(_preprocessors()[settings["preprocess"]], part("preprocess.", arrays),
                   settings["preprocess_settings"])
-    return make_pipeline(pre, spec.stored.restore(_parts("head.", arrays), settings["head_settings"]))
+    return make_pipeline(pre, spec.stored.restore(part("head.", arrays), settings["head_settings"]))
 
 
 def check_storable(classifier: str):

@@ -48,5 +48,5 @@ class NeighbourCount(ClassifierSpec):
 
 
 SPEC = NeighbourCount("k-nearest neighbours", "n_neighbors", (AUTO | int, Rule("Neighbours that vote.", min=1)),
-                      (1, 3, 5, 9, 15, 25), build, floor=0.1,
-                      stored=Stored(state, restore))   # vote fractions: mostly 0 and 1
+                      (1, 3, 5, 9, 15, 25), build, floor=0.1,   # vote fractions: mostly 0 and 1
+                      stored=Stored(state, restore))

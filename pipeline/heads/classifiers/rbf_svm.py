@@ -6,7 +6,7 @@ import functools
 import numpy as np
 
 from pipeline.heads.classifiers import DECADES, TUNED, ClassifierSpec, rules
-from pipeline.heads.stored import Stored, attributes, rebuilt
+from pipeline.heads.stored import Stored, attributes, part, rebuilt
 from pipeline.runtime.settings import Rule
 
 
@@ -64,16 +64,14 @@ def state(head):
     for i, sigmoid in enumerate(calibrated.calibrators):
         arrays |= {f"sigmoid{i}.{k}": np.asarray(v) for k, v in vars(sigmoid).items()}
     own, settings_own = attributes(head, skip=("model_",))
-    return {**arrays, **own}, {"svm": settings, "wrapper": settings_own}
+    return {**arrays, **own}, {"svm": settings, "wrapper": settings_own, "sigmoids": len(calibrated.calibrators)}
 
 
 def restore(arrays, settings):
     from sklearn.calibration import CalibratedClassifierCV, _CalibratedClassifier, _SigmoidCalibration
     from sklearn.svm import SVC
-    part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}   # noqa: E731
-    svm = rebuilt(SVC, part("svm."), settings["svm"])
-    sigmoids = [rebuilt(_SigmoidCalibration, {}, part(f"sigmoid{i}."))
-                for i in range(sum(k.endswith(".a_") and k.startswith("sigmoid") for k in arrays))]
+    svm = rebuilt(SVC, part("svm.", arrays), settings["svm"])
+    sigmoids = [rebuilt(_SigmoidCalibration, {}, part(f"sigmoid{i}.", arrays)) for i in range(settings["sigmoids"])]
     head = rebuilt(_estimator(), {"classes_": arrays["classes_"]}, settings["wrapper"])
     head.model_ = CalibratedClassifierCV(svm, ensemble=False)   # fitted: the attributes fit gives it
     head.model_.classes_ = head.classes_
