@@ -244,9 +244,11 @@ def train(cache, classifier="logreg", out=None, grid: dict | None = None, *, for
     `expect` ({field: value}) refuses a cache made otherwise."""
     path = cache.path if isinstance(cache, FeatureCache) else Path(cache)
     s, head = _train_settings(classifier, grid, settings)
+    from pipeline.heads import stored
     from pipeline.storage import modeldir
     if out is not None:
         modeldir.check_out(out, force)
+        stored.check_storable(s.classifier)
     from pipeline.heads.classifiers import import_libraries
     from pipeline.heads.train import fit_head
     if head is None:

@@ -70,15 +70,19 @@ def test_train_in_memory_equals_the_command_line_and_saves_the_same_directory(sm
         pipeline.train(small_cache, out=tmp_path / "api")
 
 
-def test_a_scikit_learn_estimator_is_tuned_over_its_grid_and_gives_decision_values(small_cache, tmp_path):
-    model = pipeline.train(small_cache, RidgeClassifier(), tmp_path / "ridge", grid={"alpha": [0.1, 1.0, 10.0]},
+def test_a_scikit_learn_estimator_is_tuned_over_its_grid_gives_decision_values_and_is_never_pickled(
+        small_cache, tmp_path):
+    model = pipeline.train(small_cache, RidgeClassifier(), grid={"alpha": [0.1, 1.0, 10.0]},
                            calibration="none")   # its own scores
     assert model.approach == "RidgeClassifier" and model.score_kind == "decision values"
     assert set(model.details["search"]["scores"]) == {"alpha=0.1", "alpha=1", "alpha=10"}
     assert model.details["hyperparameters"]["alpha"] in (0.1, 1.0, 10.0)
     assert model.metrics["selection"] == "val" and model.metrics["eval_split"] == "test"
-    loaded = pipeline.load_model(tmp_path / "ridge")
-    predictions = loaded.predict(small_cache.parent / "images" / "test" / "red", top_k=2)
+    with pytest.raises(pipeline.InputError, match="a RidgeClassifier cannot be saved: a model directory keeps "
+                                                  "only the zoo's classifiers"):
+        model.save(tmp_path / "ridge")
+    assert not (tmp_path / "ridge").exists()
+    predictions = model.predict(small_cache.parent / "images" / "test" / "red", top_k=2)
     assert len(predictions) == 4 and all(p.labels[0] == "red" and p.score_kind == "decision values"
                                          for p in predictions)
     assert "decision values" in repr(predictions[0])
@@ -102,7 +106,8 @@ def test_predict_lists_skipped_files_with_their_reason(small_cache, tmp_path):
     (lambda c, out: pipeline.train(c, RidgeClassifier(), out, grid={"beta": [1]}), "has no parameter 'beta'"),
     (lambda c, out: pipeline.train(c, RidgeClassifier(), out, grid={"alpha": []}), "non-empty lists"),
     (lambda c, out: pipeline.train(c, RidgeClassifier(), out, C=1.0), "C is not a setting of pipeline.train"),
-    (lambda c, out: pipeline.train(c, LinearSVC(), out, grid={"C": [-1.0]}), "LinearSVC{'C': -1.0}"),
+    (lambda c, out: pipeline.train(c, LinearSVC(), grid={"C": [-1.0]}), "LinearSVC{'C': -1.0}"),
+    (lambda c, out: pipeline.train(c, LinearSVC(), out), "a LinearSVC cannot be saved"),
     (lambda c, out: pipeline.train(c, object(), out), "a scikit-learn classifier"),
     (lambda c, out: pipeline.audit(c, out, folds=1), "folds must be at least 2"),
     (lambda c, out: pipeline.extract(out, out / "f.h5", image_size=0), "image_size must be at least 1"),

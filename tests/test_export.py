@@ -13,11 +13,11 @@ from pipeline.data.images import read_image
 from pipeline.features.backbones.loading import Preprocessing
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
+from pipeline.models.directory import open_model
 from pipeline.models.export import export
 from pipeline.models.networks import head_module
 from pipeline.models.predict import predict
 from pipeline.runtime.errors import InputError
-from pipeline.storage import modeldir
 from pipeline.storage.cache import open_cache
 from tests.conftest import COLOURS, cli_in_process, synthetic_cache, tiny_image
 
@@ -43,7 +43,7 @@ def test_head_as_torch_layers_gives_the_scores_of_the_fitted_head(tmp_path, clas
                                                  "test": split(list(range(n_classes)) * 3)},
                             [f"k{i}" for i in range(n_classes)])
     train(cache, tmp_path / "m", train_settings(classifier, {**FIXED[classifier], "preprocess": preprocess}))
-    model = modeldir.load(tmp_path / "m")[1]
+    model = open_model(tmp_path / "m").model
     X = split(list(range(n_classes)) * 5)[0]
     with torch.no_grad():
         got = head_module(model, n_classes, classifier)(torch.from_numpy(X)).numpy()

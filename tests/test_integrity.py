@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import pickletools
 import re
 import shutil
 from contextlib import closing
@@ -13,7 +15,15 @@ import h5py
 import numpy as np
 import pytest
 
+from sklearn.pipeline import make_pipeline
+
+from pipeline.api import load_model
+from pipeline.heads import stored
+from pipeline.heads.classifiers import CLASSIFIERS, make_head
+from pipeline.heads.train import PREPROCESSING, _preprocessor, scores_of
 from pipeline.runtime.errors import InputError
+from pipeline.runtime.files import sha256_file
+from pipeline.storage import modeldir
 from pipeline.storage.cache import StoredVectors, open_cache, seal
 from tests.conftest import cli_in_process
 from tests.test_bad_input import one_line_error
@@ -56,27 +66,29 @@ def model_dir(small_cache, tmp_path_factory) -> Path:
 def damaged_copy(model_dir: Path, tmp_path: Path, edit) -> Path:
     bad = tmp_path / "logreg"
     shutil.copytree(model_dir, bad)
-    edit(bad / "head.joblib")
+    edit(bad / "head.safetensors")
     return bad
 
 
 def test_predict_refuses_an_edited_head(model_dir, tmp_path, small_cache):
     bad = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(head.read_bytes() + b"\0"))
     line = one_line_error(cli_in_process("predict", bad, small_cache.parent / "images"))
-    assert line == f"error: {bad / 'head.joblib'} does not match the SHA-256 recorded in model.json; refusing to load it"
+    assert line == (f"error: {bad / 'head.safetensors'} does not match the SHA-256 recorded in model.json; "
+                    f"refusing to load it")
 
 
 def test_compare_refuses_an_edited_head(model_dir, tmp_path):
-    edited = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(b"not a pickle"))
+    edited = damaged_copy(model_dir, tmp_path, lambda head: head.write_bytes(b"not a head"))
     line = one_line_error(cli_in_process("compare", model_dir, edited, "--out", tmp_path / "reports"))
-    assert line == f"error: {edited / 'head.joblib'} does not match the SHA-256 recorded in model.json; refusing to load it"
+    assert line == (f"error: {edited / 'head.safetensors'} does not match the SHA-256 recorded in model.json; "
+                    f"refusing to load it")
     assert not (tmp_path / "reports").exists()
 
 
 def test_predict_refuses_a_missing_head(model_dir, tmp_path, small_cache):
     missing = damaged_copy(model_dir, tmp_path, Path.unlink)
     line = one_line_error(cli_in_process("predict", missing, small_cache.parent / "images"))
-    assert line == f"error: model directory {missing} lacks head.joblib"
+    assert line == f"error: model directory {missing} lacks head.safetensors"
 
 
 # Data the cache can prove: checksums verified on every read, values checked on load.
@@ -275,3 +287,70 @@ def test_a_cache_replaced_while_open_is_not_mixed_in(small_cache, tmp_path):
         os.replace(other, path)
         later = [cache.read(s) for s in ("val", "test")]
     assert same(([first, *later], *reference[1:]), reference)
+
+
+class Payload:
+    """Pickled, it would write `marker` when unpickled: what an edited head file could run."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "the payload ran")
+
+
+def is_pickle(data: bytes) -> bool:
+    """Whether `data` reads as a pickle from its first byte to a STOP."""
+    try:
+        return [op.name for op, _, _ in pickletools.genops(data)][-1] == "STOP"
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("name, words", [
+    ("head.joblib", "holds head.joblib, a pickle, which this version never loads; train it again with the same "
+                    "`pipeline train` command to write head.safetensors"),
+    ("head.safetensors", "head.safetensors cannot be read as a features model"),
+])
+def test_a_head_file_holding_a_pickle_is_refused_and_never_unpickled(model_dir, tmp_path, small_cache, name, words):
+    bad = tmp_path / "pickled"
+    shutil.copytree(model_dir, bad)
+    marker = tmp_path / "marker"
+    (bad / "head.safetensors").unlink()
+    (bad / name).write_bytes(pickle.dumps(Payload(marker)))
+    info = json.loads((bad / "model.json").read_text())
+    del info["files"]["head.safetensors"]
+    info["files"][name] = sha256_file(bad / name)   # digests that match: the edit is not caught by them
+    (bad / "model.json").write_text(json.dumps(info))
+    for args in (("predict", bad, small_cache.parent / "images"), ("export", bad, "--out", tmp_path / "model.onnx")):
+        line = one_line_error(cli_in_process(*args))
+        assert line.startswith("error: ") and words in line
+    with pytest.raises(InputError, match=re.escape(words)):
+        load_model(bad).predict_features(np.zeros((1, 1280), np.float32))
+    compared = cli_in_process("compare", bad, "--out", tmp_path / "reports")   # reads metrics, not the head
+    assert compared.returncode == (2 if name == "head.joblib" else 0)
+    assert not marker.exists() and not (tmp_path / "model.onnx").exists()
+
+
+def test_no_file_of_a_trained_model_directory_is_a_pickle(model_dir):
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    assert "head.safetensors" in [p.name for p in files]
+    for path in files:
+        data = path.read_bytes()
+        assert not is_pickle(data) and b"joblib" not in data and b"pickle" not in data, path
+
+
+@pytest.mark.parametrize("classifier", list(CLASSIFIERS))
+def test_every_head_stored_and_loaded_gives_the_same_scores(small_cache, tmp_path, classifier):
+    with open_cache(small_cache) as cache:
+        train_, test = cache.read("train"), cache.read("test")
+    X, y, X_test = train_.features, train_.labels, test.features
+    spec = CLASSIFIERS[classifier]
+    fixed = {"epochs": 5} if spec.early_stops else {}
+    for preprocess in PREPROCESSING:
+        fitted = make_pipeline(_preprocessor(preprocess), make_head(classifier, spec.grid[0], **fixed)).fit(X, y)
+        path = tmp_path / modeldir.FEATURES.model_file
+        modeldir.FEATURES.dump(stored.state(fitted, classifier), path, {})
+        loaded = stored.restored(*modeldir.FEATURES.load(path))
+        np.testing.assert_allclose(scores_of(loaded, X_test, 3), scores_of(fitted, X_test, 3), atol=1e-6, rtol=0)
+        assert (loaded.predict(X_test) == fitted.predict(X_test)).all()
+        assert not is_pickle(path.read_bytes())

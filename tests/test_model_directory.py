@@ -194,7 +194,7 @@ def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache,
     train(small_cache, head, train_settings("logreg", {"C": 1.0}))
     _edit_info(head, classes=["blue", "green"])
     proc = cli_in_process("predict", head, photo)
-    assert proc.returncode == 2 and proc.stderr == (f"error: {head / 'head.joblib'} predicts class indices 0..2 but "
+    assert proc.returncode == 2 and proc.stderr == (f"error: {head / 'head.safetensors'} predicts class indices 0..2 but "
                                                     f"{head / 'model.json'} lists 2 classes\n")
 
 

@@ -101,13 +101,13 @@ def test_predict_agrees_with_the_cached_features(model, small_cache):
 
 
 def tamper_head(d: Path):
-    with open(d / "head.joblib", "ab") as f:
+    with open(d / "head.safetensors", "ab") as f:
         f.write(b"\0")
 
 
 def tamper_digest(d: Path):
     info = json.loads((d / "model.json").read_text())
-    info["files"]["head.joblib"] = "0" * 64
+    info["files"]["head.safetensors"] = "0" * 64
     (d / "model.json").write_text(json.dumps(info))
 
 
@@ -120,8 +120,8 @@ def forget_digest(d: Path):
 @pytest.mark.parametrize("tamper, message", [
     (tamper_head, "does not match the SHA-256 recorded in model.json"),
     (tamper_digest, "does not match the SHA-256 recorded in model.json"),
-    (forget_digest, "records no SHA-256 for head.joblib"),
-    (lambda d: (d / "head.joblib").unlink(), "lacks head.joblib"),
+    (forget_digest, "records no SHA-256 for head.safetensors"),
+    (lambda d: (d / "head.safetensors").unlink(), "lacks head.safetensors"),
     (lambda d: (d / "model.json").unlink(), "is not a model directory"),
 ])
 def test_mismatched_model_directory_is_refused(model, tmp_path, tamper, message):
@@ -138,7 +138,7 @@ def test_edited_head_is_refused_by_the_command_line(model, new_images, tmp_path)
     tamper_head(bad)
     proc = cli_in_process("predict", bad, new_images / "red_0.png")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"error: {bad / 'head.joblib'} does not match the SHA-256 recorded in "
+    assert proc.stderr.strip() == (f"error: {bad / 'head.safetensors'} does not match the SHA-256 recorded in "
                                    f"model.json; refusing to load it")
     assert proc.stdout == ""
 
@@ -176,7 +176,7 @@ def test_extract_and_predict_decode_large_jpegs_alike(tmp_path):
     model = tmp_path / "logreg"
     train(out, model, train_settings("logreg", {"C": 10, "calibration": "none"}))   # the head's own scores
     results = predict(model, paths, top_k=2, device="cpu")
-    expected = scores_of(modeldir.load(model)[1], val.features, 2)
+    expected = scores_of(open_model(model).model, val.features, 2)
     for r, row in zip(results, expected):
         got = {t["class"]: t["score"] for t in r["top"]}
         np.testing.assert_allclose([got[c] for c in open_cache(out).classes], row, atol=1e-5)

@@ -7,8 +7,8 @@ from sklearn.preprocessing import normalize
 
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
+from pipeline.models.directory import open_model
 from pipeline.models.networks import head_module
-from pipeline.storage import modeldir
 from tests.conftest import synthetic_cache
 
 CLASSES = ["a", "b", "c"]
@@ -33,7 +33,7 @@ def test_ridge_tunes_alpha_on_val_and_exports_its_decision_values(tmp_path):
     assert search["scores"][f"{alpha:g}"] == np.mean(chosen.predict(normalize(splits["val"][0])) == splits["val"][1])
     assert "log_loss" not in metrics     # its own decision values, not probabilities
 
-    model = modeldir.load(tmp_path / "m")[1]
+    model = open_model(tmp_path / "m").model
     probe = blobs(5, 4)[0]
     with torch.no_grad():
         exported = head_module(model, len(CLASSES), "ridge")(torch.from_numpy(probe)).numpy()
@@ -45,7 +45,7 @@ def test_a_binary_ridge_exports_both_columns(tmp_path):
               {"train": blobs(20, 1), "val": blobs(10, 2), "test": blobs(10, 3)}.items()}
     cache = synthetic_cache(tmp_path / "f.h5", splits, CLASSES[:2])
     train(cache, tmp_path / "m", train_settings("ridge", {"alpha": 1.0, "preprocess": "none"}))
-    model = modeldir.load(tmp_path / "m")[1]
+    model = open_model(tmp_path / "m").model
     probe = splits["test"][0]
     with torch.no_grad():
         exported = head_module(model, 2, "ridge")(torch.from_numpy(probe)).numpy()

@@ -16,7 +16,7 @@ from pipeline.heads.classifiers import CLASSIFIERS
 from pipeline.heads.metrics import evaluate
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import scores_of, train
-from pipeline.storage import modeldir
+from pipeline.models.directory import open_model
 from tests.conftest import ROOT, synthetic_cache
 
 CLASSES = ["a", "b", "c", "d"]
@@ -34,7 +34,7 @@ def blobs(n_per_class: int, seed: int, dim: int = 8) -> tuple[np.ndarray, np.nda
 
 def fit(cache: Path, out: Path, classifier: str, **settings) -> tuple[dict, object]:
     metrics = train(cache, out, train_settings(classifier, {**QUICK.get(classifier, {}), **settings}))
-    return metrics, modeldir.load(out)[1]
+    return metrics, open_model(out).model
 
 
 @pytest.mark.parametrize("classifier", ["logreg", "linear_svm", "rbf_svm", "knn", "torch_mlp"])

@@ -1,7 +1,7 @@
 """A trained model directory as one object, one class per kind; callers never ask which kind they hold.
 
   FeatureModel    a classifier on cached features (`pipeline train`): the backbone recorded in model.json,
-                  then head.joblib
+                  then head.safetensors (arrays and JSON)
   FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.pt
 
 Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images, and itself
@@ -86,9 +86,13 @@ class ModelDirectory:
     @cached_property
     def model(self):
         """The model file's content, read (after `open_model`'s SHA-256 checks) on first use and checked."""
-        model = modeldir.read_model(self.path, self.kind)
+        model = self._built(modeldir.read_model(self.path, self.kind))
         self._check(model)
         return model
+
+    def _built(self, content):
+        """The model from the content of its file."""
+        return content
 
     def _check(self, model) -> None:
         raise NotImplementedError
@@ -153,6 +157,15 @@ class FeatureModel(ModelDirectory):
     @property
     def cache_fingerprint(self) -> str | None:
         return self.info["fingerprint"]
+
+    def _built(self, content):
+        """The fitted preprocessing + head from its arrays and settings (pipeline.heads.stored)."""
+        from pipeline.heads.stored import restored
+        try:
+            return restored(*content)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:   # RuntimeError: torch's
+            raise InputError(f"{self.path / self.kind.model_file} cannot be read as a features model: "
+                            f"{' '.join(str(exc).split())[:200] or type(exc).__name__}")
 
     def _check(self, model) -> None:
         path = self.path / self.kind.model_file

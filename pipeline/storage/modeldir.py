@@ -1,9 +1,9 @@
-"""The files of a trained model directory: self-describing, checked before anything is unpickled,
+"""The files of a trained model directory: self-describing, holding arrays and JSON only (no pickle),
 written to a temporary sibling folder and renamed into place when complete.
 
   model.json     kind, classes, backbone spec, cache fingerprint, preprocessing, SHA-256 of each file
-  head.joblib    kind "features": the fitted preprocessing + classifier (a pickle: load only
-                 directories you trust)
+  head.safetensors  kind "features": the fitted preprocessing + classifier as arrays, with their settings
+                 as JSON in its metadata (pipeline.heads.stored)
   weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
   metrics.json   the headline metrics, one value each (accuracy, timings, counts), for `pipeline compare`
   scores.json    four of them (SCORES), for `dvc metrics show`: its table stays within a terminal's width
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import joblib
+import numpy as np
 
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import sha256_file, staged_folder, write_atomically
@@ -34,7 +34,7 @@ DETAILS = ("hyperparameters", "search", "per_class", "reliability")   # metrics 
 SCORES = ("top1", "balanced_accuracy", "macro_f1", "val_score")   # metrics that scores.json repeats
 
 
-def _torch_save(obj, path: Path) -> None:
+def _torch_save(obj, path: Path, info: dict) -> None:
     import torch
     torch.save(obj, path)
 
@@ -49,11 +49,26 @@ class Kind:
     """A kind of model directory: the file holding its model, and how that file is written and read."""
     name: str
     model_file: str
-    dump: Callable[[object, Path], None]
+    dump: Callable[[object, Path, dict], None]   # (model, path, model.json's fields)
     load: Callable[[Path], object]
 
 
-FEATURES = Kind("features", "head.joblib", lambda obj, path: joblib.dump(obj, path), joblib.load)
+def _arrays_save(content: tuple[dict, dict], path: Path, info: dict) -> None:
+    from safetensors.numpy import save_file
+    arrays, settings = content
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in settings.items()})
+
+
+def _arrays_load(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        arrays, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    return arrays, {k: json.loads(v) for k, v in metadata.items()}   # the file's header, not a file: no read_json
+
+
+FEATURES = Kind("features", "head.safetensors", _arrays_save, _arrays_load)   # (arrays, JSON): pipeline.heads.stored
+PICKLED = "head.joblib"   # the head file of earlier versions, a pickle: refused, never read
 FINETUNED = Kind("finetuned", "weights.pt", _torch_save, _torch_load)
 KINDS = {kind.name: kind for kind in (FEATURES, FINETUNED)}
 
@@ -91,7 +106,7 @@ def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion:
     (`DETAILS`), confusion.json
     and model.json (with the model file's SHA-256) into `folder`, normally the one `staged` gives."""
     folder = Path(folder)
-    kind.dump(model, folder / kind.model_file)
+    kind.dump(model, folder / kind.model_file, info)
     headline = {k: v for k, v in metrics.items() if k not in DETAILS}
     write_atomically(folder / "metrics.json", json.dumps(headline, indent=2) + "\n")
     write_atomically(folder / "scores.json", json.dumps({k: metrics[k] for k in SCORES if k in metrics}) + "\n")
@@ -134,9 +149,16 @@ def read_info(model_dir: Path) -> dict:
     return info
 
 
+def refused_pickle(model_dir: Path) -> str:
+    return (f"{model_dir} holds {PICKLED}, a pickle, which this version never loads; train it again with the "
+            f"same `pipeline train` command to write {FEATURES.model_file}")
+
+
 def verify(model_dir: Path) -> dict:
     """model.json, after checking every file it lists against its recorded SHA-256."""
     info = read_info(model_dir)
+    if PICKLED in info["files"] or (Path(model_dir) / PICKLED).exists():
+        raise InputError(refused_pickle(Path(model_dir)))
     model_file = KINDS[info["kind"]].model_file
     if model_file not in info["files"]:
         raise InputError(f"{Path(model_dir) / INFO} records no SHA-256 for {model_file}; refusing to load it")
@@ -150,11 +172,13 @@ def verify(model_dir: Path) -> dict:
 
 
 def read_model(model_dir: Path, kind: Kind):
-    """The model file of `kind` in `model_dir` (a fitted head or a state dict); `verify` it first."""
+    """The model file of `kind` in `model_dir` (a head's arrays and settings, or a state dict); `verify` it first."""
     path = Path(model_dir) / kind.model_file
     try:
         return kind.load(path)
-    except Exception as exc:   # a foreign or truncated file; for weights.pt, one that carries code
+    except InputError:
+        raise
+    except Exception as exc:   # a foreign or truncated file, or one that carries code
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise InputError(f"{path} cannot be read as a {kind.name} model: {reason}")
 

@@ -1,6 +1,7 @@
 """Stage two classifiers: one module per classifier in this package, each holding its `SPEC` (what it is, the
 hyperparameter model selection tunes and its grid, the fixed settings it takes with their rules, how to build it,
-what it can do). A module added here is a classifier of `pipeline train`, params.yaml and the docs' table.
+what it can do, how its fitted head is kept as arrays and JSON). A module added here is a classifier of
+`pipeline train`, params.yaml and the docs' table.
 
 Every head has fit(X, y), predict(X), and scores: probabilities where the model has them, decision values
 otherwise. The modules import scikit-learn and torch only when a head is built: the command line reads the
@@ -14,6 +15,7 @@ import pkgutil
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
+from pipeline.heads.stored import Stored
 from pipeline.runtime.devices import device_setting
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import Rule, rule
@@ -57,6 +59,7 @@ class ClassifierSpec:
     to_torch: Callable | None = None  # fitted head -> (torch layers, fill of unseen classes): export, Grad-CAM
     early_stops: bool = False         # fit(X, y, X_val, y_val) stops when the val loss stops falling
     floor: float = 1e-6               # calibration clips its probabilities here before the log
+    stored: Stored | None = None      # how its fitted head is kept as arrays + JSON
     name: str = ""                    # the module's name, set by the registry
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.heads.classifiers import AUTO, ClassifierSpec
+from pipeline.heads.stored import Stored
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import Rule
 
@@ -14,6 +15,17 @@ def build(n_neighbors, class_weight=None):
         raise InputError("classifier knn does not support class_weight")
     from sklearn.neighbors import KNeighborsClassifier
     return KNeighborsClassifier(n_neighbors=int(n_neighbors), weights="distance")
+
+
+def state(head):
+    """Its training vectors and their labels, with its settings (k, weighting): fitting on them again
+    rebuilds the same neighbour search."""
+    return {"vectors": head._fit_X, "labels": head.classes_[head._y]}, head.get_params()
+
+
+def restore(arrays, settings):
+    from sklearn.neighbors import KNeighborsClassifier
+    return KNeighborsClassifier(**settings).fit(arrays["vectors"], arrays["labels"])
 
 
 @dataclass(frozen=True)
@@ -36,4 +48,5 @@ class NeighbourCount(ClassifierSpec):
 
 
 SPEC = NeighbourCount("k-nearest neighbours", "n_neighbors", (AUTO | int, Rule("Neighbours that vote.", min=1)),
-                      (1, 3, 5, 9, 15, 25), build, floor=0.1)   # vote fractions: mostly 0 and 1
+                      (1, 3, 5, 9, 15, 25), build, floor=0.1,   # vote fractions: mostly 0 and 1
+                      stored=Stored(state, restore))

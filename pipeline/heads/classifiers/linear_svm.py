@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pipeline.heads.classifiers import DECADES, TUNED, ClassifierSpec, decision_layers, rules
+from pipeline.heads.stored import plain
 
 
 def build(C, max_iter=5000, seed=0, class_weight=None):
@@ -10,4 +11,5 @@ def build(C, max_iter=5000, seed=0, class_weight=None):
 
 
 SPEC = ClassifierSpec("linear SVM", "C", TUNED["C"], DECADES[2:-1], build, rules("max_iter", "seed"),
-                      probabilities=False, to_torch=decision_layers)
+                      probabilities=False, to_torch=decision_layers,
+                      stored=plain("sklearn.svm", "LinearSVC"))

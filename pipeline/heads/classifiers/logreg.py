@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pipeline.heads.classifiers import DECADES, TUNED, ClassifierSpec, linear_layer, rules, softmax_layers
+from pipeline.heads.stored import plain
 
 
 def build(C, max_iter=2000, seed=0, class_weight=None):
@@ -19,4 +20,5 @@ def to_torch(head):
 
 
 SPEC = ClassifierSpec("multinomial logistic regression", "C", TUNED["C"], DECADES[3:], build,
-                      rules("max_iter", "seed"), to_torch=to_torch)
+                      rules("max_iter", "seed"), to_torch=to_torch,
+                      stored=plain("sklearn.linear_model", "LogisticRegression"))

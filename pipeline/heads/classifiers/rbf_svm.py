@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from pipeline.heads.classifiers import DECADES, TUNED, ClassifierSpec, rules
+from pipeline.heads.stored import Stored, attributes, part, rebuilt
 from pipeline.runtime.settings import Rule
 
 
@@ -52,6 +55,31 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__} has no attribute {name}")
 
 
+def state(head):
+    """The SVM's support vectors, dual coefficients, intercepts and kernel settings (`svm.`), the sigmoid
+    of each calibrated column (`sigmoid<i>.`), the wrapper's settings and classes."""
+    calibrated = head.model_.calibrated_classifiers_[0]   # one: fitted with ensemble=False
+    svm, settings = attributes(calibrated.estimator)
+    arrays = {f"svm.{k}": v for k, v in svm.items()}
+    for i, sigmoid in enumerate(calibrated.calibrators):
+        arrays |= {f"sigmoid{i}.{k}": np.asarray(v) for k, v in vars(sigmoid).items()}
+    own, settings_own = attributes(head, skip=("model_",))
+    return {**arrays, **own}, {"svm": settings, "wrapper": settings_own, "sigmoids": len(calibrated.calibrators)}
+
+
+def restore(arrays, settings):
+    from sklearn.calibration import CalibratedClassifierCV, _CalibratedClassifier, _SigmoidCalibration
+    from sklearn.svm import SVC
+    svm = rebuilt(SVC, part("svm.", arrays), settings["svm"])
+    sigmoids = [rebuilt(_SigmoidCalibration, {}, part(f"sigmoid{i}.", arrays)) for i in range(settings["sigmoids"])]
+    head = rebuilt(_estimator(), {"classes_": arrays["classes_"]}, settings["wrapper"])
+    head.model_ = CalibratedClassifierCV(svm, ensemble=False)   # fitted: the attributes fit gives it
+    head.model_.classes_ = head.classes_
+    head.model_.calibrated_classifiers_ = [_CalibratedClassifier(svm, sigmoids, classes=head.classes_,
+                                                                  method="sigmoid")]
+    return head
+
+
 def build(C, gamma="scale", seed=0, class_weight=None):
     return _estimator()(C, gamma, class_weight, seed)
 
@@ -63,4 +91,4 @@ def _gamma(value) -> str | None:
 
 SPEC = ClassifierSpec("RBF-kernel SVM, calibrated", "C", TUNED["C"], DECADES[4:], build,
                       {"gamma": (float | str, Rule("RBF kernel width: a number, 'scale' or 'auto'.", check=_gamma)),
-                       **rules("seed")})
+                       **rules("seed")}, stored=Stored(state, restore))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pipeline.heads.classifiers import DECADES, TUNED, ClassifierSpec, linear_layer, rules, softmax_layers, torch_heads
+from pipeline.heads.stored import plain
 from pipeline.runtime.settings import Rule
 
 
@@ -18,4 +19,5 @@ def to_torch(head):
 PRECISION = (str, Rule("Type of the features in the solver; auto: bfloat16 on CPUs with native bfloat16 "
                        "arithmetic.", choices=("auto", "float32", "bfloat16")))
 SPEC = ClassifierSpec("logistic regression by full-batch L-BFGS in torch", "C", TUNED["C"], DECADES[3:], build,
-                      {**rules("max_iter", "device"), "precision": PRECISION}, to_torch=to_torch)
+                      {**rules("max_iter", "device"), "precision": PRECISION}, to_torch=to_torch,
+                      stored=plain("pipeline.heads.torch_heads", "TorchLogReg"))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pipeline.heads.classifiers import DECADES, TUNED, ClassifierSpec, rules, torch_heads
-from pipeline.heads.classifiers.torch_linear import TORCH_PARAMS, to_torch
+from pipeline.heads.classifiers.torch_linear import STORED, TORCH_PARAMS, to_torch
 from pipeline.runtime.settings import Rule
 
 
@@ -17,4 +17,5 @@ OWN = {
     "dropout": (float, Rule("Dropout after each hidden layer.", min=0, below=1)),
 }
 SPEC = ClassifierSpec("an MLP in torch", "weight_decay", TUNED["weight_decay"], DECADES[:6], build,
-                      {**OWN, **rules(*TORCH_PARAMS)}, to_torch=to_torch, early_stops=True)
+                      {**OWN, **rules(*TORCH_PARAMS)}, to_torch=to_torch, early_stops=True,
+                      stored=STORED)

@@ -1,0 +1,88 @@
+"""A fitted preprocessing + head as arrays and JSON, with no pickle: what a model directory's head.safetensors
+holds (pipeline.storage.modeldir), the arrays as its tensors, the classifier's name and settings as JSON.
+Each classifier says how its fitted head becomes arrays and settings and back (`ClassifierSpec.stored`);
+the classes rebuilt are fixed by that code, never named by the file, so reading one runs nothing it holds."""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from pipeline.runtime.errors import InputError
+
+
+class Stored(NamedTuple):
+    """How a classifier's fitted head is kept: `state` gives (arrays {name: ndarray}, settings as JSON),
+    `restore` (arrays, settings) gives the fitted head back."""
+    state: Callable
+    restore: Callable
+
+
+def attributes(obj, skip: tuple = ()) -> tuple[dict, dict]:
+    """A scikit-learn object's attributes (settings and fitted state): its arrays, and the rest, which must
+    be numbers, text, None or lists of them (checked when written as JSON)."""
+    arrays, settings = {}, {}
+    for name, value in vars(obj).items():
+        if name in skip:
+            continue
+        if isinstance(value, np.ndarray):
+            arrays[name] = value
+        else:
+            settings[name] = value.item() if isinstance(value, np.generic) else value
+    return arrays, settings
+
+
+def rebuilt(cls, arrays: dict, settings: dict):
+    """An object of `cls` holding the attributes `attributes` gave, its constructor not run."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(settings)
+    obj.__dict__.update(arrays)
+    return obj
+
+
+def plain(module: str, name: str) -> Stored:
+    """A head of class `module`.`name` whose every attribute is an array or a JSON value (`attributes`)."""
+    return Stored(attributes, lambda arrays, settings: rebuilt(getattr(import_module(module), name), arrays, settings))
+
+
+def part(prefix: str, arrays: dict) -> dict:
+    """The arrays named `prefix`..., without it."""
+    return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
+
+
+def _preprocessors() -> dict:
+    from pipeline.heads.train import PREPROCESSING, _preprocessor
+    return {kind: type(_preprocessor(kind)) for kind in PREPROCESSING}
+
+
+def state(model, classifier: str) -> tuple[dict, dict]:
+    """(arrays, settings as JSON) of the fitted pipeline (preprocessing, head) of zoo classifier `classifier`,
+    as `modeldir.FEATURES` writes them; a head of another kind is refused (`check_storable`)."""
+    spec = check_storable(classifier)
+    kind = next(k for k, cls in _preprocessors().items() if type(model[0]) is cls)
+    pre_arrays, pre_settings = attributes(model[0])
+    head_arrays, head_settings = spec.stored.state(model[-1])
+    arrays = {**{f"preprocess.{k}": v for k, v in pre_arrays.items()},
+              **{f"head.{k}": v for k, v in head_arrays.items()}}
+    return arrays, {"classifier": classifier, "preprocess": kind, "preprocess_settings": pre_settings,
+                    "head_settings": head_settings}
+
+
+def restored(arrays: dict, settings: dict):
+    """The fitted pipeline `state` gave (arrays, settings) of."""
+    from sklearn.pipeline import make_pipeline
+    spec = check_storable(settings["classifier"])
+    pre = rebuilt(_preprocessors()[settings["preprocess"]], part("preprocess.", arrays),
+                  settings["preprocess_settings"])
+    return make_pipeline(pre, spec.stored.restore(part("head.", arrays), settings["head_settings"]))
+
+
+def check_storable(classifier: str):
+    """The spec of zoo classifier `classifier`; another estimator is refused: a model directory holds only
+    arrays and JSON, which a scikit-learn estimator of the user's cannot be written as."""
+    from pipeline.heads.classifiers import CLASSIFIERS
+    if classifier not in CLASSIFIERS:
+        raise InputError(f"a {classifier or 'head'} cannot be saved: a model directory keeps only the zoo's "
+                         f"classifiers ({', '.join(CLASSIFIERS)}), as arrays and JSON, never as a pickle")
+    return CLASSIFIERS[classifier]
