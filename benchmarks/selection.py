@@ -1,6 +1,7 @@
 """What `pipeline select` buys, and what it costs:
 
     python benchmarks/selection.py curves [--work build/select_bench] [--image-size 96] [--pool N] [--rounds 8]
+                                          [--strategies auto,typical,...] [--seeds 1] [--components 128]
     python benchmarks/selection.py scale  [--work build/select_bench]
 
 `curves` writes WORK/images: the demo's 300 test images (data/fashion_mnist_demo.npz) as test/CLASS/ and
@@ -10,7 +11,8 @@ extracts them with `pipeline extract` (EfficientNet-Lite0 at --image-size px; a 
 lends its vectors), then for each strategy labels rounds of 10 pool images from no label at all (the
 labels come from the IDX file, as a person would give them), each round picked by the strategy's code
 (`pipeline.selection.strategies.choose`) on the labels so far; random draws 10 seeds. After each round a
-logistic regression (C=10, L2-normalised vectors) on the picks is scored on the test images. Prints one
+logistic regression (C=10, L2-normalised vectors) on the picks is scored on the test images. --seeds runs
+the other strategies with that many seeds too (of their PCA and k-means); --components sets theirs. Prints one
 JSON line per strategy and round, a Markdown table, and writes the figure WORK/select_curves.png.
 
 `scale` times `pipeline.selection.run.select` (cache read included) on a cache of 100,000 pool vectors of
@@ -96,7 +98,7 @@ def accuracy(X, y, X_test, y_test) -> float:
     return float(np.mean(model.predict(normalize(X_test)) == y_test))
 
 
-def curve(strategy: str, pool, truth, test, rounds: int, seed: int = 0) -> list[float]:
+def curve(strategy: str, pool, truth, test, rounds: int, seed: int = 0, components: int = 128) -> list[float]:
     """Accuracy after each round of ROUND labels, from none."""
     from pipeline.selection.strategies import choose
     rng, labelled, out = np.random.default_rng(seed), np.empty(0, int), []
@@ -105,7 +107,7 @@ def curve(strategy: str, pool, truth, test, rounds: int, seed: int = 0) -> list[
         if strategy == "random":
             picked = rng.choice(rest, ROUND, replace=False)
         else:
-            s = SelectSettings(budget=ROUND, strategy=strategy, seed=seed)
+            s = SelectSettings(budget=ROUND, strategy=strategy, seed=seed, components=components)
             picked = rest[[p.row for p in choose(pool[labelled], truth[labelled], pool[rest], len(CLASSES), s)]]
         labelled = np.concatenate([labelled, picked])
         out.append(accuracy(pool[labelled], truth[labelled], *test))
@@ -134,10 +136,11 @@ def plot(results: dict[str, np.ndarray], out: Path) -> None:
 def curves(args) -> None:
     X_test, y_test, pool, truth = vectors(args.work, args.image_size, args.pool)
     results = {}
-    for strategy in (*STRATEGIES, "random"):
-        seeds = range(RANDOM_SEEDS) if strategy == "random" else [0]
+    for strategy in args.strategies.split(","):
+        seeds = range(RANDOM_SEEDS) if strategy == "random" else range(args.seeds)
         start = time.perf_counter()
-        results[strategy] = np.array([curve(strategy, pool, truth, (X_test, y_test), args.rounds, seed)
+        results[strategy] = np.array([curve(strategy, pool, truth, (X_test, y_test), args.rounds, seed,
+                                            args.components)
                                       for seed in seeds])
         print(json.dumps({"strategy": strategy, "pool": len(pool), "seconds": round(time.perf_counter() - start, 1),
                           "accuracy": results[strategy].mean(axis=0).round(3).tolist()}), flush=True)
@@ -186,6 +189,10 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--pool", type=int, default=None, help="at most N pool images (default: all 9,700)")
     p.add_argument("--rounds", type=int, default=8, help="rounds of 10 labels")
+    p.add_argument("--strategies", default=",".join((*STRATEGIES, "random")), help="comma-separated, in order")
+    p.add_argument("--seeds", type=int, default=1, help="seeds of each strategy but random (which runs 10)")
+    p.add_argument("--components", type=int, default=SelectSettings.components,
+                   help="PCA components of the strategies (1280: no reduction)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     curves(args) if args.part == "curves" else scale(args)
