@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from pipeline.heads.calibration import expected_calibration_error, reliability
 from pipeline.heads.torch_heads import TorchLogReg
 
 MIN_ACCURACY = 0.9             # out-of-fold accuracy on the unflagged images from which the flagged ones are
@@ -96,14 +97,9 @@ def find_label_issues(probabilities: np.ndarray, labels: np.ndarray, min_score: 
 
 
 def calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error against the given labels: over `bins` equal-width bins of the top
-    probability, the gap between mean top probability and accuracy, weighted by the bin's share of images."""
-    top = probabilities.max(1)
-    correct = probabilities.argmax(1) == labels
-    which = np.minimum((top * bins).astype(int), bins - 1)
-    gaps = [abs(top[which == b].mean() - correct[which == b].mean()) * np.mean(which == b)
-            for b in range(bins) if np.any(which == b)]
-    return float(np.sum(gaps))
+    """Expected calibration error against the given labels, over `bins` equal-width bins of the top
+    probability (the measure `pipeline train` reports as `ece`, there over 15 bins)."""
+    return expected_calibration_error(reliability(probabilities, labels, bins))
 
 
 @dataclass
