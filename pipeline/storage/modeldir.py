@@ -31,7 +31,7 @@ from pipeline.storage.records import PREPROCESSING
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class", "reliability")   # metrics that go to details.json
-SCORES = ("top1", "balanced_accuracy", "macro_f1", "val_score")   # metrics that scores.json repeats
+SCORES = ("top1", "balanced_accuracy", "macro_ap", "micro_ap", "macro_f1", "val_score")   # scores.json repeats those present
 
 
 def _torch_save(obj, path: Path, info: dict) -> None:
