@@ -113,6 +113,7 @@ class Prediction:
     skipped: str | None = None
     familiar: bool | None = None        # like the training images (None: the model keeps none to compare)
     novelty: float | None = None        # mean cosine distance to the nearest training vectors
+    tags: dict[str, float] | None = None   # multi-label models: each class whose score reaches its threshold
 
     def __repr__(self) -> str:
         if self.skipped:
@@ -139,6 +140,16 @@ class Model:
     @property
     def classes(self) -> list[str]:
         return self.info["classes"]
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether it names several labels per image (trained on a multi-label cache; docs/multilabel.md)."""
+        return bool(self.info.get("multi_label"))
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """A multi-label model's decision threshold of each class, tuned on val; None for single-label ones."""
+        return self.info.get("thresholds")
 
     @cached_property
     def details(self) -> dict:
@@ -176,7 +187,8 @@ class Model:
         from pipeline.models.predict import predict_images
         inputs = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
         return [Prediction(r["path"], [t["class"] for t in r.get("top", [])], [t["score"] for t in r.get("top", [])],
-                           r.get("scores", self.score_kind), r.get("error"), r.get("familiar"), r.get("novelty"))
+                           r.get("scores", self.score_kind), r.get("error"), r.get("familiar"), r.get("novelty"),
+                           {t["class"]: t["score"] for t in r["labels"]} if "labels" in r else None)
                 for r in predict_images(self._directory, inputs, top_k, device, engine=engine, log=log)]
 
     def predict_features(self, X):
@@ -204,8 +216,9 @@ class Model:
 
     def __repr__(self) -> str:
         where = f"'{self.path}'" if self.path else "not saved"
-        return (f"Model({where}: {self.approach}, {len(self.classes)} classes, top-1 {self.metrics['top1']:.3f} "
-                f"on {self.metrics['eval_split']})")
+        m = self.metrics
+        score = f"macro AP {m['macro_ap']:.3f}" if self.multi_label else f"top-1 {m['top1']:.3f}"
+        return f"Model({where}: {self.approach}, {len(self.classes)} classes, {score} on {m['eval_split']})"
 
 
 def _train_settings(classifier, grid, settings: dict):

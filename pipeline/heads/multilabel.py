@@ -48,6 +48,12 @@ def label_scores(head, X: np.ndarray) -> np.ndarray:
     return np.stack([v[:, list(c).index(1)] for v, c in zip(votes, head.classes_)], 1)
 
 
+def is_multi_label(head) -> bool:
+    """Whether a fitted head was fitted on a 0/1 label matrix."""
+    return (type(head).__name__ == "OneVsRestClassifier" or getattr(head, "multi_label_", False)
+            or isinstance(getattr(head, "classes_", None), list))
+
+
 def probabilistic(head) -> bool:
     """Whether `label_scores` of `head` are probabilities (else decision values, whose neutral point is 0)."""
     if type(head).__name__ == "OneVsRestClassifier":

@@ -65,9 +65,10 @@ def one_vs_rest(inner: Stored) -> Stored:
     def restore(arrays, settings):
         from sklearn.multiclass import OneVsRestClassifier
         from sklearn.preprocessing import LabelBinarizer
-        head = OneVsRestClassifier(None)
-        head.estimators_ = [inner.restore(part(f"{column}.", arrays), binary_settings)
-                            for column, binary_settings in enumerate(settings["columns"])]
+        binaries = [inner.restore(part(f"{column}.", arrays), binary_settings)
+                    for column, binary_settings in enumerate(settings["columns"])]
+        head = OneVsRestClassifier(binaries[0])   # the template scikit-learn reads its tags from
+        head.estimators_ = binaries
         head.label_binarizer_ = LabelBinarizer(sparse_output=True).fit(np.eye(len(head.estimators_), dtype=int))
         head.classes_ = head.label_binarizer_.classes_   # as fit leaves them: a multi-label binarizer
         return head

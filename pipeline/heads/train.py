@@ -58,7 +58,10 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
 
 
 def scores_of(model, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """Scores with one column per class of the cache, even for classes the head never saw."""
+    """Scores with one column per class of the cache, even for classes the head never saw; a multi-label head's
+    are `multilabel.scores_of`."""
+    if multilabel.is_multi_label(model[-1]):
+        return multilabel.scores_of(model, X)
     raw = head_scores(model[-1], model[0].transform(X))
     full = np.full((len(X), n_classes), 0.0 if has_probabilities(model[-1]) else -np.inf)
     full[:, model[-1].classes_] = raw
