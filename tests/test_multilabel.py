@@ -190,6 +190,6 @@ def test_targets_on_generated_mosaics(tmp_path_factory):
     """The multi-label head on 2x2 mosaics of the demo's items (benchmarks/multilabel.py, smaller)."""
     from benchmarks.multilabel import measure, mosaic_cache
     work = tmp_path_factory.mktemp("mosaic-targets")
-    figures = measure(mosaic_cache(work, 600, 160), work)
+    figures = measure(mosaic_cache(work, 900, 160), work)
     assert figures["macro_ap"] >= 0.80, figures
     assert figures["macro_f1_tuned"] >= figures["macro_f1_single_label"] + 0.15, figures

@@ -621,6 +621,19 @@ def open_cache(path: Path) -> Cache:
         raise
 
 
+def _check_columns(path: Path, group: h5py.Group, s: str, matrix_width: int | None) -> None:
+    """A split's labels (a matrix `matrix_width` wide in a multi-label cache), paths and sha256 are of their
+    types and shapes."""
+    for n, kind in (("labels", "iu"), ("paths", "O"), ("sha256", "S"))[s == POOL:]:
+        matrix = n == "labels" and matrix_width is not None
+        if matrix and (group[n].shape[1:] != (matrix_width,) or group[n].dtype.kind not in kind):
+            raise InputError(f"feature cache {path}: {s}/labels must be a 0/1 matrix with one column per "
+                            f"class, is {group[n].dtype} {list(group[n].shape)}")
+        if not matrix and (group[n].ndim != 1 or group[n].dtype.kind not in kind):
+            raise InputError(f"feature cache {path}: {s}/{n} must be one column of "
+                            f"{'integers' if n == 'labels' else 'text'}, is {group[n].dtype} {list(group[n].shape)}")
+
+
 def _checked(path: Path, f: h5py.File) -> Cache:
     attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
     version = attrs.get("schema_version")
@@ -666,14 +679,7 @@ def _checked(path: Path, f: h5py.File) -> Cache:
             if ds.ndim != 2 or ds.dtype.kind != "f" or widths.setdefault(n, ds.shape[1]) != ds.shape[1]:
                 raise InputError(f"feature cache {path}: {s}/{n} must be [rows, {widths.get(n, 'D')}] floats, "
                                 f"is {list(ds.shape)} {ds.dtype}")
-        for n, kind in (("labels", "iu"), ("paths", "O"), ("sha256", "S"))[s == POOL:]:
-            matrix = n == "labels" and bool(attrs.get("multi_label", False))
-            if matrix and (f[s][n].shape[1:] != (len(classes),) or f[s][n].dtype.kind not in kind):
-                raise InputError(f"feature cache {path}: {s}/labels must be a 0/1 matrix with one column per "
-                                f"class, is {f[s][n].dtype} {list(f[s][n].shape)}")
-            if not matrix and (f[s][n].ndim != 1 or f[s][n].dtype.kind not in kind):
-                raise InputError(f"feature cache {path}: {s}/{n} must be one column of "
-                                f"{'integers' if n == 'labels' else 'text'}, is {f[s][n].dtype} {list(f[s][n].shape)}")
+        _check_columns(path, f[s], s, len(classes) if attrs.get("multi_label", False) else None)
         counts = {n: f[s][n].shape[0] for n in names}
         if len(set(counts.values())) != 1:
             raise InputError(f"feature cache {path}: split '{s}' row counts disagree {counts}")
