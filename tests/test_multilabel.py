@@ -193,3 +193,10 @@ def test_targets_on_generated_mosaics(tmp_path_factory):
     figures = measure(mosaic_cache(work, 900, 160), work)
     assert figures["macro_ap"] >= 0.80, figures
     assert figures["macro_f1_tuned"] >= figures["macro_f1_single_label"] + 0.15, figures
+
+
+def test_finetune_refuses_multi_label_labels_in_one_line(mosaics, tmp_path):
+    done = cli_in_process("finetune", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
+                          "--out", tmp_path / "m")
+    assert done.returncode == 2 and done.stderr.startswith("error: finetune trains on single labels")
+    assert not (tmp_path / "m").exists()
