@@ -233,8 +233,11 @@ class FeatureWriter:
                 raise ValueError("another plan")
             progress = json.loads(f.attrs["progress"])   # this tool's checkpoint; damage starts afresh below
             for split in (*SPLITS, POOL):   # rows written after the checkpoint go, even a new split's
+                kept = progress["rows"].get(split, 0)
+                if split in f and not kept:   # made after the checkpoint, perhaps cut short between its datasets
+                    del f[split]
                 for dataset in (f[split].values() if split in f else ()):
-                    dataset.resize(progress["rows"].get(split, 0), axis=0)
+                    dataset.resize(kept, axis=0)
             f["skipped"].resize(progress["skipped"], axis=0)
         except (OSError, KeyError, ValueError, TypeError, AttributeError):
             f.close()
