@@ -200,3 +200,22 @@ def test_finetune_refuses_multi_label_labels_in_one_line(mosaics, tmp_path):
                           "--out", tmp_path / "m")
     assert done.returncode == 2 and done.stderr.startswith("error: finetune trains on single labels")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "torch_logreg", "torch_linear"])
+def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_cache, mosaics, tmp_path, classifier):
+    import onnxruntime
+    import torch
+    from PIL import Image
+
+    from pipeline.models.directory import open_model
+    model = api.train(multilabel_cache, classifier, tmp_path / "m")
+    cli_in_process("export", tmp_path / "m", "--out", tmp_path / "m.onnx", check=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["model.json"])
+    assert meta["multi_label"] and meta["thresholds"] == model.thresholds
+    directory = open_model(tmp_path / "m")
+    image = directory.preprocessing.transform()(Image.open(mosaics.parent / "00000.png").convert("RGB"))[None].numpy()
+    exported = session.run(None, {session.get_inputs()[0].name: image})[0]
+    expected = directory.scorer(torch.device("cpu"), "torch")(torch.from_numpy(image))
+    assert np.allclose(exported, expected, atol=2e-3)

@@ -61,6 +61,20 @@ def probabilistic(head) -> bool:
     return True
 
 
+def torch_layers(head) -> list:
+    """Torch layers giving `label_scores` of a fitted multi-label head, for export and Grad-CAM: each class's
+    sigmoid (decision values as they are) of a linear one-vs-rest head, or a torch head's sigmoids."""
+    import torch
+    from pipeline.heads.classifiers import linear_layer
+    if hasattr(head, "net_"):
+        return [head.net_, torch.nn.Sigmoid()]
+    # a binary linear head's decision value: coef_ is one row, or (TorchLogReg) two softmax rows, whose difference
+    weight = np.stack([e.coef_[-1] - (e.coef_[0] if len(e.coef_) == 2 else 0) for e in head.estimators_])
+    bias = np.array([np.atleast_1d(e.intercept_)[-1] - (e.intercept_[0] if np.size(e.intercept_) == 2 else 0)
+                     for e in head.estimators_])
+    return [linear_layer(weight, bias), *([torch.nn.Sigmoid()] if probabilistic(head) else [])]
+
+
 def scores_of(model, X: np.ndarray) -> np.ndarray:
     """`label_scores` of a fitted preprocessing + head pipeline."""
     return label_scores(model[-1], model[0].transform(X))
