@@ -53,6 +53,7 @@ class FeatureCache:
         self.path, self.summary = Path(path), summary
         with open_cache(self.path) as cache:
             self.classes, self.splits, self.attrs = cache.classes, cache.splits, dict(cache.attrs)
+            self.multi_label = cache.multi_label   # labels are [N, classes] 0/1 (docs/multilabel.md)
             self.layers = cache.layers
             self.rows = {split: int(cache.file[split]["labels"].shape[0]) for split in cache.splits}
 
@@ -65,7 +66,7 @@ class FeatureCache:
 
     def arrays(self, split: str, layer: str | None = None):
         """(X, y) of a split: float32 vectors [N, D] (of `layer`, default the first) and int class indices
-        into `classes`."""
+        into `classes`; in a multi-label cache, y is the [N, classes] 0/1 matrix."""
         rows = self._read(split, layer)
         return rows.features, rows.labels
 

@@ -219,3 +219,14 @@ def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_ca
     exported = session.run(None, {session.get_inputs()[0].name: image})[0]
     expected = directory.scorer(torch.device("cpu"), "torch")(torch.from_numpy(image))
     assert np.allclose(exported, expected, atol=2e-3)
+
+
+def test_audit_and_compare_refuse_multi_label_in_one_line(multilabel_cache, tmp_path):
+    audit = cli_in_process("audit", multilabel_cache, "--out", tmp_path / "audit")
+    assert audit.returncode == 2 and "audit reads single-label caches" in audit.stderr
+    assert not (tmp_path / "audit").exists()
+    api.train(multilabel_cache, "ridge", tmp_path / "ridge")
+    compare = cli_in_process("compare", tmp_path / "ridge", "--out", tmp_path / "reports")
+    assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr
+    assert len(compare.stderr.strip().splitlines()) == 1
+    assert api.open_cache(multilabel_cache).multi_label
