@@ -217,9 +217,9 @@ class Model:
 
     def __repr__(self) -> str:
         where = f"'{self.path}'" if self.path else "not saved"
-        m = self.metrics
-        score = f"macro AP {m['macro_ap']:.3f}" if self.multi_label else f"top-1 {m['top1']:.3f}"
-        return f"Model({where}: {self.approach}, {len(self.classes)} classes, {score} on {m['eval_split']})"
+        from pipeline.heads.metrics import headline
+        return (f"Model({where}: {self.approach}, {len(self.classes)} classes, {headline(self.metrics)} "
+                f"on {self.metrics['eval_split']})")
 
 
 def _train_settings(classifier, grid, settings: dict):

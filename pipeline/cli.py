@@ -218,8 +218,8 @@ def train(
         raise Interrupted(f"interrupted: training {s.classifier} on {features} stopped before {out} was written "
                           f"in full; run the same command again")
     m = model.metrics
-    headline = f"macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}" if "macro_ap" in m else f"top-1 {m['top1']:.3f}"
-    _say([f"{s.classifier}: {headline} on {m['eval_split']} ({m['n_eval']} images), "
+    from pipeline.heads.metrics import headline
+    _say([f"{s.classifier}: {headline(m)} on {m['eval_split']} ({m['n_eval']} images), "
           f"chosen {model.details['hyperparameters']}, fit {m['fit_seconds']:.1f}s -> {out}"], quiet)
 
 

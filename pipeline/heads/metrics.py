@@ -32,6 +32,13 @@ def evaluate(y_true: np.ndarray, scores: np.ndarray, classes: list[str], probabi
     return {k: (float(v) if not isinstance(v, dict) else v) for k, v in out.items()}
 
 
+def headline(metrics: dict) -> str:
+    """The figure a command prints of a trained head: its top-1, or a multi-label head's macro AP and F1."""
+    if "macro_ap" in metrics:
+        return f"macro AP {metrics['macro_ap']:.3f}, macro F1 {metrics['macro_f1']:.3f}"
+    return f"top-1 {metrics['top1']:.3f}"
+
+
 def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict]:
     """One {actual, predicted} row per example, for DVC's `confusion` template."""
     return [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(y_true, y_pred)]
