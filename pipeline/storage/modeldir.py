@@ -6,7 +6,7 @@ written to a temporary sibling folder and renamed into place when complete.
                  as JSON in its metadata (pipeline.heads.stored)
   weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
   metrics.json   the headline metrics, one value each (accuracy, timings, counts), for `pipeline compare`
-  scores.json    four of them (SCORES), for `dvc metrics show`: its table stays within a terminal's width
+  scores.json    the SCORES present (four for a single-label head), for `dvc metrics show`: its table stays within a terminal's width
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall,
                  the reliability table of the scores
   familiarity.npz  kind "features": the training vectors new images are compared with (float16 arrays)
