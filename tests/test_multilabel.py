@@ -221,12 +221,58 @@ def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_ca
     assert np.allclose(exported, expected, atol=2e-3)
 
 
-def test_audit_and_compare_refuse_multi_label_in_one_line(multilabel_cache, tmp_path):
+def test_audit_refuses_multi_label_in_one_line(multilabel_cache, tmp_path):
     audit = cli_in_process("audit", multilabel_cache, "--out", tmp_path / "audit")
     assert audit.returncode == 2 and "audit reads single-label caches" in audit.stderr
     assert not (tmp_path / "audit").exists()
-    api.train(multilabel_cache, "ridge", tmp_path / "ridge")
-    compare = cli_in_process("compare", tmp_path / "ridge", "--out", tmp_path / "reports")
-    assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr
-    assert len(compare.stderr.strip().splitlines()) == 1
     assert api.open_cache(multilabel_cache).multi_label
+
+
+def test_weighted_macro_ap_is_sklearns_average_precision_with_weights():
+    from sklearn.metrics import average_precision_score
+
+    from pipeline.heads.metrics import macro_ap, weighted_macro_ap
+    rng = np.random.default_rng(0)
+    Y = (rng.random((50, 3)) < 0.3).astype(np.uint8)
+    Y[0, 2] = 1
+    scores = np.round(Y * 0.4 + rng.random(Y.shape), 1)   # rounded: tied scores
+    weights = rng.multinomial(50, np.full(50, 1 / 50), size=4)
+    expected = [np.mean([average_precision_score(Y[:, c], scores[:, c], sample_weight=w) for c in range(3)
+                         if (w * Y[:, c]).any()]) for w in weights]
+    assert np.allclose(weighted_macro_ap(Y, scores, weights), expected)
+    assert np.isclose(weighted_macro_ap(Y, scores, np.ones((1, 50)))[0], macro_ap(Y, scores))
+
+
+def test_compare_ranks_multi_label_models_by_val_macro_ap_with_bootstrap_intervals(multilabel_cache, tmp_path):
+    from pipeline.heads.metrics import macro_ap
+    for classifier in ("logreg", "knn"):
+        api.train(multilabel_cache, classifier, tmp_path / "models" / classifier)
+    with np.load(tmp_path / "models" / "logreg" / "held_out.npz") as held:
+        with open_cache(multilabel_cache) as cache:
+            assert np.array_equal(held["labels"], cache.read("val").labels)
+        assert np.isclose(macro_ap(held["labels"], held["scores"]),
+                          json.loads((tmp_path / "models" / "logreg" / "metrics.json").read_text())["val_score"])
+    cli_in_process("compare", tmp_path / "models", "--out", tmp_path / "reports", check=True)
+    table = json.loads((tmp_path / "reports" / "compare.json").read_text())
+    assert [r["val_score"] for r in table] == sorted((r["val_score"] for r in table), reverse=True)
+    assert table[0]["selected"] and not table[1]["selected"]
+    for row in table:
+        metrics = json.loads((tmp_path / "models" / row["name"] / "metrics.json").read_text())
+        assert row["multi_label"] and row["val_score"] == metrics["val_score"]
+        assert row["n_val_scored"] == metrics["n_val"] and row["macro_f1"] == metrics["macro_f1"]
+        low, high = row["val_interval"]
+        assert 0 <= low <= high <= 1 and low < high
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "selection score: macro AP (95% CI)" in report and "Hamming loss" in report
+    assert "percentile-bootstrap intervals" in report and (tmp_path / "reports" / "compare.png").stat().st_size
+
+
+def test_compare_refuses_to_mix_single_and_multi_label_models(multilabel_cache, small_cache, tmp_path):
+    api.train(multilabel_cache, "ridge", tmp_path / "multi")
+    api.train(small_cache, "ridge", tmp_path / "single")
+    done = cli_in_process("compare", tmp_path / "single", tmp_path / "multi", "--out", tmp_path / "reports")
+    assert done.returncode == 2 and "one is a multi-label model, the other single-label" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "reports").exists()
+    (tmp_path / "multi" / "held_out.npz").unlink()
+    done = cli_in_process("compare", tmp_path / "multi", "--out", tmp_path / "reports")
+    assert done.returncode == 2 and "lacks held_out.npz" in done.stderr

@@ -143,4 +143,5 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
             "thresholds": {c: float(v) for c, v in zip(cache.classes, thresholds)}}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
-    return Trained(model, info, metrics, evaluation.labels, (scores >= thresholds).astype(np.uint8), familiarity)
+    return Trained(model, info, metrics, evaluation.labels, (scores >= thresholds).astype(np.uint8), familiarity,
+                   (held_Y, held))

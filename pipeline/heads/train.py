@@ -189,6 +189,7 @@ class Trained:
     labels: np.ndarray         # the evaluation split's labels and the predicted ones, for the confusion matrix
     predicted: np.ndarray
     familiarity: Familiarity   # the training vectors new images are compared with, and the novelty threshold
+    held_out: tuple | None = None   # multi-label: (labels, scores) of the images no fit saw (modeldir.HELD_OUT)
 
 
 def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, head=None) -> Trained:
@@ -278,6 +279,7 @@ def save(trained: Trained, out_dir: Path) -> None:
     with modeldir.staged(out_dir) as folder:
         info = {**trained.info, **trained.familiarity.save(folder)}
         if info.get("multi_label"):
+            info["files"] = {**info["files"], **modeldir.write_held_out(folder, *trained.held_out)}
             modeldir.write(folder, modeldir.FEATURES, head, info, m, [])
             precision_recall_png(m["per_class"], folder / "confusion.png", f"{info['classifier']} on "
                                  f"{m['eval_split']}: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}")
