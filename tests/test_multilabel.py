@@ -228,6 +228,27 @@ def test_audit_refuses_multi_label_in_one_line(multilabel_cache, tmp_path):
     assert api.open_cache(multilabel_cache).multi_label
 
 
+def test_scores_are_calibrated_per_class_and_the_thresholds_apply_to_them(multilabel_cache, tmp_path):
+    from pipeline.heads.calibration import ClassTemperatures
+    from pipeline.heads.multilabel import scores_of
+    calibrated = api.train(multilabel_cache, "linear_svm", tmp_path / "calibrated")
+    own = api.train(multilabel_cache, "linear_svm", tmp_path / "own", calibration="none")
+    info = json.loads((tmp_path / "calibrated" / "model.json").read_text())
+    assert info["calibration"]["method"] == "temperature per class" and "calibration" not in own.info
+    assert 0 <= calibrated.metrics["ece"] <= 1 and own.metrics["ece_uncalibrated"] == calibrated.metrics["ece_uncalibrated"]
+    assert own.metrics["ece"] == own.metrics["ece_uncalibrated"]
+    with open_cache(multilabel_cache) as cache:
+        test = cache.read("test")
+    raw = scores_of(api.load_model(tmp_path / "own")._directory.model, test.features)   # decision values
+    scores = api.load_model(tmp_path / "calibrated").predict_features(test.features)
+    assert np.allclose(scores, ClassTemperatures.from_dict(info["calibration"]).apply(raw))
+    assert ((scores > 0) & (scores < 1)).all() and (np.argsort(scores, 0) == np.argsort(raw, 0)).all()
+    # a temperature keeps each class's order: the same AP, and thresholds that label the same images
+    assert calibrated.metrics["macro_ap"] == pytest.approx(own.metrics["macro_ap"])
+    assert calibrated.metrics["macro_f1"] == pytest.approx(own.metrics["macro_f1"])
+    assert all(0 < t < 1 for t in calibrated.thresholds.values())
+
+
 def test_weighted_macro_ap_is_sklearns_average_precision_with_weights():
     from sklearn.metrics import average_precision_score
 

@@ -6,11 +6,14 @@ through scikit-learn's OneVsRestClassifier (logreg, torch_logreg, linear_svm, ri
 0/1 matrix (knn: distance-weighted neighbour votes per class; torch_linear and torch_mlp: sigmoid outputs
 trained with BCE). rbf_svm is refused.
 
-Thresholds: with a test split, the chosen value is fitted on train and scored on val, and each class's
-threshold is the score maximising its F1 there; without one, on out-of-fold scores of train. An image carries
-a class when its score reaches the class's threshold. A class without a positive keeps the default (0.5 for
-probabilities, 0 for decision values), named in one warning. They are kept in model.json as `thresholds`
-({class: threshold}) beside `multi_label: true`.
+Held-out scores: with a test split, those of the chosen value fitted on train and scored on val; without one,
+out-of-fold scores of train. They are kept in the model directory (modeldir.HELD_OUT, for compare's intervals).
+Calibration (`--calibration temperature`, the default): one temperature per class fitted on them
+(calibration.ClassTemperatures); the model's scores are then probabilities.
+Thresholds: each class's is the (calibrated) held-out score maximising its F1. An image carries a class when
+its score reaches the class's threshold. A class without a positive keeps the default (0.5 for probabilities,
+0 for decision values), named in one warning. They are kept in model.json as `thresholds` ({class: threshold})
+beside `multi_label: true`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import time
 
 import numpy as np
 
+from pipeline.heads.calibration import FLOOR, ClassTemperatures, assess_multilabel
 from pipeline.heads.classifiers import CLASSIFIERS, one_thread_if_small
 from pipeline.heads.familiarity import Familiarity
 from pipeline.heads.metrics import evaluate_multilabel, macro_ap, tuned_thresholds
@@ -125,14 +129,21 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
         model = head.refit(s, chosen, X, Y)
         held, held_Y = held_out_scores(head, s, chosen, train_, val if has_test else None)
     fit_seconds = time.perf_counter() - start
-    thresholds, untuned = tuned_thresholds(held_Y, held, 0.5 if probabilistic(model[-1]) else 0.0)
+    probabilities = probabilistic(model[-1])
+    temperatures = (None if s.calibration == "none" else
+                    ClassTemperatures.fit(held, held_Y, probabilities, CLASSIFIERS[head.name].floor
+                                          if head.name in CLASSIFIERS else FLOOR))
+    calibrated = temperatures.apply if temperatures else (lambda raw: raw)
+    thresholds, untuned = tuned_thresholds(held_Y, calibrated(held), 0.5 if probabilities or temperatures else 0.0)
     if untuned:
         warn(f"no positive in {'val' if has_test else 'train'} for {', '.join(cache.classes[c] for c in untuned)}: "
              f"kept the default threshold {thresholds[untuned[0]]:g}")
     t = time.perf_counter()
-    scores = scores_of(model, evaluation.features)
+    raw = scores_of(model, evaluation.features)
+    scores = calibrated(raw)
     metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, cache.classes),
-               "calibration": "none: multi-label scores are used as the head gives them"}
+               **assess_multilabel(evaluation.labels, raw, scores if temperatures else None,
+                                                 probabilities)}
     metrics.update(val_score=chosen.score, selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold "
                    f"cv on train", eval_split="test" if has_test else "val", n_train=len(train_.labels),
                    n_val=len(val.labels), n_test=len(evaluation.labels) if has_test else 0,
@@ -140,7 +151,8 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
                    extract_seconds=cache.attrs.get("extract_seconds"), search=head.search(chosen),
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess})
     info = {**run_info(cache, head.name, s, dataset), "multi_label": True,
-            "thresholds": {c: float(v) for c, v in zip(cache.classes, thresholds)}}
+            "thresholds": {c: float(v) for c, v in zip(cache.classes, thresholds)},
+            **({"calibration": temperatures.to_dict()} if temperatures else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
     return Trained(model, info, metrics, evaluation.labels, (scores >= thresholds).astype(np.uint8), familiarity,

@@ -144,10 +144,11 @@ class FeatureModel(ModelDirectory):
 
     @cached_property
     def temperature(self):
-        """The calibration model.json records (pipeline.heads.calibration.Temperature), or None."""
-        from pipeline.heads.calibration import Temperature
+        """The calibration model.json records (pipeline.heads.calibration: a Temperature, or ClassTemperatures
+        for a multi-label head), or None."""
+        from pipeline.heads.calibration import recorded
         try:
-            return Temperature.from_dict(self.info.get("calibration"))
+            return recorded(self.info.get("calibration"))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{self.path / modeldir.INFO}: 'calibration' is malformed ({exc!r})")
 
