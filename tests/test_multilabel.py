@@ -297,3 +297,36 @@ def test_compare_refuses_to_mix_single_and_multi_label_models(multilabel_cache, 
     (tmp_path / "multi" / "held_out.npz").unlink()
     done = cli_in_process("compare", tmp_path / "multi", "--out", tmp_path / "reports")
     assert done.returncode == 2 and "lacks held_out.npz" in done.stderr
+
+
+def test_the_documented_dvc_params_run_train_and_compare(mosaics, tmp_path):
+    """docs/multilabel.md's params.yaml keys over the demo's, through the stage scripts of dvc.yaml (in this
+    process; tests/test_dvc_pipeline.py runs the real `dvc repro` of the demo): each train stage writes every
+    output dvc.yaml declares, and compare ranks the models by val macro AP."""
+    import re
+
+    import yaml
+
+    from tests.conftest import stage_in_process
+    documented = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "multilabel.md").read_text(), re.S).group(1)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in yaml.safe_load(documented).items():
+        params[key] = {**params[key], **value} if key == "extract" else value
+    assert params["extract"]["multi_label"] and set(params["extractors"]) == {"lite0_160"}
+    data = tmp_path / params["data"]
+    data.symlink_to(mosaics.parent)   # the mosaics, with their labels file, where the params expect them
+    params["extract"].update(workers=0)
+    params["extractors"]["lite0_160"]["image_size"] = 32
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage_in_process("extract.py", tmp_path, "lite0_160", params["data"], "features/lite0_160.h5", check=True)
+    train_outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["outs"]
+    for classifier in params["train"]:
+        out = f"models/lite0_160/{classifier}"
+        stage_in_process("train.py", tmp_path, classifier, "features/lite0_160.h5", out, check=True)
+        for declared in train_outs:
+            path = next(iter(declared)) if isinstance(declared, dict) else declared
+            assert (tmp_path / path.replace("${item.extractor}/${item.classifier}", "lite0_160/" + classifier)).is_file()
+    done = stage_in_process("compare.py", tmp_path, "reports", "models", check=True)
+    rows = json.loads((tmp_path / "reports" / "compare.json").read_text())
+    assert {r["name"] for r in rows} == {f"lite0_160/{c}" for c in params["train"]} and all(r["multi_label"] for r in rows)
+    assert f"selected {rows[0]['name']}: {rows[0]['val_score']:.3f}" in done.stdout

@@ -213,13 +213,18 @@ def uncalibrated(scores: np.ndarray, probabilities: bool) -> np.ndarray:
 def assess_multilabel(Y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray | None, probabilities: bool) -> dict:
     """ece and ece_uncalibrated of a multi-label head: the mean over classes of the ECE of each class's
     `two_classes` scores against its 0/1 labels (one-vs-rest), of the `calibrated` scores (None: the head's
-    own are given) and of the head's own (a sigmoid of its decision values when it has no probabilities)."""
+    own are given) and of the head's own (a sigmoid of its decision values when it has no probabilities);
+    and the reliability table of the scores given, every (image, class) pair pooled."""
+    def pairs(scores, of_probabilities, c=slice(None)):
+        return uncalibrated(two_classes(np.ravel(scores[:, c]), of_probabilities), of_probabilities)
+
     def ece(scores, of_probabilities):
-        return float(np.mean([expected_calibration_error(reliability(
-            uncalibrated(two_classes(scores[:, c], of_probabilities), of_probabilities), Y[:, c]))
-            for c in range(Y.shape[1])]))
+        return float(np.mean([expected_calibration_error(reliability(pairs(scores, of_probabilities, c), Y[:, c]))
+                              for c in range(Y.shape[1])]))
     own = ece(raw, probabilities)
-    return {"ece": own if calibrated is None else ece(calibrated, True), "ece_uncalibrated": own}
+    given = (raw, probabilities) if calibrated is None else (calibrated, True)
+    return {"ece": own if calibrated is None else ece(calibrated, True), "ece_uncalibrated": own,
+            "reliability": reliability(pairs(*given), np.ravel(Y))}
 
 
 def assess(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, probabilities: bool) -> dict:

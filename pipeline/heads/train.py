@@ -283,13 +283,14 @@ def save(trained: Trained, out_dir: Path) -> None:
             modeldir.write(folder, modeldir.FEATURES, head, info, m, [])
             precision_recall_png(m["per_class"], folder / "confusion.png", f"{info['classifier']} on "
                                  f"{m['eval_split']}: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}")
-            return
-        modeldir.write(folder, modeldir.FEATURES, head, info, m,
-                       confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
-        confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
-                      f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")
+        else:
+            modeldir.write(folder, modeldir.FEATURES, head, info, m,
+                           confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
+            confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
+                          f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")
+        what = "mean per-class ECE" if info.get("multi_label") else "ECE"
         calibration.reliability_png(m["reliability"], folder / "reliability.png",
-                                    f"{trained.info['classifier']} on {m['eval_split']}: ECE {m['ece']:.3f} "
+                                    f"{trained.info['classifier']} on {m['eval_split']}: {what} {m['ece']:.3f} "
                                     f"({m['ece_uncalibrated']:.3f} uncalibrated)")
 
 
