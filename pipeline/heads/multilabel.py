@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from pipeline.heads.calibration import FLOOR, ClassTemperatures, assess_multilabel
+from pipeline.heads.calibration import ClassTemperatures, assess_multilabel
 from pipeline.heads.classifiers import CLASSIFIERS, one_thread_if_small
 from pipeline.heads.familiarity import Familiarity
 from pipeline.heads.metrics import evaluate_multilabel, macro_ap, tuned_thresholds
@@ -97,23 +97,10 @@ def check_learnable(Y: np.ndarray, classes: list[str]) -> None:
                             f"learn it; fix the labels file")
 
 
-def held_out_scores(head, s, chosen, train_, val) -> tuple[np.ndarray, np.ndarray]:
-    """Scores no fit saw, and their labels, that the thresholds are tuned on (module docstring)."""
-    from sklearn.model_selection import KFold
-    if val is not None:
-        Y, held = val.labels, scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features)
-    else:
-        X, Y = train_.features, train_.labels
-        held = np.empty(Y.shape)
-        for fit_rows, scored in KFold(min(s.cv_folds, len(Y)), shuffle=True, random_state=s.seed).split(X):
-            held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], Y[fit_rows]), X[scored])
-    return held, Y
-
-
 def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
     """`pipeline.heads.train.fit_head` on a multi-label cache (open), its splits read: a `Trained` whose
     `labels` and `predicted` are the evaluation split's 0/1 matrices. `splits`: train, val and test (or None)."""
-    from pipeline.heads.train import Trained, cv_folds, run_info
+    from pipeline.heads.train import Trained, cv_folds, floor, held_out_scores, run_info
     train_, val, test = splits
     check_learnable(train_.labels, cache.classes)
     if s.class_weight is not None:
@@ -127,12 +114,11 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
         chosen = (head.select(s, train_.features, train_.labels, val.features, val.labels) if has_test
                   else head.select(s, train_.features, train_.labels))
         model = head.refit(s, chosen, X, Y)
-        held, held_Y = held_out_scores(head, s, chosen, train_, val if has_test else None)
+        held, held_Y = held_out_scores(s, head, chosen, train_, val if has_test else None, len(cache.classes))
     fit_seconds = time.perf_counter() - start
     probabilities = probabilistic(model[-1])
     temperatures = (None if s.calibration == "none" else
-                    ClassTemperatures.fit(held, held_Y, probabilities, CLASSIFIERS[head.name].floor
-                                          if head.name in CLASSIFIERS else FLOOR))
+                    ClassTemperatures.fit(held, held_Y, probabilities, floor(head.name)))
     calibrated = temperatures.apply if temperatures else (lambda raw: raw)
     thresholds, untuned = tuned_thresholds(held_Y, calibrated(held), 0.5 if probabilities or temperatures else 0.0)
     if untuned:

@@ -189,7 +189,7 @@ class Trained:
     labels: np.ndarray         # the evaluation split's labels and the predicted ones, for the confusion matrix
     predicted: np.ndarray
     familiarity: Familiarity   # the training vectors new images are compared with, and the novelty threshold
-    held_out: tuple | None = None   # multi-label: (labels, scores) of the images no fit saw (modeldir.HELD_OUT)
+    held_out: tuple            # (labels, scores) of the images no fit saw (modeldir.HELD_OUT)
 
 
 def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, head=None) -> Trained:
@@ -221,8 +221,9 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
                   else head.select(s, train_.features, train_.labels))
         model = head.refit(s, chosen, X, y)
         probabilities = has_probabilities(model[-1])
-        temperature = fit_temperature(s, head, chosen, train_, val if has_test else None, len(cache.classes),
-                                      probabilities)
+        held, held_y = held_out_scores(s, head, chosen, train_, val if has_test else None, len(cache.classes))
+    temperature = (None if s.calibration == "none" else
+                   calibration.Temperature.fit(held, held_y, probabilities, floor(head.name)))
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
     raw = scores_of(model, evaluation.features, len(cache.classes))
@@ -244,7 +245,7 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
             **({"calibration": temperature.to_dict()} if temperature else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
-    return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity)
+    return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity, (held_y, held))
 
 
 def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
@@ -254,22 +255,23 @@ def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
             "feature_preprocessing": s.preprocess, "dataset": dataset}
 
 
-def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int,
-                    probabilities: bool) -> calibration.Temperature | None:
-    """The calibration `s` asks for, fitted on scores of images no fit saw: with a test split (`val` given),
-    the chosen value fitted on train and scored on val; without one, out-of-fold scores on train."""
-    if s.calibration == "none":
-        return None
+def held_out_scores(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int) -> tuple:
+    """(scores, labels) of images no fit saw, that calibration (and a multi-label head's thresholds) are fitted
+    on and the model directory keeps (modeldir.HELD_OUT): with a test split (`val` given), the chosen value
+    fitted on train and scored on val; without one, out-of-fold scores on train, in the folds of selection."""
     if val is not None:
-        held = scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features, n_classes)
-        y = val.labels
-    else:
-        X, y = train_.features, train_.labels
-        held = np.empty((len(y), n_classes))
-        for fit_rows, scored in StratifiedKFold(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
-            held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], y[fit_rows]), X[scored], n_classes)
-    floor = CLASSIFIERS[head.name].floor if head.name in CLASSIFIERS else calibration.FLOOR
-    return calibration.Temperature.fit(held, y, probabilities, floor)
+        return scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features, n_classes), val.labels
+    X, y = train_.features, train_.labels
+    held = np.empty((len(y), n_classes))
+    split = KFold if np.ndim(y) == 2 else StratifiedKFold
+    for fit_rows, scored in split(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
+        held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], y[fit_rows]), X[scored], n_classes)
+    return held, y
+
+
+def floor(classifier: str) -> float:
+    """Where calibration clips the probabilities of `classifier` (pipeline.heads.classifiers)."""
+    return CLASSIFIERS[classifier].floor if classifier in CLASSIFIERS else calibration.FLOOR
 
 
 def save(trained: Trained, out_dir: Path) -> None:
@@ -278,8 +280,8 @@ def save(trained: Trained, out_dir: Path) -> None:
     head = stored.state(trained.model, trained.info["classifier"])   # refuses a head it cannot store
     with modeldir.staged(out_dir) as folder:
         info = {**trained.info, **trained.familiarity.save(folder)}
+        info["files"] = {**info["files"], **modeldir.write_held_out(folder, *trained.held_out)}
         if info.get("multi_label"):
-            info["files"] = {**info["files"], **modeldir.write_held_out(folder, *trained.held_out)}
             modeldir.write(folder, modeldir.FEATURES, head, info, m, [])
             precision_recall_png(m["per_class"], folder / "confusion.png", f"{info['classifier']} on "
                                  f"{m['eval_split']}: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}")

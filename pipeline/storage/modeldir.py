@@ -10,8 +10,9 @@ written to a temporary sibling folder and renamed into place when complete.
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall,
                  the reliability table of the scores
   familiarity.npz  kind "features": the training vectors new images are compared with (float16 arrays)
-  held_out.npz   a multi-label head: the 0/1 labels and the head's own scores of the images no fit saw that
-                 its selection score, thresholds and calibration come from (`pipeline compare`'s intervals)
+  held_out.npz   kind "features": the labels (0/1 matrix of a multi-label head) and the head's own scores of
+                 the images no fit saw, that its calibration (and thresholds) were fitted on: the images of its
+                 val score, whose bootstrap gives `pipeline compare` a multi-label model's interval
   confusion.json {actual, predicted} rows for `dvc plots show`
 
 What each kind does with its file is `pipeline.models.directory`'s business.
@@ -125,7 +126,8 @@ HELD_OUT = "held_out.npz"
 
 def write_held_out(folder: Path, labels: np.ndarray, scores: np.ndarray) -> dict:
     """Write HELD_OUT into `folder`; returns model.json's "files" entry for it."""
-    np.savez(Path(folder) / HELD_OUT, labels=labels.astype(np.uint8), scores=scores.astype(np.float32))
+    np.savez(Path(folder) / HELD_OUT, labels=labels.astype(np.uint8 if labels.ndim == 2 else np.int64),
+             scores=scores.astype(np.float32))
     return {HELD_OUT: sha256_file(Path(folder) / HELD_OUT)}
 
 
@@ -139,8 +141,9 @@ def read_held_out(model_dir: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"{path} does not match the SHA-256 recorded in {INFO}; refusing to read it")
     with np.load(path, allow_pickle=False) as arrays:
         labels, scores = arrays["labels"], arrays["scores"]
-    if labels.shape != scores.shape or labels.ndim != 2 or labels.shape[1] != len(info["classes"]):
-        raise InputError(f"{path}: labels {labels.shape} and scores {scores.shape} must both be [images, classes]")
+    if scores.shape[1:] != (len(info["classes"]),) or labels.shape not in (scores.shape, scores.shape[:1]):
+        raise InputError(f"{path}: scores {scores.shape} must be [images, classes] and labels {labels.shape} "
+                        f"[images] or [images, classes]")
     return labels, scores.astype(np.float64)
 
 
