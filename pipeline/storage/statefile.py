@@ -49,7 +49,18 @@ def save(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
     tensors: dict = {}
     tree = _split(state, "", tensors)
-    save_file(tensors, str(path), metadata={HEADER: json.dumps(tree)})
+    save_file(_unshared(tensors), str(path), metadata={HEADER: json.dumps(tree)})
+
+
+def _unshared(tensors: dict) -> dict:
+    """Each tensor in memory of its own (safetensors refuses tensors that share it, e.g. a state dict held
+    twice): a tensor whose memory an earlier one holds is copied."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        memory = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if memory and memory in seen else t
+        seen.add(memory)
+    return out
 
 
 def load(path: Path) -> dict:

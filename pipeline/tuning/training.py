@@ -509,7 +509,8 @@ def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict,
     classes, y, y_pred = info["classes"], evaluation.labels, evaluation.logits.argmax(1)
     name = f"{out_dir.name} ({info['strategy']}) on {metrics['eval_split']}"
     with modeldir.staged(out_dir) as folder:
-        modeldir.write(folder, modeldir.FINETUNED, state, {**info, **familiarity.save(folder)}, metrics,
+        modeldir.write(folder, modeldir.FINETUNED, state,
+                       {**info, **familiarity.save(folder, "the network's penultimate features")}, metrics,
                        confusion_rows(y, y_pred, classes))
         confusion_png(y, y_pred, classes, folder / "confusion.png", f"{name}: top-1 {metrics['top1']:.3f}")
         calibration.reliability_png(metrics["reliability"], folder / "reliability.png",
