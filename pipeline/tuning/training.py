@@ -462,23 +462,12 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
         return None
     model.load_state_dict(best_state)
     eval_split = "test" if "test" in dataset.splits() else "val"
-    loss_fn = nn.CrossEntropyLoss()
-    t = time.perf_counter()
-    evaluation = evaluate(model, batches(eval_split), loss_fn, dev)
-    predict_seconds = time.perf_counter() - t
-    # every train and val image read once more, unaugmented (this also records them where no epoch ran)
-    temperature, familiarity = trust(evaluate(model, batches("train", augment=False), loss_fn, dev),
-                                     evaluation if eval_split == "val" else evaluate(model, val_batches, loss_fn, dev),
-                                     s)
-    scores = temperature.apply(evaluation.logits) if temperature else calibration.uncalibrated(evaluation.logits,
-                                                                                               False)
-    metrics = score_metrics(evaluation.labels, scores, dataset.classes, True)
-    metrics.update(calibration.assess(evaluation.labels, evaluation.logits, scores, False))
+    evaluation, metrics, temperature, familiarity = score(model, batches, eval_split, dataset.classes, s, dev)
     n = {split: sum(1 for v in seen.values() if v[1] == split) for split in ("train", "val", "test")}
     val_score = next(h["val_acc"] for h in history if h["epoch"] == best_epoch)   # the score that chose the epoch
     metrics.update(val_score=val_score, eval_split=eval_split, n_train=n["train"], n_val=n["val"], n_test=n["test"],
                    n_eval=n[eval_split],
-                   n_skipped=len(skipped), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                   n_skipped=len(skipped), fit_seconds=fit_seconds,
                    best_epoch=best_epoch, epochs_run=len(history), selection="val", device=str(dev),
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
     if sharded:
@@ -491,6 +480,25 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
             **({"calibration": temperature.to_dict()} if temperature else {})}
     write_model_directory(out_dir, best_state, info, metrics, evaluation, familiarity, history)
     return metrics
+
+
+def score(model: FinetuneNetwork, batches, eval_split: str, classes: list[str], s: FinetuneSettings,
+          dev: torch.device) -> tuple[Evaluation, dict, calibration.Temperature | None, Familiarity]:
+    """The kept network on the evaluation split, with what makes its scores trustworthy (`trust`): that
+    evaluation, its metrics (calibrated scores), the temperature (or None) and the familiarity.
+    `batches(split, augment)`: a split's batches. Every train and val image is read once more, unaugmented
+    (which also records them where no epoch ran)."""
+    loss_fn = nn.CrossEntropyLoss()
+    t = time.perf_counter()
+    evaluation = evaluate(model, batches(eval_split), loss_fn, dev)
+    predict_seconds = time.perf_counter() - t
+    val = evaluation if eval_split == "val" else evaluate(model, batches("val"), loss_fn, dev)
+    temperature, familiarity = trust(evaluate(model, batches("train", augment=False), loss_fn, dev), val, s)
+    raw = evaluation.logits
+    scores = temperature.apply(raw) if temperature else calibration.uncalibrated(raw, False)
+    metrics = score_metrics(evaluation.labels, scores, classes, True)
+    metrics.update(calibration.assess(evaluation.labels, raw, scores, False), predict_seconds=predict_seconds)
+    return evaluation, metrics, temperature, familiarity
 
 
 def trust(train: Evaluation, val: Evaluation, s: FinetuneSettings
