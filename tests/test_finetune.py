@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.api import load_model
 from pipeline.features.backbones.loading import build_backbone
 from pipeline.tuning.training import (CHECKPOINT, FinetuneSettings, PlateauSchedule, finetune, load_checkpoint,
                                       make_optimizer, save_checkpoint, stages)
@@ -206,6 +207,9 @@ def test_a_fine_tuned_model_is_calibrated_on_val_and_scores_novelty(finetuned):
         assert isinstance(r["familiar"], bool) and r["novelty"] >= 0
     assert sum(r["familiar"] for r in results) >= 4
     assert rows([finetuned])[0]["ece"] == m["ece"]
+    through_api = load_model(finetuned).predict(images, top_k=3, device="cpu")
+    assert [(p.scores, p.familiar, p.novelty) for p in through_api] == \
+        [([t["score"] for t in r["top"]], r["familiar"], r["novelty"]) for r in results]
 
 
 def test_images_unlike_the_training_ones_are_unfamiliar_to_a_fine_tuned_model(finetuned, tmp_path):
