@@ -2,6 +2,7 @@
 
   FeatureModel    a classifier on cached features (`pipeline train`): the backbone recorded in model.json,
                   then head.safetensors (arrays and JSON)
+  EstimatorModel  a scikit-learn estimator of the Python API on cached features: head.skops
   FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.safetensors
 
 Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images (its scores
@@ -216,6 +217,14 @@ class FeatureModel(ModelDirectory):
         return Network(net, dict(net.model.named_modules()).get(backbone.layer))
 
 
+class EstimatorModel(FeatureModel):
+    kind = modeldir.ESTIMATOR
+    what = "feature cache + scikit-learn estimator (extraction included)"
+
+    def _built(self, content):
+        return content   # skops rebuilt it, from trusted types only
+
+
 class FinetunedModel(ModelDirectory):
     kind = modeldir.FINETUNED
     what = "fine-tune"
@@ -263,7 +272,7 @@ class FinetunedModel(ModelDirectory):
         return Network(net, dict(self._classifier.backbone.named_modules()).get(layer))
 
 
-KINDS = {cls.kind.name: cls for cls in (FeatureModel, FinetunedModel)}
+KINDS = {cls.kind.name: cls for cls in (FeatureModel, EstimatorModel, FinetunedModel)}
 
 
 def open_model(path: Path) -> ModelDirectory:

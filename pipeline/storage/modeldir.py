@@ -5,6 +5,8 @@ written to a temporary sibling folder and renamed into place when complete.
   head.safetensors  kind "features": the fitted preprocessing + classifier as arrays, with their settings
                  as JSON in its metadata (pipeline.heads.stored)
   weights.safetensors  kind "finetuned": the network's state dict (safetensors)
+  head.skops     kind "estimator": a scikit-learn estimator of the Python API that is not one of the zoo's,
+                 with its preprocessing, kept with skops (read only where it names types skops trusts)
   metrics.json   the headline metrics, one value each (accuracy, timings, counts), for `pipeline compare`
   scores.json    four of them (SCORES), for `dvc metrics show`: its table stays within a terminal's width
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall,
@@ -72,7 +74,35 @@ def _weights_load(path: Path) -> dict:
 
 
 FINETUNED = Kind("finetuned", "weights.safetensors", _weights_save, _weights_load)
-KINDS = {kind.name: kind for kind in (FEATURES, FINETUNED)}
+
+
+def skops():
+    """skops.io, or an InputError saying how to install it."""
+    try:
+        import skops.io
+    except ImportError:
+        raise InputError("scikit-learn estimators other than the zoo's are kept with skops, which is not "
+                         "installed: pip install skops")
+    return skops.io
+
+
+def _skops_save(model, path: Path, info: dict) -> None:
+    skops().dump(model, str(path))
+
+
+def _skops_load(path: Path):
+    """The estimator, built only from the types skops trusts (scikit-learn's, numpy's): a file naming any
+    other is refused unread."""
+    io = skops()
+    untrusted = io.get_untrusted_types(file=str(path))
+    if untrusted:
+        raise InputError(f"{path} names types that skops does not trust ({', '.join(untrusted[:3])}); "
+                        f"refusing to load it")
+    return io.load(str(path))
+
+
+ESTIMATOR = Kind("estimator", "head.skops", _skops_save, _skops_load)
+KINDS = {kind.name: kind for kind in (FEATURES, FINETUNED, ESTIMATOR)}
 # the files of earlier versions that are pickles: refused, never read; each with the command writing its successor
 PICKLED = {"head.joblib": ("train", FEATURES), "weights.pt": ("finetune", FINETUNED),
            "checkpoint.pt": ("finetune", FINETUNED)}
