@@ -6,9 +6,10 @@
   FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.safetensors
 
 Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images (its scores
-calibrated where model.json records a temperature, and the images' novelty where it records training vectors),
-and itself as one torch network from images to scores (for export and Grad-CAM). `open_model` checks the files against
-their SHA-256 first (pipeline.storage.modeldir) and reads the model file only when it is needed.
+calibrated where model.json records a temperature, and the images' novelty where it records training
+vectors), and itself as one torch network from images to scores (for export and Grad-CAM). `open_model`
+checks the files against their SHA-256 first (pipeline.storage.modeldir) and reads the model file only when
+it is needed.
 """
 from __future__ import annotations
 
