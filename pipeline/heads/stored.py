@@ -52,6 +52,34 @@ def part(prefix: str, arrays: dict) -> dict:
     return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
 
 
+def one_vs_rest(inner: Stored) -> Stored:
+    """A scikit-learn OneVsRestClassifier fitted on a multi-label 0/1 matrix, each class's binary head kept
+    as `inner` keeps one (its arrays prefixed with the class's column, "3.coef_")."""
+    def state(head):
+        arrays, settings = {}, []
+        for column, binary in enumerate(head.estimators_):
+            a, binary_settings = inner.state(binary)
+            arrays.update({f"{column}.{name}": value for name, value in a.items()})
+            settings.append(binary_settings)
+        return arrays, {"columns": settings}
+
+    def restore(arrays, settings):
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.preprocessing import LabelBinarizer
+        binaries = [inner.restore(part(f"{column}.", arrays), binary_settings)
+                    for column, binary_settings in enumerate(settings["columns"])]
+        head = OneVsRestClassifier(binaries[0])   # the template scikit-learn reads its tags from
+        head.estimators_ = binaries
+        head.label_binarizer_ = LabelBinarizer(sparse_output=True).fit(np.eye(len(head.estimators_), dtype=int))
+        head.classes_ = head.label_binarizer_.classes_   # as fit leaves them: a multi-label binarizer
+        return head
+    return Stored(state, restore)
+
+
+def _is_one_vs_rest(head) -> bool:
+    return type(head).__name__ == "OneVsRestClassifier" and type(head).__module__ == "sklearn.multiclass"
+
+
 def _preprocessors() -> dict:
     from pipeline.heads.train import PREPROCESSING, _preprocessor
     return {kind: type(_preprocessor(kind)) for kind in PREPROCESSING}
@@ -81,11 +109,12 @@ def state(model, classifier: str) -> tuple[dict, dict]:
     spec = zoo_spec(classifier)
     kind = next(k for k, cls in _preprocessors().items() if type(model[0]) is cls)
     pre_arrays, pre_settings = attributes(model[0])
-    head_arrays, head_settings = spec.stored.state(model[-1])
+    ovr = _is_one_vs_rest(model[-1])
+    head_arrays, head_settings = (one_vs_rest(spec.stored) if ovr else spec.stored).state(model[-1])
     arrays = {**{f"preprocess.{k}": v for k, v in pre_arrays.items()},
               **{f"head.{k}": v for k, v in head_arrays.items()}}
     return arrays, {"classifier": classifier, "preprocess": kind, "preprocess_settings": pre_settings,
-                    "head_settings": head_settings}
+                    "head_settings": head_settings, **({"one_vs_rest": True} if ovr else {})}
 
 
 def restored(arrays: dict, settings: dict):
@@ -94,7 +123,8 @@ def restored(arrays: dict, settings: dict):
     spec = zoo_spec(settings["classifier"])
     pre = rebuilt(_preprocessors()[settings["preprocess"]], part("preprocess.", arrays),
                   settings["preprocess_settings"])
-    return make_pipeline(pre, spec.stored.restore(part("head.", arrays), settings["head_settings"]))
+    how = one_vs_rest(spec.stored) if settings.get("one_vs_rest") else spec.stored
+    return make_pipeline(pre, how.restore(part("head.", arrays), settings["head_settings"]))
 
 
 def zoo_spec(classifier: str):

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads import calibration, stored
+from pipeline.heads import calibration, multilabel, stored
 from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
 from pipeline.heads.familiarity import Familiarity
-from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
+from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate, precision_recall_png
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import InputError, warn
 from pipeline.storage import modeldir
@@ -41,6 +41,8 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
     seeded = {"seed": s.seed} if "seed" in spec.params else {}
     params = {**seeded, **s.params, **({"epochs": epochs} if epochs else {})}
     head = make_head(s.classifier, value, s.class_weight, **params)
+    if np.ndim(y) == 2:   # a multi-label 0/1 matrix
+        head = multilabel.wrapped(s.classifier, head)
     if search and hasattr(head, "for_search"):
         head = head.for_search()
     model = make_pipeline(_preprocessor(s.preprocess), head)
@@ -56,7 +58,10 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
 
 
 def scores_of(model, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """Scores with one column per class of the cache, even for classes the head never saw."""
+    """Scores with one column per class of the cache, even for classes the head never saw; a multi-label head's
+    are `multilabel.scores_of`."""
+    if multilabel.is_multi_label(model[-1]):
+        return multilabel.scores_of(model, X)
     raw = head_scores(model[-1], model[0].transform(X))
     full = np.full((len(X), n_classes), 0.0 if has_probabilities(model[-1]) else -np.inf)
     full[:, model[-1].classes_] = raw
@@ -65,7 +70,7 @@ def scores_of(model, X: np.ndarray, n_classes: int) -> np.ndarray:
 
 class Trial(NamedTuple):
     """One candidate value's result in the search."""
-    score: float              # mean accuracy on val (or over the folds)
+    score: float              # mean accuracy on val (or over the folds); multi-label: macro AP
     epochs: int | None        # torch heads: the median best epoch, used for the refit
 
 
@@ -76,7 +81,10 @@ def _best(tried: dict[float, Trial], grid: tuple) -> float:
 
 
 def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
-    """Folds for selection without a test split: `s.cv_folds`, fewer when a class has fewer images."""
+    """Folds for selection without a test split: `s.cv_folds`, fewer when a class has fewer images (multi-label:
+    fewer images)."""
+    if np.ndim(y) == 2:
+        return min(s.cv_folds, len(y))
     counts = np.bincount(y)
     k = int(min(s.cv_folds, counts[counts > 0].min()))
     if k < 2:
@@ -90,7 +98,8 @@ def selection_folds(s: TrainSettings, X, y, X_val=None, y_val=None) -> list[tupl
     if X_val is not None:
         return [(X, y, X_val, y_val)]
     k = cv_folds(s, y)
-    folds = StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)
+    split = KFold if np.ndim(y) == 2 else StratifiedKFold   # multi-label: folds by rows
+    folds = split(k, shuffle=True, random_state=s.seed).split(X, y)
     return [(X[tr], y[tr], X[va], y[va]) for tr, va in folds]
 
 
@@ -118,7 +127,8 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
             scores, epochs = [], []
             for Xa, ya, Xb, yb in folds:
                 model = _fit(s, value, Xa, ya, Xb, yb, search=True)
-                scores.append(float(np.mean(model.predict(Xb) == yb)))
+                scores.append(multilabel.score(model, Xb, yb) if np.ndim(yb) == 2
+                              else float(np.mean(model.predict(Xb) == yb)))
                 epochs.append(getattr(model[-1], "best_epoch_", None))
             tried[value] = Trial(float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
 
@@ -195,6 +205,8 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
         train_, val = cache.read("train"), cache.read("val")
         test = cache.read("test") if has_test else None
         dataset = cache.dataset_id()
+    if cache.multi_label:
+        return multilabel.fit_multilabel(cache, s, head, (train_, val, test), dataset)
     eval_split = "test" if has_test else "val"
     start = time.perf_counter()
     if has_test:
@@ -227,14 +239,18 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess,
                                     "class_weight": s.class_weight},
                    search=head.search(chosen))
-    info = {"classifier": head.name, "classes": cache.classes,
-            "backbone": model_spec(cache.attrs).to_dict(),
-            "fingerprint": cache.attrs["fingerprint"], "cache": fingerprinted(cache.attrs),
-            "feature_preprocessing": s.preprocess, "dataset": dataset,
+    info = {**run_info(cache, head.name, s, dataset),
             **({"calibration": temperature.to_dict()} if temperature else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
     return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity)
+
+
+def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
+    """What model.json records of the run: the head, the classes, the backbone and cache behind it, the data."""
+    return {"classifier": classifier, "classes": cache.classes, "backbone": model_spec(cache.attrs).to_dict(),
+            "fingerprint": cache.attrs["fingerprint"], "cache": fingerprinted(cache.attrs),
+            "feature_preprocessing": s.preprocess, "dataset": dataset}
 
 
 def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int,
@@ -261,6 +277,11 @@ def save(trained: Trained, out_dir: Path) -> None:
     kind, head = stored.form(trained.model, trained.info["classifier"])   # refuses a head it cannot store
     with modeldir.staged(out_dir) as folder:
         info = {**trained.info, **trained.familiarity.save(folder)}
+        if info.get("multi_label"):
+            modeldir.write(folder, kind, head, info, m, [])
+            precision_recall_png(m["per_class"], folder / "confusion.png", f"{info['classifier']} on "
+                                 f"{m['eval_split']}: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}")
+            return
         modeldir.write(folder, kind, head, info, m,
                        confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
         confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",

@@ -118,6 +118,17 @@ class ModelDirectory:
         raise NotImplementedError
 
     @cached_property
+    def thresholds(self) -> np.ndarray | None:
+        """A multi-label model's decision threshold of each class (model.json `thresholds`), in class order."""
+        recorded = self.info.get("thresholds")
+        if recorded is None:
+            return None
+        try:
+            return np.array([float(recorded[c]) for c in self.classes])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{self.path / modeldir.INFO}: 'thresholds' must give each class a number ({exc!r})")
+
+    @cached_property
     def temperature(self):
         """The calibration model.json records (pipeline.heads.calibration.Temperature), or None."""
         from pipeline.heads.calibration import Temperature

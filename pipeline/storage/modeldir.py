@@ -8,7 +8,7 @@ written to a temporary sibling folder and renamed into place when complete.
   head.skops     kind "estimator": a scikit-learn estimator of the Python API that is not one of the zoo's,
                  with its preprocessing, kept with skops (read only where it names types skops trusts)
   metrics.json   the headline metrics, one value each (accuracy, timings, counts), for `pipeline compare`
-  scores.json    four of them (SCORES), for `dvc metrics show`: its table stays within a terminal's width
+  scores.json    the SCORES present (four for a single-label head), for `dvc metrics show`: its table stays within a terminal's width
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall,
                  the reliability table of the scores
   familiarity.npz  the training vectors new images are compared with (float16 arrays): the head's
@@ -34,7 +34,7 @@ from pipeline.storage.records import PREPROCESSING
 
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class", "reliability")   # metrics that go to details.json
-SCORES = ("top1", "balanced_accuracy", "macro_f1", "val_score")   # metrics that scores.json repeats
+SCORES = ("top1", "balanced_accuracy", "macro_ap", "micro_ap", "macro_f1", "val_score")   # scores.json repeats those present
 
 
 @dataclass(frozen=True)

@@ -425,6 +425,9 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
               resume: Path | None) -> dict | None:
     """Why so long: the fine-tune run from settings to model directory in the order its checks must come
     (data, device, checkpoint, network, batches), then training and writing; each step is a call."""
+    if s.multi_label:
+        raise InputError("finetune trains on single labels; multi-label images train through extract --multi-label "
+                        "and train (docs/multilabel.md)")
     state = load_checkpoint(resume, s) if resume else None
     dataset = s.scan(Path(data))
     if "val" not in dataset.splits():
