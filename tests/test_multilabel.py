@@ -243,10 +243,11 @@ def test_scores_are_calibrated_per_class_and_the_thresholds_apply_to_them(multil
     scores = api.load_model(tmp_path / "calibrated").predict_features(test.features)
     assert np.allclose(scores, ClassTemperatures.from_dict(info["calibration"]).apply(raw))
     assert ((scores > 0) & (scores < 1)).all() and (np.argsort(scores, 0) == np.argsort(raw, 0)).all()
-    # a temperature keeps each class's order: the same AP, and thresholds that label the same images
-    assert calibrated.metrics["macro_ap"] == pytest.approx(own.metrics["macro_ap"])
-    assert calibrated.metrics["macro_f1"] == pytest.approx(own.metrics["macro_f1"])
-    assert all(0 < t < 1 for t in calibrated.thresholds.values())
+    assert calibrated.metrics["macro_ap"] == pytest.approx(own.metrics["macro_ap"])   # a temperature keeps the order
+    # on calibrated scores, each threshold is half the best F1 of its class: at most 0.5; the head's own
+    # decision values are cut where F1 peaks
+    assert all(0 < t <= 0.5 for t in calibrated.thresholds.values())
+    assert any(t < 0 for t in own.thresholds.values())
 
 
 def test_weighted_macro_ap_is_sklearns_average_precision_with_weights():
@@ -330,3 +331,16 @@ def test_the_documented_dvc_params_run_train_and_compare(mosaics, tmp_path):
     rows = json.loads((tmp_path / "reports" / "compare.json").read_text())
     assert {r["name"] for r in rows} == {f"lite0_160/{c}" for c in params["train"]} and all(r["multi_label"] for r in rows)
     assert f"selected {rows[0]['name']}: {rows[0]['val_score']:.3f}" in done.stdout
+
+
+def test_thresholds_are_half_the_best_f1_or_where_f1_peaks():
+    from sklearn.metrics import f1_score
+
+    from pipeline.heads.metrics import half_best_f1_thresholds, tuned_thresholds
+    Y = np.array([[1, 0], [1, 0], [0, 0], [0, 0], [1, 0]])
+    scores = np.array([[0.9, 0.1], [0.6, 0.2], [0.7, 0.3], [0.2, 0.4], [0.4, 0.5]])
+    peaks, untuned = tuned_thresholds(Y, scores, 0.5)
+    assert peaks[0] == 0.4 and f1_score(Y[:, 0], scores[:, 0] >= 0.4) == pytest.approx(6 / 7)   # 3 of 4 labelled
+    assert untuned == [1] and peaks[1] == 0.5
+    halves, untuned = half_best_f1_thresholds(Y, scores)
+    assert halves[0] == pytest.approx(3 / 7) and halves[1] == 0.5 and untuned == [1]

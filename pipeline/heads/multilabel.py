@@ -7,10 +7,14 @@ through scikit-learn's OneVsRestClassifier (logreg, torch_logreg, linear_svm, ri
 trained with BCE). rbf_svm is refused.
 
 Held-out scores: with a test split, those of the chosen value fitted on train and scored on val; without one,
-out-of-fold scores of train. They are kept in the model directory (modeldir.HELD_OUT, for compare's intervals).
-Calibration (`--calibration temperature`, the default): one temperature per class fitted on them
-(calibration.ClassTemperatures); the model's scores are then probabilities.
-Thresholds: each class's is the (calibrated) held-out score maximising its F1. An image carries a class when
+out-of-fold scores of train. They give the selection score and are kept in the model directory
+(modeldir.HELD_OUT, for compare's intervals).
+Calibration and thresholds are fitted on out-of-fold scores of the rows the model is fitted on (train+val with
+a test split, train without: the held-out scores then), k folds of the chosen value: of all held-out scores,
+the nearest to those of the final model, and on the most images. With `--calibration temperature` (the default)
+each class gets its temperature (calibration.ClassTemperatures), the model's scores are probabilities and each
+class's threshold is half the best F1 it reaches on the calibrated scores (metrics.half_best_f1_thresholds);
+with `--calibration none` it is the head's own score maximising the class's F1. An image carries a class when
 its score reaches the class's threshold. A class without a positive keeps the default (0.5 for probabilities,
 0 for decision values), named in one warning. They are kept in model.json as `thresholds` ({class: threshold})
 beside `multi_label: true`.
@@ -24,7 +28,7 @@ import numpy as np
 from pipeline.heads.calibration import ClassTemperatures, assess_multilabel
 from pipeline.heads.classifiers import CLASSIFIERS, one_thread_if_small
 from pipeline.heads.familiarity import Familiarity
-from pipeline.heads.metrics import evaluate_multilabel, macro_ap, tuned_thresholds
+from pipeline.heads.metrics import evaluate_multilabel, half_best_f1_thresholds, macro_ap, tuned_thresholds
 from pipeline.runtime.errors import InputError, warn
 
 
@@ -97,10 +101,20 @@ def check_learnable(Y: np.ndarray, classes: list[str]) -> None:
                             f"learn it; fix the labels file")
 
 
+def decision_rule(s, classifier: str, oof: np.ndarray, Y: np.ndarray, probabilities: bool) -> tuple:
+    """(calibration, thresholds, the classes left at the default threshold), from the out-of-fold scores `oof`
+    of the rows (labels `Y`) the model is fitted on (module docstring)."""
+    from pipeline.heads.train import floor
+    if s.calibration == "none":
+        return None, *tuned_thresholds(Y, oof, 0.5 if probabilities else 0.0)
+    temperatures = ClassTemperatures.fit(oof, Y, probabilities, floor(classifier))
+    return temperatures, *half_best_f1_thresholds(Y, temperatures.apply(oof))
+
+
 def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
     """`pipeline.heads.train.fit_head` on a multi-label cache (open), its splits read: a `Trained` whose
     `labels` and `predicted` are the evaluation split's 0/1 matrices. `splits`: train, val and test (or None)."""
-    from pipeline.heads.train import Trained, cv_folds, floor, held_out_scores, run_info
+    from pipeline.heads.train import Trained, cv_folds, held_out_scores, out_of_fold_scores, run_info
     train_, val, test = splits
     check_learnable(train_.labels, cache.classes)
     if s.class_weight is not None:
@@ -115,18 +129,16 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
                   else head.select(s, train_.features, train_.labels))
         model = head.refit(s, chosen, X, Y)
         held, held_Y = held_out_scores(s, head, chosen, train_, val if has_test else None, len(cache.classes))
+        oof = out_of_fold_scores(s, head, chosen, X, Y, len(cache.classes)) if has_test else held
     fit_seconds = time.perf_counter() - start
     probabilities = probabilistic(model[-1])
-    temperatures = (None if s.calibration == "none" else
-                    ClassTemperatures.fit(held, held_Y, probabilities, floor(head.name)))
-    calibrated = temperatures.apply if temperatures else (lambda raw: raw)
-    thresholds, untuned = tuned_thresholds(held_Y, calibrated(held), 0.5 if probabilities or temperatures else 0.0)
+    temperatures, thresholds, untuned = decision_rule(s, head.name, oof, Y, probabilities)
     if untuned:
-        warn(f"no positive in {'val' if has_test else 'train'} for {', '.join(cache.classes[c] for c in untuned)}: "
-             f"kept the default threshold {thresholds[untuned[0]]:g}")
+        warn(f"no positive in {'train+val' if has_test else 'train'} for "
+             f"{', '.join(cache.classes[c] for c in untuned)}: kept the default threshold {thresholds[untuned[0]]:g}")
     t = time.perf_counter()
     raw = scores_of(model, evaluation.features)
-    scores = calibrated(raw)
+    scores = temperatures.apply(raw) if temperatures else raw
     metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, cache.classes),
                **assess_multilabel(evaluation.labels, raw, scores if temperatures else None,
                                                  probabilities)}

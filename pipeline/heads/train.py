@@ -261,12 +261,16 @@ def held_out_scores(s: TrainSettings, head, chosen: Selection, train_, val, n_cl
     fitted on train and scored on val; without one, out-of-fold scores on train, in the folds of selection."""
     if val is not None:
         return scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features, n_classes), val.labels
-    X, y = train_.features, train_.labels
+    return out_of_fold_scores(s, head, chosen, train_.features, train_.labels, n_classes), train_.labels
+
+
+def out_of_fold_scores(s: TrainSettings, head, chosen: Selection, X, y, n_classes: int) -> np.ndarray:
+    """Each row's scores from the chosen value fitted on the other folds, in the folds of selection."""
     held = np.empty((len(y), n_classes))
     split = KFold if np.ndim(y) == 2 else StratifiedKFold
     for fit_rows, scored in split(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
         held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], y[fit_rows]), X[scored], n_classes)
-    return held, y
+    return held
 
 
 def floor(classifier: str) -> float:
