@@ -256,9 +256,9 @@ def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
 
 
 def held_out_scores(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int) -> tuple:
-    """(scores, labels) of images no fit saw, that calibration (and a multi-label head's thresholds) are fitted
-    on and the model directory keeps (modeldir.HELD_OUT): with a test split (`val` given), the chosen value
-    fitted on train and scored on val; without one, out-of-fold scores on train, in the folds of selection."""
+    """(scores, labels) of images no fit saw, of the val score: what a single-label head's calibration is
+    fitted on and the model directory keeps (modeldir.HELD_OUT). With a test split (`val` given), the chosen
+    value fitted on train and scored on val; without one, out-of-fold scores on train."""
     if val is not None:
         return scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features, n_classes), val.labels
     return out_of_fold_scores(s, head, chosen, train_.features, train_.labels, n_classes), train_.labels
