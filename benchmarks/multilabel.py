@@ -8,6 +8,11 @@ reports the test macro and micro AP, the macro F1 with the model's per-class thr
 and with a fixed threshold of 0.5, its ECE, and the macro F1 of a single-label logistic regression trained on
 each image's first tag (its one predicted class taken as the image's only label), chosen by the same protocol.
 `--seed` draws another set of mosaics. Prints one JSON line.
+
+`--rules` instead compares threshold rules for the same logreg (C chosen on val, refitted on train+val), by
+their test macro F1: a fixed 0.5; each class's F1 peak on val scores of the model fitted on train (the
+earlier default); its F1 peak on out-of-fold scores of train+val (`--calibration none`); half the best F1 on
+those scores calibrated by one temperature per class (the default) or by per-class Platt scaling.
 """
 from __future__ import annotations
 
@@ -70,17 +75,59 @@ def _first_tag_f1(model, train_, val, test) -> float:
     return evaluate_multilabel(test.labels, predicted, np.full(len(model.classes), 0.5), model.classes)["macro_f1"]
 
 
+def platt_scaling(held: np.ndarray, Y: np.ndarray):
+    """Per-class Platt scaling (a logistic regression on each class's logit) fitted on (held, Y), as a function
+    of the scores."""
+    from sklearn.linear_model import LogisticRegression
+
+    def logit(p):
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        return np.log(p / (1 - p))
+    fitted = [LogisticRegression(C=1e6).fit(logit(held[:, [c]]), Y[:, c]) for c in range(Y.shape[1])]
+    return lambda p: np.stack([m.predict_proba(logit(p[:, [c]]))[:, 1] for c, m in enumerate(fitted)], 1)
+
+
+def threshold_rules(cache_path: Path) -> dict:
+    """Test macro F1 of logreg under each threshold rule of the module docstring."""
+    from pipeline.heads.calibration import ClassTemperatures
+    from pipeline.heads.metrics import half_best_f1_thresholds, tuned_thresholds
+    from pipeline.heads.settings import TrainSettings
+    from pipeline.heads.train import ZooHead, out_of_fold_scores
+    with open_cache(cache_path) as cache:
+        train_, val, test = (cache.read(split) for split in ("train", "val", "test"))
+    s = TrainSettings(classifier="logreg")
+    head = ZooHead(s)
+    chosen = head.select(s, train_.features, train_.labels, val.features, val.labels)
+    X, Y = np.concatenate([train_.features, val.features]), np.concatenate([train_.labels, val.labels])
+    scores = scores_of(head.refit(s, chosen, X, Y), test.features)
+    on_val = scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features)
+    oof = out_of_fold_scores(s, head, chosen, X, Y, Y.shape[1])
+    temperatures = ClassTemperatures.fit(oof, Y, True)
+    platted = platt_scaling(oof, Y)
+
+    def f1(calibrated, thresholds):
+        return evaluate_multilabel(test.labels, calibrated, thresholds, [str(c) for c in range(Y.shape[1])])["macro_f1"]
+    return {"C": chosen.value, "fixed_0.5": f1(scores, 0.5),
+            "val_f1_peak": f1(scores, tuned_thresholds(val.labels, on_val, 0.5)[0]),
+            "oof_f1_peak": f1(scores, tuned_thresholds(Y, oof, 0.5)[0]),
+            "oof_temperature_half_f1": f1(temperatures.apply(scores),
+                                          half_best_f1_thresholds(Y, temperatures.apply(oof))[0]),
+            "oof_platt_half_f1": f1(platted(scores), half_best_f1_thresholds(Y, platted(oof))[0])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0, help="of the mosaics")
+    parser.add_argument("--rules", action="store_true", help="compare threshold rules instead")
     parser.add_argument("--work", type=Path, default=None, help="keep the images, cache and model here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        figures = measure(mosaic_cache(work, args.images, args.image_size, args.seed), work)
+        cache = mosaic_cache(work, args.images, args.image_size, args.seed)
+        figures = threshold_rules(cache) if args.rules else measure(cache, work)
         print(json.dumps({"image_size": args.image_size, "seed": args.seed, **figures}))
 
 
