@@ -218,7 +218,8 @@ def selection_note(s: TrainSettings, head, chosen: Selection, train_, tune_on, h
     if k and has_val:
         return f"{k}-fold cv on train"
     if k:
-        warn(f"{head.name}: no val split: {head.tuned or 'the hyperparameters'} chosen by {k}-fold cv on train, evaluated on test")
+        warn(f"{head.name}: no val split: {head.tuned or 'the hyperparameters'} chosen by {k}-fold cv on train, "
+             f"evaluated on test")
         return f"{k}-fold cv on train"
     kept = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in head.hyperparameters(s, chosen).items() if key not in s.params)
@@ -257,11 +258,11 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
     metrics = evaluate(evaluation.labels, scores, classes, probabilities or temperature is not None)
     metrics.update(calibration.assess(evaluation.labels, raw, scores if temperature else
                                       calibration.uncalibrated(raw, probabilities), probabilities))
-    metrics.update(val_score=chosen.score, selection=selection_note(s, head, chosen, train_, tune_on, val is not None),
-                   eval_split="test" if test is not None else "val", n_train=len(train_.labels),
-                   n_val=0 if val is None else len(val.labels), n_test=0 if test is None else len(test.labels),
-                   n_eval=len(evaluation.labels), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
-                   extract_seconds=attrs.get("extract_seconds"),
+    note = selection_note(s, head, chosen, train_, tune_on, val is not None)
+    metrics.update(val_score=chosen.score, selection=note, eval_split="test" if test is not None else "val",
+                   n_train=len(train_.labels), n_val=0 if val is None else len(val.labels),
+                   n_test=0 if test is None else len(test.labels), n_eval=len(evaluation.labels),
+                   fit_seconds=fit_seconds, predict_seconds=predict_seconds, extract_seconds=attrs.get("extract_seconds"),
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess,
                                     "class_weight": s.class_weight},
                    search=head.search(chosen))
