@@ -196,6 +196,31 @@ def test_background_writer_writes_slabs_in_order(tmp_path):
         assert f["train/features"].shape == (1000, 4)
 
 
+def test_background_writer_raises_a_failed_last_write_instead_of_waiting_forever(tmp_path):
+    """The last slab is written when the end is queued; if that write fails, the thread must still end and
+    `close()` raise what it met (a bounded join: a hang fails the test instead of stopping the suite)."""
+    attrs = cache_attrs(build_backbone("resnet18", "none").spec(), ["a", "b"], "float32")
+    writer = FeatureWriter(tmp_path / "f.h5", attrs, {"none": 4}, "float32")
+    background = BackgroundWriter(writer)
+
+    def vectors():
+        raise OSError(28, "No space left on device")
+    background.append(Block("train", vectors, [0], ["train/0"], ["0" * 64], [], 1))   # held until the end
+    raised: list[BaseException] = []
+
+    def close():
+        try:
+            background.close()
+        except OSError as exc:
+            raised.append(exc)
+    closing = threading.Thread(target=close, daemon=True)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive() and not background.thread.is_alive()
+    assert [str(e) for e in raised] == ["[Errno 28] No space left on device"]
+    writer.abort()
+
+
 def _photos_of_mixed_sizes() -> list[Image.Image]:
     rng = np.random.default_rng(3)
     sizes = [(375, 500), (375, 500), (500, 375), (260, 260), (375, 500), (300, 451), (500, 375)]

@@ -107,14 +107,15 @@ class BackgroundWriter:
                 if pending and (item is None or item.split != pending[0].split):
                     self._write(pending)
                     pending = []
-                if item is None:
-                    return
-                pending.append(item)
-                if sum(len(p.labels) for p in pending) >= self.slab_rows:
-                    self._write(pending)
-                    pending = []
+                if item is not None:
+                    pending.append(item)
+                    if sum(len(p.labels) for p in pending) >= self.slab_rows:
+                        self._write(pending)
+                        pending = []
             except BaseException as exc:   # keep draining so the producer never blocks; raised on its side
                 self.error, pending = self.error or exc, []
+            if item is None:   # the end, also when its last write failed
+                return
 
     def _write(self, blocks: list[Block]) -> None:
         if self.error is not None:
