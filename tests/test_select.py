@@ -143,6 +143,18 @@ def test_train_refuses_a_cache_it_cannot_learn_from_or_evaluate_on_in_one_line(t
         pipeline.train(one_class)
 
 
+def test_a_scikit_learn_classifier_keeps_its_grids_middle_unscored_when_a_class_has_one_image(tmp_path, capsys):
+    from sklearn.linear_model import RidgeClassifier
+    X = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    cache = synthetic_cache(tmp_path / "f.h5", {"train": (X[:7], y[:7]), "test": (X, y)}, ["a", "b", "c"])
+    model = pipeline.train(cache, RidgeClassifier(), grid={"alpha": [0.1, 1.0, 10.0]})
+    assert model.metrics["val_score"] is None and model.details["hyperparameters"]["alpha"] == 1.0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: RidgeClassifier: no val split, and a class has a single training image, which no fold can "
+        "score: alpha=1 kept unscored, no calibration"]
+
+
 def pooled_cache(path: Path, labelled: int = 12, pool: int = 60, classes: int = 3, seed: int = 0) -> tuple[Path, dict]:
     """A real cache of clustered vectors: `labelled` train rows and a pool of `pool` rows, of which the first
     three repeat labelled images byte for byte and each of the next three is there twice. Returns the path
