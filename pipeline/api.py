@@ -53,6 +53,7 @@ class FeatureCache:
         self.path, self.summary = Path(path), summary
         with open_cache(self.path) as cache:
             self.classes, self.splits, self.attrs = cache.classes, cache.splits, dict(cache.attrs)
+            self.multi_label = cache.multi_label   # labels are [N, classes] 0/1 (docs/multilabel.md)
             self.layers = cache.layers
             self.rows = {split: int(cache.file[split]["labels"].shape[0]) for split in cache.splits}
 
@@ -65,7 +66,7 @@ class FeatureCache:
 
     def arrays(self, split: str, layer: str | None = None):
         """(X, y) of a split: float32 vectors [N, D] (of `layer`, default the first) and int class indices
-        into `classes`."""
+        into `classes`; in a multi-label cache, y is the [N, classes] 0/1 matrix."""
         rows = self._read(split, layer)
         return rows.features, rows.labels
 
@@ -113,6 +114,7 @@ class Prediction:
     skipped: str | None = None
     familiar: bool | None = None        # like the training images (None: the model keeps none to compare)
     novelty: float | None = None        # mean cosine distance to the nearest training vectors
+    tags: dict[str, float] | None = None   # multi-label models: each class whose score reaches its threshold
 
     def __repr__(self) -> str:
         if self.skipped:
@@ -139,6 +141,16 @@ class Model:
     @property
     def classes(self) -> list[str]:
         return self.info["classes"]
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether it names several labels per image (trained on a multi-label cache; docs/multilabel.md)."""
+        return bool(self.info.get("multi_label"))
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """A multi-label model's decision threshold of each class, tuned on val; None for single-label ones."""
+        return self.info.get("thresholds")
 
     @cached_property
     def details(self) -> dict:
@@ -176,7 +188,8 @@ class Model:
         from pipeline.models.predict import predict_images
         inputs = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
         return [Prediction(r["path"], [t["class"] for t in r.get("top", [])], [t["score"] for t in r.get("top", [])],
-                           r.get("scores", self.score_kind), r.get("error"), r.get("familiar"), r.get("novelty"))
+                           r.get("scores", self.score_kind), r.get("error"), r.get("familiar"), r.get("novelty"),
+                           {t["class"]: t["score"] for t in r["labels"]} if "labels" in r else None)
                 for r in predict_images(self._directory, inputs, top_k, device, engine=engine, log=log)]
 
     def predict_features(self, X):
@@ -204,7 +217,8 @@ class Model:
 
     def __repr__(self) -> str:
         where = f"'{self.path}'" if self.path else "not saved"
-        return (f"Model({where}: {self.approach}, {len(self.classes)} classes, top-1 {self.metrics['top1']:.3f} "
+        from pipeline.heads.metrics import headline
+        return (f"Model({where}: {self.approach}, {len(self.classes)} classes, {headline(self.metrics)} "
                 f"on {self.metrics['eval_split']})")
 
 
@@ -339,7 +353,7 @@ def finetune(data, out, *, force: bool = False, quiet: bool = False, checkpoint:
              **settings) -> Model | None:
     """Fine-tune a backbone with a new head (or train it from scratch) on an image folder and write the model
     directory `out` (settings: those of `pipeline finetune`, e.g. strategy=, epochs=). `checkpoint` rewrites
-    OUT/checkpoint.pt after every epoch; `resume` carries on from one. Under torchrun rank 0 returns the
+    OUT/checkpoint.safetensors after every epoch; `resume` carries on from one. Under torchrun rank 0 returns the
     model, the others None."""
     from pipeline.tuning.settings import FinetuneSettings
     s = _settings(FinetuneSettings, settings, "finetune")

@@ -218,7 +218,8 @@ def train(
         raise Interrupted(f"interrupted: training {s.classifier} on {features} stopped before {out} was written "
                           f"in full; run the same command again")
     m = model.metrics
-    _say([f"{s.classifier}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), "
+    from pipeline.heads.metrics import headline
+    _say([f"{s.classifier}: {headline(m)} on {m['eval_split']} ({m['n_eval']} images), "
           f"chosen {model.details['hyperparameters']}, fit {m['fit_seconds']:.1f}s -> {out}"], quiet)
 
 
@@ -238,20 +239,27 @@ def predict(
     if format is Format.json:
         typer.echo(json.dumps([{"path": r.path, **({"error": r.skipped} if r.skipped else {
             "scores": r.score_kind, "top": [{"class": c, "score": v} for c, v in zip(r.labels, r.scores)],
+            **({"labels": list(r.tags), "label_scores": list(r.tags.values())} if r.tags is not None else {}),
             **({"familiar": r.familiar, "novelty": r.novelty} if r.novelty is not None else {})})}
             for r in results], indent=2))
     elif format is Format.csv:
         w = csv.writer(sys.stdout)
-        w.writerow(["path", "rank", "class", "score", "scores", "familiar", "novelty", "error"])
+        tagged = ["labelled"] * any(r.tags is not None for r in results)   # multi-label: reaches its threshold
+        w.writerow(["path", "rank", "class", "score", *tagged, "scores", "familiar", "novelty", "error"])
         for r in results:
             known = [str(r.familiar).lower(), f"{r.novelty:.4f}"] if r.novelty is not None else ["", ""]
-            for rank, (label, score) in enumerate(zip(r.labels, r.scores), 1):
-                w.writerow([r.path, rank, label, f"{score:.4f}", r.score_kind, *known, ""])
+            shown = list(zip(r.labels, r.scores)) + [t for t in (r.tags or {}).items() if t[0] not in r.labels]
+            for rank, (label, score) in enumerate(shown, 1):
+                mark = [str(label in (r.tags or {})).lower()] * bool(tagged)
+                w.writerow([r.path, rank if rank <= len(r.labels) else "", label, f"{score:.4f}", *mark,
+                            r.score_kind, *known, ""])
             if r.skipped:
-                w.writerow([r.path, "", "", "", "", "", "", r.skipped])
+                w.writerow([r.path, "", "", "", *[""] * bool(tagged), "", "", "", r.skipped])
     else:
         for r in results:
             shown = "  ".join(f"{label} {score:.3f}" for label, score in zip(r.labels, r.scores))
+            if r.tags is not None:
+                shown = f"labels: {', '.join(r.tags) or 'none'}  (top: {shown})"
             note = "" if r.score_kind == "probabilities" else f"  ({r.score_kind}, not probabilities)"
             if r.familiar is False:
                 note += f"  (unfamiliar: novelty {r.novelty:.3f}, unlike the training images)"
@@ -296,10 +304,10 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("finetuned"),
     settings: FinetuneSettings = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
-    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Rewrite OUT/checkpoint.pt after every "
-                                                                 "epoch, for --resume.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.pt written with the "
-                                                        "same settings (implies --checkpoint).")] = None,
+    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Rewrite OUT/checkpoint.safetensors after "
+                                                                 "every epoch, for --resume.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.safetensors written "
+                                                        "with the same settings (implies --checkpoint).")] = None,
     nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
                                             "torchrun; trains with DistributedDataParallel.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace a model directory already at --out.")] = False,

@@ -17,7 +17,8 @@ def main():
         import_libraries(name)
     model = pipeline.train(features, name, out, **raw)
     m = model.metrics
-    print(f"{name}: top-1 {m['top1']:.3f} on {m['eval_split']}, chosen {model.details['hyperparameters']}, "
+    from pipeline.heads.metrics import headline   # sklearn is loaded by now
+    print(f"{name}: {headline(m)} on {m['eval_split']}, chosen {model.details['hyperparameters']}, "
           f"fit {m['fit_seconds']:.1f}s")
 
 

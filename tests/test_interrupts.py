@@ -160,10 +160,13 @@ def test_a_resumed_writer_drops_rows_written_after_the_last_checkpoint(tmp_path)
     writer.checkpoint("train", 4)
     writer.append("val", {"pool": np.ones((2, 4))}, [0, 1], ["d", "e"], ["d" * 64] * 2)   # a split not yet checkpointed
     writer.skip([("f", "bad")])
+    writer.file.create_group("test").create_dataset("features", (0, 4))   # killed between a group's datasets
     writer.close()   # as on Ctrl-C: the file is flushed with the rows after the checkpoint
     resumed = FeatureWriter(tmp_path / "c.h5", attrs, {"pool": 4}, "float32")
     assert (resumed.progress, resumed.kept, resumed.skipped) == ({"train": 4}, 3, [])
-    assert {split: resumed.file[split]["paths"].shape[0] for split in ("train", "val")} == {"train": 3, "val": 0}
+    assert resumed.file["train"]["paths"].shape[0] == 3 and sorted(resumed.file) == ["skipped", "train"]
+    resumed.append("test", {"pool": np.ones((1, 4))}, [1], ["g"], ["g" * 64])   # the split is made again, whole
+    assert resumed.rows("test") == 1
     resumed.abort()
     other = FeatureWriter(tmp_path / "c.h5", dict(attrs, plan="q"), {"pool": 4}, "float32")   # another plan
     assert (other.progress, other.kept, "train" in other.file) == ({}, 0, False)

@@ -135,7 +135,7 @@ def test_train_works_from_what_is_labelled_in_early_rounds(tmp_path, capsys):
 def test_train_refuses_a_cache_it_cannot_learn_from_or_evaluate_on_in_one_line(tmp_path):
     X = np.eye(4, dtype=np.float32)
     only_train = synthetic_cache(tmp_path / "a.h5", {"train": (X, np.array([0, 1, 0, 1]))}, ["a", "b"])
-    with pytest.raises(InputError, match="has no val or test split to evaluate on; stage two needs train, and"):
+    with pytest.raises(InputError, match="has no val or test split; stage two needs train, and val or test"):
         pipeline.train(only_train)
     one_class = synthetic_cache(tmp_path / "b.h5", {"train": (X, np.zeros(4, int)), "test": (X, np.zeros(4, int))},
                                 ["a", "b"])

@@ -63,6 +63,8 @@ def audit(cache_path: Path, out_dir: Path, s: AuditSettings | None = None,
     out_dir = Path(out_dir)
     check_owned(out_dir, "audit report")
     with open_cache(cache_path) as cache:
+        if cache.multi_label:
+            raise InputError(f"audit reads single-label caches; {cache_path} is multi-label (docs/multilabel.md)")
         images = read_images(cache)
         classes, splits, data_root = cache.classes, cache.splits, cache.data_root
     if s.neighbours >= len(images.labels):

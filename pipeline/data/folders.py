@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.runtime.errors import InputError, warn
@@ -46,7 +46,7 @@ MIN_TO_CUT = 5                # with a pool, a class with fewer training images 
 @dataclass(frozen=True)
 class Sample:
     path: str   # relative to the dataset root, with forward slashes
-    label: int
+    label: int | tuple[int, ...]   # the class index; multi-label: the sorted indices of its tags (maybe none)
     split: str
 
 
@@ -57,6 +57,7 @@ class Dataset:
     samples: list[Sample]
     layout: str
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason) found while scanning
+    multi_label: bool = False   # each sample's label is a tuple of class indices (pipeline.data.tags)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -85,13 +86,26 @@ class DatasetSettings:
     test_fraction: float = setting(0.15, "Share of each class cut out for test (none when there is a val or "
                                          "test folder).", min=0, below=1)
     seed: int = setting(0, "Seed of the split (and of whatever else the stage draws at random).")
+    multi_label: bool = setting(False, "With --labels: each cell of the label column lists the image's labels "
+                                       "(none: a negative for every class); the cache holds a 0/1 label matrix "
+                                       "(docs/multilabel.md).")
+    label_separator: str = setting("|", "What separates the labels of one cell with --multi-label.",
+                                   check=lambda v: None if v and not v.isspace() else "must be a visible character")
 
     def check(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:
             raise InputError(f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + "
                             f"{self.test_fraction}")
+        if self.multi_label and not self.labels:
+            raise InputError("--multi-label needs a labels file (--labels labels.csv)")
 
     def scan(self, root: Path, pool: bool = False) -> Dataset:
+        if self.multi_label:
+            if pool:
+                raise InputError("--pool does not combine with --multi-label: an empty cell is an image "
+                                "without labels, a negative for every class")
+            from pipeline.data.tags import scan_tags
+            return _checked(scan_tags(root, self))
         return scan(root, self.val_fraction, self.test_fraction, self.seed, self.labels, self.id_column,
                     self.label_column, pool)
 
@@ -276,7 +290,7 @@ def _checked(dataset: Dataset) -> Dataset:
     """Every class has images and there are two classes at least; with a pool, only warnings (a cold start)."""
     pool = bool(dataset.split(POOL))
     for i, name in enumerate(dataset.classes):
-        if not any(s.label == i for s in dataset.samples):
+        if not any(i in s.label if dataset.multi_label else s.label == i for s in dataset.samples):
             if not pool:
                 raise InputError(f"class '{name}' in {dataset.root} has no images")
             warn(f"class '{name}' has no labelled image yet")
@@ -302,7 +316,7 @@ def excluding(dataset: Dataset, exclude: Path) -> Dataset:
              f"e.g. {printable(sorted(unknown)[0])}")
     kept = [s for s in dataset.samples if s.path not in listed]
     skipped = [*dataset.skipped, *((s.path, "excluded") for s in dataset.samples if s.path in listed)]
-    return _checked(Dataset(dataset.root, dataset.classes, kept, dataset.layout, skipped))
+    return _checked(replace(dataset, samples=kept, skipped=skipped))
 
 
 def _read_label_rows(path: Path, id_column: str, label_column: str | None) -> list[tuple[int, str, str]]:
@@ -434,8 +448,13 @@ def write_manifest(dataset: Dataset, path: Path) -> None:
     writer = csv.writer(text)
     writer.writerow(["path", "label", "split"])
     for s in dataset.samples:
-        writer.writerow([s.path, dataset.classes[s.label] if s.split != POOL else "", s.split])
+        writer.writerow([s.path, label_text(dataset, s.label) if s.split != POOL else "", s.split])
     write_atomically(path, text.getvalue())
+
+
+def label_text(dataset: Dataset, label) -> str:
+    """A sample's label as the manifest writes it: the class name; multi-label: the tags joined by '|'."""
+    return "|".join(dataset.classes[i] for i in label) if dataset.multi_label else dataset.classes[label]
 
 
 def dataset_digest(rows) -> str:

@@ -132,7 +132,8 @@ def plan(dataset: Dataset, backbone: Backbone, s: ExtractSettings) -> Plan:
         backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, mean=tuple(stats["mean"]),
                                                            std=tuple(stats["std"])))
     compute = {"precision": precision, "inputs": "tensor" if tensors else "PIL"}
-    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, s.dtype, stats, dataset.root, compute),
+    attrs = dict(cache_attrs(backbone.spec(), dataset.classes, s.dtype, stats, dataset.root, compute,
+                             dataset.multi_label),
                  plan=plan_digest(dataset, batch_size))
     return Plan(dataset, backbone, s, dev, precision, batch_size, workers, decoder, attrs)
 

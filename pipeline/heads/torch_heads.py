@@ -57,21 +57,16 @@ class TorchHead(BaseEstimator, ClassifierMixin):
             raise InputError(f"torch heads need lr > 0 and dropout < 1, got lr={self.lr}, dropout={self.dropout}")
         torch.manual_seed(self.seed)
         dev = resolve_device(self.device)
-        self.classes_ = np.unique(y)
-        yi = np.searchsorted(self.classes_, y)
+        self.multi_label_ = np.ndim(y) == 2
+        self.classes_ = np.arange(np.shape(y)[1]) if self.multi_label_ else np.unique(y)
         self.net_ = self._network(X.shape[1], len(self.classes_)).to(dev)
-        weight = None
-        if self.class_weight == "balanced":
-            counts = np.bincount(yi, minlength=len(self.classes_))
-            weight = torch.tensor(len(yi) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=dev)
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        loss_fn, yt = self._loss(y, dev), self._targets(y, dev)
         Xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
         opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr or self.default_lr(Xt),
                                 weight_decay=self.weight_decay)
-        yt = torch.as_tensor(yi, device=dev)
         if X_val is not None:
             Xv = torch.as_tensor(X_val, dtype=torch.float32, device=dev)
-            yv = torch.as_tensor(np.searchsorted(self.classes_, y_val), device=dev)
+            yv = self._targets(y_val, dev)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         best, best_state, waited = float("inf"), None, 0
         self.best_epoch_ = self.epochs
@@ -97,9 +92,29 @@ class TorchHead(BaseEstimator, ClassifierMixin):
         self.net_.eval().cpu()
         return self
 
+    def _targets(self, y, dev: torch.device) -> torch.Tensor:
+        """Class indices; a multi-label 0/1 matrix as floats, the targets of BCE."""
+        if self.multi_label_:
+            return torch.as_tensor(np.asarray(y), dtype=torch.float32, device=dev)
+        return torch.as_tensor(np.searchsorted(self.classes_, y), device=dev)
+
+    def _loss(self, y, dev: torch.device) -> nn.Module:
+        """Cross-entropy, its classes reweighted with class_weight 'balanced'; BCE on a multi-label matrix."""
+        if self.multi_label_:
+            if self.class_weight is not None:
+                raise InputError("class_weight does not apply to a multi-label head")
+            return nn.BCEWithLogitsLoss()
+        weight = None
+        if self.class_weight == "balanced":
+            counts = np.bincount(np.searchsorted(self.classes_, y), minlength=len(self.classes_))
+            weight = torch.tensor(len(y) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=dev)
+        return nn.CrossEntropyLoss(weight=weight)
+
     def scores(self, X) -> np.ndarray:
+        """Softmax probabilities; a multi-label head's: each class's sigmoid."""
         with torch.no_grad():
-            return self.net_(torch.as_tensor(X, dtype=torch.float32)).softmax(1).numpy()
+            logits = self.net_(torch.as_tensor(X, dtype=torch.float32))
+            return (logits.sigmoid() if getattr(self, "multi_label_", False) else logits.softmax(1)).numpy()
 
     def predict_proba(self, X) -> np.ndarray:
         return self.scores(X)

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads import calibration, stored
+from pipeline.heads import calibration, multilabel, stored
 from pipeline.heads.classifiers import has_probabilities, head_scores, make_head, one_thread_if_small
 from pipeline.heads.familiarity import Familiarity
-from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate
+from pipeline.heads.metrics import confusion_png, confusion_rows, evaluate, precision_recall_png
 from pipeline.heads.settings import CLASSIFIERS, PREPROCESSING, TrainSettings
 from pipeline.runtime.errors import InputError, warn
 from pipeline.storage import modeldir
@@ -44,6 +44,8 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
     seeded = {"seed": s.seed} if "seed" in spec.params else {}
     params = {**seeded, **s.params, **({"epochs": epochs} if epochs else {})}
     head = make_head(s.classifier, value, s.class_weight, **params)
+    if np.ndim(y) == 2:   # a multi-label 0/1 matrix
+        head = multilabel.wrapped(s.classifier, head)
     if search and hasattr(head, "for_search"):
         head = head.for_search()
     model = make_pipeline(_preprocessor(s.preprocess), head)
@@ -59,7 +61,10 @@ def _fit(s: TrainSettings, value, X, y, X_val=None, y_val=None, epochs: int | No
 
 
 def scores_of(model, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """Scores with one column per class of the cache, even for classes the head never saw."""
+    """Scores with one column per class of the cache, even for classes the head never saw; a multi-label head's
+    are `multilabel.scores_of`."""
+    if multilabel.is_multi_label(model[-1]):
+        return multilabel.scores_of(model, X)
     raw = head_scores(model[-1], model[0].transform(X))
     full = np.full((len(X), n_classes), 0.0 if has_probabilities(model[-1]) else -np.inf)
     full[:, model[-1].classes_] = raw
@@ -68,7 +73,7 @@ def scores_of(model, X: np.ndarray, n_classes: int) -> np.ndarray:
 
 class Trial(NamedTuple):
     """One candidate value's result in the search."""
-    score: float              # mean accuracy on val (or over the folds)
+    score: float              # mean accuracy on val (or over the folds); multi-label: macro AP
     epochs: int | None        # torch heads: the median best epoch, used for the refit
 
 
@@ -84,7 +89,9 @@ def _best(tried: dict[float, Trial], grid: tuple) -> float:
 
 def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
     """Folds for selection without a val split to score on: `s.cv_folds`, fewer when a class has fewer
-    images; 0 when some labelled class has a single image (no fold could score it)."""
+    images (multi-label: fewer images); 0 when some labelled class has a single image (no fold could score it)."""
+    if np.ndim(y) == 2:
+        return min(s.cv_folds, len(y))
     counts = np.bincount(y)
     k = int(min(s.cv_folds, counts[counts > 0].min()))
     return k if k >= 2 else 0
@@ -98,7 +105,8 @@ def selection_folds(s: TrainSettings, X, y, X_val=None, y_val=None) -> list[tupl
     k = cv_folds(s, y)
     if not k:
         return []
-    folds = StratifiedKFold(k, shuffle=True, random_state=s.seed).split(X, y)
+    split = KFold if np.ndim(y) == 2 else StratifiedKFold   # multi-label: folds by rows
+    folds = split(k, shuffle=True, random_state=s.seed).split(X, y)
     return [(X[tr], y[tr], X[va], y[va]) for tr, va in folds]
 
 
@@ -131,7 +139,8 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
             scores, epochs = [], []
             for Xa, ya, Xb, yb in folds:
                 model = _fit(s, value, Xa, ya, Xb, yb, search=True)
-                scores.append(float(np.mean(model.predict(Xb) == yb)))
+                scores.append(multilabel.score(model, Xb, yb) if np.ndim(yb) == 2
+                              else float(np.mean(model.predict(Xb) == yb)))
                 epochs.append(getattr(model[-1], "best_epoch_", None))
             tried[value] = Trial(float(np.mean(scores)), None if epochs[0] is None else int(np.median(epochs)))
 
@@ -199,12 +208,13 @@ def labelled_splits(cache, cache_path: Path) -> dict:
     or evaluate on."""
     splits = set(cache.splits)
     later = " (label images of the pool first: docs/select.md)" if cache.has_pool else ""
-    if "train" not in splits or not splits & {"val", "test"}:
-        missing = "train split" if "train" not in splits else "val or test split to evaluate on"
-        raise InputError(f"feature cache {cache_path} has no {missing}; stage two needs train, and val or test"
-                         + later)
+    evaluated = ("val",) if cache.multi_label else ("val", "test")   # multi-label tunes its thresholds on val
+    if "train" not in splits or not splits & set(evaluated):
+        missing = "train" if "train" not in splits else " or ".join(evaluated)
+        raise InputError(f"feature cache {cache_path} has no {missing} split; stage two needs train, and "
+                         f"{' or '.join(evaluated)}" + later)
     parts = {split: cache.read(split) for split in ("train", "val", "test") if split in splits}
-    if len(np.unique(parts["train"].labels)) < 2:
+    if not cache.multi_label and len(np.unique(parts["train"].labels)) < 2:
         raise InputError(f"feature cache {cache_path} has training images of one class only; stage two needs "
                          f"two at least" + later)
     return parts
@@ -236,8 +246,10 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
     with open_cache(cache_path) as cache:   # everything from this one file, even if it is replaced meanwhile
         check_expected(cache, expected or {})
         parts = labelled_splits(cache, cache_path)
-        classes, attrs, dataset = cache.classes, cache.attrs, cache.dataset_id()
+        dataset = cache.dataset_id()
     train_, val, test = parts["train"], parts.get("val"), parts.get("test")
+    if cache.multi_label:
+        return multilabel.fit_multilabel(cache, s, head, (train_, val, test), dataset)
     evaluation = test if test is not None else val
     tune_on = val if test is not None else None   # None: k-fold on train
     start = time.perf_counter()
@@ -249,30 +261,36 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
                              *(() if tune_on is None else (tune_on.features, tune_on.labels)))
         model = head.refit(s, chosen, X, y)
         probabilities = has_probabilities(model[-1])
-        temperature = fit_temperature(s, head, chosen, train_, tune_on, len(classes), probabilities)
+        temperature = fit_temperature(s, head, chosen, train_, tune_on, len(cache.classes), probabilities)
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
-    raw = scores_of(model, evaluation.features, len(classes))
+    raw = scores_of(model, evaluation.features, len(cache.classes))
     predict_seconds = time.perf_counter() - t
     scores = temperature.apply(raw) if temperature else raw
-    metrics = evaluate(evaluation.labels, scores, classes, probabilities or temperature is not None)
+    metrics = evaluate(evaluation.labels, scores, cache.classes, probabilities or temperature is not None)
     metrics.update(calibration.assess(evaluation.labels, raw, scores if temperature else
                                       calibration.uncalibrated(raw, probabilities), probabilities))
     note = selection_note(s, head, chosen, train_, tune_on, val is not None)
     metrics.update(val_score=chosen.score, selection=note, eval_split="test" if test is not None else "val",
                    n_train=len(train_.labels), n_val=0 if val is None else len(val.labels),
                    n_test=0 if test is None else len(test.labels), n_eval=len(evaluation.labels),
-                   fit_seconds=fit_seconds, predict_seconds=predict_seconds, extract_seconds=attrs.get("extract_seconds"),
+                   fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                   extract_seconds=cache.attrs.get("extract_seconds"),
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess,
                                     "class_weight": s.class_weight},
                    search=head.search(chosen))
-    info = {"classifier": head.name, "classes": classes, "backbone": model_spec(attrs).to_dict(),
-            "fingerprint": attrs["fingerprint"], "cache": fingerprinted(attrs),
-            "feature_preprocessing": s.preprocess, "dataset": dataset,
+    info = {**run_info(cache, head.name, s, dataset),
             **({"calibration": temperature.to_dict()} if temperature else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features),
                                   None if val is None else model[0].transform(val.features), s.novelty_quantile)
     return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity)
+
+
+def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
+    """What model.json records of the run: the head, the classes, the backbone and cache behind it, the data."""
+    return {"classifier": classifier, "classes": cache.classes, "backbone": model_spec(cache.attrs).to_dict(),
+            "fingerprint": cache.attrs["fingerprint"], "cache": fingerprinted(cache.attrs),
+            "feature_preprocessing": s.preprocess, "dataset": dataset}
 
 
 def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int,
@@ -299,10 +317,15 @@ def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_cl
 def save(trained: Trained, out_dir: Path) -> None:
     """Write the model directory of `trained` at `out_dir` (`modeldir.check_out` it first)."""
     m = trained.metrics
-    head = stored.state(trained.model, trained.info["classifier"])   # refuses a head it cannot store
+    kind, head = stored.form(trained.model, trained.info["classifier"])   # refuses a head it cannot store
     with modeldir.staged(out_dir) as folder:
         info = {**trained.info, **trained.familiarity.save(folder)}
-        modeldir.write(folder, modeldir.FEATURES, head, info, m,
+        if info.get("multi_label"):
+            modeldir.write(folder, kind, head, info, m, [])
+            precision_recall_png(m["per_class"], folder / "confusion.png", f"{info['classifier']} on "
+                                 f"{m['eval_split']}: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}")
+            return
+        modeldir.write(folder, kind, head, info, m,
                        confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
         confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
                       f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")

@@ -36,7 +36,9 @@ def export(model_dir: Path, out: Path) -> Path:
     example = torch.zeros(2, 3, size, size)
     meta = json.dumps({"classes": model.classes, "approach": model.approach, "scores": model.scores,
                        "preprocessing": model.preprocessing.to_dict(),
-                       "fingerprint": model.cache_fingerprint})
+                       "fingerprint": model.cache_fingerprint,
+                       **({"multi_label": True, "thresholds": model.info["thresholds"]}
+                          if model.info.get("multi_label") else {})})
     with replaced_atomically(out) as tmp, torch.no_grad():
         if out.suffix == ".pt2":
             program = torch.export.export(network, (example,),

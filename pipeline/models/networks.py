@@ -59,6 +59,9 @@ def head_module(model, n_classes: int, name: str) -> nn.Module:
     if name not in exportable:
         raise InputError(f"a {name} head is not made of tensor operations (needed to export it or for "
                         f"Grad-CAM); {', '.join(exportable[:-1])} and {exportable[-1]} are, and fine-tuned models")
+    from pipeline.heads import multilabel
+    if multilabel.is_multi_label(head):
+        return nn.Sequential(_preprocessing(pre), *multilabel.torch_layers(head)).eval()
     layers, fill = CLASSIFIERS[name].to_torch(head)
     if len(head.classes_) < n_classes:
         layers.append(ClassColumns(head.classes_, n_classes, fill))

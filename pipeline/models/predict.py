@@ -34,6 +34,7 @@ def predict_images(model: ModelDirectory, inputs: list[Path], top_k: int = 5, de
     transform = pre.transform()
     assess = model.assessor(resolve_device(device), engine, log)
     threshold = model.novelty_threshold
+    thresholds = getattr(model, "thresholds", None)
     results: list[dict] = [{"path": printable(str(p))} | ({"error": reason} if reason else {})
                            for p, reason in files]     # in input order
     batch: list[tuple[int, torch.Tensor]] = []
@@ -45,6 +46,9 @@ def predict_images(model: ModelDirectory, inputs: list[Path], top_k: int = 5, de
             results[i]["scores"] = model.scores
             results[i]["top"] = [{"class": model.classes[c], "score": float(row[c])}
                                  for c in np.argsort(-row)[:top_k]]
+            if thresholds is not None:   # multi-label: every class whose score reaches its threshold
+                results[i]["labels"] = [{"class": model.classes[c], "score": float(row[c])}
+                                        for c in np.argsort(-row) if row[c] >= thresholds[c]]
             if novelty is not None:
                 results[i].update(familiar=bool(novelty[j] <= threshold), novelty=float(novelty[j]))
         batch.clear()

@@ -45,6 +45,9 @@ def _extractor(spec: BackboneSpec) -> str:
 def _row(name: str, d: Path) -> dict:
     model: ModelDirectory = open_model(d)   # model.json's facts and metrics.json are enough: no model is loaded
     m = model.metrics
+    if model.info.get("multi_label"):
+        raise InputError(f"compare ranks single-label models; {d} is multi-label (its metrics.json holds its "
+                        f"macro AP: docs/multilabel.md)")
     if not model.info.get("dataset"):
         raise InputError(f"{d}/model.json records no dataset identity; train it again with this version")
     if "val_score" not in m:

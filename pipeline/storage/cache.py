@@ -9,7 +9,8 @@ Layout (readable with plain h5py):
                            digests (JSON: SHA-256 of each dataset), checksum (SHA-256 of the other attributes)
   /<split>/features [N, D] float16|float32, chunked by rows: the vectors of `layer` (= layers[0])
   /<split>/features@<layer>  [N, D'] the same rows for each further layer in `layers`
-  /<split>/labels   [N] int64
+  /<split>/labels   [N] int64 class indices; in a multi-label cache (root attribute multi_label true, schema 5)
+                    [N, classes] uint8, 1 where the image carries the class (a row of zeros: none of them)
   /<split>/paths    [N] utf-8 str, relative to the data root
   /<split>/sha256   [N] 64-char str of the image bytes: the key for incremental reuse
   /pool/...         the unlabelled images (data.folders.POOL), as a split without labels: features (and
@@ -53,8 +54,9 @@ from pipeline.runtime.files import check_replaceable, fresh_file
 from pipeline.runtime.reading import Field, checked, parsed
 from pipeline.storage.records import LAYERS, PREPROCESSING
 
-SCHEMA_VERSION = 4   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums; 4: pool
-READABLE = (3, 4)    # a cache of schema 3 is one of 4 without a pool
+SCHEMA_VERSION = 5   # 2: several layers (layers, features@<layer>), tta, compute_stats; 3: checksums; 4: pool;
+                     # 5: multi-label caches (attribute multi_label, labels [N, classes])
+READABLE = (3, 4, 5)  # a cache of schema 3 is one of 4 without a pool, one of 4 is one of 5 with single labels
 FINGERPRINT_FIELDS = ("backbone", "weights_sha256", "layer", "layers", "transform", "tta", "dtype", "versions",
                       "compute")
 # compute (JSON: the forward pass's precision, and inputs 'PIL' or 'tensor', decoded and resized as tensors) is
@@ -115,16 +117,18 @@ def library_versions() -> dict:
 
 
 def cache_attrs(spec, classes: list[str], dtype: str, stats: dict | None = None,
-                data_root: Path | None = None, compute: dict | None = None) -> dict:
+                data_root: Path | None = None, compute: dict | None = None, multi_label: bool = False) -> dict:
     """The root attributes for a cache made with backbone `spec` (a features.spec.BackboneSpec, which
     writes its own attributes); `stats` are
     the training split's channel statistics when they replaced the backbone's normalisation.
     `data_root`, the image folder the paths are relative to, is recorded outside the fingerprint:
-    the same images moved elsewhere give the same vectors. `compute`: how the vectors were computed."""
+    the same images moved elsewhere give the same vectors. `compute`: how the vectors were computed.
+    `multi_label`: labels are stored as a 0/1 matrix; like the classes, outside the fingerprint."""
     attrs = {**spec.to_attrs(), "dtype": dtype, "versions": json.dumps(library_versions(), sort_keys=True),
              **({"compute": json.dumps(compute, sort_keys=True)} if compute else {})}
     attrs["fingerprint"] = fingerprint(attrs)
     attrs.update(schema_version=SCHEMA_VERSION, classes=json.dumps(classes), compute_stats=stats is not None,
+                 multi_label=bool(multi_label),
                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tool_version=__version__)
     if stats is not None:
         attrs["stats"] = json.dumps(stats)
@@ -229,8 +233,11 @@ class FeatureWriter:
                 raise ValueError("another plan")
             progress = json.loads(f.attrs["progress"])   # this tool's checkpoint; damage starts afresh below
             for split in (*SPLITS, POOL):   # rows written after the checkpoint go, even a new split's
+                kept = progress["rows"].get(split, 0)
+                if split in f and not kept:   # made after the checkpoint, perhaps cut short between its datasets
+                    del f[split]
                 for dataset in (f[split].values() if split in f else ()):
-                    dataset.resize(progress["rows"].get(split, 0), axis=0)
+                    dataset.resize(kept, axis=0)
             f["skipped"].resize(progress["skipped"], axis=0)
         except (OSError, KeyError, ValueError, TypeError, AttributeError):
             f.close()
@@ -246,7 +253,10 @@ class FeatureWriter:
             rows = max(1, min(1024, (1 << 20) // (dim * self.dtype.itemsize)))
             g.create_dataset(features_name(layer, list(self.dims)), (0, dim), self.dtype, maxshape=(None, dim),
                              chunks=(rows, dim), **CHECKED)
-        if split != POOL:
+        if split != POOL and self.file.attrs.get("multi_label", False):
+            width = len(json.loads(self.file.attrs["classes"]))
+            g.create_dataset("labels", (0, width), np.uint8, maxshape=(None, width), chunks=(4096, width), **CHECKED)
+        elif split != POOL:
             g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,), **CHECKED)
         g.create_dataset("paths", (0,), STR, maxshape=(None,), chunks=(4096,))
         g.create_dataset("sha256", (0,), "S64", maxshape=(None,), chunks=(4096,), **CHECKED)
@@ -254,11 +264,13 @@ class FeatureWriter:
 
     def append(self, split: str, features: dict[str, np.ndarray], labels, paths, sha256) -> None:
         """Rows of one split: `features` maps each layer to its [k, D] vectors (`labels` are not stored for
-        the pool)."""
+        the pool; in a multi-label cache each label is a tuple of class indices, or already a 0/1 row)."""
         g = self._group(split)
         n, k = g["sha256"].shape[0], len(sha256)
         columns = [(features_name(layer, list(self.dims)), features[layer].astype(self.dtype)) for layer in self.dims]
-        if split != POOL:
+        if split != POOL and g["labels"].ndim == 2:
+            columns.append(("labels", label_matrix(labels, g["labels"].shape[1])))
+        elif split != POOL:
             columns.append(("labels", np.asarray(labels, np.int64)))
         for name, rows in (*columns, ("paths", list(paths)), ("sha256", np.array(sha256, "S64"))):
             g[name].resize(n + k, axis=0)
@@ -319,6 +331,16 @@ class FeatureWriter:
         except (OSError, RuntimeError):   # closing flushes, which fails again on a full disk; the file goes anyway
             pass
         self.tmp.unlink(missing_ok=True)
+
+
+def label_matrix(labels, n_classes: int) -> np.ndarray:
+    """[k, n_classes] uint8 of `labels`: tuples of class indices, or rows that already are 0/1."""
+    if isinstance(labels, np.ndarray) and labels.ndim == 2:
+        return labels.astype(np.uint8)
+    out = np.zeros((len(labels), n_classes), np.uint8)
+    for row, tags in enumerate(labels):
+        out[row, list(tags)] = 1
+    return out
 
 
 def is_feature_cache(path: Path) -> bool:
@@ -399,7 +421,7 @@ def attrs_checksum(attrs) -> str:
 @dataclass
 class Split:
     features: np.ndarray   # float32 [N, D]
-    labels: np.ndarray
+    labels: np.ndarray     # [N] class indices; multi-label: [N, classes] 0/1 (uint8)
     paths: list[str]
     sha256: list[str]
 
@@ -437,6 +459,17 @@ class Cache:
     @property
     def has_pool(self) -> bool:
         return POOL in self.file
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether each image carries a set of classes: `read(split).labels` is then [N, classes] 0/1."""
+        return bool(self.attrs.get("multi_label", False))
+
+    def label_matrix(self, split: str) -> np.ndarray:
+        """[N, classes] 0/1 (uint8) of a split: the stored matrix, or one-hot single labels."""
+        labels = self.column(split, "labels")
+        self._check_labels(split, labels)
+        return labels if labels.ndim == 2 else np.eye(len(self.classes), dtype=np.uint8)[labels]
 
     def column(self, split: str, name: str) -> np.ndarray:
         """One dataset of a split, verified (HDF5's Fletcher-32 per chunk, then the recorded digest)."""
@@ -476,6 +509,11 @@ class Cache:
         return Split(features, labels, paths, [s.decode() for s in self.column(split, "sha256")])
 
     def _check_labels(self, split: str, labels: np.ndarray) -> None:
+        if labels.ndim == 2:
+            if labels.shape[1] != len(self.classes) or labels.max(initial=0) > 1:
+                raise InputError(f"feature cache {self.path}: {split}/labels must be 0/1 with one column per class "
+                                f"({len(self.classes)}), is {list(labels.shape)} up to {labels.max()}")
+            return
         outside = labels[(labels < 0) | (labels >= len(self.classes))]
         if len(outside):
             raise InputError(f"feature cache {self.path}: {split} has labels outside its {len(self.classes)} "
@@ -498,9 +536,15 @@ class Cache:
         for split in self.splits:
             labels = self.column(split, "labels")
             self._check_labels(split, labels)
-            rows += [(p.decode(), self.classes[label], split, digest.decode()) for p, label, digest
+            rows += [(p.decode(), self._label_name(label), split, digest.decode()) for p, label, digest
                      in zip(self.column(split, "paths"), labels, self.column(split, "sha256"))]
         return dataset_digest(rows)
+
+    def _label_name(self, label) -> str:
+        """The class name; multi-label: the names of the row's classes joined by '|'."""
+        if np.ndim(label):
+            return "|".join(c for c, on in zip(self.classes, label) if on)
+        return self.classes[label]
 
 
 class StoredVectors:
@@ -546,7 +590,7 @@ def content_warnings(cache: Cache, show: int = 20) -> list[str]:
     for split in cache.splits:
         labels = cache.column(split, "labels")
         cache._check_labels(split, labels)
-        counts = np.bincount(labels, minlength=len(cache.classes))
+        counts = labels.sum(0) if labels.ndim == 2 else np.bincount(labels, minlength=len(cache.classes))
         out += [f"class '{c}' has no usable image in {split}" for c, n in zip(cache.classes, counts) if n == 0]
         for path, digest in zip(cache.column(split, "paths"), cache.column(split, "sha256")):
             where.setdefault(digest.decode(), {}).setdefault(split, path.decode())
@@ -578,6 +622,19 @@ def open_cache(path: Path) -> Cache:
     except InputError:
         f.close()
         raise
+
+
+def _check_columns(path: Path, group: h5py.Group, s: str, matrix_width: int | None) -> None:
+    """A split's labels (a matrix `matrix_width` wide in a multi-label cache), paths and sha256 are of their
+    types and shapes."""
+    for n, kind in (("labels", "iu"), ("paths", "O"), ("sha256", "S"))[s == POOL:]:
+        matrix = n == "labels" and matrix_width is not None
+        if matrix and (group[n].shape[1:] != (matrix_width,) or group[n].dtype.kind not in kind):
+            raise InputError(f"feature cache {path}: {s}/labels must be a 0/1 matrix with one column per "
+                            f"class, is {group[n].dtype} {list(group[n].shape)}")
+        if not matrix and (group[n].ndim != 1 or group[n].dtype.kind not in kind):
+            raise InputError(f"feature cache {path}: {s}/{n} must be one column of "
+                            f"{'integers' if n == 'labels' else 'text'}, is {group[n].dtype} {list(group[n].shape)}")
 
 
 def _checked(path: Path, f: h5py.File) -> Cache:
@@ -625,10 +682,7 @@ def _checked(path: Path, f: h5py.File) -> Cache:
             if ds.ndim != 2 or ds.dtype.kind != "f" or widths.setdefault(n, ds.shape[1]) != ds.shape[1]:
                 raise InputError(f"feature cache {path}: {s}/{n} must be [rows, {widths.get(n, 'D')}] floats, "
                                 f"is {list(ds.shape)} {ds.dtype}")
-        for n, kind in (("labels", "iu"), ("paths", "O"), ("sha256", "S"))[s == POOL:]:
-            if f[s][n].ndim != 1 or f[s][n].dtype.kind not in kind:
-                raise InputError(f"feature cache {path}: {s}/{n} must be one column of "
-                                f"{'integers' if n == 'labels' else 'text'}, is {f[s][n].dtype} {list(f[s][n].shape)}")
+        _check_columns(path, f[s], s, len(classes) if attrs.get("multi_label", False) else None)
         counts = {n: f[s][n].shape[0] for n in names}
         if len(set(counts.values())) != 1:
             raise InputError(f"feature cache {path}: split '{s}' row counts disagree {counts}")

@@ -60,6 +60,8 @@ class ClassifierSpec:
     early_stops: bool = False         # fit(X, y, X_val, y_val) stops when the val loss stops falling
     floor: float = 1e-6               # calibration clips its probabilities here before the log
     stored: Stored | None = None      # how its fitted head is kept as arrays + JSON
+    multi_label: str = "one-vs-rest"  # on a multi-label cache: one binary head per class ("one-vs-rest"), the head
+                                      # itself fitted on the 0/1 matrix ("native"), or refused ("")
     name: str = ""                    # the module's name, set by the registry
 
     @property

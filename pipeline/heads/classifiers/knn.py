@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipeline.heads.classifiers import AUTO, ClassifierSpec
 from pipeline.heads.stored import Stored
 from pipeline.runtime.errors import InputError
@@ -20,7 +22,11 @@ def build(n_neighbors, class_weight=None):
 def state(head):
     """Its training vectors and their labels, with its settings (k, weighting): fitting on them again
     rebuilds the same neighbour search."""
-    return {"vectors": head._fit_X, "labels": head.classes_[head._y]}, head.get_params()
+    if isinstance(head.classes_, list):   # fitted on a multi-label 0/1 matrix: one vote per class
+        labels = np.stack([classes[column] for classes, column in zip(head.classes_, head._y.T)], 1)
+    else:
+        labels = head.classes_[head._y]
+    return {"vectors": head._fit_X, "labels": labels}, head.get_params()
 
 
 def restore(arrays, settings):
@@ -49,4 +55,4 @@ class NeighbourCount(ClassifierSpec):
 
 SPEC = NeighbourCount("k-nearest neighbours", "n_neighbors", (AUTO | int, Rule("Neighbours that vote.", min=1)),
                       (1, 3, 5, 9, 15, 25), build, floor=0.1,   # vote fractions: mostly 0 and 1
-                      stored=Stored(state, restore))
+                      stored=Stored(state, restore), multi_label="native")

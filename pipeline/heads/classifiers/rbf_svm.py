@@ -91,4 +91,4 @@ def _gamma(value) -> str | None:
 
 SPEC = ClassifierSpec("RBF-kernel SVM, calibrated", "C", TUNED["C"], DECADES[4:], build,
                       {"gamma": (float | str, Rule("RBF kernel width: a number, 'scale' or 'auto'.", check=_gamma)),
-                       **rules("seed")}, stored=Stored(state, restore))
+                       **rules("seed")}, stored=Stored(state, restore), multi_label="")

@@ -18,4 +18,4 @@ OWN = {
 }
 SPEC = ClassifierSpec("an MLP in torch", "weight_decay", TUNED["weight_decay"], DECADES[:6], build,
                       {**OWN, **rules(*TORCH_PARAMS)}, to_torch=to_torch, early_stops=True,
-                      stored=STORED)
+                      stored=STORED, multi_label="native")

@@ -1,0 +1,84 @@
+"""Multi-label heads on a generated multi-label set: 2x2 mosaics of the demo's Fashion-MNIST items, each showing
+1-4 of the 10 classes (pipeline.data.demo.write_mosaics), extracted with EfficientNet-Lite0:
+
+    python benchmarks/multilabel.py [--images 1200] [--image-size 160] [--work DIR]
+
+For the one-vs-rest logistic regression (`pipeline train --classifier logreg` on the multi-label cache) it
+reports the test macro and micro AP, the macro F1 with the per-class thresholds tuned on val and with a fixed
+threshold of 0.5, and the macro F1 of a single-label logistic regression trained on each image's first tag
+(its one predicted class taken as the image's only label), chosen by the same protocol. Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import api  # noqa: E402
+from pipeline.data.demo import write_mosaics  # noqa: E402
+from pipeline.heads.metrics import evaluate_multilabel  # noqa: E402
+from pipeline.heads.multilabel import scores_of  # noqa: E402
+from pipeline.heads.train import _fit, select  # noqa: E402
+from pipeline.storage.cache import open_cache  # noqa: E402
+
+ARCHIVE = Path(__file__).resolve().parents[1] / "data" / "fashion_mnist_demo.npz"
+
+
+def mosaic_cache(work: Path, images: int, image_size: int, seed: int = 0) -> Path:
+    """The multi-label cache of `images` mosaics under `work` (reused when already there)."""
+    out = work / f"mosaics-{images}-{image_size}.h5"
+    if not out.exists():
+        labels = write_mosaics(ARCHIVE, work / f"mosaics-{images}", images, seed)
+        api.extract(labels.parent, out, labels=str(labels), label_column="tags", multi_label=True,
+                    image_size=image_size, quiet=True)
+    return out
+
+
+def measure(cache_path: Path, work: Path) -> dict:
+    """The figures the module docstring lists, for logreg."""
+    model = api.train(cache_path, "logreg", work / "logreg-multilabel", force=True)
+    thresholds = np.array([model.thresholds[c] for c in model.classes])
+    with open_cache(cache_path) as cache:
+        train_, val, test = (cache.read(split) for split in ("train", "val", "test"))
+    scores = scores_of(model._directory.model, test.features)
+    fixed = evaluate_multilabel(test.labels, scores, np.full(len(thresholds), 0.5), model.classes)
+    single = _first_tag_f1(model, train_, val, test)
+    return {"images": len(train_.labels) + len(val.labels) + len(test.labels), "classes": len(model.classes),
+            "macro_ap": model.metrics["macro_ap"], "micro_ap": model.metrics["micro_ap"],
+            "macro_f1_tuned": model.metrics["macro_f1"], "macro_f1_at_0.5": fixed["macro_f1"],
+            "macro_f1_single_label": single, "subset_accuracy": model.metrics["subset_accuracy"]}
+
+
+def _first_tag_f1(model, train_, val, test) -> float:
+    """Macro F1 on test of a single-label logreg trained on each image's first tag (the first of its labels in
+    class order), chosen on val and refitted on train+val as `pipeline train` does."""
+    from pipeline.heads.settings import TrainSettings
+    first = [split.labels.argmax(1) for split in (train_, val)]
+    s = TrainSettings(classifier="logreg")
+    chosen = select(s, train_.features, first[0], val.features, first[1])
+    head = _fit(s, chosen.value, np.concatenate([train_.features, val.features]), np.concatenate(first))
+    predicted = np.eye(len(model.classes))[head.predict(test.features)]
+    return evaluate_multilabel(test.labels, predicted, np.full(len(model.classes), 0.5), model.classes)["macro_f1"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--work", type=Path, default=None, help="keep the images, cache and model here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        figures = measure(mosaic_cache(work, args.images, args.image_size), work)
+        print(json.dumps({"image_size": args.image_size, **figures}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Multi-label images: a labels file listing several labels per image, its cache's 0/1 label matrix, one-vs-rest
+and sigmoid heads with per-class thresholds, predict, and the targets on generated mosaics of the demo's items."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import api
+from pipeline.data.demo import write_mosaics
+from pipeline.data.folders import DatasetSettings
+from pipeline.heads.classifiers import CLASSIFIERS
+from pipeline.runtime.errors import InputError
+from pipeline.storage.cache import open_cache
+from tests.conftest import ROOT, cli_in_process
+
+ARCHIVE = ROOT / "data" / "fashion_mnist_demo.npz"
+
+
+@pytest.fixture(scope="session")
+def mosaics(tmp_path_factory) -> Path:
+    """60 mosaics of 4 classes and their labels file."""
+    return write_mosaics(ARCHIVE, tmp_path_factory.mktemp("mosaics") / "images", 60, classes=4)
+
+
+@pytest.fixture(scope="session")
+def multilabel_cache(mosaics, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ml-cache") / "features.h5"
+    cli_in_process("extract", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
+                   "--out", out, "--image-size", 64, "--workers", 0, "--quiet", check=True)
+    return out
+
+
+def labels_file(tmp_path: Path, mosaics: Path, edit) -> Path:
+    """A copy of the mosaics' labels file with `edit(rows)` applied to its [id, tags] rows."""
+    rows = [line.split(",", 1) for line in mosaics.read_text().splitlines()[1:]]
+    edit(rows)
+    path = tmp_path / "labels.csv"
+    path.write_text("id,tags\n" + "\n".join(f"{i},{t}" for i, t in rows) + "\n")
+    return path
+
+
+def scan(mosaics: Path, labels: Path):
+    return DatasetSettings(labels=str(labels), label_column="tags", multi_label=True).scan(mosaics.parent)
+
+
+def test_cache_holds_a_label_matrix_per_split(multilabel_cache, mosaics):
+    listed = {f"{i}.png": set(t.split("|")) for i, t in (line.split(",", 1)
+              for line in mosaics.read_text().splitlines()[1:])}
+    with open_cache(multilabel_cache) as cache:
+        assert cache.multi_label and cache.attrs["schema_version"] == 5
+        assert cache.splits == ["train", "val", "test"]
+        for split in cache.splits:
+            part = cache.read(split)
+            assert part.labels.shape == (len(part.paths), 4) and part.labels.dtype == np.uint8
+            assert np.array_equal(cache.label_matrix(split), part.labels)
+            for path, row in zip(part.paths, part.labels):
+                assert {c for c, on in zip(cache.classes, row) if on} == listed[path]
+    manifest = multilabel_cache.with_suffix(".manifest.csv").read_text().splitlines()
+    path, tags, _ = manifest[1].split(",")
+    assert set(tags.split("|")) == listed[path]
+
+
+def test_relabelling_keeps_the_fingerprint_and_reuses_every_vector(multilabel_cache, mosaics, tmp_path):
+    out = tmp_path / "features.h5"
+    out.write_bytes(multilabel_cache.read_bytes())
+    relabelled = labels_file(tmp_path, mosaics, lambda rows: rows[0].__setitem__(1, ""))   # now a negative
+    done = cli_in_process("extract", mosaics.parent, "--labels", relabelled, "--label-column", "tags",
+                          "--multi-label", "--out", out, "--image-size", 64, "--workers", 0, check=True)
+    assert "0 computed, 60 reused" in done.stdout + done.stderr
+    with open_cache(multilabel_cache) as before, open_cache(out) as after:
+        assert before.attrs["fingerprint"] == after.attrs["fingerprint"]
+        first = next(s for s in after.splits if f"{rows_first(mosaics)}.png" in after.read(s).paths)
+        part = after.read(first)
+        assert not part.labels[part.paths.index(f"{rows_first(mosaics)}.png")].any()
+
+
+def rows_first(mosaics: Path) -> str:
+    return mosaics.read_text().splitlines()[1].split(",")[0]
+
+
+def test_a_label_matrix_without_a_column_per_class_is_refused(multilabel_cache, tmp_path):
+    damaged = tmp_path / "features.h5"
+    damaged.write_bytes(multilabel_cache.read_bytes())
+    with h5py.File(damaged, "r+") as f:
+        rows = len(f["train/labels"])
+        del f["train/labels"]
+        f["train"].create_dataset("labels", data=np.zeros((rows, 3), np.uint8), fletcher32=True)
+    with pytest.raises(InputError, match="train/labels must be a 0/1 matrix with one column per class"):
+        open_cache(damaged)
+
+
+def test_whitespace_repeats_and_singletons_are_warned_about(mosaics, tmp_path, capsys):
+    def edit(rows):
+        rows[0][1] = " " + rows[0][1].replace("|", " | ")
+        rows[1][1] = rows[1][1] + "|" + rows[1][1].split("|")[0]
+        rows[2][1] = rows[2][1] + "|rare-one"
+    dataset = scan(mosaics, labels_file(tmp_path, mosaics, edit))
+    err = capsys.readouterr().err
+    assert "whitespace or empty labels around a separator, stripped: line 2" in err
+    assert "a label repeated within the cell, kept once: line 3" in err
+    assert "label 'rare-one' has a single image" in err
+    assert dataset.multi_label and "rare-one" in dataset.classes
+    assert all(isinstance(s.label, tuple) for s in dataset.samples)
+
+
+def test_an_empty_cell_is_a_negative_for_every_class(mosaics, tmp_path):
+    dataset = scan(mosaics, labels_file(tmp_path, mosaics, lambda rows: rows[3].__setitem__(1, "")))
+    assert next(s for s in dataset.samples if s.path == f"{rows_first_n(mosaics, 3)}.png").label == ()
+
+
+def rows_first_n(mosaics: Path, n: int) -> str:
+    return mosaics.read_text().splitlines()[1 + n].split(",")[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--multi-label",), "--multi-label needs a labels file"),
+    (("--multi-label", "--labels", "{labels}", "--label-column", "tags", "--pool"), "--pool does not combine"),
+    (("--multi-label", "--labels", "{only_test}", "--label-column", "tags", "--val-fraction", 0.4, "--test-fraction",
+      0.4), "label 'rare' appears only in test and val, never in train"),
+    (("--multi-label", "--labels", "{contradicting}", "--label-column", "tags"), "two label sets"),
+    (("--multi-label", "--labels", "{labels}", "--label-column", "tags", "--label-separator", " "),
+     "--label-separator must be a visible character"),
+])
+def test_bad_multi_label_input_is_one_error_line_and_writes_nothing(mosaics, tmp_path, args, message):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    only_test = labels_file(tmp_path / "a", mosaics, _tag_two_images)
+    contradicting = labels_file(tmp_path / "b", mosaics, lambda rows: rows.append([rows[0][0], "bag"]))
+    filled = [str(a).format(labels=mosaics, only_test=only_test, contradicting=contradicting) for a in args]
+    out = tmp_path / "features.h5"
+    done = cli_in_process("extract", mosaics.parent, *filled, "--out", out)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and done.stderr.strip().startswith("error:")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not out.with_suffix(".manifest.csv").exists()
+
+
+def _tag_two_images(rows: list) -> None:
+    """A label on two images: with val and test fractions of 0.4 each, its group of two gives one to val, one
+    to test and none to train."""
+    for row in rows[:2]:
+        row[1] += "|rare"
+
+
+@pytest.mark.parametrize("classifier", [c for c, spec in CLASSIFIERS.items() if spec.multi_label])
+def test_every_multi_label_head_trains_saves_and_predicts(multilabel_cache, mosaics, tmp_path, classifier):
+    model = api.train(multilabel_cache, classifier, tmp_path / "model")
+    for key in ("macro_ap", "micro_ap", "macro_f1", "micro_f1", "subset_accuracy", "hamming_loss", "val_score"):
+        assert 0 <= model.metrics[key] <= 1, key
+    assert model.metrics["eval_split"] == "test" and model.multi_label
+    details = json.loads((tmp_path / "model" / "details.json").read_text())
+    assert set(details["per_class"]["bag" if "bag" in model.classes else model.classes[0]]) >= {
+        "ap", "f1", "threshold", "support"}
+    assert set(json.loads((tmp_path / "model" / "scores.json").read_text())) >= {"macro_ap", "macro_f1"}
+    loaded = api.load_model(tmp_path / "model")
+    assert loaded.thresholds == model.thresholds and set(loaded.thresholds) == set(model.classes)
+    with open_cache(multilabel_cache) as cache:
+        test = cache.read("test")
+    scores = loaded.predict_features(test.features)
+    assert scores.shape == test.labels.shape
+    predicted = loaded.predict([mosaics.parent / f"{test.paths[0]}"])[0]
+    threshold = np.array([loaded.thresholds[c] for c in loaded.classes])
+    assert set(predicted.tags) == {c for c, s, t in zip(loaded.classes, scores[0], threshold) if s >= t}
+
+
+def test_rbf_svm_is_refused_in_one_line(multilabel_cache, tmp_path):
+    done = cli_in_process("train", multilabel_cache, "--classifier", "rbf_svm", "--out", tmp_path / "m")
+    assert done.returncode == 2 and "rbf_svm does not train on a multi-label cache" in done.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_predict_names_the_labels_reaching_their_thresholds(multilabel_cache, mosaics, tmp_path):
+    cli_in_process("train", multilabel_cache, "--out", tmp_path / "m", "--quiet", check=True)
+    image = mosaics.parent / "00000.png"
+    rows = json.loads(cli_in_process("predict", tmp_path / "m", image, "--format", "json", check=True).stdout)
+    assert set(rows[0]) >= {"labels", "label_scores", "top"} and len(rows[0]["top"]) == 4
+    table = cli_in_process("predict", tmp_path / "m", image, check=True).stdout
+    assert f"labels: {', '.join(rows[0]['labels']) or 'none'}" in table
+    csv_rows = cli_in_process("predict", tmp_path / "m", image, "--format", "csv", "--top-k", "1",
+                              check=True).stdout.splitlines()
+    assert csv_rows[0].split(",")[4] == "labelled"
+    assert {r.split(",")[2] for r in csv_rows[1:] if r.split(",")[4] == "true"} == set(rows[0]["labels"])
+
+
+@pytest.mark.slow
+def test_targets_on_generated_mosaics(tmp_path_factory):
+    """The multi-label head on 2x2 mosaics of the demo's items (benchmarks/multilabel.py, smaller)."""
+    from benchmarks.multilabel import measure, mosaic_cache
+    work = tmp_path_factory.mktemp("mosaic-targets")
+    figures = measure(mosaic_cache(work, 900, 160), work)
+    assert figures["macro_ap"] >= 0.80, figures
+    assert figures["macro_f1_tuned"] >= figures["macro_f1_single_label"] + 0.15, figures
+
+
+def test_finetune_refuses_multi_label_labels_in_one_line(mosaics, tmp_path):
+    done = cli_in_process("finetune", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
+                          "--out", tmp_path / "m")
+    assert done.returncode == 2 and done.stderr.startswith("error: finetune trains on single labels")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "torch_logreg", "torch_linear"])
+def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_cache, mosaics, tmp_path, classifier):
+    import onnxruntime
+    import torch
+    from PIL import Image
+
+    from pipeline.models.directory import open_model
+    model = api.train(multilabel_cache, classifier, tmp_path / "m")
+    cli_in_process("export", tmp_path / "m", "--out", tmp_path / "m.onnx", check=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["model.json"])
+    assert meta["multi_label"] and meta["thresholds"] == model.thresholds
+    directory = open_model(tmp_path / "m")
+    image = directory.preprocessing.transform()(Image.open(mosaics.parent / "00000.png").convert("RGB"))[None].numpy()
+    exported = session.run(None, {session.get_inputs()[0].name: image})[0]
+    expected = directory.scorer(torch.device("cpu"), "torch")(torch.from_numpy(image))
+    assert np.allclose(exported, expected, atol=2e-3)
+
+
+def test_audit_and_compare_refuse_multi_label_in_one_line(multilabel_cache, tmp_path):
+    audit = cli_in_process("audit", multilabel_cache, "--out", tmp_path / "audit")
+    assert audit.returncode == 2 and "audit reads single-label caches" in audit.stderr
+    assert not (tmp_path / "audit").exists()
+    api.train(multilabel_cache, "ridge", tmp_path / "ridge")
+    compare = cli_in_process("compare", tmp_path / "ridge", "--out", tmp_path / "reports")
+    assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr
+    assert len(compare.stderr.strip().splitlines()) == 1
+    assert api.open_cache(multilabel_cache).multi_label
