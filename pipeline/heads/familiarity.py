@@ -1,6 +1,7 @@
 """How unlike the training images a new image is: the mean cosine distance from its vector to the k
 nearest training vectors (in the head's preprocessed space, or a fine-tuned network's penultimate features), and the threshold above which it counts as
-unfamiliar, set so that a given share of the val images count as familiar.
+unfamiliar, set so that a given share of the val images count as familiar (without val, of the training
+images, each against the others).
 
 The feature cache already holds what this needs, and the distance separates images of another domain far
 better than the head's top probability does: a head is confident on anything far from its boundaries."""
