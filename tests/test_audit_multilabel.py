@@ -65,6 +65,8 @@ def test_a_planted_missing_tag_and_wrong_tag_come_first(planted):
     assert summary["wrong_tags"] == sum(r["issue"] == "wrong" for r in rows)
     assert set(summary["label_issue_classifier"]) >= {"out_of_fold_macro_ap", "macro_ap_on_unlisted", "judged"}
     assert f"{summary['missing_tags']} missing and {summary['wrong_tags']} wrong tags" in planted["log"]
+    assert f"{len(rows)} label issues ({summary['missing_tags']} missing, {summary['wrong_tags']} wrong tags)" in \
+        planted["log"]
 
 
 def test_duplicates_and_outliers_show_labels_joined(planted):
