@@ -221,13 +221,6 @@ def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_ca
     assert np.allclose(exported, expected, atol=2e-3)
 
 
-def test_audit_refuses_multi_label_in_one_line(multilabel_cache, tmp_path):
-    audit = cli_in_process("audit", multilabel_cache, "--out", tmp_path / "audit")
-    assert audit.returncode == 2 and "audit reads single-label caches" in audit.stderr
-    assert not (tmp_path / "audit").exists()
-    assert api.open_cache(multilabel_cache).multi_label
-
-
 def test_scores_are_calibrated_per_class_and_the_thresholds_apply_to_them(multilabel_cache, tmp_path):
     from pipeline.heads.calibration import ClassTemperatures
     from pipeline.heads.multilabel import scores_of

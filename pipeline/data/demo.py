@@ -39,5 +39,5 @@ def write_mosaics(archive: Path, out: Path, count: int, seed: int = 0, classes: 
         mosaic = np.block([[items[0], items[1]], [items[2], items[3]]])
         Image.fromarray(mosaic).save(out / f"{n:05d}.png")
         rows.append(f"{n:05d},{'|'.join(str(names[c]) for c in sorted(shown))}")
-    (out / "labels.csv").write_text("\n".join(rows) + "\n")
+    (out / "labels.csv").write_text("\n".join(rows) + "\n")   # beside the images just made, as they are
     return out / "labels.csv"
