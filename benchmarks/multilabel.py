@@ -107,7 +107,7 @@ def threshold_rules(cache_path: Path) -> dict:
 
     def f1(calibrated, thresholds):
         return evaluate_multilabel(test.labels, calibrated, thresholds, [str(c) for c in range(Y.shape[1])])["macro_f1"]
-    return {"C": chosen.value, "fixed_0.5": f1(scores, 0.5),
+    return {"C": chosen.value, "fixed_0.5": f1(scores, np.full(Y.shape[1], 0.5)),
             "val_f1_peak": f1(scores, tuned_thresholds(val.labels, on_val, 0.5)[0]),
             "oof_f1_peak": f1(scores, tuned_thresholds(Y, oof, 0.5)[0]),
             "oof_temperature_half_f1": f1(temperatures.apply(scores),
