@@ -4,9 +4,10 @@ Models are ranked by the score their own selection used (val accuracy, or k-fold
 without a test split; val macro AP for multi-label models, which never rank beside single-label ones), never
 by the evaluation split; the best one is marked as selected and its evaluation score is the one to report.
 Each selection score has a 95% interval, since on small evaluation sets a few images decide the order: a
-Wilson interval for an accuracy, a bootstrap over the held-out images a multi-label model keeps for a macro AP. Stage-two models pay their cache's extraction once and then seconds per
-classifier; a fine-tune run pays its whole training every time. The table shows both costs and, for
-each classifier, how many times faster swapping it is than the fastest fine-tune run.
+Wilson interval for an accuracy, a bootstrap over the held-out images a multi-label model keeps for a macro
+AP. Stage-two models pay their cache's extraction once and then seconds per classifier; a fine-tune run pays
+its whole training every time. The table shows both costs and, for each classifier, how many times faster
+swapping it is than the fastest fine-tune run.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from pipeline.heads.metrics import accuracy_interval, macro_ap_interval
 from pipeline.models.directory import KINDS, ModelDirectory, open_model
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import replaced_atomically, write_atomically
-from pipeline.storage.modeldir import read_held_out
 from pipeline.runtime.printing import shown as escaped
+from pipeline.storage.modeldir import read_held_out
 
 
 def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -62,7 +63,8 @@ def _row(name: str, d: Path) -> dict:
     extract = m.get("extract_seconds") if cached else None   # None also for a cache made without timing
     total = None if cached and extract is None else m["fit_seconds"] + (extract or 0.0)
     row = {"name": name, "kind": model.kind.name, "approach": model.approach,
-           "extractor": _extractor(model.backbone_spec), "selected": False, "multi_label": bool(model.info.get("multi_label")),
+           "extractor": _extractor(model.backbone_spec), "selected": False,
+           "multi_label": bool(model.info.get("multi_label")),
            "val_score": m["val_score"], "selection": m["selection"],
            "ece": m.get("ece"),   # None for models trained before calibration was measured
            "extract_seconds": extract, "train_seconds": m["fit_seconds"], "total_seconds": total,
