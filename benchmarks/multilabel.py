@@ -12,7 +12,8 @@ each image's first tag (its one predicted class taken as the image's only label)
 `--rules` instead compares threshold rules for the same logreg (C chosen on val, refitted on train+val), by
 their test macro F1: a fixed 0.5; each class's F1 peak on val scores of the model fitted on train (the
 earlier default); its F1 peak on out-of-fold scores of train+val (`--calibration none`); half the best F1 on
-those scores calibrated by one temperature per class (the default) or by per-class Platt scaling.
+those scores calibrated by one temperature per class (`--calibration temperature`) or by per-class Platt scaling
+(the default).
 """
 from __future__ import annotations
 
@@ -75,21 +76,9 @@ def _first_tag_f1(model, train_, val, test) -> float:
     return evaluate_multilabel(test.labels, predicted, np.full(len(model.classes), 0.5), model.classes)["macro_f1"]
 
 
-def platt_scaling(held: np.ndarray, Y: np.ndarray):
-    """Per-class Platt scaling (a logistic regression on each class's logit) fitted on (held, Y), as a function
-    of the scores."""
-    from sklearn.linear_model import LogisticRegression
-
-    def logit(p):
-        p = np.clip(p, 1e-6, 1 - 1e-6)
-        return np.log(p / (1 - p))
-    fitted = [LogisticRegression(C=1e6).fit(logit(held[:, [c]]), Y[:, c]) for c in range(Y.shape[1])]
-    return lambda p: np.stack([m.predict_proba(logit(p[:, [c]]))[:, 1] for c, m in enumerate(fitted)], 1)
-
-
 def threshold_rules(cache_path: Path) -> dict:
     """Test macro F1 of logreg under each threshold rule of the module docstring."""
-    from pipeline.heads.calibration import ClassTemperatures
+    from pipeline.heads.calibration import ClassPlatt, ClassTemperatures
     from pipeline.heads.metrics import half_best_f1_thresholds, tuned_thresholds
     from pipeline.heads.settings import TrainSettings
     from pipeline.heads.train import ZooHead, out_of_fold_scores
@@ -103,7 +92,7 @@ def threshold_rules(cache_path: Path) -> dict:
     on_val = scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features)
     oof = out_of_fold_scores(s, head, chosen, X, Y, Y.shape[1])
     temperatures = ClassTemperatures.fit(oof, Y, True)
-    platted = platt_scaling(oof, Y)
+    platt = ClassPlatt.fit(oof, Y, True)
 
     def f1(calibrated, thresholds):
         return evaluate_multilabel(test.labels, calibrated, thresholds, [str(c) for c in range(Y.shape[1])])["macro_f1"]
@@ -112,7 +101,7 @@ def threshold_rules(cache_path: Path) -> dict:
             "oof_f1_peak": f1(scores, tuned_thresholds(Y, oof, 0.5)[0]),
             "oof_temperature_half_f1": f1(temperatures.apply(scores),
                                           half_best_f1_thresholds(Y, temperatures.apply(oof))[0]),
-            "oof_platt_half_f1": f1(platted(scores), half_best_f1_thresholds(Y, platted(oof))[0])}
+            "oof_platt_half_f1": f1(platt.apply(scores), half_best_f1_thresholds(Y, platt.apply(oof))[0])}
 
 
 def main() -> None:

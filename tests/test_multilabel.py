@@ -202,18 +202,23 @@ def test_finetune_refuses_multi_label_labels_in_one_line(mosaics, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("classifier", ["logreg", "torch_logreg", "torch_linear"])
-def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_cache, mosaics, tmp_path, classifier):
+@pytest.mark.parametrize("classifier, calibration, method", [
+    ("logreg", "auto", "platt per class"), ("torch_logreg", "auto", "platt per class"),
+    ("torch_linear", "auto", "platt per class"), ("linear_svm", "platt", "platt per class"),
+    ("logreg", "temperature", "temperature per class")])
+def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_cache, mosaics, tmp_path, classifier,
+                                                                   calibration, method):
     import onnxruntime
     import torch
     from PIL import Image
 
     from pipeline.models.directory import open_model
-    model = api.train(multilabel_cache, classifier, tmp_path / "m")
+    model = api.train(multilabel_cache, classifier, tmp_path / "m", calibration=calibration)
     cli_in_process("export", tmp_path / "m", "--out", tmp_path / "m.onnx", check=True)
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
     meta = json.loads(session.get_modelmeta().custom_metadata_map["model.json"])
     assert meta["multi_label"] and meta["thresholds"] == model.thresholds
+    assert model.info["calibration"]["method"] == method
     directory = open_model(tmp_path / "m")
     image = directory.preprocessing.transform()(Image.open(mosaics.parent / "00000.png").convert("RGB"))[None].numpy()
     exported = session.run(None, {session.get_inputs()[0].name: image})[0]
@@ -222,12 +227,13 @@ def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_ca
 
 
 def test_scores_are_calibrated_per_class_and_the_thresholds_apply_to_them(multilabel_cache, tmp_path):
-    from pipeline.heads.calibration import ClassTemperatures
+    from pipeline.heads.calibration import ClassPlatt
+    from pipeline.heads.metrics import evaluate_multilabel
     from pipeline.heads.multilabel import scores_of
-    calibrated = api.train(multilabel_cache, "linear_svm", tmp_path / "calibrated")
+    calibrated = api.train(multilabel_cache, "linear_svm", tmp_path / "calibrated")   # auto: Platt per class
     own = api.train(multilabel_cache, "linear_svm", tmp_path / "own", calibration="none")
     info = json.loads((tmp_path / "calibrated" / "model.json").read_text())
-    assert info["calibration"]["method"] == "temperature per class" and "calibration" not in own.info
+    assert info["calibration"]["method"] == "platt per class" and "calibration" not in own.info
     assert 0 <= calibrated.metrics["ece"] <= 1
     assert own.metrics["ece_uncalibrated"] == calibrated.metrics["ece_uncalibrated"]
     assert own.metrics["ece"] == own.metrics["ece_uncalibrated"]
@@ -235,9 +241,14 @@ def test_scores_are_calibrated_per_class_and_the_thresholds_apply_to_them(multil
         test = cache.read("test")
     raw = scores_of(api.load_model(tmp_path / "own")._directory.model, test.features)   # decision values
     scores = api.load_model(tmp_path / "calibrated").predict_features(test.features)
-    assert np.allclose(scores, ClassTemperatures.from_dict(info["calibration"]).apply(raw))
+    platt = ClassPlatt.from_dict(info["calibration"])
+    assert np.allclose(scores, platt.apply(raw)) and min(platt.slopes) > 0
     assert ((scores > 0) & (scores < 1)).all() and (np.argsort(scores, 0) == np.argsort(raw, 0)).all()
-    assert calibrated.metrics["macro_ap"] == pytest.approx(own.metrics["macro_ap"])   # a temperature keeps the order
+    assert calibrated.metrics["macro_ap"] == pytest.approx(own.metrics["macro_ap"])   # a rising map keeps the order
+    names = list(calibrated.thresholds)
+    thresholds = np.array([calibrated.thresholds[c] for c in names])
+    assert calibrated.metrics["macro_f1"] == pytest.approx(
+        evaluate_multilabel(test.labels, scores, thresholds, names)["macro_f1"])   # the cut is on calibrated scores
     # on calibrated scores, each threshold is half the best F1 of its class: at most 0.5; the head's own
     # decision values are cut where F1 peaks
     assert all(0 < t <= 0.5 for t in calibrated.thresholds.values())
@@ -281,6 +292,13 @@ def test_compare_ranks_multi_label_models_by_val_macro_ap_with_bootstrap_interva
     report = (tmp_path / "reports" / "compare.md").read_text()
     assert "selection score: macro AP (95% CI)" in report and "Hamming loss" in report
     assert "percentile-bootstrap intervals" in report and (tmp_path / "reports" / "compare.png").stat().st_size
+
+
+def test_platt_calibration_of_a_single_label_head_is_refused_in_one_line(small_cache, tmp_path):
+    done = cli_in_process("train", small_cache, "--calibration", "platt", "--out", tmp_path / "m")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("error: calibration 'platt' is per class, for a multi-label cache")
+    assert not (tmp_path / "m").exists()
 
 
 def test_compare_refuses_to_mix_single_and_multi_label_models(multilabel_cache, small_cache, tmp_path):

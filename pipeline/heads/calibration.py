@@ -4,12 +4,15 @@ head's confidence is from its accuracy (expected calibration error over a reliab
 A temperature divides the head's logits (log-probabilities, or decision values for heads without
 probabilities) before the softmax: it rescales confidence and never changes the top-1 class. A multi-label
 head gets one temperature per class (`ClassTemperatures`), each a two-class calibration of that class's score,
+or (the default, `method`) per-class Platt scaling (`ClassPlatt`: a slope and an offset per class, Platt 1999),
 and its ECE is the mean over classes of each class's one-vs-rest ECE (`assess_multilabel`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from pipeline.runtime.errors import InputError
 
 BINS = 15                 # of the reliability table, as in Guo et al.
 FLOOR = 1e-6
@@ -198,11 +201,108 @@ class ClassTemperatures:
         return Calibrated()
 
 
+def class_logits(scores: np.ndarray, probabilities: bool, floor: float = FLOOR) -> np.ndarray:
+    """Each class's score [N, classes] as a logit: log(p) - log(1 - p), both clipped at `floor`, or the
+    decision value itself."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not probabilities:
+        return scores
+    return np.log(np.clip(scores, floor, 1.0)) - np.log(np.clip(1 - scores, floor, 1.0))
+
+
+@dataclass(frozen=True)
+class ClassPlatt:
+    """A multi-label head's calibration by per-class Platt scaling: sigmoid(slope * z + offset) of each class's
+    `class_logits` z, a one-feature logistic regression fitted on held-out scores of that class alone. Unlike a
+    temperature it moves the neutral point, which a one-vs-rest head trained on rare positives sets too high."""
+    slopes: tuple[float, ...]
+    offsets: tuple[float, ...]
+    of: str
+    floor: float = FLOOR
+
+    C = 1e6   # practically unregularised: two parameters fitted on hundreds of held-out scores
+
+    @classmethod
+    def fit(cls, held_out: np.ndarray, Y: np.ndarray, probabilities: bool, floor: float = FLOOR) -> "ClassPlatt":
+        """Each class's slope and offset fitted on held-out scores [N, classes] and their 0/1 labels; a class
+        without both a positive and a negative there keeps its own scores (slope 1, offset 0)."""
+        from sklearn.linear_model import LogisticRegression
+        z = class_logits(held_out, probabilities, floor)
+        fitted = [LogisticRegression(C=cls.C).fit(z[:, [c]], Y[:, c]) if 0 < Y[:, c].sum() < len(Y) else None
+                  for c in range(Y.shape[1])]
+        return cls(tuple(float(f.coef_[0, 0]) if f else 1.0 for f in fitted),
+                   tuple(float(f.intercept_[0]) if f else 0.0 for f in fitted),
+                   "probabilities" if probabilities else "decision values", floor)
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        from scipy.special import expit
+        z = class_logits(scores, self.of == "probabilities", self.floor)
+        return expit(z * np.array(self.slopes) + np.array(self.offsets))
+
+    def to_dict(self) -> dict:
+        return {"method": "platt per class", "slopes": list(self.slopes), "offsets": list(self.offsets),
+                "of": self.of, "floor": self.floor}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassPlatt":
+        """As model.json records it; ValueError for a value no fit gives."""
+        found = cls(tuple(float(v) for v in d["slopes"]), tuple(float(v) for v in d["offsets"]), d["of"],
+                    float(d["floor"]))
+        if not (len(found.slopes) == len(found.offsets) and np.isfinite([*found.slopes, *found.offsets]).all()
+                and 0 < found.floor < 1 and found.of in ("probabilities", "decision values")):
+            raise ValueError(f"slopes {found.slopes}, offsets {found.offsets}, floor {found.floor}, of {found.of!r}")
+        return found
+
+    def torch_layer(self):
+        """The same in torch, after layers giving the head's own scores [N, classes]."""
+        import torch
+
+        calibration = self
+
+        class Calibrated(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("slopes", torch.tensor(calibration.slopes, dtype=torch.float32))
+                self.register_buffer("offsets", torch.tensor(calibration.offsets, dtype=torch.float32))
+
+            def forward(self, scores):
+                if calibration.of == "probabilities":
+                    scores = (torch.log(scores.clamp(min=calibration.floor, max=1.0))
+                              - torch.log((1 - scores).clamp(min=calibration.floor, max=1.0)))
+                return torch.sigmoid(scores * self.slopes + self.offsets)
+
+        return Calibrated()
+
+
+def method(setting: str, multi_label: bool) -> str:
+    """The calibration a `calibration` setting gives a head of that label kind: auto is one temperature for a
+    single-label head and per-class Platt scaling for a multi-label one. Per-class Platt scaling has no
+    single-label form that keeps the softmax's classes summing to one: refused there."""
+    if setting == "auto":
+        return "platt" if multi_label else "temperature"
+    if setting == "platt" and not multi_label:
+        raise InputError("calibration 'platt' is per class, for a multi-label cache; a single-label head takes "
+                         "auto, temperature or none")
+    return setting
+
+
+def fitted(setting: str, multi_label: bool, held_out: np.ndarray, labels: np.ndarray, probabilities: bool,
+           floor: float = FLOOR):
+    """The calibration (`method`) fitted on held-out scores and their labels (a class index per image, or a
+    0/1 matrix): a Temperature, ClassTemperatures, ClassPlatt, or None for none."""
+    chosen = method(setting, multi_label)
+    if chosen == "none":
+        return None
+    kind = ClassPlatt if chosen == "platt" else ClassTemperatures if multi_label else Temperature
+    return kind.fit(held_out, labels, probabilities, floor)
+
+
 def recorded(d: dict | None):
-    """The calibration model.json records: a Temperature, ClassTemperatures (`method`), or None."""
+    """The calibration model.json records: a Temperature, ClassTemperatures, ClassPlatt (`method`), or None."""
     if not d:
         return None
-    return ClassTemperatures.from_dict(d) if d.get("method") == "temperature per class" else Temperature.from_dict(d)
+    kinds = {"temperature per class": ClassTemperatures, "platt per class": ClassPlatt}
+    return kinds.get(d.get("method"), Temperature).from_dict(d)
 
 
 def uncalibrated(scores: np.ndarray, probabilities: bool) -> np.ndarray:

@@ -11,9 +11,10 @@ out-of-fold scores of train. They give the selection score and are kept in the m
 (modeldir.HELD_OUT, for compare's intervals).
 Calibration and thresholds are fitted on out-of-fold scores of the rows the model is fitted on (train+val with
 a test split, train without: the held-out scores then), k folds of the chosen value: of all held-out scores,
-the nearest to those of the final model, and on the most images. With `--calibration temperature` (the default)
-each class gets its temperature (calibration.ClassTemperatures), the model's scores are probabilities and each
-class's threshold is half the best F1 it reaches on the calibrated scores (metrics.half_best_f1_thresholds);
+the nearest to those of the final model, and on the most images. With `--calibration auto` (the default) or
+`platt` each class gets Platt scaling (calibration.ClassPlatt), with `temperature` its temperature
+(calibration.ClassTemperatures); the model's scores are then probabilities and each class's threshold is half
+the best F1 it reaches on the calibrated scores (metrics.half_best_f1_thresholds);
 with `--calibration none` it is the head's own score maximising the class's F1. An image carries a class when
 its score reaches the class's threshold. A class without a positive keeps the default (0.5 for probabilities,
 0 for decision values), named in one warning. They are kept in model.json as `thresholds` ({class: threshold})
@@ -25,7 +26,7 @@ import time
 
 import numpy as np
 
-from pipeline.heads.calibration import ClassTemperatures, assess_multilabel
+from pipeline.heads.calibration import assess_multilabel, fitted
 from pipeline.heads.classifiers import CLASSIFIERS, one_thread_if_small
 from pipeline.heads.familiarity import Familiarity
 from pipeline.heads.metrics import evaluate_multilabel, half_best_f1_thresholds, macro_ap, tuned_thresholds
@@ -107,8 +108,8 @@ def decision_rule(s, classifier: str, oof: np.ndarray, Y: np.ndarray, probabilit
     from pipeline.heads.train import floor
     if s.calibration == "none":
         return None, *tuned_thresholds(Y, oof, 0.5 if probabilities else 0.0)
-    temperatures = ClassTemperatures.fit(oof, Y, probabilities, floor(classifier))
-    return temperatures, *half_best_f1_thresholds(Y, temperatures.apply(oof))
+    calibration = fitted(s.calibration, True, oof, Y, probabilities, floor(classifier))
+    return calibration, *half_best_f1_thresholds(Y, calibration.apply(oof))
 
 
 def fit_multilabel(cache, s, head, splits: tuple, dataset: str):

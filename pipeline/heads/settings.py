@@ -10,15 +10,17 @@ from pipeline.runtime.settings import check_value, fields, from_mapping, key_nam
 
 
 PREPROCESSING = ("l2", "standardize", "none")
-CALIBRATION = ("temperature", "none")
+CALIBRATION = ("auto", "temperature", "platt", "none")
 
 
 @dataclass(kw_only=True)
 class TrustSettings:
     """The calibration and familiarity of a trained model: settings of `pipeline train` and `pipeline finetune`
     (keyword-only: the settings that take them keep their constructors' positional arguments)."""
-    calibration: str = setting("temperature", "Calibrate the scores with one temperature fitted on held-out "
-                               "scores, or keep the model's own.", choices=CALIBRATION)
+    calibration: str = setting("auto", "Calibrate the scores on held-out scores: auto is one temperature for "
+                               "single-label data and Platt scaling per class for multi-label data; temperature "
+                               "(one per class for multi-label data); platt (multi-label only); none keeps the "
+                               "model's own.", choices=CALIBRATION)
     novelty_quantile: float = setting(0.95, "Share of the val images that count as familiar: sets the novelty "
                                       "threshold of predict.", above=0, below=1)
 

@@ -249,6 +249,7 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
         parts = labelled_splits(cache, cache_path)
         dataset = cache.dataset_id()
     train_, val, test = parts["train"], parts.get("val"), parts.get("test")
+    calibration.method(s.calibration, cache.multi_label)   # refused before any fit
     if cache.multi_label:
         return multilabel.fit_multilabel(cache, s, head, (train_, val, test), dataset)
     evaluation = test if test is not None else val
@@ -263,8 +264,8 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
         model = head.refit(s, chosen, X, y)
         probabilities = has_probabilities(model[-1])
         held, held_y = held_out_scores(s, head, chosen, train_, tune_on, len(cache.classes))
-    temperature = (None if s.calibration == "none" or not len(held_y) else   # no fold could be made
-                   calibration.Temperature.fit(held, held_y, probabilities, floor(head.name)))
+    temperature = (None if not len(held_y) else   # no fold could be made
+                   calibration.fitted(s.calibration, False, held, held_y, probabilities, floor(head.name)))
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
     raw = scores_of(model, evaluation.features, len(cache.classes))
