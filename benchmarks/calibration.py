@@ -1,12 +1,16 @@
 """What to trust in a prediction, measured on the demo's cache (EfficientNet-Lite0 at 160 px):
 
     python benchmarks/calibration.py [--work DIR] [--heads logreg,knn,...]
+    python benchmarks/calibration.py [--work DIR] --finetune ft_head,ft_partial
 
 - calibration: every head trained by `pipeline train` (temperature on held-out scores, the default),
   its test ECE (15 bins) calibrated and not, and its top-1 from the calibrated and from its own scores;
 - familiarity: the logreg model's novelty of the demo's test images and of scikit-learn's 1,797
   handwritten digits written as 28x28 images: the share of each that counts as unfamiliar, and the AUROC
-  of novelty (and, for comparison, of one minus the top probability) at telling the digits apart.
+  of novelty (and, for comparison, of one minus the top probability) at telling the digits apart;
+- with --finetune: instead, the fine-tune runs of params.yaml named (`finetune.<run>`) on the demo's images,
+  their test ECE calibrated and not, and the same familiarity figures from `pipeline predict` on the demo's
+  test images and the digits.
 
 `--work DIR` keeps the images, caches and models for the next run. Prints one JSON line per head, then
 one for familiarity, and a markdown table for benchmarks/RESULTS.md.
@@ -31,20 +35,26 @@ from pipeline.models.directory import open_model  # noqa: E402
 from pipeline.storage.cache import open_cache  # noqa: E402
 
 
-def digits_cache(work: Path) -> Path:
-    """scikit-learn's digits as 28x28 images (the demo's size), extracted as the demo is, at 160 px."""
+def digits_folder(work: Path) -> Path:
+    """scikit-learn's digits as 28x28 images (the demo's size), in split folders."""
     from sklearn.datasets import load_digits
+    root = work / "digits28"
+    if not root.exists():
+        digits = load_digits()
+        for i, (pixels, digit) in enumerate(zip(digits.images, digits.target)):
+            folder = root / ("train", "train", "train", "val", "test")[i % 5] / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            digit_image(pixels, 28).save(folder / f"{i}.png")
+    return root
 
+
+def digits_cache(work: Path) -> Path:
+    """The digits' folder extracted as the demo is, at 160 px."""
     from pipeline.features.extract import extract_folder
     from pipeline.features.settings import ExtractSettings
     cache_path = work / "digits28_160.h5"
     if not cache_path.exists():
-        digits = load_digits()
-        for i, (pixels, digit) in enumerate(zip(digits.images, digits.target)):
-            folder = work / "digits28" / ("train", "train", "train", "val", "test")[i % 5] / str(digit)
-            folder.mkdir(parents=True, exist_ok=True)
-            digit_image(pixels, 28).save(folder / f"{i}.png")
-        extract_folder(work / "digits28", cache_path, ExtractSettings(image_size=160), quiet=True)
+        extract_folder(digits_folder(work), cache_path, ExtractSettings(image_size=160), quiet=True)
     return cache_path
 
 
@@ -59,7 +69,6 @@ def calibration_of(cache: Path, out: Path, head: str) -> dict:
 
 
 def familiarity_of(model_dir: Path, cache: Path, digits: Path) -> dict:
-    from sklearn.metrics import roc_auc_score
     model = open_model(model_dir)
     pre, familiarity = model.model[0], model.familiarity
     test = open_cache(cache).read("test").features
@@ -67,23 +76,68 @@ def familiarity_of(model_dir: Path, cache: Path, digits: Path) -> dict:
         other = np.concatenate([c.read(split).features for split in c.splits])
     novelty = [familiarity.novelty(pre.transform(X)) for X in (test, other)]
     top = [model.temperature.apply(scores_of(model.model, X, len(model.classes))).max(1) for X in (test, other)]
-    is_digit = np.r_[np.zeros(len(test)), np.ones(len(other))]
-    return {"threshold": familiarity.threshold, "quantile": familiarity.quantile,
-            "test_unfamiliar": float(np.mean(~familiarity.familiar(novelty[0]))),
-            "digits_unfamiliar": float(np.mean(~familiarity.familiar(novelty[1]))),
+    return separation(novelty, top, familiarity.threshold, familiarity.quantile)
+
+
+def separation(novelty: list, top: list, threshold: float, quantile: float) -> dict:
+    """How novelty (and one minus the top probability) tell the digits from the demo's test images;
+    `novelty` and `top`: [the test images', the digits']."""
+    from sklearn.metrics import roc_auc_score
+    is_digit = np.r_[np.zeros(len(novelty[0])), np.ones(len(novelty[1]))]
+    return {"threshold": threshold, "quantile": quantile,
+            "test_unfamiliar": float(np.mean(novelty[0] > threshold)),
+            "digits_unfamiliar": float(np.mean(novelty[1] > threshold)),
             "auroc_novelty": float(roc_auc_score(is_digit, np.r_[novelty[0], novelty[1]])),
             "auroc_top_probability": float(roc_auc_score(is_digit, -np.r_[top[0], top[1]])),
-            "n_test": len(test), "n_digits": len(other)}
+            "n_test": len(novelty[0]), "n_digits": len(novelty[1])}
+
+
+def finetuned_trust(work: Path, run: str) -> dict:
+    """Fine-tune run `run` of params.yaml on the demo's images: its test ECE calibrated and not, and how its
+    novelty (from `pipeline predict`) tells the digits from the demo's test images."""
+    import yaml
+
+    from pipeline.data.demo import write_image_folder
+    from pipeline.models.predict import predict
+    from pipeline.runtime.settings import from_mapping
+    from pipeline.tuning.settings import FinetuneSettings
+    from pipeline.tuning.training import finetune
+    root = Path(__file__).resolve().parents[1]
+    if not (work / "demo").exists():
+        write_image_folder(root / "data" / "fashion_mnist_demo.npz", work / "demo")
+    raw = yaml.safe_load((root / "params.yaml").read_text())["finetune"][run]
+    out = work / "models" / run
+    m = finetune(work / "demo", out, from_mapping(FinetuneSettings, raw, f"finetune.{run}"), quiet=True, force=True)
+    model = open_model(out)
+    found = [predict(out, [folder], top_k=1, device="cpu") for folder in (work / "demo" / "test", digits_folder(work))]
+    novelty = [np.array([r["novelty"] for r in rows]) for rows in found]
+    top = [np.array([r["top"][0]["score"] for r in rows]) for rows in found]
+    return {"run": run, "temperature": model.temperature.value, "ece": m["ece"],
+            "ece_uncalibrated": m["ece_uncalibrated"], "top1": m["top1"], "n_test": m["n_eval"],
+            **separation(novelty, top, model.familiarity.threshold, model.familiarity.quantile)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="keep images, caches and models here")
     parser.add_argument("--heads", default=",".join(CLASSIFIERS), help="comma-separated classifiers")
+    parser.add_argument("--finetune", help="comma-separated fine-tune runs of params.yaml, measured instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if args.finetune:
+            runs = [finetuned_trust(work, run) for run in args.finetune.split(",")]
+            for r in runs:
+                print(json.dumps({**r, **machine()}), flush=True)
+            print("\n| run | T | test ECE, own scores | test ECE, calibrated | top-1 | digits unfamiliar | "
+                  "test unfamiliar | AUROC novelty | AUROC top probability |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for r in runs:
+                print(f"| {r['run']} | {r['temperature']:.2f} | {r['ece_uncalibrated']:.3f} | {r['ece']:.3f} | "
+                      f"{r['top1']:.3f} | {r['digits_unfamiliar']:.1%} | {r['test_unfamiliar']:.1%} | "
+                      f"{r['auroc_novelty']:.3f} | {r['auroc_top_probability']:.3f} |")
+            return
         cache = cached_set(work, "demo", 160)
         rows = []
         for head in args.heads.split(","):

@@ -353,7 +353,7 @@ def finetune(data, out, *, force: bool = False, quiet: bool = False, checkpoint:
              **settings) -> Model | None:
     """Fine-tune a backbone with a new head (or train it from scratch) on an image folder and write the model
     directory `out` (settings: those of `pipeline finetune`, e.g. strategy=, epochs=). `checkpoint` rewrites
-    OUT/checkpoint.pt after every epoch; `resume` carries on from one. Under torchrun rank 0 returns the
+    OUT/checkpoint.safetensors after every epoch; `resume` carries on from one. Under torchrun rank 0 returns the
     model, the others None."""
     from pipeline.tuning.settings import FinetuneSettings
     s = _settings(FinetuneSettings, settings, "finetune")

@@ -304,10 +304,10 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Model directory to write.")] = Path("finetuned"),
     settings: FinetuneSettings = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
-    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Rewrite OUT/checkpoint.pt after every "
-                                                                 "epoch, for --resume.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.pt written with the "
-                                                        "same settings (implies --checkpoint).")] = None,
+    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Rewrite OUT/checkpoint.safetensors after "
+                                                                 "every epoch, for --resume.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Carry on from a checkpoint.safetensors written "
+                                                        "with the same settings (implies --checkpoint).")] = None,
     nproc: Annotated[int, typer.Option(help="Processes on this machine (one per GPU), launched through "
                                             "torchrun; trains with DistributedDataParallel.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace a model directory already at --out.")] = False,

@@ -188,6 +188,19 @@ def small_cache(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory) -> Path:
+    """A real fine-tuned model directory (EfficientNet-Lite0 at 64 px, head only, one epoch, with its
+    checkpoint), made once; its images lie beside it in `images`."""
+    from pipeline.tuning.training import FinetuneSettings, finetune
+    root = tmp_path_factory.mktemp("finetuned")
+    images = make_image_folder(root / "images", {"train": 4, "val": 3, "test": 2})
+    out = root / "ft"
+    finetune(images, out, FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0,
+                                           device="cpu"), quiet=True, checkpoint=True)
+    return out
+
+
 def synthetic_cache(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
                     data_root: Path | None = None) -> Path:
     """A real feature cache holding given vectors, for tests that need controlled features; the image of

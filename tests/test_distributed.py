@@ -14,9 +14,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from pipeline.runtime.errors import InputError
+from pipeline.storage import statefile
+from pipeline.tuning.training import CHECKPOINT
 from tests.conftest import COLOURS, ROOT, cli_in_process, interrupt_when_written, make_image_folder, run_cli, tiny_image
 
 SMALL = ("--image-size", 64, "--workers", 0)
@@ -87,11 +88,11 @@ def test_ddp_finetuning_resumes_from_a_checkpoint_and_predicts(tmp_path):
     out = tmp_path / "model"
     settings = ("finetune", images, "--out", out, *SMALL, "--weights", "none", "--epochs", 3, "--batch-size", 4,
                 "--lr", 0.01, "--no-random-crop", "--quiet")
-    checkpoint = out / "checkpoint.pt"
+    checkpoint = out / CHECKPOINT
     # interrupted as soon as the first epoch's checkpoint exists
     # (SIGTERM: torchrun stops its workers and waits for them)
     interrupt_when_written(torchrun_command(*settings, "--checkpoint"), checkpoint, signal.SIGTERM)
-    saved = torch.load(checkpoint, weights_only=True)
+    saved = statefile.load(checkpoint)
     done = len(saved["history"])
     assert done >= 1 and not (out / "model.json").exists()
 

@@ -1,18 +1,27 @@
-"""Fine-tuning: every strategy for one tiny epoch, best-checkpoint selection, the plateau schedule,
-and the model directory that predict and visualize accept."""
+"""Fine-tuning: every strategy for one tiny epoch, best-checkpoint selection, the plateau schedule, the
+checkpoint, calibration and familiarity, and the model directory that predict and visualize accept."""
 from __future__ import annotations
 
 import csv
+import json
+import math
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from pipeline.api import load_model
 from pipeline.features.backbones.loading import build_backbone
-from pipeline.tuning.training import FinetuneSettings, PlateauSchedule, finetune, stages
+from pipeline.tuning.training import (CHECKPOINT, FinetuneSettings, PlateauSchedule, finetune, load_checkpoint,
+                                      make_optimizer, save_checkpoint, stages)
+from pipeline.models.directory import open_model
 from pipeline.models.predict import predict
+from pipeline.report.compare import rows
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import from_mapping
 from pipeline.storage import modeldir
@@ -108,12 +117,12 @@ def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(images, tmp_pa
     cli_in_process(*common, "--out", tmp_path / "whole", check=True)
     part = tmp_path / "part"
     stopped = interrupt_when_written([sys.executable, "-m", "pipeline", *common, "--out", part],
-                                     part / "checkpoint.pt", signal.SIGINT)
+                                     part / CHECKPOINT, signal.SIGINT)
     assert stopped.returncode == 130 and not (part / "model.json").exists(), stopped.stderr
-    assert stopped.stderr.splitlines() == [f"interrupted: fine-tuning stopped; {part / 'checkpoint.pt'} holds the "
+    assert stopped.stderr.splitlines() == [f"interrupted: fine-tuning stopped; {part / CHECKPOINT} holds the "
                                            f"last finished epoch: run the same command with --resume "
-                                           f"{part / 'checkpoint.pt'} to carry on"]
-    cli_in_process(*common, "--out", part, "--resume", part / "checkpoint.pt", check=True)
+                                           f"{part / CHECKPOINT} to carry on"]
+    cli_in_process(*common, "--out", part, "--resume", part / CHECKPOINT, check=True)
     histories = [list(csv.DictReader(open(d / "history.csv"))) for d in (tmp_path / "whole", part)]
     losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in h] for h in histories]
     assert losses[0] == losses[1] and len(losses[0]) == 3
@@ -152,3 +161,73 @@ def test_params_section_is_checked_key_by_key():
                          ({"flip": "yes"}, "finetune.ft.flip must be true or false")):
         with pytest.raises(InputError, match=message):
             from_mapping(FinetuneSettings, raw, "finetune.ft")
+
+
+def test_a_checkpoint_keeps_the_whole_training_state_without_a_pickle(tmp_path):
+    """Optimizer state keyed by parameter index, a schedule, -inf and the history survive the state file."""
+    net = torch.nn.Module()
+    net.head, net.backbone = torch.nn.Linear(4, 3), torch.nn.Linear(4, 4)
+    s = FinetuneSettings(optimizer="adamw", **TINY)
+    optimizer = make_optimizer(net, s)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 3)
+    net.head(net.backbone(torch.randn(5, 4))).sum().backward()
+    optimizer.step()
+    cosine.step()
+    state = {"settings": asdict(s), "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": {},
+             "cosine": cosine.state_dict(), "plateau": [-math.inf, 0, 0], "history": [{"epoch": 1, "val_acc": 0.5}],
+             "best": 0.5, "best_state": net.state_dict(), "best_epoch": 1, "done": False}
+    save_checkpoint(tmp_path / CHECKPOINT, state)
+    loaded = load_checkpoint(tmp_path / CHECKPOINT, s)
+    again = make_optimizer(net, s)
+    again.load_state_dict(loaded["optimizer"])
+    for before, after in zip(optimizer.state_dict()["state"].values(), again.state_dict()["state"].values()):
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert loaded["plateau"] == [-math.inf, 0, 0] and loaded["cosine"] == cosine.state_dict()
+    assert {k: loaded[k] for k in ("history", "best", "best_epoch", "done")} == \
+        {k: state[k] for k in ("history", "best", "best_epoch", "done")}
+    assert all(torch.equal(loaded["best_state"][k], v) for k, v in net.state_dict().items())
+    assert not (tmp_path / CHECKPOINT).read_bytes().startswith(b"\x80")   # not a pickle
+
+
+def test_a_fine_tuned_model_is_calibrated_on_val_and_scores_novelty(finetuned):
+    m = json.loads((finetuned / "metrics.json").read_text())
+    assert 0 <= m["ece"] <= 1 and 0 <= m["ece_uncalibrated"] <= 1
+    assert len(json.loads((finetuned / "details.json").read_text())["reliability"]) == 15
+    assert (finetuned / "reliability.png").stat().st_size > 0
+    model = open_model(finetuned)
+    assert model.familiarity.quantile == 0.95 and model.familiarity.reference.shape[0] == 12   # the train images
+    images = finetuned.parent / "images" / "test"
+    results = predict(finetuned, [images], top_k=3, device="cpu")
+    batch = torch.stack([model.preprocessing.transform()(Image.open(r["path"]).convert("RGB")) for r in results])
+    with torch.inference_mode():
+        logits = model._classifier(batch)
+    expected = torch.softmax(logits.double() / model.temperature.value, 1).numpy()
+    for r, row in zip(results, expected):
+        assert [t["score"] for t in r["top"]] == pytest.approx(sorted(row, reverse=True), abs=1e-5)
+        assert isinstance(r["familiar"], bool) and r["novelty"] >= 0
+    assert sum(r["familiar"] for r in results) >= 4
+    assert rows([finetuned])[0]["ece"] == m["ece"]
+    through_api = load_model(finetuned).predict(images, top_k=3, device="cpu")
+    assert [(p.scores, p.familiar, p.novelty) for p in through_api] == \
+        [([t["score"] for t in r["top"]], r["familiar"], r["novelty"]) for r in results]
+
+
+def test_images_unlike_the_training_ones_are_unfamiliar_to_a_fine_tuned_model(finetuned, tmp_path):
+    for period in range(2, 6):   # black and white checkerboards, unlike the noisy colour patches trained on
+        board = np.indices((48, 48)).sum(0) // period % 2 * 255
+        Image.fromarray(np.stack([board] * 3, -1).astype(np.uint8)).save(tmp_path / f"board{period}.png")
+    results = predict(finetuned, [tmp_path], top_k=1, device="cpu")
+    threshold = open_model(finetuned).novelty_threshold
+    assert len(results) == 4 and all(not r["familiar"] and r["novelty"] > threshold for r in results)
+
+
+def test_calibration_and_novelty_quantile_apply_to_finetune(images, tmp_path):
+    out = tmp_path / "plain"
+    cli_in_process("finetune", images, "--out", out, "--strategy", "head", "--epochs", 1, "--image-size", 64,
+                   "--batch-size", 12, "--workers", 0, "--device", "cpu", "--quiet", "--calibration", "none",
+                   "--novelty-quantile", 0.5, check=True)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ece"] == m["ece_uncalibrated"] and "calibration" not in modeldir.read_info(out)
+    results = predict(out, [images / "val"], top_k=1, device="cpu")
+    familiar = sum(r["familiar"] for r in results)
+    assert 4 <= familiar <= 5 and len(results) == 9   # the val images' median novelty is the threshold

@@ -14,10 +14,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
+import torch
 from sklearn.pipeline import make_pipeline
 
 from pipeline.api import load_model
+from pipeline.features.backbones.loading import recorded_backbone
+from pipeline.features.spec import BackboneSpec
 from pipeline.heads import stored
 from pipeline.heads.classifiers import CLASSIFIERS, make_head
 from pipeline.heads.train import PREPROCESSING, _preprocessor, scores_of
@@ -25,6 +27,7 @@ from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import sha256_file
 from pipeline.storage import modeldir
 from pipeline.storage.cache import StoredVectors, open_cache, seal
+from pipeline.tuning.training import FinetuneNetwork, network
 from tests.conftest import cli_in_process
 from tests.test_bad_input import one_line_error
 
@@ -331,12 +334,80 @@ def test_a_head_file_holding_a_pickle_is_refused_and_never_unpickled(model_dir, 
     assert not marker.exists() and not (tmp_path / "model.onnx").exists()
 
 
-def test_no_file_of_a_trained_model_directory_is_a_pickle(model_dir):
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
-    assert "head.safetensors" in [p.name for p in files]
+@pytest.mark.parametrize("directory, written", [("model_dir", {"head.safetensors", "familiarity.npz"}),
+                                                ("finetuned", {"weights.safetensors", "checkpoint.safetensors",
+                                                               "familiarity.npz"})])
+def test_no_file_of_a_trained_model_directory_is_a_pickle(request, directory, written):
+    folder = request.getfixturevalue(directory)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    assert written <= {p.name for p in files}
     for path in files:
         data = path.read_bytes()
         assert not is_pickle(data) and b"joblib" not in data and b"pickle" not in data, path
+
+
+def planted(finetuned: Path, tmp_path: Path, name: str, marker: Path) -> Path:
+    """A copy of `finetuned` with a pickle payload written as `name` in place of its weights, digests updated."""
+    bad = tmp_path / "pickled"
+    shutil.copytree(finetuned, bad)
+    info = json.loads((bad / "model.json").read_text())
+    if name.startswith("weights"):
+        (bad / "weights.safetensors").unlink()
+        del info["files"]["weights.safetensors"]
+    (bad / name).write_bytes(pickle.dumps(Payload(marker)))
+    info["files"][name] = sha256_file(bad / name)   # digests that match: the edit is not caught by them
+    (bad / "model.json").write_text(json.dumps(info))
+    return bad
+
+
+@pytest.mark.parametrize("name, words", [
+    ("weights.pt", "holds weights.pt, a pickle, which this version never loads; fine-tune it again with the same "
+                   "`pipeline finetune` command to write weights.safetensors"),
+    ("checkpoint.pt", "holds checkpoint.pt, a pickle, which this version never loads; fine-tune it again"),
+    ("weights.safetensors", "weights.safetensors cannot be read as a finetuned model"),
+])
+def test_a_fine_tuned_model_holding_a_pickle_is_refused_and_never_unpickled(finetuned, tmp_path, name, words):
+    marker = tmp_path / "marker"
+    bad = planted(finetuned, tmp_path, name, marker)
+    images = finetuned.parent / "images" / "test"
+    for args in (("predict", bad, images, "--device", "cpu"), ("export", bad, "--out", tmp_path / "model.onnx"),
+                 ("visualize", bad, images, "--gradcam", "--out", tmp_path / "visual", "--device", "cpu")):
+        line = one_line_error(cli_in_process(*args))
+        assert words in line, args
+    with pytest.raises(InputError, match=re.escape(words)):
+        load_model(bad).predict(images, device="cpu")
+    compared = cli_in_process("compare", bad, "--out", tmp_path / "reports")   # reads metrics, not the weights
+    assert compared.returncode == (0 if name == "weights.safetensors" else 2)
+    assert not marker.exists() and not (tmp_path / "model.onnx").exists() and not (tmp_path / "visual").exists()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("checkpoint.pt", "is a pickle, which this version never loads; run the same command with --checkpoint "
+                      "instead of --resume to start again"),
+    ("checkpoint.safetensors", "is not a readable fine-tuning checkpoint"),
+])
+def test_a_checkpoint_holding_a_pickle_is_refused_unread(finetuned, tmp_path, name, words):
+    marker = tmp_path / "marker"
+    bad = planted(finetuned, tmp_path, name, marker)
+    line = one_line_error(cli_in_process("finetune", finetuned.parent / "images", "--out", bad, "--strategy", "head",
+                                         "--epochs", 1, "--image-size", 64, "--batch-size", 12, "--workers", 0,
+                                         "--device", "cpu", "--resume", bad / name))
+    assert f"checkpoint {bad / name} {words}" in line
+    assert not marker.exists()
+
+
+def test_fine_tuned_weights_saved_and_loaded_give_the_same_outputs(finetuned, tmp_path):
+    info = modeldir.read_info(finetuned)
+    torch.manual_seed(0)
+    net = FinetuneNetwork(recorded_backbone(BackboneSpec.from_dict(info["backbone"]), weights="none"),
+                          len(info["classes"])).eval()
+    path = tmp_path / modeldir.FINETUNED.model_file
+    modeldir.FINETUNED.dump(net.state_dict(), path, info)
+    loaded = network(info, modeldir.FINETUNED.load(path))
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(images), net(images), atol=1e-6, rtol=0)
+    assert not is_pickle(path.read_bytes())
 
 
 @pytest.mark.parametrize("classifier", list(CLASSIFIERS))

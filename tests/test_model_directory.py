@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.tuning.training import FinetuneSettings, curves, finetune
+from pipeline.tuning.training import curves
 from pipeline.heads.settings import train_settings
 from pipeline.heads.train import train
 from pipeline.models.directory import open_model
@@ -31,15 +31,6 @@ from tests.conftest import COLOURS, ROOT, cli_in_process, make_image_folder, syn
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("md") / "images", {"train": 4, "val": 3, "test": 2})
-
-
-@pytest.fixture(scope="module")
-def finetuned(images, tmp_path_factory) -> Path:
-    """A real fine-tuned model directory: EfficientNet-Lite0 at 64 px, one epoch."""
-    out = tmp_path_factory.mktemp("md_ft") / "ft"
-    finetune(images, out, FinetuneSettings(strategy="head", epochs=1, image_size=64, batch_size=12, workers=0,
-                                           device="cpu"), quiet=True)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +163,12 @@ def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache,
     from pipeline.runtime.files import sha256_file
     code = tmp_path / "code"
     shutil.copytree(finetuned, code)
-    torch.save({"head.weight": Fraction(1, 3)}, code / "weights.pt")   # a pickle of more than tensors
-    _edit_info(code, files={"weights.pt": sha256_file(code / "weights.pt")})
+    torch.save({"head.weight": Fraction(1, 3)}, code / "weights.safetensors")   # a pickle, not safetensors
+    info = json.loads((code / "model.json").read_text())
+    _edit_info(code, files={**info["files"], "weights.safetensors": sha256_file(code / "weights.safetensors")})
     proc = cli_in_process("predict", code, photo)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith(f"error: {code / 'weights.pt'} cannot be read as a finetuned model")
+    assert proc.stderr.startswith(f"error: {code / 'weights.safetensors'} cannot be read as a finetuned model")
 
     for files in ([], None):
         bad = tmp_path / f"files_{files}"
@@ -188,7 +180,7 @@ def test_malformed_model_directories_are_one_line_errors(finetuned, small_cache,
     short = tmp_path / "short_ft"
     shutil.copytree(finetuned, short)
     _edit_info(short, classes=["blue", "green"])
-    with pytest.raises(InputError, match=f"{short / 'weights.pt'} does not fit the network"):
+    with pytest.raises(InputError, match=f"{short / 'weights.safetensors'} does not fit the network"):
         open_model(short).scorer(torch.device("cpu"))
     head = tmp_path / "short_head"
     train(small_cache, head, train_settings("logreg", {"C": 1.0}))

@@ -40,6 +40,8 @@ def test_compare_puts_classifiers_and_fine_tunes_in_one_table(models, tmp_path):
     assert head["extract_seconds"] is None and head["total_seconds"] == head["train_seconds"]
     assert logreg["swap_speedup"] == pytest.approx(head["train_seconds"] / logreg["train_seconds"])
     assert "| ft_head | efficientnet_lite0 64px | head |" in proc.stdout
+    ft_row = next(line for line in proc.stdout.splitlines() if "| ft_head |" in line)
+    assert 0 <= head["ece"] <= 1 and f"| {head['ece']:.3f} |" in ft_row   # fine-tunes are calibrated too
     assert "| logreg | efficientnet_lite0 64px | logreg |" in proc.stdout
     assert "swap speed-up" in proc.stdout.splitlines()[0]
     assert [r["selected"] for r in table] == [True, False]

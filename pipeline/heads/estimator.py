@@ -2,8 +2,7 @@
 grid={"alpha": [...]})`): the same protocol as the zoo's classifiers (pipeline.heads.train), over the grid
 as given. Each point of the grid is fitted on train and scored on val (or by k-fold on train without a test
 split); the best, ties going to the point nearest the middle of the grid, is refitted and evaluated once.
-It stays in memory: a model directory holds only the zoo's heads, as arrays and JSON (pipeline.heads.stored),
-and saving one of these is refused rather than pickled."""
+Saved, it is kept with skops (pipeline.heads.stored.form), never pickled."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,5 @@
 """How unlike the training images a new image is: the mean cosine distance from its vector to the k
-nearest training vectors (in the head's preprocessed space), and the threshold above which it counts as
+nearest training vectors (in the head's preprocessed space, or a fine-tuned network's penultimate features), and the threshold above which it counts as
 unfamiliar, set so that a given share of the val images count as familiar.
 
 The feature cache already holds what this needs, and the distance separates images of another domain far
@@ -66,14 +66,14 @@ class Familiarity:
     def familiar(self, novelty: np.ndarray) -> np.ndarray:
         return novelty <= self.threshold
 
-    def save(self, folder: Path) -> dict:
+    def save(self, folder: Path, space: str = "the head's preprocessed space") -> dict:
         """Write FILE into the model directory `folder`; the keys model.json gains: the threshold and its
-        settings, and FILE's SHA-256 under "files"."""
+        settings, and FILE's SHA-256 under "files". `space`: where the vectors lie, in words."""
         from pipeline.runtime.files import sha256_file
         np.savez(Path(folder) / FILE, reference=self.reference)
         return {"familiarity": {"file": FILE, "threshold": self.threshold, "quantile": self.quantile,
-                                "neighbours": self.neighbours, "score": "mean cosine distance to the nearest "
-                                "training vectors, in the head's preprocessed space"},
+                                "neighbours": self.neighbours,
+                                "score": f"mean cosine distance to the nearest training vectors, in {space}"},
                 "files": {FILE: sha256_file(Path(folder) / FILE)}}
 
     @classmethod

@@ -13,8 +13,18 @@ PREPROCESSING = ("l2", "standardize", "none")
 CALIBRATION = ("temperature", "none")
 
 
+@dataclass(kw_only=True)
+class TrustSettings:
+    """The calibration and familiarity of a trained model: settings of `pipeline train` and `pipeline finetune`
+    (keyword-only, so the fields of the settings that take them keep their places)."""
+    calibration: str = setting("temperature", "Calibrate the scores with one temperature fitted on held-out "
+                               "scores, or keep the model's own.", choices=CALIBRATION)
+    novelty_quantile: float = setting(0.95, "Share of the val images that count as familiar: sets the novelty "
+                                      "threshold of predict.", above=0, below=1)
+
+
 @dataclass
-class TrainSettings:
+class TrainSettings(TrustSettings):
     """Stage two: params.yaml `train.<classifier>` and the options of `pipeline train`. The tuned value and
     the classifier's own settings (`params`) depend on the classifier: see `with_params`."""
     classifier: str = setting("logreg", "The classifier to fit.", choices=tuple(CLASSIFIERS))
@@ -24,10 +34,6 @@ class TrainSettings:
     class_weight: str | None = setting(None, "'balanced' to reweight rare classes.", choices=("balanced",))
     cv_folds: int = setting(5, "Folds for selection when the cache has no test split.", min=2, max=100)
     seed: int = setting(0, "Seed of the folds and of the classifier.")
-    calibration: str = setting("temperature", "Calibrate the scores with one temperature fitted on held-out "
-                               "scores, or keep the head's own.", choices=CALIBRATION)
-    novelty_quantile: float = setting(0.95, "Share of the val images that count as familiar: sets the novelty "
-                                      "threshold of predict.", above=0, below=1)
 
 
 def own_keys(classifier: str) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """A fitted preprocessing + head as arrays and JSON, with no pickle: what a model directory's head.safetensors
 holds (pipeline.storage.modeldir), the arrays as its tensors, the classifier's name and settings as JSON.
 Each classifier says how its fitted head becomes arrays and settings and back (`ClassifierSpec.stored`);
-the classes rebuilt are fixed by that code, never named by the file, so reading one runs nothing it holds."""
+the classes rebuilt are fixed by that code, never named by the file, so reading one runs nothing it holds.
+A scikit-learn estimator of the Python API that is not one of the zoo's is kept with skops instead (`form`)."""
 from __future__ import annotations
 
 from importlib import import_module
@@ -84,10 +85,28 @@ def _preprocessors() -> dict:
     return {kind: type(_preprocessor(kind)) for kind in PREPROCESSING}
 
 
+def form(model, classifier: str):
+    """(the kind of model directory, the content its model file is written from) of the fitted pipeline
+    (preprocessing, head): the zoo's classifiers as arrays and JSON (`state`), another scikit-learn estimator
+    with skops, refused (before anything is written) where its file would name a type skops does not trust,
+    as loading it would then be refused."""
+    from pipeline.heads.classifiers import CLASSIFIERS
+    from pipeline.storage import modeldir
+    if classifier in CLASSIFIERS:
+        return modeldir.FEATURES, state(model, classifier)
+    io = modeldir.skops()
+    untrusted = io.get_untrusted_types(data=io.dumps(model))
+    if untrusted:
+        raise InputError(f"a {classifier} cannot be saved: it holds types that skops does not trust "
+                         f"({', '.join(untrusted[:3])}), so loading it would be refused; a model directory "
+                         f"keeps scikit-learn's own estimators, never a pickle")
+    return modeldir.ESTIMATOR, model
+
+
 def state(model, classifier: str) -> tuple[dict, dict]:
     """(arrays, settings as JSON) of the fitted pipeline (preprocessing, head) of zoo classifier `classifier`,
-    as `modeldir.FEATURES` writes them; a head of another kind is refused (`check_storable`)."""
-    spec = check_storable(classifier)
+    as `modeldir.FEATURES` writes them."""
+    spec = zoo_spec(classifier)
     kind = next(k for k, cls in _preprocessors().items() if type(model[0]) is cls)
     pre_arrays, pre_settings = attributes(model[0])
     ovr = _is_one_vs_rest(model[-1])
@@ -101,18 +120,24 @@ def state(model, classifier: str) -> tuple[dict, dict]:
 def restored(arrays: dict, settings: dict):
     """The fitted pipeline `state` gave (arrays, settings) of."""
     from sklearn.pipeline import make_pipeline
-    spec = check_storable(settings["classifier"])
+    spec = zoo_spec(settings["classifier"])
     pre = rebuilt(_preprocessors()[settings["preprocess"]], part("preprocess.", arrays),
                   settings["preprocess_settings"])
     how = one_vs_rest(spec.stored) if settings.get("one_vs_rest") else spec.stored
     return make_pipeline(pre, how.restore(part("head.", arrays), settings["head_settings"]))
 
 
-def check_storable(classifier: str):
-    """The spec of zoo classifier `classifier`; another estimator is refused: a model directory holds only
-    arrays and JSON, which a scikit-learn estimator of the user's cannot be written as."""
+def zoo_spec(classifier: str):
+    """The spec of zoo classifier `classifier`; ValueError for another (a file naming an unknown one)."""
     from pipeline.heads.classifiers import CLASSIFIERS
     if classifier not in CLASSIFIERS:
-        raise InputError(f"a {classifier or 'head'} cannot be saved: a model directory keeps only the zoo's "
-                         f"classifiers ({', '.join(CLASSIFIERS)}), as arrays and JSON, never as a pickle")
+        raise ValueError(f"{classifier!r} is not a classifier of the zoo")
     return CLASSIFIERS[classifier]
+
+
+def check_storable(classifier: str) -> None:
+    """Refuse, before fitting, a head that could not be saved: an estimator of the API where skops is missing."""
+    from pipeline.heads.classifiers import CLASSIFIERS
+    if classifier not in CLASSIFIERS:
+        from pipeline.storage import modeldir
+        modeldir.skops()

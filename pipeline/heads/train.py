@@ -274,15 +274,15 @@ def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_cl
 def save(trained: Trained, out_dir: Path) -> None:
     """Write the model directory of `trained` at `out_dir` (`modeldir.check_out` it first)."""
     m = trained.metrics
-    head = stored.state(trained.model, trained.info["classifier"])   # refuses a head it cannot store
+    kind, head = stored.form(trained.model, trained.info["classifier"])   # refuses a head it cannot store
     with modeldir.staged(out_dir) as folder:
         info = {**trained.info, **trained.familiarity.save(folder)}
         if info.get("multi_label"):
-            modeldir.write(folder, modeldir.FEATURES, head, info, m, [])
+            modeldir.write(folder, kind, head, info, m, [])
             precision_recall_png(m["per_class"], folder / "confusion.png", f"{info['classifier']} on "
                                  f"{m['eval_split']}: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}")
             return
-        modeldir.write(folder, modeldir.FEATURES, head, info, m,
+        modeldir.write(folder, kind, head, info, m,
                        confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
         confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
                       f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")

@@ -2,11 +2,14 @@
 
   FeatureModel    a classifier on cached features (`pipeline train`): the backbone recorded in model.json,
                   then head.safetensors (arrays and JSON)
-  FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.pt
+  EstimatorModel  a scikit-learn estimator of the Python API on cached features: head.skops
+  FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.safetensors
 
-Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images, and itself
-as one torch network from images to scores (for export and Grad-CAM). `open_model` checks the files against
-their SHA-256 first (pipeline.storage.modeldir) and reads the model file only when it is needed.
+Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images (its scores
+calibrated where model.json records a temperature, and the images' novelty where it records training
+vectors), and itself as one torch network from images to scores (for export and Grad-CAM). `open_model`
+checks the files against their SHA-256 first (pipeline.storage.modeldir) and reads the model file only when
+it is needed.
 """
 from __future__ import annotations
 
@@ -100,36 +103,19 @@ class ModelDirectory:
     def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
         """Scores of batches of images on `device`; the backbone of a classifier on cached features runs on
         `engine` (auto, torch, onnxruntime) and `log` receives a line naming it, and notes."""
-        raise NotImplementedError
-
-    def network(self) -> Network:
-        raise NotImplementedError
+        assess = self._assessor(device, engine, log, novelty=False)
+        return lambda x: assess(x)[0]
 
     def assessor(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None):
         """As `scorer`, giving (scores, novelty): each image's novelty (pipeline.heads.familiarity), or None
         where the model records no training vectors to compare with."""
-        score = self.scorer(device, engine, log)
-        return lambda x: (score(x), None)
+        return self._assessor(device, engine, log, novelty=True)
 
-    @property
-    def novelty_threshold(self) -> float | None:
-        """The novelty above which an image counts as unfamiliar; None where there is none."""
-        return None
+    def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
+        raise NotImplementedError
 
-
-class FeatureModel(ModelDirectory):
-    kind = modeldir.FEATURES
-    what = "feature cache + classifier (extraction included)"
-
-    @property
-    def approach(self) -> str:
-        return self.info.get("classifier", "this")
-
-    @property
-    def scores(self) -> str:
-        """Calibrated scores are probabilities, whatever the head's own are."""
-        from pipeline.heads.classifiers import has_probabilities
-        return PROBABILITIES if self.temperature or has_probabilities(self.model[-1]) else "decision values"
+    def network(self) -> Network:
+        raise NotImplementedError
 
     @cached_property
     def thresholds(self) -> np.ndarray | None:
@@ -163,7 +149,23 @@ class FeatureModel(ModelDirectory):
 
     @property
     def novelty_threshold(self) -> float | None:
+        """The novelty above which an image counts as unfamiliar; None where there is none."""
         return self.familiarity.threshold if self.familiarity else None
+
+
+class FeatureModel(ModelDirectory):
+    kind = modeldir.FEATURES
+    what = "feature cache + classifier (extraction included)"
+
+    @property
+    def approach(self) -> str:
+        return self.info.get("classifier", "this")
+
+    @property
+    def scores(self) -> str:
+        """Calibrated scores are probabilities, whatever the head's own are."""
+        from pipeline.heads.classifiers import has_probabilities
+        return PROBABILITIES if self.temperature or has_probabilities(self.model[-1]) else "decision values"
 
     @property
     def cache_fingerprint(self) -> str | None:
@@ -198,13 +200,6 @@ class FeatureModel(ModelDirectory):
                             f"(SHA-256 {backbone.weights_sha256[:12]} != {spec.weights_sha256[:12]})")
         return replace(backbone, preprocessing=spec.preprocessing)
 
-    def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
-        assess = self._assessor(device, engine, log, novelty=False)
-        return lambda x: assess(x)[0]
-
-    def assessor(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None):
-        return self._assessor(device, engine, log, novelty=True)
-
     def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
         from pipeline.features.engines.onnx_runtime import embedder
         from pipeline.heads.train import scores_of
@@ -234,19 +229,18 @@ class FeatureModel(ModelDirectory):
         return Network(net, dict(net.model.named_modules()).get(backbone.layer))
 
 
-class _Probabilities(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
+class EstimatorModel(FeatureModel):
+    kind = modeldir.ESTIMATOR
+    what = "feature cache + scikit-learn estimator (extraction included)"
 
-    def forward(self, images):
-        return torch.softmax(self.net(images).float(), 1)
+    def _built(self, content):
+        return content   # skops rebuilt it, from trusted types only
 
 
 class FinetunedModel(ModelDirectory):
     kind = modeldir.FINETUNED
     what = "fine-tune"
-    scores = PROBABILITIES      # a softmax over its logits
+    scores = PROBABILITIES      # a softmax over its logits, divided by the temperature where there is one
 
     @property
     def approach(self) -> str:
@@ -267,17 +261,30 @@ class FinetunedModel(ModelDirectory):
                             f"{self.path / modeldir.INFO} describes ({len(self.classes)} classes): "
                             f"{' '.join(str(exc).split())[:300]}")
 
-    def scorer(self, device: torch.device, engine: str = "auto", log: Callable[[str], None] | None = None) -> Scorer:
-        net = _Probabilities(self._classifier).to(device)   # the fine-tuned network runs in torch
-        return lambda x: net(x.to(device)).cpu().numpy()
+    @property
+    def _calibration(self):
+        """The temperature model.json records, or 1 (the plain softmax of the logits)."""
+        from pipeline.heads.calibration import Temperature
+        return self.temperature or Temperature(1.0, "decision values")
+
+    def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
+        net, calibration = self._classifier.to(device), self._calibration   # the fine-tuned network runs in torch
+        familiarity = self.familiarity if novelty else None
+
+        def assess(x):
+            features = net.features(x.to(device))
+            logits = net.head(features).float().cpu().numpy()
+            return (calibration.apply(logits),
+                    familiarity.novelty(features.float().cpu().numpy()) if familiarity else None)
+        return assess
 
     def network(self) -> Network:
         layer = self.backbone_spec.layer
-        net = _Probabilities(self._classifier.cpu()).eval()
+        net = nn.Sequential(self._classifier.cpu(), self._calibration.torch_layer()).eval()
         return Network(net, dict(self._classifier.backbone.named_modules()).get(layer))
 
 
-KINDS = {cls.kind.name: cls for cls in (FeatureModel, FinetunedModel)}
+KINDS = {cls.kind.name: cls for cls in (FeatureModel, EstimatorModel, FinetunedModel)}
 
 
 def open_model(path: Path) -> ModelDirectory:

@@ -4,12 +4,15 @@ written to a temporary sibling folder and renamed into place when complete.
   model.json     kind, classes, backbone spec, cache fingerprint, preprocessing, SHA-256 of each file
   head.safetensors  kind "features": the fitted preprocessing + classifier as arrays, with their settings
                  as JSON in its metadata (pipeline.heads.stored)
-  weights.pt     kind "finetuned": the network's state dict (tensors only, loaded with weights_only)
+  weights.safetensors  kind "finetuned": the network's state dict (safetensors)
+  head.skops     kind "estimator": a scikit-learn estimator of the Python API that is not one of the zoo's,
+                 with its preprocessing, kept with skops (read only where it names types skops trusts)
   metrics.json   the headline metrics, one value each (accuracy, timings, counts), for `pipeline compare`
   scores.json    the SCORES present (four for a single-label head), for `dvc metrics show`: its table stays within a terminal's width
   details.json   the chosen hyperparameters, the search that chose them, per-class precision and recall,
                  the reliability table of the scores
-  familiarity.npz  kind "features": the training vectors new images are compared with (float16 arrays)
+  familiarity.npz  the training vectors new images are compared with (float16 arrays): the head's
+                 preprocessed features, or a fine-tuned network's penultimate ones
   confusion.json {actual, predicted} rows for `dvc plots show`
 
 What each kind does with its file is `pipeline.models.directory`'s business.
@@ -32,16 +35,6 @@ from pipeline.storage.records import PREPROCESSING
 INFO = "model.json"
 DETAILS = ("hyperparameters", "search", "per_class", "reliability")   # metrics that go to details.json
 SCORES = ("top1", "balanced_accuracy", "macro_ap", "micro_ap", "macro_f1", "val_score")   # scores.json repeats those present
-
-
-def _torch_save(obj, path: Path, info: dict) -> None:
-    import torch
-    torch.save(obj, path)
-
-
-def _torch_load(path: Path):
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=True)   # tensors only: no code runs
 
 
 @dataclass(frozen=True)
@@ -68,9 +61,51 @@ def _arrays_load(path: Path) -> tuple[dict, dict]:
 
 
 FEATURES = Kind("features", "head.safetensors", _arrays_save, _arrays_load)   # (arrays, JSON): pipeline.heads.stored
-PICKLED = "head.joblib"   # the head file of earlier versions, a pickle: refused, never read
-FINETUNED = Kind("finetuned", "weights.pt", _torch_save, _torch_load)
-KINDS = {kind.name: kind for kind in (FEATURES, FINETUNED)}
+
+
+def _weights_save(state: dict, path: Path, info: dict) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def _weights_load(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+FINETUNED = Kind("finetuned", "weights.safetensors", _weights_save, _weights_load)
+
+
+def skops():
+    """skops.io, or an InputError saying how to install it."""
+    try:
+        import skops.io
+    except ImportError:
+        raise InputError("scikit-learn estimators other than the zoo's are kept with skops, which is not "
+                         "installed: pip install skops")
+    return skops.io
+
+
+def _skops_save(model, path: Path, info: dict) -> None:
+    skops().dump(model, str(path))
+
+
+def _skops_load(path: Path):
+    """The estimator, built only from the types skops trusts (scikit-learn's, numpy's): a file naming any
+    other is refused unread."""
+    io = skops()
+    untrusted = io.get_untrusted_types(file=str(path))
+    if untrusted:
+        raise InputError(f"{path} names types that skops does not trust ({', '.join(untrusted[:3])}); "
+                        f"refusing to load it")
+    return io.load(str(path))
+
+
+ESTIMATOR = Kind("estimator", "head.skops", _skops_save, _skops_load)
+KINDS = {kind.name: kind for kind in (FEATURES, FINETUNED, ESTIMATOR)}
+# the files of earlier versions that are pickles: refused, never read; each with the command writing its successor
+PICKLED = {"head.joblib": ("train", FEATURES), "weights.pt": ("finetune", FINETUNED),
+           "checkpoint.pt": ("finetune", FINETUNED)}
 
 
 def check_out(out_dir: Path, force: bool = False, managed: tuple[str, ...] = ()) -> None:
@@ -149,16 +184,19 @@ def read_info(model_dir: Path) -> dict:
     return info
 
 
-def refused_pickle(model_dir: Path) -> str:
-    return (f"{model_dir} holds {PICKLED}, a pickle, which this version never loads; train it again with the "
-            f"same `pipeline train` command to write {FEATURES.model_file}")
+def refused_pickle(model_dir: Path, name: str) -> str:
+    command, kind = PICKLED[name]
+    return (f"{model_dir} holds {name}, a pickle, which this version never loads; "
+            f"{'train' if command == 'train' else 'fine-tune'} it again with the same `pipeline {command}` "
+            f"command to write {kind.model_file}")
 
 
 def verify(model_dir: Path) -> dict:
     """model.json, after checking every file it lists against its recorded SHA-256."""
     info = read_info(model_dir)
-    if PICKLED in info["files"] or (Path(model_dir) / PICKLED).exists():
-        raise InputError(refused_pickle(Path(model_dir)))
+    pickled = next((name for name in PICKLED if name in info["files"] or (Path(model_dir) / name).exists()), None)
+    if pickled:
+        raise InputError(refused_pickle(Path(model_dir), pickled))
     model_file = KINDS[info["kind"]].model_file
     if model_file not in info["files"]:
         raise InputError(f"{Path(model_dir) / INFO} records no SHA-256 for {model_file}; refusing to load it")

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from pipeline.data.folders import DatasetSettings
 from pipeline.features.settings import BackboneSettings
+from pipeline.heads.settings import TrustSettings
 from pipeline.runtime.devices import device_setting
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.settings import setting
@@ -13,7 +14,7 @@ STRATEGIES = ("full", "partial", "head", "scratch")
 
 
 @dataclass
-class FinetuneSettings(BackboneSettings, DatasetSettings):
+class FinetuneSettings(TrustSettings, BackboneSettings, DatasetSettings):
     """The optional stage: params.yaml `finetune.<run>` and the options of `pipeline finetune`. 'scratch'
     ignores `weights` and always starts from random weights."""
     strategy: str = setting("full", "full: all layers; partial: freeze the first --freeze stages; head: frozen "

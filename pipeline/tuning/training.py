@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from pipeline.features.backbones.loading import Backbone, Preprocessing, load_ba
 from pipeline.features.engines.torch import FeatureHook
 from pipeline.features.spec import BackboneSpec
 from pipeline.tuning.settings import FinetuneSettings
+from pipeline.heads import calibration
+from pipeline.heads.familiarity import Familiarity
 from pipeline.heads.metrics import confusion_png, confusion_rows
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
@@ -40,7 +43,7 @@ from pipeline.runtime.devices import default_workers, resolve_device
 from pipeline.runtime.errors import Interrupted, InputError
 from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.settings import validate
-from pipeline.storage import modeldir
+from pipeline.storage import modeldir, statefile
 
 CROP_SCALE = (0.5, 1.0)   # area range of the random resized crop: small datasets suffer from harsher crops
 
@@ -58,8 +61,12 @@ class FinetuneNetwork(nn.Module):
         self._features = FeatureHook(self.backbone, backbone.layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features [N, D]: what the head reads, and what familiarity compares."""
         self.backbone(x)
-        return self.head(self._features.output)
+        return self._features.output
 
 
 def stages(model: nn.Module, layer: str) -> list[tuple[str, nn.Module]]:
@@ -208,19 +215,30 @@ def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scaler, dev: 
             "images": n, "train_seconds": seconds}
 
 
+class Evaluation(NamedTuple):
+    loss: float
+    accuracy: float
+    logits: np.ndarray
+    features: np.ndarray   # the penultimate ones
+    labels: np.ndarray
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches, loss_fn, dev: torch.device) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """(mean loss, accuracy, logits, labels) over one split, in eval mode."""
+def evaluate(model: FinetuneNetwork, batches, loss_fn, dev: torch.device) -> Evaluation:
+    """The mean loss, accuracy, logits, features and labels of one split, in eval mode."""
     model.eval()
-    logits, labels = [], []
+    logits, features, labels = [], [], []
     for images, y, _ in batches:
         with _autocast(dev):
-            logits.append(model(_to(images, dev)).float().cpu())
+            f = model.features(_to(images, dev))
+            logits.append(model.head(f).float().cpu())
+        features.append(f.float().cpu())
         labels.append(y)
     if not logits:
         raise InputError(f"no usable image in the {batches.split} split")
     out, y = torch.cat(logits), torch.cat(labels)
-    return loss_fn(out, y).item(), (out.argmax(1) == y).float().mean().item(), out.numpy(), y.numpy()
+    return Evaluation(loss_fn(out, y).item(), (out.argmax(1) == y).float().mean().item(), out.numpy(),
+                      torch.cat(features).numpy(), y.numpy())
 
 
 def make_optimizer(model: FinetuneNetwork, s: FinetuneSettings) -> torch.optim.Optimizer:
@@ -342,24 +360,29 @@ def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneS
     return history, best_state, best_epoch
 
 
-CHECKPOINT = "checkpoint.pt"
-RESUME_MAY_CHANGE = ("device", "workers")
+CHECKPOINT = "checkpoint.safetensors"
+RESUME_MAY_CHANGE = ("device", "workers", "calibration", "novelty_quantile")   # none changes the training
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write `state` (tensors, numbers, strings: loadable with weights_only) atomically."""
+    """Write `state` (tensors, numbers, strings) atomically as a state file (pipeline.storage.statefile)."""
     with replaced_atomically(path) as tmp:
-        torch.save(state, tmp)
+        statefile.save(state, tmp)
 
 
 def load_checkpoint(path: Path, s: FinetuneSettings) -> dict:
-    """A checkpoint written by `fit`, refused when it was made with other settings."""
+    """A checkpoint written by `fit`, refused when it was made with other settings. The pickles of earlier
+    versions (checkpoint.pt) are refused unread."""
     if not Path(path).is_file():
         raise InputError(f"checkpoint {path} does not exist")
+    if Path(path).suffix in (".pt", ".pth"):
+        raise InputError(f"checkpoint {path} is a pickle, which this version never loads; run the same command "
+                        f"with --checkpoint instead of --resume to start again (it writes {CHECKPOINT})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = statefile.load(path)
     except Exception as exc:   # any unreadable or foreign file
-        raise InputError(f"checkpoint {path} is not a readable fine-tuning checkpoint ({exc})")
+        raise InputError(f"checkpoint {path} is not a readable fine-tuning checkpoint "
+                        f"({' '.join(str(exc).split())[:200] or type(exc).__name__})")
     if not isinstance(state, dict) or "settings" not in state:
         raise InputError(f"checkpoint {path} is not a fine-tuning checkpoint")
     diffs = [f"{k}: {v} != {getattr(s, k, None)}" for k, v in state["settings"].items()
@@ -373,7 +396,7 @@ def finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool = False
              resume: Path | None = None, force: bool = False) -> dict | None:
     """Fine-tune (or train from scratch) on an image folder and write a model directory (replacing one
     already at `out_dir` only with `force`, or when resuming from the checkpoint inside it).
-    `checkpoint`: rewrite OUT/checkpoint.pt after every epoch; `resume`: carry on from such a file
+    `checkpoint`: rewrite OUT/checkpoint.safetensors after every epoch; `resume`: carry on from such a file
     (and keep rewriting it). Under torchrun every rank trains and rank 0 alone writes and returns
     the metrics (the others return None)."""
     s = validate(s)
@@ -424,9 +447,9 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     workers = default_workers(dev) if s.workers is None else s.workers
     pre = backbone.preprocessing
 
-    def batches(split):
+    def batches(split, augment=None):
         """Training: shuffled, augmented, sharded under torchrun. Else resize and centre crop, as `extract`."""
-        train = split == "train"
+        train = split == "train" if augment is None else augment
         return Batches(dataset, split, train_transform(pre, s) if train else pre.transform(), s.batch_size, workers,
                        train, s.seed, seen, skipped, sharded=sharded and train, shortest=None if train else pre.resize)
 
@@ -434,29 +457,20 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     start = time.perf_counter()
     if checkpoint or resume:
         out_dir.mkdir(parents=True, exist_ok=True)
-    train_batches = batches("train")
-    history, best_state, best_epoch = fit(trained, train_batches, val_batches, frozen, s, dev, out_dir.name, quiet,
+    history, best_state, best_epoch = fit(trained, batches("train"), val_batches, frozen, s, dev, out_dir.name, quiet,
                                           out_dir / CHECKPOINT if checkpoint or resume else None, state)
-    if state and state["done"]:   # no epoch ran: read train and val once to record their images
-        for split_batches in (train_batches, val_batches):
-            for _ in split_batches:
-                pass
     fit_seconds = time.perf_counter() - start
     seen, skipped = distributed.gather_dicts(seen), distributed.gather_dicts(skipped)
     if distributed.rank() > 0:
         return None
     model.load_state_dict(best_state)
     eval_split = "test" if "test" in dataset.splits() else "val"
-    t = time.perf_counter()
-    _, _, logits, y = evaluate(model, batches("test") if eval_split == "test" else val_batches,
-                               nn.CrossEntropyLoss(), dev)
-    predict_seconds = time.perf_counter() - t
-    metrics = score_metrics(y, torch.softmax(torch.from_numpy(logits), 1).numpy(), dataset.classes, True)
+    evaluation, metrics, temperature, familiarity = score(model, batches, eval_split, dataset.classes, s, dev)
     n = {split: sum(1 for v in seen.values() if v[1] == split) for split in ("train", "val", "test")}
     val_score = next(h["val_acc"] for h in history if h["epoch"] == best_epoch)   # the score that chose the epoch
     metrics.update(val_score=val_score, eval_split=eval_split, n_train=n["train"], n_val=n["val"], n_test=n["test"],
                    n_eval=n[eval_split],
-                   n_skipped=len(skipped), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                   n_skipped=len(skipped), fit_seconds=fit_seconds,
                    best_epoch=best_epoch, epochs_run=len(history), selection="val", device=str(dev),
                    hyperparameters={k: v for k, v in asdict(s).items() if k not in ("device", "workers")})
     if sharded:
@@ -465,14 +479,54 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
             "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
             "dataset": dataset_digest((p, dataset.classes[label], split, digest)
                                       for p, (label, split, digest) in seen.items()),
-            "skipped": sorted(skipped.items())}
-    y_pred = logits.argmax(1)
-    with modeldir.staged(out_dir) as folder:
-        modeldir.write(folder, modeldir.FINETUNED, best_state, info, metrics,
-                       confusion_rows(y, y_pred, dataset.classes))
-        confusion_png(y, y_pred, dataset.classes, folder / "confusion.png",
-                      f"{out_dir.name} ({s.strategy}) on {eval_split}: top-1 {metrics['top1']:.3f}")
-        write_history(history, folder, out_dir.name)
-        if (out_dir / CHECKPOINT).is_file():   # the checkpoint stays in the model directory, for --resume
-            os.link(out_dir / CHECKPOINT, folder / CHECKPOINT)
+            "skipped": sorted(skipped.items()),
+            **({"calibration": temperature.to_dict()} if temperature else {})}
+    write_model_directory(out_dir, best_state, info, metrics, evaluation, familiarity, history)
     return metrics
+
+
+def score(model: FinetuneNetwork, batches, eval_split: str, classes: list[str], s: FinetuneSettings,
+          dev: torch.device) -> tuple[Evaluation, dict, calibration.Temperature | None, Familiarity]:
+    """The kept network on the evaluation split, with what makes its scores trustworthy (`trust`): that
+    evaluation, its metrics (calibrated scores), the temperature (or None) and the familiarity.
+    `batches(split, augment)`: a split's batches. Every train and val image is read once more, unaugmented
+    (which also records them where no epoch ran)."""
+    loss_fn = nn.CrossEntropyLoss()
+    t = time.perf_counter()
+    evaluation = evaluate(model, batches(eval_split), loss_fn, dev)
+    predict_seconds = time.perf_counter() - t
+    val = evaluation if eval_split == "val" else evaluate(model, batches("val"), loss_fn, dev)
+    temperature, familiarity = trust(evaluate(model, batches("train", augment=False), loss_fn, dev), val, s)
+    raw = evaluation.logits
+    scores = temperature.apply(raw) if temperature else calibration.uncalibrated(raw, False)
+    metrics = score_metrics(evaluation.labels, scores, classes, True)
+    metrics.update(calibration.assess(evaluation.labels, raw, scores, False), predict_seconds=predict_seconds)
+    return evaluation, metrics, temperature, familiarity
+
+
+def trust(train: Evaluation, val: Evaluation, s: FinetuneSettings
+          ) -> tuple[calibration.Temperature | None, Familiarity]:
+    """What makes the scores trustworthy, as for stage two's heads: a temperature fitted on val's logits
+    (unless `s.calibration` is none), and the penultimate features of the training images that new ones are
+    compared with, the novelty threshold set on val's."""
+    temperature = (calibration.Temperature.fit(val.logits, val.labels, probabilities=False)
+                   if s.calibration == "temperature" else None)
+    return temperature, Familiarity.fit(train.features, val.features, s.novelty_quantile)
+
+
+def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict, evaluation: Evaluation,
+                          familiarity: Familiarity, history: list[dict]) -> None:
+    """The model directory, with its plots and the checkpoint, when there is one (for --resume)."""
+    classes, y, y_pred = info["classes"], evaluation.labels, evaluation.logits.argmax(1)
+    name = f"{out_dir.name} ({info['strategy']}) on {metrics['eval_split']}"
+    with modeldir.staged(out_dir) as folder:
+        modeldir.write(folder, modeldir.FINETUNED, state,
+                       {**info, **familiarity.save(folder, "the network's penultimate features")}, metrics,
+                       confusion_rows(y, y_pred, classes))
+        confusion_png(y, y_pred, classes, folder / "confusion.png", f"{name}: top-1 {metrics['top1']:.3f}")
+        calibration.reliability_png(metrics["reliability"], folder / "reliability.png",
+                                    f"{name}: ECE {metrics['ece']:.3f} "
+                                    f"({metrics['ece_uncalibrated']:.3f} uncalibrated)")
+        write_history(history, folder, out_dir.name)
+        if (out_dir / CHECKPOINT).is_file():
+            os.link(out_dir / CHECKPOINT, folder / CHECKPOINT)
