@@ -24,6 +24,25 @@ from pipeline.heads.metrics import evaluate_multilabel, macro_ap, tuned_threshol
 from pipeline.runtime.errors import InputError, warn
 
 
+UNCALIBRATED = "none: multi-label scores are used as the head gives them"   # metrics.json `calibration`
+
+
+def thresholds_tuned_on(Y: np.ndarray, scores: np.ndarray, default: float, classes: list[str], split: str
+                        ) -> np.ndarray:
+    """`tuned_thresholds` on (Y, scores) of `split`, naming in one warning the classes without a positive there
+    (they keep `default`)."""
+    thresholds, untuned = tuned_thresholds(Y, scores, default)
+    if untuned:
+        warn(f"no positive in {split} for {', '.join(classes[c] for c in untuned)}: "
+             f"kept the default threshold {default:g}")
+    return thresholds
+
+
+def recorded(thresholds: np.ndarray, classes: list[str]) -> dict:
+    """What model.json records of a multi-label model: `multi_label` and each class's threshold."""
+    return {"multi_label": True, "thresholds": {c: float(v) for c, v in zip(classes, thresholds)}}
+
+
 def wrapped(classifier: str, head):
     """`head` (unfitted, of zoo classifier `classifier`) made to learn a 0/1 label matrix."""
     how = CLASSIFIERS[classifier].multi_label
@@ -125,22 +144,19 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
         model = head.refit(s, chosen, X, Y)
         held, held_Y = held_out_scores(head, s, chosen, train_, val if has_test else None)
     fit_seconds = time.perf_counter() - start
-    thresholds, untuned = tuned_thresholds(held_Y, held, 0.5 if probabilistic(model[-1]) else 0.0)
-    if untuned:
-        warn(f"no positive in {'val' if has_test else 'train'} for {', '.join(cache.classes[c] for c in untuned)}: "
-             f"kept the default threshold {thresholds[untuned[0]]:g}")
+    thresholds = thresholds_tuned_on(held_Y, held, 0.5 if probabilistic(model[-1]) else 0.0, cache.classes,
+                                     "val" if has_test else "train")
     t = time.perf_counter()
     scores = scores_of(model, evaluation.features)
     metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, cache.classes),
-               "calibration": "none: multi-label scores are used as the head gives them"}
+               "calibration": UNCALIBRATED}
     metrics.update(val_score=chosen.score, selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold "
                    f"cv on train", eval_split="test" if has_test else "val", n_train=len(train_.labels),
                    n_val=len(val.labels), n_test=len(evaluation.labels) if has_test else 0,
                    n_eval=len(evaluation.labels), fit_seconds=fit_seconds, predict_seconds=time.perf_counter() - t,
                    extract_seconds=cache.attrs.get("extract_seconds"), search=head.search(chosen),
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess})
-    info = {**run_info(cache, head.name, s, dataset), "multi_label": True,
-            "thresholds": {c: float(v) for c, v in zip(cache.classes, thresholds)}}
+    info = {**run_info(cache, head.name, s, dataset), **recorded(thresholds, cache.classes)}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
     return Trained(model, info, metrics, evaluation.labels, (scores >= thresholds).astype(np.uint8), familiarity)
