@@ -342,12 +342,16 @@ def visualize(
                                                + ", ".join(n for n, spec in CLASSIFIERS.items() if spec.to_torch)
                                                + ").")] = False,
     device: Annotated[Device, typer.Option(help=rule(device_setting()).doc)] = Device.auto,
+    gradcam_class: Annotated[Optional[str], typer.Option(help="Grad-CAM of this class for every image (implies "
+                                                              "--gradcam); default: each image's top-scoring "
+                                                              "class.")] = None,
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
     _check_model(model_dir)
     with heavy_imports():
         from pipeline.models.visualize import visualize as run
-    shown = run(model_dir, images, out, limit, gradcam, device.value)
+    gradcam = gradcam or gradcam_class is not None
+    shown = run(model_dir, images, out, limit, gradcam, device.value, gradcam_class)
     _say([f"{shown['shown']} images, {shown['wrong']} wrong -> {out / 'predictions.png'}"]
          + ([f"Grad-CAM of the same {shown['shown']} images -> {out / 'gradcam.png'}"] if gradcam else []))
 

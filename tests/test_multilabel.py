@@ -1,7 +1,9 @@
 """Multi-label images: a labels file listing several labels per image, its cache's 0/1 label matrix, one-vs-rest
-and sigmoid heads with per-class thresholds, predict, and the targets on generated mosaics of the demo's items."""
+and sigmoid heads with per-class thresholds, predict, fine-tuning with BCE, and the targets on generated mosaics of
+the demo's items."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -195,13 +197,6 @@ def test_targets_on_generated_mosaics(tmp_path_factory):
     assert figures["macro_f1_tuned"] >= figures["macro_f1_single_label"] + 0.15, figures
 
 
-def test_finetune_refuses_multi_label_labels_in_one_line(mosaics, tmp_path):
-    done = cli_in_process("finetune", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
-                          "--out", tmp_path / "m")
-    assert done.returncode == 2 and done.stderr.startswith("error: finetune trains on single labels")
-    assert not (tmp_path / "m").exists()
-
-
 @pytest.mark.parametrize("classifier", ["logreg", "torch_logreg", "torch_linear"])
 def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_cache, mosaics, tmp_path, classifier):
     import onnxruntime
@@ -230,3 +225,149 @@ def test_audit_and_compare_refuse_multi_label_in_one_line(multilabel_cache, tmp_
     assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr
     assert len(compare.stderr.strip().splitlines()) == 1
     assert api.open_cache(multilabel_cache).multi_label
+
+
+FINETUNE = {"label_column": "tags", "multi_label": True, "strategy": "head", "epochs": 2, "image_size": 64,
+            "batch_size": 12, "workers": 0, "device": "cpu"}
+
+
+def finetune_settings(mosaics: Path):
+    from pipeline.tuning.training import FinetuneSettings
+    return FinetuneSettings(labels=str(mosaics), **FINETUNE)
+
+
+@pytest.fixture(scope="session")
+def finetuned_tags(mosaics, tmp_path_factory) -> Path:
+    """A network fine-tuned on the mosaics' labels file (head only, two epochs at 64 px, with its checkpoint)."""
+    from pipeline.tuning.training import finetune
+    out = tmp_path_factory.mktemp("ml-finetuned") / "ft"
+    finetune(mosaics.parent, out, finetune_settings(mosaics), quiet=True, checkpoint=True)
+    return out
+
+
+def scores_of_split(model_dir: Path, mosaics: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The scores `predict` gives the images of `split` and their 0/1 labels, columns in class order."""
+    from pipeline.models.predict import predict
+    dataset = scan(mosaics, mosaics)
+    samples = dataset.split(split)
+    results = predict(model_dir, [mosaics.parent / x.path for x in samples], top_k=len(dataset.classes), device="cpu")
+    scores = np.array([[{t["class"]: t["score"] for t in r["top"]}[c] for c in dataset.classes] for r in results])
+    Y = np.zeros(scores.shape, np.uint8)
+    for row, x in zip(Y, samples):
+        row[list(x.label)] = 1
+    return scores, Y
+
+
+def test_finetune_trains_sigmoids_with_bce_and_tunes_thresholds_on_val(finetuned_tags, mosaics):
+    """The kept epoch is the one of the best val macro AP; its val loss is the BCE of the scores predict gives;
+    the thresholds are those tuned on val, and the metrics those of the test scores at them."""
+    from pipeline.heads.metrics import evaluate_multilabel, tuned_thresholds
+    m = json.loads((finetuned_tags / "metrics.json").read_text())
+    history = [{k: float(v) for k, v in row.items() if k != "phase"}
+               for row in csv.DictReader(open(finetuned_tags / "history.csv"))]
+    ap = [h["val_macro_ap"] for h in history]
+    assert m["best_epoch"] == ap.index(max(ap)) + 1 and m["val_score"] == pytest.approx(max(ap))
+    assert m["eval_split"] == "test" and m["calibration"].startswith("none")
+    model = api.load_model(finetuned_tags)
+    assert model.multi_label and set(model.thresholds) == set(model.classes)
+    val_scores, val_Y = scores_of_split(finetuned_tags, mosaics, "val")
+    p = np.clip(val_scores, 1e-7, 1 - 1e-7)
+    bce = -np.mean(val_Y * np.log(p) + (1 - val_Y) * np.log(1 - p))
+    assert bce == pytest.approx(history[m["best_epoch"] - 1]["val_loss"], abs=1e-4)
+    expected = tuned_thresholds(val_Y, val_scores, 0.5)[0]
+    assert [model.thresholds[c] for c in model.classes] == pytest.approx(expected, abs=1e-5)
+    test_scores, test_Y = scores_of_split(finetuned_tags, mosaics, "test")
+    again = evaluate_multilabel(test_Y, test_scores, np.array(expected), model.classes)
+    for key in ("macro_ap", "micro_ap", "macro_f1", "subset_accuracy", "hamming_loss"):
+        assert m[key] == pytest.approx(again[key], abs=1e-4), key
+    details = json.loads((finetuned_tags / "details.json").read_text())
+    assert details["per_class"][model.classes[0]]["threshold"] == pytest.approx(expected[0], abs=1e-5)
+    assert json.loads((finetuned_tags / "confusion.json").read_text()) == []
+    assert (finetuned_tags / "confusion.png").stat().st_size > 0 and not (finetuned_tags / "reliability.png").exists()
+
+
+def test_predict_names_the_labels_of_a_fine_tuned_network(finetuned_tags, mosaics):
+    image = mosaics.parent / "00000.png"
+    rows = json.loads(cli_in_process("predict", finetuned_tags, image, "--format", "json", "--top-k", 4,
+                                     check=True).stdout)
+    scores = {t["class"]: t["score"] for t in rows[0]["top"]}
+    thresholds = api.load_model(finetuned_tags).thresholds
+    assert rows[0]["labels"] == sorted((c for c in scores if scores[c] >= thresholds[c]), key=lambda c: -scores[c])
+    assert sum(scores.values()) != pytest.approx(1)   # one sigmoid per class, not a softmax
+    tags = api.load_model(finetuned_tags).predict(image, device="cpu")[0].tags
+    assert list(tags) == rows[0]["labels"]
+
+
+def test_a_fine_tuned_multi_label_network_exports_its_sigmoids_and_thresholds(finetuned_tags, mosaics, tmp_path):
+    import onnxruntime
+    import torch
+    from PIL import Image
+
+    from pipeline.models.directory import open_model
+    cli_in_process("export", finetuned_tags, "--out", tmp_path / "ft.onnx", check=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / "ft.onnx"))
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["model.json"])
+    assert meta["multi_label"] and meta["thresholds"] == api.load_model(finetuned_tags).thresholds
+    directory = open_model(finetuned_tags)
+    image = directory.preprocessing.transform()(Image.open(mosaics.parent / "00000.png").convert("RGB"))[None]
+    exported = session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
+    with torch.inference_mode():
+        assert np.allclose(exported, directory.scorer(torch.device("cpu"))(image), atol=1e-4)
+
+
+def test_gradcam_of_a_chosen_class(finetuned_tags, mosaics, tmp_path):
+    import torch
+
+    from pipeline.models.directory import open_model
+    from pipeline.models.visualize import gradcam_maps
+    cli_in_process("visualize", finetuned_tags, mosaics.parent, "--limit", 3, "--gradcam-class", "dress",
+                   "--out", tmp_path / "v", "--device", "cpu", check=True)
+    assert (tmp_path / "v" / "gradcam.png").stat().st_size > 0
+    network = open_model(finetuned_tags).network()
+    images = torch.randn(2, 3, 64, 64)
+    maps, mapped = gradcam_maps(network.module, network.feature_layer, images, target=2)
+    assert mapped.tolist() == [2, 2] and maps.shape == (2, 64, 64)
+    unknown = cli_in_process("visualize", finetuned_tags, mosaics.parent, "--gradcam-class", "hat",
+                             "--out", tmp_path / "w")
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
+        f"error: --gradcam-class hat is not a class of {finetuned_tags}: {', '.join(open_model(finetuned_tags).classes)}"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_finetune_refuses_a_label_found_only_in_val_and_test_in_one_line(mosaics, tmp_path):
+    only_test = labels_file(tmp_path, mosaics, _tag_two_images)
+    done = cli_in_process("finetune", mosaics.parent, "--labels", only_test, "--label-column", "tags",
+                          "--multi-label", "--val-fraction", 0.4, "--test-fraction", 0.4, "--out", tmp_path / "m")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: label 'rare' appears only in test and val, never in train; give it more images or fix the labels file"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_multi_label_finetune_resumed_after_an_interruption_repeats_the_whole_run(finetuned_tags, mosaics,
+                                                                                      tmp_path, monkeypatch):
+    """Stopped after its first epoch's checkpoint, then resumed: the same epochs and weights as the run never
+    stopped (random crops and flips on)."""
+    import torch
+
+    from pipeline.runtime.errors import Interrupted
+    from pipeline.storage import modeldir
+    from pipeline.tuning import training
+    written = training.save_checkpoint
+
+    def save_then_stop(path, state):
+        written(path, state)
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted, match="holds the last finished epoch"):
+        training.finetune(mosaics.parent, part, finetune_settings(mosaics), quiet=True, checkpoint=True)
+    monkeypatch.setattr(training, "save_checkpoint", written)
+    training.finetune(mosaics.parent, part, finetune_settings(mosaics), quiet=True,
+                      resume=part / training.CHECKPOINT)
+    histories = [list(csv.DictReader(open(d / "history.csv"))) for d in (finetuned_tags, part)]
+    assert [[(r["epoch"], r["train_loss"], r["val_macro_ap"]) for r in h] for h in histories][0] == \
+        [[(r["epoch"], r["train_loss"], r["val_macro_ap"]) for r in h] for h in histories][1]
+    whole, resumed = modeldir.load(finetuned_tags)[1], modeldir.load(part)[1]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert modeldir.read_info(part)["thresholds"] == modeldir.read_info(finetuned_tags)["thresholds"]
