@@ -238,10 +238,11 @@ def finetune_settings(mosaics: Path):
 
 @pytest.fixture(scope="session")
 def finetuned_tags(mosaics, tmp_path_factory) -> Path:
-    """A network fine-tuned on the mosaics' labels file (head only, two epochs at 64 px, with its checkpoint)."""
-    from pipeline.tuning.training import finetune
+    """A network fine-tuned on the mosaics' labels file through the Python API (head only, two epochs at 64 px,
+    with its checkpoint)."""
     out = tmp_path_factory.mktemp("ml-finetuned") / "ft"
-    finetune(mosaics.parent, out, finetune_settings(mosaics), quiet=True, checkpoint=True)
+    model = api.finetune(mosaics.parent, out, labels=str(mosaics), quiet=True, checkpoint=True, **FINETUNE)
+    assert model.multi_label and "macro AP" in repr(model)
     return out
 
 
@@ -332,6 +333,21 @@ def test_gradcam_of_a_chosen_class(finetuned_tags, mosaics, tmp_path):
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
         f"error: --gradcam-class hat is not a class of {finetuned_tags}: {', '.join(open_model(finetuned_tags).classes)}"]
     assert not (tmp_path / "w").exists()
+
+
+def test_the_scratch_baseline_from_the_command_line(mosaics, tmp_path):
+    """Random weights, all layers, one epoch: the summary line gives macro AP and F1; compare refuses the model
+    as it refuses multi-label heads."""
+    out = tmp_path / "scratch"
+    done = cli_in_process("finetune", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
+                          "--strategy", "scratch", "--epochs", 1, "--image-size", 32, "--batch-size", 20,
+                          "--workers", 0, "--device", "cpu", "--out", out, check=True)
+    m = json.loads((out / "metrics.json").read_text())
+    assert f"scratch: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f} on test " in done.stderr
+    assert "val loss" in done.stdout and "macro AP" in done.stdout   # the epoch's line
+    assert api.load_model(out).info["backbone"]["weights"] == "none"
+    compare = cli_in_process("compare", out, "--out", tmp_path / "reports")
+    assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr
 
 
 def test_finetune_refuses_a_label_found_only_in_val_and_test_in_one_line(mosaics, tmp_path):
