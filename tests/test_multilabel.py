@@ -259,9 +259,25 @@ def scores_of_split(model_dir: Path, mosaics: Path, split: str) -> tuple[np.ndar
     return scores, Y
 
 
+def network_logits(model_dir: Path, mosaics: Path, split: str) -> np.ndarray:
+    """The fine-tuned network's logits of the images of `split`, in the order of `scores_of_split`."""
+    import torch
+
+    from pipeline.data.images import read_image
+    from pipeline.models.directory import open_model
+    model = open_model(model_dir)
+    pre = model.preprocessing
+    images = [pre.transform()(read_image(mosaics.parent / x.path, pre.resize)[0])
+              for x in scan(mosaics, mosaics).split(split)]
+    with torch.inference_mode():
+        return model._classifier(torch.stack(images)).double().numpy()
+
+
 def test_finetune_trains_sigmoids_with_bce_and_tunes_thresholds_on_val(finetuned_tags, mosaics):
     """The kept epoch is the one of the best val macro AP; its val loss is the BCE of the scores predict gives;
     the thresholds are those tuned on val, and the metrics those of the test scores at them."""
+    import torch
+
     from pipeline.heads.metrics import evaluate_multilabel, tuned_thresholds
     m = json.loads((finetuned_tags / "metrics.json").read_text())
     history = [{k: float(v) for k, v in row.items() if k != "phase"}
@@ -272,9 +288,11 @@ def test_finetune_trains_sigmoids_with_bce_and_tunes_thresholds_on_val(finetuned
     model = api.load_model(finetuned_tags)
     assert model.multi_label and set(model.thresholds) == set(model.classes)
     val_scores, val_Y = scores_of_split(finetuned_tags, mosaics, "val")
-    p = np.clip(val_scores, 1e-7, 1 - 1e-7)
-    bce = -np.mean(val_Y * np.log(p) + (1 - val_Y) * np.log(1 - p))
-    assert bce == pytest.approx(history[m["best_epoch"] - 1]["val_loss"], abs=1e-4)
+    logits = network_logits(finetuned_tags, mosaics, "val")
+    assert np.allclose(val_scores, 1 / (1 + np.exp(-logits)), atol=1e-6)   # each class's sigmoid
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.tensor(val_Y / 1.0),
+                                                               reduction="none").sum(1).mean()   # over the classes
+    assert float(bce) == pytest.approx(history[m["best_epoch"] - 1]["val_loss"], rel=1e-4)
     expected = tuned_thresholds(val_Y, val_scores, 0.5)[0]
     assert [model.thresholds[c] for c in model.classes] == pytest.approx(expected, abs=1e-5)
     test_scores, test_Y = scores_of_split(finetuned_tags, mosaics, "test")

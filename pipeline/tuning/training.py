@@ -201,9 +201,22 @@ def targets(labels: list, n_classes: int | None) -> torch.Tensor:
     return out
 
 
+class LabelsBCE(nn.Module):
+    """BCE of each class's own sigmoid, summed over the classes and averaged over the images: each logit's
+    gradient has the scale cross-entropy gives it (the mean over all entries would divide it by the number of
+    classes), so the same learning rates serve single- and multi-label data."""
+
+    def __init__(self):
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss(reduction="none")
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, labels).sum(1).mean()
+
+
 def loss_function(multi_label: bool) -> nn.Module:
-    """Cross-entropy of the softmax over the classes, or of each class's own sigmoid (BCE) on multi-label data."""
-    return nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+    """Cross-entropy of the softmax over the classes, or (multi-label data) `LabelsBCE`."""
+    return LabelsBCE() if multi_label else nn.CrossEntropyLoss()
 
 
 def selected_by(multi_label: bool) -> str:
