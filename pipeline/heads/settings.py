@@ -16,7 +16,7 @@ CALIBRATION = ("temperature", "none")
 @dataclass(kw_only=True)
 class TrustSettings:
     """The calibration and familiarity of a trained model: settings of `pipeline train` and `pipeline finetune`
-    (keyword-only, so the fields of the settings that take them keep their places)."""
+    (keyword-only: the settings that take them keep their constructors' positional arguments)."""
     calibration: str = setting("temperature", "Calibrate the scores with one temperature fitted on held-out "
                                "scores, or keep the model's own.", choices=CALIBRATION)
     novelty_quantile: float = setting(0.95, "Share of the val images that count as familiar: sets the novelty "

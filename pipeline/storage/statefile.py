@@ -19,6 +19,8 @@ def _split(value, name: str, tensors: dict):
     def inner(key) -> str:
         return f"{name}.{key}" if name else str(key)
     if isinstance(value, torch.Tensor):
+        if name in tensors:   # keys with dots can spell another place's name: {"a.b": x} and {"a": {"b": y}}
+            raise ValueError(f"two tensors of the state would both be named {name!r}")
         tensors[name] = value.detach().to("cpu").contiguous()
         return {TENSOR: name}
     if isinstance(value, dict):
