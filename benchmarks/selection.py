@@ -1,19 +1,22 @@
 """What `pipeline select` buys, and what it costs:
 
-    python benchmarks/selection.py curves [--work build/select_bench] [--image-size 96] [--pool N] [--rounds 8]
-                                          [--strategies auto,typical,...] [--seeds 1] [--components 128]
+    python benchmarks/selection.py curves [--work build/select_bench] [--image-size 160] [--pool 5000] [--rounds 8]
+                                          [--strategies auto,typical,...] [--seeds 3] [--components 128]
+                                          [--auto-switch 5]
     python benchmarks/selection.py scale  [--work build/select_bench]
 
 `curves` writes WORK/images: the demo's 300 test images (data/fashion_mnist_demo.npz) as test/CLASS/ and
-Debian's Fashion-MNIST test set (dataset-fashion-mnist, /usr/share/datasets/fashion-mnist) as the pool in
-unlabeled/, less the images the demo's test set took from it, and no train folder: a cold start. It
-extracts them with `pipeline extract` (EfficientNet-Lite0 at --image-size px; a cache already in WORK
-lends its vectors), then for each strategy labels rounds of 10 pool images from no label at all (the
-labels come from the IDX file, as a person would give them), each round picked by the strategy's code
-(`pipeline.selection.strategies.choose`) on the labels so far; random draws 10 seeds. After each round a
-logistic regression (C=10, L2-normalised vectors) on the picks is scored on the test images. --seeds runs
-the other strategies with that many seeds too (of their PCA and k-means); --components sets theirs. Prints one
-JSON line per strategy and round, a Markdown table, and writes the figure WORK/select_curves.png.
+the first --pool images of Debian's Fashion-MNIST test set (dataset-fashion-mnist,
+/usr/share/datasets/fashion-mnist) that the demo's test set did not take, as the pool in unlabeled/; no
+train folder: a cold start. It extracts them with `pipeline extract` (EfficientNet-Lite0 at --image-size
+px, by default the demo's 160; a cache already in WORK lends its vectors), then for each strategy labels
+rounds of 10 pool images from no label at all (the labels come from the IDX file, as a person would give
+them), each round picked by the strategy's code (`pipeline.selection.strategies.choose`) on the labels so
+far; random draws 10 seeds, the others --seeds (of their PCA and k-means; --components sets theirs).
+After each round one fixed classifier, the same for every strategy, is fitted on the picks and scored on
+the test images: scikit-learn's LogisticRegression (lbfgs, C=10 as margin's, max_iter=2000) on
+L2-normalised vectors. Prints one JSON line per strategy (the mean accuracy of each round), a Markdown
+table (mean ± standard deviation over the seeds), and writes the figure WORK/select_curves.png.
 
 `scale` times `pipeline.selection.run.select` (cache read included) on a cache of 100,000 pool vectors of
 1,280 dimensions and 80 labelled ones: the curves' cache's vectors repeated with Gaussian noise of a tenth
@@ -80,6 +83,8 @@ def vectors(work: Path, image_size: int, pool_size: int | None):
     if not truth_file.exists():
         truth_file.write_text(json.dumps(write_folder(images, pool_size)))
     truth = json.loads(truth_file.read_text())
+    if pool_size and len(truth) != pool_size:
+        sys.exit(f"error: {work} holds a pool of {len(truth)} images, not {pool_size}: give another --work")
     start = time.perf_counter()
     summary = extract_folder(images, cache_path, ExtractSettings(image_size=image_size, workers=2), quiet=True)
     print(json.dumps({"extract": str(cache_path), "images": summary.extracted, "computed": summary.computed,
@@ -98,7 +103,8 @@ def accuracy(X, y, X_test, y_test) -> float:
     return float(np.mean(model.predict(normalize(X_test)) == y_test))
 
 
-def curve(strategy: str, pool, truth, test, rounds: int, seed: int = 0, components: int = 128) -> list[float]:
+def curve(strategy: str, pool, truth, test, rounds: int, seed: int = 0, components: int = 128,
+          auto_switch: float = 5.0) -> list[float]:
     """Accuracy after each round of ROUND labels, from none."""
     from pipeline.selection.strategies import choose
     rng, labelled, out = np.random.default_rng(seed), np.empty(0, int), []
@@ -107,14 +113,15 @@ def curve(strategy: str, pool, truth, test, rounds: int, seed: int = 0, componen
         if strategy == "random":
             picked = rng.choice(rest, ROUND, replace=False)
         else:
-            s = SelectSettings(budget=ROUND, strategy=strategy, seed=seed, components=components)
+            s = SelectSettings(budget=ROUND, strategy=strategy, seed=seed, components=components,
+                               auto_switch=auto_switch)
             picked = rest[[p.row for p in choose(pool[labelled], truth[labelled], pool[rest], len(CLASSES), s)]]
         labelled = np.concatenate([labelled, picked])
         out.append(accuracy(pool[labelled], truth[labelled], *test))
     return out
 
 
-def plot(results: dict[str, np.ndarray], out: Path) -> None:
+def plot(results: dict[str, np.ndarray], title: str, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,7 +133,7 @@ def plot(results: dict[str, np.ndarray], out: Path) -> None:
         if len(runs) > 1:
             ax.fill_between(labels, runs.min(axis=0), runs.max(axis=0), alpha=0.2)
     ax.set(xlabel="labelled images", ylabel="test accuracy (logistic regression)",
-           title="Fashion-MNIST pool, EfficientNet-Lite0 vectors")
+           title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -140,7 +147,7 @@ def curves(args) -> None:
         seeds = range(RANDOM_SEEDS) if strategy == "random" else range(args.seeds)
         start = time.perf_counter()
         results[strategy] = np.array([curve(strategy, pool, truth, (X_test, y_test), args.rounds, seed,
-                                            args.components)
+                                            args.components, args.auto_switch)
                                       for seed in seeds])
         print(json.dumps({"strategy": strategy, "pool": len(pool), "seconds": round(time.perf_counter() - start, 1),
                           "accuracy": results[strategy].mean(axis=0).round(3).tolist()}), flush=True)
@@ -151,7 +158,8 @@ def curves(args) -> None:
         cells = [f"{runs[:, n // ROUND - 1].mean():.3f}" + (f" ± {runs[:, n // ROUND - 1].std():.3f}" if len(runs) > 1 else "")
                  for n in marks]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    plot(results, args.work / "select_curves.png")
+    plot(results, f"Fashion-MNIST pool of {len(pool):,}, EfficientNet-Lite0 at {args.image_size} px",
+         args.work / "select_curves.png")
 
 
 def scale(args) -> None:
@@ -186,13 +194,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("part", choices=("curves", "scale"))
     p.add_argument("--work", type=Path, default=ROOT / "build" / "select_bench")
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--pool", type=int, default=None, help="at most N pool images (default: all 9,700)")
+    p.add_argument("--image-size", type=int, default=160, help="px of the extraction (the demo's: 160)")
+    p.add_argument("--pool", type=int, default=5000, help="pool images at most (0: all 9,700)")
     p.add_argument("--rounds", type=int, default=8, help="rounds of 10 labels")
     p.add_argument("--strategies", default=",".join((*STRATEGIES, "random")), help="comma-separated, in order")
-    p.add_argument("--seeds", type=int, default=1, help="seeds of each strategy but random (which runs 10)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of each strategy but random (which runs 10)")
     p.add_argument("--components", type=int, default=SelectSettings.components,
                    help="PCA components of the strategies (1280: no reduction)")
+    p.add_argument("--auto-switch", type=float, default=SelectSettings.auto_switch,
+                   help="labelled images per class from which auto picks by margin")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     curves(args) if args.part == "curves" else scale(args)

@@ -383,13 +383,16 @@ def audit(
     settings: AuditSettings = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines or summary.")] = False,
 ):
-    """Check the data behind a cache: label issues, near-duplicates and leaks between splits, outliers, and
-    how accuracy grows with the number of labels; writes a report page and CSV files."""
+    """Check the data behind a cache: label issues (missing and wrong tags on a multi-label cache),
+    near-duplicates and leaks between splits, outliers, and how accuracy (macro AP) grows with the number of
+    labels; writes a report page and CSV files."""
     _check_cache(features)
     preload("pipeline.auditing.run", "pipeline.report.audit_page")
     result = api.audit(features, out, log=lambda line: _say([line], quiet), **keywords(settings))
     summary, page = result.summary, result.page
-    _say([f"{summary['label_issues']} label issues, {summary['duplicate_groups']} near-duplicate groups "
+    tags = (f" ({summary['missing_tags']} missing, {summary['wrong_tags']} wrong tags)"
+            if summary.get("multi_label") else "")
+    _say([f"{summary['label_issues']} label issues{tags}, {summary['duplicate_groups']} near-duplicate groups "
           f"({summary['leak_groups']} across splits), {summary['outliers']} outliers in {summary['images']} "
           f"images -> {page}"], quiet)
 

@@ -216,10 +216,7 @@ def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_ca
     assert np.allclose(exported, expected, atol=2e-3)
 
 
-def test_audit_and_compare_refuse_multi_label_in_one_line(multilabel_cache, tmp_path):
-    audit = cli_in_process("audit", multilabel_cache, "--out", tmp_path / "audit")
-    assert audit.returncode == 2 and "audit reads single-label caches" in audit.stderr
-    assert not (tmp_path / "audit").exists()
+def test_compare_refuses_multi_label_in_one_line(multilabel_cache, tmp_path):
     api.train(multilabel_cache, "ridge", tmp_path / "ridge")
     compare = cli_in_process("compare", tmp_path / "ridge", "--out", tmp_path / "reports")
     assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr

@@ -105,6 +105,56 @@ def test_labelling_by_moving_files_reuses_every_vector(tmp_path):
             np.testing.assert_array_equal(vector, next(v for p, v in before.items() if p.endswith("/" + name)))
 
 
+def test_train_works_from_what_is_labelled_in_early_rounds(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images", {"train": 2, "test": 2})
+    unlabelled(root, 2)
+    cache, settings = tmp_path / "f.h5", ExtractSettings(image_size=64, workers=0, dtype="float32")
+    extract_folder(root, cache, settings, quiet=True)
+    capsys.readouterr()
+    model = pipeline.train(cache, "logreg", tmp_path / "m")                # no val split: 2-fold cv on train
+    m = model.metrics
+    assert (m["eval_split"], m["n_val"], m["n_test"], m["selection"]) == ("test", 0, 6, "2-fold cv on train")
+    assert 0 <= m["val_score"] <= 1 and len(model.details["search"]["scores"]) > 1
+    assert "warning: logreg: no val split: C chosen by 2-fold cv on train, evaluated on test" in \
+        capsys.readouterr().err.splitlines()
+    (root / "train" / "red" / "train_0.png").rename(root / "unlabeled" / "back.png")   # red: one image left
+    assert extract_folder(root, cache, settings, quiet=True).computed == 0
+    capsys.readouterr()
+    model = pipeline.train(cache, "logreg")
+    m = model.metrics
+    assert m["val_score"] is None and m["selection"] == "none (a class has a single training image)"
+    assert model.details["hyperparameters"]["C"] == 1.0 and model.details["search"]["scores"] == {}
+    assert "calibration" not in model.info and m["ece"] == m["ece_uncalibrated"]
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: logreg: no val split, and a class has a single training image, which no fold can score: C=1 kept "
+        "unscored, no calibration"]
+    with pytest.raises(InputError, match="kept its hyperparameters unscored .*label more images"):
+        pipeline.compare([tmp_path / "m", model.save(tmp_path / "one")])
+
+
+def test_train_refuses_a_cache_it_cannot_learn_from_or_evaluate_on_in_one_line(tmp_path):
+    X = np.eye(4, dtype=np.float32)
+    only_train = synthetic_cache(tmp_path / "a.h5", {"train": (X, np.array([0, 1, 0, 1]))}, ["a", "b"])
+    with pytest.raises(InputError, match="has no val or test split; stage two needs train, and val or test"):
+        pipeline.train(only_train)
+    one_class = synthetic_cache(tmp_path / "b.h5", {"train": (X, np.zeros(4, int)), "test": (X, np.zeros(4, int))},
+                                ["a", "b"])
+    with pytest.raises(InputError, match="has training images of one class only; stage two needs two at least"):
+        pipeline.train(one_class)
+
+
+def test_a_scikit_learn_classifier_keeps_its_grids_middle_unscored_when_a_class_has_one_image(tmp_path, capsys):
+    from sklearn.linear_model import RidgeClassifier
+    X = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    cache = synthetic_cache(tmp_path / "f.h5", {"train": (X[:7], y[:7]), "test": (X, y)}, ["a", "b", "c"])
+    model = pipeline.train(cache, RidgeClassifier(), grid={"alpha": [0.1, 1.0, 10.0]})
+    assert model.metrics["val_score"] is None and model.details["hyperparameters"]["alpha"] == 1.0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: RidgeClassifier: no val split, and a class has a single training image, which no fold can "
+        "score: alpha=1 kept unscored, no calibration"]
+
+
 def pooled_cache(path: Path, labelled: int = 12, pool: int = 60, classes: int = 3, seed: int = 0) -> tuple[Path, dict]:
     """A real cache of clustered vectors: `labelled` train rows and a pool of `pool` rows, of which the first
     three repeat labelled images byte for byte and each of the next three is there twice. Returns the path

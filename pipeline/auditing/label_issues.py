@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.multiclass import OneVsRestClassifier
 
 from pipeline.heads.calibration import expected_calibration_error, reliability
 from pipeline.heads.torch_heads import TorchLogReg
@@ -41,19 +42,32 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, fold
                               seed: int = 0) -> np.ndarray:
     """[N, K] probabilities, each row from a logistic regression on L2-normalised vectors fitted without
     that row (torch_logreg: sklearn's objective, with at most 100 L-BFGS steps whatever the data).
-    A class with fewer images than `folds` is absent from some fits: its column is 0 there."""
+    A class with fewer images than `folds` is absent from some fits: its column is 0 there.
+    `y` may be a [N, K] 0/1 label matrix: then each class's probability comes from a one-vs-rest logistic
+    regression, over shuffled folds (a class on no training image of a fold, or on every one, gets 0 or 1)."""
     X = l2_normalised(np.asarray(X, np.float32))
-    counts = np.bincount(y, minlength=n_classes)
-    folds = int(min(folds, counts.max()))
     out = np.zeros((len(y), n_classes))
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for train, held_out in fold_rows(y, folds, seed):
+        if y.ndim == 2:
+            with warnings.catch_warnings():   # "label not 1 is present in all training examples": a constant
+                warnings.filterwarnings("ignore", category=UserWarning, module="sklearn.multiclass")
+                model = OneVsRestClassifier(TorchLogReg(C=C, device="cpu")).fit(X[train], y[train])
+            out[held_out] = model.predict_proba(X[held_out])
+        else:
+            model = TorchLogReg(C=C, device="cpu").fit(X[train], y[train])
+            out[np.ix_(held_out, model.classes_)] = model.predict_proba(X[held_out])
+    return out
+
+
+def fold_rows(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fitted rows, held-out rows) of each fold: stratified for a label vector (at most as many folds as the
+    largest class has images), shuffled for a label matrix (at most one per image)."""
+    if y.ndim == 2:
+        return list(KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(y))
+    splitter = StratifiedKFold(int(min(folds, np.bincount(y).max())), shuffle=True, random_state=seed)
     with warnings.catch_warnings():   # "the least populated class has only n members": handled above
         warnings.filterwarnings("ignore", category=UserWarning, module="sklearn.model_selection")
-        fold_rows = list(splitter.split(X, y))
-    for train, held_out in fold_rows:
-        model = TorchLogReg(C=C, device="cpu").fit(X[train], y[train])
-        out[np.ix_(held_out, model.classes_)] = model.predict_proba(X[held_out])
-    return out
+        return list(splitter.split(y, y))
 
 
 def confident_joint(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:

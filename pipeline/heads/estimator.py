@@ -50,6 +50,8 @@ class EstimatorHead:
 
     def select(self, s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
         folds = selection_folds(s, X, y, X_val, y_val)
+        if not folds:   # no fold can score a class with a single image: the middle point, unscored
+            return Selection((len(self.points) - 1) // 2, None, {}, None, [])
         scores = [float(np.mean([np.mean(self._fit(s, point, Xa, ya).predict(Xb) == yb)
                                  for Xa, ya, Xb, yb in folds])) for point in self.points]
         middle = (len(scores) - 1) / 2

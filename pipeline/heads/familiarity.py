@@ -1,6 +1,7 @@
 """How unlike the training images a new image is: the mean cosine distance from its vector to the k
 nearest training vectors (in the head's preprocessed space, or a fine-tuned network's penultimate features), and the threshold above which it counts as
-unfamiliar, set so that a given share of the val images count as familiar.
+unfamiliar, set so that a given share of the val images count as familiar (without val, of the training
+images, each against the others).
 
 The feature cache already holds what this needs, and the distance separates images of another domain far
 better than the head's top probability does: a head is confident on anything far from its boundaries."""
@@ -53,11 +54,15 @@ class Familiarity:
     neighbours: int = NEIGHBOURS
 
     @classmethod
-    def fit(cls, train: np.ndarray, val: np.ndarray, quantile: float = 0.95,
+    def fit(cls, train: np.ndarray, val: np.ndarray | None, quantile: float = 0.95,
             neighbours: int = NEIGHBOURS) -> "Familiarity":
-        """Reference: the training vectors; threshold: the `quantile` of the val images' novelty."""
+        """Reference: the training vectors; threshold: the `quantile` of the val images' novelty, or without
+        val, of each training image's novelty among the others (its own vector left out)."""
         reference = unit_rows(train)
-        scores = mean_distance(nearest_similarities(unit_rows(val), reference, neighbours))
+        if val is None:
+            scores = mean_distance(nearest_similarities(reference, reference, neighbours + 1)[:, 1:])
+        else:
+            scores = mean_distance(nearest_similarities(unit_rows(val), reference, neighbours))
         return cls(reference.astype(np.float16), float(np.quantile(scores, quantile)), quantile, neighbours)
 
     def novelty(self, X: np.ndarray) -> np.ndarray:

@@ -3,6 +3,9 @@
 With a test split: each candidate is fitted on train and scored on val; the winner is refitted
 on train+val and evaluated on test. Without one (train/val layouts): candidates are scored by
 stratified k-fold cross-validation on train; the winner is refitted on train and evaluated on val.
+Without val (early rounds of labelling from a pool, when extract keeps small classes whole in train): k-fold
+on train, evaluated on test. When some labelled class has a single training image no fold can score it:
+the value nearest the middle of the grid is kept unscored (val_score null), with a warning.
 """
 from __future__ import annotations
 
@@ -74,30 +77,34 @@ class Trial(NamedTuple):
     epochs: int | None        # torch heads: the median best epoch, used for the refit
 
 
+def _from_middle(value: float, grid: tuple) -> float:
+    """How far `value` lies from the middle of `grid` on a log scale."""
+    return abs(np.log(value / np.sqrt(float(grid[0]) * float(grid[-1]))))
+
+
 def _best(tried: dict[float, Trial], grid: tuple) -> float:
     """Highest score; ties go to the value nearest the middle of the grid on a log scale."""
-    middle = np.sqrt(float(grid[0]) * float(grid[-1]))
-    return max(tried, key=lambda v: (tried[v].score, -abs(np.log(v / middle))))
+    return max(tried, key=lambda v: (tried[v].score, -_from_middle(v, grid)))
 
 
 def cv_folds(s: TrainSettings, y: np.ndarray) -> int:
-    """Folds for selection without a test split: `s.cv_folds`, fewer when a class has fewer images (multi-label:
-    fewer images)."""
+    """Folds for selection without a val split to score on: `s.cv_folds`, fewer when a class has fewer
+    images (multi-label: fewer images); 0 when some labelled class has a single image (no fold could score it)."""
     if np.ndim(y) == 2:
         return min(s.cv_folds, len(y))
     counts = np.bincount(y)
     k = int(min(s.cv_folds, counts[counts > 0].min()))
-    if k < 2:
-        raise InputError("cannot cross-validate: some class has fewer than 2 training images")
-    return k
+    return k if k >= 2 else 0
 
 
 def selection_folds(s: TrainSettings, X, y, X_val=None, y_val=None) -> list[tuple]:
     """(X_fit, y_fit, X_score, y_score) of each fold a candidate is scored on: (X, y) against the val set,
-    or stratified k-fold on (X, y) when there is none."""
+    or stratified k-fold on (X, y) when there is none; no fold when `cv_folds` allows none."""
     if X_val is not None:
         return [(X, y, X_val, y_val)]
     k = cv_folds(s, y)
+    if not k:
+        return []
     split = KFold if np.ndim(y) == 2 else StratifiedKFold   # multi-label: folds by rows
     folds = split(k, shuffle=True, random_state=s.seed).split(X, y)
     return [(X[tr], y[tr], X[va], y[va]) for tr, va in folds]
@@ -107,7 +114,8 @@ def selection_folds(s: TrainSettings, X, y, X_val=None, y_val=None) -> list[tupl
 class Selection:
     """The outcome of a hyperparameter search: the chosen value, its score and every score tried."""
     value: float
-    score: float                         # the chosen value's mean accuracy on val (or over the folds)
+    score: float | None                  # the chosen value's mean accuracy on val (or over the folds); None:
+                                         # no fold to score on, the value was kept unscored
     scores: dict                         # {value: score}
     epochs: int | None                   # torch heads: the median best epoch of the chosen value
     warnings: list[str]
@@ -118,8 +126,12 @@ def select(s: TrainSettings, X, y, X_val=None, y_val=None) -> Selection:
     set: the coarse grid; if every value scores the same, stop there; if the best is at an edge, step
     past it (twice at most); then a finer grid around the best."""
     folds = selection_folds(s, X, y, X_val, y_val)
-    smallest_fit = min(len(f[1]) for f in folds)
     spec = CLASSIFIERS[s.classifier]
+    if not folds:
+        value = float(s.value) if s.value != "auto" else \
+            min(spec.candidates(spec.grid, len(y)), key=lambda v: _from_middle(v, spec.grid))
+        return Selection(value, None, {}, None, [])
+    smallest_fit = min(len(f[1]) for f in folds)
     tried: dict[float, Trial] = {}
 
     def score(values):
@@ -191,37 +203,65 @@ class Trained:
     familiarity: Familiarity   # the training vectors new images are compared with, and the novelty threshold
 
 
+def labelled_splits(cache, cache_path: Path) -> dict:
+    """train and whichever of val and test the cache has, read; refuses a cache stage two cannot learn from
+    or evaluate on."""
+    splits = set(cache.splits)
+    later = " (label images of the pool first: docs/select.md)" if cache.has_pool else ""
+    evaluated = ("val",) if cache.multi_label else ("val", "test")   # multi-label tunes its thresholds on val
+    if "train" not in splits or not splits & set(evaluated):
+        missing = "train" if "train" not in splits else " or ".join(evaluated)
+        raise InputError(f"feature cache {cache_path} has no {missing} split; stage two needs train, and "
+                         f"{' or '.join(evaluated)}" + later)
+    parts = {split: cache.read(split) for split in ("train", "val", "test") if split in splits}
+    if not cache.multi_label and len(np.unique(parts["train"].labels)) < 2:
+        raise InputError(f"feature cache {cache_path} has training images of one class only; stage two needs "
+                         f"two at least" + later)
+    return parts
+
+
+def selection_note(s: TrainSettings, head, chosen: Selection, train_, tune_on, has_val: bool) -> str:
+    """How the hyperparameters were chosen, for metrics.json; one warning line when it was not on val."""
+    if tune_on is not None:
+        return "val"
+    k = cv_folds(s, train_.labels)
+    if k and has_val:
+        return f"{k}-fold cv on train"
+    if k:
+        warn(f"{head.name}: no val split: {head.tuned or 'the hyperparameters'} chosen by {k}-fold cv on train, "
+             f"evaluated on test")
+        return f"{k}-fold cv on train"
+    kept = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in head.hyperparameters(s, chosen).items() if key not in s.params)
+    warn(f"{head.name}: {'' if has_val else 'no val split, and '}a class has a single training image, which no "
+         f"fold can score: {kept or 'its defaults'} kept unscored"
+         f"{'' if s.calibration == 'none' else ', no calibration'}")
+    return "none (a class has a single training image)"
+
+
 def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, head=None) -> Trained:
     """Fit `head` (default: classifier `s.classifier` of the zoo) on a feature cache by the protocol above.
     `expected` ({field: value}, e.g. {"backbone": "resnet18"}) makes it refuse a cache made otherwise."""
     head = head or ZooHead(s)
     with open_cache(cache_path) as cache:   # everything from this one file, even if it is replaced meanwhile
         check_expected(cache, expected or {})
-        if not {"train", "val"} <= set(cache.splits):
-            missing = " and ".join(sorted({"train", "val"} - set(cache.splits), reverse=True))
-            raise InputError(f"feature cache {cache_path} has no {missing} split; stage two needs train and val"
-                            + (" (label images of the pool first: docs/select.md)" if cache.has_pool else ""))
-        has_test = "test" in cache.splits
-        train_, val = cache.read("train"), cache.read("val")
-        test = cache.read("test") if has_test else None
+        parts = labelled_splits(cache, cache_path)
         dataset = cache.dataset_id()
+    train_, val, test = parts["train"], parts.get("val"), parts.get("test")
     if cache.multi_label:
         return multilabel.fit_multilabel(cache, s, head, (train_, val, test), dataset)
-    eval_split = "test" if has_test else "val"
+    evaluation = test if test is not None else val
+    tune_on = val if test is not None else None   # None: k-fold on train
     start = time.perf_counter()
-    if has_test:
-        X = np.concatenate([train_.features, val.features])
-        y = np.concatenate([train_.labels, val.labels])
-        evaluation = test
-    else:
-        X, y, evaluation = train_.features, train_.labels, val
+    X, y = train_.features, train_.labels
+    if tune_on is not None:
+        X, y = np.concatenate([X, tune_on.features]), np.concatenate([y, tune_on.labels])
     with one_thread_if_small(X.size, head.in_torch):
-        chosen = (head.select(s, train_.features, train_.labels, val.features, val.labels) if has_test
-                  else head.select(s, train_.features, train_.labels))
+        chosen = head.select(s, train_.features, train_.labels,
+                             *(() if tune_on is None else (tune_on.features, tune_on.labels)))
         model = head.refit(s, chosen, X, y)
         probabilities = has_probabilities(model[-1])
-        temperature = fit_temperature(s, head, chosen, train_, val if has_test else None, len(cache.classes),
-                                      probabilities)
+        temperature = fit_temperature(s, head, chosen, train_, tune_on, len(cache.classes), probabilities)
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
     raw = scores_of(model, evaluation.features, len(cache.classes))
@@ -230,10 +270,10 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
     metrics = evaluate(evaluation.labels, scores, cache.classes, probabilities or temperature is not None)
     metrics.update(calibration.assess(evaluation.labels, raw, scores if temperature else
                                       calibration.uncalibrated(raw, probabilities), probabilities))
-    metrics.update(val_score=chosen.score,
-                   selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold cv on train",
-                   eval_split=eval_split, n_train=len(train_.labels), n_val=len(val.labels),
-                   n_test=len(evaluation.labels) if has_test else 0, n_eval=len(evaluation.labels),
+    note = selection_note(s, head, chosen, train_, tune_on, val is not None)
+    metrics.update(val_score=chosen.score, selection=note, eval_split="test" if test is not None else "val",
+                   n_train=len(train_.labels), n_val=0 if val is None else len(val.labels),
+                   n_test=0 if test is None else len(test.labels), n_eval=len(evaluation.labels),
                    fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                    extract_seconds=cache.attrs.get("extract_seconds"),
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess,
@@ -241,8 +281,8 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
                    search=head.search(chosen))
     info = {**run_info(cache, head.name, s, dataset),
             **({"calibration": temperature.to_dict()} if temperature else {})}
-    familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
-                                  s.novelty_quantile)
+    familiarity = Familiarity.fit(model[0].transform(train_.features),
+                                  None if val is None else model[0].transform(val.features), s.novelty_quantile)
     return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity)
 
 
@@ -255,8 +295,9 @@ def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
 
 def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int,
                     probabilities: bool) -> calibration.Temperature | None:
-    """The calibration `s` asks for, fitted on scores of images no fit saw: with a test split (`val` given),
-    the chosen value fitted on train and scored on val; without one, out-of-fold scores on train."""
+    """The calibration `s` asks for, fitted on scores of images no fit saw: with a val split to tune on
+    (`val` given), the chosen value fitted on train and scored on val; without one, out-of-fold scores on
+    train; none when no fold can be made."""
     if s.calibration == "none":
         return None
     if val is not None:
@@ -264,6 +305,8 @@ def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_cl
         y = val.labels
     else:
         X, y = train_.features, train_.labels
+        if not cv_folds(s, y):
+            return None
         held = np.empty((len(y), n_classes))
         for fit_rows, scored in StratifiedKFold(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
             held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], y[fit_rows]), X[scored], n_classes)

@@ -1,6 +1,7 @@
 """The audit as one page, index.html, that a browser opens from disk.
 
-It reads only what `pipeline audit` wrote into its folder (summary.json, the four CSVs, learning_curve.png)
+It reads only what `pipeline audit` wrote into its folder (summary.json, the four CSVs, learning_curve.png; on a
+multi-label audit, summary.json's `multi_label` selects the columns of label_issues.csv)
 and the images under the data root that summary.json names, and writes index.html and thumbs/ (small
 JPEGs) beside them. The page loads nothing from the network and runs no script. Each table shows its first
 ROWS_SHOWN rows (for duplicates: groups, leaks first, MEMBERS_SHOWN images each) and links the full CSV.
@@ -32,6 +33,7 @@ COLUMNS = {
                      "distance_to_classes"),
     "learning_curve.csv": ("head", "per_class", "mean", "std", "runs"),
 }
+TAG_ISSUE_COLUMNS = ("path", "split", "labels", "class", "issue", "probability", "score")   # a multi-label audit's
 SUMMARY_KEYS = ("cache", "data_root", "images", "splits", "classes", "label_issues", "duplicate_groups",
                 "leak_groups", "outliers", "settings")
 
@@ -59,13 +61,17 @@ def write_page(out_dir: Path) -> Path:
     missing = [key for key in SUMMARY_KEYS if key not in summary]
     if missing:
         raise InputError(f"{summary_path} lacks {', '.join(missing)}")
-    tables = {name: _read_csv(out_dir / name, columns) for name, columns in COLUMNS.items()}
+    multi_label = bool(summary.get("multi_label"))
+    columns = {**COLUMNS, **({"label_issues.csv": TAG_ISSUE_COLUMNS} if multi_label else {})}
+    tables = {name: _read_csv(out_dir / name, wanted) for name, wanted in columns.items()}
     thumbs = Thumbnails(summary["data_root"], out_dir / "thumbs")
+    issues = _tag_issues if multi_label else _label_issues
     body = [_header(summary, thumbs),
-            _label_issues(tables["label_issues.csv"], thumbs, summary.get("label_issue_classifier")),
+            issues(tables["label_issues.csv"], thumbs, summary.get("label_issue_classifier")),
             _duplicates(tables["duplicates.csv"], thumbs, summary),
             _outliers(tables["outliers.csv"], thumbs),
-            _learning_curve(tables["learning_curve.csv"], (out_dir / "learning_curve.png").is_file())]
+            _learning_curve(tables["learning_curve.csv"], (out_dir / "learning_curve.png").is_file(),
+                            summary.get("learning_curve_score", "accuracy"))]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Data audit</title>\n'
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
     index = out_dir / "index.html"
@@ -142,15 +148,23 @@ def _placeholder(reason: str) -> str:
 
 def _header(summary: dict, thumbs: Thumbnails) -> str:
     judged = (summary.get("label_issue_classifier") or {}).get("judged")
-    issues = "possible label errors" if judged else "images the classifier doubts"
+    multi_label = bool(summary.get("multi_label"))
+    if multi_label:
+        issues = "possible tag errors" if judged else "tags the classifier doubts"
+        found = (f"{summary['label_issues']:,}: {summary.get('missing_tags', 0):,} missing, "
+                 f"{summary.get('wrong_tags', 0):,} wrong")
+    else:
+        issues = "possible label errors" if judged else "images the classifier doubts"
+        found = f"{summary['label_issues']:,}"
+    score = escape(str(summary.get("learning_curve_score", "accuracy")))
     splits = ", ".join(f"{escape(str(s))} {n:,}" for s, n in summary["splits"].items())
     counts = [("images", f"{summary['images']:,} ({splits})"),
               ("classes", f"{len(summary['classes'])}: " + ", ".join(escape(str(c)) for c in summary["classes"])),
-              (f'<a href="#label_issues">{issues}</a>', f"{summary['label_issues']:,}"),
+              (f'<a href="#label_issues">{issues}</a>', found),
               ('<a href="#duplicates">near-duplicate groups</a>',
                f"{summary['duplicate_groups']:,}, {summary['leak_groups']:,} of them across splits"),
               ('<a href="#outliers">outliers</a>', f"{summary['outliers']:,}"),
-              ('<a href="#learning_curve">learning curve</a>', "accuracy against labelled images per class"),
+              ('<a href="#learning_curve">learning curve</a>', f"{score} against labelled images per class"),
               ("feature cache", escape(str(summary["cache"]))),
               ("data folder", escape(str(summary["data_root"])))]
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in counts)
@@ -162,7 +176,9 @@ def _header(summary: dict, thumbs: Thumbnails) -> str:
              else f"{escape(str(root))} is not a folder on this machine")
     note = "" if thumbs.reachable else \
         f'<p class="note">The images are not reachable: {where}. The tables list their paths without thumbnails.</p>'
-    return (f"<h1>Data audit</h1>\n{note}<table>{rows}</table>\n"
+    kind = ('<p class="note">A multi-label audit: each image may carry several labels (shown as a|b); label issues '
+            "are per image and class, a tag likely missing or likely wrong.</p>\n" if multi_label else "")
+    return (f"<h1>Data audit{' (multi-label)' if multi_label else ''}</h1>\n{kind}{note}<table>{rows}</table>\n"
             f"<details><summary>Settings</summary><table>{settings}</table></details>\n"
             f"<p>Each table shows its first {ROWS_SHOWN:,} rows; the linked CSV files hold all of them. "
             f"Click a thumbnail for the original image.</p>")
@@ -223,6 +239,39 @@ def _label_trust(classifier: dict | None) -> str:
                       f"on the unlisted images and a calibration error of at most "
                       f"{classifier['maximum_calibration_error']}): these are images the classifier finds hard, "
                       "not label errors. Fix the features first (a larger image size, another backbone).")
+
+
+def _tag_issues(rows: list[dict] | None, thumbs: Thumbnails, classifier: dict | None) -> str:
+    judged = bool(classifier and classifier["judged"])
+    title = "Possible tag errors" if judged else "Tags the classifier doubts"
+    out = _section(title, "label_issues.csv", rows, "image and class pairs",
+                   "Each row is one image and one class, most doubtful first: a missing tag (the class is not in "
+                   "the image's labels, yet the out-of-fold one-vs-rest probability of it is high) or a wrong tag "
+                   "(in its labels, yet that probability is low). Score: 1 minus the probability of what the "
+                   "labels say (the probability for a missing tag, 1 minus it for a wrong one).")
+    out += f'<p class="note">{_tag_trust(classifier)}</p>\n'
+    if not rows:
+        return out
+    return out + _table(("image", "path", "split", "labels", "class", "issue", "probability", "score"), [
+        [f"<td>{thumbs.cell(r['path'])}</td>", _text(r["path"], "path"), _text(r["split"]), _text(r["labels"]),
+         _text(r["class"]), _text(f"{r['issue']} tag"), _number(r["probability"]), _number(r["score"])]
+        for r in rows[:ROWS_SHOWN]])
+
+
+def _tag_trust(classifier: dict | None) -> str:
+    """How far the list can be taken for tag errors, from the figures of the classifier behind it."""
+    if not classifier:
+        return "This report does not record how good the classifier behind this list is: judge each tag yourself."
+    figures = (f"The one-vs-rest classifier behind this list, tried on images it did not see, reaches a macro AP of "
+               f"{classifier['out_of_fold_macro_ap']:.3f} against the given labels and of "
+               f"{classifier['macro_ap_on_unlisted']:.3f} over the tags it does not list, with a calibration error "
+               f"of {classifier['calibration_error']:.3f}. ")
+    if classifier["judged"]:
+        return figures + "The likeliest errors come first; check each before retagging."
+    return figures + (f"That is too weak to judge tags (it takes a macro AP of at least "
+                      f"{classifier['minimum_macro_ap']} on the unlisted tags and a calibration error of at most "
+                      f"{classifier['maximum_calibration_error']}): these are tags the classifier finds hard, not "
+                      "tag errors. Fix the features first (a larger image size, another backbone).")
 
 
 def _duplicates(rows: list[dict] | None, thumbs: Thumbnails, summary: dict) -> str:
@@ -286,14 +335,15 @@ def _outliers(rows: list[dict] | None, thumbs: Thumbnails) -> str:
         for r in shown])
 
 
-def _learning_curve(rows: list[dict] | None, has_plot: bool) -> str:
+def _learning_curve(rows: list[dict] | None, has_plot: bool, score: str) -> str:
+    score = escape(score)
     out = _section("How many labels are enough", "learning_curve.csv", rows, "rows",
-                   "Accuracy on the evaluation split against the number of training images per class, "
-                   "mean and standard deviation over several runs.")
+                   f"{score[0].upper() + score[1:]} on the evaluation split against the number of training images "
+                   "per class, mean and standard deviation over several runs.")
     if has_plot:
         out += '<p><img src="learning_curve.png" alt="learning curve" style="max-width: 100%"></p>\n'
     if not rows:
         return out
-    return out + _table(("head", "images per class", "mean accuracy", "std", "runs"), [
+    return out + _table(("head", "images per class", f"mean {score}", "std", "runs"), [
         [_text(r["head"]), _text(r["per_class"], "num"), _number(r["mean"]), _number(r["std"]),
          _text(r["runs"], "num")] for r in rows[:ROWS_SHOWN]])

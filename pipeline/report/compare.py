@@ -53,6 +53,9 @@ def _row(name: str, d: Path) -> dict:
     if "val_score" not in m:
         raise InputError(f"{d / 'metrics.json'} records no val_score (the score its selection used); "
                         f"train it again with this version")
+    if m["val_score"] is None:
+        raise InputError(f"{d} kept its hyperparameters unscored ({m['selection']}): nothing to compare it by; "
+                        f"label more images and train it again")
     cached = model.cache_fingerprint is not None   # else trained on the images: no extraction to share
     extract = m.get("extract_seconds") if cached else None   # None also for a cache made without timing
     total = None if cached and extract is None else m["fit_seconds"] + (extract or 0.0)

@@ -254,7 +254,7 @@ class FeatureWriter:
             g.create_dataset(features_name(layer, list(self.dims)), (0, dim), self.dtype, maxshape=(None, dim),
                              chunks=(rows, dim), **CHECKED)
         if split != POOL and self.file.attrs.get("multi_label", False):
-            width = len(json.loads(self.file.attrs["classes"]))
+            width = len(json.loads(self.file.attrs["classes"]))   # this writer's own attribute, set above
             g.create_dataset("labels", (0, width), np.uint8, maxshape=(None, width), chunks=(4096, width), **CHECKED)
         elif split != POOL:
             g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,), **CHECKED)

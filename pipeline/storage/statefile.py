@@ -73,4 +73,4 @@ def load(path: Path) -> dict:
         if HEADER not in metadata:
             raise ValueError(f"no '{HEADER}' entry in its header")
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return _joined(json.loads(metadata[HEADER]), tensors)
+    return _joined(json.loads(metadata[HEADER]), tensors)   # damage is a ValueError, one line at the callers
