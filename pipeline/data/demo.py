@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.runtime.files import write_atomically
-
 
 def write_image_folder(archive: Path, out: Path) -> int:
     """Write ROOT/{split}/{class}/{n}.png for every image in the archive; return the count."""
@@ -41,5 +39,5 @@ def write_mosaics(archive: Path, out: Path, count: int, seed: int = 0, classes: 
         mosaic = np.block([[items[0], items[1]], [items[2], items[3]]])
         Image.fromarray(mosaic).save(out / f"{n:05d}.png")
         rows.append(f"{n:05d},{'|'.join(str(names[c]) for c in sorted(shown))}")
-    write_atomically(out / "labels.csv", "\n".join(rows) + "\n")
+    (out / "labels.csv").write_text("\n".join(rows) + "\n")   # beside the images just made, as they are
     return out / "labels.csv"
