@@ -271,26 +271,30 @@ def network_logits(model_dir: Path, mosaics: Path, split: str) -> np.ndarray:
 
 
 def test_finetune_trains_sigmoids_with_bce_and_tunes_thresholds_on_val(finetuned_tags, mosaics):
-    """The kept epoch is the one of the best val macro AP; its val loss is the BCE of the scores predict gives;
-    the thresholds are those tuned on val, and the metrics those of the test scores at them."""
+    """The kept epoch is the one of the best val macro AP, and its val loss the BCE of the network's logits; the
+    scores predict gives are their sigmoids calibrated per class, and the thresholds and calibration those the
+    heads fit, on val's scores; the metrics are those of the test scores at them."""
     import torch
+    from scipy.special import expit
 
-    from pipeline.heads.metrics import evaluate_multilabel, tuned_thresholds
+    from pipeline.heads.metrics import evaluate_multilabel
+    from pipeline.heads.multilabel import decision_rule
     m = json.loads((finetuned_tags / "metrics.json").read_text())
     history = [{k: float(v) for k, v in row.items() if k != "phase"}
                for row in csv.DictReader(open(finetuned_tags / "history.csv"))]
     ap = [h["val_macro_ap"] for h in history]
     assert m["best_epoch"] == ap.index(max(ap)) + 1 and m["val_score"] == pytest.approx(max(ap))
-    assert m["eval_split"] == "test" and m["calibration"].startswith("none")
+    assert m["eval_split"] == "test" and 0 <= m["ece"] <= 1
     model = api.load_model(finetuned_tags)
     assert model.multi_label and set(model.thresholds) == set(model.classes)
     val_scores, val_Y = scores_of_split(finetuned_tags, mosaics, "val")
     logits = network_logits(finetuned_tags, mosaics, "val")
-    assert np.allclose(val_scores, 1 / (1 + np.exp(-logits)), atol=1e-6)   # each class's sigmoid
+    temperatures, expected, _ = decision_rule(finetune_settings(mosaics), "finetune", expit(logits), val_Y, True)
+    assert model.info["calibration"]["values"] == pytest.approx(temperatures.values, rel=1e-4)
+    assert np.allclose(val_scores, temperatures.apply(expit(logits)), atol=1e-4)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.tensor(val_Y / 1.0),
                                                                reduction="none").sum(1).mean()   # over the classes
     assert float(bce) == pytest.approx(history[m["best_epoch"] - 1]["val_loss"], rel=1e-4)
-    expected = tuned_thresholds(val_Y, val_scores, 0.5)[0]
     assert [model.thresholds[c] for c in model.classes] == pytest.approx(expected, abs=1e-5)
     test_scores, test_Y = scores_of_split(finetuned_tags, mosaics, "test")
     again = evaluate_multilabel(test_Y, test_scores, np.array(expected), model.classes)
@@ -299,7 +303,7 @@ def test_finetune_trains_sigmoids_with_bce_and_tunes_thresholds_on_val(finetuned
     details = json.loads((finetuned_tags / "details.json").read_text())
     assert details["per_class"][model.classes[0]]["threshold"] == pytest.approx(expected[0], abs=1e-5)
     assert json.loads((finetuned_tags / "confusion.json").read_text()) == []
-    assert (finetuned_tags / "confusion.png").stat().st_size > 0 and not (finetuned_tags / "reliability.png").exists()
+    assert all((finetuned_tags / f).stat().st_size > 0 for f in ("confusion.png", "reliability.png", "held_out.npz"))
 
 
 def test_predict_names_the_labels_of_a_fine_tuned_network(finetuned_tags, mosaics):
@@ -351,18 +355,22 @@ def test_gradcam_of_a_chosen_class(finetuned_tags, mosaics, tmp_path):
 
 
 def test_the_scratch_baseline_from_the_command_line(mosaics, tmp_path):
-    """Random weights, all layers, one epoch: the summary line gives macro AP and F1; compare refuses the model
-    as it refuses multi-label heads."""
+    """Random weights, all layers, one epoch, no calibration: the summary line gives macro AP and F1, and compare
+    ranks the model by its val macro AP."""
+    from pipeline.report.compare import rows
     out = tmp_path / "scratch"
     done = cli_in_process("finetune", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
                           "--strategy", "scratch", "--epochs", 1, "--image-size", 32, "--batch-size", 20,
-                          "--workers", 0, "--device", "cpu", "--out", out, check=True)
+                          "--calibration", "none", "--workers", 0, "--device", "cpu", "--out", out, check=True)
     m = json.loads((out / "metrics.json").read_text())
     assert f"scratch: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f} on test " in done.stderr
     assert "val loss" in done.stdout and "macro AP" in done.stdout   # the epoch's line
-    assert api.load_model(out).info["backbone"]["weights"] == "none"
-    compare = cli_in_process("compare", out, "--out", tmp_path / "reports")
-    assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr
+    model = api.load_model(out)
+    assert model.info["backbone"]["weights"] == "none" and "calibration" not in model.info
+    assert m["ece"] == m["ece_uncalibrated"]
+    row = rows([out])[0]
+    assert row["multi_label"] and row["val_score"] == m["val_score"]
+    assert row["val_interval"][0] <= m["val_score"] <= row["val_interval"][1]
 
 
 def test_finetune_refuses_a_label_found_only_in_val_and_test_in_one_line(mosaics, tmp_path):
@@ -402,3 +410,123 @@ def test_a_multi_label_finetune_resumed_after_an_interruption_repeats_the_whole_
     whole, resumed = modeldir.load(finetuned_tags)[1], modeldir.load(part)[1]
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert modeldir.read_info(part)["thresholds"] == modeldir.read_info(finetuned_tags)["thresholds"]
+
+
+def test_scores_are_calibrated_per_class_and_the_thresholds_apply_to_them(multilabel_cache, tmp_path):
+    from pipeline.heads.calibration import ClassTemperatures
+    from pipeline.heads.multilabel import scores_of
+    calibrated = api.train(multilabel_cache, "linear_svm", tmp_path / "calibrated")
+    own = api.train(multilabel_cache, "linear_svm", tmp_path / "own", calibration="none")
+    info = json.loads((tmp_path / "calibrated" / "model.json").read_text())
+    assert info["calibration"]["method"] == "temperature per class" and "calibration" not in own.info
+    assert 0 <= calibrated.metrics["ece"] <= 1
+    assert own.metrics["ece_uncalibrated"] == calibrated.metrics["ece_uncalibrated"]
+    assert own.metrics["ece"] == own.metrics["ece_uncalibrated"]
+    with open_cache(multilabel_cache) as cache:
+        test = cache.read("test")
+    raw = scores_of(api.load_model(tmp_path / "own")._directory.model, test.features)   # decision values
+    scores = api.load_model(tmp_path / "calibrated").predict_features(test.features)
+    assert np.allclose(scores, ClassTemperatures.from_dict(info["calibration"]).apply(raw))
+    assert ((scores > 0) & (scores < 1)).all() and (np.argsort(scores, 0) == np.argsort(raw, 0)).all()
+    assert calibrated.metrics["macro_ap"] == pytest.approx(own.metrics["macro_ap"])   # a temperature keeps the order
+    # on calibrated scores, each threshold is half the best F1 of its class: at most 0.5; the head's own
+    # decision values are cut where F1 peaks
+    assert all(0 < t <= 0.5 for t in calibrated.thresholds.values())
+    assert any(t < 0 for t in own.thresholds.values())
+
+
+def test_weighted_macro_ap_is_sklearns_average_precision_with_weights():
+    from sklearn.metrics import average_precision_score
+
+    from pipeline.heads.metrics import macro_ap, weighted_macro_ap
+    rng = np.random.default_rng(0)
+    Y = (rng.random((50, 3)) < 0.3).astype(np.uint8)
+    Y[0, 2] = 1
+    scores = np.round(Y * 0.4 + rng.random(Y.shape), 1)   # rounded: tied scores
+    weights = rng.multinomial(50, np.full(50, 1 / 50), size=4)
+    expected = [np.mean([average_precision_score(Y[:, c], scores[:, c], sample_weight=w) for c in range(3)
+                         if (w * Y[:, c]).any()]) for w in weights]
+    assert np.allclose(weighted_macro_ap(Y, scores, weights), expected)
+    assert np.isclose(weighted_macro_ap(Y, scores, np.ones((1, 50)))[0], macro_ap(Y, scores))
+
+
+def test_compare_ranks_multi_label_models_by_val_macro_ap_with_bootstrap_intervals(multilabel_cache, tmp_path):
+    from pipeline.heads.metrics import macro_ap
+    for classifier in ("logreg", "knn"):
+        api.train(multilabel_cache, classifier, tmp_path / "models" / classifier)
+    with np.load(tmp_path / "models" / "logreg" / "held_out.npz") as held:
+        with open_cache(multilabel_cache) as cache:
+            assert np.array_equal(held["labels"], cache.read("val").labels)
+        assert np.isclose(macro_ap(held["labels"], held["scores"]),
+                          json.loads((tmp_path / "models" / "logreg" / "metrics.json").read_text())["val_score"])
+    cli_in_process("compare", tmp_path / "models", "--out", tmp_path / "reports", check=True)
+    table = json.loads((tmp_path / "reports" / "compare.json").read_text())
+    assert [r["val_score"] for r in table] == sorted((r["val_score"] for r in table), reverse=True)
+    assert table[0]["selected"] and not table[1]["selected"]
+    for row in table:
+        metrics = json.loads((tmp_path / "models" / row["name"] / "metrics.json").read_text())
+        assert row["multi_label"] and row["val_score"] == metrics["val_score"]
+        assert row["n_val_scored"] == metrics["n_val"] and row["macro_f1"] == metrics["macro_f1"]
+        low, high = row["val_interval"]
+        assert 0 <= low <= high <= 1 and low < high
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "selection score: macro AP (95% CI)" in report and "Hamming loss" in report
+    assert "percentile-bootstrap intervals" in report and (tmp_path / "reports" / "compare.png").stat().st_size
+
+
+def test_compare_refuses_to_mix_single_and_multi_label_models(multilabel_cache, small_cache, tmp_path):
+    api.train(multilabel_cache, "ridge", tmp_path / "multi")
+    api.train(small_cache, "ridge", tmp_path / "single")
+    done = cli_in_process("compare", tmp_path / "single", tmp_path / "multi", "--out", tmp_path / "reports")
+    assert done.returncode == 2 and "one is a multi-label model, the other single-label" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "reports").exists()
+    (tmp_path / "multi" / "held_out.npz").unlink()
+    done = cli_in_process("compare", tmp_path / "multi", "--out", tmp_path / "reports")
+    assert done.returncode == 2 and "lacks held_out.npz" in done.stderr
+
+
+def test_the_documented_dvc_params_run_train_and_compare(mosaics, tmp_path):
+    """docs/multilabel.md's params.yaml keys over the demo's, through the stage scripts of dvc.yaml (in this
+    process; tests/test_dvc_pipeline.py runs the real `dvc repro` of the demo): each train stage writes every
+    output dvc.yaml declares, and compare ranks the models by val macro AP."""
+    import re
+
+    import yaml
+
+    from tests.conftest import stage_in_process
+    documented = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "multilabel.md").read_text(), re.S).group(1)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in yaml.safe_load(documented).items():
+        params[key] = {**params[key], **value} if key == "extract" else value
+    assert params["extract"]["multi_label"] and set(params["extractors"]) == {"lite0_160"}
+    data = tmp_path / params["data"]
+    data.symlink_to(mosaics.parent)   # the mosaics, with their labels file, where the params expect them
+    params["extract"].update(workers=0)
+    params["extractors"]["lite0_160"]["image_size"] = 32
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage_in_process("extract.py", tmp_path, "lite0_160", params["data"], "features/lite0_160.h5", check=True)
+    train_outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["outs"]
+    for classifier in params["train"]:
+        out = f"models/lite0_160/{classifier}"
+        stage_in_process("train.py", tmp_path, classifier, "features/lite0_160.h5", out, check=True)
+        for declared in train_outs:
+            path = next(iter(declared)) if isinstance(declared, dict) else declared
+            assert (tmp_path / path.replace("${item.extractor}/${item.classifier}", out[7:])).is_file()
+    done = stage_in_process("compare.py", tmp_path, "reports", "models", check=True)
+    rows = json.loads((tmp_path / "reports" / "compare.json").read_text())
+    assert {r["name"] for r in rows} == {f"lite0_160/{c}" for c in params["train"]}
+    assert all(r["multi_label"] for r in rows)
+    assert f"selected {rows[0]['name']}: {rows[0]['val_score']:.3f}" in done.stdout
+
+
+def test_thresholds_are_half_the_best_f1_or_where_f1_peaks():
+    from sklearn.metrics import f1_score
+
+    from pipeline.heads.metrics import half_best_f1_thresholds, tuned_thresholds
+    Y = np.array([[1, 0], [1, 0], [0, 0], [0, 0], [1, 0]])
+    scores = np.array([[0.9, 0.1], [0.6, 0.2], [0.7, 0.3], [0.2, 0.4], [0.4, 0.5]])
+    peaks, untuned = tuned_thresholds(Y, scores, 0.5)
+    assert peaks[0] == 0.4 and f1_score(Y[:, 0], scores[:, 0] >= 0.4) == pytest.approx(6 / 7)   # 3 of 4 labelled
+    assert untuned == [1] and peaks[1] == 0.5
+    halves, untuned = half_best_f1_thresholds(Y, scores)
+    assert halves[0] == pytest.approx(3 / 7) and halves[1] == 0.5 and untuned == [1]

@@ -2,7 +2,9 @@
 head's confidence is from its accuracy (expected calibration error over a reliability table).
 
 A temperature divides the head's logits (log-probabilities, or decision values for heads without
-probabilities) before the softmax: it rescales confidence and never changes the top-1 class."""
+probabilities) before the softmax: it rescales confidence and never changes the top-1 class. A multi-label
+head gets one temperature per class (`ClassTemperatures`), each a two-class calibration of that class's score,
+and its ECE is the mean over classes of each class's one-vs-rest ECE (`assess_multilabel`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -135,9 +137,94 @@ class Temperature:
         return Calibrated()
 
 
+def two_classes(scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    """One class's scores [N] as the scores of the two classes "without it" and "with it" [N, 2]: (1 - p, p),
+    or (0, d) for a decision value d. A Temperature on these is sigmoid(logit(p) / T), or sigmoid(d / T)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.stack([1 - scores if probabilities else np.zeros_like(scores), scores], 1)
+
+
+@dataclass(frozen=True)
+class ClassTemperatures:
+    """A multi-label head's calibration: one Temperature per class, each on the class's `two_classes` scores,
+    fitted on held-out scores of that class alone. Calibrated scores are probabilities; a temperature keeps
+    each class's order of images (its AP) and its neutral point (0.5, or a decision value of 0)."""
+    values: tuple[float, ...]
+    of: str
+    floor: float = FLOOR
+
+    @classmethod
+    def fit(cls, held_out: np.ndarray, Y: np.ndarray, probabilities: bool,
+            floor: float = FLOOR) -> "ClassTemperatures":
+        """Each class's temperature fitted on held-out scores [N, classes] and their 0/1 labels; a class
+        without both a positive and a negative there keeps 1."""
+        fitted = [Temperature.fit(two_classes(held_out[:, c], probabilities), Y[:, c], probabilities, floor).value
+                  if 0 < Y[:, c].sum() < len(Y) else 1.0 for c in range(Y.shape[1])]
+        return cls(tuple(fitted), "probabilities" if probabilities else "decision values", floor)
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        probabilities = self.of == "probabilities"
+        return np.stack([Temperature(t, self.of, self.floor).apply(two_classes(scores[:, c], probabilities))[:, 1]
+                         for c, t in enumerate(self.values)], 1)
+
+    def to_dict(self) -> dict:
+        return {"method": "temperature per class", "values": list(self.values), "of": self.of, "floor": self.floor}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassTemperatures":
+        """As model.json records it; ValueError for a value no fit gives."""
+        found = cls(tuple(float(v) for v in d["values"]), d["of"], float(d["floor"]))
+        for value in found.values:
+            Temperature.from_dict({"value": value, "of": found.of, "floor": found.floor})
+        return found
+
+    def torch_layer(self):
+        """The same in torch, after layers giving the head's own scores [N, classes]."""
+        import torch
+
+        calibration = self
+
+        class Calibrated(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("temperatures", torch.tensor(calibration.values, dtype=torch.float32))
+
+            def forward(self, scores):
+                if calibration.of == "probabilities":
+                    p = scores.clamp(min=calibration.floor, max=1.0)
+                    scores = torch.log(p) - torch.log((1 - scores).clamp(min=calibration.floor, max=1.0))
+                return torch.sigmoid(scores / self.temperatures)
+
+        return Calibrated()
+
+
+def recorded(d: dict | None):
+    """The calibration model.json records: a Temperature, ClassTemperatures (`method`), or None."""
+    if not d:
+        return None
+    return ClassTemperatures.from_dict(d) if d.get("method") == "temperature per class" else Temperature.from_dict(d)
+
+
 def uncalibrated(scores: np.ndarray, probabilities: bool) -> np.ndarray:
     """A head's own scores as probabilities: themselves, or the softmax of its decision values."""
     return np.asarray(scores, dtype=np.float64) if probabilities else softmax(logits(scores, False))
+
+
+def assess_multilabel(Y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray | None, probabilities: bool) -> dict:
+    """ece and ece_uncalibrated of a multi-label head: the mean over classes of the ECE of each class's
+    `two_classes` scores against its 0/1 labels (one-vs-rest), of the `calibrated` scores (None: the head's
+    own are given) and of the head's own (a sigmoid of its decision values when it has no probabilities);
+    and the reliability table of the scores given, every (image, class) pair pooled."""
+    def pairs(scores, of_probabilities, c=slice(None)):
+        return uncalibrated(two_classes(np.ravel(scores[:, c]), of_probabilities), of_probabilities)
+
+    def ece(scores, of_probabilities):
+        return float(np.mean([expected_calibration_error(reliability(pairs(scores, of_probabilities, c), Y[:, c]))
+                              for c in range(Y.shape[1])]))
+    own = ece(raw, probabilities)
+    given = (raw, probabilities) if calibrated is None else (calibrated, True)
+    return {"ece": own if calibrated is None else ece(calibrated, True), "ece_uncalibrated": own,
+            "reliability": reliability(pairs(*given), np.ravel(Y))}
 
 
 def assess(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, probabilities: bool) -> dict:

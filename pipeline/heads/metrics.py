@@ -76,19 +76,62 @@ def macro_ap(Y: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(Y[:, present], scores[:, present], average="macro"))
 
 
-def tuned_thresholds(Y: np.ndarray, scores: np.ndarray, default: float) -> tuple[np.ndarray, list[int]]:
-    """Each class's threshold maximising its F1 on (Y, scores), an image carrying the class when its score
-    reaches it; a class without a positive in `Y` keeps `default`. Returns the thresholds and those classes."""
-    from sklearn.metrics import precision_recall_curve
-    thresholds, untuned = np.full(Y.shape[1], float(default)), []
+def weighted_macro_ap(Y: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`macro_ap` of (Y, scores) under each row of `weights` ([B, N] image weights), at once: sklearn's
+    average_precision_score with sample_weight, tied scores taken together, vectorised over the rows (one call
+    per class and row would take minutes for a bootstrap). A class without a weighted positive is left out."""
+    aps = []
     for c in range(Y.shape[1]):
-        if not Y[:, c].any():
-            untuned.append(c)
-            continue
-        precision, recall, cuts = precision_recall_curve(Y[:, c], scores[:, c])
+        order = np.argsort(-scores[:, c], kind="stable")
+        y, s = Y[order, c].astype(np.float64), scores[order, c]
+        ends = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]   # the last image of each run of equal scores
+        tp = np.cumsum(weights[:, order] * y, 1)[:, ends]
+        seen = np.cumsum(weights[:, order], 1)[:, ends]
+        positives = tp[:, -1:]
+        recall = np.diff(tp, prepend=0, axis=1) / np.where(positives > 0, positives, 1)
+        precision = tp / np.where(seen > 0, seen, 1)
+        aps.append(np.where(positives[:, 0] > 0, (recall * precision).sum(1), np.nan))
+    return np.nanmean(np.stack(aps, 1), 1)
+
+
+def macro_ap_interval(Y: np.ndarray, scores: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `macro_ap(Y, scores)`, the images resampled with replacement: the
+    multi-label counterpart of `accuracy_interval` (macro AP has no closed-form interval)."""
+    n = len(Y)
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)
+    low, high = np.percentile(weighted_macro_ap(Y, scores, weights), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def best_f1(Y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's best F1 on (Y, scores), an image carrying the class when its score reaches a cut, and the
+    cut reaching it (NaN both for a class without a positive in `Y`)."""
+    from sklearn.metrics import precision_recall_curve
+    f1s, cuts = np.full(Y.shape[1], np.nan), np.full(Y.shape[1], np.nan)
+    for c in np.flatnonzero(Y.any(0)):
+        precision, recall, at = precision_recall_curve(Y[:, c], scores[:, c])
         f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-        thresholds[c] = float(cuts[int(np.argmax(f1))])
-    return thresholds, untuned
+        f1s[c], cuts[c] = f1.max(), at[int(np.argmax(f1))]
+    return f1s, cuts
+
+
+def tuned_thresholds(Y: np.ndarray, scores: np.ndarray, default: float) -> tuple[np.ndarray, list[int]]:
+    """Each class's threshold maximising its F1 on (Y, scores); a class without a positive in `Y` keeps
+    `default`. Returns the thresholds and those classes."""
+    _, cuts = best_f1(Y, scores)
+    untuned = [int(c) for c in np.flatnonzero(np.isnan(cuts))]
+    return np.where(np.isnan(cuts), float(default), cuts), untuned
+
+
+def half_best_f1_thresholds(Y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Each class's threshold for calibrated probabilities: half the best F1 the class reaches on (Y,
+    probabilities), the F1-maximising threshold of a calibrated classifier (Lipton, Elkan and Naryanaswamy,
+    "Optimal thresholding of classifiers to maximize F1 measure", 2014). It rests on the F1 reached, not on
+    where the few positives near the cut happen to lie, so it varies less from sample to sample than the score
+    at which F1 peaks. A class without a positive in `Y` keeps 0.5. Returns the thresholds and those classes."""
+    f1s, _ = best_f1(Y, probabilities)
+    untuned = [int(c) for c in np.flatnonzero(np.isnan(f1s))]
+    return np.where(np.isnan(f1s), 0.5, f1s / 2), untuned
 
 
 def evaluate_multilabel(Y: np.ndarray, scores: np.ndarray, thresholds: np.ndarray, classes: list[str]) -> dict:

@@ -6,11 +6,18 @@ through scikit-learn's OneVsRestClassifier (logreg, torch_logreg, linear_svm, ri
 0/1 matrix (knn: distance-weighted neighbour votes per class; torch_linear and torch_mlp: sigmoid outputs
 trained with BCE). rbf_svm is refused.
 
-Thresholds: with a test split, the chosen value is fitted on train and scored on val, and each class's
-threshold is the score maximising its F1 there; without one, on out-of-fold scores of train. An image carries
-a class when its score reaches the class's threshold. A class without a positive keeps the default (0.5 for
-probabilities, 0 for decision values), named in one warning. They are kept in model.json as `thresholds`
-({class: threshold}) beside `multi_label: true`.
+Held-out scores: with a test split, those of the chosen value fitted on train and scored on val; without one,
+out-of-fold scores of train. They give the selection score and are kept in the model directory
+(modeldir.HELD_OUT, for compare's intervals).
+Calibration and thresholds are fitted on out-of-fold scores of the rows the model is fitted on (train+val with
+a test split, train without: the held-out scores then), k folds of the chosen value: of all held-out scores,
+the nearest to those of the final model, and on the most images. With `--calibration temperature` (the default)
+each class gets its temperature (calibration.ClassTemperatures), the model's scores are probabilities and each
+class's threshold is half the best F1 it reaches on the calibrated scores (metrics.half_best_f1_thresholds);
+with `--calibration none` it is the head's own score maximising the class's F1. An image carries a class when
+its score reaches the class's threshold. A class without a positive keeps the default (0.5 for probabilities,
+0 for decision values), named in one warning. They are kept in model.json as `thresholds` ({class: threshold})
+beside `multi_label: true`.
 """
 from __future__ import annotations
 
@@ -18,29 +25,11 @@ import time
 
 import numpy as np
 
+from pipeline.heads.calibration import ClassTemperatures, assess_multilabel
 from pipeline.heads.classifiers import CLASSIFIERS, one_thread_if_small
 from pipeline.heads.familiarity import Familiarity
-from pipeline.heads.metrics import evaluate_multilabel, macro_ap, tuned_thresholds
+from pipeline.heads.metrics import evaluate_multilabel, half_best_f1_thresholds, macro_ap, tuned_thresholds
 from pipeline.runtime.errors import InputError, warn
-
-
-UNCALIBRATED = "none: multi-label scores are used as the head gives them"   # metrics.json `calibration`
-
-
-def thresholds_tuned_on(Y: np.ndarray, scores: np.ndarray, default: float, classes: list[str], split: str
-                        ) -> np.ndarray:
-    """`tuned_thresholds` on (Y, scores) of `split`, naming in one warning the classes without a positive there
-    (they keep `default`)."""
-    thresholds, untuned = tuned_thresholds(Y, scores, default)
-    if untuned:
-        warn(f"no positive in {split} for {', '.join(classes[c] for c in untuned)}: "
-             f"kept the default threshold {default:g}")
-    return thresholds
-
-
-def recorded(thresholds: np.ndarray, classes: list[str]) -> dict:
-    """What model.json records of a multi-label model: `multi_label` and each class's threshold."""
-    return {"multi_label": True, "thresholds": {c: float(v) for c, v in zip(classes, thresholds)}}
 
 
 def wrapped(classifier: str, head):
@@ -112,23 +101,20 @@ def check_learnable(Y: np.ndarray, classes: list[str]) -> None:
                             f"learn it; fix the labels file")
 
 
-def held_out_scores(head, s, chosen, train_, val) -> tuple[np.ndarray, np.ndarray]:
-    """Scores no fit saw, and their labels, that the thresholds are tuned on (module docstring)."""
-    from sklearn.model_selection import KFold
-    if val is not None:
-        Y, held = val.labels, scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features)
-    else:
-        X, Y = train_.features, train_.labels
-        held = np.empty(Y.shape)
-        for fit_rows, scored in KFold(min(s.cv_folds, len(Y)), shuffle=True, random_state=s.seed).split(X):
-            held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], Y[fit_rows]), X[scored])
-    return held, Y
+def decision_rule(s, classifier: str, oof: np.ndarray, Y: np.ndarray, probabilities: bool) -> tuple:
+    """(calibration, thresholds, the classes left at the default threshold), from the out-of-fold scores `oof`
+    of the rows (labels `Y`) the model is fitted on (module docstring)."""
+    from pipeline.heads.train import floor
+    if s.calibration == "none":
+        return None, *tuned_thresholds(Y, oof, 0.5 if probabilities else 0.0)
+    temperatures = ClassTemperatures.fit(oof, Y, probabilities, floor(classifier))
+    return temperatures, *half_best_f1_thresholds(Y, temperatures.apply(oof))
 
 
 def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
     """`pipeline.heads.train.fit_head` on a multi-label cache (open), its splits read: a `Trained` whose
     `labels` and `predicted` are the evaluation split's 0/1 matrices. `splits`: train, val and test (or None)."""
-    from pipeline.heads.train import Trained, cv_folds, run_info
+    from pipeline.heads.train import Trained, cv_folds, held_out_scores, out_of_fold_scores, run_info
     train_, val, test = splits
     check_learnable(train_.labels, cache.classes)
     if s.class_weight is not None:
@@ -142,21 +128,30 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
         chosen = (head.select(s, train_.features, train_.labels, val.features, val.labels) if has_test
                   else head.select(s, train_.features, train_.labels))
         model = head.refit(s, chosen, X, Y)
-        held, held_Y = held_out_scores(head, s, chosen, train_, val if has_test else None)
+        held, held_Y = held_out_scores(s, head, chosen, train_, val if has_test else None, len(cache.classes))
+        oof = out_of_fold_scores(s, head, chosen, X, Y, len(cache.classes)) if has_test else held
     fit_seconds = time.perf_counter() - start
-    thresholds = thresholds_tuned_on(held_Y, held, 0.5 if probabilistic(model[-1]) else 0.0, cache.classes,
-                                     "val" if has_test else "train")
+    probabilities = probabilistic(model[-1])
+    temperatures, thresholds, untuned = decision_rule(s, head.name, oof, Y, probabilities)
+    if untuned:
+        warn(f"no positive in {'train+val' if has_test else 'train'} for "
+             f"{', '.join(cache.classes[c] for c in untuned)}: kept the default threshold {thresholds[untuned[0]]:g}")
     t = time.perf_counter()
-    scores = scores_of(model, evaluation.features)
+    raw = scores_of(model, evaluation.features)
+    scores = temperatures.apply(raw) if temperatures else raw
     metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, cache.classes),
-               "calibration": UNCALIBRATED}
+               **assess_multilabel(evaluation.labels, raw, scores if temperatures else None,
+                                                 probabilities)}
     metrics.update(val_score=chosen.score, selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold "
                    f"cv on train", eval_split="test" if has_test else "val", n_train=len(train_.labels),
                    n_val=len(val.labels), n_test=len(evaluation.labels) if has_test else 0,
                    n_eval=len(evaluation.labels), fit_seconds=fit_seconds, predict_seconds=time.perf_counter() - t,
                    extract_seconds=cache.attrs.get("extract_seconds"), search=head.search(chosen),
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess})
-    info = {**run_info(cache, head.name, s, dataset), **recorded(thresholds, cache.classes)}
+    info = {**run_info(cache, head.name, s, dataset), "multi_label": True,
+            "thresholds": {c: float(v) for c, v in zip(cache.classes, thresholds)},
+            **({"calibration": temperatures.to_dict()} if temperatures else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
-    return Trained(model, info, metrics, evaluation.labels, (scores >= thresholds).astype(np.uint8), familiarity)
+    return Trained(model, info, metrics, evaluation.labels, (scores >= thresholds).astype(np.uint8), familiarity,
+                   (held_Y, held))

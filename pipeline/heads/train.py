@@ -201,6 +201,7 @@ class Trained:
     labels: np.ndarray         # the evaluation split's labels and the predicted ones, for the confusion matrix
     predicted: np.ndarray
     familiarity: Familiarity   # the training vectors new images are compared with, and the novelty threshold
+    held_out: tuple            # (labels, scores) of the images no fit saw (modeldir.HELD_OUT)
 
 
 def labelled_splits(cache, cache_path: Path) -> dict:
@@ -261,7 +262,9 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
                              *(() if tune_on is None else (tune_on.features, tune_on.labels)))
         model = head.refit(s, chosen, X, y)
         probabilities = has_probabilities(model[-1])
-        temperature = fit_temperature(s, head, chosen, train_, tune_on, len(cache.classes), probabilities)
+        held, held_y = held_out_scores(s, head, chosen, train_, tune_on, len(cache.classes))
+    temperature = (None if s.calibration == "none" or not len(held_y) else   # no fold could be made
+                   calibration.Temperature.fit(held, held_y, probabilities, floor(head.name)))
     fit_seconds = time.perf_counter() - start
     t = time.perf_counter()
     raw = scores_of(model, evaluation.features, len(cache.classes))
@@ -283,7 +286,7 @@ def fit_head(cache_path: Path, s: TrainSettings, expected: dict | None = None, h
             **({"calibration": temperature.to_dict()} if temperature else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features),
                                   None if val is None else model[0].transform(val.features), s.novelty_quantile)
-    return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity)
+    return Trained(model, info, metrics, evaluation.labels, scores.argmax(1), familiarity, (held_y, held))
 
 
 def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
@@ -293,25 +296,30 @@ def run_info(cache, classifier: str, s: TrainSettings, dataset: str) -> dict:
             "feature_preprocessing": s.preprocess, "dataset": dataset}
 
 
-def fit_temperature(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int,
-                    probabilities: bool) -> calibration.Temperature | None:
-    """The calibration `s` asks for, fitted on scores of images no fit saw: with a val split to tune on
-    (`val` given), the chosen value fitted on train and scored on val; without one, out-of-fold scores on
-    train; none when no fold can be made."""
-    if s.calibration == "none":
-        return None
+def held_out_scores(s: TrainSettings, head, chosen: Selection, train_, val, n_classes: int) -> tuple:
+    """(scores, labels) of images no fit saw, of the val score: what a single-label head's calibration is
+    fitted on and the model directory keeps (modeldir.HELD_OUT). With a val split to tune on (`val` given), the
+    chosen value fitted on train and scored on val; without one, out-of-fold scores on train; none (no row)
+    when no fold can be made (`cv_folds`)."""
     if val is not None:
-        held = scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features, n_classes)
-        y = val.labels
-    else:
-        X, y = train_.features, train_.labels
-        if not cv_folds(s, y):
-            return None
-        held = np.empty((len(y), n_classes))
-        for fit_rows, scored in StratifiedKFold(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
-            held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], y[fit_rows]), X[scored], n_classes)
-    floor = CLASSIFIERS[head.name].floor if head.name in CLASSIFIERS else calibration.FLOOR
-    return calibration.Temperature.fit(held, y, probabilities, floor)
+        return scores_of(head.refit(s, chosen, train_.features, train_.labels), val.features, n_classes), val.labels
+    if not cv_folds(s, train_.labels):
+        return np.empty((0, n_classes)), train_.labels[:0]
+    return out_of_fold_scores(s, head, chosen, train_.features, train_.labels, n_classes), train_.labels
+
+
+def out_of_fold_scores(s: TrainSettings, head, chosen: Selection, X, y, n_classes: int) -> np.ndarray:
+    """Each row's scores from the chosen value fitted on the other folds, in the folds of selection."""
+    held = np.empty((len(y), n_classes))
+    split = KFold if np.ndim(y) == 2 else StratifiedKFold
+    for fit_rows, scored in split(cv_folds(s, y), shuffle=True, random_state=s.seed).split(X, y):
+        held[scored] = scores_of(head.refit(s, chosen, X[fit_rows], y[fit_rows]), X[scored], n_classes)
+    return held
+
+
+def floor(classifier: str) -> float:
+    """Where calibration clips the probabilities of `classifier` (pipeline.heads.classifiers)."""
+    return CLASSIFIERS[classifier].floor if classifier in CLASSIFIERS else calibration.FLOOR
 
 
 def save(trained: Trained, out_dir: Path) -> None:
@@ -320,17 +328,19 @@ def save(trained: Trained, out_dir: Path) -> None:
     kind, head = stored.form(trained.model, trained.info["classifier"])   # refuses a head it cannot store
     with modeldir.staged(out_dir) as folder:
         info = {**trained.info, **trained.familiarity.save(folder)}
+        info["files"] = {**info["files"], **modeldir.write_held_out(folder, *trained.held_out)}
         if info.get("multi_label"):
             modeldir.write(folder, kind, head, info, m, [])
             precision_recall_png(m["per_class"], folder / "confusion.png", f"{info['classifier']} on "
                                  f"{m['eval_split']}: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f}")
-            return
-        modeldir.write(folder, kind, head, info, m,
-                       confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
-        confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
-                      f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")
+        else:
+            modeldir.write(folder, kind, head, info, m,
+                           confusion_rows(trained.labels, trained.predicted, trained.info["classes"]))
+            confusion_png(trained.labels, trained.predicted, trained.info["classes"], folder / "confusion.png",
+                          f"{trained.info['classifier']} on {m['eval_split']}: top-1 {m['top1']:.3f}")
+        what = "mean per-class ECE" if info.get("multi_label") else "ECE"
         calibration.reliability_png(m["reliability"], folder / "reliability.png",
-                                    f"{trained.info['classifier']} on {m['eval_split']}: ECE {m['ece']:.3f} "
+                                    f"{trained.info['classifier']} on {m['eval_split']}: {what} {m['ece']:.3f} "
                                     f"({m['ece_uncalibrated']:.3f} uncalibrated)")
 
 

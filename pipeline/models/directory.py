@@ -130,10 +130,11 @@ class ModelDirectory:
 
     @cached_property
     def temperature(self):
-        """The calibration model.json records (pipeline.heads.calibration.Temperature), or None."""
-        from pipeline.heads.calibration import Temperature
+        """The calibration model.json records (pipeline.heads.calibration: a Temperature, or ClassTemperatures
+        for a multi-label head), or None."""
+        from pipeline.heads.calibration import recorded
         try:
-            return Temperature.from_dict(self.info.get("calibration"))
+            return recorded(self.info.get("calibration"))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{self.path / modeldir.INFO}: 'calibration' is malformed ({exc!r})")
 
@@ -241,7 +242,8 @@ class FinetunedModel(ModelDirectory):
     kind = modeldir.FINETUNED
     what = "fine-tune"
     scores = PROBABILITIES      # a softmax over its logits, divided by the temperature where there is one;
-                                # multi-label (model.json `multi_label`): each class's sigmoid
+                                # multi-label (model.json `multi_label`): each class's sigmoid, calibrated by
+                                # its class's temperature where model.json records them
 
     @property
     def approach(self) -> str:
@@ -268,10 +270,13 @@ class FinetunedModel(ModelDirectory):
         from pipeline.heads.calibration import Temperature
         return self.temperature or Temperature(1.0, "decision values")
 
-    def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
+    def _label_scores(self, logits: np.ndarray) -> np.ndarray:
         from scipy.special import expit
+        return self.temperature.apply(expit(logits)) if self.temperature else expit(logits)
+
+    def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
         net = self._classifier.to(device)   # the fine-tuned network runs in torch
-        scores = expit if self.info.get("multi_label") else self._calibration.apply
+        scores = self._label_scores if self.info.get("multi_label") else self._calibration.apply
         familiarity = self.familiarity if novelty else None
 
         def assess(x):
@@ -282,8 +287,9 @@ class FinetunedModel(ModelDirectory):
 
     def network(self) -> Network:
         layer = self.backbone_spec.layer
-        scores = nn.Sigmoid() if self.info.get("multi_label") else self._calibration.torch_layer()
-        net = nn.Sequential(self._classifier.cpu(), scores).eval()
+        scores = ([nn.Sigmoid(), *([self.temperature.torch_layer()] if self.temperature else [])]
+                  if self.info.get("multi_label") else [self._calibration.torch_layer()])
+        net = nn.Sequential(self._classifier.cpu(), *scores).eval()
         return Network(net, dict(self._classifier.backbone.named_modules()).get(layer))
 
 

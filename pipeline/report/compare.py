@@ -1,11 +1,13 @@
 """The comparison of approaches: one row per model directory, as Markdown, JSON and a plot.
 
 Models are ranked by the score their own selection used (val accuracy, or k-fold accuracy on train
-without a test split), never by the evaluation split; the best one is marked as selected and its
-evaluation score is the one to report. Each accuracy has a 95% interval, since on small evaluation sets
-a few images decide the order. Stage-two models pay their cache's extraction once and then seconds per
-classifier; a fine-tune run pays its whole training every time. The table shows both costs and, for
-each classifier, how many times faster swapping it is than the fastest fine-tune run.
+without a test split; val macro AP for multi-label models, which never rank beside single-label ones), never
+by the evaluation split; the best one is marked as selected and its evaluation score is the one to report.
+Each selection score has a 95% interval, since on small evaluation sets a few images decide the order: a
+Wilson interval for an accuracy, a bootstrap over the held-out images a multi-label model keeps for a macro
+AP. Stage-two models pay their cache's extraction once and then seconds per classifier; a fine-tune run pays
+its whole training every time. The table shows both costs and, for each classifier, how many times faster
+swapping it is than the fastest fine-tune run.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import math
 from pathlib import Path
 
 from pipeline.features.spec import BackboneSpec
-from pipeline.heads.metrics import accuracy_interval
+from pipeline.heads.metrics import accuracy_interval, macro_ap_interval
 from pipeline.models.directory import KINDS, ModelDirectory, open_model
 from pipeline.runtime.errors import InputError
 from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.printing import shown as escaped
+from pipeline.storage.modeldir import read_held_out
 
 
 def model_dirs(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -42,12 +45,12 @@ def _extractor(spec: BackboneSpec) -> str:
     return " ".join([spec.name, f"{spec.preprocessing.image_size}px", *(["tta"] if spec.tta else [])])
 
 
+MULTI_LABEL = ("macro_ap", "micro_ap", "macro_f1", "micro_f1", "subset_accuracy", "hamming_loss")   # its columns
+
+
 def _row(name: str, d: Path) -> dict:
     model: ModelDirectory = open_model(d)   # model.json's facts and metrics.json are enough: no model is loaded
     m = model.metrics
-    if model.info.get("multi_label"):
-        raise InputError(f"compare ranks single-label models; {d} is multi-label (its metrics.json holds its "
-                        f"macro AP: docs/multilabel.md)")
     if not model.info.get("dataset"):
         raise InputError(f"{d}/model.json records no dataset identity; train it again with this version")
     if "val_score" not in m:
@@ -59,18 +62,23 @@ def _row(name: str, d: Path) -> dict:
     cached = model.cache_fingerprint is not None   # else trained on the images: no extraction to share
     extract = m.get("extract_seconds") if cached else None   # None also for a cache made without timing
     total = None if cached and extract is None else m["fit_seconds"] + (extract or 0.0)
+    row = {"name": name, "kind": model.kind.name, "approach": model.approach,
+           "extractor": _extractor(model.backbone_spec), "selected": False,
+           "multi_label": bool(model.info.get("multi_label")),
+           "val_score": m["val_score"], "selection": m["selection"],
+           "ece": m.get("ece"),   # None for models trained before calibration was measured
+           "extract_seconds": extract, "train_seconds": m["fit_seconds"], "total_seconds": total,
+           "swap_speedup": None, "eval_split": m["eval_split"], "n_eval": m["n_eval"],
+           "_data": (model.info["dataset"], m["eval_split"], m["n_eval"]), "_cached": cached, "_path": d}
+    if row["multi_label"]:   # macro AP: a bootstrap interval over the held-out images it was computed on
+        labels, scores = read_held_out(d, model.info)
+        return {**row, "val_interval": macro_ap_interval(labels, scores), "n_val_scored": len(labels),
+                **{k: m[k] for k in MULTI_LABEL}}
     n_scored = m["n_val"] if m["selection"] == "val" else m["n_train"]   # k-fold scores every train image once
-    return {"name": name, "kind": model.kind.name, "approach": model.approach,
-            "extractor": _extractor(model.backbone_spec), "selected": False,
-            "val_score": m["val_score"], "val_interval": accuracy_interval(m["val_score"], n_scored),
-            "selection": m["selection"], "n_val_scored": n_scored,
+    return {**row, "val_interval": accuracy_interval(m["val_score"], n_scored), "n_val_scored": n_scored,
             "top1": m["top1"], "top1_interval": accuracy_interval(m["top1"], m["n_eval"]),
             "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
-            "ece": m.get("ece"),   # None for models trained before calibration was measured
-            "extract_seconds": extract, "train_seconds": m["fit_seconds"], "total_seconds": total,
-            "swap_speedup": None, "eval_split": m["eval_split"], "n_eval": m["n_eval"],
-            **({"top5": m["top5"]} if "top5" in m else {}), "_data": (model.info["dataset"], m["eval_split"], m["n_eval"]),
-            "_cached": cached, "_path": d}
+            **({"top5": m["top5"]} if "top5" in m else {})}
 
 
 def rows(dirs: list[Path]) -> list[dict]:
@@ -79,6 +87,9 @@ def rows(dirs: list[Path]) -> list[dict]:
     out = []
     for name, d in model_dirs(dirs):
         row = _row(name, d)
+        if out and row["multi_label"] != out[0]["multi_label"]:
+            raise InputError(f"cannot compare {d} with {out[0]['_path']}: one is a multi-label model, the other "
+                            f"single-label, and their scores (macro AP, top-1 accuracy) do not rank together")
         if out and row["_data"] != out[0]["_data"]:
             raise InputError(f"cannot compare {d} with {out[0]['_path']}: they were trained or evaluated on "
                             f"different data (dataset identity, eval split or its size differ)")
@@ -111,11 +122,16 @@ def verdict(table: list[dict]) -> str:
     """The selected model with its selection and evaluation scores, and whether the runner-up is a tie."""
     best = table[0]
     split = best["eval_split"]
+    if best["multi_label"]:
+        evaluated = f"{split} macro AP {best['macro_ap']:.3f} and macro F1 {best['macro_f1']:.3f}"
+        intervals = "95% percentile-bootstrap intervals over the images scored (1,000 resamples)"
+    else:
+        evaluated = f"{split} top-1: {_accuracy(best['top1'], best['top1_interval'])}"
+        intervals = "95% Wilson intervals"
     lines = [f"Selected: **{best['name']}** ({best['extractor']}, {best['approach']}), the best selection score: "
              f"{_accuracy(best['val_score'], best['val_interval'])} on {best['n_val_scored']} images "
-             f"({best['selection']}). Its {split} top-1: {_accuracy(best['top1'], best['top1_interval'])} on "
-             f"{best['n_eval']} images. Models are ranked by the score their selection used, never by {split}; "
-             f"intervals are 95% Wilson intervals."]
+             f"({best['selection']}). Its {evaluated} on {best['n_eval']} images. Models are ranked by the score "
+             f"their selection used, never by {split}; intervals are {intervals}."]
     if len(table) > 1:
         second = table[1]
         tie = second["val_score"] >= best["val_interval"][0]
@@ -125,19 +141,27 @@ def verdict(table: list[dict]) -> str:
     return "\n\n".join(lines)
 
 
+def _evaluated(r: dict) -> list[str]:
+    """A row's cells of its evaluation scores."""
+    if r["multi_label"]:
+        return [f"{r[k]:.3f}" for k in MULTI_LABEL]
+    return [_accuracy(r["top1"], r["top1_interval"]), f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}"]
+
+
 def markdown(table: list[dict]) -> str:
     """The table as markdown, then the verdict; the swap speed-up column only when there is a fine-tune
     run to compare with."""
     swaps = any(r["swap_speedup"] for r in table)
     split = table[0]["eval_split"]
-    header = ["selected", "model", "extractor", "approach", "selection score (95% CI)", "scored on",
-              f"{split} top-1 (95% CI)", "balanced acc.", "macro F1", "ECE", "extraction s", "train s", "total s",
+    scored = (["selection score: macro AP (95% CI)", "scored on", f"{split} macro AP", "micro AP", "macro F1",
+               "micro F1", "subset acc.", "Hamming loss"] if table[0]["multi_label"] else
+              ["selection score (95% CI)", "scored on", f"{split} top-1 (95% CI)", "balanced acc.", "macro F1"])
+    header = ["selected", "model", "extractor", "approach", *scored, "ECE", "extraction s", "train s", "total s",
               *(["swap speed-up"] if swaps else [])]
     cells = [["✓" if r["selected"] else "", r["name"], r["extractor"], r["approach"],
-              _accuracy(r["val_score"], r["val_interval"]), r["selection"], _accuracy(r["top1"], r["top1_interval"]),
-              f"{r['balanced_accuracy']:.3f}", f"{r['macro_f1']:.3f}", _cell(r["ece"], "{:.3f}"),
-              _cell(r["extract_seconds"]),
-              _cell(r["train_seconds"]), _cell(r["total_seconds"]), *([_speedup(r["swap_speedup"])] if swaps else [])]
+              _accuracy(r["val_score"], r["val_interval"]), r["selection"], *_evaluated(r), _cell(r["ece"], "{:.3f}"),
+              _cell(r["extract_seconds"]), _cell(r["train_seconds"]), _cell(r["total_seconds"]),
+              *([_speedup(r["swap_speedup"])] if swaps else [])]
              for r in table]
     align = [":-:", "---", "---", "---", *["---:"] * (len(header) - 4)]
     align[5] = "---"
@@ -208,7 +232,7 @@ def figure(table: list[dict]):
     ax.xaxis.set_major_formatter(seconds)
     ax.xaxis.set_minor_formatter(seconds)
     ax.set_xlabel("total compute seconds (log scale)")
-    ax.set_ylabel("selection score (val top-1, 95% interval)")
+    ax.set_ylabel(f"selection score ({'macro AP' if table[0]['multi_label'] else 'top-1'}, 95% interval)")
     ax.grid(alpha=0.3)
     if shown:
         ax.legend(fontsize=8, loc="lower right")

@@ -13,6 +13,9 @@ written to a temporary sibling folder and renamed into place when complete.
                  the reliability table of the scores
   familiarity.npz  the training vectors new images are compared with (float16 arrays): the head's
                  preprocessed features, or a fine-tuned network's penultimate ones
+  held_out.npz   a classifier on features: the labels (0/1 matrix of a multi-label head) and the head's own
+                 scores of the images of its val score (val, or train's k folds), that a single-label head's
+                 calibration is fitted on and whose bootstrap gives `pipeline compare` a multi-label interval
   confusion.json {actual, predicted} rows for `dvc plots show`
 
 What each kind does with its file is `pipeline.models.directory`'s business.
@@ -151,6 +154,32 @@ def write(folder: Path, kind: Kind, model, info: dict, metrics: dict, confusion:
     info = dict(info, kind=kind.name, files={**info.get("files", {}),   # any the caller wrote, digested
                                              kind.model_file: sha256_file(folder / kind.model_file)})
     write_atomically(folder / INFO, json.dumps(info, indent=2) + "\n")
+
+
+HELD_OUT = "held_out.npz"
+
+
+def write_held_out(folder: Path, labels: np.ndarray, scores: np.ndarray) -> dict:
+    """Write HELD_OUT into `folder`; returns model.json's "files" entry for it."""
+    np.savez(Path(folder) / HELD_OUT, labels=labels.astype(np.uint8 if labels.ndim == 2 else np.int64),
+             scores=scores.astype(np.float32))
+    return {HELD_OUT: sha256_file(Path(folder) / HELD_OUT)}
+
+
+def read_held_out(model_dir: Path, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) of HELD_OUT in a model directory whose model.json is `info`, checked against its
+    SHA-256; refused when absent (a model trained before it was kept) or of the wrong shape."""
+    path = Path(model_dir) / HELD_OUT
+    if HELD_OUT not in info["files"] or not path.is_file():
+        raise InputError(f"{model_dir} keeps no held-out scores ({HELD_OUT}); train it again with this version")
+    if sha256_file(path) != info["files"][HELD_OUT]:
+        raise InputError(f"{path} does not match the SHA-256 recorded in {INFO}; refusing to read it")
+    with np.load(path, allow_pickle=False) as arrays:
+        labels, scores = arrays["labels"], arrays["scores"]
+    if scores.shape[1:] != (len(info["classes"]),) or labels.shape not in (scores.shape, scores.shape[:1]):
+        raise InputError(f"{path}: scores {scores.shape} must be [images, classes] and labels {labels.shape} "
+                        f"[images] or [images, classes]")
+    return labels, scores.astype(np.float64)
 
 
 _FIELDS = {"kind": str, "classes": list, "backbone": dict, "files": dict}

@@ -8,8 +8,8 @@ Strategies (the question every transfer-learning tutorial ends with: are frozen 
 
 The best epoch by val accuracy is kept and evaluated once on test (on val when there is no test split).
 Multi-label data (`multi_label`: a labels file listing several labels per image, pipeline.data.tags) trains
-each class's own sigmoid with BCE, keeps the best epoch by val macro average precision, and tunes each class's
-decision threshold on val, as stage two's multi-label heads do (pipeline.heads.multilabel).
+each class's own sigmoid with BCE, keeps the best epoch by val macro average precision, and fits each class's
+temperature and decision threshold on val, as stage two's multi-label heads do (pipeline.heads.multilabel).
 Under torchrun (WORLD_SIZE > 1) training runs as DistributedDataParallel; see pipeline.runtime.distributed.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from pipeline.heads.metrics import (confusion_png, confusion_rows, evaluate_mult
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import default_workers, resolve_device
-from pipeline.runtime.errors import Interrupted, InputError
+from pipeline.runtime.errors import Interrupted, InputError, warn
 from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.settings import validate
 from pipeline.storage import modeldir, statefile
@@ -524,7 +524,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
         return None
     model.load_state_dict(best_state)
     eval_split = "test" if "test" in dataset.splits() else "val"
-    evaluation, metrics, scoring, familiarity = score(model, batches, eval_split, dataset.classes, s, dev)
+    evaluation, val, metrics, scoring, familiarity = score(model, batches, eval_split, dataset.classes, s, dev)
     n = {split: sum(1 for v in seen.values() if v[1] == split) for split in ("train", "val", "test")}
     # the score that chose the epoch
     val_score = next(h[selected_by(s.multi_label)] for h in history if h["epoch"] == best_epoch)
@@ -540,14 +540,14 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
             "dataset": dataset_digest((p, label_text(dataset, label), split, digest)
                                       for p, (label, split, digest) in seen.items()),
             "skipped": sorted(skipped.items()), **scoring}
-    write_model_directory(out_dir, best_state, info, metrics, evaluation, familiarity, history)
+    write_model_directory(out_dir, best_state, info, metrics, (evaluation, val), familiarity, history)
     return metrics
 
 
 def score(model: FinetuneNetwork, batches, eval_split: str, classes: list[str], s: FinetuneSettings,
-          dev: torch.device) -> tuple[Evaluation, dict, dict, Familiarity]:
-    """The kept network on the evaluation split, with what makes its scores trustworthy: that evaluation, its
-    metrics, what model.json records of its scores (`class_scores` or `label_scores`) and the familiarity: the
+          dev: torch.device) -> tuple[Evaluation, Evaluation, dict, dict, Familiarity]:
+    """The kept network on the evaluation split, with what makes its scores trustworthy: that evaluation, val's,
+    its metrics, what model.json records of its scores (`class_scores` or `label_scores`) and the familiarity: the
     penultimate features of the training images that new ones are compared with, the novelty threshold set on
     val's. `batches(split, augment)`: a split's batches. Every train and val image is read once more,
     unaugmented (which also records them where no epoch ran)."""
@@ -559,7 +559,7 @@ def score(model: FinetuneNetwork, batches, eval_split: str, classes: list[str], 
     train = evaluate(model, batches("train", augment=False), loss_fn, dev)
     metrics, scoring = (label_scores if s.multi_label else class_scores)(evaluation, val, classes, s)
     metrics["predict_seconds"] = predict_seconds
-    return evaluation, metrics, scoring, Familiarity.fit(train.features, val.features, s.novelty_quantile)
+    return evaluation, val, metrics, scoring, Familiarity.fit(train.features, val.features, s.novelty_quantile)
 
 
 def class_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s: FinetuneSettings
@@ -577,33 +577,44 @@ def class_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s:
 
 def label_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s: FinetuneSettings
                  ) -> tuple[dict, dict]:
-    """The metrics of each class's sigmoid score, a class carried where it reaches its threshold tuned on val
-    (pipeline.heads.multilabel), and the thresholds model.json records. No temperature, as for stage two's
-    multi-label heads (`s`: unused, the signature of `class_scores`)."""
-    thresholds = multilabel.thresholds_tuned_on(val.labels, expit(val.logits), 0.5, classes, "val")
-    metrics = {**evaluate_multilabel(evaluation.labels, expit(evaluation.logits), thresholds, classes),
-               "calibration": multilabel.UNCALIBRATED}
-    return metrics, multilabel.recorded(thresholds, classes)
+    """The metrics of each class's sigmoid score, calibrated and thresholded as stage two's multi-label heads do
+    (pipeline.heads.multilabel.decision_rule), on val's scores: one temperature per class (unless
+    `s.calibration` is none) and each class's threshold; and the `thresholds` and `calibration` model.json
+    records."""
+    temperatures, thresholds, untuned = multilabel.decision_rule(s, "finetune", expit(val.logits), val.labels, True)
+    if untuned:
+        warn(f"no positive in val for {', '.join(classes[c] for c in untuned)}: kept the default threshold 0.5")
+    raw = expit(evaluation.logits)
+    scores = temperatures.apply(raw) if temperatures else raw
+    metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, classes),
+               **calibration.assess_multilabel(evaluation.labels, raw, scores if temperatures else None, True)}
+    return metrics, {"multi_label": True, "thresholds": {c: float(v) for c, v in zip(classes, thresholds)},
+                     **({"calibration": temperatures.to_dict()} if temperatures else {})}
 
 
-def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict, evaluation: Evaluation,
-                          familiarity: Familiarity, history: list[dict]) -> None:
-    """The model directory, with its plots and the checkpoint, when there is one (for --resume). A multi-label
-    network's confusion.png is each class's precision and recall, and it has no confusion rows."""
-    classes, y, y_pred = info["classes"], evaluation.labels, evaluation.logits.argmax(1)
+def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict,
+                          evaluations: tuple[Evaluation, Evaluation], familiarity: Familiarity,
+                          history: list[dict]) -> None:
+    """The model directory, with its plots and the checkpoint, when there is one (for --resume). `evaluations`:
+    of the evaluation split and of val. A multi-label network's confusion.png is each class's precision and
+    recall, it has no confusion rows, and it keeps val's labels and scores (modeldir.HELD_OUT, for compare)."""
+    (evaluation, val), classes = evaluations, info["classes"]
+    y, y_pred = evaluation.labels, evaluation.logits.argmax(1)
     name = f"{out_dir.name} ({info['strategy']}) on {metrics['eval_split']}"
     multi_label = info.get("multi_label", False)
     with modeldir.staged(out_dir) as folder:
-        modeldir.write(folder, modeldir.FINETUNED, state,
-                       {**info, **familiarity.save(folder, "the network's penultimate features")}, metrics,
+        info = {**info, **familiarity.save(folder, "the network's penultimate features")}
+        if multi_label:
+            info["files"] = {**info["files"], **modeldir.write_held_out(folder, val.labels, expit(val.logits))}
+        modeldir.write(folder, modeldir.FINETUNED, state, info, metrics,
                        [] if multi_label else confusion_rows(y, y_pred, classes))
         if multi_label:
             precision_recall_png(metrics["per_class"], folder / "confusion.png", f"{name}: {headline(metrics)}")
         else:
             confusion_png(y, y_pred, classes, folder / "confusion.png", f"{name}: {headline(metrics)}")
-            calibration.reliability_png(metrics["reliability"], folder / "reliability.png",
-                                        f"{name}: ECE {metrics['ece']:.3f} "
-                                        f"({metrics['ece_uncalibrated']:.3f} uncalibrated)")
+        calibration.reliability_png(metrics["reliability"], folder / "reliability.png",
+                                    f"{name}: {'mean per-class ECE' if multi_label else 'ECE'} {metrics['ece']:.3f} "
+                                    f"({metrics['ece_uncalibrated']:.3f} uncalibrated)")
         write_history(history, folder, out_dir.name)
         if (out_dir / CHECKPOINT).is_file():
             os.link(out_dir / CHECKPOINT, folder / CHECKPOINT)
