@@ -216,14 +216,6 @@ def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_ca
     assert np.allclose(exported, expected, atol=2e-3)
 
 
-def test_compare_refuses_multi_label_in_one_line(multilabel_cache, tmp_path):
-    api.train(multilabel_cache, "ridge", tmp_path / "ridge")
-    compare = cli_in_process("compare", tmp_path / "ridge", "--out", tmp_path / "reports")
-    assert compare.returncode == 2 and "compare ranks single-label models" in compare.stderr
-    assert len(compare.stderr.strip().splitlines()) == 1
-    assert api.open_cache(multilabel_cache).multi_label
-
-
 FINETUNE = {"label_column": "tags", "multi_label": True, "strategy": "head", "epochs": 2, "image_size": 64,
             "batch_size": 12, "workers": 0, "device": "cpu"}
 
