@@ -230,7 +230,7 @@ def finetuned_tags(mosaics, tmp_path_factory) -> Path:
     """A network fine-tuned on the mosaics' labels file through the Python API (head only, two epochs at 64 px,
     with its checkpoint)."""
     out = tmp_path_factory.mktemp("ml-finetuned") / "ft"
-    model = api.finetune(mosaics.parent, out, labels=str(mosaics), quiet=True, checkpoint=True, **FINETUNE)
+    model = api.finetune(mosaics.parent, out, labels=mosaics, quiet=True, checkpoint=True, **FINETUNE)   # a Path will do
     assert model.multi_label and "macro AP" in repr(model)
     return out
 
