@@ -1,13 +1,14 @@
 """Multi-label heads on a generated multi-label set: 2x2 mosaics of the demo's Fashion-MNIST items, each showing
 1-4 of the 10 classes (pipeline.data.demo.write_mosaics), extracted with EfficientNet-Lite0:
 
-    python benchmarks/multilabel.py [--images 1200] [--image-size 160] [--seed 0] [--work DIR]
+    python benchmarks/multilabel.py [--images 1200] [--image-size 160] [--seed 0] [--work DIR] [--finetune STRATEGY --epochs N]
 
 For the one-vs-rest logistic regression (`pipeline train --classifier logreg` on the multi-label cache) it
 reports the test macro and micro AP, the macro F1 with the model's per-class thresholds (docs/multilabel.md)
 and with a fixed threshold of 0.5, its ECE, and the macro F1 of a single-label logistic regression trained on
 each image's first tag (its one predicted class taken as the image's only label), chosen by the same protocol.
-`--seed` draws another set of mosaics. Prints one JSON line.
+`--seed` draws another set of mosaics. With --finetune, also the test macro AP and macro F1 of `pipeline finetune
+--multi-label` with that strategy on the same images and split. Prints one JSON line.
 
 `--rules` instead compares threshold rules for the same logreg (C chosen on val, refitted on train+val), by
 their test macro F1: a fixed 0.5; each class's F1 peak on val scores of the model fitted on train (the
@@ -64,6 +65,17 @@ def measure(cache_path: Path, work: Path) -> dict:
             "macro_f1_single_label": single, "subset_accuracy": model.metrics["subset_accuracy"]}
 
 
+def measure_finetune(cache: Path, image_size: int, strategy: str, epochs: int) -> dict:
+    """The figures of a multi-label fine-tune run on the mosaics of `cache` (`mosaic_cache`)."""
+    labels = cache.parent / cache.name.rsplit("-", 1)[0] / "labels.csv"
+    m = api.finetune(labels.parent, cache.parent / f"finetune-{strategy}", force=True, quiet=True, labels=str(labels),
+                     label_column="tags", multi_label=True, strategy=strategy, epochs=epochs,
+                     image_size=image_size).metrics
+    return {"finetune": strategy, "finetune_epochs": epochs, "finetune_best_epoch": m["best_epoch"],
+            "finetune_macro_ap": m["macro_ap"], "finetune_macro_f1": m["macro_f1"],
+            "finetune_fit_seconds": round(m["fit_seconds"], 1)}
+
+
 def _first_tag_f1(model, train_, val, test) -> float:
     """Macro F1 on test of a single-label logreg trained on each image's first tag (the first of its labels in
     class order), chosen on val and refitted on train+val as `pipeline train` does."""
@@ -111,12 +123,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the mosaics")
     parser.add_argument("--rules", action="store_true", help="compare threshold rules instead")
     parser.add_argument("--work", type=Path, default=None, help="keep the images, cache and model here")
+    parser.add_argument("--finetune", choices=("full", "partial", "head", "scratch"), default=None,
+                        help="also fine-tune with this strategy")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the fine-tune run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         cache = mosaic_cache(work, args.images, args.image_size, args.seed)
         figures = threshold_rules(cache) if args.rules else measure(cache, work)
+        if args.finetune:
+            figures.update(measure_finetune(cache, args.image_size, args.finetune, args.epochs))
         print(json.dumps({"image_size": args.image_size, "seed": args.seed, **figures}))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,7 +31,8 @@ def _settings(cls, given: dict, function: str):
     unknown = [key for key in given if key not in allowed]
     if unknown:
         raise InputError(f"{unknown[0]} is not a setting of pipeline.{function}; allowed: {', '.join(allowed)}")
-    return validate(cls(**given))
+    paths_as_text = {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in given.items()}
+    return validate(cls(**paths_as_text))
 
 
 @dataclass(frozen=True)

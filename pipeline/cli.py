@@ -313,7 +313,8 @@ def finetune(
     force: Annotated[bool, typer.Option("--force", help="Replace a model directory already at --out.")] = False,
 ):
     """Optional stage: fine-tune the backbone with a new head (or train it from scratch), keep the
-    best epoch by val accuracy, and write a model directory that predict and compare accept."""
+    best epoch by val accuracy (multi-label: val macro AP), and write a model directory that predict and compare
+    accept."""
     from pipeline.runtime import distributed
     if nproc > 1:
         sys.exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
@@ -323,7 +324,8 @@ def finetune(
     if model is None:   # a torchrun rank other than 0
         return
     m = model.metrics
-    _say([f"{settings.strategy}: top-1 {m['top1']:.3f} on {m['eval_split']} ({m['n_eval']} images), best epoch "
+    from pipeline.heads.metrics import headline
+    _say([f"{settings.strategy}: {headline(m)} on {m['eval_split']} ({m['n_eval']} images), best epoch "
           f"{m['best_epoch']} of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']} -> {out}"]
          + ([f"skipped {m['n_skipped']} files (reasons in {out / 'model.json'})"] if m["n_skipped"] else []), quiet)
 
@@ -340,12 +342,16 @@ def visualize(
                                                + ", ".join(n for n, spec in CLASSIFIERS.items() if spec.to_torch)
                                                + ").")] = False,
     device: Annotated[Device, typer.Option(help=rule(device_setting()).doc)] = Device.auto,
+    gradcam_class: Annotated[Optional[str], typer.Option(help="Grad-CAM of this class for every image (implies "
+                                                              "--gradcam); default: each image's top-scoring "
+                                                              "class.")] = None,
 ):
     """Show predictions on a grid of images (wrong ones in red) and, with --gradcam, where the model looked."""
     _check_model(model_dir)
     with heavy_imports():
         from pipeline.models.visualize import visualize as run
-    shown = run(model_dir, images, out, limit, gradcam, device.value)
+    gradcam = gradcam or gradcam_class is not None
+    shown = run(model_dir, images, out, limit, gradcam, device.value, gradcam_class)
     _say([f"{shown['shown']} images, {shown['wrong']} wrong -> {out / 'predictions.png'}"]
          + ([f"Grad-CAM of the same {shown['shown']} images -> {out / 'gradcam.png'}"] if gradcam else []))
 

@@ -14,7 +14,8 @@ def main():
     with heavy_imports():   # torch loads once the settings are accepted; what pipeline.finetune runs
         import pipeline.tuning.training
     m = pipeline.finetune(data, out, quiet=True, **keywords(s)).metrics
-    print(f"{name} ({s.strategy}): top-1 {m['top1']:.3f} on {m['eval_split']}, best epoch {m['best_epoch']} "
+    from pipeline.heads.metrics import headline   # sklearn is loaded by now
+    print(f"{name} ({s.strategy}): {headline(m)} on {m['eval_split']}, best epoch {m['best_epoch']} "
           f"of {m['epochs_run']}, {m['fit_seconds']:.1f}s on {m['device']}")
 
 

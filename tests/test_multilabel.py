@@ -1,7 +1,9 @@
 """Multi-label images: a labels file listing several labels per image, its cache's 0/1 label matrix, one-vs-rest
-and sigmoid heads with per-class thresholds, predict, and the targets on generated mosaics of the demo's items."""
+and sigmoid heads with per-class thresholds, predict, fine-tuning with BCE, and the targets on generated mosaics of
+the demo's items."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -195,13 +197,6 @@ def test_targets_on_generated_mosaics(tmp_path_factory):
     assert figures["macro_f1_tuned"] >= figures["macro_f1_single_label"] + 0.15, figures
 
 
-def test_finetune_refuses_multi_label_labels_in_one_line(mosaics, tmp_path):
-    done = cli_in_process("finetune", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
-                          "--out", tmp_path / "m")
-    assert done.returncode == 2 and done.stderr.startswith("error: finetune trains on single labels")
-    assert not (tmp_path / "m").exists()
-
-
 @pytest.mark.parametrize("classifier, calibration, method", [
     ("logreg", "auto", "platt per class"), ("torch_logreg", "auto", "platt per class"),
     ("torch_linear", "auto", "platt per class"), ("linear_svm", "platt", "platt per class"),
@@ -224,6 +219,196 @@ def test_export_gives_the_scores_predict_gives_with_the_thresholds(multilabel_ca
     exported = session.run(None, {session.get_inputs()[0].name: image})[0]
     expected = directory.scorer(torch.device("cpu"), "torch")(torch.from_numpy(image))
     assert np.allclose(exported, expected, atol=2e-3)
+
+
+FINETUNE = {"label_column": "tags", "multi_label": True, "strategy": "head", "epochs": 2, "image_size": 64,
+            "batch_size": 12, "workers": 0, "device": "cpu"}
+
+
+def finetune_settings(mosaics: Path):
+    from pipeline.tuning.training import FinetuneSettings
+    return FinetuneSettings(labels=str(mosaics), **FINETUNE)
+
+
+@pytest.fixture(scope="session")
+def finetuned_tags(mosaics, tmp_path_factory) -> Path:
+    """A network fine-tuned on the mosaics' labels file through the Python API (head only, two epochs at 64 px,
+    with its checkpoint)."""
+    out = tmp_path_factory.mktemp("ml-finetuned") / "ft"
+    model = api.finetune(mosaics.parent, out, labels=mosaics, quiet=True, checkpoint=True, **FINETUNE)   # a Path will do
+    assert model.multi_label and "macro AP" in repr(model)
+    return out
+
+
+def scores_of_split(model_dir: Path, mosaics: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The scores `predict` gives the images of `split` and their 0/1 labels, columns in class order."""
+    from pipeline.models.predict import predict
+    dataset = scan(mosaics, mosaics)
+    samples = dataset.split(split)
+    results = predict(model_dir, [mosaics.parent / x.path for x in samples], top_k=len(dataset.classes), device="cpu")
+    scores = np.array([[{t["class"]: t["score"] for t in r["top"]}[c] for c in dataset.classes] for r in results])
+    Y = np.zeros(scores.shape, np.uint8)
+    for row, x in zip(Y, samples):
+        row[list(x.label)] = 1
+    return scores, Y
+
+
+def network_logits(model_dir: Path, mosaics: Path, split: str) -> np.ndarray:
+    """The fine-tuned network's logits of the images of `split`, in the order of `scores_of_split`."""
+    import torch
+
+    from pipeline.data.images import read_image
+    from pipeline.models.directory import open_model
+    model = open_model(model_dir)
+    pre = model.preprocessing
+    images = [pre.transform()(read_image(mosaics.parent / x.path, pre.resize)[0])
+              for x in scan(mosaics, mosaics).split(split)]
+    with torch.inference_mode():
+        return model._classifier(torch.stack(images)).double().numpy()
+
+
+def test_finetune_trains_sigmoids_with_bce_and_tunes_thresholds_on_val(finetuned_tags, mosaics):
+    """The kept epoch is the one of the best val macro AP, and its val loss the BCE of the network's logits; the
+    scores predict gives are their sigmoids calibrated per class, and the thresholds and calibration those the
+    heads fit, on val's scores; the metrics are those of the test scores at them."""
+    import torch
+    from scipy.special import expit
+
+    from pipeline.heads.metrics import evaluate_multilabel
+    from pipeline.heads.multilabel import decision_rule
+    m = json.loads((finetuned_tags / "metrics.json").read_text())
+    history = [{k: float(v) for k, v in row.items() if k != "phase"}
+               for row in csv.DictReader(open(finetuned_tags / "history.csv"))]
+    ap = [h["val_macro_ap"] for h in history]
+    assert m["best_epoch"] == ap.index(max(ap)) + 1 and m["val_score"] == pytest.approx(max(ap))
+    assert m["eval_split"] == "test" and 0 <= m["ece"] <= 1
+    model = api.load_model(finetuned_tags)
+    assert model.multi_label and set(model.thresholds) == set(model.classes)
+    val_scores, val_Y = scores_of_split(finetuned_tags, mosaics, "val")
+    logits = network_logits(finetuned_tags, mosaics, "val")
+    platt, expected, _ = decision_rule(finetune_settings(mosaics), "finetune", expit(logits), val_Y, True)
+    assert model.info["calibration"]["method"] == "platt per class"   # auto, for multi-label data
+    assert np.allclose(model.info["calibration"]["slopes"], platt.slopes, rtol=1e-4, atol=1e-4)
+    assert np.allclose(model.info["calibration"]["offsets"], platt.offsets, rtol=1e-4, atol=1e-4)
+    assert np.allclose(val_scores, platt.apply(expit(logits)), atol=1e-4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.tensor(val_Y / 1.0),
+                                                               reduction="none").sum(1).mean()   # over the classes
+    assert float(bce) == pytest.approx(history[m["best_epoch"] - 1]["val_loss"], rel=1e-4)
+    assert [model.thresholds[c] for c in model.classes] == pytest.approx(expected, abs=1e-5)
+    test_scores, test_Y = scores_of_split(finetuned_tags, mosaics, "test")
+    again = evaluate_multilabel(test_Y, test_scores, np.array(expected), model.classes)
+    for key in ("macro_ap", "micro_ap", "macro_f1", "subset_accuracy", "hamming_loss"):
+        assert m[key] == pytest.approx(again[key], abs=1e-4), key
+    details = json.loads((finetuned_tags / "details.json").read_text())
+    assert details["per_class"][model.classes[0]]["threshold"] == pytest.approx(expected[0], abs=1e-5)
+    assert json.loads((finetuned_tags / "confusion.json").read_text()) == []
+    assert all((finetuned_tags / f).stat().st_size > 0 for f in ("confusion.png", "reliability.png", "held_out.npz"))
+
+
+def test_predict_names_the_labels_of_a_fine_tuned_network(finetuned_tags, mosaics):
+    image = mosaics.parent / "00000.png"
+    rows = json.loads(cli_in_process("predict", finetuned_tags, image, "--format", "json", "--top-k", 4,
+                                     check=True).stdout)
+    scores = {t["class"]: t["score"] for t in rows[0]["top"]}
+    thresholds = api.load_model(finetuned_tags).thresholds
+    assert rows[0]["labels"] == sorted((c for c in scores if scores[c] >= thresholds[c]), key=lambda c: -scores[c])
+    assert sum(scores.values()) != pytest.approx(1)   # one sigmoid per class, not a softmax
+    tags = api.load_model(finetuned_tags).predict(image, device="cpu")[0].tags
+    assert list(tags) == rows[0]["labels"]
+
+
+def test_a_fine_tuned_multi_label_network_exports_its_sigmoids_and_thresholds(finetuned_tags, mosaics, tmp_path):
+    import onnxruntime
+    import torch
+    from PIL import Image
+
+    from pipeline.models.directory import open_model
+    cli_in_process("export", finetuned_tags, "--out", tmp_path / "ft.onnx", check=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / "ft.onnx"))
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["model.json"])
+    assert meta["multi_label"] and meta["thresholds"] == api.load_model(finetuned_tags).thresholds
+    directory = open_model(finetuned_tags)
+    image = directory.preprocessing.transform()(Image.open(mosaics.parent / "00000.png").convert("RGB"))[None]
+    exported = session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
+    with torch.inference_mode():
+        assert np.allclose(exported, directory.scorer(torch.device("cpu"))(image), atol=1e-4)
+
+
+def test_gradcam_of_a_chosen_class(finetuned_tags, mosaics, tmp_path):
+    import torch
+
+    from pipeline.models.directory import open_model
+    from pipeline.models.visualize import gradcam_maps
+    cli_in_process("visualize", finetuned_tags, mosaics.parent, "--limit", 3, "--gradcam-class", "dress",
+                   "--out", tmp_path / "v", "--device", "cpu", check=True)
+    assert (tmp_path / "v" / "gradcam.png").stat().st_size > 0
+    network = open_model(finetuned_tags).network()
+    images = torch.randn(2, 3, 64, 64)
+    maps, mapped = gradcam_maps(network.module, network.feature_layer, images, target=2)
+    assert mapped.tolist() == [2, 2] and maps.shape == (2, 64, 64)
+    unknown = cli_in_process("visualize", finetuned_tags, mosaics.parent, "--gradcam-class", "hat",
+                             "--out", tmp_path / "w")
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
+        f"error: --gradcam-class hat is not a class of {finetuned_tags}: {', '.join(open_model(finetuned_tags).classes)}"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_scratch_baseline_from_the_command_line(mosaics, tmp_path):
+    """Random weights, all layers, one epoch, no calibration: the summary line gives macro AP and F1, and compare
+    ranks the model by its val macro AP."""
+    from pipeline.report.compare import rows
+    out = tmp_path / "scratch"
+    done = cli_in_process("finetune", mosaics.parent, "--labels", mosaics, "--label-column", "tags", "--multi-label",
+                          "--strategy", "scratch", "--epochs", 1, "--image-size", 32, "--batch-size", 20,
+                          "--calibration", "none", "--workers", 0, "--device", "cpu", "--out", out, check=True)
+    m = json.loads((out / "metrics.json").read_text())
+    assert f"scratch: macro AP {m['macro_ap']:.3f}, macro F1 {m['macro_f1']:.3f} on test " in done.stderr
+    assert "val loss" in done.stdout and "macro AP" in done.stdout   # the epoch's line
+    model = api.load_model(out)
+    assert model.info["backbone"]["weights"] == "none" and "calibration" not in model.info
+    assert m["ece"] == m["ece_uncalibrated"]
+    row = rows([out])[0]
+    assert row["multi_label"] and row["val_score"] == m["val_score"]
+    assert row["val_interval"][0] <= m["val_score"] <= row["val_interval"][1]
+
+
+def test_finetune_refuses_a_label_found_only_in_val_and_test_in_one_line(mosaics, tmp_path):
+    only_test = labels_file(tmp_path, mosaics, _tag_two_images)
+    done = cli_in_process("finetune", mosaics.parent, "--labels", only_test, "--label-column", "tags",
+                          "--multi-label", "--val-fraction", 0.4, "--test-fraction", 0.4, "--out", tmp_path / "m")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: label 'rare' appears only in test and val, never in train; give it more images or fix the labels file"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_multi_label_finetune_resumed_after_an_interruption_repeats_the_whole_run(finetuned_tags, mosaics,
+                                                                                      tmp_path, monkeypatch):
+    """Stopped after its first epoch's checkpoint, then resumed: the same epochs and weights as the run never
+    stopped (random crops and flips on)."""
+    import torch
+
+    from pipeline.runtime.errors import Interrupted
+    from pipeline.storage import modeldir
+    from pipeline.tuning import training
+    written = training.save_checkpoint
+
+    def save_then_stop(path, state):
+        written(path, state)
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted, match="holds the last finished epoch"):
+        training.finetune(mosaics.parent, part, finetune_settings(mosaics), quiet=True, checkpoint=True)
+    monkeypatch.setattr(training, "save_checkpoint", written)
+    training.finetune(mosaics.parent, part, finetune_settings(mosaics), quiet=True,
+                      resume=part / training.CHECKPOINT)
+    histories = [list(csv.DictReader(open(d / "history.csv"))) for d in (finetuned_tags, part)]
+    assert [[(r["epoch"], r["train_loss"], r["val_macro_ap"]) for r in h] for h in histories][0] == \
+        [[(r["epoch"], r["train_loss"], r["val_macro_ap"]) for r in h] for h in histories][1]
+    whole, resumed = modeldir.load(finetuned_tags)[1], modeldir.load(part)[1]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert modeldir.read_info(part)["thresholds"] == modeldir.read_info(finetuned_tags)["thresholds"]
 
 
 def test_scores_are_calibrated_per_class_and_the_thresholds_apply_to_them(multilabel_cache, tmp_path):

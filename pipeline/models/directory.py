@@ -241,7 +241,9 @@ class EstimatorModel(FeatureModel):
 class FinetunedModel(ModelDirectory):
     kind = modeldir.FINETUNED
     what = "fine-tune"
-    scores = PROBABILITIES      # a softmax over its logits, divided by the temperature where there is one
+    scores = PROBABILITIES      # a softmax over its logits, divided by the temperature where there is one;
+                                # multi-label (model.json `multi_label`): each class's sigmoid, calibrated by
+                                # its class's temperature where model.json records them
 
     @property
     def approach(self) -> str:
@@ -268,20 +270,26 @@ class FinetunedModel(ModelDirectory):
         from pipeline.heads.calibration import Temperature
         return self.temperature or Temperature(1.0, "decision values")
 
+    def _label_scores(self, logits: np.ndarray) -> np.ndarray:
+        from scipy.special import expit
+        return self.temperature.apply(expit(logits)) if self.temperature else expit(logits)
+
     def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
-        net, calibration = self._classifier.to(device), self._calibration   # the fine-tuned network runs in torch
+        net = self._classifier.to(device)   # the fine-tuned network runs in torch
+        scores = self._label_scores if self.info.get("multi_label") else self._calibration.apply
         familiarity = self.familiarity if novelty else None
 
         def assess(x):
             features = net.features(x.to(device))
             logits = net.head(features).float().cpu().numpy()
-            return (calibration.apply(logits),
-                    familiarity.novelty(features.float().cpu().numpy()) if familiarity else None)
+            return scores(logits), familiarity.novelty(features.float().cpu().numpy()) if familiarity else None
         return assess
 
     def network(self) -> Network:
         layer = self.backbone_spec.layer
-        net = nn.Sequential(self._classifier.cpu(), self._calibration.torch_layer()).eval()
+        scores = ([nn.Sigmoid(), *([self.temperature.torch_layer()] if self.temperature else [])]
+                  if self.info.get("multi_label") else [self._calibration.torch_layer()])
+        net = nn.Sequential(self._classifier.cpu(), *scores).eval()
         return Network(net, dict(self._classifier.backbone.named_modules()).get(layer))
 
 

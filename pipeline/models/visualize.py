@@ -1,7 +1,8 @@
 """Visual checks of a model directory (either kind): predictions on a grid of images, and Grad-CAM heat maps.
 
 The true class of an image is its parent folder's name when that is one of the model's classes
-(as in ROOT/test/CLASS/*.png); other images show the prediction alone. Both pictures show the same
+(as in ROOT/test/CLASS/*.png); other images show the prediction alone. A multi-label model's prediction is
+every class whose score reaches its threshold, shown without a true class. Both pictures show the same
 images: `limit` of them (when there are that many readable ones), spread evenly over the sorted paths.
 """
 from __future__ import annotations
@@ -77,8 +78,13 @@ def prediction_grid(model: ModelDirectory, shown: list, out: Path, device: torch
         scores = np.concatenate([score(torch.stack([transform(img) for _, img in shown[i:i + BATCH]]))
                                  for i in range(0, len(shown), BATCH)])
     plt, fig, axes = _grid(len(shown))
-    wrong = 0
+    wrong, thresholds = 0, model.thresholds
     for ax, (path, img), row in zip(axes.flat, shown, scores):
+        if thresholds is not None:
+            ax.imshow(img)
+            _title(ax, ", ".join(model.classes[c] for c in np.argsort(-row) if row[c] >= thresholds[c]) or "none",
+                   None)
+            continue
         predicted, truth = model.classes[int(row.argmax())], _true_class(path, model.classes)
         wrong += truth is not None and truth != predicted
         ax.imshow(img)
@@ -89,10 +95,11 @@ def prediction_grid(model: ModelDirectory, shown: list, out: Path, device: torch
     return int(wrong)
 
 
-def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM (Selvaraju et al.) for the predicted class: the feature map entering the global-pool
-    module `pool`, weighted by the spatially averaged gradient of the class score. Returns (maps in [0, 1]
-    at the input size, predicted classes)."""
+def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tensor, target: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM (Selvaraju et al.) for the top-scoring class (or class index `target`): the feature map
+    entering the global-pool module `pool`, weighted by the spatially averaged gradient of the class score.
+    Returns (maps in [0, 1] at the input size, the classes mapped)."""
     kept = {}
 
     def keep_first(module, inputs, output) -> None:   # with TTA the mirrored image runs second
@@ -107,7 +114,7 @@ def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tens
     if fmap.dim() != 4:
         raise InputError(f"Grad-CAM needs a spatial feature map entering the feature layer, found shape "
                         f"{tuple(fmap.shape)}")
-    predicted = scores.argmax(1)
+    predicted = scores.argmax(1) if target is None else torch.full((len(scores),), target, device=scores.device)
     grads, = torch.autograd.grad(scores.gather(1, predicted[:, None]).sum(), fmap)
     cam = torch.relu((grads.mean((2, 3), keepdim=True) * fmap).sum(1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -115,15 +122,17 @@ def gradcam_maps(net: torch.nn.Module, pool: torch.nn.Module, images: torch.Tens
     return cam.detach().cpu().numpy(), predicted.cpu().numpy()
 
 
-def gradcam_grid(model: ModelDirectory, network: Network, shown: list, out: Path, device: torch.device) -> None:
-    """Save each image (as the model sees it) above its Grad-CAM overlay."""
+def gradcam_grid(model: ModelDirectory, network: Network, shown: list, out: Path, device: torch.device,
+                 target: int | None = None) -> None:
+    """Save each image (as the model sees it) above its Grad-CAM overlay (of class index `target`, or of its
+    top-scoring class)."""
     net = network.module.to(device)
     transform = model.preprocessing.transform()
     crop = model.preprocessing.resize_crop        # what the model sees
     maps, predicted = [], []
     for i in range(0, len(shown), BATCH):
         batch = torch.stack([transform(img) for _, img in shown[i:i + BATCH]]).to(device)
-        heat, labels = gradcam_maps(net, network.feature_layer, batch)
+        heat, labels = gradcam_maps(net, network.feature_layer, batch, target)
         maps.append(heat)
         predicted.append(labels)
     plt, fig, axes = _grid(len(shown), rows_per_item=2)
@@ -131,7 +140,8 @@ def gradcam_grid(model: ModelDirectory, network: Network, shown: list, out: Path
     for i, ((path, img), heat, label) in enumerate(zip(shown, np.concatenate(maps), np.concatenate(predicted))):
         top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
         top.imshow(crop(img))
-        _title(top, model.classes[label], _true_class(path, model.classes))
+        judged = target is None and model.thresholds is None   # the top class of a single-label model
+        _title(top, model.classes[label], _true_class(path, model.classes) if judged else None)
         bottom.imshow(crop(img))
         bottom.imshow(heat, cmap="jet", alpha=0.45)
     fig.tight_layout()
@@ -140,12 +150,17 @@ def gradcam_grid(model: ModelDirectory, network: Network, shown: list, out: Path
 
 
 def visualize(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24, gradcam: bool = False,
-              device: str = "auto") -> dict:
-    """predictions.png and, with `gradcam`, gradcam.png of the same images in folder `out`. Everything is
-    checked (model, Grad-CAM's network, readable images) before anything is written."""
+              device: str = "auto", gradcam_class: str | None = None) -> dict:
+    """predictions.png and, with `gradcam`, gradcam.png of the same images in folder `out` (Grad-CAM of
+    `gradcam_class` for every image, or of each one's top-scoring class). Everything is checked (model,
+    Grad-CAM's network and class, readable images) before anything is written."""
     check_minimums({"limit": 1}, {"limit": limit})
     check_owned(out, "visualization")
     model = open_model(model_dir)
+    if gradcam_class is not None and gradcam_class not in model.classes:
+        raise InputError(f"--gradcam-class {gradcam_class} is not a class of {model_dir}: "
+                         f"{', '.join(model.classes)}")
+    target = None if gradcam_class is None else model.classes.index(gradcam_class)
     dev = resolve_device(device)
     network = model.network() if gradcam else None
     if network is not None and network.feature_layer is None:
@@ -158,5 +173,5 @@ def visualize(model_dir: Path, inputs: list[Path], out: Path, limit: int = 24, g
     with staged_folder(out, "visualization") as folder:   # written whole; the grids save into the fresh folder
         wrong = prediction_grid(model, shown, folder / "predictions.png", dev)
         if network is not None:
-            gradcam_grid(model, network, shown, folder / "gradcam.png", dev)
+            gradcam_grid(model, network, shown, folder / "gradcam.png", dev, target)
     return {"shown": len(shown), "wrong": wrong}

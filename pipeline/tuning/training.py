@@ -7,6 +7,9 @@ Strategies (the question every transfer-learning tutorial ends with: are frozen 
   scratch  random init (`weights none`), all layers trained: the baseline pretraining must beat
 
 The best epoch by val accuracy is kept and evaluated once on test (on val when there is no test split).
+Multi-label data (`multi_label`: a labels file listing several labels per image, pipeline.data.tags) trains
+each class's own sigmoid with BCE, keeps the best epoch by val macro average precision, and fits each class's
+temperature and decision threshold on val, as stage two's multi-label heads do (pipeline.heads.multilabel).
 Under torchrun (WORLD_SIZE > 1) training runs as DistributedDataParallel; see pipeline.runtime.distributed.
 """
 from __future__ import annotations
@@ -23,24 +26,26 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from pipeline.data.folders import Dataset, dataset_digest
+from pipeline.data.folders import Dataset, dataset_digest, label_text
 from pipeline.data.images import ImageFiles, collate, worker_init
 from pipeline.features.backbones.loading import Backbone, Preprocessing, load_backbone, recorded_backbone
 from pipeline.features.engines.torch import FeatureHook
 from pipeline.features.spec import BackboneSpec
 from pipeline.tuning.settings import FinetuneSettings
-from pipeline.heads import calibration
+from pipeline.heads import calibration, multilabel
 from pipeline.heads.familiarity import Familiarity
-from pipeline.heads.metrics import confusion_png, confusion_rows
+from pipeline.heads.metrics import (confusion_png, confusion_rows, evaluate_multilabel, headline, macro_ap,
+                                    precision_recall_png)
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import default_workers, resolve_device
-from pipeline.runtime.errors import Interrupted, InputError
+from pipeline.runtime.errors import Interrupted, InputError, warn
 from pipeline.runtime.files import replaced_atomically, write_atomically
 from pipeline.runtime.settings import validate
 from pipeline.storage import modeldir, statefile
@@ -110,17 +115,17 @@ def set_trainable(model: FinetuneNetwork, frozen: list[tuple[str, nn.Module]], h
 
 
 class PlateauSchedule:
-    """Step-on-plateau: multiply every learning rate by `factor` when val accuracy has not improved
-    for `patience` epochs; once `max_decays` decays are spent, the next plateau ends training."""
+    """Step-on-plateau: multiply every learning rate by `factor` when the val score (`selected_by`) has not
+    improved for `patience` epochs; once `max_decays` decays are spent, the next plateau ends training."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, patience: int, factor: float, max_decays: int):
         self.optimizer, self.patience, self.factor, self.max_decays = optimizer, patience, factor, max_decays
         self.best, self.waited, self.decays = -math.inf, 0, 0
 
-    def step(self, val_accuracy: float) -> bool:
-        """Record one epoch's val accuracy; True means stop."""
-        if val_accuracy > self.best:
-            self.best, self.waited = val_accuracy, 0
+    def step(self, val_score: float) -> bool:
+        """Record one epoch's val score; True means stop."""
+        if val_score > self.best:
+            self.best, self.waited = val_score, 0
             return False
         self.waited += 1
         if self.waited < self.patience:
@@ -157,6 +162,7 @@ class Batches:
         `skipped`). `sharded`: each torchrun rank reads its share through a DistributedSampler (shuffled
         when `shuffle`); `set_epoch` reshuffles it. `shortest`: see `pipeline.data.images.decode_image`."""
         self.samples = dataset.split(split)
+        self.n_classes = len(dataset.classes) if dataset.multi_label else None
         self.split, self.seen, self.skipped, self.seed = split, seen, skipped, seed
         files = ImageFiles(dataset.root, self.samples, transform, shortest=shortest)
         self.sampler = DistributedSampler(files, shuffle=shuffle, seed=seed) if sharded else None
@@ -181,7 +187,49 @@ class Batches:
             for i, digest in good:
                 self.seen[self.samples[i].path] = (self.samples[i].label, self.split, digest)
             if images is not None:
-                yield images, torch.tensor([self.samples[i].label for i, _ in good]), len(bad)
+                yield images, targets([self.samples[i].label for i, _ in good], self.n_classes), len(bad)
+
+
+def targets(labels: list, n_classes: int | None) -> torch.Tensor:
+    """A batch's labels as the loss reads them: class indices or, given `n_classes` (multi-label data, each label
+    a tuple of class indices), a 0/1 float matrix [N, n_classes]."""
+    if n_classes is None:
+        return torch.tensor(labels)
+    out = torch.zeros(len(labels), n_classes)
+    for row, tags in enumerate(labels):
+        out[row, list(tags)] = 1
+    return out
+
+
+class LabelsBCE(nn.Module):
+    """BCE of each class's own sigmoid, summed over the classes and averaged over the images: each logit's
+    gradient has the scale cross-entropy gives it (the mean over all entries would divide it by the number of
+    classes), so the same learning rates serve single- and multi-label data."""
+
+    def __init__(self):
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss(reduction="none")
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, labels).sum(1).mean()
+
+
+def loss_function(multi_label: bool) -> nn.Module:
+    """Cross-entropy of the softmax over the classes, or (multi-label data) `LabelsBCE`."""
+    return LabelsBCE() if multi_label else nn.CrossEntropyLoss()
+
+
+def selected_by(multi_label: bool) -> str:
+    """The history column whose best value chooses the epoch kept."""
+    return "val_macro_ap" if multi_label else "val_acc"
+
+
+def decisions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(right, made): one decision per image (the top class), or per image and class of a label matrix (a
+    logit of at least 0: a sigmoid of at least 0.5)."""
+    if labels.dim() == 2:
+        return int(((logits >= 0) == labels.bool()).sum()), labels.numel()
+    return int((logits.argmax(1) == labels).sum()), len(labels)
 
 
 def _autocast(dev: torch.device):
@@ -194,8 +242,8 @@ def _to(images: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scaler, dev: torch.device,
                     desc: str, quiet: bool) -> dict:
-    """One pass over the training split; returns its mean loss, accuracy, images and seconds."""
-    total_loss, correct, n, start = 0.0, 0, 0, time.perf_counter()
+    """One pass over the training split; returns its mean loss, accuracy (`decisions`), images and seconds."""
+    total_loss, correct, made, n, start = 0.0, 0, 0, 0, time.perf_counter()
     with tqdm(total=len(batches), unit="img", desc=desc, disable=quiet, leave=False) as bar:
         for images, labels, n_bad in batches:
             images, labels = _to(images, dev), labels.to(dev)
@@ -207,20 +255,25 @@ def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scaler, dev: 
             scaler.step(optimizer)
             scaler.update()
             total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            n += len(labels)
+            right, total = decisions(logits, labels)
+            correct, made, n = correct + right, made + total, n + len(labels)
             bar.update(len(labels) + n_bad)
     seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / max(n, 1), "train_acc": correct / max(n, 1),
+    return {"train_loss": total_loss / max(n, 1), "train_acc": correct / max(made, 1),
             "images": n, "train_seconds": seconds}
 
 
 class Evaluation(NamedTuple):
     loss: float
-    accuracy: float
+    accuracy: float        # as `decisions` counts
     logits: np.ndarray
     features: np.ndarray   # the penultimate ones
-    labels: np.ndarray
+    labels: np.ndarray     # class indices, or a 0/1 matrix [N, classes]
+
+    @property
+    def score(self) -> float:
+        """What chooses the best epoch: accuracy, or macro average precision of a label matrix."""
+        return macro_ap(self.labels, self.logits) if self.labels.ndim == 2 else self.accuracy
 
 
 @torch.inference_mode()
@@ -237,8 +290,9 @@ def evaluate(model: FinetuneNetwork, batches, loss_fn, dev: torch.device) -> Eva
     if not logits:
         raise InputError(f"no usable image in the {batches.split} split")
     out, y = torch.cat(logits), torch.cat(labels)
-    return Evaluation(loss_fn(out, y).item(), (out.argmax(1) == y).float().mean().item(), out.numpy(),
-                      torch.cat(features).numpy(), y.numpy())
+    right, made = decisions(out, y)
+    return Evaluation(loss_fn(out, y).item(), right / made, out.numpy(), torch.cat(features).numpy(),
+                      y.numpy().astype(np.uint8) if y.dim() == 2 else y.numpy())
 
 
 def make_optimizer(model: FinetuneNetwork, s: FinetuneSettings) -> torch.optim.Optimizer:
@@ -261,7 +315,8 @@ def network(info: dict, state: dict) -> FinetuneNetwork:
 
 
 def curves(history: list[dict], title: str):
-    """The loss and accuracy curves of train and val per epoch, as a matplotlib figure (whole epochs on x)."""
+    """The loss and accuracy curves of train and val per epoch (and val macro AP, where the history has it), as a
+    matplotlib figure (whole epochs on x)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -271,6 +326,8 @@ def curves(history: list[dict], title: str):
     for ax, what in zip(axes, ("loss", "acc")):
         ax.plot(epochs, [h[f"train_{what}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{what}"] for h in history], "o-", label="val")
+        if what == "acc" and "val_macro_ap" in history[0]:
+            ax.plot(epochs, [h["val_macro_ap"] for h in history], "o-", label="val macro AP")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if what == "acc" else "loss")
@@ -300,11 +357,11 @@ def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneS
     schedules, history, best epoch) a checkpoint captures after every epoch and `resume` restores, kept in one
     place so that a resumed run repeats an uninterrupted one.
     Train for up to `s.epochs` epochs; return the per-epoch history, the state dict of the best
-    epoch by val accuracy (the first of equals) and that epoch's number. `model` is a FinetuneNetwork or
+    epoch by the val score (`selected_by`; the first of equals) and that epoch's number. `model` is a FinetuneNetwork or
     its DistributedDataParallel wrapper. `checkpoint`: a file rewritten after every epoch (on rank 0)
     with what `resume` needs to carry on after that epoch."""
     net = model.module if isinstance(model, DistributedDataParallel) else model
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_function(s.multi_label)
     optimizer = make_optimizer(net, s)
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s.epochs) if s.schedule == "cosine" else None
@@ -333,21 +390,26 @@ def fit(model: nn.Module, train_batches, val_batches, frozen: list, s: FinetuneS
             row = train_one_epoch(model, train_batches, loss_fn, optimizer, scaler, dev,
                                   f"{name} epoch {epoch}/{s.epochs}", quiet)
         row = distributed.train_totals(row)
-        val_loss, val_acc = distributed.agree(evaluate(net, val_batches, loss_fn, dev)[:2])
+        val = evaluate(net, val_batches, loss_fn, dev)
+        val_loss, val_acc, val_score = distributed.agree((val.loss, val.accuracy, val.score))
         history.append({"epoch": epoch, "phase": "head" if head_only else s.strategy, "lr": lr,
                         "train_loss": row["train_loss"], "train_acc": row["train_acc"],
-                        "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": time.perf_counter() - t,
+                        "val_loss": val_loss, "val_acc": val_acc, **({"val_macro_ap": val_score} if s.multi_label
+                                                                   else {}),
+                        "epoch_seconds": time.perf_counter() - t,
                         "images_per_second": row["images"] / row["train_seconds"]})
         if not quiet:
             tqdm.write(f"{name} epoch {epoch}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}, "
-                       f"val loss {val_loss:.3f} acc {val_acc:.3f}, {history[-1]['images_per_second']:.0f} images/s")
-        if val_acc > best:
-            best, best_epoch = val_acc, epoch
+                       f"val loss {val_loss:.3f} acc {val_acc:.3f}"
+                       f"{f' macro AP {val_score:.3f}' if s.multi_label else ''}, "
+                       f"{history[-1]['images_per_second']:.0f} images/s")
+        if val_score > best:
+            best, best_epoch = val_score, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         if cosine:
             cosine.step()
         else:
-            done = plateau.step(val_acc)
+            done = plateau.step(val_score)
         done = done or epoch == s.epochs or (s.patience is not None and epoch - best_epoch >= s.patience)
         if checkpoint and distributed.rank() == 0:
             save_checkpoint(checkpoint, {
@@ -425,9 +487,6 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
               resume: Path | None) -> dict | None:
     """Why so long: the fine-tune run from settings to model directory in the order its checks must come
     (data, device, checkpoint, network, batches), then training and writing; each step is a call."""
-    if s.multi_label:
-        raise InputError("finetune trains on single labels; multi-label images train through extract --multi-label "
-                        "and train (docs/multilabel.md)")
     state = load_checkpoint(resume, s) if resume else None
     dataset = s.scan(Path(data))
     if "val" not in dataset.splits():
@@ -465,9 +524,10 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
         return None
     model.load_state_dict(best_state)
     eval_split = "test" if "test" in dataset.splits() else "val"
-    evaluation, metrics, temperature, familiarity = score(model, batches, eval_split, dataset.classes, s, dev)
+    evaluation, val, metrics, scoring, familiarity = score(model, batches, eval_split, dataset.classes, s, dev)
     n = {split: sum(1 for v in seen.values() if v[1] == split) for split in ("train", "val", "test")}
-    val_score = next(h["val_acc"] for h in history if h["epoch"] == best_epoch)   # the score that chose the epoch
+    # the score that chose the epoch
+    val_score = next(h[selected_by(s.multi_label)] for h in history if h["epoch"] == best_epoch)
     metrics.update(val_score=val_score, eval_split=eval_split, n_train=n["train"], n_val=n["val"], n_test=n["test"],
                    n_eval=n[eval_split],
                    n_skipped=len(skipped), fit_seconds=fit_seconds,
@@ -477,55 +537,83 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
         metrics["world_size"] = distributed.world_size()   # hyperparameters hold the scaled lr
     info = {"strategy": s.strategy, "classes": dataset.classes, "backbone": backbone.spec().to_dict(),
             "fingerprint": None, "frozen_stages": [name for name, _ in frozen],
-            "dataset": dataset_digest((p, dataset.classes[label], split, digest)
+            "dataset": dataset_digest((p, label_text(dataset, label), split, digest)
                                       for p, (label, split, digest) in seen.items()),
-            "skipped": sorted(skipped.items()),
-            **({"calibration": temperature.to_dict()} if temperature else {})}
-    write_model_directory(out_dir, best_state, info, metrics, evaluation, familiarity, history)
+            "skipped": sorted(skipped.items()), **scoring}
+    write_model_directory(out_dir, best_state, info, metrics, (evaluation, val), familiarity, history)
     return metrics
 
 
 def score(model: FinetuneNetwork, batches, eval_split: str, classes: list[str], s: FinetuneSettings,
-          dev: torch.device) -> tuple[Evaluation, dict, calibration.Temperature | None, Familiarity]:
-    """The kept network on the evaluation split, with what makes its scores trustworthy (`trust`): that
-    evaluation, its metrics (calibrated scores), the temperature (or None) and the familiarity.
-    `batches(split, augment)`: a split's batches. Every train and val image is read once more, unaugmented
-    (which also records them where no epoch ran)."""
-    loss_fn = nn.CrossEntropyLoss()
+          dev: torch.device) -> tuple[Evaluation, Evaluation, dict, dict, Familiarity]:
+    """The kept network on the evaluation split, with what makes its scores trustworthy: that evaluation, val's,
+    its metrics, what model.json records of its scores (`class_scores` or `label_scores`) and the familiarity: the
+    penultimate features of the training images that new ones are compared with, the novelty threshold set on
+    val's. `batches(split, augment)`: a split's batches. Every train and val image is read once more,
+    unaugmented (which also records them where no epoch ran)."""
+    loss_fn = loss_function(s.multi_label)
     t = time.perf_counter()
     evaluation = evaluate(model, batches(eval_split), loss_fn, dev)
     predict_seconds = time.perf_counter() - t
     val = evaluation if eval_split == "val" else evaluate(model, batches("val"), loss_fn, dev)
-    temperature, familiarity = trust(evaluate(model, batches("train", augment=False), loss_fn, dev), val, s)
+    train = evaluate(model, batches("train", augment=False), loss_fn, dev)
+    metrics, scoring = (label_scores if s.multi_label else class_scores)(evaluation, val, classes, s)
+    metrics["predict_seconds"] = predict_seconds
+    return evaluation, val, metrics, scoring, Familiarity.fit(train.features, val.features, s.novelty_quantile)
+
+
+def class_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s: FinetuneSettings
+                 ) -> tuple[dict, dict]:
+    """The metrics of the softmax scores, calibrated as for stage two's heads by a temperature fitted on val's
+    logits (unless `s.calibration` is none), and the `calibration` model.json records."""
+    temperature = (calibration.Temperature.fit(val.logits, val.labels, probabilities=False)
+                   if s.calibration == "temperature" else None)
     raw = evaluation.logits
     scores = temperature.apply(raw) if temperature else calibration.uncalibrated(raw, False)
     metrics = score_metrics(evaluation.labels, scores, classes, True)
-    metrics.update(calibration.assess(evaluation.labels, raw, scores, False), predict_seconds=predict_seconds)
-    return evaluation, metrics, temperature, familiarity
+    metrics.update(calibration.assess(evaluation.labels, raw, scores, False))
+    return metrics, {"calibration": temperature.to_dict()} if temperature else {}
 
 
-def trust(train: Evaluation, val: Evaluation, s: FinetuneSettings
-          ) -> tuple[calibration.Temperature | None, Familiarity]:
-    """What makes the scores trustworthy, as for stage two's heads: a temperature fitted on val's logits
-    (unless `s.calibration` is none), and the penultimate features of the training images that new ones are
-    compared with, the novelty threshold set on val's."""
-    temperature = (calibration.Temperature.fit(val.logits, val.labels, probabilities=False)
-                   if s.calibration == "temperature" else None)
-    return temperature, Familiarity.fit(train.features, val.features, s.novelty_quantile)
+def label_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s: FinetuneSettings
+                 ) -> tuple[dict, dict]:
+    """The metrics of each class's sigmoid score, calibrated and thresholded as stage two's multi-label heads do
+    (pipeline.heads.multilabel.decision_rule), on val's scores: one temperature per class (unless
+    `s.calibration` is none) and each class's threshold; and the `thresholds` and `calibration` model.json
+    records."""
+    temperatures, thresholds, untuned = multilabel.decision_rule(s, "finetune", expit(val.logits), val.labels, True)
+    if untuned:
+        warn(f"no positive in val for {', '.join(classes[c] for c in untuned)}: kept the default threshold 0.5")
+    raw = expit(evaluation.logits)
+    scores = temperatures.apply(raw) if temperatures else raw
+    metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, classes),
+               **calibration.assess_multilabel(evaluation.labels, raw, scores if temperatures else None, True)}
+    return metrics, {"multi_label": True, "thresholds": {c: float(v) for c, v in zip(classes, thresholds)},
+                     **({"calibration": temperatures.to_dict()} if temperatures else {})}
 
 
-def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict, evaluation: Evaluation,
-                          familiarity: Familiarity, history: list[dict]) -> None:
-    """The model directory, with its plots and the checkpoint, when there is one (for --resume)."""
-    classes, y, y_pred = info["classes"], evaluation.labels, evaluation.logits.argmax(1)
+def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict,
+                          evaluations: tuple[Evaluation, Evaluation], familiarity: Familiarity,
+                          history: list[dict]) -> None:
+    """The model directory, with its plots and the checkpoint, when there is one (for --resume). `evaluations`:
+    of the evaluation split and of val. A multi-label network's confusion.png is each class's precision and
+    recall, it has no confusion rows, and it keeps val's labels and scores (modeldir.HELD_OUT, for compare)."""
+    (evaluation, val), classes = evaluations, info["classes"]
+    y, y_pred = evaluation.labels, evaluation.logits.argmax(1)
     name = f"{out_dir.name} ({info['strategy']}) on {metrics['eval_split']}"
+    multi_label = info.get("multi_label", False)
     with modeldir.staged(out_dir) as folder:
-        modeldir.write(folder, modeldir.FINETUNED, state,
-                       {**info, **familiarity.save(folder, "the network's penultimate features")}, metrics,
-                       confusion_rows(y, y_pred, classes))
-        confusion_png(y, y_pred, classes, folder / "confusion.png", f"{name}: top-1 {metrics['top1']:.3f}")
+        info = {**info, **familiarity.save(folder, "the network's penultimate features")}
+        if multi_label:
+            info["files"] = {**info["files"], **modeldir.write_held_out(folder, val.labels, expit(val.logits))}
+        modeldir.write(folder, modeldir.FINETUNED, state, info, metrics,
+                       [] if multi_label else confusion_rows(y, y_pred, classes))
+        if multi_label:
+            precision_recall_png(metrics["per_class"], folder / "confusion.png", f"{name}: {headline(metrics)}")
+        else:
+            confusion_png(y, y_pred, classes, folder / "confusion.png", f"{name}: {headline(metrics)}")
         calibration.reliability_png(metrics["reliability"], folder / "reliability.png",
-                                    f"{name}: ECE {metrics['ece']:.3f} "
+                                    f"{name}: {'mean per-class ECE' if multi_label else 'ECE'} {metrics['ece']:.3f} "
                                     f"({metrics['ece_uncalibrated']:.3f} uncalibrated)")
         write_history(history, folder, out_dir.name)
         if (out_dir / CHECKPOINT).is_file():
