@@ -152,6 +152,10 @@ def test_bad_settings_are_one_line_errors(images, tmp_path):
         "error: freeze applies to the partial strategy only, not to full"]
     with pytest.raises(InputError, match="freeze must be between 1 and"):
         finetune(images, tmp_path / "y", FinetuneSettings(strategy="partial", freeze=99, epochs=1, **TINY))
+    proc = cli_in_process("finetune", images, "--out", tmp_path / "z", "--calibration", "platt")   # before training
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: calibration 'platt' is per class, for a multi-label cache; a single-label head takes auto, "
+        "temperature or none"] and not (tmp_path / "z").exists()
 
 
 def test_params_section_is_checked_key_by_key():

@@ -491,6 +491,7 @@ def _finetune(data: Path, out_dir: Path, s: FinetuneSettings, quiet: bool, check
     dataset = s.scan(Path(data))
     if "val" not in dataset.splits():
         raise InputError(f"{data} has no val split; fine-tuning chooses its best epoch on val")
+    calibration.method(s.calibration, s.multi_label)   # refused now, not after training
     dev = resolve_device(s.device)
     backbone = load_backbone(replace(s, weights="none") if s.strategy == "scratch" else s)
     frozen = frozen_stages(backbone, s)
@@ -566,8 +567,7 @@ def class_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s:
                  ) -> tuple[dict, dict]:
     """The metrics of the softmax scores, calibrated as for stage two's heads by a temperature fitted on val's
     logits (unless `s.calibration` is none), and the `calibration` model.json records."""
-    temperature = (calibration.Temperature.fit(val.logits, val.labels, probabilities=False)
-                   if s.calibration == "temperature" else None)
+    temperature = calibration.fitted(s.calibration, False, val.logits, val.labels, probabilities=False)
     raw = evaluation.logits
     scores = temperature.apply(raw) if temperature else calibration.uncalibrated(raw, False)
     metrics = score_metrics(evaluation.labels, scores, classes, True)
@@ -578,8 +578,8 @@ def class_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s:
 def label_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s: FinetuneSettings
                  ) -> tuple[dict, dict]:
     """The metrics of each class's sigmoid score, calibrated and thresholded as stage two's multi-label heads do
-    (pipeline.heads.multilabel.decision_rule), on val's scores: one temperature per class (unless
-    `s.calibration` is none) and each class's threshold; and the `thresholds` and `calibration` model.json
+    (pipeline.heads.multilabel.decision_rule), on val's scores: calibrated per class (Platt scaling by default;
+    none when `s.calibration` is none) and each class's threshold; and the `thresholds` and `calibration` model.json
     records."""
     temperatures, thresholds, untuned = multilabel.decision_rule(s, "finetune", expit(val.logits), val.labels, True)
     if untuned:
