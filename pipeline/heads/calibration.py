@@ -183,22 +183,7 @@ class ClassTemperatures:
 
     def torch_layer(self):
         """The same in torch, after layers giving the head's own scores [N, classes]."""
-        import torch
-
-        calibration = self
-
-        class Calibrated(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.register_buffer("temperatures", torch.tensor(calibration.values, dtype=torch.float32))
-
-            def forward(self, scores):
-                if calibration.of == "probabilities":
-                    p = scores.clamp(min=calibration.floor, max=1.0)
-                    scores = torch.log(p) - torch.log((1 - scores).clamp(min=calibration.floor, max=1.0))
-                return torch.sigmoid(scores / self.temperatures)
-
-        return Calibrated()
+        return class_sigmoid_layer([1 / t for t in self.values], [0.0] * len(self.values), self.of, self.floor)
 
 
 def class_logits(scores: np.ndarray, probabilities: bool, floor: float = FLOOR) -> np.ndarray:
@@ -255,23 +240,26 @@ class ClassPlatt:
 
     def torch_layer(self):
         """The same in torch, after layers giving the head's own scores [N, classes]."""
-        import torch
+        return class_sigmoid_layer(self.slopes, self.offsets, self.of, self.floor)
 
-        calibration = self
 
-        class Calibrated(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.register_buffer("slopes", torch.tensor(calibration.slopes, dtype=torch.float32))
-                self.register_buffer("offsets", torch.tensor(calibration.offsets, dtype=torch.float32))
+def class_sigmoid_layer(slopes, offsets, of: str, floor: float):
+    """A torch layer giving sigmoid(slope * z + offset) of each class's score z as `class_logits` makes it:
+    per-class Platt scaling, or a temperature per class (slope 1/T, offset 0), in exported networks."""
+    import torch
 
-            def forward(self, scores):
-                if calibration.of == "probabilities":
-                    scores = (torch.log(scores.clamp(min=calibration.floor, max=1.0))
-                              - torch.log((1 - scores).clamp(min=calibration.floor, max=1.0)))
-                return torch.sigmoid(scores * self.slopes + self.offsets)
+    class Calibrated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("slopes", torch.tensor(slopes, dtype=torch.float32))
+            self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.float32))
 
-        return Calibrated()
+        def forward(self, scores):
+            if of == "probabilities":
+                scores = torch.log(scores.clamp(min=floor, max=1.0)) - torch.log((1 - scores).clamp(min=floor, max=1.0))
+            return torch.sigmoid(scores * self.slopes + self.offsets)
+
+    return Calibrated()
 
 
 def method(setting: str, multi_label: bool) -> str:
