@@ -200,6 +200,8 @@ def test_a_fine_tuned_model_is_calibrated_on_val_and_scores_novelty(finetuned):
     assert (finetuned / "reliability.png").stat().st_size > 0
     model = open_model(finetuned)
     assert model.familiarity.quantile == 0.95 and model.familiarity.reference.shape[0] == 12   # the train images
+    labels, logits = modeldir.read_held_out(finetuned, model.info)   # val's labels and logits, the temperature's fit
+    assert logits.shape == (len(labels), len(model.classes)) and model.temperature.value > 0
     images = finetuned.parent / "images" / "test"
     results = predict(finetuned, [images], top_k=3, device="cpu")
     batch = torch.stack([model.preprocessing.transform()(Image.open(r["path"]).convert("RGB")) for r in results])

@@ -13,9 +13,9 @@ written to a temporary sibling folder and renamed into place when complete.
                  the reliability table of the scores
   familiarity.npz  the training vectors new images are compared with (float16 arrays): the head's
                  preprocessed features, or a fine-tuned network's penultimate ones
-  held_out.npz   a classifier on features: the labels (0/1 matrix of a multi-label head) and the head's own
-                 scores of the images of its val score (val, or train's k folds), that a single-label head's
-                 calibration is fitted on and whose bootstrap gives `pipeline compare` a multi-label interval
+  held_out.npz   the labels (0/1 matrix of a multi-label model) and the model's own scores of the images of
+                 its val score (val, or train's k folds), that a single-label head's calibration is fitted
+                 on and whose bootstrap gives `pipeline compare` a multi-label interval
   confusion.json {actual, predicted} rows for `dvc plots show`
 
 What each kind does with its file is `pipeline.models.directory`'s business.

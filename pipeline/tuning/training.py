@@ -596,16 +596,16 @@ def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict,
                           evaluations: tuple[Evaluation, Evaluation], familiarity: Familiarity,
                           history: list[dict]) -> None:
     """The model directory, with its plots and the checkpoint, when there is one (for --resume). `evaluations`:
-    of the evaluation split and of val. A multi-label network's confusion.png is each class's precision and
-    recall, it has no confusion rows, and it keeps val's labels and scores (modeldir.HELD_OUT, for compare)."""
+    of the evaluation split and of val, whose labels and scores it keeps (modeldir.HELD_OUT, for compare). A
+    multi-label network's confusion.png is each class's precision and recall, and it has no confusion rows."""
     (evaluation, val), classes = evaluations, info["classes"]
     y, y_pred = evaluation.labels, evaluation.logits.argmax(1)
     name = f"{out_dir.name} ({info['strategy']}) on {metrics['eval_split']}"
     multi_label = info.get("multi_label", False)
     with modeldir.staged(out_dir) as folder:
         info = {**info, **familiarity.save(folder, "the network's penultimate features")}
-        if multi_label:
-            info["files"] = {**info["files"], **modeldir.write_held_out(folder, val.labels, expit(val.logits))}
+        held_out = expit(val.logits) if multi_label else val.logits   # the network's own scores, as a head's
+        info["files"] = {**info["files"], **modeldir.write_held_out(folder, val.labels, held_out)}
         modeldir.write(folder, modeldir.FINETUNED, state, info, metrics,
                        [] if multi_label else confusion_rows(y, y_pred, classes))
         if multi_label:
