@@ -112,6 +112,15 @@ def decision_rule(s, classifier: str, oof: np.ndarray, Y: np.ndarray, probabilit
     return calibration, *half_best_f1_thresholds(Y, calibration.apply(oof))
 
 
+def calibrated_metrics(Y: np.ndarray, raw: np.ndarray, calibration, thresholds: np.ndarray, classes: list[str],
+                       probabilities: bool) -> tuple[np.ndarray, dict]:
+    """The evaluation split's scores through `calibration` (None: as they are) and their metrics at
+    `thresholds`, with the calibration error before and after."""
+    scores = calibration.apply(raw) if calibration else raw
+    return scores, {**evaluate_multilabel(Y, scores, thresholds, classes),
+                    **assess_multilabel(Y, raw, scores if calibration else None, probabilities)}
+
+
 def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
     """`pipeline.heads.train.fit_head` on a multi-label cache (open), its splits read: a `Trained` whose
     `labels` and `predicted` are the evaluation split's 0/1 matrices. `splits`: train, val and test (or None)."""
@@ -133,16 +142,13 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
         oof = out_of_fold_scores(s, head, chosen, X, Y, len(cache.classes)) if has_test else held
     fit_seconds = time.perf_counter() - start
     probabilities = probabilistic(model[-1])
-    temperatures, thresholds, untuned = decision_rule(s, head.name, oof, Y, probabilities)
+    calibration, thresholds, untuned = decision_rule(s, head.name, oof, Y, probabilities)
     if untuned:
         warn(f"no positive in {'train+val' if has_test else 'train'} for "
              f"{', '.join(cache.classes[c] for c in untuned)}: kept the default threshold {thresholds[untuned[0]]:g}")
     t = time.perf_counter()
-    raw = scores_of(model, evaluation.features)
-    scores = temperatures.apply(raw) if temperatures else raw
-    metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, cache.classes),
-               **assess_multilabel(evaluation.labels, raw, scores if temperatures else None,
-                                                 probabilities)}
+    scores, metrics = calibrated_metrics(evaluation.labels, scores_of(model, evaluation.features), calibration,
+                                         thresholds, cache.classes, probabilities)
     metrics.update(val_score=chosen.score, selection="val" if has_test else f"{cv_folds(s, train_.labels)}-fold "
                    f"cv on train", eval_split="test" if has_test else "val", n_train=len(train_.labels),
                    n_val=len(val.labels), n_test=len(evaluation.labels) if has_test else 0,
@@ -151,7 +157,7 @@ def fit_multilabel(cache, s, head, splits: tuple, dataset: str):
                    hyperparameters={**head.hyperparameters(s, chosen), "preprocess": s.preprocess})
     info = {**run_info(cache, head.name, s, dataset), "multi_label": True,
             "thresholds": {c: float(v) for c, v in zip(cache.classes, thresholds)},
-            **({"calibration": temperatures.to_dict()} if temperatures else {})}
+            **({"calibration": calibration.to_dict()} if calibration else {})}
     familiarity = Familiarity.fit(model[0].transform(train_.features), model[0].transform(val.features),
                                   s.novelty_quantile)
     return Trained(model, info, metrics, evaluation.labels, (scores >= thresholds).astype(np.uint8), familiarity,

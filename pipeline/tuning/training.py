@@ -40,8 +40,7 @@ from pipeline.features.spec import BackboneSpec
 from pipeline.tuning.settings import FinetuneSettings
 from pipeline.heads import calibration, multilabel
 from pipeline.heads.familiarity import Familiarity
-from pipeline.heads.metrics import (confusion_png, confusion_rows, evaluate_multilabel, headline, macro_ap,
-                                    precision_recall_png)
+from pipeline.heads.metrics import confusion_png, confusion_rows, headline, macro_ap, precision_recall_png
 from pipeline.heads.metrics import evaluate as score_metrics
 from pipeline.runtime import distributed
 from pipeline.runtime.devices import default_workers, resolve_device
@@ -581,15 +580,13 @@ def label_scores(evaluation: Evaluation, val: Evaluation, classes: list[str], s:
     (pipeline.heads.multilabel.decision_rule), on val's scores: calibrated per class (Platt scaling by default;
     none when `s.calibration` is none) and each class's threshold; and the `thresholds` and `calibration` model.json
     records."""
-    temperatures, thresholds, untuned = multilabel.decision_rule(s, "finetune", expit(val.logits), val.labels, True)
+    calibrated_by, thresholds, untuned = multilabel.decision_rule(s, "finetune", expit(val.logits), val.labels, True)
     if untuned:
         warn(f"no positive in val for {', '.join(classes[c] for c in untuned)}: kept the default threshold 0.5")
-    raw = expit(evaluation.logits)
-    scores = temperatures.apply(raw) if temperatures else raw
-    metrics = {**evaluate_multilabel(evaluation.labels, scores, thresholds, classes),
-               **calibration.assess_multilabel(evaluation.labels, raw, scores if temperatures else None, True)}
+    _, metrics = multilabel.calibrated_metrics(evaluation.labels, expit(evaluation.logits), calibrated_by,
+                                               thresholds, classes, True)
     return metrics, {"multi_label": True, "thresholds": {c: float(v) for c, v in zip(classes, thresholds)},
-                     **({"calibration": temperatures.to_dict()} if temperatures else {})}
+                     **({"calibration": calibrated_by.to_dict()} if calibrated_by else {})}
 
 
 def write_model_directory(out_dir: Path, state: dict, info: dict, metrics: dict,
