@@ -63,7 +63,7 @@ def calibration_of(cache: Path, out: Path, head: str) -> dict:
     model = open_model(out)
     test = open_cache(cache).read("test")
     own = scores_of(model.model, test.features, len(model.classes))
-    return {"head": head, "temperature": model.temperature.value, "ece": metrics["ece"],
+    return {"head": head, "temperature": model.calibration.value, "ece": metrics["ece"],
             "ece_uncalibrated": metrics["ece_uncalibrated"], "top1": metrics["top1"],
             "top1_uncalibrated": float(np.mean(own.argmax(1) == test.labels)), "n_test": metrics["n_eval"]}
 
@@ -75,7 +75,7 @@ def familiarity_of(model_dir: Path, cache: Path, digits: Path) -> dict:
     with open_cache(digits) as c:
         other = np.concatenate([c.read(split).features for split in c.splits])
     novelty = [familiarity.novelty(pre.transform(X)) for X in (test, other)]
-    top = [model.temperature.apply(scores_of(model.model, X, len(model.classes))).max(1) for X in (test, other)]
+    top = [model.calibration.apply(scores_of(model.model, X, len(model.classes))).max(1) for X in (test, other)]
     return separation(novelty, top, familiarity.threshold, familiarity.quantile)
 
 
@@ -112,7 +112,7 @@ def finetuned_trust(work: Path, run: str) -> dict:
     found = [predict(out, [folder], top_k=1, device="cpu") for folder in (work / "demo" / "test", digits_folder(work))]
     novelty = [np.array([r["novelty"] for r in rows]) for rows in found]
     top = [np.array([r["top"][0]["score"] for r in rows]) for rows in found]
-    return {"run": run, "temperature": model.temperature.value, "ece": m["ece"],
+    return {"run": run, "temperature": model.calibration.value, "ece": m["ece"],
             "ece_uncalibrated": m["ece_uncalibrated"], "top1": m["top1"], "n_test": m["n_eval"],
             **separation(novelty, top, model.familiarity.threshold, model.familiarity.quantile)}
 

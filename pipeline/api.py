@@ -201,7 +201,7 @@ class Model:
         if self.info.get("kind") == "finetuned":
             raise InputError(f"{self.path} is a fine-tuned network: it scores images (predict), not feature vectors")
         scores = scores_of(self._directory.model, np.asarray(X, np.float32), len(self.classes))
-        return self._directory.temperature.apply(scores) if self._directory.temperature else scores
+        return self._directory.calibration.apply(scores) if self._directory.calibration else scores
 
     def save(self, out, force: bool = False) -> "Model":
         """Write the model directory of a model trained with `out=None` (replacing one at `out` only with

@@ -102,7 +102,7 @@ def test_training_records_calibration_and_keeps_top1(models, small_cache):
     test = open_cache(small_cache).read("test")
     model = open_model(models["logreg"])
     raw = scores_of(model.model, test.features, len(model.classes))
-    calibrated_scores = model.temperature.apply(raw)
+    calibrated_scores = model.calibration.apply(raw)
     assert (calibrated_scores.argmax(1) == raw.argmax(1)).all()
     np.testing.assert_allclose(calibrated_scores.sum(1), 1.0)
 
@@ -113,7 +113,7 @@ def test_predict_gives_calibrated_probabilities_familiar_and_novelty(models, sma
     model = open_model(models["linear_svm"])
     assert model.scores == "probabilities"       # a calibrated SVM's decision values become probabilities
     results = predict(models["linear_svm"], paths, top_k=3)
-    expected = model.temperature.apply(scores_of(model.model, test.features, len(model.classes)))
+    expected = model.calibration.apply(scores_of(model.model, test.features, len(model.classes)))
     novelty = model.familiarity.novelty(model.model[0].transform(test.features))
     for r, row, score in zip(results, expected, novelty):
         assert r["scores"] == "probabilities"
@@ -166,4 +166,4 @@ def test_a_calibration_no_fit_gives_is_refused(models, tmp_path):
     info = json.loads((edited / "model.json").read_text())
     (edited / "model.json").write_text(json.dumps({**info, "calibration": {**info["calibration"], "value": 0}}))
     with pytest.raises(InputError, match="'calibration' is malformed"):
-        open_model(edited).temperature
+        open_model(edited).calibration

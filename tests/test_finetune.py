@@ -201,13 +201,13 @@ def test_a_fine_tuned_model_is_calibrated_on_val_and_scores_novelty(finetuned):
     model = open_model(finetuned)
     assert model.familiarity.quantile == 0.95 and model.familiarity.reference.shape[0] == 12   # the train images
     labels, logits = modeldir.read_held_out(finetuned, model.info)   # val's labels and logits, the temperature's fit
-    assert logits.shape == (len(labels), len(model.classes)) and model.temperature.value > 0
+    assert logits.shape == (len(labels), len(model.classes)) and model.calibration.value > 0
     images = finetuned.parent / "images" / "test"
     results = predict(finetuned, [images], top_k=3, device="cpu")
     batch = torch.stack([model.preprocessing.transform()(Image.open(r["path"]).convert("RGB")) for r in results])
     with torch.inference_mode():
         logits = model._classifier(batch)
-    expected = torch.softmax(logits.double() / model.temperature.value, 1).numpy()
+    expected = torch.softmax(logits.double() / model.calibration.value, 1).numpy()
     for r, row in zip(results, expected):
         assert [t["score"] for t in r["top"]] == pytest.approx(sorted(row, reverse=True), abs=1e-5)
         assert isinstance(r["familiar"], bool) and r["novelty"] >= 0

@@ -93,7 +93,7 @@ def test_predict_agrees_with_the_cached_features(model, small_cache):
     images = [small_cache.parent / "images" / p for p in test.paths]
     results = predict(model, images, top_k=3, device="cpu")
     directory = open_model(model)
-    expected = directory.temperature.apply(scores_of(directory.model, test.features, 3))   # calibrated, as predicted
+    expected = directory.calibration.apply(scores_of(directory.model, test.features, 3))   # calibrated, as predicted
     for r, row in zip(results, expected):
         got = {t["class"]: t["score"] for t in r["top"]}
         np.testing.assert_allclose([got[c] for c in cache.classes], row, atol=2e-3)   # cache holds float16

@@ -6,7 +6,7 @@
   FinetunedModel  a fine-tuned network (`pipeline finetune`): weights.safetensors
 
 Each gives its classes, image preprocessing and backbone spec, a scorer for batches of images (its scores
-calibrated where model.json records a temperature, and the images' novelty where it records training
+calibrated where model.json records a calibration, and the images' novelty where it records training
 vectors), and itself as one torch network from images to scores (for export and Grad-CAM). `open_model`
 checks the files against their SHA-256 first (pipeline.storage.modeldir) and reads the model file only when
 it is needed.
@@ -129,9 +129,9 @@ class ModelDirectory:
             raise InputError(f"{self.path / modeldir.INFO}: 'thresholds' must give each class a number ({exc!r})")
 
     @cached_property
-    def temperature(self):
-        """The calibration model.json records (pipeline.heads.calibration: a Temperature, or ClassTemperatures
-        for a multi-label head), or None."""
+    def calibration(self):
+        """The calibration model.json records (pipeline.heads.calibration: a Temperature, or for a multi-label
+        model ClassPlatt or ClassTemperatures), or None."""
         from pipeline.heads.calibration import recorded
         try:
             return recorded(self.info.get("calibration"))
@@ -166,7 +166,7 @@ class FeatureModel(ModelDirectory):
     def scores(self) -> str:
         """Calibrated scores are probabilities, whatever the head's own are."""
         from pipeline.heads.classifiers import has_probabilities
-        return PROBABILITIES if self.temperature or has_probabilities(self.model[-1]) else "decision values"
+        return PROBABILITIES if self.calibration or has_probabilities(self.model[-1]) else "decision values"
 
     @property
     def cache_fingerprint(self) -> str | None:
@@ -205,7 +205,7 @@ class FeatureModel(ModelDirectory):
         from pipeline.features.engines.onnx_runtime import embedder
         from pipeline.heads.train import scores_of
         backbone, head, n = self.backbone(), self.model, len(self.classes)
-        temperature, familiarity = self.temperature, self.familiarity if novelty else None
+        calibration, familiarity = self.calibration, self.familiarity if novelty else None
         embed, engine, notes = embedder(backbone, device, engine)
         for line in [f"predict: {device}, {engine}", *notes] if log else []:
             log(line)
@@ -213,7 +213,7 @@ class FeatureModel(ModelDirectory):
         def assess(x):
             features = embed(x)[backbone.layer]
             scores = scores_of(head, features, n)
-            return (temperature.apply(scores) if temperature else scores,
+            return (calibration.apply(scores) if calibration else scores,
                     familiarity.novelty(head[0].transform(features)) if familiarity else None)
         return assess
 
@@ -222,8 +222,8 @@ class FeatureModel(ModelDirectory):
         are not tensor operations (pipeline.heads.classifiers: their spec has no `to_torch`)."""
         from pipeline.models.networks import ImageClassifier, head_module
         head = head_module(self.model, len(self.classes), self.approach)
-        if self.temperature:
-            head = nn.Sequential(head, self.temperature.torch_layer())
+        if self.calibration:
+            head = nn.Sequential(head, self.calibration.torch_layer())
         backbone = self.backbone()
         backbone.model.cpu()
         net = ImageClassifier(backbone, head).eval()
@@ -242,8 +242,8 @@ class FinetunedModel(ModelDirectory):
     kind = modeldir.FINETUNED
     what = "fine-tune"
     scores = PROBABILITIES      # a softmax over its logits, divided by the temperature where there is one;
-                                # multi-label (model.json `multi_label`): each class's sigmoid, calibrated by
-                                # its class's temperature where model.json records them
+                                # multi-label (model.json `multi_label`): each class's sigmoid, calibrated per
+                                # class (Platt scaling or a temperature) where model.json records it
 
     @property
     def approach(self) -> str:
@@ -265,18 +265,18 @@ class FinetunedModel(ModelDirectory):
                             f"{' '.join(str(exc).split())[:300]}")
 
     @property
-    def _calibration(self):
+    def _softmax(self):
         """The temperature model.json records, or 1 (the plain softmax of the logits)."""
         from pipeline.heads.calibration import Temperature
-        return self.temperature or Temperature(1.0, "decision values")
+        return self.calibration or Temperature(1.0, "decision values")
 
     def _label_scores(self, logits: np.ndarray) -> np.ndarray:
         from scipy.special import expit
-        return self.temperature.apply(expit(logits)) if self.temperature else expit(logits)
+        return self.calibration.apply(expit(logits)) if self.calibration else expit(logits)
 
     def _assessor(self, device: torch.device, engine: str, log, novelty: bool):
         net = self._classifier.to(device)   # the fine-tuned network runs in torch
-        scores = self._label_scores if self.info.get("multi_label") else self._calibration.apply
+        scores = self._label_scores if self.info.get("multi_label") else self._softmax.apply
         familiarity = self.familiarity if novelty else None
 
         def assess(x):
@@ -287,8 +287,8 @@ class FinetunedModel(ModelDirectory):
 
     def network(self) -> Network:
         layer = self.backbone_spec.layer
-        scores = ([nn.Sigmoid(), *([self.temperature.torch_layer()] if self.temperature else [])]
-                  if self.info.get("multi_label") else [self._calibration.torch_layer()])
+        scores = ([nn.Sigmoid(), *([self.calibration.torch_layer()] if self.calibration else [])]
+                  if self.info.get("multi_label") else [self._softmax.torch_layer()])
         net = nn.Sequential(self._classifier.cpu(), *scores).eval()
         return Network(net, dict(self._classifier.backbone.named_modules()).get(layer))
 
